@@ -1,0 +1,130 @@
+"""``causalrec``: one subcommand per stage, plus ``run`` for the whole pipeline.
+
+Every subcommand takes a config file (positional or ``--config``) and
+``--set section.key=value`` overrides; it exits 0 on success and 1 with a
+one-line reason on failure (``-v`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from causalrec import __version__
+from causalrec.stages import ALL, EXTRA, PIPELINE, StageNotBuilt
+
+EPILOG = """\
+pipeline (each stage reads and writes Delta tables under storage.root):
+  ingest -> features -> propensity -> training_set -> train -> candidates
+         -> score -> recommend -> ope -> evaluate -> report
+
+examples:
+  causalrec run conf/local.yaml                      # the whole pipeline on Coat
+  causalrec run conf/simulated.yaml --set simulator.n_events=1000000
+  causalrec ingest conf/local.yaml                   # one stage
+  causalrec train conf/local.yaml --set train.epochs=3 --set train.objective=snips
+  causalrec status conf/local.yaml                   # which stages are up to date
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config_file", nargs="?", help="YAML config (e.g. conf/local.yaml)")
+    p.add_argument("--config", dest="config_opt", help="YAML config (same as the positional argument)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="causalrec",
+        description="causalrec: learn and evaluate recommendations by cause, not correlation "
+                    "(Spark + Delta Lake + Ray Train).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"causalrec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("run", help="run the whole pipeline, skipping up-to-date stages and resuming after a failure")
+    _add_common(p)
+    p.add_argument("--force", action="store_true", help="rerun every stage even if up to date")
+    p.add_argument("--from", dest="from_stage", choices=[s.name for s in PIPELINE], help="force rerun from this stage on")
+    p.add_argument("--until", dest="until_stage", choices=[s.name for s in PIPELINE], help="stop after this stage")
+    p = sub.add_parser("status", help="show each pipeline stage and whether its outputs are up to date")
+    _add_common(p)
+    for stage in PIPELINE + EXTRA:
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+        _add_common(p)
+        p.add_argument("--force", action="store_true", help="rerun even if outputs are up to date")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("py4j", "urllib3", "filelock", "matplotlib", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    _setup_logging(args.verbose)
+    config_path = args.config_opt or args.config_file
+    try:
+        from causalrec.context import make_context
+
+        ctx = make_context(config_path, args.overrides, force=getattr(args, "force", False))
+        if args.command == "run":
+            from causalrec.pipeline import run_pipeline
+
+            summary = run_pipeline(ctx, from_stage=args.from_stage, until_stage=args.until_stage)
+        elif args.command == "status":
+            from causalrec.pipeline import pipeline_status
+
+            summary = pipeline_status(ctx)
+        else:
+            summary = run_stage(ctx, args.command)
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    except KeyboardInterrupt:
+        print("causalrec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one-line reason; -v for the traceback
+        if args.verbose:
+            logging.getLogger("causalrec").exception("failed")
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"causalrec {args.command}: error: {type(exc).__name__}: {reason}", file=sys.stderr)
+        return 1
+
+
+def run_stage(ctx, name: str) -> dict:
+    """Run one stage by name (used by the CLI, jobs/*.py and the pipeline)."""
+    stage = ALL[name]
+    log = logging.getLogger("causalrec")
+    t0 = time.perf_counter()
+    log.info("stage %s: starting", name)
+    func = stage.load()
+    summary = func(ctx) or {}
+    summary.setdefault("stage", name)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("stage %s: done in %.1fs", name, summary["seconds"])
+    return summary
+
+
+def job_main(stage_name: str, argv: list | None = None) -> int:
+    """Entry point of ``jobs/<stage>.py`` (spark-submit or ray job submit)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main([stage_name, *argv])
+
+
+__all__ = ["main", "run_stage", "job_main", "StageNotBuilt"]

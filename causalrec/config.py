@@ -1,0 +1,448 @@
+"""Typed configuration: safe YAML files validated into dataclasses.
+
+Why: every stage runs from one config file on a laptop and on a cluster, so a
+typo must fail fast with the key, the file and what is allowed, never silently
+fall back to a default. YAML is parsed with ``yaml.safe_load`` only (no tags that
+construct objects, so a config can never execute code).
+
+Overrides come from the command line as ``--set section.key=value`` where the
+value is parsed as a YAML scalar/flow value (``--set train.epochs=3``,
+``--set train.objectives=[naive,ips]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names key, file and what is allowed."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ProjectConfig:
+    name: str = "causalrec"
+    seed: int = 42
+
+
+@dataclass
+class StorageConfig:
+    """Where Delta tables live: ``<root>/<table_name>`` (local folder or object store URI)."""
+
+    root: str = "./causalrec_data"
+    backend: Literal["auto", "delta-spark", "delta-rs"] = "auto"
+    checkpoint_dir: Optional[str] = None  # default: <root>/_checkpoints
+    reports_dir: Optional[str] = None  # default: <root>/_reports
+
+
+@dataclass
+class SparkConfig:
+    master: str = "local[*]"  # ignored when spark-submit already set one
+    app_name: str = "causalrec"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = 8
+    ui_enabled: bool = False
+    conf: dict = field(default_factory=dict)
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None = start local Ray; "auto" or ray://host:port for a cluster
+    num_cpus: Optional[int] = None
+    temp_dir: Optional[str] = None  # default: <system temp>/causalrec-ray
+    object_store_memory_mb: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    """Which data set to load and where its raw files are."""
+
+    source: Literal["coat", "obd", "amazon", "simulator", "files"] = "coat"
+    path: str = "../shared/data/coat"
+    # files source: a parquet/csv/jsonl file or folder, or a Delta table path
+    format: Literal["parquet", "csv", "jsonl", "delta"] = "parquet"
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    event_types: list = field(
+        default_factory=lambda: ["impression", "click", "purchase", "rating", "view", "add_to_cart"]
+    )
+    require_known_users: bool = False
+    require_known_items: bool = False
+    earliest_time: str = "2000-01-01"
+    latest_time: str = "2100-01-01"
+    obd_campaigns: list = field(default_factory=lambda: ["all", "men", "women"])
+    obd_policies: list = field(default_factory=lambda: ["random", "bts"])
+
+
+@dataclass
+class SimulatorConfig:
+    n_users: int = 2000
+    n_items: int = 500
+    n_events: int = 100_000
+    n_latent: int = 8
+    popularity_bias: float = 1.0  # exponent on item popularity in exposure
+    selection_on_preference: float = 1.0  # how strongly exposure depends on true preference
+    logging_policy: Literal["uniform", "popularity", "epsilon_greedy", "softmax"] = "softmax"
+    epsilon: float = 0.1
+    softmax_temperature: float = 1.0
+    base_purchase_rate: float = 0.05
+    ate: float = 0.03  # configured average treatment effect of recommending
+    effect_heterogeneity: float = 1.0
+    recommend_rate: float = 0.3
+    mcar_share: float = 0.05  # share of users in the randomised-exposure slice
+    n_days: int = 30
+    partitions: int = 8
+    exposure_rate: float = 0.5  # target mean P(pair observed) before clipping at 1
+    mcar_items_per_user: int = 16  # random items shown to each user of the MCAR slice
+    n_positions: int = 5  # slate size: recommended impressions get a position 1..n_positions
+    start_date: str = "2024-01-01"  # first day of simulated event times (UTC)
+
+
+@dataclass
+class FeaturesConfig:
+    cutoff: Optional[str] = None  # ISO timestamp; None = after the last event
+    windows_days: list = field(default_factory=lambda: [7, 30, 365])
+    history_length: int = 20
+    smoothing_prior_strength: float = 10.0
+    popularity_groups: list = field(default_factory=lambda: [0.2, 0.5])  # head = top 20%, mid = next 30%
+    max_attribute_features: int = 256  # one-hot attribute tokens in feature_vector (most frequent first)
+
+
+@dataclass
+class PropensityConfig:
+    exposure_method: Literal["popularity", "naive_bayes", "logistic"] = "logistic"
+    popularity_power: float = 0.5
+    clip_min: float = 0.01
+    self_normalize: bool = False
+    treatment_method: Literal["logged", "logistic", "gbt"] = "logged"
+    treatment_eps: float = 0.01
+    calibration_bins: int = 10
+    holdout_fraction: float = 0.2  # pairs held out for calibration diagnostics
+    reg_param: float = 0.01  # MLlib LR L2 strength
+    max_iter: int = 50  # MLlib LR / GBT iterations
+    adjustment_set: Optional[list] = None  # feature groups; None = derived from causal_graph
+
+
+@dataclass
+class TrainingSetConfig:
+    split: Literal["given", "time", "random_user"] = "given"
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.2
+    files_per_split: int = 2  # a multiple of train.num_workers
+    unobserved_per_observed: float = 1.0  # sampled unobserved pairs for DR joint learning
+    positive_threshold: float = 4.0  # rating >= this counts as a positive outcome
+    label_event_type: Optional[str] = None  # None = first present of rating, impression, purchase, click
+
+
+@dataclass
+class TrainConfig:
+    model: Literal["mf", "two_tower", "cross_encoder"] = "mf"
+    objective: Literal["naive", "ips", "snips", "dr_jl", "uplift"] = "ips"
+    task: Literal["rating", "click"] = "rating"
+    model_path: Optional[str] = None  # local HF encoder folder; None = bundled all-MiniLM-L6-v2
+    embedding_dim: int = 32
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 0.01
+    weight_decay: float = 1e-4
+    max_seq_len: int = 64
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    max_failures: int = 1
+    early_stopping_patience: int = 3
+    ips_clip: float = 0.01
+    mlflow_tracking_uri: Optional[str] = None
+    tune_trials: int = 0
+    freeze_encoder: bool = False
+    freeze_layers: int = 0  # freeze the encoder's embeddings + this many lowest layers (-1: all)
+    encoder_lr: Optional[float] = None  # learning rate of the pre-trained encoder (None: learning_rate)
+    id_dropout: float = 0.1  # text models: share of ids replaced by the unknown row (cold-start training)
+    valid_metric: Literal["auto", "ips", "mcar", "naive"] = "auto"  # auto: mcar when valid has MCAR rows
+    bf16: bool = True  # autocast on GPU
+    prefetch_batches: int = 2
+    torch_threads: Optional[int] = None  # per worker; None: max(1, cpus_per_worker rounded)
+    resume_from: Optional[str] = None  # checkpoint folder to continue from
+    tune_max_concurrent: int = 1
+    tune_grace_epochs: int = 1  # ASHA: epochs before a trial may be stopped
+
+
+@dataclass
+class CandidatesConfig:
+    per_source: int = 50
+    max_candidates: int = 100
+    exclude_consumed: bool = True
+    sources: list = field(default_factory=lambda: ["popularity", "cooccurrence", "affinity", "text"])
+    neighbours_per_item: int = 50  # co-occurrence / text neighbours kept per item
+    cold_item_max_events: int = 5  # items with at most this many positive events get text candidates
+    text_cold_only: bool = True  # text source proposes only cold items (False: any text neighbour)
+
+
+@dataclass
+class ScoringConfig:
+    batch_size: int = 1024
+    num_actors: int = 2
+    cpus_per_actor: float = 0.5
+    use_gpu: bool = False
+    run_id: Optional[str] = None  # train_runs.run_id to score with; None = the latest run
+
+
+@dataclass
+class RankingConfig:
+    k: int = 10
+    policy: Literal["relevance", "uplift", "blend", "fair"] = "blend"
+    blend_weight: float = 0.5  # weight on uplift in the blend
+    fairness_strength: float = 0.5
+    fairness_attribute: str = "popularity_group"
+    fair_base_policy: Literal["relevance", "uplift", "blend"] = "blend"  # score the fair re-ranker starts from
+    fairness_target: Literal["catalogue", "equal"] = "catalogue"  # group's share of items, or 1/G per group
+
+
+@dataclass
+class OPEConfig:
+    estimators: list = field(
+        default_factory=lambda: ["ips", "clipped_ips", "snips", "dm", "dr", "sndr", "switch_dr", "dr_os"]
+    )
+    strategies: list = field(default_factory=lambda: ["random", "popular", "recommendations"])
+    baseline: str = "random"
+    bootstrap_replicates: int = 200
+    alpha: float = 0.05
+    clip_max_weight: float = 100.0
+
+
+@dataclass
+class EvaluationConfig:
+    k: list = field(default_factory=lambda: [5, 10])
+    report_title: str = "causalrec report"
+    relevance_threshold: Optional[float] = None  # rating >= this is relevant; None = training_set.positive_threshold
+    user_group_attribute: str = "segment"  # users.segment, or an attribute name such as "gender" ('gender:women')
+    calibration_bins: int = 10
+    propensity_clip: float = 0.01  # floor on propensities in IPS/SNIPS-weighted metrics
+    models: list = field(default_factory=list)  # objectives to evaluate from train_runs; empty = latest run of each
+
+
+@dataclass
+class CausalGraphConfig:
+    """Assumed causal graph: edges as "parent -> child" strings; node names are feature groups."""
+
+    edges: list = field(
+        default_factory=lambda: [
+            "user_features -> exposure",
+            "item_features -> exposure",
+            "user_features -> recommended",
+            "item_features -> recommended",
+            "user_features -> outcome",
+            "item_features -> outcome",
+            "recommended -> exposure",
+            "exposure -> outcome",
+            "recommended -> outcome",
+        ]
+    )
+
+
+@dataclass
+class Config:
+    project: ProjectConfig = field(default_factory=ProjectConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    propensity: PropensityConfig = field(default_factory=PropensityConfig)
+    training_set: TrainingSetConfig = field(default_factory=TrainingSetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    ope: OPEConfig = field(default_factory=OPEConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    causal_graph: CausalGraphConfig = field(default_factory=CausalGraphConfig)
+    source_file: Optional[str] = None  # set by load_config, not a YAML key
+
+    def table_path(self, name: str) -> str:
+        return f"{self.storage.root.rstrip('/')}/{name}"
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.storage.checkpoint_dir or f"{self.storage.root.rstrip('/')}/_checkpoints"
+
+    @property
+    def reports_dir(self) -> str:
+        return self.storage.reports_dir or f"{self.storage.root.rstrip('/')}/_reports"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source_file", None)
+        return d
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: got {value!r}, expected null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list:
+        if isinstance(value, list):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    else:  # pragma: no cover - every annotation above is covered
+        return value
+    raise ConfigError(f"{where}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed keys: {allowed}")
+        tp = hints[key]
+        sub = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, sub)
+        else:
+            kwargs[key] = _coerce(value, tp, sub)
+    return cls(**kwargs)
+
+
+def _check_semantics(cfg: Config, where: str) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{where}: {key}: {msg}")
+
+    if not 0 < cfg.propensity.clip_min < 1:
+        bad("propensity.clip_min", f"got {cfg.propensity.clip_min}, expected a value in (0, 1)")
+    if not 0 < cfg.propensity.treatment_eps < 0.5:
+        bad("propensity.treatment_eps", "expected a value in (0, 0.5)")
+    if cfg.train.num_workers < 1:
+        bad("train.num_workers", f"got {cfg.train.num_workers}, expected >= 1")
+    if cfg.training_set.files_per_split % cfg.train.num_workers != 0:
+        bad(
+            "training_set.files_per_split",
+            f"got {cfg.training_set.files_per_split}, expected a multiple of train.num_workers "
+            f"({cfg.train.num_workers}) so Ray Train shards evenly",
+        )
+    if cfg.data.rating_min >= cfg.data.rating_max:
+        bad("data.rating_min", "must be below data.rating_max")
+    if cfg.ranking.k < 1:
+        bad("ranking.k", "expected >= 1")
+    if not 0 <= cfg.ranking.fairness_strength <= 1:
+        bad("ranking.fairness_strength", "expected a value in [0, 1]")
+    for e in cfg.causal_graph.edges:
+        if not isinstance(e, str) or "->" not in e:
+            bad("causal_graph.edges", f"edge {e!r} must read 'parent -> child'")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=3"`` -> (["train", "epochs"], 3); the value is parsed as safe YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate a YAML config (or the defaults when ``path`` is None)."""
+    data: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML (safe subset): {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    for ov in overrides or []:
+        keys, value = parse_override(ov)
+        _apply_override(data, keys, value)
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    _check_semantics(cfg, where)
+    cfg.source_file = str(path) if path is not None else None
+    if path is not None:
+        # relative paths in a config are relative to the working directory, like spark-submit;
+        # resolve them once so Ray workers and Spark executors agree.
+        cfg.storage.root = _absolutize(cfg.storage.root)
+        if cfg.data.path and "://" not in cfg.data.path:
+            cfg.data.path = str(Path(cfg.data.path).resolve())
+    else:
+        cfg.storage.root = _absolutize(cfg.storage.root)
+    return cfg
+
+
+def _absolutize(uri: str) -> str:
+    if "://" in uri:
+        return uri
+    return str(Path(uri).resolve())

@@ -1,0 +1,118 @@
+"""One factory for the SparkSession and one for Ray.
+
+Spark: when the job was started by ``spark-submit`` (or the platform), the master
+and every config it set win; we only fill in what is unset. Locally we default to
+``local[*]`` with loopback networking and the running interpreter for the Python
+workers, so the Delta data source is importable by them.
+
+Ray: local by default with fractional CPUs available (a 2-core laptop must still
+fit Ray Data readers next to Train workers); ``RAY_ADDRESS`` or ``ray.address``
+joins a cluster. Ray's temp files go under the system temp folder, never $HOME.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from causalrec.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def _launched_by_spark_submit() -> bool:
+    # spark-submit exports these to the Python driver process.
+    return "SPARK_SUBMIT_OPTS" in os.environ or os.environ.get("PYSPARK_GATEWAY_PORT") is not None
+
+
+def get_spark(cfg: Config | None = None):
+    """Return the active SparkSession, or build a local one from ``cfg.spark``."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    cfg = cfg or Config()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    submitted = _launched_by_spark_submit()
+    if not submitted:
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    if not submitted:
+        builder = builder.master(cfg.spark.master)
+        builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
+        builder = builder.config("spark.driver.bindAddress", "127.0.0.1")
+        builder = builder.config("spark.driver.host", "127.0.0.1")
+        builder = builder.config("spark.ui.enabled", str(cfg.spark.ui_enabled).lower())
+        builder = builder.config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
+        builder = builder.config("spark.sql.session.timeZone", "UTC")
+        builder = builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        builder = builder.config("spark.python.worker.reuse", "true")
+        builder = builder.config("spark.sql.ansi.enabled", "false")
+        for key, value in cfg.spark.conf.items():
+            builder = builder.config(key, str(value))
+    spark = builder.getOrCreate()
+    if submitted:
+        # Only fill gaps: never override what spark-submit or the platform set.
+        conf = spark.conf
+        if conf.get("spark.sql.session.timeZone", None) != "UTC":
+            log.info("spark.sql.session.timeZone is %s (causalrec stores UTC timestamps)",
+                     conf.get("spark.sql.session.timeZone", None))
+        for key, value in cfg.spark.conf.items():
+            if conf.get(key, None) is None:
+                conf.set(key, str(value))
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def ray_temp_dir(cfg: Config | None = None) -> str:
+    if cfg is not None and cfg.ray.temp_dir:
+        return cfg.ray.temp_dir
+    return str(Path(tempfile.gettempdir()) / "causalrec-ray")
+
+
+def init_ray(cfg: Config | None = None):
+    """Connect to Ray (cluster via ``RAY_ADDRESS``/``ray.address``) or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    cfg = cfg or Config()
+    address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    # Keep Ray's session and token files out of $HOME.
+    os.environ.setdefault("RAY_TMPDIR", ray_temp_dir(cfg))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+    if not address and "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+        # Ray's token auth would save its token under ~/.ray; keep it with the temp files.
+        token_path = Path(ray_temp_dir(cfg)) / "auth_token"
+        token_path.parent.mkdir(parents=True, exist_ok=True)
+        if not token_path.exists():
+            import secrets
+
+            token_path.write_text(secrets.token_hex(32))
+            token_path.chmod(0o600)
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    if address:
+        log.info("ray: connecting to cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        Path(ray_temp_dir(cfg)).mkdir(parents=True, exist_ok=True)
+        num_cpus = cfg.ray.num_cpus or max(2, os.cpu_count() or 2)
+        log.info("ray: starting local instance with %s CPUs (temp dir %s)", num_cpus, ray_temp_dir(cfg))
+        init_kwargs = dict(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=ray_temp_dir(cfg),
+            # workers must import causalrec from the same interpreter/venv
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+            if os.environ.get("CAUSALREC_RAY_PYTHONPATH") else None,
+        )
+        if cfg.ray.object_store_memory_mb:
+            init_kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
+        ray.init(**{k: v for k, v in init_kwargs.items() if v is not None}, **kwargs)
+    return ray

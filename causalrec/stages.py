@@ -1,0 +1,88 @@
+"""The pipeline's stages, in order, with the Delta tables each reads and writes.
+
+Each stage is a function ``run(ctx) -> dict`` (a summary of rows and numbers)
+in the module named here; the CLI subcommand, ``jobs/<stage>.py`` and the
+pipeline all call that same function. Modules are imported only when a stage
+runs, so ``causalrec --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str  # "module:function"
+    help: str
+    inputs: tuple = ()
+    outputs: tuple = ()
+    engine: str = "spark"  # spark | ray | local
+
+    def load(self):
+        module, func = self.target.split(":")
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("causalrec"):
+                raise StageNotBuilt(f"stage {self.name!r} is not built yet ({module} is missing)") from exc
+            raise
+        return getattr(mod, func)
+
+
+class StageNotBuilt(RuntimeError):
+    pass
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("ingest", "causalrec.ingest.job:run",
+          "load the configured data set (Coat, OBD, Amazon, simulator or files) into validated Delta tables",
+          inputs=(), outputs=("events", "users", "items", "events_quarantine", "ingest_log")),
+    Stage("features", "causalrec.features.job:run",
+          "point-in-time user, item and user-item feature tables",
+          inputs=("events", "users", "items"), outputs=("user_features", "item_features")),
+    Stage("propensity", "causalrec.propensity.job:run",
+          "exposure and treatment propensities with calibration diagnostics",
+          inputs=("events", "user_features", "item_features"),
+          outputs=("exposure_propensity", "treatment_propensity", "propensity_diagnostics")),
+    Stage("training_set", "causalrec.training_set:run",
+          "join labels, features and propensities into training_examples (train/valid/test)",
+          inputs=("events", "user_features", "item_features", "exposure_propensity", "treatment_propensity"),
+          outputs=("training_examples", "id_index")),
+    Stage("train", "causalrec.train.job:run",
+          "fine-tune the recommender with a debiased objective on Ray Train",
+          inputs=("training_examples",), outputs=("train_runs",), engine="ray"),
+    Stage("candidates", "causalrec.candidates:run",
+          "bounded candidate sets per user from several sources",
+          inputs=("events", "item_features", "exposure_propensity"), outputs=("candidates",)),
+    Stage("score", "causalrec.scoring:run",
+          "score candidates with the trained checkpoint on Ray Data",
+          inputs=("candidates", "train_runs"), outputs=("scores",), engine="ray"),
+    Stage("recommend", "causalrec.ranking:run",
+          "top-K recommendations by relevance, causal effect, blend or fair exposure, with explanations",
+          inputs=("scores", "item_features"), outputs=("recommendations",)),
+    Stage("ope", "causalrec.ope.job:run",
+          "off-policy evaluation of strategies with every estimator and intervals",
+          inputs=("events", "recommendations"), outputs=("ope_results",)),
+    Stage("evaluate", "causalrec.evaluation.job:run",
+          "unbiased, causal, fairness and ranking metrics",
+          inputs=("training_examples", "recommendations", "scores"), outputs=("metrics",)),
+    Stage("report", "causalrec.report:run",
+          "single-file HTML report with plots plus a JSON of every number",
+          inputs=("metrics", "ope_results"), outputs=(), engine="local"),
+)
+
+EXTRA: tuple[Stage, ...] = (
+    Stage("simulate", "causalrec.simulator:run",
+          "generate a simulated logged world with known ground truth (any scale)",
+          outputs=("events", "users", "items", "mcar_events", "ground_truth")),
+    Stage("abtest", "causalrec.abtest:run",
+          "A/B test analysis with CUPED variance reduction and a sample-ratio check",
+          inputs=("events", "user_features"), outputs=("abtest_results",)),
+    Stage("uplift", "causalrec.uplift:run",
+          "causal effect of recommending: average, per item and per segment, with refutations",
+          inputs=("events", "treatment_propensity"), outputs=("uplift_effects",)),
+)
+
+ALL: dict[str, Stage] = {s.name: s for s in PIPELINE + EXTRA}

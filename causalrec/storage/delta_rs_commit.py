@@ -1,0 +1,174 @@
+"""Commit a set of already-written parquet files to a Delta table in one delta-rs transaction.
+
+Used by the Spark data source's ``commit()`` (in a driver-side Python worker) and by
+small driver-side writes. Schema rules live here because delta-rs does not check
+them on append: names and types must equal the table's, or the commit is refused
+with the offending column named (evolution only when explicitly asked for).
+"""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+
+class DeltaWriteError(RuntimeError):
+    """A write was refused; the table is unchanged."""
+
+
+class ConcurrentWriteError(DeltaWriteError):
+    """Another writer committed a conflicting change to the table after this write was planned."""
+
+
+def _normalise(t: pa.DataType) -> pa.DataType:
+    """Types as Delta stores them (delta-rs reads strings back as large/view types)."""
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return pa.list_(_normalise(t.value_type))
+    if pa.types.is_list(t):
+        return pa.list_(_normalise(t.value_type))
+    if pa.types.is_timestamp(t):
+        return pa.timestamp("us", tz="UTC" if t.tz else None)
+    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    return t
+
+
+def table_arrow_schema(dt) -> pa.Schema:
+    return pa.schema(dt.schema().to_arrow())
+
+
+def check_schema(table_schema: pa.Schema, write_schema: pa.Schema, path: str, partition_by=None) -> list:
+    """Return the fields of ``write_schema`` that the table lacks; raise on a type clash or missing column."""
+    have = {f.name: _normalise(f.type) for f in table_schema}
+    new_fields = []
+    for f in write_schema:
+        if f.name not in have:
+            new_fields.append(f)
+            continue
+        want = have[f.name]
+        got = _normalise(f.type)
+        if want != got:
+            raise DeltaWriteError(
+                f"Delta table {path}: column {f.name!r} has type {want} in the table but {got} "
+                f"in the data being written; cast it or rewrite the table with mode='overwrite' "
+                f"and overwrite_schema=True"
+            )
+    missing = [n for n in have if n not in write_schema.names]
+    if missing:
+        raise DeltaWriteError(
+            f"Delta table {path}: the data being written lacks column(s) {missing} that the table has"
+        )
+    return new_fields
+
+
+def commit_files(
+    *,
+    path: str,
+    files: list,
+    arrow_schema: pa.Schema,
+    partition_by: list,
+    overwrite: bool,
+    replace_where,
+    read_version: int,
+    commit_metadata: dict,
+    storage_options: dict | None = None,
+) -> int:
+    """Add ``files`` (dicts with path, size, partition_values, modification_time, stats) atomically.
+
+    Returns the new table version.
+    """
+    from deltalake import DeltaTable, Schema
+    from deltalake.exceptions import CommitFailedError, TableNotFoundError
+    from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+
+    actions = [
+        AddAction(
+            path=f["path"],
+            size=int(f["size"]),
+            partition_values=f["partition_values"],
+            modification_time=int(f["modification_time"]),
+            data_change=True,
+            stats=f["stats"],
+        )
+        for f in files
+    ]
+    allow_evolution = bool(commit_metadata.pop("_merge_schema", False))
+    overwrite_schema = bool(commit_metadata.pop("_overwrite_schema", False))
+    props = CommitProperties(custom_metadata={"causalrec": json.dumps(commit_metadata)} if commit_metadata else None)
+    delta_schema = Schema.from_arrow(arrow_schema)
+
+    if read_version < 0:
+        try:
+            create_table_with_add_actions(
+                path,
+                delta_schema,
+                actions,
+                mode="error",
+                partition_by=partition_by or None,
+                storage_options=storage_options,
+                commit_properties=props,
+            )
+        except Exception as exc:  # table created concurrently
+            if "already exists" in str(exc).lower():
+                raise ConcurrentWriteError(
+                    f"Delta table {path} was created by another writer while this write ran; retry it"
+                ) from exc
+            raise
+        return 0
+
+    try:
+        dt = DeltaTable(path, version=read_version, storage_options=storage_options)
+    except TableNotFoundError as exc:
+        raise ConcurrentWriteError(f"Delta table {path} disappeared while this write ran") from exc
+
+    table_schema = table_arrow_schema(dt)
+    if overwrite and overwrite_schema and replace_where is None:
+        schema_for_commit = arrow_schema
+    else:
+        new_fields = check_schema(table_schema, arrow_schema, path)
+        if new_fields and not allow_evolution:
+            raise DeltaWriteError(
+                f"Delta table {path}: the data being written has new column(s) "
+                f"{[f.name for f in new_fields]}; pass merge_schema=True to add them"
+            )
+        if new_fields:
+            from deltalake.schema import Field
+
+            dt.alter.add_columns([Field.from_arrow(f) for f in new_fields])
+            dt = DeltaTable(path, storage_options=storage_options)
+            table_schema = table_arrow_schema(dt)
+        schema_for_commit = table_schema
+    table_parts = list(dt.metadata().partition_columns)
+    if partition_by and list(partition_by) != table_parts:
+        raise DeltaWriteError(
+            f"Delta table {path} is partitioned by {table_parts}, not {list(partition_by)}"
+        )
+    mode = "overwrite" if overwrite else "append"
+    filters = None
+    if replace_where:
+        if not overwrite:
+            raise DeltaWriteError("replace_where needs mode='overwrite'")
+        filters = [tuple(c) for c in replace_where]
+        for col, _, _ in filters:
+            if col not in table_parts:
+                raise DeltaWriteError(
+                    f"Delta table {path}: replace_where column {col!r} is not a partition column "
+                    f"({table_parts}); the offline backend replaces whole partitions"
+                )
+    try:
+        dt.create_write_transaction(
+            actions,
+            mode=mode,
+            schema=schema_for_commit,
+            partition_by=table_parts or None,
+            partition_filters=filters,
+            commit_properties=props,
+        )
+    except CommitFailedError as exc:
+        raise ConcurrentWriteError(
+            f"Delta table {path}: a concurrent commit conflicts with this {mode} "
+            f"(planned on version {read_version}): {exc}"
+        ) from exc
+    return DeltaTable(path, storage_options=storage_options).version()

@@ -1,0 +1,331 @@
+"""DeltaStore: the one API every stage reads and writes tables through.
+
+Two backends behind the same calls:
+
+* ``delta-spark`` - when Delta's JVM classes are on Spark's classpath (a cluster
+  started with ``--packages io.delta:delta-spark_2.13:<v>`` or a platform that ships
+  Delta): native ``format("delta")`` and ``DeltaTable``.
+* ``delta-rs`` - offline (laptop, CI): writes through the ``causalrec_delta``
+  Python data source (parallel parquet writes in tasks, one delta-rs commit on the
+  driver), reads the snapshot's file list with Spark's parquet reader.
+
+The backend is detected once per store and logged; ``storage.backend`` forces one.
+Ray reads the same tables with ``ray.data.read_delta`` and writes with
+``Dataset.write_delta`` (see :mod:`causalrec.storage.ray_io`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Iterable, Optional, Sequence
+
+from causalrec.schemas import TableSpec, conform, validate_columns
+from causalrec.storage.delta_rs_commit import ConcurrentWriteError, DeltaWriteError
+
+log = logging.getLogger(__name__)
+
+ReplaceWhere = Sequence[tuple]  # conjunction of (partition column, op, value)
+
+
+def detect_backend(spark, forced: str = "auto") -> str:
+    if forced in ("delta-spark", "delta-rs"):
+        return forced
+    try:
+        from py4j.java_gateway import JavaClass
+
+        cls = spark._jvm.io.delta.tables.DeltaTable
+        if isinstance(cls, JavaClass):
+            return "delta-spark"
+    except Exception:  # Spark Connect has no JVM handle; py4j errors mean "not there"
+        pass
+    return "delta-rs"
+
+
+def _sql_literal(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def replace_where_sql(replace_where: ReplaceWhere) -> str:
+    parts = []
+    for col, op, value in replace_where:
+        op = op.lower()
+        if op in ("in", "not in"):
+            vals = ", ".join(_sql_literal(v) for v in value)
+            parts.append(f"`{col}` {op.upper()} ({vals})")
+        else:
+            parts.append(f"`{col}` {op} {_sql_literal(value)}")
+    return " AND ".join(parts)
+
+
+class DeltaStore:
+    """Read and write named Delta tables under one root folder or object-store URI."""
+
+    def __init__(self, spark, root: str, backend: str = "auto", storage_options: Optional[dict] = None):
+        self.spark = spark
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.backend = detect_backend(spark, backend)
+        log.info("delta backend: %s (root %s)", self.backend, self.root)
+        if self.backend == "delta-rs":
+            from causalrec.storage.delta_rs_source import DeltaRsDataSource
+
+            spark.dataSource.register(DeltaRsDataSource)
+
+    # ------------------------------------------------------------------ paths
+    def path(self, name: str) -> str:
+        if "://" in name or name.startswith("/"):
+            return name
+        return f"{self.root}/{name}"
+
+    def _dt(self, name: str, version: Optional[int] = None):
+        from deltalake import DeltaTable
+
+        return DeltaTable(self.path(name), version=version, storage_options=self.storage_options or None)
+
+    def exists(self, name: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.path(name), storage_options=self.storage_options or None)
+
+    def version(self, name: str) -> Optional[int]:
+        if not self.exists(name):
+            return None
+        return self._dt(name).version()
+
+    # ------------------------------------------------------------------ write
+    def write(
+        self,
+        df,
+        name: str,
+        mode: str = "append",
+        *,
+        partition_by: Optional[Sequence[str]] = None,
+        replace_where: Optional[ReplaceWhere] = None,
+        spec: Optional[TableSpec] = None,
+        merge_schema: bool = False,
+        overwrite_schema: bool = False,
+        idempotency_key: Optional[str] = None,
+        metadata: Optional[dict] = None,
+        rows_per_file: Optional[int] = None,
+    ) -> Optional[int]:
+        """Write ``df`` atomically; return the new table version (None when skipped as a rerun).
+
+        ``mode``: ``append`` or ``overwrite``; with ``replace_where`` only the matching
+        partitions are replaced. ``spec`` conforms and validates the DataFrame against a
+        declared table first. ``idempotency_key``: a write whose key is already in the
+        table's history is skipped, so a rerun never duplicates.
+        """
+        if mode not in ("append", "overwrite"):
+            raise ValueError(f"write mode must be 'append' or 'overwrite', got {mode!r}")
+        path = self.path(name)
+        if spec is not None:
+            df = conform(df, spec)
+            validate_columns(df, spec, source=f"write to {path}")
+            if partition_by is None:
+                partition_by = list(spec.partition_by)
+        partition_by = list(partition_by or [])
+        meta = dict(metadata or {})
+        if idempotency_key:
+            if self.has_commit_key(name, idempotency_key):
+                log.info("delta: %s already holds write %s; skipping rerun", path, idempotency_key)
+                return None
+            meta["write_key"] = idempotency_key
+        if self.backend == "delta-spark":
+            return self._write_native(df, path, mode, partition_by, replace_where, merge_schema,
+                                      overwrite_schema, meta)
+        return self._write_rs(df, name, mode, partition_by, replace_where, merge_schema,
+                              overwrite_schema, meta, rows_per_file)
+
+    def _write_native(self, df, path, mode, partition_by, replace_where, merge_schema, overwrite_schema, meta):
+        w = df.write.format("delta").mode(mode)
+        if partition_by:
+            w = w.partitionBy(*partition_by)
+        if replace_where:
+            w = w.option("replaceWhere", replace_where_sql(replace_where))
+        if merge_schema:
+            w = w.option("mergeSchema", "true")
+        if overwrite_schema:
+            w = w.option("overwriteSchema", "true")
+        if meta:
+            w = w.option("userMetadata", json.dumps(meta))
+        w.save(path)
+        from delta.tables import DeltaTable as SparkDeltaTable
+
+        return int(SparkDeltaTable.forPath(self.spark, path).history(1).collect()[0]["version"])
+
+    def _write_rs(self, df, name, mode, partition_by, replace_where, merge_schema, overwrite_schema, meta,
+                  rows_per_file):
+        path = self.path(name)
+        if "://" not in path:
+            os.makedirs(path, exist_ok=True)
+        exists = self.exists(name)
+        read_version = self._dt(name).version() if exists else -1
+        if exists and not (mode == "overwrite" and overwrite_schema and not replace_where):
+            table_parts = self.partition_columns(name)
+            if partition_by and partition_by != table_parts:
+                raise DeltaWriteError(
+                    f"Delta table {path} is partitioned by {table_parts}, not {partition_by}; "
+                    f"rewrite it with mode='overwrite', overwrite_schema=True to change that"
+                )
+            partition_by = table_parts
+        if exists:
+            # Fail fast on the driver, before any task writes a file.
+            from causalrec.storage.delta_rs_commit import check_schema, table_arrow_schema
+            from pyspark.sql.pandas.types import to_arrow_schema
+
+            if not (mode == "overwrite" and overwrite_schema and not replace_where):
+                new = check_schema(table_arrow_schema(self._dt(name)), to_arrow_schema(df.schema, timezone="UTC"), path)
+                if new and not merge_schema:
+                    raise DeltaWriteError(
+                        f"Delta table {path}: the data being written has new column(s) "
+                        f"{[f.name for f in new]}; pass merge_schema=True to add them"
+                    )
+        # Python data sources are looked up through the JVM thread's *active* session, which a
+        # new Python thread (pinned to a new JVM thread) does not have: set it.
+        jvm = getattr(self.spark, "_jvm", None)
+        if jvm is not None:
+            jvm.org.apache.spark.sql.SparkSession.setActiveSession(self.spark._jsparkSession)
+        commit_meta = dict(meta)
+        if merge_schema:
+            commit_meta["_merge_schema"] = True
+        if overwrite_schema:
+            commit_meta["_overwrite_schema"] = True
+        w = (
+            df.write.format("causalrec_delta")
+            .mode(mode)
+            .option("path", path)
+            .option("partition_by", json.dumps(partition_by))
+            .option("read_version", str(read_version))
+            .option("commit_metadata", json.dumps(commit_meta))
+        )
+        if replace_where:
+            w = w.option("replace_where", json.dumps([list(c) for c in replace_where], default=str))
+        if rows_per_file:
+            w = w.option("target_rows_per_file", str(rows_per_file))
+        try:
+            w.save()
+        except Exception as exc:
+            raise _unwrap_write_error(exc, path) from None
+        return self._dt(name).version()
+
+    def write_arrow(self, table, name: str, mode: str = "append", *, partition_by=None,
+                    idempotency_key: Optional[str] = None, metadata: Optional[dict] = None) -> Optional[int]:
+        """Driver-side write of a small Arrow table (reports, logs), same semantics as :meth:`write`."""
+        df = self.spark.createDataFrame(table.to_pandas(), schema=_spark_schema_from_arrow(table.schema))
+        return self.write(df, name, mode, partition_by=partition_by, idempotency_key=idempotency_key,
+                          metadata=metadata)
+
+    # ------------------------------------------------------------------ read
+    def read(self, name: str, version: Optional[int] = None):
+        """Latest snapshot, or ``version=`` for time travel."""
+        path = self.path(name)
+        if not self.exists(name):
+            raise FileNotFoundError(f"Delta table {path} does not exist (has its stage run?)")
+        if self.backend == "delta-spark":
+            r = self.spark.read.format("delta")
+            if version is not None:
+                r = r.option("versionAsOf", version)
+            return r.load(path)
+        dt = self._dt(name, version)
+        schema = _spark_schema_from_arrow(_arrow_schema_of(dt))
+        files = dt.file_uris()
+        if not files:
+            return self.spark.createDataFrame([], schema)
+        df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
+        return df.select(*[f"`{f.name}`" for f in schema.fields])
+
+    def read_arrow(self, name: str, version: Optional[int] = None, columns: Optional[list] = None):
+        """Small tables only (dimension tables, results): read on the driver with delta-rs."""
+        return self._dt(name, version).to_pyarrow_table(columns=columns)
+
+    def schema(self, name: str):
+        return _arrow_schema_of(self._dt(name))
+
+    def partition_columns(self, name: str) -> list:
+        return list(self._dt(name).metadata().partition_columns)
+
+    # ------------------------------------------------------------------ maintenance
+    def history(self, name: str, limit: Optional[int] = None) -> list[dict]:
+        if self.backend == "delta-spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            rows = SparkDeltaTable.forPath(self.spark, self.path(name)).history(limit or 1000).collect()
+            return [r.asDict(recursive=True) for r in rows]
+        return self._dt(name).history(limit)
+
+    def has_commit_key(self, name: str, key: str) -> bool:
+        if not self.exists(name):
+            return False
+        for h in self.history(name):
+            raw = h.get("causalrec") or h.get("userMetadata")
+            if not raw:
+                continue
+            try:
+                meta = json.loads(raw)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("write_key") == key:
+                return True
+        return False
+
+    def optimize(self, name: str) -> dict:
+        """Compact small files (bin-packing) where the backend supports it."""
+        if self.backend == "delta-spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            SparkDeltaTable.forPath(self.spark, self.path(name)).optimize().executeCompaction()
+            return {"backend": "delta-spark"}
+        return dict(self._dt(name).optimize.compact())
+
+    def vacuum(self, name: str, retention_hours: int = 168, dry_run: bool = False) -> list:
+        """Delete files no longer referenced (and orphans of failed writes) older than the retention."""
+        if self.backend == "delta-spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            SparkDeltaTable.forPath(self.spark, self.path(name)).vacuum(retention_hours)
+            return []
+        return self._dt(name).vacuum(
+            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False
+        )
+
+    def row_count(self, name: str, version: Optional[int] = None) -> int:
+        """From the log's file statistics when present: no data scan."""
+        if self.backend == "delta-rs":
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            actions = pa.table(self._dt(name, version).get_add_actions(flatten=True))
+            if "num_records" in actions.column_names:
+                return int(pc.sum(actions.column("num_records")).as_py() or 0)
+        return self.read(name, version).count()
+
+
+def _arrow_schema_of(dt):
+    import pyarrow as pa
+
+    from causalrec.storage.delta_rs_commit import _normalise
+
+    s = pa.schema(dt.schema().to_arrow())
+    return pa.schema([pa.field(f.name, _normalise(f.type), f.nullable) for f in s])
+
+
+def _spark_schema_from_arrow(schema):
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
+
+
+def _unwrap_write_error(exc: Exception, path: str) -> Exception:
+    """Spark wraps Python errors from commit(); surface ours with their own message."""
+    text = str(exc)
+    for cls in (ConcurrentWriteError, DeltaWriteError):
+        marker = cls.__name__ + ": "
+        if marker in text:
+            msg = text.split(marker, 1)[1].split("\n", 1)[0]
+            return cls(msg)
+    return DeltaWriteError(f"write to Delta table {path} failed; the table is unchanged. Cause: {text[:2000]}")

@@ -1,0 +1,11 @@
+"""Job entry point for the 'report' stage.
+
+    spark-submit jobs/report.py --config conf/local.yaml [--set key=value ...]
+    ray job submit --working-dir . -- python jobs/report.py --config conf/cluster.yaml
+"""
+import sys
+
+from causalrec.cli import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("report"))

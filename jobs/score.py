@@ -1,0 +1,11 @@
+"""Job entry point for the 'score' stage.
+
+    spark-submit jobs/score.py --config conf/local.yaml [--set key=value ...]
+    ray job submit --working-dir . -- python jobs/score.py --config conf/cluster.yaml
+"""
+import sys
+
+from causalrec.cli import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("score"))

@@ -1,0 +1,304 @@
+"""The Delta layer: round trips, write modes, time travel, atomicity and concurrency (offline backend)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+from decimal import Decimal
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from causalrec.schemas import EVENTS, SchemaMismatch
+from causalrec.storage import ConcurrentWriteError, DeltaStore, DeltaWriteError
+
+ALL_TYPES = T.StructType(
+    [
+        T.StructField("id", T.LongType(), False),
+        T.StructField("i", T.IntegerType()),
+        T.StructField("x", T.DoubleType()),
+        T.StructField("s", T.StringType()),
+        T.StructField("b", T.BooleanType()),
+        T.StructField("ts", T.TimestampType()),
+        T.StructField("d", T.DateType()),
+        T.StructField("dec", T.DecimalType(12, 4)),
+        T.StructField("emb", T.ArrayType(T.FloatType())),
+        T.StructField("part", T.StringType()),
+    ]
+)
+
+PARTS = ["plain", "with space", "ünïcødé ✓", "slash/eq=pct%", None]
+
+
+def _rows(n=10, offset=0):
+    out = []
+    for k in range(n):
+        j = k + offset
+        out.append(
+            (
+                j,
+                j * 2,
+                j / 3.0,
+                f"s{j}",
+                j % 2 == 0,
+                dt.datetime(2024, 1, 1, 12, 0, 0) + dt.timedelta(hours=j),
+                dt.date(2024, 1, 1) + dt.timedelta(days=j),
+                Decimal(f"{j}.1234"),
+                [float(j), 0.5, -1.25],
+                PARTS[j % len(PARTS)],
+            )
+        )
+    return out
+
+
+def _df(spark, n=10, offset=0):
+    return spark.createDataFrame(_rows(n, offset), ALL_TYPES)
+
+
+def _sorted(rows):
+    return sorted((r.asDict() for r in rows), key=lambda r: r["id"])
+
+
+def test_backend_is_delta_rs_offline(store):
+    assert store.backend == "delta-rs"
+
+
+def test_round_trip_every_type_and_partition_values(spark, store):
+    df = _df(spark, 10)
+    version = store.write(df, "t", partition_by=["part"])
+    assert version == 0
+    back = store.read("t")
+    assert [f.name for f in back.schema.fields] == [f.name for f in ALL_TYPES.fields]
+    for f in ALL_TYPES.fields:
+        assert back.schema[f.name].dataType == f.dataType, f.name
+    got = _sorted(back.collect())
+    want = _sorted(df.collect())
+    for g, w in zip(got, want):
+        emb_g, emb_w = g.pop("emb"), w.pop("emb")
+        assert emb_g == pytest.approx(emb_w)
+        assert g == w
+    # delta-rs sees the same rows and the partition values, including the odd ones and null
+    table = DeltaTable(store.path("t"))
+    assert table.metadata().partition_columns == ["part"]
+    arrow = table.to_pyarrow_table()
+    assert sorted(v for v in arrow.column("part").to_pylist() if v is not None) == sorted(
+        p for p in [PARTS[j % len(PARTS)] for j in range(10)] if p is not None
+    )
+    assert arrow.column("part").null_count == 2
+
+
+def test_valid_delta_protocol_and_file_stats(spark, store):
+    store.write(_df(spark, 6), "t", partition_by=["part"])
+    log_dir = os.path.join(store.path("t"), "_delta_log")
+    entries = [json.loads(line) for line in open(os.path.join(log_dir, "00000000000000000000.json"))]
+    protocol = next(e["protocol"] for e in entries if "protocol" in e)
+    assert protocol["minReaderVersion"] == 1 and protocol["minWriterVersion"] == 2
+    adds = [e["add"] for e in entries if "add" in e]
+    assert adds and sum(json.loads(a["stats"])["numRecords"] for a in adds) == 6
+    stats = json.loads(adds[0]["stats"])
+    assert {"numRecords", "minValues", "maxValues", "nullCount"} <= set(stats)
+    assert "id" in stats["minValues"] and stats["minValues"]["id"] <= stats["maxValues"]["id"]
+    assert store.row_count("t") == 6
+
+
+def test_ray_reads_what_spark_wrote(spark, store, ray_local):
+    import ray
+
+    store.write(_df(spark, 10), "t", partition_by=["part"])
+    rows = ray.data.read_delta(store.path("t")).take_all()
+    assert sorted(r["id"] for r in rows) == list(range(10))
+    assert {r["part"] for r in rows} == set(PARTS)
+
+
+def test_spark_reads_what_ray_wrote(spark, store, ray_local):
+    import pandas as pd
+    import ray
+
+    ds = ray.data.from_pandas(pd.DataFrame({"k": [1, 2, 3], "v": ["a", "b", "c"]}))
+    ds.write_delta(store.path("from_ray"))
+    got = store.read("from_ray").orderBy("k").collect()
+    assert [(r.k, r.v) for r in got] == [(1, "a"), (2, "b"), (3, "c")]
+
+
+def test_append_overwrite_and_time_travel(spark, store):
+    assert store.write(_df(spark, 5), "t") == 0
+    assert store.write(_df(spark, 5, offset=5), "t", "append") == 1
+    assert store.read("t").count() == 10
+    assert store.write(_df(spark, 3, offset=100), "t", "overwrite") == 2
+    assert sorted(r.id for r in store.read("t").collect()) == [100, 101, 102]
+    assert store.read("t", version=0).count() == 5
+    assert store.read("t", version=1).count() == 10
+    ops = [h["operation"] for h in store.history("t")]
+    assert len(ops) == 3
+
+
+def test_partition_overwrite_replaces_only_matching_partitions(spark, store):
+    base = spark.createDataFrame(
+        [(1, "2024-01-01"), (2, "2024-01-02"), (3, "2024-01-03")], "v long, day string"
+    )
+    store.write(base, "p", partition_by=["day"])
+    new = spark.createDataFrame([(20, "2024-01-02"), (21, "2024-01-02")], "v long, day string")
+    store.write(new, "p", "overwrite", replace_where=[("day", "=", "2024-01-02")])
+    got = sorted((r.day, r.v) for r in store.read("p").collect())
+    assert got == [("2024-01-01", 1), ("2024-01-02", 20), ("2024-01-02", 21), ("2024-01-03", 3)]
+    # range predicates work too
+    store.write(spark.createDataFrame([(9, "2024-01-03")], "v long, day string"), "p", "overwrite",
+                replace_where=[("day", ">=", "2024-01-02")])
+    got = sorted((r.day, r.v) for r in store.read("p").collect())
+    assert got == [("2024-01-01", 1), ("2024-01-03", 9)]
+
+
+def test_replace_where_on_a_data_column_is_refused(spark, store):
+    store.write(spark.createDataFrame([(1, "a")], "v long, day string"), "p", partition_by=["day"])
+    with pytest.raises(DeltaWriteError, match="not a partition column"):
+        store.write(spark.createDataFrame([(1, "a")], "v long, day string"), "p", "overwrite",
+                    replace_where=[("v", "=", 1)])
+    assert store.version("p") == 0
+
+
+def test_append_inherits_table_partitioning(spark, store):
+    store.write(spark.createDataFrame([(1, "a")], "v long, day string"), "p", partition_by=["day"])
+    store.write(spark.createDataFrame([(2, "b")], "v long, day string"), "p")  # no partition_by given
+    assert DeltaTable(store.path("p")).metadata().partition_columns == ["day"]
+    assert sorted((r.day, r.v) for r in store.read("p").collect()) == [("a", 1), ("b", 2)]
+
+
+def test_schema_mismatch_is_refused_with_column_named(spark, store):
+    store.write(spark.createDataFrame([(1, "a")], "v long, s string"), "t")
+    with pytest.raises(DeltaWriteError, match="'v'.*int64.*string|column 'v'"):
+        store.write(spark.createDataFrame([("x", "a")], "v string, s string"), "t")
+    with pytest.raises(DeltaWriteError, match="lacks column"):
+        store.write(spark.createDataFrame([(1,)], "v long"), "t")
+    with pytest.raises(DeltaWriteError, match="new column"):
+        store.write(spark.createDataFrame([(1, "a", 2.0)], "v long, s string, extra double"), "t")
+    assert store.version("t") == 0
+
+
+def test_schema_evolution_only_when_asked(spark, store):
+    store.write(spark.createDataFrame([(1, "a")], "v long, s string"), "t")
+    store.write(spark.createDataFrame([(2, "b", 2.5)], "v long, s string, extra double"), "t", merge_schema=True)
+    got = sorted((r.v, r.extra) for r in store.read("t").collect())
+    assert got == [(1, None), (2, 2.5)]
+
+
+def test_overwrite_schema_replaces_table_schema(spark, store):
+    store.write(spark.createDataFrame([(1, "a")], "v long, s string"), "t")
+    store.write(spark.createDataFrame([("z",)], "w string"), "t", "overwrite", overwrite_schema=True)
+    assert store.read("t").columns == ["w"]
+
+
+def test_declared_spec_is_enforced(spark, store):
+    bad = spark.createDataFrame([("e1", "u1")], "event_id string, user_id string")
+    with pytest.raises(SchemaMismatch, match="item_id"):
+        store.write(bad, "events", spec=EVENTS)
+    assert not store.exists("events")
+
+
+def test_failing_task_leaves_table_unchanged_and_no_files_visible(spark, store):
+    store.write(spark.range(100).withColumn("x", F.col("id") * 2), "t")
+    before_files = set(DeltaTable(store.path("t")).file_uris())
+
+    @F.udf("long")
+    def explode_on_77(v):
+        if v == 77:
+            raise ValueError("boom on row 77")
+        return v
+
+    bad = spark.range(200).repartition(4).withColumn("x", explode_on_77(F.col("id")))
+    with pytest.raises(DeltaWriteError, match="table is unchanged"):
+        store.write(bad, "t", "append")
+    assert store.version("t") == 0
+    assert set(DeltaTable(store.path("t")).file_uris()) == before_files
+    assert store.read("t").count() == 100
+    # files of tasks that did succeed were removed by abort(): only committed parquet files remain
+    on_disk = {
+        os.path.join(root, f)
+        for root, _, files in os.walk(store.path("t"))
+        for f in files
+        if f.endswith(".parquet")
+    }
+    assert on_disk == {os.path.normpath(p) for p in before_files}
+
+
+def test_idempotency_key_skips_a_rerun(spark, store):
+    df = spark.range(5)
+    assert store.write(df, "t", idempotency_key="batch-1") == 0
+    assert store.write(df, "t", idempotency_key="batch-1") is None
+    assert store.read("t").count() == 5
+    assert store.write(df, "t", idempotency_key="batch-2") == 1
+    assert store.read("t").count() == 10
+
+
+def test_two_concurrent_appends_both_land(spark, store):
+    store.write(spark.range(1), "t")
+    errors = []
+
+    def append(offset):
+        try:
+            store.write(spark.range(offset, offset + 50), "t", "append")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(o,)) for o in (1000, 2000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert store.read("t").count() == 101
+    assert store.version("t") == 2
+
+
+def test_two_overwrites_from_the_same_snapshot_one_fails_cleanly(spark, store, tmp_path):
+    """Simulate the race deterministically: both writes plan on version 0; the second commit must conflict."""
+    from causalrec.storage.delta_rs_commit import commit_files
+    from causalrec.storage.delta_rs_source import file_stats
+
+    import pyarrow.parquet as pq
+
+    store.write(spark.range(3), "t")
+    path = store.path("t")
+    schema = pa.schema([pa.field("id", pa.int64(), False)])
+
+    def staged(name, values):
+        tbl = pa.table({"id": pa.array(values, pa.int64())}, schema=schema)
+        pq.write_table(tbl, os.path.join(path, name))
+        return {"path": name, "size": os.path.getsize(os.path.join(path, name)),
+                "partition_values": {}, "modification_time": 0, "stats": file_stats(tbl)}
+
+    first = staged("part-a.parquet", [10, 11])
+    second = staged("part-b.parquet", [20, 21])
+    commit_files(path=path, files=[first], arrow_schema=schema, partition_by=[], overwrite=True,
+                 replace_where=None, read_version=0, commit_metadata={})
+    with pytest.raises(ConcurrentWriteError, match="concurrent"):
+        commit_files(path=path, files=[second], arrow_schema=schema, partition_by=[], overwrite=True,
+                     replace_where=None, read_version=0, commit_metadata={})
+    assert sorted(r.id for r in store.read("t").collect()) == [10, 11]
+    assert store.version("t") == 1
+
+
+def test_optimize_and_vacuum_hooks(spark, store):
+    for k in range(3):
+        store.write(spark.range(k * 10, k * 10 + 10).coalesce(1), "t")
+    before = len(DeltaTable(store.path("t")).file_uris())
+    metrics = store.optimize("t")
+    assert metrics.get("numFilesRemoved", 0) >= 2
+    assert len(DeltaTable(store.path("t")).file_uris()) < before
+    assert store.read("t").count() == 30
+    removed = store.vacuum("t", retention_hours=0)
+    assert len(removed) >= 2
+    assert store.read("t").count() == 30
+
+
+def test_read_missing_table_names_the_path(store):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        store.read("nope")
+
+
+def test_forced_backend_config(spark, tmp_path):
+    s = DeltaStore(spark, str(tmp_path), backend="delta-rs")
+    assert s.backend == "delta-rs"
