@@ -352,7 +352,8 @@ def _build(cls: type, data: dict, where: str) -> Any:
     for key, value in data.items():
         if key not in fields:
             allowed = ", ".join(sorted(fields))
-            raise ConfigError(f"{where}: unknown key {key!r}; allowed keys: {allowed}")
+            full = f"{where}.{key}" if where else key
+            raise ConfigError(f"unknown key {full!r}; allowed keys{' in ' + where if where else ''}: {allowed}")
         tp = hints[key]
         sub = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(tp):

@@ -74,6 +74,9 @@ PIPELINE: tuple[Stage, ...] = (
 )
 
 EXTRA: tuple[Stage, ...] = (
+    Stage("doctor", "causalrec.doctor:run",
+          "show the Spark master, Delta backend, Ray address and model path this config resolves to",
+          engine="spark"),
     Stage("simulate", "causalrec.simulator:run",
           "generate a simulated logged world with known ground truth (any scale)",
           outputs=("events", "users", "items", "mcar_events", "ground_truth")),

@@ -1,0 +1,110 @@
+"""Config validation, overrides and the CLI surface."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from causalrec.cli import build_parser, main
+from causalrec.config import ConfigError, load_config
+from causalrec.stages import PIPELINE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "simulated.yaml", "cluster.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(REPO / "conf" / name)
+    assert cfg.training_set.files_per_split % cfg.train.num_workers == 0
+
+
+def test_override_parses_yaml_values():
+    cfg = load_config(REPO / "conf" / "local.yaml", ["train.epochs=3", "evaluation.k=[1,2]", "ranking.blend_weight=0.25"])
+    assert cfg.train.epochs == 3 and cfg.evaluation.k == [1, 2] and cfg.ranking.blend_weight == 0.25
+
+
+def test_unknown_key_names_key_file_and_allowed(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "train.epochz" in msg and str(f) in msg and "epochs" in msg
+
+
+def test_bad_value_names_allowed_values(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  model: bert\n")
+    with pytest.raises(ConfigError, match=r"train.model.*'mf'"):
+        load_config(f)
+    f.write_text("train:\n  epochs: three\n")
+    with pytest.raises(ConfigError, match=r"train.epochs.*expected int"):
+        load_config(f)
+
+
+def test_semantic_check_files_per_split_multiple_of_workers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  num_workers: 2\ntraining_set:\n  files_per_split: 3\n")
+    with pytest.raises(ConfigError, match="multiple of train.num_workers"):
+        load_config(f)
+
+
+def test_yaml_cannot_execute_code(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("project: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_help_lists_every_stage(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for stage in PIPELINE:
+        assert stage.name in out
+    assert "run" in out and "simulate" in out
+
+
+def test_cli_failure_is_one_line_and_nonzero(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochz: 3\n")
+    assert main(["ingest", str(f)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'train.epochz'" in err[0]
+
+
+def test_console_script_and_job_entry_point():
+    exe = Path(sys.executable).parent / "causalrec"
+    res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "ingest" in res.stdout
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "ingest.py"), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0 and "--config" in res.stdout
+
+
+def test_spark_submit_master_and_conf_win_over_config(tmp_path):
+    """jobs/*.py under spark-submit keep the submitter's master and confs (config says local[*], 8)."""
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"storage:\n  root: {tmp_path / 'tables'}\nspark:\n  shuffle_partitions: 8\n")
+    res = subprocess.run(
+        [str(spark_submit), "--master", "local[1]", "--conf", "spark.sql.shuffle.partitions=3",
+         "--conf", "spark.ui.enabled=false", str(REPO / "jobs" / "doctor.py"), "--config", str(cfg)],
+        capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    info = json.loads(res.stdout[res.stdout.index("{"):])
+    assert info["spark_master"] == "local[1]"
+    assert info["spark_shuffle_partitions"] == "3"
+    assert info["launched_by_spark_submit"] is True
+    assert info["delta_backend"] == "delta-rs"
