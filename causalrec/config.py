@@ -129,7 +129,8 @@ class PropensityConfig:
     calibration_bins: int = 10
     holdout_fraction: float = 0.2  # pairs held out for calibration diagnostics
     reg_param: float = 0.01  # MLlib LR L2 strength
-    max_iter: int = 50  # MLlib LR / GBT iterations
+    max_iter: int = 25  # MLlib LR / GBT iterations
+    compare_methods: list = field(default_factory=list)  # extra exposure methods to diagnose beside exposure_method
     adjustment_set: Optional[list] = None  # feature groups; None = derived from causal_graph
 
 
@@ -218,6 +219,20 @@ class OPEConfig:
     bootstrap_replicates: int = 200
     alpha: float = 0.05
     clip_max_weight: float = 100.0
+    switch_dr_lambdas: list = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, float("inf")])
+    dr_os_lambdas: list = field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0, float("inf")])
+    # A/B test analysis (causalrec abtest): arms are the values of events.<abtest_arm_column>
+    abtest_arm_column: str = "policy"
+    abtest_treatment: Optional[str] = None  # default: the last arm in sort order
+    abtest_control: Optional[str] = None  # default: the first arm in sort order
+    abtest_start: Optional[str] = None  # experiment start (ISO); earlier events = pre-period; None = median time
+    abtest_covariate: Optional[str] = None  # a user_features column as CUPED covariate instead of the pre-period
+    abtest_metric_event: Optional[str] = None  # only events of this type count (None = all)
+    abtest_expected_share: float = 0.5  # designed share of units in the treatment arm (SRM check)
+    # uplift (causalrec uplift): treatment = events.recommended, outcome = value of outcome events
+    uplift_outcome_event: Optional[str] = None  # None = all events with a recommended flag
+    uplift_min_rows: int = 30  # per-item / per-segment cells with fewer rows are not reported
+    uplift_refutation_sample: float = 0.2  # share of rows used by the refutation checks
 
 
 @dataclass

@@ -553,6 +553,49 @@ METRICS = TableSpec(
     doc="Evaluation results in long format: one row per (metric, k, slice, model).",
 )
 
+ABTEST_RESULTS = TableSpec(
+    "abtest_results",
+    _cols(
+        ("run_id", "string", False, ""),
+        ("arm_column", "string", False, "events column whose values are the arms"),
+        ("treatment", "string", False, ""),
+        ("control", "string", False, ""),
+        ("method", "string", False, "diff_in_means or cuped"),
+        ("estimate", "double", True, "treatment mean - control mean (per unit)"),
+        ("std_err", "double", True, ""),
+        ("ci_low", "double", True, ""),
+        ("ci_high", "double", True, ""),
+        ("p_value", "double", True, ""),
+        ("relative_lift", "double", True, ""),
+        ("variance_reduction", "double", True, "CUPED: 1 - var(adjusted)/var(raw)"),
+        ("n_treatment", "long", True, ""),
+        ("n_control", "long", True, ""),
+        ("contaminated_units", "long", True, "units seen in more than one arm (dropped)"),
+        ("srm_p_value", "double", True, "sample ratio mismatch chi-square p-value"),
+        ("srm_mismatch", "boolean", True, "p < 0.001: randomisation is suspect"),
+        ("created_at", "timestamp", False, ""),
+    ),
+)
+
+UPLIFT_EFFECTS = TableSpec(
+    "uplift_effects",
+    _cols(
+        ("run_id", "string", False, ""),
+        ("level", "string", False, "overall, item or segment"),
+        ("item_id", "string", True, "set when level = item"),
+        ("segment", "string", True, "set when level = segment"),
+        ("method", "string", False, "ips or dr"),
+        ("effect", "double", True, "E[Y(1) - Y(0)]: effect of recommending on the outcome"),
+        ("se", "double", True, ""),
+        ("ci_low", "double", True, ""),
+        ("ci_high", "double", True, ""),
+        ("n", "long", True, "rows"),
+        ("n_treated", "long", True, ""),
+        ("refutation", "string", True, "JSON: placebo, random common cause, subset reruns (overall rows)"),
+        ("created_at", "timestamp", False, ""),
+    ),
+)
+
 ALL_TABLES: dict[str, TableSpec] = {
     t.name: t
     for t in (
@@ -579,6 +622,8 @@ ALL_TABLES: dict[str, TableSpec] = {
         SCORING_INPUT,
         RANKING_SUMMARY,
         METRICS,
+        ABTEST_RESULTS,
+        UPLIFT_EFFECTS,
     )
 }
 

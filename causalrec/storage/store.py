@@ -11,7 +11,7 @@ Two backends behind the same calls:
 
 The backend is detected once per store and logged; ``storage.backend`` forces one.
 Ray reads the same tables with ``ray.data.read_delta`` and writes with
-``Dataset.write_delta`` (see :mod:`causalrec.storage.ray_io`).
+``Dataset.write_delta`` on ``store.path(name)`` (both commit through delta-rs).
 """
 from __future__ import annotations
 

@@ -1,0 +1,268 @@
+"""Candidate generation: a bounded candidate set per user from several sources.
+
+Why several sources: the scorer can only rank what it is shown. Popularity alone
+feeds the feedback loop that biased the logs, so it is de-biased by exposure
+propensity; co-occurrence and category affinity personalise; text neighbours give
+cold items (no interactions yet) a way in.
+
+Why no user x item cross join: every source is a per-source top-N (items are
+joined to a user only through that user's own history or through a small global
+top list), the union is bounded by ``len(sources) * per_source`` rows per user and
+the final top ``max_candidates`` is a window function per user. Rows grow
+linearly in users.
+
+Extract (events, items, item_features, exposure_propensity) -> pure transforms
+-> load (``candidates``, and ``item_embeddings`` as a by-product of the text source).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from causalrec.schemas import CANDIDATES
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("popularity", "cooccurrence", "affinity", "text")
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def positive_events(events: DataFrame, rating_threshold: float) -> DataFrame:
+    """Events that express a positive outcome: a rating >= threshold, a clicked impression,
+    or a click / purchase / add-to-cart / view (value absent or > 0)."""
+    et = F.col("event_type")
+    v = F.col("value")
+    pos = (
+        F.when(et == "rating", v >= F.lit(rating_threshold))
+        .when(et == "impression", F.coalesce(v, F.lit(0.0)) > 0)
+        .otherwise(F.coalesce(v, F.lit(1.0)) > 0)
+    )
+    return events.filter(pos)
+
+
+def consumed_pairs(events: DataFrame) -> DataFrame:
+    """(user_id, item_id) the user already interacted with (any event but an unclicked impression)."""
+    unclicked = (F.col("event_type") == "impression") & (F.coalesce(F.col("value"), F.lit(0.0)) <= 0)
+    return events.filter(~unclicked).select("user_id", "item_id").distinct()
+
+
+def recent_history(pos: DataFrame, length: int) -> DataFrame:
+    """Each user's ``length`` most recent distinct positive items: (user_id, item_id, recency)."""
+    last = pos.groupBy("user_id", "item_id").agg(F.max("event_time").alias("t"))
+    w = Window.partitionBy("user_id").orderBy(F.col("t").desc(), F.col("item_id"))
+    return (last.withColumn("recency", F.row_number().over(w))
+            .filter(F.col("recency") <= length).select("user_id", "item_id", "recency"))
+
+
+def debiased_popularity(pos: DataFrame, exposure: Optional[DataFrame], clip_min: float) -> DataFrame:
+    """Item popularity with each positive weighted by 1 / P(exposed): (item_id, pop, n_pos).
+
+    Inverse-propensity weighting (Schnabel et al., ICML 2016): an item that users
+    rarely got to see but liked when they did counts for more than an item shown to
+    everyone. Pairs without a propensity get weight 1 (no correction).
+    """
+    if exposure is not None:
+        prop = exposure.select("user_id", "item_id", F.col("exposure_propensity").alias("p"))
+        pos = pos.join(prop, ["user_id", "item_id"], "left")
+        w = 1.0 / F.greatest(F.coalesce(F.col("p"), F.lit(1.0)), F.lit(clip_min))
+    else:
+        w = F.lit(1.0)
+    return pos.groupBy("item_id").agg(F.sum(w).alias("pop"), F.count(F.lit(1)).alias("n_pos"))
+
+
+def top_n_per(df: DataFrame, key: str, score: str, n: int, tie: str = "item_id") -> DataFrame:
+    """Keep the ``n`` highest-scoring rows per ``key`` (window, no driver collect)."""
+    w = Window.partitionBy(key).orderBy(F.col(score).desc(), F.col(tie))
+    return df.withColumn("_r", F.row_number().over(w)).filter(F.col("_r") <= n).drop("_r")
+
+
+def popularity_source(users: DataFrame, pop: DataFrame, n: int, consumed: Optional[DataFrame]) -> DataFrame:
+    """Top debiased-popular items for every user. The global list is bounded (n plus a
+    buffer for consumed items) and broadcast, so this is users x O(n), never users x items."""
+    buffer = n * 2
+    top = pop.orderBy(F.col("pop").desc(), F.col("item_id")).limit(buffer).select("item_id", F.col("pop").alias("score"))
+    cand = users.select("user_id").distinct().crossJoin(F.broadcast(top))
+    if consumed is not None:
+        cand = cand.join(consumed, ["user_id", "item_id"], "left_anti")
+    return top_n_per(cand, "user_id", "score", n)
+
+
+def item_cooccurrence(history: DataFrame, neighbours: int) -> DataFrame:
+    """Item-item co-occurrence within users' recent histories, cosine-normalised
+    (count / sqrt(n_i n_j)) so popular items do not neighbour everything; top ``neighbours``
+    per item. Histories are capped, so pair counts are bounded per user."""
+    a = history.select("user_id", F.col("item_id").alias("src"))
+    b = history.select("user_id", F.col("item_id").alias("dst"))
+    pairs = a.join(b, "user_id").filter(F.col("src") != F.col("dst"))
+    counts = pairs.groupBy("src", "dst").agg(F.count(F.lit(1)).alias("c"))
+    deg = history.groupBy("item_id").agg(F.count(F.lit(1)).alias("d"))
+    counts = (counts.join(deg.select(F.col("item_id").alias("src"), F.col("d").alias("ds")), "src")
+              .join(deg.select(F.col("item_id").alias("dst"), F.col("d").alias("dd")), "dst")
+              .withColumn("sim", F.col("c") / F.sqrt(F.col("ds") * F.col("dd"))))
+    w = Window.partitionBy("src").orderBy(F.col("sim").desc(), F.col("dst"))
+    return (counts.withColumn("_r", F.row_number().over(w)).filter(F.col("_r") <= neighbours)
+            .select("src", "dst", "sim"))
+
+
+def neighbour_source(history: DataFrame, neighbours: DataFrame, n: int, consumed: Optional[DataFrame]) -> DataFrame:
+    """Sum of neighbour similarities from the user's recent items: (user_id, item_id, score)."""
+    cand = (history.select("user_id", F.col("item_id").alias("src"))
+            .join(neighbours, "src")
+            .groupBy("user_id", F.col("dst").alias("item_id")).agg(F.sum("sim").alias("score")))
+    if consumed is not None:
+        cand = cand.join(consumed, ["user_id", "item_id"], "left_anti")
+    return top_n_per(cand, "user_id", "score", n)
+
+
+def affinity_source(pos: DataFrame, items: DataFrame, pop: DataFrame, n: int,
+                    consumed: Optional[DataFrame]) -> DataFrame:
+    """Category affinity: the user's share of positives in a category times the item's
+    (debiased) popularity rank within the category, over the top ``n`` items per category."""
+    cat = items.select("item_id", "category").filter(F.col("category").isNotNull())
+    user_cat = (pos.join(cat, "item_id").groupBy("user_id", "category").agg(F.count(F.lit(1)).alias("c")))
+    tot = user_cat.groupBy("user_id").agg(F.sum("c").alias("t"))
+    user_cat = user_cat.join(tot, "user_id").withColumn("share", F.col("c") / F.col("t"))
+    item_pop = cat.join(pop, "item_id", "left").fillna({"pop": 0.0})
+    top_cat = top_n_per(item_pop, "category", "pop", n)
+    wmax = Window.partitionBy("category")
+    top_cat = top_cat.withColumn("norm_pop", (F.col("pop") + 1.0) / (F.max("pop").over(wmax) + 1.0))
+    cand = (user_cat.join(top_cat, "category")
+            .groupBy("user_id", "item_id").agg(F.max(F.col("share") * F.col("norm_pop")).alias("score")))
+    if consumed is not None:
+        cand = cand.join(consumed, ["user_id", "item_id"], "left_anti")
+    return top_n_per(cand, "user_id", "score", n)
+
+
+def text_neighbours(item_ids: list, emb, targets: Optional[set], neighbours: int, spark) -> DataFrame:
+    """Per-item top text neighbours by cosine similarity of embeddings: (src, dst, sim).
+
+    Items are few (thousands), so the item x item similarity is a blocked matrix product
+    on the driver; ``targets`` restricts destinations (e.g. to cold items)."""
+    import numpy as np
+    import pandas as pd
+
+    if len(item_ids) == 0:
+        return spark.createDataFrame([], "src string, dst string, sim double")
+    ids = np.asarray(item_ids, dtype=object)
+    tmask = np.ones(len(ids), dtype=bool) if targets is None else np.isin(ids, list(targets))
+    if not tmask.any():
+        return spark.createDataFrame([], "src string, dst string, sim double")
+    t_idx = np.flatnonzero(tmask)
+    k = min(neighbours, len(t_idx))
+    rows_src, rows_dst, rows_sim = [], [], []
+    for s in range(0, len(ids), 1024):
+        sims = emb[s:s + 1024] @ emb[t_idx].T  # embeddings are L2-normalised: cosine
+        for r in range(sims.shape[0]):
+            self_hit = np.flatnonzero(t_idx == s + r)
+            if self_hit.size:
+                sims[r, self_hit] = -np.inf
+        kk = min(k, sims.shape[1])
+        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        for r in range(sims.shape[0]):
+            for c in top[r]:
+                if np.isfinite(sims[r, c]):
+                    rows_src.append(ids[s + r])
+                    rows_dst.append(ids[t_idx[c]])
+                    rows_sim.append(float(sims[r, c]))
+    pdf = pd.DataFrame({"src": rows_src, "dst": rows_dst, "sim": rows_sim})
+    return spark.createDataFrame(pdf, "src string, dst string, sim double")
+
+
+def merge_sources(per_source: dict, max_candidates: int) -> DataFrame:
+    """Union the sources; per (user, item) record every source and the one that ranked it
+    highest (best within-source rank, ties by source order); keep ``max_candidates`` per user
+    preferring items several sources agree on."""
+    parts = []
+    for order, (name, df) in enumerate(per_source.items()):
+        w = Window.partitionBy("user_id").orderBy(F.col("score").desc(), F.col("item_id"))
+        parts.append(df.select("user_id", "item_id", F.col("score").cast("double").alias("score"))
+                     .withColumn("src_rank", F.row_number().over(w))
+                     .withColumn("source", F.lit(name)).withColumn("src_order", F.lit(order)))
+    allc = parts[0]
+    for p in parts[1:]:
+        allc = allc.unionByName(p)
+    best = F.min(F.struct("src_rank", "src_order", "source", "score"))
+    g = (allc.groupBy("user_id", "item_id")
+         .agg(best.alias("b"), F.sort_array(F.collect_set("source")).alias("sources")))
+    g = g.select("user_id", "item_id", F.col("b.source").alias("source"), "sources",
+                 F.col("b.score").alias("source_score"), F.col("b.src_rank").alias("src_rank"))
+    w = Window.partitionBy("user_id").orderBy(F.col("src_rank"), F.size("sources").desc(),
+                                              F.col("source_score").desc(), F.col("item_id"))
+    return (g.withColumn("_r", F.row_number().over(w)).filter(F.col("_r") <= max_candidates)
+            .drop("_r", "src_rank"))
+
+
+# --------------------------------------------------------------------------- job
+
+
+def build_candidates(ctx, events: DataFrame, items: DataFrame, users: DataFrame,
+                     exposure: Optional[DataFrame]) -> tuple[DataFrame, dict]:
+    """All sources -> merged candidates; returns (candidates, per-source info)."""
+    cfg = ctx.cfg
+    cc = cfg.candidates
+    unknown = [s for s in cc.sources if s not in SOURCES]
+    if unknown:
+        raise ValueError(f"candidates.sources: unknown source(s) {unknown}; allowed: {list(SOURCES)}")
+    n = cc.per_source
+    pos = positive_events(events, cfg.training_set.positive_threshold).select("user_id", "item_id", "event_time")
+    pos = pos.persist()
+    consumed = consumed_pairs(events).persist() if cc.exclude_consumed else None
+    history = recent_history(pos, cfg.features.history_length).persist()
+    pop = debiased_popularity(pos, exposure, cfg.propensity.clip_min).persist()
+    all_users = users.select("user_id").unionByName(events.select("user_id")).distinct()
+    per_source: dict = {}
+    info: dict = {}
+    if "popularity" in cc.sources:
+        per_source["popularity"] = popularity_source(all_users, pop, n, consumed)
+    if "cooccurrence" in cc.sources:
+        nb = item_cooccurrence(history, cc.neighbours_per_item)
+        per_source["cooccurrence"] = neighbour_source(history, nb, n, consumed)
+    if "affinity" in cc.sources and "category" in items.columns:
+        per_source["affinity"] = affinity_source(pos, items, pop, n, consumed)
+    if "text" in cc.sources:
+        from causalrec.item_embeddings import ensure_item_embeddings, load_embedding_matrix
+
+        with ctx.step("candidates: item text embeddings"):
+            info["embeddings"] = ensure_item_embeddings(ctx, items)
+        ids, emb = load_embedding_matrix(ctx.store)
+        targets = None
+        if cc.text_cold_only:
+            warm = pop.filter(F.col("n_pos") > cc.cold_item_max_events).select("item_id")
+            cold = items.select("item_id").join(warm, "item_id", "left_anti")
+            targets = {r["item_id"] for r in cold.collect()}  # items: a dimension table
+            info["cold_items"] = len(targets)
+        tn = text_neighbours(ids, emb, targets, cc.neighbours_per_item, ctx.spark)
+        per_source["text"] = neighbour_source(history, tn, n, consumed)
+    if not per_source:
+        raise ValueError(f"candidates.sources {cc.sources}: no source could run (affinity needs items.category)")
+    return merge_sources(per_source, cc.max_candidates), info
+
+
+def run(ctx) -> dict:
+    store = ctx.store
+    with ctx.step("candidates: extract"):
+        events = store.read("events")
+        items = store.read("items")
+        users = store.read("users") if store.exists("users") else events.select("user_id").distinct()
+        exposure = store.read("exposure_propensity") if store.exists("exposure_propensity") else None
+        if exposure is None:
+            log.warning("exposure_propensity table missing: popularity is not de-biased (weight 1 per positive)")
+    with ctx.step("candidates: transform"):
+        cands, info = build_candidates(ctx, events, items, users, exposure)
+    with ctx.step("candidates: load"):
+        version = store.write(cands, "candidates", mode="overwrite", spec=CANDIDATES, overwrite_schema=True)
+    n = store.row_count("candidates")
+    ctx.log_rows("candidates", n)
+    stats = (store.read("candidates").groupBy("source").count().collect())
+    return {
+        "rows_out": {"candidates": n},
+        "version": version,
+        "by_source": {r["source"]: int(r["count"]) for r in stats},
+        "exposure_debiased": exposure is not None,
+        **info,
+    }

@@ -1,0 +1,414 @@
+"""The ``evaluate`` stage: every metric the available tables allow, into the ``metrics`` table.
+
+Extract: whichever of training_examples, train_runs, scores, recommendations,
+item_features, users, ground_truth, exposure_propensity, ranking_summary exist
+(each missing input is recorded, never fatal unless nothing can be evaluated).
+Transform: predictions for the held-out test pairs (each training run's
+checkpoint scored in Spark ``mapInPandas``, else the ``scores`` table), then the
+metric library in :mod:`causalrec.evaluation.metrics`. Load: the long-format
+``metrics`` Delta table (overwritten: a rerun replaces, never duplicates) and
+``<reports_dir>/evaluation.json`` with the numbers plus the small curves the
+report plots (Lorenz, Qini, reliability, histograms).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from typing import Optional
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from causalrec.evaluation import metrics as M
+from causalrec.schemas import METRICS
+
+log = logging.getLogger(__name__)
+
+OPTIONAL_TABLES = ("training_examples", "train_runs", "scores", "recommendations", "item_features", "items", "users",
+                   "ground_truth", "exposure_propensity", "treatment_propensity", "ranking_summary")
+OBJECTIVE_FAMILY = {"naive": "naive", "ips": "debiased", "snips": "debiased", "dr_jl": "debiased", "uplift": "causal"}
+
+
+class MetricRows:
+    """Accumulates long-format metric rows."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, metric: str, value, *, model: str, slice_: str, k: Optional[int] = None, details: Optional[dict] = None):
+        if isinstance(value, M.MetricValue):
+            v, lo, hi, n = value.value, value.ci_low, value.ci_high, value.n
+        else:
+            v, lo, hi, n = value, None, None, None
+        if v is None:
+            return
+        self.rows.append({"metric": metric, "k": k, "slice": slice_, "model": model, "value": float(v),
+                          "ci_low": None if lo is None else float(lo), "ci_high": None if hi is None else float(hi),
+                          "n": None if n is None else int(n),
+                          "details_json": json.dumps(details or {}, default=str, sort_keys=True)})
+
+    def add_all(self, values: dict, **kw):
+        for name, v in values.items():
+            self.add(name, v, **kw)
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def available_tables(store) -> dict[str, bool]:
+    return {t: store.exists(t) for t in OPTIONAL_TABLES}
+
+
+def train_runs_to_evaluate(store, objectives: list) -> list[dict]:
+    """Latest run per (model, objective), optionally only the configured objectives."""
+    rows = store.read_arrow("train_runs").to_pylist()
+    latest: dict = {}
+    for r in sorted(rows, key=lambda r: r["created_at"]):
+        if objectives and r["objective"] not in objectives:
+            continue
+        latest[(r["model"], r["objective"])] = r
+    return list(latest.values())
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+SCORE_INPUT_COLUMNS = ("user_idx", "item_idx", "features", "history_item_idx", "user_text", "item_text")
+
+
+def score_with_checkpoint(examples: DataFrame, checkpoint_path: str, batch_size: int = 1024) -> DataFrame:
+    """(example_id, prediction, uplift) from a checkpoint, scored inside Spark tasks.
+
+    Each task loads the checkpoint once (safetensors + JSON config) and runs the
+    model on pandas batches, so test sets of any size score in parallel.
+    """
+    cols = ["example_id"] + [c for c in SCORE_INPUT_COLUMNS if c in examples.columns]
+
+    def score(batches):
+        import numpy as np
+        import pandas as pd
+        import torch
+
+        from causalrec.models.featurize import Featurizer
+        from causalrec.train.checkpoint import load_checkpoint
+
+        model, mc, _ = load_checkpoint(checkpoint_path)
+        featurize = Featurizer(mc)
+        for pdf in batches:
+            for start in range(0, len(pdf), batch_size):
+                b = pdf.iloc[start:start + batch_size].reset_index(drop=True)
+                with torch.no_grad():
+                    out = model(featurize(b))
+                up = out.get("uplift")
+                yield pd.DataFrame({
+                    "example_id": b["example_id"].astype(str),
+                    "prediction": out["relevance"].float().cpu().numpy().astype("float64"),
+                    "uplift": (up.float().cpu().numpy().astype("float64") if up is not None
+                               else np.full(len(b), np.nan)),
+                })
+
+    return examples.select(*cols).mapInPandas(score, "example_id string, prediction double, uplift double")
+
+
+def test_predictions_from_scores(test: DataFrame, scores: DataFrame) -> tuple[DataFrame, float]:
+    """Join the latest model version's scores onto test pairs; returns (df, share of test pairs covered)."""
+    latest = scores.agg(F.max("scored_at")).collect()[0][0]
+    version = scores.where(F.col("scored_at") == latest).select("model_version").first()[0]
+    s = scores.where(F.col("model_version") == version).select(
+        "user_id", "item_id", F.col("relevance").alias("prediction"), F.col("uplift").alias("uplift"))
+    j = test.join(s, ["user_id", "item_id"], "inner")
+    n_test = test.count()
+    covered = j.count() / n_test if n_test else 0.0
+    return j, covered
+
+
+def evaluate_predictions(rows: MetricRows, pred: DataFrame, model: str, ks: list, threshold: float, task: str,
+                         clip: float, calib_bins: int, curves: dict, details: dict) -> Optional[DataFrame]:
+    """Rating, AUC and ranking metrics of one model's test predictions on every slice.
+
+    Returns the per-user ranking metrics of the primary slice (MCAR when there is
+    one) for the user-group gap.
+    """
+    pred = pred.persist()
+    per_user_primary = None
+    target = "label" if task == "rating" else "outcome"
+    slices = []
+    if pred.where("is_mcar").limit(1).count():
+        slices.append(("mcar_test", pred.where("is_mcar"), ["none"]))
+    if pred.where("NOT is_mcar").limit(1).count():
+        slices.append(("mnar_test", pred.where("NOT is_mcar"), ["none", "ips", "snips"]))
+    for name, d, weightings in slices:
+        for weighting in weightings:
+            sl = name if weighting == "none" else f"{name}_{weighting}"
+            kw = dict(col_propensity="exposure_propensity" if weighting != "none" else None, weighting=weighting,
+                      clip=clip)
+            det = dict(details, weighting=weighting, target=target)
+            rm = M.rating_metrics(d, col_rating=target, col_prediction="prediction", **kw)
+            rows.add_all(rm, model=model, slice_=sl, details=det)
+            if d.where(F.col("outcome").isNotNull()).limit(1).count():
+                rows.add("auc", M.auc(d, col_label="outcome", col_prediction="prediction", **kw), model=model,
+                         slice_=sl, details=dict(det, target="outcome"))
+            for k in ks:
+                per_user = M.ranking_metrics_by_user(d, d, k=k, col_rating=target, col_prediction="prediction",
+                                                     relevance_threshold=threshold if task == "rating" else 0.5, **kw)
+                rows.add_all(M.mean_with_interval(per_user, list(M.RANKING_METRICS)), model=model, slice_=sl, k=k,
+                             details=dict(det, relevance_threshold=threshold))
+                if weighting == "none" and per_user_primary is None and k == max(ks):
+                    per_user_primary = per_user
+        if task == "click":
+            cal = M.calibration(d, col_label="outcome", col_prediction="prediction", n_bins=calib_bins)
+            rows.add("ece", cal["ece"], model=model, slice_=name, details={"bins": calib_bins})
+            rows.add("brier", cal["brier"], model=model, slice_=name)
+            curves.setdefault("calibration", {})[f"{model} ({name})"] = cal
+    has_uplift = pred.where(F.col("uplift").isNotNull() & ~F.isnan("uplift") & F.col("treated").isNotNull()
+                            & F.col("outcome").isNotNull()).limit(1).count()
+    if has_uplift:
+        q = M.qini_curve(pred.where(~F.isnan("uplift")), col_uplift="uplift", col_treatment="treated",
+                         col_outcome="outcome")
+        rows.add("qini_coefficient", q["qini_coefficient"], model=model, slice_="test", details=details)
+        curves.setdefault("qini", {})[model] = q
+    return per_user_primary
+
+
+def user_groups(users: DataFrame, attribute: str) -> Optional[DataFrame]:
+    """(user_id, group) from users.segment or from an attribute token 'name:value'."""
+    if attribute == "segment":
+        g = users.select("user_id", F.col("segment").alias("group")).where(F.col("group").isNotNull())
+    else:
+        prefix = attribute + ":"
+        g = users.select("user_id", F.explode_outer("attributes").alias("a")).where(F.col("a").startswith(prefix)) \
+            .groupBy("user_id").agg(F.min(F.expr(f"substring(a, {len(prefix) + 1})")).alias("group"))
+    return g if g.limit(1).count() else None
+
+
+def ground_truth_effects(gt: DataFrame) -> DataFrame:
+    eff = F.coalesce(F.col("p_y1") - F.col("p_y0"), F.col("y1") - F.col("y0"))
+    return gt.select("user_id", "item_id", eff.alias("effect")).where(F.col("effect").isNotNull())
+
+
+def evaluate_recommendations(rows: MetricRows, recs: DataFrame, k: int, n_catalog: Optional[int],
+                             groups: Optional[DataFrame], effects: dict, curves: dict) -> dict:
+    """Exposure, fairness and causal metrics of each recommendation policy."""
+    out = {}
+    policies = [r[0] for r in recs.select("policy").distinct().collect()]
+    for policy in sorted(policies):
+        r = recs.where(F.col("policy") == policy).where(F.col("rank") <= k)
+        model = f"policy:{policy}"
+        exp = M.item_exposure(r).persist()
+        g = M.gini(exp, n_total=n_catalog)
+        rows.add("exposure_gini", g, model=model, slice_="recommendations", k=k, details={"n_catalog": n_catalog})
+        if n_catalog:
+            rows.add("catalog_coverage", M.catalog_coverage(r, n_catalog), model=model, slice_="recommendations", k=k)
+        curves.setdefault("lorenz", {})[policy] = dict(M.lorenz_curve(exp, n_total=n_catalog), gini=g)
+        if groups is not None:
+            by = M.exposure_by_group(exp, groups)
+            for grp, v in by.items():
+                rows.add(f"exposure_share:{grp}", v["exposure_share"], model=model, slice_="recommendations", k=k,
+                         details=v)
+        for source, eff in effects.items():
+            cm = M.causal_metrics(r, eff, k=k)
+            rows.add_all(cm, model=model, slice_=f"causal_{source}", k=k, details={"effects": source})
+        out[policy] = {"gini": g}
+        exp.unpersist()
+    return out
+
+
+def relevance_top_k(scores: DataFrame, k: int) -> DataFrame:
+    """Top-K by predicted relevance per user from the latest scored model version: the ranking that
+    fair, uplift and blend policies depart from."""
+    latest = scores.agg(F.max("scored_at")).collect()[0][0]
+    version = scores.where(F.col("scored_at") == latest).select("model_version").first()[0]
+    s = scores.where(F.col("model_version") == version)
+    return M.top_k(s, k, col_prediction="relevance").withColumn("policy", F.lit("relevance"))
+
+
+def propensity_curves(store, avail: dict, clip: float, curves: dict, rows: MetricRows) -> None:
+    """Histograms of exposure propensities and inverse weights on observed pairs; ESS of the weights."""
+    if avail.get("exposure_propensity"):
+        ep = store.read("exposure_propensity")
+        obs = ep.where(F.col("observed") == 1) if "observed" in ep.columns else ep
+        obs = obs.select(F.col("exposure_propensity").alias("p")).withColumn(
+            "w", F.lit(1.0) / F.greatest(F.col("p"), F.lit(clip)))
+        curves["propensity_hist"] = M.histogram(obs, "p", bins=30, lo=0.0, hi=1.0)
+        curves["weight_hist"] = M.histogram(obs, "w", bins=30, log=True)
+        st = obs.agg(F.sum("w").alias("s"), F.sum(F.col("w") * F.col("w")).alias("s2"), F.max("w").alias("mx"),
+                     F.count(F.lit(1)).alias("n")).collect()[0]
+        if st["n"]:
+            ess = float(st["s"]) ** 2 / float(st["s2"])
+            rows.add("weight_ess", ess, model="exposure_propensity", slice_="observed",
+                     details={"n": int(st["n"]), "ess_ratio": ess / st["n"]})
+            rows.add("weight_max", float(st["mx"]), model="exposure_propensity", slice_="observed")
+    if avail.get("treatment_propensity"):
+        tp = store.read("treatment_propensity")
+        curves["treatment_propensity_hist"] = M.histogram(tp, "treatment_propensity", bins=30, lo=0.0, hi=1.0)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(ctx) -> dict:
+    cfg, store = ctx.cfg, ctx.store
+    ks = sorted({int(k) for k in cfg.evaluation.k}) or [10]
+    threshold = cfg.evaluation.relevance_threshold
+    if threshold is None:
+        threshold = cfg.training_set.positive_threshold
+    clip = cfg.evaluation.propensity_clip
+    avail = available_tables(store)
+    missing = {t: "not found" for t, ok in avail.items() if not ok}
+    rows, curves, models = MetricRows(), {}, []
+    per_user_by_model: dict[str, DataFrame] = {}
+
+    with ctx.step("evaluate: test predictions"):
+        test = None
+        if avail["training_examples"]:
+            te = store.read("training_examples")
+            test = te.where((F.col("split") == "test") & (F.col("observed") == 1)).persist()
+            ctx.log_rows("training_examples[test]", test.count(), "in")
+        if test is not None and avail["train_runs"]:
+            for run_row in train_runs_to_evaluate(store, cfg.evaluation.models):
+                name = f"{run_row['model']}:{run_row['objective']}"
+                try:
+                    from causalrec.train.checkpoint import load_checkpoint
+
+                    _, mc, _ = load_checkpoint(run_row["checkpoint_path"])
+                except (FileNotFoundError, OSError) as exc:
+                    missing[f"checkpoint {name}"] = str(exc)
+                    continue
+                scored = score_with_checkpoint(test, run_row["checkpoint_path"], cfg.scoring.batch_size)
+                pred = test.join(scored, "example_id", "inner")
+                models.append({"model": name, "run_id": run_row["run_id"], "objective": run_row["objective"],
+                               "family": OBJECTIVE_FAMILY.get(run_row["objective"], run_row["objective"]),
+                               "task": mc.get("task", cfg.train.task), "source": "checkpoint", "pred": pred})
+        if test is not None and not models and avail["scores"]:
+            pred, covered = test_predictions_from_scores(test, store.read("scores"))
+            if covered >= 0.5:
+                models.append({"model": "scores", "run_id": None, "objective": None, "family": None,
+                               "task": cfg.train.task, "source": f"scores table ({covered:.0%} of test pairs)",
+                               "pred": pred})
+            else:
+                missing["test predictions"] = (f"scores cover {covered:.0%} of test pairs and no checkpoint "
+                                               "could be loaded: run the train stage")
+
+    with ctx.step("evaluate: model metrics"):
+        for m in models:
+            details = {"run_id": m["run_id"], "objective": m["objective"], "family": m["family"],
+                       "source": m["source"]}
+            pu = evaluate_predictions(rows, m["pred"], m["model"], ks, threshold, m["task"], clip,
+                                      cfg.evaluation.calibration_bins, curves, details)
+            if pu is not None:
+                per_user_by_model[m["model"]] = pu
+
+    groups_df = None
+    if avail["users"]:
+        groups_df = user_groups(store.read("users"), cfg.evaluation.user_group_attribute)
+    if groups_df is not None:
+        with ctx.step("evaluate: user-group gaps"):
+            for name, pu in per_user_by_model.items():
+                gap = M.user_group_gap(pu, groups_df.withColumnRenamed("group", "segment"), "ndcg")
+                rows.add("user_group_gap:ndcg", gap["gap"], model=name, slice_="primary_test", k=max(ks),
+                         details={"attribute": cfg.evaluation.user_group_attribute, **gap})
+    elif per_user_by_model:
+        missing["user groups"] = f"users table has no '{cfg.evaluation.user_group_attribute}' groups"
+
+    effects: dict[str, DataFrame] = {}
+    if avail["ground_truth"]:
+        effects["ground_truth"] = ground_truth_effects(store.read("ground_truth"))
+    if avail["training_examples"]:
+        logged = store.read("training_examples").where(
+            F.col("treated").isNotNull() & F.col("outcome").isNotNull() & F.col("treatment_propensity").isNotNull())
+        if logged.limit(1).count():
+            effects["ips_logged"] = M.ips_effect_estimates(logged, clip=cfg.propensity.treatment_eps)
+    if not effects:
+        missing["causal effects"] = "no ground_truth table and no logged treatment/outcome/propensity"
+
+    # causal metrics of each model's own test ranking, when effects are known
+    for m in models:
+        for source, eff in effects.items():
+            score_col = "uplift" if m["pred"].where(F.col("uplift").isNotNull() & ~F.isnan("uplift")).limit(1).count() \
+                else "prediction"
+            for k in ks:
+                cm = M.causal_metrics(m["pred"], eff, k=k, col_rank=None, col_prediction=score_col)
+                rows.add_all(cm, model=m["model"], slice_=f"test_causal_{source}", k=k,
+                             details={"ranked_by": score_col, "effects": source})
+
+    n_catalog = None
+    item_groups = None
+    if avail["item_features"]:
+        itf = store.read("item_features")
+        n_catalog = itf.select("item_id").distinct().count()
+        item_groups = itf.select("item_id", "popularity_group")
+    elif avail["items"]:
+        n_catalog = store.read("items").select("item_id").distinct().count()
+    rec_summary = {}
+    if avail["recommendations"]:
+        with ctx.step("evaluate: recommendations (exposure, fairness, causal)"):
+            recs = store.read("recommendations")
+            if avail["scores"] and not recs.where(F.col("policy") == "relevance").limit(1).count():
+                # the unconstrained ranking ("before" fair re-ranking) from the scores the policy re-ranked
+                recs = recs.unionByName(relevance_top_k(store.read("scores"), int(cfg.ranking.k)),
+                                        allowMissingColumns=True)
+            recs = recs.persist()
+            ctx.log_rows("recommendations", recs.count(), "in")
+            rec_summary = evaluate_recommendations(rows, recs, int(cfg.ranking.k), n_catalog, item_groups, effects,
+                                                   curves)
+            recs.unpersist()
+
+    with ctx.step("evaluate: propensity distributions"):
+        propensity_curves(store, avail, clip, curves, rows)
+
+    if not rows.rows:
+        raise RuntimeError(
+            "evaluate: nothing to evaluate - no test predictions, recommendations or propensities were found "
+            f"(missing: {sorted(missing)}). Run ingest, training_set, train and recommend first.")
+
+    created = datetime.now(timezone.utc)
+    out_rows = [dict(r, created_at=created) for r in rows.rows]
+    df = ctx.spark.createDataFrame(out_rows, schema=METRICS.spark_schema())
+    with ctx.step("evaluate: write metrics"):
+        store.write(df, "metrics", mode="overwrite", spec=METRICS, overwrite_schema=True)
+        ctx.log_rows("metrics", len(out_rows))
+    summary = {
+        "data": cfg.data.source,
+        "created_at": created.isoformat(),
+        "k": ks,
+        "models": [{k: v for k, v in m.items() if k != "pred"} for m in models],
+        "recommendations": rec_summary,
+        "missing": missing,
+        "metrics": rows.rows,
+        "curves": curves,
+    }
+    path = write_json(cfg.reports_dir, "evaluation.json", summary)
+    if test is not None:
+        test.unpersist()
+    return {"metrics_rows": len(out_rows), "models": [m["model"] for m in models], "json": path,
+            "missing": missing}
+
+
+def write_json(folder: str, name: str, obj) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean_json(obj), f, indent=1, default=str, allow_nan=False)
+    os.replace(tmp, path)  # readers never see a half-written file
+    return path
+
+
+def clean_json(obj):
+    """NaN and infinity become null so the JSON is strict (browsers and jq reject NaN)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return clean_json(obj.item())
+        except (TypeError, ValueError):
+            return str(obj)
+    return obj

@@ -1,0 +1,92 @@
+"""Plain-language explanations built from the numbers behind each recommendation.
+
+Three facts, each from a real quantity and stated with it:
+
+* the estimated lift from recommending (``uplift``), with its 95% interval when a
+  standard error (``uplift_se``) or a per-item interval (``uplift_effects``) exists;
+* the history items most responsible: cosine similarity of the item's text embedding
+  to each of the user's recent items, naming the top one or two by title;
+* whether fairness re-ranking boosted it, and for which group.
+
+Nothing is said that the numbers do not support: no interval without one, no
+"because you liked" without a history item above ``min_similarity``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def lift_interval(uplift: Optional[float], se: Optional[float] = None, ci_low: Optional[float] = None,
+                  ci_high: Optional[float] = None) -> Optional[tuple[float, float]]:
+    """95% interval: normal from ``se`` when present, else the given (ci_low, ci_high)."""
+    if uplift is None or not _finite(uplift):
+        return None
+    if _finite(se) and se > 0:
+        return (uplift - Z95 * se, uplift + Z95 * se)
+    if _finite(ci_low) and _finite(ci_high):
+        return (float(ci_low), float(ci_high))
+    return None
+
+
+def most_similar_history(item_vec: Optional[np.ndarray], history_vecs: Optional[np.ndarray],
+                         history_titles: Sequence[str], top: int = 2, min_similarity: float = 0.3):
+    """[(title, cosine similarity)] of the history items closest to the item, best first."""
+    if item_vec is None or history_vecs is None or len(history_titles) == 0:
+        return []
+    sims = history_vecs @ item_vec / (np.linalg.norm(history_vecs, axis=1) * np.linalg.norm(item_vec) + 1e-12)
+    order = np.argsort(-sims)[:top]
+    return [(history_titles[i], float(sims[i])) for i in order if sims[i] >= min_similarity]
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float, np.floating)) and math.isfinite(float(x))
+
+
+def _short(title: str, n: int = 60) -> str:
+    t = " ".join(str(title).split())
+    return t if len(t) <= n else t[: n - 1].rstrip() + "…"
+
+
+def _amount(x: float, probability: bool) -> str:
+    return f"{abs(x) * 100:.1f} percentage points" if probability else f"{abs(x):.2f} rating points"
+
+
+def _signed(x: float, probability: bool) -> str:
+    return f"{x * 100:+.1f}" if probability else f"{x:+.2f}"
+
+
+def explain(*, policy: str, rank: int, relevance: Optional[float], uplift: Optional[float],
+            interval: Optional[tuple[float, float]], similar: Sequence[tuple[str, float]],
+            boosted: bool, group: Optional[str] = None, attribute: str = "popularity_group",
+            probability: bool = True) -> str:
+    """One recommendation's explanation; every clause carries the number it rests on."""
+    parts = []
+    if _finite(uplift):
+        verb = "raise" if uplift > 0 else ("lower" if uplift < 0 else "not change")
+        what = "the chance you respond" if probability else "your rating"
+        s = f"Recommending this is estimated to {verb} {what}"
+        if uplift != 0:
+            s += f" by {_amount(uplift, probability)}"
+        if interval is not None:
+            lo, hi = interval
+            s += f" (95% interval {_signed(lo, probability)} to {_signed(hi, probability)}"
+            s += (", so the lift may be zero)" if lo <= 0 <= hi else ")")
+        parts.append(s + ".")
+    else:
+        parts.append("No estimate of the effect of recommending this is available.")
+    if similar:
+        names = " and ".join(f"'{_short(t)}' (similarity {s:.2f})" for t, s in similar)
+        parts.append(f"It is most similar to {names} from your recent history.")
+    if _finite(relevance):
+        rel = f"{relevance * 100:.1f}%" if probability else f"{relevance:.2f}"
+        parts.append(f"Predicted {'response probability' if probability else 'rating'} {rel}; "
+                     f"rank {rank} under the {policy} policy.")
+    if boosted:
+        g = f" ({attribute} = {group})" if group is not None else ""
+        parts.append(f"It was moved into your top list by exposure-fairness re-ranking{g}.")
+    return " ".join(parts)

@@ -1,0 +1,1 @@
+"""Validated, idempotent ingest of events into Delta (see :mod:`causalrec.ingest.job`)."""

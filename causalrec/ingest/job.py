@@ -1,0 +1,206 @@
+"""The ``ingest`` stage: load the configured data set into validated Delta tables.
+
+Extract: ``data.source`` picks the input - ``coat`` / ``obd`` / ``amazon`` (real data
+loaders, :mod:`causalrec.loaders`), ``simulator`` (:mod:`causalrec.simulator`) or
+``files`` (parquet / CSV / JSON lines / Delta at ``data.path``, :mod:`causalrec.ingest.sources`).
+Transform: every event row goes through :mod:`causalrec.ingest.validate`.
+Load: through ``ctx.store`` only, one atomic Delta commit per table write:
+
+* ``events`` (and ``mcar_events``): append the accepted rows. Rows already in the
+  table with the same content are skipped and counted (``rows_already_present``), so a
+  rerun adds nothing; the write also carries an idempotency key derived from the batch
+  content, so a retried commit is never applied twice.
+* ``events_quarantine``: append the rejected rows (same idempotency scheme).
+* ``users``, ``items``, ``ground_truth``: dimension/truth tables, overwritten (idempotent).
+* ``ingest_log``: one row per events table per run: rows read / accepted / quarantined
+  / already present, and a JSON object of counts per reason code.
+
+The batch id (``ingest_batch``) is derived from the batch's content (a hash of every
+row's fingerprint), so re-ingesting the same rows reuses the same id.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+
+from causalrec.ingest.validate import (
+    FINGERPRINT,
+    Summary,
+    accepted_rows,
+    check_input_schema,
+    flag_rows,
+    quarantined_rows,
+    rules_from_config,
+    summarize,
+)
+from causalrec.schemas import EVENTS, EVENTS_QUARANTINE, GROUND_TRUTH, INGEST_LOG, ITEMS, MCAR_EVENTS, USERS
+
+log = logging.getLogger(__name__)
+
+EVENT_SPECS = {"events": EVENTS, "mcar_events": MCAR_EVENTS}
+
+
+def batch_id_for(prefix: str, fingerprint: str) -> str:
+    return f"{prefix}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+
+
+def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_prefix: str = "batch",
+                  users=None, items=None, rules=None) -> dict:
+    """Validate ``raw`` and write it to ``table`` / ``events_quarantine`` / ``ingest_log``.
+
+    Fails before writing anything when the input schema is unusable.
+    """
+    from pyspark import StorageLevel
+    from causalrec.ingest.sources import number_rows
+    from causalrec.ingest.validate import row_hash, typed_columns
+
+    if table not in EVENT_SPECS:
+        raise ValueError(f"ingest_events writes events or mcar_events, not {table!r}")
+    spec = EVENT_SPECS[table]
+    store = ctx.store
+    rules = rules or rules_from_config(ctx.cfg.data)
+    started = dt.datetime.now(dt.timezone.utc)
+    check_input_schema(raw, source or table)
+    if rules.require_known_users and users is None:
+        users = _require_table(store, "users", "data.require_known_users")
+    if rules.require_known_items and items is None:
+        items = _require_table(store, "items", "data.require_known_items")
+
+    numbered = number_rows(raw)
+    existing = store.read(table) if store.exists(table) else None
+    flagged = flag_rows(numbered, rules, users=users, items=items, existing=existing)
+    flagged = flagged.withColumn(FINGERPRINT, row_hash(typed_columns(flagged)))
+    flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        with ctx.step(f"validate {table}"):
+            s = summarize(flagged)
+        batch = batch_id_for(batch_prefix, f"{table}|{source}|{s.fingerprint}")
+        fl = flagged.drop(FINGERPRINT)
+        if s.rows_accepted:
+            with ctx.step(f"write {table}"):
+                store.write(accepted_rows(fl, batch), table, "append", spec=spec,
+                            idempotency_key=f"{batch}:{table}", metadata={"ingest_batch": batch})
+        if s.rows_quarantined:
+            with ctx.step("write events_quarantine"):
+                store.write(quarantined_rows(fl, batch, source or table), "events_quarantine", "append",
+                            spec=EVENTS_QUARANTINE, idempotency_key=f"{batch}:{table}:quarantine")
+        if not store.exists("events_quarantine"):  # downstream readers may rely on the table existing
+            store.write(ctx.spark.createDataFrame([], EVENTS_QUARANTINE.spark_schema()), "events_quarantine",
+                        "append", spec=EVENTS_QUARANTINE)
+    finally:
+        flagged.unpersist()
+    finished = dt.datetime.now(dt.timezone.utc)
+    _write_log(ctx, batch, table, source, s, started, finished)
+    ctx.log_rows(f"{table} (read)", s.rows_read, "in")
+    ctx.log_rows(table, s.rows_accepted)
+    ctx.log_rows("events_quarantine", s.rows_quarantined)
+    return {
+        "ingest_batch": batch,
+        "table": table,
+        "source": source,
+        "rows_read": s.rows_read,
+        "rows_accepted": s.rows_accepted,
+        "rows_quarantined": s.rows_quarantined,
+        "rows_already_present": s.rows_already_present,
+        "reasons": s.reasons,
+    }
+
+
+def _require_table(store, name: str, key: str):
+    if not store.exists(name):
+        raise FileNotFoundError(f"{key} is true but the {name} table {store.path(name)} does not exist; "
+                                f"ingest {name} first or set {key}=false")
+    return store.read(name)
+
+
+def _write_log(ctx, batch: str, table: str, source: str, s: Summary, started, finished) -> None:
+    row = {
+        "ingest_batch": batch,
+        "table_name": table,
+        "source": source,
+        "rows_read": s.rows_read,
+        "rows_accepted": s.rows_accepted,
+        "rows_quarantined": s.rows_quarantined,
+        "rows_already_present": s.rows_already_present,
+        "reasons": json.dumps(s.reasons, sort_keys=True),
+        "started_at": started,
+        "finished_at": finished,
+    }
+    df = ctx.spark.createDataFrame([row], schema=INGEST_LOG.spark_schema())
+    ctx.store.write(df, "ingest_log", "append", spec=INGEST_LOG)
+
+
+def write_dimension(ctx, df, name: str) -> int:
+    """Overwrite a dimension/truth table (idempotent) and return its row count."""
+    spec = {"users": USERS, "items": ITEMS, "ground_truth": GROUND_TRUTH}[name]
+    ctx.store.write(df, name, "overwrite", spec=spec)
+    n = ctx.store.row_count(name)
+    ctx.log_rows(name, n)
+    return n
+
+
+def write_loaded(ctx, data, *, source: str) -> dict:
+    """Write a :class:`causalrec.loaders.LoadedData` (or simulator output) and check promised counts."""
+    out: dict = {"source": source, "tables": {}}
+    with ctx.step("write users/items"):
+        out["tables"]["users"] = {"rows": write_dimension(ctx, data.users, "users")}
+        out["tables"]["items"] = {"rows": write_dimension(ctx, data.items, "items")}
+    if data.ground_truth is not None:
+        with ctx.step("write ground_truth"):
+            out["tables"]["ground_truth"] = {"rows": write_dimension(ctx, data.ground_truth, "ground_truth")}
+    for table in ("events", "mcar_events"):
+        raw = getattr(data, table)
+        if raw is None:
+            continue
+        out["tables"][table] = ingest_events(
+            ctx, raw, table=table, source=data.sources.get(table, source), batch_prefix=f"{source}-{table}")
+    for table, n in data.expected.items():
+        t = out["tables"].get(table, {})
+        got = t.get("rows", t.get("rows_read"))
+        if got is not None and got != n:
+            raise ValueError(f"{source}: table {table} has {got} rows from {data.sources.get(table, source)}, "
+                             f"expected {n}")
+    return out
+
+
+def run(ctx) -> dict:
+    """Ingest ``cfg.data.source`` and return (and print) the summary."""
+    cfg = ctx.cfg
+    src = cfg.data.source
+    if src in ("coat", "obd", "amazon"):
+        from causalrec.loaders import load
+
+        with ctx.step(f"load {src}"):
+            data = load(src, ctx.spark, cfg.data.path, cfg)
+        summary = write_loaded(ctx, data, source=src)
+    elif src == "simulator":
+        from causalrec.simulator import simulated_data
+
+        with ctx.step("simulate"):
+            data = simulated_data(ctx.spark, cfg.simulator, cfg.project.seed)
+        summary = write_loaded(ctx, data, source="simulator")
+    elif src == "files":
+        from causalrec.ingest.sources import read_events
+
+        raw = read_events(ctx.spark, cfg.data.path, cfg.data.format, store=ctx.store)
+        summary = {"source": "files", "tables": {"events": ingest_events(
+            ctx, raw, table="events", source=cfg.data.path, batch_prefix="files")}}
+    else:  # config validation already restricts this; keep the message for direct callers
+        raise ValueError(f"data.source {src!r}: expected one of coat, obd, amazon, simulator, files")
+    summary["timings_s"] = dict(ctx.timings)
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"ingest ({summary['source']}):")
+    for table, t in summary["tables"].items():
+        if "rows_read" in t:
+            reasons = ", ".join(f"{k}={v}" for k, v in t["reasons"].items()) or "-"
+            print(f"  {table:<18} read {t['rows_read']:>10}  accepted {t['rows_accepted']:>10}  "
+                  f"quarantined {t['rows_quarantined']:>8}  already present {t['rows_already_present']:>10}"
+                  f"  reasons: {reasons}")
+        else:
+            print(f"  {table:<18} rows {t['rows']:>10}")

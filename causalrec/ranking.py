@@ -1,0 +1,346 @@
+"""Ranking policies: scores -> top-K ``recommendations`` per user, with explanations.
+
+Policies (``ranking.policy``):
+
+* ``relevance``: predicted outcome; what correlational recommenders do.
+* ``uplift``: the estimated causal effect of recommending (Radcliffe & Surry 2011;
+  Sato et al., RecSys 2019 "Uplift-based evaluation and optimization of
+  recommenders"): recommend what changes behaviour, not what would happen anyway.
+* ``blend``: ``(1 - w) * norm(relevance) + w * norm(uplift)``, each min-max
+  normalised within the user's candidates, ``w = ranking.blend_weight``.
+* ``fair``: greedy re-ranking of ``ranking.fair_base_policy``'s score that pulls each
+  group of ``ranking.fairness_attribute`` (default ``popularity_group``: head / mid /
+  tail) towards a target share of the K slots (``catalogue``: the group's share of
+  items, i.e. equal exposure per item in expectation; ``equal``: 1/G per group).
+  At each slot the candidate maximising
+  ``(1 - s) * norm(base) + s * (target_g - share_g so far)`` is taken, ``s =
+  ranking.fairness_strength``: 0 is the unconstrained ranking, 1 fills slots by
+  group deficit alone (cf. the FA*IR / exposure-fair re-rankers of Zehlike et al.
+  2017 and Singh & Joachims 2018, simplified to a per-user greedy pass).
+
+Each user's candidate list is bounded, so ranking runs per user in pandas inside
+``applyInPandas`` on the executors, never on the driver. The job also writes
+``ranking_summary``: the relevance the policy costs against the unconstrained
+top-K of its base score, and the exposure Gini across catalogue items before/after.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from causalrec.explain import explain, lift_interval, most_similar_history
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("relevance", "uplift", "blend", "fair")
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def minmax(x) -> np.ndarray:
+    """Scale to [0, 1] within the list; constant or missing values map to 0.5 / 0."""
+    a = np.asarray(x, dtype="float64")
+    ok = np.isfinite(a)
+    out = np.zeros_like(a)
+    if not ok.any():
+        return out
+    lo, hi = a[ok].min(), a[ok].max()
+    out[ok] = 0.5 if hi == lo else (a[ok] - lo) / (hi - lo)
+    return out
+
+
+def policy_score(relevance, uplift, policy: str, blend_weight: float = 0.5) -> np.ndarray:
+    """The ranking score of one user's candidates under ``policy`` (fair -> its base)."""
+    rel = np.asarray(relevance, dtype="float64")
+    upl = np.asarray(uplift, dtype="float64")
+    if policy == "relevance":
+        return rel
+    if policy == "uplift":
+        if not np.isfinite(upl).any():
+            raise ValueError("ranking.policy='uplift' but scores.uplift is null for every candidate "
+                             "(train with an uplift head or run the uplift stage)")
+        return np.where(np.isfinite(upl), upl, -np.inf)
+    if policy == "blend":
+        return (1 - blend_weight) * minmax(rel) + blend_weight * minmax(upl)
+    raise ValueError(f"ranking policy {policy!r}; expected one of {POLICIES}")
+
+
+def top_k(score: np.ndarray, k: int, tie: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Indices of the k highest scores (ties by item id for determinism)."""
+    tie = np.asarray(tie if tie is not None else np.arange(len(score)).astype(str))
+    order = np.lexsort((tie, -np.nan_to_num(score, nan=-np.inf)))
+    return order[:k]
+
+
+def fair_rerank(base: np.ndarray, groups: Sequence, k: int, strength: float, targets: dict,
+                tie: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Greedy exposure-fair top-k: indices in slot order (see module docstring)."""
+    n = len(base)
+    k = min(k, n)
+    b = minmax(base)
+    g = np.asarray(groups, dtype=object)
+    tie = np.asarray(tie if tie is not None else np.arange(n).astype(str))
+    counts: dict = {}
+    chosen: list = []
+    free = np.ones(n, dtype=bool)
+    tgt = np.array([targets.get(x, 0.0) for x in g], dtype="float64")
+    for slot in range(k):
+        share = np.array([counts.get(x, 0) for x in g], dtype="float64") / max(slot, 1)
+        adj = (1 - strength) * b + strength * (tgt - share)
+        adj = np.where(free, adj, -np.inf)
+        best = adj.max()
+        cand = np.flatnonzero(adj >= best - 1e-12)
+        pick = cand[np.argsort(tie[cand])][0] if len(cand) > 1 else cand[0]
+        chosen.append(pick)
+        free[pick] = False
+        counts[g[pick]] = counts.get(g[pick], 0) + 1
+    return np.asarray(chosen, dtype=int)
+
+
+def group_targets(group_sizes: dict, mode: str = "catalogue") -> dict:
+    """Target share of slots per group: its share of catalogue items, or equal."""
+    groups = [gname for gname, n in group_sizes.items() if n > 0]
+    if not groups:
+        return {}
+    if mode == "equal":
+        return {gname: 1.0 / len(groups) for gname in groups}
+    total = float(sum(group_sizes[gname] for gname in groups))
+    return {gname: group_sizes[gname] / total for gname in groups}
+
+
+def gini(values) -> float:
+    """Gini coefficient of non-negative exposures (0 = equal, -> 1 = concentrated)."""
+    x = np.sort(np.asarray(values, dtype="float64"))
+    n = len(x)
+    if n == 0 or x.sum() == 0:
+        return 0.0
+    cum = np.cumsum(x)
+    return float((n + 1 - 2 * (cum / cum[-1]).sum()) / n)
+
+
+def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fair_base: str,
+              strength: float, targets: dict, attribute: str, emb: Optional[dict] = None,
+              titles: Optional[dict] = None, probability: bool = True) -> pd.DataFrame:
+    """One user's candidates -> the policy's top-k (kind='policy') and the unconstrained
+    top-k of its base score (kind='base', for the relevance cost and exposure before)."""
+    pdf = pdf.reset_index(drop=True)
+    ids = pdf["item_id"].astype(str).to_numpy()
+    rel = pd.to_numeric(pdf["relevance"], errors="coerce").to_numpy("float64")
+    upl = pd.to_numeric(pdf["uplift"], errors="coerce").to_numpy("float64")
+    base_policy = fair_base if policy == "fair" else policy
+    base = policy_score(rel, upl, base_policy, blend_weight)
+    unconstrained = top_k(base, k, ids)
+    grp = pdf["group"].astype(object).where(pdf["group"].notna(), "unknown").to_numpy() \
+        if "group" in pdf.columns else np.full(len(pdf), "unknown", dtype=object)
+    if policy == "fair":
+        picked = fair_rerank(base, grp, k, strength, targets, ids)
+    else:
+        picked = unconstrained
+    boosted = ~np.isin(picked, unconstrained)
+    # baseline for the summary: relevance top-k for non-fair policies, base top-k for fair
+    baseline = unconstrained if policy == "fair" else top_k(rel, k, ids)
+    hist = pdf["history"].iloc[0] if "history" in pdf.columns else None
+    hist = list(hist) if hist is not None else []
+    hist_vecs = None
+    hist_titles: list = []
+    if emb and hist:
+        known = [h for h in hist if h in emb]
+        if known:
+            hist_vecs = np.stack([emb[h] for h in known])
+            hist_titles = [(titles or {}).get(h) or h for h in known]
+    score_out = policy_score(rel, upl, base_policy, blend_weight)
+    rows = []
+    for r, i in enumerate(picked, start=1):
+        row = pdf.iloc[i]
+        se = row.get("uplift_se")
+        interval = lift_interval(_f(upl[i]), _f(se), _f(row.get("ci_low")), _f(row.get("ci_high")))
+        sim = most_similar_history(emb.get(ids[i]) if emb else None, hist_vecs, hist_titles)
+        rows.append({
+            "user_id": row["user_id"], "item_id": ids[i], "rank": r,
+            "score": float(score_out[i]) if np.isfinite(score_out[i]) else float("nan"),
+            "relevance": _f(rel[i]), "uplift": _f(upl[i]),
+            "policy": policy, "fairness_boosted": bool(boosted[r - 1]),
+            "explanation": explain(policy=policy, rank=r, relevance=_f(rel[i]), uplift=_f(upl[i]),
+                                   interval=interval, similar=sim, boosted=bool(boosted[r - 1]),
+                                   group=grp[i], attribute=attribute, probability=probability),
+            "model_version": row["model_version"], "group": str(grp[i]), "kind": "policy",
+        })
+    for r, i in enumerate(baseline, start=1):
+        rows.append({"user_id": pdf["user_id"].iloc[0], "item_id": ids[i], "rank": r, "score": float("nan"),
+                     "relevance": _f(rel[i]), "uplift": _f(upl[i]), "policy": policy, "fairness_boosted": False,
+                     "explanation": "", "model_version": pdf["model_version"].iloc[i], "group": str(grp[i]),
+                     "kind": "base"})
+    return pd.DataFrame(rows, columns=OUT_COLUMNS)
+
+
+def _f(x) -> Optional[float]:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+OUT_COLUMNS = ["user_id", "item_id", "rank", "score", "relevance", "uplift", "policy", "fairness_boosted",
+               "explanation", "model_version", "group", "kind"]
+OUT_SCHEMA = ("user_id string, item_id string, rank int, score double, relevance double, uplift double, "
+              "policy string, fairness_boosted boolean, explanation string, model_version string, "
+              "group string, kind string")
+
+
+# --------------------------------------------------------------------------- Spark job
+
+
+def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, policy: Optional[str] = None):
+    """Spark: join the per-user inputs and run :func:`rank_user` per user via applyInPandas.
+
+    ``groups``: (item_id, group); ``uplift_effects``: (item_id, effect, se, ci_low, ci_high);
+    ``history``: (user_id, history array<string>, most recent first).
+    Returns (result DataFrame with kind policy/base, targets, group_sizes).
+    """
+    from pyspark.sql import functions as F
+
+    cfg = ctx.cfg.ranking
+    policy = policy or cfg.policy
+    if policy not in POLICIES:
+        raise ValueError(f"ranking.policy {policy!r}; expected one of {POLICIES}")
+    df = scores.select("user_id", "item_id", "relevance", "uplift", "uplift_se", "model_version")
+    group_sizes: dict = {}
+    if groups is not None:
+        groups = groups.select("item_id", F.col("group").cast("string"))
+        group_sizes = {r["group"] if r["group"] is not None else "unknown": int(r["count"])
+                       for r in groups.groupBy("group").count().collect()}  # a handful of groups
+        df = df.join(F.broadcast(groups), "item_id", "left")
+    elif policy == "fair":
+        raise ValueError(f"ranking.policy='fair' needs the item attribute {cfg.fairness_attribute!r} "
+                         "(item_features.popularity_group, or a column of items/item_features)")
+    if uplift_effects is not None:
+        df = df.join(F.broadcast(uplift_effects.select("item_id", "ci_low", "ci_high")), "item_id", "left")
+    if history is not None:
+        df = df.join(history, "user_id", "left")
+    targets = group_targets(group_sizes, cfg.fairness_target)
+    emb, titles = _item_side(ctx)
+    rel_max = scores.agg(F.max("relevance")).first()[0]
+    probability = rel_max is not None and rel_max <= 1.0
+    kw = dict(policy=policy, k=cfg.k, blend_weight=cfg.blend_weight, fair_base=cfg.fair_base_policy,
+              strength=cfg.fairness_strength, targets=targets, attribute=cfg.fairness_attribute,
+              emb=emb, titles=titles, probability=probability)
+
+    def fn(pdf: pd.DataFrame) -> pd.DataFrame:
+        return rank_user(pdf, **kw)
+
+    return df.groupBy("user_id").applyInPandas(fn, OUT_SCHEMA), targets, group_sizes
+
+
+def _item_side(ctx):
+    """Item embeddings and titles for explanations: a dimension table, shipped with the function."""
+    store = ctx.store
+    emb = titles = None
+    if store.exists("item_embeddings"):
+        from causalrec.item_embeddings import load_embedding_matrix
+
+        ids, mat = load_embedding_matrix(store)
+        emb = {i: mat[j] for j, i in enumerate(ids)}
+    if store.exists("items"):
+        t = store.read_arrow("items", columns=["item_id", "text"])
+        titles = {i: x for i, x in zip(t.column("item_id").to_pylist(), t.column("text").to_pylist()) if x}
+    return emb, titles
+
+
+def summarise(result, catalogue_items: Optional[int], policy: str, cfg) -> dict:
+    """Relevance cost and exposure Gini before (kind=base) / after (kind=policy).
+
+    One Spark aggregation to (kind, item, group) rows - catalogue-sized, not event-sized -
+    then the Gini and shares on the driver."""
+    from pyspark.sql import functions as F
+
+    agg = (result.groupBy("kind", "item_id", "group")
+           .agg(F.count(F.lit(1)).alias("n"), F.sum("relevance").alias("rel"),
+                F.sum(F.col("fairness_boosted").cast("long")).alias("boosted"))
+           .toPandas())
+    n_users = result.filter(F.col("kind") == "policy").select("user_id").distinct().count()
+    out: dict = {}
+    for kind in ("base", "policy"):
+        part = agg[agg["kind"] == kind]
+        per_item = part.groupby("item_id")["n"].sum().tolist()
+        zeros = max(0, (catalogue_items or len(per_item)) - len(per_item))
+        slots = max(int(part["n"].sum()), 1)
+        grp = (part.groupby("group")["n"].sum() / slots).to_dict()
+        out[kind] = {"relevance": float(part["rel"].fillna(0).sum()), "gini": gini(per_item + [0] * zeros),
+                     "groups": {str(k): float(v) for k, v in grp.items()},
+                     "boosted": int(part["boosted"].fillna(0).sum())}
+    rb, rp = out["base"]["relevance"], out["policy"]["relevance"]
+    return {
+        "policy": policy, "k": cfg.ranking.k, "fairness_attribute": cfg.ranking.fairness_attribute,
+        "fairness_strength": cfg.ranking.fairness_strength, "n_users": int(n_users),
+        "relevance_unconstrained": rb, "relevance_policy": rp,
+        "relevance_cost": (1.0 - rp / rb) if rb else None,
+        "gini_before": out["base"]["gini"], "gini_after": out["policy"]["gini"],
+        "group_exposure_before": json.dumps(out["base"]["groups"], sort_keys=True),
+        "group_exposure_after": json.dumps(out["policy"]["groups"], sort_keys=True),
+        "n_boosted": out["policy"]["boosted"],
+    }
+
+
+def load_groups(store, attribute: str):
+    """(item_id, group) from item_features, else items; None when neither has the attribute."""
+    from pyspark.sql import functions as F
+
+    for name in ("item_features", "items"):
+        if store.exists(name):
+            df = store.read(name)
+            if attribute in df.columns:
+                return df.select("item_id", F.col(attribute).cast("string").alias("group")).dropDuplicates(["item_id"])
+    return None
+
+
+def load_history(ctx):
+    """Each user's recent positive items (most recent first), for explanations."""
+    from pyspark.sql import functions as F
+
+    from causalrec.candidates import positive_events, recent_history
+
+    store = ctx.store
+    if not store.exists("events"):
+        return None
+    pos = positive_events(store.read("events"), ctx.cfg.training_set.positive_threshold)
+    h = recent_history(pos, ctx.cfg.features.history_length)
+    return h.groupBy("user_id").agg(
+        F.transform(F.sort_array(F.collect_list(F.struct("recency", "item_id"))), lambda s: s["item_id"]).alias("history"))
+
+
+def run(ctx) -> dict:
+    from pyspark.sql import functions as F
+
+    from causalrec.schemas import RANKING_SUMMARY, RECOMMENDATIONS
+
+    cfg = ctx.cfg
+    store = ctx.store
+    with ctx.step("recommend: extract"):
+        scores = store.read("scores")
+        groups = load_groups(store, cfg.ranking.fairness_attribute)
+        ue = store.read("uplift_effects") if store.exists("uplift_effects") else None
+        history = load_history(ctx)
+        n_items = store.row_count("items") if store.exists("items") else None
+    with ctx.step(f"recommend: rank ({cfg.ranking.policy})"):
+        result, targets, sizes = rank_all(ctx, scores, groups, ue, history)
+        result = result.localCheckpoint(eager=True)  # summary and write read the same ranking
+    with ctx.step("recommend: load"):
+        recs = result.filter(F.col("kind") == "policy")
+        version = store.write(recs, "recommendations", mode="overwrite", spec=RECOMMENDATIONS, overwrite_schema=True)
+        summary = summarise(result, n_items, cfg.ranking.policy, cfg)
+        mv = scores.select("model_version").first()
+        row = dict(summary, model_version=mv[0] if mv else None,
+                   created_at=pd.Timestamp.now(tz="UTC").floor("us").to_pydatetime())
+        sdf = ctx.spark.createDataFrame([row], RANKING_SUMMARY.spark_schema())
+        store.write(sdf, "ranking_summary", mode="append", spec=RANKING_SUMMARY)
+    n = store.row_count("recommendations")
+    ctx.log_rows("scores", store.row_count("scores"), "in")
+    ctx.log_rows("recommendations", n)
+    return {"rows_out": {"recommendations": n, "ranking_summary": 1}, "version": version,
+            "targets": targets, "group_sizes": sizes, **summary}

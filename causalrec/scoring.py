@@ -1,0 +1,296 @@
+"""Bulk scoring on Ray Data: candidates -> ``scores`` with relevance, uplift and model version.
+
+Two steps, each on the engine that suits it:
+
+1. **Spark builds ``scoring_input``**: candidates joined with the id index
+   (user_idx/item_idx; -1 for cold ids), the user's history and text and the item's
+   text as the training set saw them, and a per-item uplift prior from
+   ``uplift_effects``. These are shuffle joins of a users x candidates table with
+   dimension tables, which Spark plans well (broadcast for items); materialising
+   the result in Delta makes the model step restartable without redoing joins, and
+   gives Ray a plain columnar read with no joins on the actor path.
+2. **Ray Data scores it**: ``read_delta`` -> ``map_batches`` over a pool of model
+   actors (``concurrency=scoring.num_actors``; ``num_gpus=1`` each when
+   ``scoring.use_gpu``, else ``num_cpus=scoring.cpus_per_actor``), batches of
+   ``scoring.batch_size`` rows -> ``write_delta(mode=overwrite)``.
+
+Atomicity: Ray's Delta sink writes parquet files from the workers and commits one
+Delta version on the driver only after every block succeeded, so a job killed or
+failing midway leaves ``scores`` at its previous version (orphan files are removed
+by ``vacuum``); overwrite mode means a rerun replaces rather than duplicates.
+
+Two-tower models: item vectors are computed once per item and cached in the actor
+(``encode_items``), user vectors once per user per batch (candidates arrive grouped
+by user), so the text encoder runs O(users + items) times, not O(pairs).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from causalrec.schemas import SCORES, SCORING_INPUT
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- step 1: Spark
+
+
+def build_scoring_input(spark, candidates, id_index=None, training_examples=None, users=None, items=None,
+                        uplift_effects=None):
+    """Candidates + everything the Featurizer needs, one row per (user, item) candidate.
+
+    Text and history come from ``training_examples`` (each user's latest row; each item's
+    text) so scoring sees the same inputs the model trained on; users/items tables fill
+    in ids the training set never saw. Pair ``features`` are left null here (the model
+    then sees the zero vector it uses for missing features) unless the training-set module
+    provides ``pair_feature_vectors`` to recompute them for arbitrary pairs.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    df = candidates.select("user_id", "item_id")
+    if id_index is not None:
+        uidx = id_index.filter(F.col("kind") == "user").select(F.col("id").alias("user_id"),
+                                                               F.col("idx").alias("user_idx"))
+        iidx = id_index.filter(F.col("kind") == "item").select(F.col("id").alias("item_id"),
+                                                               F.col("idx").alias("item_idx"))
+        df = df.join(uidx, "user_id", "left").join(F.broadcast(iidx), "item_id", "left")
+    else:
+        df = df.withColumn("user_idx", F.lit(None).cast("int")).withColumn("item_idx", F.lit(None).cast("int"))
+    df = df.fillna({"user_idx": -1, "item_idx": -1})
+
+    user_part = item_part = None
+    if training_examples is not None:
+        w = Window.partitionBy("user_id").orderBy(F.col("event_time").desc_nulls_last(), F.col("example_id").desc())
+        user_part = (training_examples.select("user_id", "example_id", "event_time", "history_item_idx", "user_text")
+                     .withColumn("_r", F.row_number().over(w)).filter(F.col("_r") == 1)
+                     .select("user_id", "history_item_idx", "user_text"))
+        item_part = (training_examples.filter(F.col("item_text").isNotNull())
+                     .groupBy("item_id").agg(F.first("item_text", ignorenulls=True).alias("item_text")))
+    if users is not None and "text" in users.columns:
+        ut = users.select("user_id", F.col("text").alias("user_text_dim"))
+        user_part = (ut.withColumn("history_item_idx", F.lit(None).cast("array<int>"))
+                     .withColumnRenamed("user_text_dim", "user_text") if user_part is None else
+                     user_part.join(ut, "user_id", "full")
+                     .select("user_id", "history_item_idx",
+                             F.coalesce("user_text", "user_text_dim").alias("user_text")))
+    if items is not None and "text" in items.columns:
+        it = items.select("item_id", F.col("text").alias("item_text_dim"))
+        item_part = (it.withColumnRenamed("item_text_dim", "item_text") if item_part is None else
+                     item_part.join(it, "item_id", "full")
+                     .select("item_id", F.coalesce("item_text", "item_text_dim").alias("item_text")))
+    if user_part is not None:
+        df = df.join(user_part, "user_id", "left")
+    if item_part is not None:
+        df = df.join(F.broadcast(item_part), "item_id", "left")
+    if uplift_effects is not None:
+        ue = uplift_effects.select("item_id", F.col("effect").alias("prior_uplift"),
+                                   F.col("se").alias("prior_uplift_se"))
+        df = df.join(F.broadcast(ue), "item_id", "left")
+    # candidates of one user stay together so per-batch user encoding is reused
+    return df.repartition("user_id").sortWithinPartitions("user_id", "item_id")
+
+
+# --------------------------------------------------------------------------- step 2: Ray actors
+
+
+class CheckpointLoader:
+    """Picklable loader: the actor calls it once to get (model, featurizer, model_config)."""
+
+    def __init__(self, checkpoint_path: str):
+        self.checkpoint_path = checkpoint_path
+
+    def __call__(self):
+        from causalrec.models.featurize import Featurizer
+        from causalrec.train.checkpoint import load_checkpoint
+
+        model, mc, _meta = load_checkpoint(self.checkpoint_path)
+        return model, Featurizer(mc), mc
+
+
+class ScoreBatch:
+    """The actor body: one model per actor, scores a pandas batch into SCORES rows (Arrow).
+
+    Output rows follow the input order; ``uplift`` comes from the model's uplift heads
+    when it has them, else from the per-item prior in ``scoring_input`` (else null).
+    """
+
+    def __init__(self, loader: Callable, model_version: str, scored_at, use_gpu: bool = False,
+                 amp_dtype: Optional[str] = None):
+        import torch
+
+        self.torch = torch
+        self.model, self.featurize, self.mc = loader()
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model.to(self.device).eval()
+        self.amp = getattr(torch, amp_dtype) if amp_dtype else None
+        self.model_version = model_version
+        self.scored_at = pd.Timestamp(scored_at)
+        self.kind = (self.mc or {}).get("model")
+        self.item_cache: dict = {}  # item_id -> two-tower item vector
+        self.schema = SCORES.arrow_schema()
+        self.stats = {"pairs": 0, "items_encoded": 0, "users_encoded": 0, "model_s": 0.0}
+
+    def _to(self, inputs: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+
+    def _two_tower(self, batch: pd.DataFrame) -> dict:
+        torch = self.torch
+        model = self.model
+        item_ids = batch["item_id"].to_numpy()
+        new = [i for i in pd.unique(item_ids) if i not in self.item_cache]
+        if new:
+            first = batch.drop_duplicates("item_id").set_index("item_id").loc[new].reset_index()
+            first = first.assign(user_text="")  # item tower only: skip user tokenisation cost
+            vecs = model.encode_items(self._to(self.featurize(first)))
+            for k, v in zip(new, vecs):
+                self.item_cache[k] = v
+            self.stats["items_encoded"] += len(new)
+        iv = torch.stack([self.item_cache[i] for i in item_ids])
+        n_features = int((self.mc or {}).get("n_features", 0))
+        if n_features:  # pair features enter the user tower: one user vector per row
+            inputs = self._to(self.featurize(batch.assign(item_text="")))
+            uv = model.encode_users(inputs)
+            self.stats["users_encoded"] += len(batch)
+        else:
+            codes, uniq = pd.factorize(batch["user_id"])
+            firsts = batch.iloc[pd.Series(range(len(batch))).groupby(codes).first().to_numpy()]
+            uvecs = model.encode_users(self._to(self.featurize(firsts.assign(item_text=""))))
+            uv = uvecs[torch.as_tensor(codes, device=uvecs.device)]
+            self.stats["users_encoded"] += len(uniq)
+            inputs = self._to(self.featurize(batch[["user_idx", "item_idx"]].assign(
+                user_text="", item_text="")))
+        return model.score(uv, iv, inputs["user_idx"], inputs["item_idx"])
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        torch = self.torch
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ctx = torch.autocast(self.device, dtype=self.amp) if self.amp else _null()
+            with ctx:
+                if self.kind == "two_tower" and hasattr(self.model, "encode_items"):
+                    out = self._two_tower(batch)
+                else:
+                    out = self.model(self._to(self.featurize(batch)))
+        self.stats["model_s"] += time.perf_counter() - t0
+        self.stats["pairs"] += len(batch)
+        rel = out["relevance"].float().cpu().numpy().astype("float64")
+        if "uplift" in out:
+            upl = out["uplift"].float().cpu().numpy().astype("float64")
+            se = np.full(len(batch), np.nan)
+        elif "prior_uplift" in batch.columns:
+            upl = pd.to_numeric(batch["prior_uplift"], errors="coerce").to_numpy(dtype="float64")
+            se = pd.to_numeric(batch.get("prior_uplift_se"), errors="coerce").to_numpy(dtype="float64")
+        else:
+            upl = se = np.full(len(batch), np.nan)
+        if not np.isfinite(rel).all():
+            bad = batch.iloc[int(np.flatnonzero(~np.isfinite(rel))[0])]
+            raise ValueError(f"scoring: non-finite relevance for user {bad['user_id']!r}, item {bad['item_id']!r}")
+        return pa.table({
+            "user_id": pa.array(batch["user_id"].astype(str).to_numpy(), pa.string()),
+            "item_id": pa.array(batch["item_id"].astype(str).to_numpy(), pa.string()),
+            "relevance": pa.array(rel, pa.float64()),
+            "uplift": pa.array(upl, pa.float64(), mask=~np.isfinite(upl)),
+            "uplift_se": pa.array(se, pa.float64(), mask=~np.isfinite(se)),
+            "model_version": pa.array([self.model_version] * len(batch), pa.string()),
+            "scored_at": pa.array([self.scored_at.to_pydatetime()] * len(batch), pa.timestamp("us", tz="UTC")),
+        }, schema=self.schema)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def score_to_delta(input_path: str, output_path: str, loader: Callable, model_version: str, *,
+                   batch_size: int, num_actors: int, cpus_per_actor: float, use_gpu: bool,
+                   amp_dtype: Optional[str] = None, scored_at=None) -> dict:
+    """Ray Data: read ``input_path`` (Delta) -> actor pool -> overwrite ``output_path`` (Delta)."""
+    import ray
+    from ray.data import ActorPoolStrategy, SaveMode
+
+    scored_at = scored_at or pd.Timestamp.now(tz="UTC").floor("us")
+    cols = [c for c in SCORING_INPUT.names]
+    ds = ray.data.read_delta(input_path, columns=None)
+    have = set(ds.columns())
+    ds = ds.select_columns([c for c in cols if c in have])
+    remote = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_actor}
+    scored = ds.map_batches(
+        ScoreBatch,
+        fn_constructor_kwargs=dict(loader=loader, model_version=model_version, scored_at=scored_at,
+                                   use_gpu=use_gpu, amp_dtype=amp_dtype),
+        batch_size=batch_size,
+        batch_format="pandas",
+        compute=ActorPoolStrategy(size=num_actors),
+        **remote,
+    )
+    t0 = time.perf_counter()
+    scored.write_delta(output_path, mode=SaveMode.OVERWRITE)  # one commit after all blocks: atomic
+    return {"seconds": round(time.perf_counter() - t0, 3), "scored_at": str(scored_at)}
+
+
+# --------------------------------------------------------------------------- job
+
+
+def resolve_model(cfg) -> dict:
+    """The train_runs row to score with: ``scoring.run_id`` or the latest run."""
+    from causalrec.train.job import latest_train_run
+
+    if cfg.scoring.run_id:
+        from deltalake import DeltaTable
+
+        df = DeltaTable(cfg.table_path("train_runs")).to_pyarrow_table().to_pandas()
+        df = df[df["run_id"] == cfg.scoring.run_id]
+        if df.empty:
+            raise LookupError(f"scoring.run_id={cfg.scoring.run_id!r} is not in {cfg.table_path('train_runs')}")
+        return df.iloc[-1].to_dict()
+    return latest_train_run(cfg)
+
+
+def prepare_input(ctx) -> int:
+    """Spark step: write ``scoring_input``; returns its row count."""
+    store = ctx.store
+    read = lambda n: store.read(n) if store.exists(n) else None  # noqa: E731
+    cands = store.read("candidates")
+    df = build_scoring_input(ctx.spark, cands, read("id_index"), read("training_examples"), read("users"),
+                             read("items"), read("uplift_effects"))
+    store.write(df, "scoring_input", mode="overwrite", spec=SCORING_INPUT, overwrite_schema=True)
+    return store.row_count("scoring_input")
+
+
+def run(ctx, loader: Optional[Callable] = None, model_version: Optional[str] = None) -> dict:
+    """Score every candidate. ``loader``/``model_version`` override the train_runs checkpoint (tests, benchmarks)."""
+    cfg = ctx.cfg
+    store = ctx.store
+    if loader is None:
+        run_row = resolve_model(cfg)
+        loader = CheckpointLoader(run_row["checkpoint_path"])
+        model_version = model_version or str(run_row["model_version"])
+    if not model_version:
+        raise ValueError("scoring.run: a model_version is required with a custom loader")
+    with ctx.step("score: build scoring_input (Spark)"):
+        n_in = prepare_input(ctx)
+    ctx.log_rows("scoring_input", n_in, "in")
+    prev = store.version("scores")
+    ctx.ray()
+    with ctx.step("score: Ray Data map_batches -> Delta"):
+        info = score_to_delta(store.path("scoring_input"), store.path("scores"), loader, model_version,
+                              batch_size=cfg.scoring.batch_size, num_actors=cfg.scoring.num_actors,
+                              cpus_per_actor=cfg.scoring.cpus_per_actor, use_gpu=cfg.scoring.use_gpu,
+                              amp_dtype="bfloat16" if cfg.scoring.use_gpu else None)
+    n_out = store.row_count("scores")
+    ctx.log_rows("scores", n_out)
+    if n_out != n_in:
+        raise RuntimeError(f"scores has {n_out} rows but scoring_input has {n_in}: the write lost or duplicated rows")
+    return {"rows_in": {"scoring_input": n_in}, "rows_out": {"scores": n_out}, "model_version": model_version,
+            "previous_version": prev, "version": store.version("scores"),
+            "pairs_per_s": round(n_out / max(info["seconds"], 1e-9), 1), **info}

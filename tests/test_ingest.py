@@ -1,0 +1,188 @@
+"""Validated, idempotent ingest: every bad-row kind is quarantined with its reason, valid rows land in events."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+HEADER = "event_id,user_id,item_id,event_time,event_type,value,position,recommended,logged_propensity,policy"
+
+# (csv line, expected reason or None for accepted)
+ROWS = [
+    ("e1,u1,i1,2024-01-01T10:00:00Z,rating,4,,,,", None),
+    ("e2,u1,i2,2024-01-02 11:00:00,click,1,2,true,0.25,random", None),
+    ("e3,u2,i1,2024-01-03T00:00:00+00:00,impression,0,1,false,1.0,random", None),
+    ("e4,u2,i2,2024-01-04,purchase,19.99,,,,", None),
+    ("e40,u1,i1,not a time,click,1,,,,", "BAD_TIMESTAMP"),  # an invalid first copy ...
+    ("e40,u1,i1,2024-01-05T00:00:00Z,click,1,,,,", None),  # ... does not block a valid later one
+    (",u1,i1,2024-01-01T00:00:00Z,click,1,,,,", "NULL_ID"),
+    ("e10,,i1,2024-01-01T00:00:00Z,click,1,,,,", "NULL_ID"),
+    ("e11,u1,  ,2024-01-01T00:00:00Z,click,1,,,,", "NULL_ID"),
+    ("e12,u1,i1,2024-02-30 25:00:00,click,1,,,,", "BAD_TIMESTAMP"),
+    ("e13,u1,i1,1990-01-01T00:00:00Z,click,1,,,,", "TIMESTAMP_OUT_OF_RANGE"),
+    ("e14,u1,i1,2024-01-01T00:00:00Z,like,1,,,,", "UNKNOWN_EVENT_TYPE"),
+    ("e15,u1,i1,2024-01-01T00:00:00Z,rating,7,,,,", "RATING_OUT_OF_RANGE"),
+    ("e16,u1,i1,2024-01-01T00:00:00Z,rating,0,,,,", "RATING_OUT_OF_RANGE"),
+    ("e17,u1,i1,2024-01-01T00:00:00Z,rating,NaN,,,,", "RATING_NAN"),
+    ("e18,u1,i1,2024-01-01T00:00:00Z,click,1,1,true,0,random", "BAD_PROPENSITY"),
+    ("e19,u1,i1,2024-01-01T00:00:00Z,click,1,1,true,-0.1,random", "BAD_PROPENSITY"),
+    ("e20,u1,i1,2024-01-01T00:00:00Z,click,1,1,true,1.5,random", "BAD_PROPENSITY"),
+    ("e21,u1,i1,2024-01-01T00:00:00Z,click,1,1,true,NaN,random", "BAD_PROPENSITY"),
+    ("e1,u1,i1,2024-01-01T10:00:00Z,rating,4,,,,", "DUPLICATE_IN_BATCH"),
+    ("e22,u999,i1,2024-01-01T00:00:00Z,click,1,,,,", "UNKNOWN_USER"),
+    ("e23,u1,i999,2024-01-01T00:00:00Z,click,1,,,,", "UNKNOWN_ITEM"),
+    ("e24,u1,i1,2024-01-01T00:00:00Z,click,abc,,,,", "BAD_VALUE"),
+    ("e25,u1,i1,2024-01-01T00:00:00Z,click,1,0,true,0.5,random", "BAD_POSITION"),
+]
+
+
+def _write_csv(path, rows):
+    path.write_text(HEADER + "\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def known_ctx(ctx):
+    from causalrec.schemas import ITEMS, USERS
+
+    ctx.cfg.data.require_known_users = True
+    ctx.cfg.data.require_known_items = True
+    sp = ctx.spark
+    ctx.store.write(sp.createDataFrame([("u1",), ("u2",)], "user_id string"), "users", "overwrite", spec=USERS)
+    ctx.store.write(sp.createDataFrame([("i1",), ("i2",)], "item_id string"), "items", "overwrite", spec=ITEMS)
+    return ctx
+
+
+def test_every_bad_row_is_quarantined_and_every_valid_row_accepted(known_ctx, tmp_path):
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    ctx = known_ctx
+    path = _write_csv(tmp_path / "batch.csv", [r for r, _ in ROWS])
+    raw = read_events(ctx.spark, path, "csv")
+    s = ingest_events(ctx, raw, source=path)
+
+    expected = {}
+    for _, reason in ROWS:
+        if reason:
+            expected[reason] = expected.get(reason, 0) + 1
+    n_ok = sum(1 for _, r in ROWS if r is None)
+    assert s["rows_read"] == len(ROWS)
+    assert s["rows_accepted"] == n_ok
+    assert s["reasons"] == expected
+    assert s["rows_quarantined"] == len(ROWS) - n_ok
+
+    ev = ctx.store.read("events").toPandas()
+    assert sorted(ev["event_id"]) == ["e1", "e2", "e3", "e4", "e40"]
+    assert ev["ingest_batch"].nunique() == 1 and ev["ingest_batch"].iloc[0] == s["ingest_batch"]
+    e2 = ev.set_index("event_id").loc["e2"]
+    assert e2["position"] == 2 and bool(e2["recommended"]) and e2["logged_propensity"] == 0.25
+    assert str(ev.set_index("event_id").loc["e40", "event_time"]).startswith("2024-01-05")
+    assert set(ev["event_date"].astype(str)) == {"2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05"}
+
+    q = ctx.store.read("events_quarantine").toPandas().sort_values("source_row")
+    # each bad row: its own reason, its source row number, and the original row as JSON
+    want = [(i, r) for i, (_, r) in enumerate(ROWS) if r]
+    assert list(zip(q["source_row"], q["reason"])) == want
+    for (_, row), (line, _) in zip(q.iterrows(), [ROWS[i] for i, _ in want]):
+        payload = json.loads(row["payload"])
+        assert payload["event_id"] == (line.split(",")[0] or None)
+        assert payload["event_time"] == line.split(",")[3]
+        assert row["source"] == path
+        assert row["detail"]
+    detail = q.set_index("source_row")["detail"]
+    assert "event_time" in detail[9] and "logged_propensity" in detail[17] and "user_id" in detail[20]
+
+    log = ctx.store.read("ingest_log").toPandas()
+    assert len(log) == 1
+    assert json.loads(log["reasons"][0]) == expected
+    assert int(log["rows_read"][0]) == len(ROWS) and int(log["rows_accepted"][0]) == n_ok
+
+
+def test_reingest_is_noop_and_conflicting_duplicate_is_quarantined(ctx, tmp_path):
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    good = [r for r, reason in ROWS[:4]] + [ROWS[12][0]]  # four valid rows + one out-of-range rating
+    path = _write_csv(tmp_path / "b1.csv", good)
+    first = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path)
+    v_events, v_q = ctx.store.version("events"), ctx.store.version("events_quarantine")
+    again = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path)
+    assert first["rows_accepted"] == 4 and first["rows_quarantined"] == 1
+    assert again["ingest_batch"] == first["ingest_batch"]
+    assert again["rows_accepted"] == 0 and again["rows_already_present"] == 4
+    # nothing new was committed: the tables are exactly as before
+    assert ctx.store.version("events") == v_events
+    assert ctx.store.version("events_quarantine") == v_q
+    assert ctx.store.read("events").count() == 4
+    assert ctx.store.read("events_quarantine").count() == 1
+
+    # same id, different content -> DUPLICATE_EXISTING; identical row -> already present; new row -> accepted
+    path2 = _write_csv(tmp_path / "b2.csv", [
+        "e2,u1,i2,2024-01-02 11:00:00,click,0,3,true,0.25,random",
+        ROWS[0][0],
+        "e30,u3,i3,2024-01-09T00:00:00Z,view,1,,,,",
+    ])
+    third = ingest_events(ctx, read_events(ctx.spark, path2, "csv"), source=path2)
+    assert third["reasons"] == {"DUPLICATE_EXISTING": 1}
+    assert third["rows_already_present"] == 1 and third["rows_accepted"] == 1
+    ev = ctx.store.read("events").toPandas()
+    assert sorted(ev["event_id"]) == ["e1", "e2", "e3", "e30", "e4"]
+    assert ev.set_index("event_id").loc["e2", "value"] == 1.0  # the original is kept
+
+    log = ctx.store.read("ingest_log").toPandas().sort_values("started_at")
+    assert list(log["rows_already_present"]) == [0, 4, 1]
+    assert list(log["rows_accepted"]) == [4, 0, 1]
+
+
+@pytest.mark.parametrize("content, column", [
+    ('{"event_id": "a", "user_id": "u", "item_id": "i", "event_time": true, "event_type": "click"}', "event_time"),
+    ('{"event_id": "a", "user_id": "u", "event_time": "2024-01-01", "event_type": "click"}', "item_id"),
+    ('{"event_id": "a", "user_id": "u", "item_id": "i", "event_time": "2024-01-01", "event_type": "click",'
+     ' "value": [1, 2]}', "value"),
+])
+def test_schema_mismatch_fails_the_batch_before_writing(ctx, tmp_path, content, column):
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+    from causalrec.schemas import SchemaMismatch
+
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content + "\n")
+    raw = read_events(ctx.spark, str(p), "jsonl")
+    with pytest.raises(SchemaMismatch, match=repr(column)):
+        ingest_events(ctx, raw, source=str(p))
+    for t in ("events", "events_quarantine", "ingest_log"):
+        assert not ctx.store.exists(t)
+
+
+def test_sources_name_the_file(spark, tmp_path):
+    from causalrec.ingest.sources import SourceError, read_events
+
+    with pytest.raises(SourceError, match="nope.parquet"):
+        read_events(spark, str(tmp_path / "nope.parquet"), "parquet")
+    bad = tmp_path / "broken.parquet"
+    bad.write_text("this is not parquet")
+    with pytest.raises(SourceError, match="broken.parquet"):
+        read_events(spark, str(bad), "parquet")
+
+
+def test_files_job_reads_parquet_and_delta(ctx, tmp_path):
+    """The `files` source: parquet in, then the same events as an existing Delta table (no-op)."""
+    import pandas as pd
+
+    from causalrec.ingest import job
+
+    pdf = pd.DataFrame({
+        "event_id": ["p1", "p2"], "user_id": ["u1", "u2"], "item_id": ["i1", "i2"],
+        "event_time": pd.to_datetime(["2024-03-01", "2024-03-02"], utc=True),
+        "event_type": ["view", "purchase"], "value": [1.0, 12.5],
+    })
+    f = tmp_path / "in.parquet"
+    pdf.to_parquet(f, coerce_timestamps="us", allow_truncated_timestamps=True)
+    ctx.cfg.data.source, ctx.cfg.data.path, ctx.cfg.data.format = "files", str(f), "parquet"
+    out = job.run(ctx)
+    assert out["tables"]["events"]["rows_accepted"] == 2
+    ctx.cfg.data.path, ctx.cfg.data.format = ctx.store.path("events"), "delta"
+    out = job.run(ctx)
+    assert out["tables"]["events"]["rows_already_present"] == 2
+    assert ctx.store.read("events").count() == 2

@@ -1,0 +1,341 @@
+"""The HTML report: rendered from a realistic data dict and from tables, and opened in headless Chromium.
+
+The browser check talks to Chromium over the DevTools protocol with a ~60-line
+stdlib WebSocket client (no websocket package is installed): one browser
+process gives console errors, failed loads, network requests, element checks
+and a screenshot. Without a ``chromium`` binary that test is skipped with the
+install command.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+
+from causalrec import report as R
+
+# --------------------------------------------------------------------------- a realistic data dict
+
+
+def _metric(metric, model, slice_, value, k=None, lo=None, hi=None, n=100, **details):
+    return {"metric": metric, "k": k, "slice": slice_, "model": model, "value": value, "ci_low": lo, "ci_high": hi,
+            "n": n, "details_json": json.dumps(details)}
+
+
+def realistic_data() -> dict:
+    rng = np.random.default_rng(0)
+    metrics = []
+    for model, fam, mse, ndcg in (("mf:naive", "naive", 1.21, 0.61), ("mf:ips", "debiased", 1.09, 0.64),
+                                  ("mf:uplift", "causal", 1.15, 0.62)):
+        metrics.append(_metric("mse", model, "mcar_test", mse, lo=mse - 0.05, hi=mse + 0.05, n=4640, family=fam))
+        metrics.append(_metric("mae", model, "mcar_test", mse * 0.77, n=4640, family=fam))
+        metrics.append(_metric("auc", model, "mcar_test", 0.7 + ndcg / 10, n=4640, family=fam))
+        for k in (5, 10):
+            v = ndcg + k / 100
+            metrics.append(_metric("ndcg", model, "mcar_test", v, k=k, lo=v - 0.03, hi=v + 0.03, n=290, family=fam))
+            metrics.append(_metric("recall", model, "mcar_test", ndcg - 0.1, k=k, n=290, family=fam))
+    metrics.append(_metric("weight_ess", "exposure_propensity", "observed", 2100.0, n=None, ess_ratio=0.30))
+    for policy, g in (("relevance", 0.71), ("fair", 0.48)):
+        metrics.append(_metric("exposure_gini", f"policy:{policy}", "recommendations", g, k=10))
+        metrics.append(_metric("catalog_coverage", f"policy:{policy}", "recommendations", 1 - g / 2, k=10))
+    edges = list(np.linspace(0, 1, 31))
+    p = np.clip(rng.beta(1.2, 8, 5000), 0.01, 1)
+    w = np.log10(1 / p)
+    wedges = list(np.linspace(w.min(), w.max(), 31))
+
+    def lorenz(power):
+        x = np.linspace(0, 1, 101)
+        return {"x": list(x), "y": list(x ** power)}
+
+    qx = list(np.linspace(0, 1, 21))
+    curves = {
+        "propensity_hist": {"edges": edges, "counts": list(np.histogram(p, edges)[0].astype(int).tolist()),
+                            "n": 5000, "log10": False},
+        "weight_hist": {"edges": wedges, "counts": np.histogram(w, wedges)[0].astype(int).tolist(), "n": 5000,
+                        "log10": True},
+        "lorenz": {"relevance": dict(lorenz(3.5), gini=0.71), "fair": dict(lorenz(1.8), gini=0.48)},
+        "qini": {"mf:uplift": {"x": qx, "y": [40 * math.sqrt(x) for x in qx], "random": [40 * x for x in qx],
+                               "qini_coefficient": 0.012, "n": 2000}},
+        "calibration": {"mf:naive (mnar_test)": {"bins": [{"mean_predicted": b / 10 + 0.05,
+                                                           "observed_rate": min(1, b / 10 + 0.02)} for b in range(10)],
+                                                 "ece": 0.03}},
+    }
+    diag = [{"run_id": "p1", "propensity": "exposure", "method": "logistic", "metric": "reliability", "bin": b,
+             "value": None, "pred_mean": b / 10 + 0.05, "obs_rate": b / 10 + 0.03, "n": 500.0} for b in range(10)]
+    diag += [{"run_id": "p1", "propensity": "exposure", "method": "logistic", "metric": "ece", "bin": None,
+              "value": 0.021, "pred_mean": None, "obs_rate": None, "n": 5000.0}]
+    ope = []
+    for policy, base in (("random", 0.004), ("popular", 0.0052), ("recommendations", 0.0061)):
+        for est, jitter in (("ips", 0.0004), ("snips", 0.0001), ("dm", -0.0003), ("dr", 0.0)):
+            v = base + jitter
+            ope.append({"run_id": "ope1", "policy": policy, "estimator": est, "estimate": v, "std_err": 0.0004,
+                        "ci_low": v - 0.0008, "ci_high": v + 0.0008, "interval_method": "bootstrap", "ess": 3000.0,
+                        "max_weight": 12.0, "n": 10000, "diff_to_baseline": v - 0.004})
+    runs = []
+    for obj in ("naive", "ips", "uplift"):
+        epochs = [{"epoch": e, "train_loss": 1.5 / (e + 1) + 0.8, "valid_metric": 1.3 / (e + 1) + 1.0}
+                  for e in range(6)]
+        runs.append({"run_id": f"mf-{obj}-1", "model": "mf", "objective": obj, "model_version": f"mf-{obj}-1",
+                     "checkpoint_path": "/tmp/ckpt", "metrics_json": json.dumps({"epochs": epochs, "valid_mode": "mcar"}),
+                     "best_epoch": 5, "created_at": "2026-01-01T00:00:00"})
+    uplift = [{"item_id": f"i{i}", "effect": float(e), "se": 0.01, "ci_low": float(e) - 0.02, "ci_high": float(e) + 0.02,
+               "n": 100} for i, e in enumerate(rng.normal(0.02, 0.03, 40))]
+    summary = [{"policy": "fair", "k": 10, "fairness_attribute": "popularity_group", "fairness_strength": 0.5,
+                "n_users": 290, "relevance_unconstrained": 100.0, "relevance_policy": 96.0, "relevance_cost": 0.04,
+                "gini_before": 0.71, "gini_after": 0.48, "n_boosted": 310}]
+    return {
+        "title": "causalrec report - Coat", "dataset": "coat", "generated_at": "2026-01-01 00:00 UTC",
+        "tables": {"metrics": metrics, "propensity_diagnostics": diag, "ope_results": ope, "train_runs": runs,
+                   "uplift_effects": uplift, "ranking_summary": summary},
+        "evaluation": {"models": [{"model": "mf:naive", "family": "naive"}, {"model": "mf:ips", "family": "debiased"},
+                                  {"model": "mf:uplift", "family": "causal"}],
+                       "curves": curves, "missing": {"ground_truth": "not found"}, "k": [5, 10]},
+    }
+
+
+# one figure each: models, propensity hist, calibration, weights, OPE, Qini, per-item uplift, Lorenz, training
+EXPECTED_PLOTS = 9
+
+
+def test_render_report_has_every_plot_and_a_summary_from_the_numbers():
+    page = R.render_report(realistic_data())
+    assert page.count('<img class="plot"') == EXPECTED_PLOTS
+    assert 'class="missing"' not in page
+    # self-contained: no scripts, no external resources
+    assert "<script" not in page and "<link" not in page and 'src="http' not in page
+    summary = R.summary_sentences(realistic_data())
+    assert any("MSE 1.090 versus 1.210" in s and "lower, i.e. better" in s for s in summary), summary
+    assert any("Gini across items from 0.710 to 0.480" in s and "4.0%" in s for s in summary), summary
+    assert any("'recommendations' highest" in s for s in summary), summary
+    for s in summary:
+        assert s in page.replace("&#x27;", "'")
+    # the summary comes first, before any section
+    assert page.index('class="summary"') < page.index("<section>")
+    assert "naive vs debiased vs causal" in page and "Qini" in page
+    # the model table shows intervals
+    assert "1.0900 [1.0400, 1.1400]" in page
+
+
+def test_render_report_names_the_stage_for_missing_inputs():
+    page = R.render_report({"title": "empty", "tables": {}})
+    assert '<img class="plot"' not in page
+    for stage in ("evaluate", "propensity", "ope", "uplift", "recommend", "train"):
+        assert f"<code>causalrec {stage} conf/local.yaml</code>" in page
+    assert "No results are available yet" in page
+
+
+def test_report_run_from_tables(cfg, tmp_path):
+    """collect -> render -> write, from Delta tables written with delta-rs (no Spark needed)."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from causalrec.context import Context
+
+    data = realistic_data()
+    for name in ("metrics", "ope_results", "train_runs", "propensity_diagnostics", "uplift_effects"):
+        write_deltalake(cfg.table_path(name), pa.Table.from_pylist(data["tables"][name]))
+    os.makedirs(cfg.reports_dir, exist_ok=True)
+    with open(os.path.join(cfg.reports_dir, "evaluation.json"), "w") as f:
+        json.dump(dict(data["evaluation"], metrics=[]), f)
+    res = R.run(Context(cfg=cfg))  # the report reads tables with delta-rs: no Spark session is started
+    assert os.path.isfile(res["report"]) and res["plots"] == EXPECTED_PLOTS
+    with open(res["json"]) as f:
+        js = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert len(js["tables"]["metrics"]) == len(data["tables"]["metrics"])
+    assert js["summary"] and js["tables"]["ope_results"][0]["estimator"]
+
+
+# --------------------------------------------------------------------------- headless Chromium
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+class CDP:
+    """Minimal Chrome DevTools Protocol client over a stdlib WebSocket (RFC 6455, client frames masked)."""
+
+    def __init__(self, ws_url: str, timeout: float = 60):
+        u = urllib.parse.urlparse(ws_url)
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        resp = b""
+        while b"\r\n\r\n" not in resp:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("DevTools closed the connection during the handshake")
+            resp += chunk
+        head, self.buf = resp.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            raise ConnectionError(f"WebSocket handshake refused: {head[:200]!r}")
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("DevTools connection closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        head = bytearray([0x80 | opcode])
+        n = len(payload)
+        if n < 126:
+            head.append(0x80 | n)
+        elif n < 1 << 16:
+            head += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        mask = os.urandom(4)
+        masked = (np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), n)).tobytes()
+        self.sock.sendall(bytes(head) + mask + masked)
+
+    def recv(self) -> dict:
+        data = b""
+        while True:
+            b1, b2 = self._exact(2)
+            n = b2 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._exact(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._exact(8))[0]
+            payload = self._exact(n)
+            op = b1 & 0x0F
+            if op == 8:
+                raise ConnectionError("DevTools sent close")
+            if op == 9:
+                self._send_frame(10, payload)
+                continue
+            data += payload
+            if b1 & 0x80:
+                return json.loads(data)
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self._send_frame(1, json.dumps({"id": self.next_id, "method": method, "params": params}).encode())
+        while True:
+            m = self.recv()
+            if m.get("id") == self.next_id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_for(self, event: str, timeout: float = 60) -> dict:
+        end = time.time() + timeout
+        while time.time() < end:
+            for m in self.events:
+                if m.get("method") == event:
+                    return m
+            self.events.append(self.recv())
+        raise TimeoutError(f"no {event} within {timeout}s")
+
+
+def open_in_chromium(page, profile) -> dict:
+    """Load ``page`` in headless Chromium; return element state, console errors, requests and a screenshot."""
+    binary = _chromium()
+    proc = subprocess.Popen(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-quic", f"--user-data-dir={profile}",
+         "--remote-debugging-port=0", "--window-size=1280,1600", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        end = time.time() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None:
+                pytest.fail(f"chromium exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            if time.time() > end:
+                pytest.fail("chromium did not open its DevTools port within 60 s")
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30).read())
+        ws = next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
+        cdp = CDP(ws)
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            cdp.call(f"{domain}.enable")
+        cdp.call("Page.navigate", url=page.as_uri())
+        cdp.wait_for("Page.loadEventFired")
+        info = cdp.call("Runtime.evaluate", returnByValue=True, expression="""JSON.stringify({
+            imgs: Array.from(document.images).map(i => ({w: i.naturalWidth, h: i.naturalHeight, done: i.complete,
+                                                          alt: i.alt})),
+            svgs: document.querySelectorAll('svg').length,
+            height: document.body.scrollHeight, text: document.body.innerText.length})""")
+        shot = base64.b64decode(cdp.call("Page.captureScreenshot", format="png")["data"])
+        errors = [m for m in cdp.events if m.get("method") == "Runtime.exceptionThrown"
+                  or (m.get("method") == "Runtime.consoleAPICalled" and m["params"].get("type") in ("error", "assert"))
+                  or (m.get("method") == "Log.entryAdded" and m["params"]["entry"].get("level") == "error")]
+        requests = [m["params"]["request"]["url"] for m in cdp.events if m.get("method") == "Network.requestWillBeSent"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return {"state": json.loads(info["result"]["value"]), "errors": errors, "requests": requests, "shot": shot}
+
+
+def _needs_chromium():
+    if _chromium() is None:
+        pytest.skip("chromium not installed: apt-get install chromium")
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    _needs_chromium()
+    page = tmp_path / "report.html"
+    page.write_text(R.render_report(realistic_data()), encoding="utf-8")
+    got = open_in_chromium(page, tmp_path / "profile")
+    state = got["state"]
+    assert got["errors"] == [], f"console errors: {got['errors']}"
+    # every plot present and decoded (naturalWidth > 0 means the embedded PNG loaded)
+    assert len(state["imgs"]) + state["svgs"] == EXPECTED_PLOTS, state
+    bad = [i for i in state["imgs"] if not (i["done"] and i["w"] > 0 and i["h"] > 0)]
+    assert not bad, f"images that did not load: {bad}"
+    # self-contained: the only loads are the page itself and data: URIs
+    external = [u for u in got["requests"] if not (u.startswith("file://") or u.startswith("data:"))]
+    assert not external, f"report fetched external resources: {external}"
+    assert state["text"] > 500 and state["height"] > 1600
+    # a screenshot that is not blank: many distinct colours and a real share of non-white pixels
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(io.BytesIO(got["shot"]), format="png")[..., :3]
+    non_white = float((img.min(axis=2) < 0.95).mean())
+    colours = len(np.unique((img.reshape(-1, 3) * 255).astype(np.uint8), axis=0))
+    assert non_white > 0.02 and colours > 20, (non_white, colours)
+
+
+def test_chromium_check_catches_console_errors_and_broken_images(tmp_path):
+    """The browser check itself must fail on a broken page, or the test above proves nothing."""
+    _needs_chromium()
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><body><p>x</p><img src="data:image/png;base64,AAAA">'
+                    '<script>console.error("boom")</script></body></html>', encoding="utf-8")
+    got = open_in_chromium(page, tmp_path / "profile")
+    assert any("boom" in json.dumps(e) for e in got["errors"]), got["errors"]
+    assert got["state"]["imgs"][0]["w"] == 0
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(io.BytesIO(got["shot"]), format="png")[..., :3]
+    assert float((img.min(axis=2) < 0.95).mean()) < 0.02  # an (almost) blank page is recognised as blank

@@ -1,0 +1,138 @@
+"""The simulator: deterministic, and its recorded propensities and potential outcomes explain its events."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _cfg(**kw):
+    from causalrec.config import SimulatorConfig
+
+    base = dict(n_users=300, n_items=60, n_events=6000, n_latent=4, partitions=2, mcar_share=0.2,
+                mcar_items_per_user=10)
+    base.update(kw)
+    return SimulatorConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def world(spark):
+    """One small world, materialised to pandas once (test-sized, so collecting it is fine)."""
+    from causalrec.simulator import _world
+
+    w = _world(spark, _cfg(), seed=11)
+    return w, {k: v.toPandas() for k, v in w.tables.items()}
+
+
+def test_deterministic_for_a_seed(spark, world):
+    from causalrec.simulator import simulate
+
+    _, t = world
+    again = simulate(spark, _cfg(), seed=11)["events"].toPandas()
+    a = t["events"].sort_values("event_id").reset_index(drop=True)
+    b = again.sort_values("event_id").reset_index(drop=True)
+    assert len(a) > 4000
+    assert a.equals(b)
+    other = simulate(spark, _cfg(), seed=12)["events"].select("event_id").toPandas()
+    assert set(other["event_id"]) != set(a["event_id"])
+
+
+def test_configured_ate_is_the_ground_truth_mean_effect(world):
+    _, t = world
+    gt = t["ground_truth"]
+    assert abs((gt["p_y1"] - gt["p_y0"]).mean() - 0.03) < 1e-9
+    assert gt["p_y0"].between(0, 1).all() and gt["p_y1"].between(0, 1).all()
+    # heterogeneous: some pairs are hurt by a recommendation, some gain much more than the ATE
+    eff = gt["p_y1"] - gt["p_y0"]
+    assert (eff < 0).mean() > 0.02 and (eff > 0.1).mean() > 0.02
+    assert ((gt["y1"] - gt["y0"]) >= -1).all() and set(gt["y0"].unique()) <= {0.0, 1.0}
+
+
+def test_exposure_rate_per_popularity_bucket_matches_recorded_propensity(world):
+    _, t = world
+    gt = t["ground_truth"].copy()
+    imp = t["events"][t["events"]["event_type"] == "impression"]
+    seen = set(zip(imp["user_id"], imp["item_id"]))
+    gt["observed"] = [(u, i) in seen for u, i in zip(gt["user_id"], gt["item_id"])]
+    gt["item_idx"] = gt["item_id"].str[1:].astype(int)
+    gt["bucket"] = np.digitize(gt["item_idx"], [5, 20])  # head / torso / tail by Zipf rank
+    rates = []
+    for b, g in gt.groupby("bucket"):
+        e = g["exposure_propensity"]
+        se = np.sqrt((e * (1 - e)).sum()) / len(g)
+        assert abs(g["observed"].mean() - e.mean()) < 4 * se + 1e-9, (b, g["observed"].mean(), e.mean())
+        rates.append(e.mean())
+    assert rates[0] > rates[1] > rates[2]  # popularity bias is there
+    # every pair with an impression is a ground-truth pair
+    assert len(seen) == int(gt["observed"].sum())
+
+
+def test_treatment_and_outcomes_are_consistent_with_ground_truth(world):
+    _, t = world
+    gt = t["ground_truth"].set_index(["user_id", "item_id"])
+    ev = t["events"]
+    imp = ev[ev["event_type"] == "impression"].set_index(["user_id", "item_id"])
+    j = imp.join(gt, how="left")
+    assert j["treatment_propensity"].notna().all()
+    pi = j["treatment_propensity"]
+    rec = j["recommended"].astype(bool)
+    np.testing.assert_allclose(j["logged_propensity"], np.where(rec, pi, 1 - pi))
+    assert j.loc[rec, "position"].between(1, 5).all() and j.loc[~rec, "position"].isna().all()
+    # recommendation rate matches the policy's propensities (within sampling error)
+    se = np.sqrt((pi * (1 - pi)).sum()) / len(pi)
+    assert abs(rec.mean() - pi.mean()) < 4 * se
+    # the observed purchase is the potential outcome of the logged treatment, pair by pair
+    bought = set(zip(ev.loc[ev["event_type"] == "purchase", "user_id"], ev.loc[ev["event_type"] == "purchase", "item_id"]))
+    y = np.where(rec, j["y1"], j["y0"])
+    got = np.array([k in bought for k in j.index])
+    assert (got == (y == 1)).all()
+    # clicks always accompany purchases; impression value = click
+    clicked = set(zip(ev.loc[ev["event_type"] == "click", "user_id"], ev.loc[ev["event_type"] == "click", "item_id"]))
+    assert bought <= clicked
+    assert (j["value"].to_numpy() == np.array([k in clicked for k in j.index], dtype=float)).all()
+
+
+def test_uplift_ranking_differs_from_purchase_ranking(world):
+    from scipy.stats import spearmanr
+
+    _, t = world
+    gt = t["ground_truth"].assign(effect=lambda d: d["p_y1"] - d["p_y0"])
+    per_item = gt.groupby("item_id")[["effect", "p_y1"]].mean()
+    rho = spearmanr(per_item["effect"], per_item["p_y1"]).statistic
+    top_buy = set(per_item["p_y1"].nlargest(10).index)
+    top_uplift = set(per_item["effect"].nlargest(10).index)
+    assert rho < 0.8
+    assert len(top_buy & top_uplift) < 8
+
+
+def test_mcar_slice_is_randomised(world):
+    _, t = world
+    m = t["mcar_events"]
+    imp = m[m["event_type"] == "impression"]
+    assert len(imp) > 300 and (imp["policy"] == "uniform_random").all()
+    assert (imp["logged_propensity"] == 0.5).all()
+    assert abs(imp["recommended"].mean() - 0.5) < 4 * np.sqrt(0.25 / len(imp))
+    per_user = imp.groupby("user_id")["item_id"].nunique()
+    assert (per_user == 10).all()  # distinct items per MCAR user
+    assert 0.1 < per_user.size / 300 < 0.3  # about mcar_share of users
+
+
+@pytest.mark.parametrize("key, value", [("ate", 0.5), ("effect_heterogeneity", 2.0), ("recommend_rate", 0.0)])
+def test_bad_knobs_fail_clearly(spark, key, value):
+    from causalrec.simulator import simulate
+
+    with pytest.raises(ValueError, match=f"simulator.{key}"):
+        simulate(spark, _cfg(**{key: value}), seed=1)
+
+
+def test_simulate_stage_writes_tables_and_is_idempotent(ctx):
+    from causalrec import simulator
+
+    ctx.cfg.simulator = _cfg(n_events=1500, n_users=100, n_items=30)
+    first = simulator.run(ctx)
+    n = ctx.store.row_count("events")
+    assert n == first["tables"]["events"]["rows_accepted"] > 1000
+    assert first["tables"]["events"]["rows_quarantined"] == 0
+    assert ctx.store.row_count("ground_truth") == first["tables"]["ground_truth"]["rows"]
+    again = simulator.run(ctx)
+    assert again["tables"]["events"]["rows_already_present"] == n
+    assert ctx.store.row_count("events") == n
