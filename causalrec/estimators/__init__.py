@@ -1,0 +1,35 @@
+"""Causal estimators: off-policy value estimators (IPS, clipped IPS, SNIPS, DM, DR, SNDR, Switch-DR, DRos)
+with analytic and Poisson-bootstrap intervals, each in a local (numpy) and a distributed (Spark) form."""
+from causalrec.estimators.base import (  # noqa: F401
+    PI_E,
+    PSCORE,
+    Q_HAT,
+    Q_HAT_PI,
+    REWARD,
+    ROW_ID,
+    EstimateResult,
+    Stats,
+    poisson_weights_local,
+)
+from causalrec.estimators.ope import (  # noqa: F401
+    DM,
+    DR,
+    ESTIMATORS,
+    IPS,
+    SNDR,
+    SNIPS,
+    BaseOffPolicyEstimator,
+    ClippedIPS,
+    DirectMethod,
+    DoublyRobust,
+    DoublyRobustWithShrinkage,
+    DRos,
+    InverseProbabilityWeighting,
+    SelfNormalizedDoublyRobust,
+    SelfNormalizedIPS,
+    SwitchDoublyRobust,
+    SwitchDR,
+    evaluate,
+    evaluate_with_stats,
+    make_estimators,
+)

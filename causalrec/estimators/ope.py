@@ -1,0 +1,504 @@
+"""Off-policy estimators of a policy's value, one small dataclass per idea (Open Bandit Pipeline style).
+
+Notation (per logged row i, i.e. per (context, position) unit where the data has positions):
+``r_i`` reward, ``pi_b(a_i|x_i)`` the logging propensity (``pscore``), ``pi_e(a_i|x_i)`` the
+evaluation policy's probability of the logged action, ``w_i = pi_e / pi_b``,
+``q_hat(x_i, a_i)`` a reward model at the logged action and
+``q_hat(x_i, pi_e) = sum_a pi_e(a|x_i) q_hat(x_i, a)``. ``E_n`` is the sample mean.
+
+Slates / positions (OBD has 3): as obp does, the unit is (context, position); ``pscore``
+and ``pi_e`` are position-specific probabilities of the item shown in that slot, and the
+value is the mean reward per slot.
+
+Every estimator is ``theta = sum_k E_n[A_k] + E_n[C] / E_n[D]`` over per-row terms, so the
+analytic interval is the CLT (linear forms) or the delta method (self-normalised ratio
+forms) from the same statistics; see :mod:`causalrec.estimators.base`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from causalrec.estimators.base import (
+    PI_E,
+    PSCORE,
+    Q_HAT,
+    Q_HAT_PI,
+    REWARD,
+    ROW_ID,
+    EstimateResult,
+    Plan,
+    Stats,
+    Term,
+    check_inputs,
+    local_stats,
+    spark_stats,
+    z_value,
+)
+
+# -------------------------------------------------------------------- terms shared by estimators
+
+T_WR = Term("wr", lambda o, q: q["w"] * q["r"])
+T_W = Term("w", lambda o, q: q["w"])
+T_QPI = Term("qpi", lambda o, q: q["qpi"])
+T_WRES = Term("wres", lambda o, q: q["w"] * (q["r"] - q["qf"]))
+
+
+def _fmt(lam: float) -> str:
+    return "inf" if math.isinf(lam) else repr(float(lam))
+
+
+@dataclass(frozen=True)
+class Form:
+    """theta = sum(E_n[add]) + E_n[num] / E_n[den] (den None -> 1; num None -> 0)."""
+
+    add: tuple = ()
+    num: Optional[str] = None
+    den: Optional[str] = None
+
+    def names(self) -> list[str]:
+        return [*self.add, *(x for x in (self.num, self.den) if x)]
+
+    def value(self, mean) -> float:
+        v = sum(mean(a) for a in self.add)
+        if self.num:
+            v += mean(self.num) / (mean(self.den) if self.den else 1.0)
+        return v
+
+    def gradient(self, mean) -> dict:
+        g: dict = {}
+        for a in self.add:
+            g[a] = g.get(a, 0.0) + 1.0
+        if self.num:
+            d = mean(self.den) if self.den else 1.0
+            g[self.num] = g.get(self.num, 0.0) + 1.0 / d
+            if self.den:
+                g[self.den] = g.get(self.den, 0.0) - mean(self.num) / d**2
+        return g
+
+
+@dataclass
+class BaseOffPolicyEstimator:
+    """One interface: terms for the pass, a :class:`Form` from the statistics, results with intervals."""
+
+    estimator_name: str = "base"
+
+    # --- what the pass must compute --------------------------------------------------------
+    def terms(self) -> list[Term]:
+        raise NotImplementedError(f"{type(self).__name__} must declare its per-row terms")
+
+    def tuning_terms(self) -> list[Term]:
+        """Extra terms only needed to choose a hyperparameter (no bootstrap sums)."""
+        return []
+
+    def form(self, stats: Stats, ns: str) -> Form:
+        """The estimate's form, with term names namespaced by ``ns`` ("<policy>|")."""
+        raise NotImplementedError(f"{type(self).__name__} must define its form")
+
+    def hyperparam(self, stats: Stats, ns: str) -> Optional[float]:
+        return None
+
+    def needs_q_hat(self) -> bool:
+        return False
+
+    # --- OBP-style local convenience ---------------------------------------------------------
+    def _local(self, reward, pscore, pi_e, q_hat=None, q_hat_pi=None, row_id=None) -> dict:
+        n = np.shape(reward)[0]
+        data = {REWARD: reward, PSCORE: pscore, PI_E: pi_e,
+                Q_HAT: np.zeros(n) if q_hat is None else q_hat,
+                Q_HAT_PI: np.zeros(n) if q_hat_pi is None else q_hat_pi,
+                ROW_ID: np.arange(n) if row_id is None else row_id}
+        if self.needs_q_hat() and (q_hat is None or q_hat_pi is None):
+            raise ValueError(f"{self.estimator_name}: needs reward-model predictions q_hat and q_hat_pi")
+        check_inputs(data, [REWARD, PSCORE, PI_E, Q_HAT, Q_HAT_PI, ROW_ID])
+        return data
+
+    def estimate_round_rewards(self, reward, pscore, pi_e, q_hat=None, q_hat_pi=None) -> np.ndarray:
+        """Per-row contributions (obp's ``_estimate_round_rewards``): add terms + num / mean(den)."""
+        data = self._local(reward, pscore, pi_e, q_hat, q_hat_pi)
+        (res,), stats = evaluate_with_stats(data, [self])
+        form = self.form(stats, "policy|")
+        from causalrec.estimators.base import NumpyOps, _quantities
+
+        q = _quantities(NumpyOps, lambda c: np.asarray(data[c], dtype=float), (PI_E, Q_HAT_PI))
+        terms = {f"policy|{t.name}": t for t in self.terms() + self.tuning_terms()}
+        n = len(data[REWARD])
+
+        def val(name):
+            return np.broadcast_to(np.asarray(terms[name].fn(NumpyOps, q), dtype=float), (n,))
+
+        out = np.zeros(n)
+        for a in form.add:
+            out = out + val(a)
+        if form.num:
+            out = out + val(form.num) / (stats.mean(form.den) if form.den else 1.0)
+        assert math.isclose(float(out.mean()), res.estimate, rel_tol=1e-9, abs_tol=1e-12)
+        return out
+
+    def estimate_policy_value(self, reward, pscore, pi_e, q_hat=None, q_hat_pi=None) -> float:
+        return evaluate(self._local(reward, pscore, pi_e, q_hat, q_hat_pi), [self])[0].estimate
+
+    def estimate_interval(self, reward, pscore, pi_e, q_hat=None, q_hat_pi=None, *, alpha: float = 0.05,
+                          n_boot: int = 0, seed: int = 0, row_id=None) -> EstimateResult:
+        data = self._local(reward, pscore, pi_e, q_hat, q_hat_pi, row_id)
+        return evaluate(data, [self], alpha=alpha, n_boot=n_boot, seed=seed)[0]
+
+    def estimate_spark(self, df, *, alpha: float = 0.05, n_boot: int = 0, seed: int = 0) -> EstimateResult:
+        """Distributed form over a DataFrame with columns row_id, reward, pscore, pi_e, q_hat, q_hat_pi."""
+        return evaluate(df, [self], alpha=alpha, n_boot=n_boot, seed=seed)[0]
+
+
+# -------------------------------------------------------------------- the estimators
+
+
+@dataclass
+class InverseProbabilityWeighting(BaseOffPolicyEstimator):
+    """IPS: V = E_n[w_i r_i].
+
+    Unbiased when pi_b > 0 wherever pi_e > 0. Precup et al. 2000; Strehl et al. 2010.
+    """
+
+    estimator_name: str = "ips"
+
+    def terms(self):
+        return [T_WR, T_W]
+
+    def form(self, stats, ns):
+        return Form(num=ns + "wr")
+
+
+@dataclass
+class ClippedIPS(BaseOffPolicyEstimator):
+    """Clipped IPS: V = E_n[min(w_i, lambda) r_i]; biased down, lower variance.
+
+    Bottou et al. 2013 ("Counterfactual reasoning and learning systems"); Strehl et al. 2010.
+    """
+
+    lambda_: float = 100.0
+    estimator_name: str = "clipped_ips"
+
+    def _t(self):
+        lam = float(self.lambda_)
+        return Term(f"clip{_fmt(lam)}", lambda o, q: o.minimum(q["w"], lam) * q["r"])
+
+    def terms(self):
+        return [self._t(), T_W]
+
+    def form(self, stats, ns):
+        return Form(num=ns + self._t().name)
+
+    def hyperparam(self, stats, ns):
+        return float(self.lambda_)
+
+
+@dataclass
+class SelfNormalizedIPS(BaseOffPolicyEstimator):
+    """SNIPS: V = E_n[w_i r_i] / E_n[w_i]; delta-method interval for the ratio.
+
+    Swaminathan & Joachims 2015 ("The self-normalized estimator for counterfactual learning").
+    """
+
+    estimator_name: str = "snips"
+
+    def terms(self):
+        return [T_WR, T_W]
+
+    def form(self, stats, ns):
+        return Form(num=ns + "wr", den=ns + "w")
+
+
+@dataclass
+class DirectMethod(BaseOffPolicyEstimator):
+    """DM: V = E_n[q_hat(x_i, pi_e)]; only as good as the reward model. Beygelzimer & Langford 2009."""
+
+    estimator_name: str = "dm"
+
+    def needs_q_hat(self):
+        return True
+
+    def terms(self):
+        return [T_QPI, T_W]
+
+    def form(self, stats, ns):
+        return Form(add=(ns + "qpi",))
+
+
+@dataclass
+class DoublyRobust(BaseOffPolicyEstimator):
+    """DR: V = E_n[q_hat(x_i, pi_e) + w_i (r_i - q_hat(x_i, a_i))].
+
+    Unbiased if either the propensities or the reward model are correct. Dudik et al. 2011/2014.
+    """
+
+    estimator_name: str = "dr"
+
+    def needs_q_hat(self):
+        return True
+
+    def terms(self):
+        return [T_QPI, T_WRES, T_W]
+
+    def form(self, stats, ns):
+        return Form(add=(ns + "qpi",), num=ns + "wres")
+
+
+@dataclass
+class SelfNormalizedDoublyRobust(BaseOffPolicyEstimator):
+    """SNDR: V = E_n[q_hat(x_i, pi_e)] + E_n[w_i (r_i - q_hat(x_i, a_i))] / E_n[w_i].
+
+    Self-normalised correction term; delta-method interval. Kallus & Uehara 2019; obp's SNDR.
+    """
+
+    estimator_name: str = "sndr"
+
+    def needs_q_hat(self):
+        return True
+
+    def terms(self):
+        return [T_QPI, T_WRES, T_W]
+
+    def form(self, stats, ns):
+        return Form(add=(ns + "qpi",), num=ns + "wres", den=ns + "w")
+
+
+def _bias_bound(stats: Stats, ns: str, bias_term: str, delta: float) -> float:
+    """|E_n[(w - w_hat)(r - q_hat)]| + sqrt(2 E_n[w^2] log(2/d) / n) + 2 max(w) log(2/d) / (3n).
+
+    The high-probability bias upper bound of Su et al. 2020 (Sec. 5), as obp's
+    ``estimate_high_probability_upper_bound_bias``.
+    """
+    n = stats.n
+    w2 = stats.cross[(ns + "w", ns + "w")] / n
+    return (abs(stats.mean(bias_term)) + math.sqrt(2 * w2 * math.log(2 / delta) / n)
+            + 2 * stats.maxima[ns + "w"] * math.log(2 / delta) / (3 * n))
+
+
+@dataclass
+class _TunedDR(BaseOffPolicyEstimator):
+    """A DR variant with a weight-shrinking hyperparameter chosen from a grid in the same pass.
+
+    Rule (stated): choose lambda minimising the estimated MSE = sample variance / n +
+    (high-probability bias upper bound)^2, as in Su et al. 2020 Sec. 5 and obp's
+    ``*Tuning(tuning_method="mse", use_bias_upper_bound=True, delta=0.05)``. The interval is
+    conditional on the chosen lambda (bootstrap replicates reuse it).
+    """
+
+    lambdas: tuple = ()
+    delta: float = 0.05
+
+    def _wh(self, lam: float):
+        raise NotImplementedError
+
+    def _corr(self, lam):
+        wh = self._wh(lam)
+        return Term(f"{self.estimator_name}{_fmt(lam)}", lambda o, q: wh(o, q) * (q["r"] - q["qf"]))
+
+    def _bias(self, lam):
+        wh = self._wh(lam)
+        return Term(f"{self.estimator_name}b{_fmt(lam)}", lambda o, q: (q["w"] - wh(o, q)) * (q["r"] - q["qf"]),
+                    bootstrap=False)
+
+    def needs_q_hat(self):
+        return True
+
+    def terms(self):
+        return [T_QPI, T_W] + [self._corr(float(l)) for l in self.lambdas]
+
+    def tuning_terms(self):
+        return [self._bias(float(l)) for l in self.lambdas]
+
+    def mse_scores(self, stats: Stats, ns: str) -> dict:
+        out = {}
+        for lam in map(float, self.lambdas):
+            f = Form(add=(ns + "qpi",), num=ns + self._corr(lam).name)
+            var = _form_var(f, stats)
+            out[lam] = var / stats.n + _bias_bound(stats, ns, ns + self._bias(lam).name, self.delta) ** 2
+        return out
+
+    def hyperparam(self, stats, ns):
+        scores = self.mse_scores(stats, ns)
+        # ties -> the larger lambda (less bias), as obp sorts lambdas in reverse
+        return min(sorted(scores, reverse=True), key=lambda l: scores[l])
+
+    def form(self, stats, ns):
+        lam = self.hyperparam(stats, ns)
+        return Form(add=(ns + "qpi",), num=ns + self._corr(lam).name)
+
+
+@dataclass
+class SwitchDoublyRobust(_TunedDR):
+    """Switch-DR: V = E_n[q_hat(x_i, pi_e) + w_i (r_i - q_hat(x_i, a_i)) 1{w_i <= lambda}].
+
+    Uses the model where weights are large. Wang, Agarwal & Dudik 2017 ("Optimal and adaptive
+    off-policy evaluation in contextual bandits"); lambda by the estimated-MSE rule of _TunedDR.
+    """
+
+    lambdas: tuple = (1.0, 2.0, 5.0, 10.0, 50.0, 100.0, math.inf)
+    estimator_name: str = "switch_dr"
+
+    def _wh(self, lam):
+        if math.isinf(lam):
+            return lambda o, q: q["w"]
+        return lambda o, q: o.where(q["w"] <= lam, q["w"], o.lit(0.0))
+
+
+@dataclass
+class DoublyRobustWithShrinkage(_TunedDR):
+    """DRos: V = E_n[q_hat(x_i, pi_e) + w_hat_i (r_i - q_hat(x_i, a_i))], w_hat = lambda w / (w^2 + lambda).
+
+    Optimistic shrinkage, Su, Dimakopoulou, Krishnamurthy & Dudik 2020 ("Doubly robust off-policy
+    evaluation with shrinkage"); lambda by the estimated-MSE rule of _TunedDR.
+    """
+
+    lambdas: tuple = (1.0, 10.0, 100.0, 1000.0, 10000.0, math.inf)
+    estimator_name: str = "dr_os"
+
+    def _wh(self, lam):
+        if math.isinf(lam):
+            return lambda o, q: q["w"]
+        return lambda o, q: (q["w"] * lam) / (q["w"] * q["w"] + lam)
+
+
+# OBP-style short aliases
+IPS = InverseProbabilityWeighting
+SNIPS = SelfNormalizedIPS
+DM = DirectMethod
+DR = DoublyRobust
+SNDR = SelfNormalizedDoublyRobust
+SwitchDR = SwitchDoublyRobust
+DRos = DoublyRobustWithShrinkage
+
+ESTIMATORS = {
+    "ips": IPS,
+    "clipped_ips": ClippedIPS,
+    "snips": SNIPS,
+    "dm": DM,
+    "dr": DR,
+    "sndr": SNDR,
+    "switch_dr": SwitchDR,
+    "dr_os": DRos,
+}
+
+
+def make_estimators(names: Sequence[str], clip_max_weight: float = 100.0, switch_lambdas=None,
+                    dr_os_lambdas=None) -> list[BaseOffPolicyEstimator]:
+    out = []
+    for name in names:
+        if name not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {name!r}; expected one of {sorted(ESTIMATORS)}")
+        if name == "clipped_ips":
+            out.append(ClippedIPS(lambda_=float(clip_max_weight)))
+        elif name == "switch_dr" and switch_lambdas:
+            out.append(SwitchDR(lambdas=tuple(float(x) for x in switch_lambdas)))
+        elif name == "dr_os" and dr_os_lambdas:
+            out.append(DRos(lambdas=tuple(float(x) for x in dr_os_lambdas)))
+        else:
+            out.append(ESTIMATORS[name]())
+    return out
+
+
+# -------------------------------------------------------------------- one pass, every estimator, every policy
+
+
+def _form_cov(f1: Form, f2: Form, stats: Stats) -> float:
+    g1, g2 = f1.gradient(stats.mean), f2.gradient(stats.mean)
+    return sum(a * b * stats.cov(k1, k2) for k1, a in g1.items() for k2, b in g2.items())
+
+
+def _form_var(f: Form, stats: Stats) -> float:
+    return max(_form_cov(f, f, stats), 0.0)
+
+
+def _boot_values(f: Form, stats: Stats) -> np.ndarray:
+    v = np.zeros_like(stats.boot_n, dtype=float)
+    for a in f.add:
+        v = v + stats.boot_mean(a)
+    if f.num:
+        v = v + stats.boot_mean(f.num) / (stats.boot_mean(f.den) if f.den else 1.0)
+    return v
+
+
+def build_plan(estimators, policies: dict, baseline: Optional[str], n_boot: int, seed: int) -> Plan:
+    """Terms per (policy, estimator); cross-products only where a covariance is needed."""
+    plan = Plan(policies=dict(policies), n_boot=int(n_boot), seed=int(seed))
+    for pol in policies:
+        for est in estimators:
+            names = [plan.add_term(pol, t) for t in est.terms()]
+            for t in est.tuning_terms():
+                plan.add_term(pol, t)
+            plan.add_pairs(names)
+        plan.add_max(pol, T_W)
+        plan.add_pairs([plan.add_term(pol, T_W)])  # sum of w^2 for the ESS
+    if baseline is not None:
+        for est in estimators:
+            base = [f"{baseline}|{t.name}" for t in est.terms()]
+            for pol in policies:
+                if pol != baseline:
+                    for t in est.terms():
+                        for b in base:
+                            plan.pairs.add(tuple(sorted((f"{pol}|{t.name}", b))))
+    return plan
+
+
+def evaluate(data, estimators: Sequence[BaseOffPolicyEstimator], policies: Optional[dict] = None, *,
+             baseline: Optional[str] = None, alpha: float = 0.05, n_boot: int = 0, seed: int = 0) -> list[EstimateResult]:
+    """Every estimator for every policy from ONE pass over ``data``.
+
+    ``data``: a dict of numpy arrays (local form) or a Spark DataFrame (distributed form) with
+    ``row_id, reward, pscore, q_hat`` and, per policy, its ``pi_e`` and ``q_hat_pi`` columns.
+    ``policies``: name -> (pi_e column, q_hat_pi column); default ``{"policy": ("pi_e", "q_hat_pi")}``.
+    ``baseline``: a policy name; each other policy gets a paired difference with its interval.
+    """
+    return evaluate_with_stats(data, estimators, policies, baseline=baseline, alpha=alpha, n_boot=n_boot,
+                               seed=seed)[0]
+
+
+def evaluate_with_stats(data, estimators, policies: Optional[dict] = None, *, baseline=None, alpha=0.05,
+                        n_boot=0, seed=0) -> tuple[list[EstimateResult], Stats]:
+    """:func:`evaluate`, also returning the pass's :class:`Stats` (for diagnostics and tests)."""
+    policies = policies or {"policy": (PI_E, Q_HAT_PI)}
+    if baseline is not None and baseline not in policies:
+        raise ValueError(f"baseline {baseline!r} is not among the policies {sorted(policies)}")
+    plan = build_plan(estimators, policies, baseline, n_boot, seed)
+    stats = local_stats(data, plan) if isinstance(data, dict) else spark_stats(data, plan)
+    return summarize(stats, estimators, policies, baseline=baseline, alpha=alpha), stats
+
+
+def summarize(stats: Stats, estimators, policies: dict, *, baseline=None, alpha=0.05) -> list[EstimateResult]:
+    if stats.n < 2:
+        raise ValueError(f"off-policy evaluation needs at least 2 logged rows, got {int(stats.n)}")
+    z = z_value(alpha)
+    out = []
+    for est in estimators:
+        forms = {pol: est.form(stats, pol + "|") for pol in policies}
+        for pol in policies:
+            ns = pol + "|"
+            f = forms[pol]
+            theta = f.value(stats.mean)
+            se = math.sqrt(_form_var(f, stats) / (stats.n - 1))
+            sw, sw2 = stats.sums[ns + "w"], stats.cross[(ns + "w", ns + "w")]
+            r = EstimateResult(
+                policy=pol, estimator=est.estimator_name, estimate=theta, std_err=se,
+                ci_low=theta - z * se, ci_high=theta + z * se, interval_method="analytic",
+                n=int(stats.n), ess=(sw * sw / sw2) if sw2 > 0 else 0.0, max_weight=stats.maxima[ns + "w"],
+                hyperparam=est.hyperparam(stats, ns),
+            )
+            if stats.boot_n is not None:
+                bv = _boot_values(f, stats)
+                r.boot_std_err = float(np.std(bv, ddof=1))
+                r.boot_ci_low, r.boot_ci_high = (float(x) for x in np.quantile(bv, [alpha / 2, 1 - alpha / 2]))
+            if baseline is not None:
+                fb = forms[baseline]
+                d = theta - fb.value(stats.mean)
+                var = _form_var(f, stats) + _form_var(fb, stats) - 2 * _form_cov(f, fb, stats)
+                dse = math.sqrt(max(var, 0.0) / (stats.n - 1))
+                r.diff_to_baseline, r.diff_std_err = d, dse
+                r.diff_ci_low, r.diff_ci_high = d - z * dse, d + z * dse
+                if stats.boot_n is not None:
+                    bd = _boot_values(f, stats) - _boot_values(fb, stats)
+                    r.diff_boot_ci_low, r.diff_boot_ci_high = (float(x) for x in np.quantile(bd, [alpha / 2, 1 - alpha / 2]))
+            out.append(r)
+    return out

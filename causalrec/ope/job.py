@@ -1,0 +1,210 @@
+"""OPE stage: each strategy's value with every configured estimator, from ONE pass over the log.
+
+Extract -> transform -> load:
+
+* extract: ``events`` (+ ``exposure_propensity``, ``recommendations``, ``scores`` when present);
+* transform (pure DataFrame -> DataFrame functions, unit-tested):
+  :func:`logged_rows` -> per-row reward / pscore / stratum / slot,
+  :func:`reward_model` -> smoothed mean reward per (stratum, slot, item) = q_hat,
+  the policies of :mod:`causalrec.ope.policies` -> ``pi_e__<name>``, ``q_hat_pi__<name>``;
+  then :func:`causalrec.estimators.evaluate` (one pass, analytic + Poisson-bootstrap intervals,
+  paired differences to ``ope.baseline``);
+* load: ``ope_results`` (overwritten: a rerun never duplicates) and a printed table.
+
+Which log is the "logged policy":
+
+* rows with ``logged_propensity`` (OBD, simulator): the logging policy's own propensities;
+  the unit is (context, position) with position-specific propensities.
+* no logging propensities (Coat): the logged "policy" is the MNAR exposure. A rated pair is
+  treated as a draw from ``pi_b(i | u) = p_ui / sum_j p_uj`` with ``p_ui`` from the
+  ``exposure_propensity`` table (fallback: item popularity, flagged in the summary), and the
+  reward is ``rating >= training_set.positive_threshold``. The estimate then reads: the share of
+  the strategy's recommendations the user would rate >= threshold, averaged over users as they
+  appear in the log - valid if ratings are missing at random given the exposure propensities
+  (Schnabel et al. 2016).
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timezone
+
+from causalrec.context import Context
+from causalrec.estimators import evaluate, make_estimators
+from causalrec.ope import policies as P
+from causalrec.schemas import OPE_RESULTS
+
+log = logging.getLogger(__name__)
+
+REWARD_EVENTS = ("impression", "click", "purchase", "view", "add_to_cart")
+
+
+# -------------------------------------------------------------------- transforms
+
+
+def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.0):
+    """events -> (rows, mode): row_id, user_id, item_id, stratum, slot, reward, pscore.
+
+    ``mode`` is "logged_propensity" or "exposure" (see module docstring).
+    """
+    from pyspark.sql import functions as F
+
+    stratum = F.coalesce(F.get_json_object(F.col("context"), "$.campaign"), F.lit("all")) \
+        if "context" in events.columns else F.lit("all")
+    base = events.select(
+        F.xxhash64("event_id").alias("row_id"), "user_id", "item_id",
+        stratum.alias("stratum"),
+        F.coalesce(F.col("position"), F.lit(0)).cast("int").alias("slot"),
+        "event_type", F.col("value").cast("double").alias("value"),
+        F.col("logged_propensity").cast("double").alias("logged_propensity"),
+    )
+    with_p = base.where(F.col("logged_propensity").isNotNull())
+    if with_p.limit(1).count() > 0:
+        rows = with_p.where(F.col("event_type").isin(*REWARD_EVENTS)).select(
+            "row_id", "user_id", "item_id", "stratum", "slot",
+            F.coalesce(F.col("value"), F.lit(0.0)).alias("reward"), F.col("logged_propensity").alias("pscore"))
+        bad = rows.where((F.col("pscore") <= 0) | (F.col("pscore") > 1)).limit(1).collect()
+        if bad:
+            raise ValueError(f"events: logged_propensity {bad[0]['pscore']!r} for row_id {bad[0]['row_id']} "
+                             f"is outside (0, 1]")
+        return rows, "logged_propensity"
+    ratings = base.where(F.col("event_type") == "rating").withColumn("slot", F.lit(0))
+    if ratings.limit(1).count() == 0:
+        raise ValueError("events: no rows with logged_propensity and no rating events; OPE needs one of them")
+    if exposure_propensity is not None:
+        ep = exposure_propensity.select("user_id", "item_id", F.col("exposure_propensity").cast("double").alias("p"))
+        tot = ep.groupBy("user_id").agg(F.sum("p").alias("p_tot"))
+        pb = ep.join(tot, "user_id").select("user_id", "item_id", (F.col("p") / F.col("p_tot")).alias("pscore"))
+        mode = "exposure"
+    else:
+        n_ratings = ratings.count()
+        pb = ratings.groupBy("item_id").agg((F.count("*") / F.lit(n_ratings)).alias("pscore"))
+        mode = "exposure_item_popularity"
+    keys = ["user_id", "item_id"] if exposure_propensity is not None else ["item_id"]
+    rows = ratings.join(pb, keys, "left").select(
+        "row_id", "user_id", "item_id", "stratum", "slot",
+        (F.col("value") >= F.lit(positive_threshold)).cast("double").alias("reward"), "pscore")
+    missing = rows.where(F.col("pscore").isNull()).limit(1).collect()
+    if missing:
+        raise ValueError(f"exposure_propensity: no propensity for user {missing[0]['user_id']!r} item "
+                         f"{missing[0]['item_id']!r}; the table must cover every rated pair")
+    return rows, mode
+
+
+def reward_model(rows, prior_strength: float = 10.0):
+    """q_hat per (stratum, slot, item): mean reward shrunk to the (stratum, slot) mean.
+
+    A deliberately simple, scalable reward model (one groupBy); DR-type estimators stay
+    unbiased whatever its quality. Actions seen in a stratum form its action set.
+    """
+    from pyspark.sql import functions as F
+
+    unit = rows.groupBy("stratum", "slot").agg(F.avg("reward").alias("mu"))
+    items = rows.select("stratum", "item_id").distinct()
+    slots = rows.select("stratum", "slot").distinct()
+    cells = rows.groupBy("stratum", "slot", "item_id").agg(F.sum("reward").alias("s"), F.count("*").alias("n"))
+    grid = slots.join(items, "stratum").join(cells, ["stratum", "slot", "item_id"], "left").join(unit, ["stratum", "slot"])
+    return grid.select("stratum", "slot", "item_id", (
+        (F.coalesce(F.col("s"), F.lit(0.0)) + prior_strength * F.col("mu"))
+        / (F.coalesce(F.col("n"), F.lit(0)) + prior_strength)).alias("q_hat_item"))
+
+
+def attach_policies(rows, item_q, strategies, store=None):
+    """Add pi_e__/q_hat_pi__ columns for each strategy; return (df, {name: (pi_e col, q_hat_pi col)}, skipped)."""
+    from pyspark.sql import functions as F
+
+    df = rows.join(item_q.withColumnRenamed("q_hat_item", "q_hat"), ["stratum", "slot", "item_id"], "left") \
+        .withColumn("q_hat", F.coalesce(F.col("q_hat"), F.lit(0.0)))
+    pols, skipped = {}, {}
+    for s in strategies:
+        if s == "random":
+            df = P.add_random_policy(df, item_q, s)
+        elif s == "popular":
+            df = P.add_popular_policy(df, item_q, s)
+        elif s == "recommendations":
+            if store is None or not store.exists("recommendations"):
+                skipped[s] = "no recommendations table"
+                continue
+            df = P.add_topk_policy(df, store.read("recommendations"), item_q, s)
+        elif s.startswith("score:"):
+            col = s.split(":", 1)[1]
+            if store is None or not store.exists("scores"):
+                skipped[s] = "no scores table"
+                continue
+            df = P.add_score_policy(df, store.read("scores"), col, item_q, s)
+        else:
+            raise ValueError(f"ope.strategies: unknown strategy {s!r}; expected random, popular, recommendations "
+                             f"or score:<column>")
+        pols[s] = (P.pi_e_col(s), P.q_hat_pi_col(s))
+    return df, pols, skipped
+
+
+def results_frame(spark, results, run_id: str, n_boot: int):
+    """EstimateResults -> ope_results rows (one analytic row, plus one bootstrap row when B > 0)."""
+    import pandas as pd
+
+    now = datetime.now(timezone.utc)
+    recs = []
+    for r in results:
+        recs.append(dict(run_id=run_id, policy=r.policy, estimator=r.estimator, estimate=r.estimate,
+                         std_err=r.std_err, ci_low=r.ci_low, ci_high=r.ci_high, interval_method="analytic",
+                         ess=r.ess, max_weight=r.max_weight, n=r.n, diff_to_baseline=r.diff_to_baseline,
+                         diff_ci_low=r.diff_ci_low, diff_ci_high=r.diff_ci_high, created_at=now))
+        if n_boot:
+            recs.append(dict(recs[-1], std_err=r.boot_std_err, ci_low=r.boot_ci_low, ci_high=r.boot_ci_high,
+                             interval_method=f"bootstrap_poisson_B{n_boot}", diff_ci_low=r.diff_boot_ci_low,
+                             diff_ci_high=r.diff_boot_ci_high))
+    pdf = pd.DataFrame(recs, columns=OPE_RESULTS.names)
+    return spark.createDataFrame(pdf, schema=OPE_RESULTS.spark_schema())
+
+
+def format_table(results, baseline) -> str:
+    lines = [f"{'policy':<18}{'estimator':<12}{'estimate':>10}{'std_err':>10}{'95% CI':>22}{'ESS':>10}"
+             f"{'max w':>9}{'diff vs ' + str(baseline):>26}"]
+    for r in results:
+        diff = "" if r.diff_to_baseline is None else \
+            f"{r.diff_to_baseline:+.4f} [{r.diff_ci_low:+.4f},{r.diff_ci_high:+.4f}]"
+        lines.append(f"{r.policy:<18}{r.estimator:<12}{r.estimate:>10.4f}{r.std_err:>10.4f}"
+                     f"{f'[{r.ci_low:.4f}, {r.ci_high:.4f}]':>22}{r.ess:>10.1f}{r.max_weight:>9.2f}{diff:>26}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- the stage
+
+
+def run(ctx: Context) -> dict:
+    cfg, store = ctx.cfg, ctx.store
+    oc = cfg.ope
+    with ctx.step("ope: extract"):
+        events = store.read("events")
+        ep = store.read("exposure_propensity") if store.exists("exposure_propensity") else None
+    with ctx.step("ope: logged rows, reward model, policies"):
+        rows, mode = logged_rows(events, ep, cfg.training_set.positive_threshold)
+        rows = rows.persist()
+        item_q = reward_model(rows).persist()
+        strategies = list(dict.fromkeys(oc.strategies))
+        df, pols, skipped = attach_policies(rows, item_q, strategies, store)
+        if not pols:
+            raise ValueError(f"ope: none of the strategies {strategies} could be built ({skipped})")
+        baseline = oc.baseline if oc.baseline in pols else None
+    estimators = make_estimators(oc.estimators, clip_max_weight=oc.clip_max_weight,
+                                 switch_lambdas=oc.switch_dr_lambdas, dr_os_lambdas=oc.dr_os_lambdas)
+    with ctx.step("ope: estimate (one pass)"):
+        results = evaluate(df, estimators, pols, baseline=baseline, alpha=oc.alpha,
+                           n_boot=oc.bootstrap_replicates, seed=cfg.project.seed)
+    n = results[0].n
+    ctx.log_rows("events (logged units)", n, "in")
+    run_id = uuid.uuid4().hex[:12]
+    with ctx.step("ope: load"):
+        out = results_frame(ctx.spark, results, run_id, oc.bootstrap_replicates)
+        store.write(out, "ope_results", mode="overwrite", spec=OPE_RESULTS, overwrite_schema=True)
+        ctx.log_rows("ope_results", out.count())
+    print(format_table(results, baseline))
+    rows.unpersist()
+    item_q.unpersist()
+    return {
+        "run_id": run_id, "mode": mode, "rows_in": n, "policies": list(pols), "skipped": skipped,
+        "baseline": baseline, "estimators": [e.estimator_name for e in estimators],
+        "rows_out": len(results) * (2 if oc.bootstrap_replicates else 1),
+        "estimates": {f"{r.policy}/{r.estimator}": round(r.estimate, 6) for r in results},
+    }

@@ -1,0 +1,208 @@
+"""Estimator library: hand-computed formulas, local == Spark to 1e-9, bootstrap sanity, coverage."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from causalrec.estimators import (
+    DM,
+    DR,
+    ESTIMATORS,
+    IPS,
+    SNDR,
+    SNIPS,
+    ClippedIPS,
+    DRos,
+    SwitchDR,
+    evaluate,
+    make_estimators,
+    poisson_weights_local,
+)
+from causalrec.estimators.base import POISSON_T, spark_xxhash64
+
+
+def synthetic_log(n: int, seed: int, k: int = 5, model_noise: float = 0.2):
+    """A contextual-bandit log with known true value of the evaluation policy."""
+    rng = np.random.default_rng(seed)
+    pb = rng.dirichlet(np.ones(k), n)
+    pe = rng.dirichlet(np.ones(k), n)
+    q = rng.uniform(0.05, 0.6, (n, k))
+    a = (pb.cumsum(1) > rng.uniform(size=(n, 1))).argmax(1)
+    idx = np.arange(n)
+    r = rng.binomial(1, q[idx, a]).astype(float)
+    qh = np.clip(q + rng.normal(0, model_noise, q.shape) * q, 0, 1)
+    data = {
+        "row_id": idx.astype(np.int64) * 7919 + seed,
+        "reward": r,
+        "pscore": pb[idx, a],
+        "pi_e": pe[idx, a],
+        "q_hat": qh[idx, a],
+        "q_hat_pi": (pe * qh).sum(1),
+        "pi_e_b": pb[idx, a] * 0 + 1.0 / k,  # a second policy: uniform
+        "q_hat_pi_b": qh.mean(1),
+    }
+    # the population value the CLT interval targets: pi_e and q are independent and pi_e sums to 1,
+    # so V = E[sum_a pi_e(a|x) q(x, a)] = E[q] = (0.05 + 0.6) / 2
+    truth = 0.325
+    return data, truth
+
+
+ALL = make_estimators(list(ESTIMATORS), clip_max_weight=3.0)
+FIELDS = ["estimate", "std_err", "ci_low", "ci_high", "ess", "max_weight", "boot_std_err", "boot_ci_low",
+          "boot_ci_high", "diff_to_baseline", "diff_std_err", "diff_ci_low", "diff_ci_high", "diff_boot_ci_low",
+          "diff_boot_ci_high"]
+
+
+# ------------------------------------------------------------------ formulas on a tiny hand-computed log
+
+TINY = {
+    "row_id": np.array([0, 1, 2, 3]),
+    "reward": np.array([1.0, 0.0, 1.0, 0.0]),
+    "pscore": np.array([0.5, 0.25, 0.2, 0.5]),
+    "pi_e": np.array([1.0, 0.5, 0.0, 0.25]),
+    "q_hat": np.array([0.5, 0.5, 0.5, 0.5]),
+    "q_hat_pi": np.array([0.4, 0.6, 0.2, 0.3]),
+}
+# w = [2, 2, 0, 0.5]; w*r = [2, 0, 0, 0]; w*(r - q) = [1, -1, 0, -0.25]
+
+
+def test_ips_snips_dm_dr_match_hand_computation():
+    k = {c: TINY[c] for c in ("reward", "pscore", "pi_e", "q_hat", "q_hat_pi")}
+    assert IPS().estimate_policy_value(**k) == pytest.approx(2 / 4)
+    assert SNIPS().estimate_policy_value(**k) == pytest.approx(2 / 4.5)
+    assert DM().estimate_policy_value(**k) == pytest.approx(1.5 / 4)
+    assert DR().estimate_policy_value(**k) == pytest.approx((1.5 - 0.25) / 4)
+    assert SNDR().estimate_policy_value(**k) == pytest.approx(1.5 / 4 + (-0.25 / 4) / (4.5 / 4))
+    assert ClippedIPS(lambda_=1.5).estimate_policy_value(**k) == pytest.approx(1.5 / 4)
+    # switch at 1: rows with w=2 fall back to the model -> only row 3's correction is kept
+    assert SwitchDR(lambdas=(1.0,)).estimate_policy_value(**k) == pytest.approx((1.5 - 0.25) / 4)
+    # DRos: w_hat = l w / (w^2 + l) with l = 1 -> [0.4, 0.4, 0, 0.4]
+    assert DRos(lambdas=(1.0,)).estimate_policy_value(**k) == pytest.approx((1.5 + 0.4 * (0.5 - 0.5 - 0.5)) / 4)
+
+
+def test_ips_standard_error_is_the_clt_one_and_snips_uses_the_delta_method():
+    k = {c: TINY[c] for c in ("reward", "pscore", "pi_e")}
+    res = IPS().estimate_interval(**k)
+    wr = np.array([2.0, 0, 0, 0])
+    assert res.std_err == pytest.approx(wr.std(ddof=1) / 2)
+    assert res.ci_high - res.estimate == pytest.approx(1.959964 * res.std_err, rel=1e-6)
+    assert res.ess == pytest.approx(4.5**2 / 8.25)
+    assert res.max_weight == 2.0
+    sn = SNIPS().estimate_interval(**k)
+    w = np.array([2, 2, 0, 0.5])
+    theta = wr.sum() / w.sum()
+    infl = (wr - theta * w) / w.mean()  # linearisation of the ratio
+    assert sn.std_err == pytest.approx(np.sqrt(np.mean(infl**2) / 3))
+
+
+def test_tuned_switch_dr_picks_the_lambda_with_smallest_estimated_mse():
+    data, _ = synthetic_log(3000, 11)
+    k = {c: data[c] for c in ("reward", "pscore", "pi_e", "q_hat", "q_hat_pi")}
+    est = SwitchDR(lambdas=(0.5, 2.0, math.inf))
+    from causalrec.estimators import evaluate_with_stats
+
+    (res,), stats = evaluate_with_stats({**k, "row_id": data["row_id"]}, [est])
+    scores = est.mse_scores(stats, "policy|")
+    assert res.hyperparam == min(scores, key=scores.get)
+    fixed = SwitchDR(lambdas=(res.hyperparam,)).estimate_policy_value(**k)
+    assert res.estimate == pytest.approx(fixed, abs=1e-12)
+
+
+def test_bad_input_names_the_column_and_row():
+    with pytest.raises(ValueError, match=r"'pscore' row 1"):
+        IPS().estimate_policy_value(reward=np.ones(3), pscore=np.array([0.5, 0.0, 0.5]), pi_e=np.ones(3))
+    with pytest.raises(ValueError, match="q_hat"):
+        DR().estimate_policy_value(reward=np.ones(3), pscore=np.full(3, 0.5), pi_e=np.ones(3))
+
+
+# ------------------------------------------------------------------ local == Spark
+
+
+def test_local_and_spark_forms_agree_to_1e9_for_every_estimator_interval_and_difference(spark):
+    data, _ = synthetic_log(1500, 3)
+    policies = {"target": ("pi_e", "q_hat_pi"), "uniform": ("pi_e_b", "q_hat_pi_b")}
+    kw = dict(policies=policies, baseline="uniform", n_boot=24, seed=5, alpha=0.1)
+    local = evaluate(data, ALL, **kw)
+    df = spark.createDataFrame(pd.DataFrame(data)).repartition(3)
+    dist = evaluate(df, ALL, **kw)
+    assert [(r.policy, r.estimator) for r in local] == [(r.policy, r.estimator) for r in dist]
+    assert len(local) == 2 * len(ESTIMATORS)
+    for a, b in zip(local, dist):
+        assert a.n == b.n == 1500
+        assert a.hyperparam == b.hyperparam
+        for f in FIELDS:
+            x, y = getattr(a, f), getattr(b, f)
+            if x is None:
+                assert y is None, (a.estimator, f)
+                continue
+            assert x == pytest.approx(y, abs=1e-9, rel=1e-9), (a.policy, a.estimator, f, x, y)
+    # the baseline's own difference is exactly zero, others are paired differences
+    for r in local:
+        if r.policy == "uniform":
+            assert r.diff_to_baseline == 0.0 and r.diff_std_err == pytest.approx(0.0, abs=1e-12)
+        else:
+            assert r.diff_std_err > 0
+
+
+def test_spark_poisson_weight_columns_equal_local_ones(spark):
+    from causalrec.estimators.base import poisson_weight_columns
+
+    ids = np.array([0, 1, 2, -7, 2**40 + 3, 123456789], dtype=np.int64)
+    df = spark.createDataFrame([(int(i),) for i in ids], "row_id long")
+    got = np.array(df.select(*poisson_weight_columns("row_id", 9, 17)).collect(), dtype=float)
+    np.testing.assert_array_equal(got, poisson_weights_local(ids, 9, 17))
+    # and the hash is Spark's xxhash64 bit for bit
+    from pyspark.sql import functions as F
+
+    h = [r[0] for r in df.select(F.xxhash64("row_id", F.lit(3).cast("long"))).collect()]
+    assert h == list(spark_xxhash64(ids, np.int64(3)).view(np.int64))
+
+
+# ------------------------------------------------------------------ bootstrap sanity
+
+
+def test_poisson_weights_have_mean_and_variance_one_and_differ_by_seed():
+    assert POISSON_T == sorted(POISSON_T) and POISSON_T[-1] <= 65536
+    w = poisson_weights_local(np.arange(100_000), 8, seed=1)
+    assert w.shape == (100_000, 8)
+    assert abs(w.mean() - 1) < 0.01 and abs(w.var() - 1) < 0.02
+    assert abs(np.mean(w == 0) - math.exp(-1)) < 0.01
+    w2 = poisson_weights_local(np.arange(100_000), 8, seed=2)
+    assert np.mean(w == w2) < 0.5  # independent seeds: P(equal) = sum p_k^2 ~ 0.31
+    # replicates are uncorrelated
+    c = np.corrcoef(w.T)
+    assert np.abs(c[np.triu_indices(8, 1)]).max() < 0.02
+
+
+def test_bootstrap_std_err_is_close_to_the_analytic_one():
+    data, _ = synthetic_log(4000, 21)
+    res = evaluate(data, [IPS(), SNIPS(), DR(), SNDR()], n_boot=200, seed=3)
+    for r in res:
+        assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
+        assert r.boot_ci_low < r.estimate < r.boot_ci_high
+
+
+def test_unbiased_estimators_cover_the_truth_on_simulated_logs():
+    """Error within the interval (small seed sweep; the 200-seed check is marked slow)."""
+    hits = {n: 0 for n in ("ips", "snips", "dr", "sndr")}
+    seeds = range(20)
+    for s in seeds:
+        data, truth = synthetic_log(2000, 100 + s)
+        for r in evaluate(data, [IPS(), SNIPS(), DR(), SNDR()]):
+            hits[r.estimator] += r.ci_low <= truth <= r.ci_high
+    for name, h in hits.items():
+        assert h >= 16, (name, h)  # P(<=15 of 20 | p=.95) < 0.003
+
+
+@pytest.mark.slow
+def test_95pct_intervals_cover_93_to_97pct_over_200_seeds():
+    hits = {n: 0 for n in ("ips", "snips", "dr", "sndr")}
+    for s in range(200):
+        data, truth = synthetic_log(5000, 1000 + s)
+        for r in evaluate(data, [IPS(), SNIPS(), DR(), SNDR()]):
+            hits[r.estimator] += r.ci_low <= truth <= r.ci_high
+    for name, h in hits.items():
+        assert 0.93 <= h / 200 <= 0.97, (name, h / 200)
