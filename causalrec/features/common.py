@@ -1,0 +1,67 @@
+"""Helpers shared by the feature transforms: the cutoff, what counts as an interaction, item tokens."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Optional, Union
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+Cutoff = Union[str, dt.datetime]
+
+
+def cutoff_lit(cutoff: Cutoff) -> Column:
+    """A timestamp literal for ``cutoff`` (ISO string, read as UTC, or a datetime)."""
+    if isinstance(cutoff, dt.datetime):
+        if cutoff.tzinfo is None:
+            cutoff = cutoff.replace(tzinfo=dt.timezone.utc)
+        return F.lit(cutoff).cast("timestamp")
+    return F.lit(str(cutoff)).cast("timestamp")
+
+
+def resolve_cutoff(events: DataFrame, cutoff: Optional[Cutoff]) -> dt.datetime:
+    """The configured cutoff, or just after the last event (one scalar aggregate, no event collect)."""
+    if cutoff is not None:
+        if isinstance(cutoff, dt.datetime):
+            return cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=dt.timezone.utc)
+        try:
+            parsed = dt.datetime.fromisoformat(str(cutoff).replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"features.cutoff: {cutoff!r} is not an ISO timestamp (e.g. 2024-01-31T00:00:00)") from exc
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    last = events.agg(F.max("event_time").alias("t")).collect()[0]["t"]
+    if last is None:
+        raise ValueError("features: the events table is empty, so there is no cutoff to compute features at")
+    if last.tzinfo is None:  # Spark returns session-local (UTC) naive datetimes
+        last = last.replace(tzinfo=dt.timezone.utc)
+    return last + dt.timedelta(microseconds=1)
+
+
+def events_before(events: DataFrame, cutoff: Cutoff) -> DataFrame:
+    """Events strictly before ``cutoff``: the point-in-time guarantee lives here."""
+    return events.where(F.col("event_time") < cutoff_lit(cutoff))
+
+
+def is_interaction() -> Column:
+    """An event that shows interest: anything but an unclicked impression."""
+    return (F.col("event_type") != F.lit("impression")) | (F.coalesce(F.col("value"), F.lit(0.0)) > 0)
+
+
+def clicks_expr() -> Column:
+    """Clicks: click events, plus impressions whose value is a click (OBD logs one row per impression)."""
+    return F.when(F.col("event_type") == "click", 1.0).when(
+        F.col("event_type") == "impression", F.coalesce(F.col("value"), F.lit(0.0))
+    ).otherwise(0.0)
+
+
+def item_tokens(items: DataFrame) -> DataFrame:
+    """(item_id, token): attribute tokens plus ``category:<c>``; a small dimension table."""
+    attrs = items.select("item_id", F.explode_outer("attributes").alias("token"))
+    cats = items.where(F.col("category").isNotNull()).select(
+        "item_id", F.concat(F.lit("category:"), F.col("category")).alias("token")
+    )
+    return attrs.unionByName(cats).where(F.col("token").isNotNull()).distinct()
+
+
+def safe_name(s: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in s)

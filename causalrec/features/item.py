@@ -1,0 +1,112 @@
+"""Item features as of a cutoff: exposure/interaction counts by window, Bayesian-smoothed rates,
+popularity rank and group (head/mid/tail), attributes and text.
+
+Hot items: every per-item aggregate here is algebraic (count/sum) or HLL
+(``approx_count_distinct``), so Spark aggregates map-side before the shuffle
+(two-stage aggregation) and a hot item sends one partial row per task, not its events.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from causalrec.features.common import Cutoff, clicks_expr, cutoff_lit, events_before, is_interaction
+
+POPULARITY_GROUPS = ("head", "mid", "tail")
+
+
+def item_activity(events: DataFrame, cutoff: Cutoff, windows_days: Sequence[int]) -> DataFrame:
+    ev = events_before(events, cutoff)
+    c = cutoff_lit(cutoff)
+    inter = F.when(is_interaction(), 1).otherwise(0)
+    aggs = [
+        F.count(F.lit(1)).alias("n_exposures"),  # every logged row is an exposure of the item
+        F.sum(inter).cast("long").alias("n_interactions"),
+        F.sum(clicks_expr()).alias("n_clicks"),
+        F.sum(F.when(F.col("event_type") == "purchase", 1).otherwise(0)).cast("long").alias("n_purchases"),
+        F.count(F.when(F.col("event_type") == "rating", F.col("value"))).alias("n_ratings"),
+        F.sum(F.when(F.col("event_type") == "rating", F.col("value"))).alias("rating_sum"),
+        F.approx_count_distinct("user_id").alias("n_users"),
+    ]
+    for w in windows_days:
+        in_w = F.col("event_time") >= c - F.expr(f"INTERVAL {int(w)} DAYS")
+        aggs.append(F.sum(F.when(in_w, 1).otherwise(0)).cast("long").alias(f"n_exposures_{int(w)}d"))
+        aggs.append(F.sum(F.when(in_w, inter).otherwise(0)).cast("long").alias(f"n_interactions_{int(w)}d"))
+    return ev.groupBy("item_id").agg(*aggs)
+
+
+def smoothed_rate(successes: str, trials: str, prior_mean, strength: float):
+    """Beta-binomial posterior mean: (s + k*m) / (n + k), shrinks rare items to the global rate m."""
+    return (F.coalesce(F.col(successes), F.lit(0.0)) + F.lit(strength) * prior_mean) / (
+        F.coalesce(F.col(trials), F.lit(0)).cast("double") + F.lit(strength)
+    )
+
+
+def item_features(events: DataFrame, items: DataFrame, cutoff: Cutoff, *, windows_days: Sequence[int],
+                  prior_strength: float, popularity_groups: Sequence[float],
+                  attribute_vocab: Sequence[str]) -> DataFrame:
+    """One row per item in ``items`` or in the events.
+
+    ``popularity_rank`` is 1 for the item with the most interactions (ties by item_id);
+    ``popularity_group`` is head for the top ``popularity_groups[0]`` share of items,
+    mid up to ``popularity_groups[1]`` (cumulative), tail otherwise. The rank uses one
+    global window over the item dimension table (items, not events).
+    """
+    if len(popularity_groups) != 2 or not 0 < popularity_groups[0] < popularity_groups[1] <= 1:
+        raise ValueError(f"features.popularity_groups: expected two cumulative shares 0 < head < mid <= 1, got {list(popularity_groups)}")
+    act = item_activity(events, cutoff, windows_days)
+    glob = act.agg(
+        (F.sum("n_clicks") / F.greatest(F.sum("n_exposures"), F.lit(1))).alias("g_ctr"),
+        (F.sum("n_purchases") / F.greatest(F.sum("n_exposures"), F.lit(1))).alias("g_cvr"),
+        (F.sum("rating_sum") / F.greatest(F.sum("n_ratings"), F.lit(1))).alias("g_rating"),
+    )
+    ids = items.select("item_id").unionByName(act.select("item_id")).distinct()
+    df = ids.join(act, "item_id", "left").crossJoin(F.broadcast(glob))
+    count_cols = ["n_exposures", "n_interactions", "n_clicks", "n_purchases", "n_ratings", "n_users"] + [
+        f"n_{k}_{int(w)}d" for w in windows_days for k in ("exposures", "interactions")
+    ]
+    df = df.fillna(0, subset=count_cols)
+    k = float(prior_strength)
+    df = (
+        df.withColumn("click_rate", smoothed_rate("n_clicks", "n_exposures", F.col("g_ctr"), k))
+        .withColumn("purchase_rate", smoothed_rate("n_purchases", "n_exposures", F.col("g_cvr"), k))
+        .withColumn("rating_mean", smoothed_rate("rating_sum", "n_ratings", F.col("g_rating"), k))
+        .drop("g_ctr", "g_cvr", "g_rating", "rating_sum")
+    )
+    w_all = Window.orderBy(F.col("n_interactions").desc(), F.col("n_exposures").desc(), F.col("item_id"))
+    df = df.withColumn("popularity_rank", F.row_number().over(w_all)).withColumn(
+        "n_items", F.count(F.lit(1)).over(Window.partitionBy())
+    )
+    share = F.col("popularity_rank") / F.col("n_items")
+    df = df.withColumn(
+        "popularity_pct", share.cast("double")
+    ).withColumn(
+        "popularity_group",
+        F.when(share <= popularity_groups[0], "head").when(share <= popularity_groups[1], "mid").otherwise("tail"),
+    ).drop("n_items")
+    df = df.join(items.select("item_id", "attributes", "category", "text", "price"), "item_id", "left")
+    vec = [F.log1p(F.col(c).cast("double")) for c in count_cols]
+    vec += [F.col("click_rate"), F.col("purchase_rate"), F.col("rating_mean"), F.col("popularity_pct"),
+            F.log1p(F.coalesce(F.col("price"), F.lit(0.0)))]
+    attrs = F.coalesce(F.col("attributes"), F.array().cast("array<string>"))
+    vec += [F.array_contains(attrs, F.lit(t)).cast("double") for t in attribute_vocab]
+    return df.withColumn("feature_vector", F.array(*[v.cast("float") for v in vec]))
+
+
+def item_feature_names(windows_days: Sequence[int], attribute_vocab: Sequence[str]) -> list[str]:
+    count_cols = ["n_exposures", "n_interactions", "n_clicks", "n_purchases", "n_ratings", "n_users"] + [
+        f"n_{k}_{int(w)}d" for w in windows_days for k in ("exposures", "interactions")
+    ]
+    return ([f"log1p_{c}" for c in count_cols] + ["click_rate", "purchase_rate", "rating_mean", "popularity_pct",
+                                                  "log1p_price"] + [f"attr={t}" for t in attribute_vocab])
+
+
+def attribute_vocab(frame: DataFrame, max_size: int) -> list[str]:
+    """The most frequent attribute tokens of a small dimension table (users or items), sorted."""
+    rows = (
+        frame.select(F.explode("attributes").alias("t")).groupBy("t").count()
+        .orderBy(F.col("count").desc(), F.col("t")).limit(int(max_size)).collect()
+    )
+    return sorted(r["t"] for r in rows if r["t"] is not None)

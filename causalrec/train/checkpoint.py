@@ -1,0 +1,87 @@
+"""Checkpoints that rebuild anywhere: safetensors weights + JSON model config and metadata.
+
+Why not pickle: ``torch.load`` of an arbitrary pickle executes code; safetensors holds
+tensors only and the optimizer state is read back with ``weights_only=True``. The
+model config carries everything :func:`causalrec.models.build_model` needs; text
+models also save the encoder's ``config.json`` and the tokenizer next to the
+weights, so scoring needs neither the original encoder folder nor the network.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+META = "meta.json"
+OPTIMIZER = "optimizer.pt"
+ENCODER_CONFIG = "encoder_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def save_checkpoint(directory, model: torch.nn.Module, model_config: dict, meta: dict,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> str:
+    from safetensors.torch import save_model
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    save_model(model, str(d / WEIGHTS))
+    mc = dict(model_config)
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "config"):
+        (d / ENCODER_CONFIG).write_text(json.dumps(encoder.config.to_dict(), default=str))
+        tok_src = mc.get("tokenizer_path") or mc.get("encoder_path")
+        if tok_src and os.path.isdir(tok_src):
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tok_src).save_pretrained(str(d / TOKENIZER_DIR))
+    (d / MODEL_CONFIG).write_text(json.dumps(mc, indent=2, sort_keys=True, default=str))
+    (d / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), d / OPTIMIZER)
+    return str(d)
+
+
+def load_checkpoint(directory, map_location: str = "cpu"):
+    """``-> (model, model_config, meta)``: the model rebuilt from its config with the saved weights."""
+    from safetensors.torch import load_model
+
+    from causalrec.models import build_model
+
+    d = Path(directory)
+    for name in (WEIGHTS, MODEL_CONFIG):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"checkpoint {d} has no {name}; was it written by save_checkpoint?")
+    mc = json.loads((d / MODEL_CONFIG).read_text())
+    meta = json.loads((d / META).read_text()) if (d / META).is_file() else {}
+    build_cfg = dict(mc)
+    if (d / ENCODER_CONFIG).is_file():
+        # rebuild the architecture from the saved config; the weights below replace it all
+        build_cfg["encoder_config"] = json.loads((d / ENCODER_CONFIG).read_text())
+        build_cfg["random_init"] = True
+    if (d / TOKENIZER_DIR).is_dir():
+        mc["tokenizer_path"] = str(d / TOKENIZER_DIR)
+    model = build_model(build_cfg)
+    load_model(model, str(d / WEIGHTS), strict=True, device=map_location)
+    model.eval()
+    return model, mc, meta
+
+
+def load_optimizer_state(directory, optimizer: torch.optim.Optimizer) -> bool:
+    p = Path(directory) / OPTIMIZER
+    if not p.is_file():
+        return False
+    optimizer.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+    return True

@@ -1,0 +1,262 @@
+"""Train stage: fine-tune the recommender on Ray Train from the ``training_examples`` Delta table.
+
+Extract: ``ray.data.read_delta`` of training_examples, split by the ``split``
+partition into train and valid (streamed, sharded one per worker by Ray Train).
+Transform: ``TorchTrainer(train_loop_per_worker)`` with the configured model and
+debiased objective; optionally a Ray Tune + Optuna search first
+(``train.tune_trials > 0``). Load: the best checkpoint's folder and the per-epoch
+metrics into one ``train_runs`` row, which scoring reads to find the model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from datetime import datetime, timezone
+
+log = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["split", "user_idx", "item_idx", "observed", "label", "outcome", "treated", "exposure_propensity",
+                 "treatment_propensity", "features", "history_item_idx", "user_text", "item_text", "is_mcar"]
+
+
+def model_config_from(cfg, n_users: int, n_items: int, n_features: int, global_bias: float = 0.0,
+                      objective: str | None = None) -> dict:
+    """The model config the trainer, the checkpoint and the scorer share."""
+    from causalrec.train.objectives import needs_imputation, needs_uplift
+
+    t = cfg.train
+    objective = objective or t.objective
+    mc = {
+        "model": t.model, "task": t.task, "n_users": int(n_users), "n_items": int(n_items),
+        "n_features": int(n_features), "dim": int(t.embedding_dim), "global_bias": float(global_bias),
+        "uplift": needs_uplift(objective), "imputation": needs_imputation(objective),
+    }
+    if t.model in ("two_tower", "cross_encoder"):
+        from causalrec.models.text import default_encoder_path
+
+        mc.update({
+            "encoder_path": t.model_path or default_encoder_path(), "max_seq_len": int(t.max_seq_len),
+            "history_len": int(cfg.features.history_length), "freeze_layers": -1 if t.freeze_encoder else int(t.freeze_layers),
+            "id_dropout": float(t.id_dropout),
+        })
+    return mc
+
+
+def loop_config_from(cfg, model_config: dict, valid_mode: str, objective: str | None = None) -> dict:
+    t = cfg.train
+    threads = t.torch_threads or max(1, int(round(t.cpus_per_worker)))
+    return {
+        "model_config": model_config, "objective": objective or t.objective, "task": t.task, "clip": t.ips_clip,
+        "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.learning_rate, "encoder_lr": t.encoder_lr,
+        "weight_decay": t.weight_decay, "patience": t.early_stopping_patience, "valid_mode": valid_mode,
+        "bf16": t.bf16, "prefetch_batches": t.prefetch_batches, "torch_threads": threads, "seed": cfg.project.seed,
+        "resume_from": t.resume_from,
+        "hyperparameters": {"learning_rate": t.learning_rate, "weight_decay": t.weight_decay,
+                            "embedding_dim": t.embedding_dim, "batch_size": t.batch_size, "epochs": t.epochs,
+                            "ips_clip": t.ips_clip, "encoder_lr": t.encoder_lr},
+    }
+
+
+def table_stats(cfg) -> dict:
+    """Shape of the training data, streamed from the Delta files' two int columns (constant memory).
+
+    n_users / n_items come from ``id_index`` when present (so ids that only occur in valid/test
+    still get rows), else from the largest index in training_examples; also the feature width, the
+    observed-label mean (the global bias the model starts from) and the row counts per split.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(cfg.table_path("training_examples"))
+    ds = dt.to_pyarrow_dataset()
+    label = "label" if cfg.train.task == "rating" else "outcome"
+    max_u = max_i = -1
+    n = {"train": 0, "valid": 0}
+    lab_sum, lab_n, n_valid_mcar, n_features = 0.0, 0, 0, None
+    for split in ("train", "valid"):
+        scan = ds.scanner(columns=["user_idx", "item_idx", "observed", label, "is_mcar"],
+                          filter=pads.field("split") == split)
+        for b in scan.to_batches():
+            if b.num_rows == 0:
+                continue
+            n[split] += b.num_rows
+            max_u = max(max_u, pc.max(b.column("user_idx")).as_py())
+            max_i = max(max_i, pc.max(b.column("item_idx")).as_py())
+            obs = pc.equal(b.column("observed"), 1)
+            if split == "train":
+                vals = pc.filter(b.column(label), obs)
+                lab_sum += float(pc.sum(vals).as_py() or 0.0)
+                lab_n += len(vals) - vals.null_count
+            else:
+                n_valid_mcar += int(pc.sum(pc.and_(obs, pc.fill_null(b.column("is_mcar"), False))).as_py() or 0)
+    head = ds.head(64, columns=["features"], filter=pads.field("split") == "train").column("features").to_pylist()
+    n_features = max((len(f) for f in head if f is not None), default=0)
+    idx_path = cfg.table_path("id_index")
+    if DeltaTable.is_deltatable(idx_path):
+        t = DeltaTable(idx_path).to_pyarrow_table(columns=["kind", "idx"]).to_pandas()
+        n_users = int(t.loc[t["kind"] == "user", "idx"].max() + 1)
+        n_items = int(t.loc[t["kind"] == "item", "idx"].max() + 1)
+    else:
+        n_users, n_items = max_u + 1, max_i + 1
+    mean = lab_sum / lab_n if lab_n else 0.0
+    if cfg.train.task == "click":
+        p = min(max(mean, 1e-4), 1 - 1e-4)
+        mean = float(np.log(p / (1 - p)))
+    return {"shape": {"n_users": n_users, "n_items": n_items, "n_features": n_features, "global_bias": float(mean)},
+            "rows": n, "valid_mcar_rows": n_valid_mcar}
+
+
+def resolve_valid_mode(cfg, valid_mcar_rows: int) -> str:
+    mode = cfg.train.valid_metric
+    if mode != "auto":
+        return mode
+    return "mcar" if valid_mcar_rows > 0 else "ips"
+
+
+def load_splits(cfg):
+    import ray
+
+    path = cfg.table_path("training_examples")
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(path):
+        raise FileNotFoundError(f"training_examples table {path} does not exist; run the training_set stage first")
+    ds = ray.data.read_delta(path, columns=TRAIN_COLUMNS)
+    train = ds.filter(expr="split == 'train'")
+    valid = ds.filter(expr="split == 'valid'")
+    return train, valid
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg
+    ray = ctx.ray()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from causalrec.train.loop import train_loop_per_worker
+
+    with ctx.step("train: read training_examples"):
+        train_ds, valid_ds = load_splits(cfg)
+        stats = table_stats(cfg)
+        shape = stats["shape"]
+        valid_mode = resolve_valid_mode(cfg, stats["valid_mcar_rows"])
+        n_train, n_valid = stats["rows"]["train"], stats["rows"]["valid"]
+        if n_train == 0:
+            raise ValueError(f"training_examples at {cfg.table_path('training_examples')} has no split='train' rows")
+        ctx.log_rows("training_examples[train]", n_train, "in")
+        ctx.log_rows("training_examples[valid]", n_valid, "in")
+    mc = model_config_from(cfg, **shape)
+    loop_config = loop_config_from(cfg, mc, valid_mode)
+    tuned = None
+    if cfg.train.tune_trials > 0:
+        from causalrec.train.tune import tune_hyperparameters
+
+        with ctx.step(f"train: tune {cfg.train.tune_trials} trials"):
+            tuned = tune_hyperparameters(cfg, loop_config, train_ds, valid_ds)
+        loop_config = tuned["loop_config"]
+
+    run_id = f"{cfg.train.model}-{loop_config['objective']}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    storage = cfg.checkpoint_dir
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+        os.makedirs(storage, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        datasets={"train": train_ds, "valid": valid_ds},
+        run_config=RunConfig(name=run_id, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_metric",
+                                                                checkpoint_score_order="min")),
+    )
+    with ctx.step(f"train: fit {cfg.train.model}/{loop_config['objective']} on {cfg.train.num_workers} workers"):
+        result = trainer.fit()
+    if result.error:
+        raise result.error
+    best = result.get_best_checkpoint(metric="valid_metric", mode="min") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"training run {run_id} reported no checkpoint")
+    # the full per-epoch history (including epochs before a resume) travels in the checkpoint's meta
+    latest = result.checkpoint or best
+    with latest.as_directory() as d:
+        with open(os.path.join(d, "meta.json")) as f:
+            state = json.load(f)["train_state"]
+    history = state["history"]
+    metrics = {"epochs": [{k: _jsonable(r.get(k)) for k in ("epoch", "train_loss", "valid_metric", "valid_rows")}
+                          for r in history],
+               "valid_mode": valid_mode, "stopped_early": state.get("stopped_early", False),
+               "final": {k: _jsonable(v) for k, v in (result.metrics or {}).items()}}
+    best_epoch = state.get("best_epoch")
+    hyper = dict(loop_config["hyperparameters"])
+    if tuned:
+        hyper["tuned"] = tuned["best"]
+    row = {
+        "run_id": run_id, "model": cfg.train.model, "objective": loop_config["objective"], "model_version": run_id,
+        "checkpoint_path": best.path, "metrics_json": json.dumps(metrics), "best_epoch": None if best_epoch is None or best_epoch < 0 else int(best_epoch),
+        "hyperparameters_json": json.dumps(hyper, default=str), "created_at": datetime.now(timezone.utc),
+    }
+    write_train_run(cfg, row)
+    ctx.log_rows("train_runs", 1)
+    _log_mlflow(cfg, run_id, hyper, metrics)
+    return {"run_id": run_id, "checkpoint_path": best.path, "valid_mode": valid_mode, "train_rows": n_train,
+            "valid_rows": n_valid, "best_epoch": row["best_epoch"], "best_valid_metric": _jsonable(
+                state.get("best_valid")), "epochs": len(history)}
+
+
+def _jsonable(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if hasattr(v, "item"):
+        return _jsonable(v.item())
+    return v
+
+
+def write_train_run(cfg, row: dict) -> None:
+    """Append one row to the ``train_runs`` Delta table (schema from :data:`causalrec.schemas.TRAIN_RUNS`)."""
+    import pyarrow as pa
+    import ray
+    from ray.data import SaveMode
+
+    from causalrec.schemas import TRAIN_RUNS
+
+    table = pa.Table.from_pylist([row], schema=TRAIN_RUNS.arrow_schema())
+    ray.data.from_arrow(table).write_delta(cfg.table_path("train_runs"), mode=SaveMode.APPEND)
+
+
+def latest_train_run(cfg, model: str | None = None) -> dict:
+    """The newest ``train_runs`` row (optionally for one model type): what scoring loads."""
+    from deltalake import DeltaTable
+
+    path = cfg.table_path("train_runs")
+    if not DeltaTable.is_deltatable(path):
+        raise FileNotFoundError(f"train_runs table {path} does not exist; run the train stage first")
+    df = DeltaTable(path).to_pyarrow_table().to_pandas()
+    if model:
+        df = df[df["model"] == model]
+    if df.empty:
+        raise LookupError(f"train_runs at {path} has no run" + (f" for model {model!r}" if model else ""))
+    return df.sort_values("created_at").iloc[-1].to_dict()
+
+
+def _log_mlflow(cfg, run_id: str, hyper: dict, metrics: dict) -> None:
+    uri = cfg.train.mlflow_tracking_uri
+    if not uri:
+        return
+    try:
+        import mlflow
+    except ImportError:
+        log.info("train.mlflow_tracking_uri is set but mlflow is not installed; skipping MLflow logging")
+        return
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_name=run_id):
+        mlflow.log_params({k: v for k, v in hyper.items() if not isinstance(v, dict)})
+        for r in metrics["epochs"]:
+            step = int(r["epoch"]) if r.get("epoch") is not None else 0
+            mlflow.log_metrics({k: float(r[k]) for k in ("train_loss", "valid_metric") if r.get(k) is not None}, step=step)

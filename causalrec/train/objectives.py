@@ -1,0 +1,242 @@
+"""Training objectives that correct for how the feedback was logged.
+
+Logged ratings/clicks are missing not at random: users rate what they chose to
+see, platforms show what they expect to be liked. A model fit on the observed
+rows alone (:class:`Naive`) learns the exposure policy's taste along with the
+users'. Each class below is one published correction, as a small dataclass with
+one interface: ``objective(out, batch) -> dict`` holding ``loss`` (the scalar to
+back-propagate) and its named parts, where ``out`` is a model's forward output and
+``batch`` the featurized rows (``observed``, ``label``/``outcome``,
+``exposure_propensity``, ``treated``, ``treatment_propensity``).
+
+The per-pair error ``l`` is the squared error for ratings (``task="rating"``,
+target ``label``) and the log-loss for clicks/purchases (``task="click"``, target
+``outcome``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def target_of(batch: dict, task: str) -> torch.Tensor:
+    """The label the task predicts: ``label`` (rating) or ``outcome`` (click/purchase)."""
+    key = "label" if task == "rating" else ("outcome" if "outcome" in batch else "label")
+    if key not in batch:
+        raise KeyError(f"batch has no {key!r} column, needed for task={task!r}")
+    return batch[key].float()
+
+
+def pointwise_loss(logit: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """Per-row error: squared error (rating) or binary cross-entropy on the logit (click)."""
+    logit = logit.float()
+    if task == "rating":
+        return (logit - target) ** 2
+    return F.binary_cross_entropy_with_logits(logit, target.clamp(0.0, 1.0), reduction="none")
+
+
+def observed_mask(batch: dict, target: torch.Tensor) -> torch.Tensor:
+    """Rows with logged feedback (``observed == 1`` and a non-null target)."""
+    obs = batch["observed"].float() > 0.5 if "observed" in batch else torch.ones_like(target, dtype=torch.bool)
+    return obs & ~torch.isnan(target)
+
+
+def inverse_propensity(p: torch.Tensor, clip: float) -> torch.Tensor:
+    """``1 / max(p, clip)``: clipping bounds the variance at the price of a small bias (Schnabel 2016)."""
+    return 1.0 / p.float().clamp(min=clip)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, torch.zeros_like(x))
+
+
+@dataclass
+class Naive:
+    """Mean error over observed rows: the biased baseline, ``(1/|O|) sum_{O} l``."""
+
+    task: str = "rating"
+
+    def __call__(self, out: dict, batch: dict) -> dict:
+        y = target_of(batch, self.task)
+        m = observed_mask(batch, y)
+        l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), self.task), m)
+        loss = l.sum() / m.sum().clamp(min=1)
+        return {"loss": loss}
+
+
+@dataclass
+class IPS:
+    """Inverse propensity scoring with clipping (Schnabel et al. 2016, "Recommendations as Treatments").
+
+    ``L = (1/|O|) sum_{(u,i) in O} l_ui / max(p_ui, clip)``, ``p_ui = P(observed)``. This is the
+    paper's unbiased estimate of the full-matrix error ``(1/(U I)) sum_{O} l/p`` times the constant
+    ``U I / |O|``, which does not move the minimiser and keeps the loss on the naive scale.
+    """
+
+    task: str = "rating"
+    clip: float = 0.01
+
+    def __call__(self, out: dict, batch: dict) -> dict:
+        y = target_of(batch, self.task)
+        m = observed_mask(batch, y)
+        w = _masked(inverse_propensity(batch["exposure_propensity"], self.clip), m)
+        l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), self.task), m)
+        return {"loss": (w * l).sum() / m.sum().clamp(min=1), "mean_weight": w.sum() / m.sum().clamp(min=1)}
+
+
+@dataclass
+class SNIPS:
+    """Self-normalised IPS (Swaminathan & Joachims 2015; Schnabel et al. 2016).
+
+    ``L = sum_O w l / sum_O w`` with ``w = 1 / max(p, clip)``: a ratio estimator, slightly biased
+    but far less variable than IPS when a few propensities are tiny.
+    """
+
+    task: str = "rating"
+    clip: float = 0.01
+
+    def __call__(self, out: dict, batch: dict) -> dict:
+        y = target_of(batch, self.task)
+        m = observed_mask(batch, y)
+        w = _masked(inverse_propensity(batch["exposure_propensity"], self.clip), m)
+        l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), self.task), m)
+        return {"loss": (w * l).sum() / w.sum().clamp(min=1e-12)}
+
+
+@dataclass
+class DRJointLearning:
+    """Doubly robust joint learning (Wang, Zhang, Sun & Qi, ICML 2019).
+
+    Over every row (observed pairs and sampled unobserved pairs, ``o`` = observed):
+
+    * prediction model: ``L_pred = (1/N) sum [ e_hat + o (e - e_hat) / p ]`` where ``e = l(pred, y)``
+      is the true error (observed rows only) and ``e_hat = l(pred, g)`` the error imputed with the
+      imputation model's prediction ``g`` (held fixed for this part). Unbiased when *either* the
+      propensities or the imputed errors are right.
+    * imputation model: ``L_imp = (1/|O|) sum_O (e - e_hat)^2 / p`` (the prediction held fixed),
+      which fits the imputed errors where it matters for the DR estimator's bias.
+
+    Both are minimised together in one backward pass; ``detach`` keeps each gradient on its own model.
+    """
+
+    task: str = "rating"
+    clip: float = 0.01
+    imputation_weight: float = 1.0
+
+    def __call__(self, out: dict, batch: dict) -> dict:
+        if "imputation" not in out:
+            raise KeyError("DR joint learning needs a model built with imputation=True (output 'imputation')")
+        y = target_of(batch, self.task)
+        o = observed_mask(batch, y)
+        of = o.float()
+        w = inverse_propensity(batch["exposure_propensity"], self.clip)
+        pred = out["logit"]
+        g = out["imputation"].float()
+        y0 = torch.nan_to_num(y)
+        e = _masked(pointwise_loss(pred, y0, self.task), o)
+        e_hat = pointwise_loss(pred, g.detach(), self.task)
+        l_pred = (e_hat + of * (e - e_hat) * w).mean()
+        e_hat_imp = pointwise_loss(pred.detach(), g, self.task)
+        l_imp = (of * (e.detach() - e_hat_imp) ** 2 * w).sum() / o.sum().clamp(min=1)
+        return {"loss": l_pred + self.imputation_weight * l_imp, "loss_pred": l_pred, "loss_imputation": l_imp}
+
+
+@dataclass
+class UpliftIPW:
+    """Unbiased learning of the causal effect of recommending (in the spirit of Sato et al. 2020).
+
+    The uplift head pair is trained with inverse *treatment*-propensity weights ``e = P(T=1|x)``
+    (clipped to ``[clip, 1-clip]``), self-normalised within each arm:
+
+    ``L_1 = sum T l(y1, y)/e / sum T/e``, ``L_0 = sum (1-T) l(y0, y)/(1-e) / sum (1-T)/(1-e)``
+
+    so each head estimates its potential outcome over the whole population, not only where the
+    logging policy acted. Optionally (``transformed_outcome_weight > 0``) the difference is also
+    regressed on the unbiased per-row effect ``Y* = Y (T/e - (1-T)/(1-e))``, whose expectation
+    given x is the effect itself (Athey & Imbens 2015); Sato et al. use this identity to
+    evaluate and learn uplift from logged data. The relevance head gets the exposure-IPS loss.
+    """
+
+    task: str = "click"
+    clip: float = 0.01
+    relevance_weight: float = 1.0
+    transformed_outcome_weight: float = 0.0
+
+    def __call__(self, out: dict, batch: dict) -> dict:
+        for k in ("y1_logit", "y0_logit"):
+            if k not in out:
+                raise KeyError("the uplift objective needs a model built with uplift=True (outputs y1, y0)")
+        if "treated" not in batch or "treatment_propensity" not in batch:
+            raise KeyError("the uplift objective needs 'treated' and 'treatment_propensity' in the batch")
+        y = target_of(batch, self.task)
+        t = batch["treated"].float()
+        m = observed_mask(batch, y) & ~torch.isnan(t) & ~torch.isnan(batch["treatment_propensity"].float())
+        e = torch.nan_to_num(batch["treatment_propensity"].float(), nan=0.5).clamp(self.clip, 1.0 - self.clip)
+        t0 = torch.nan_to_num(t)
+        y0v = torch.nan_to_num(y)
+        w1 = _masked(t0 / e, m)
+        w0 = _masked((1.0 - t0) / (1.0 - e), m)
+        l1 = (w1 * pointwise_loss(out["y1_logit"], y0v, self.task)).sum() / w1.sum().clamp(min=1e-12)
+        l0 = (w0 * pointwise_loss(out["y0_logit"], y0v, self.task)).sum() / w0.sum().clamp(min=1e-12)
+        parts = {"loss_y1": l1, "loss_y0": l0}
+        loss = l1 + l0
+        if self.relevance_weight:
+            rel = IPS(self.task, self.clip)(out, batch)["loss"]
+            parts["loss_relevance"] = rel
+            loss = loss + self.relevance_weight * rel
+        if self.transformed_outcome_weight:
+            y_star = y0v * (t0 / e - (1.0 - t0) / (1.0 - e))
+            l_to = _masked((out["uplift"].float() - y_star) ** 2, m).sum() / m.sum().clamp(min=1)
+            parts["loss_transformed_outcome"] = l_to
+            loss = loss + self.transformed_outcome_weight * l_to
+        return {"loss": loss, **parts}
+
+
+OBJECTIVES = {"naive": Naive, "ips": IPS, "snips": SNIPS, "dr_jl": DRJointLearning, "uplift": UpliftIPW}
+
+
+def build_objective(name: str, task: str = "rating", clip: float = 0.01, **kwargs):
+    """Objective by config name (``train.objective``)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    if cls is Naive:
+        return cls(task=task)
+    return cls(task=task, clip=clip, **kwargs)
+
+
+def needs_imputation(name: str) -> bool:
+    return name == "dr_jl"
+
+
+def needs_uplift(name: str) -> bool:
+    return name == "uplift"
+
+
+# --------------------------------------------------------------------------- unbiased validation
+
+
+def validation_sums(out: dict, batch: dict, task: str, mode: str, clip: float = 0.01) -> torch.Tensor:
+    """``[sum w l, sum w, rows]`` for one batch; ``metric = sum w l / sum w`` after summing over batches/workers.
+
+    ``mode="mcar"``: plain mean error over the random-exposure rows (``is_mcar``): unbiased by design.
+    ``mode="ips"``: self-normalised IPS estimate of the error over all pairs from the logged rows.
+    ``mode="naive"``: plain mean over observed rows (biased; for comparison only).
+    """
+    y = target_of(batch, task)
+    m = observed_mask(batch, y)
+    if mode == "mcar":
+        if "is_mcar" not in batch:
+            raise KeyError("validation mode 'mcar' needs the is_mcar column")
+        m = m & (batch["is_mcar"].float() > 0.5)
+        w = m.float()
+    elif mode == "ips":
+        w = _masked(inverse_propensity(batch["exposure_propensity"], clip), m)
+    elif mode == "naive":
+        w = m.float()
+    else:
+        raise ValueError(f"validation metric mode {mode!r}; expected mcar, ips or naive")
+    l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), task), m)
+    return torch.stack([(w * l).sum().double(), w.sum().double(), m.sum().double()])

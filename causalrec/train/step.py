@@ -1,0 +1,90 @@
+"""One optimisation step and one evaluation pass, free of Ray.
+
+Why separate: the Ray Train loop, Ray Tune trials, the Coat results script and the
+GPU benchmark (a machine with only torch + transformers) must run the *same* step,
+so a number measured in one place means the same thing in the others. Imports
+only torch and causalrec.train.objectives.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from causalrec.train.objectives import validation_sums
+
+
+def to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast_for(device: torch.device, bf16: bool):
+    """bf16 autocast on GPU (no loss scaling needed, unlike fp16); a no-op elsewhere."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, encoder_lr: Optional[float] = None):
+    """AdamW; the pre-trained encoder (if any) gets its own, usually smaller, learning rate.
+
+    Biases (the global bias, user/item bias tables, layer biases and norms) are not decayed:
+    shrinking the global bias towards 0 would bias every predicted rating.
+    """
+    buckets: dict = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_enc = ".encoder." in f".{name}" or name.startswith("encoder.")
+        no_decay = p.ndim < 2 or "bias" in name or "norm" in name.lower()
+        buckets.setdefault((is_enc, no_decay), []).append(p)
+    groups = []
+    for (is_enc, no_decay), params in buckets.items():
+        groups.append({"params": params, "lr": (encoder_lr if encoder_lr is not None else lr) if is_enc else lr,
+                       "weight_decay": 0.0 if no_decay else weight_decay})
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    # fused: one kernel for the whole update on GPU instead of a few per parameter tensor
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True if on_cuda else None)
+
+
+def train_step(model: torch.nn.Module, objective: Callable, batch: dict, optimizer: torch.optim.Optimizer,
+               *, device: torch.device = torch.device("cpu"), bf16: bool = False,
+               max_grad_norm: Optional[float] = 5.0) -> dict:
+    """Forward, objective, backward, clip, step. Returns the objective's parts as floats."""
+    model.train()
+    batch = to_device(batch, device)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_for(device, bf16):
+        out = model(batch)
+    parts = objective(out, batch)
+    loss = parts["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss {loss.item()} (parts: "
+                                 f"{ {k: float(v) for k, v in parts.items()} })")
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def validation_totals(model: torch.nn.Module, batches: Iterable[dict], task: str, mode: str, clip: float,
+                      *, device: torch.device = torch.device("cpu"), bf16: bool = False) -> torch.Tensor:
+    """Sum :func:`validation_sums` over batches: ``[sum w l, sum w, rows]`` (all-reduce these across workers)."""
+    model.eval()
+    total = torch.zeros(3, dtype=torch.float64)
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast_for(device, bf16):
+            out = model(batch)
+        total += validation_sums(out, batch, task, mode, clip).cpu()
+    return total
+
+
+def metric_from_totals(total: torch.Tensor) -> float:
+    """The unbiased validation error (lower is better); NaN when no validation row had weight."""
+    return float(total[0] / total[1]) if float(total[1]) > 0 else float("nan")

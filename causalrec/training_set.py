@@ -1,0 +1,236 @@
+"""Training-set stage: labels + point-in-time features + propensities -> ``training_examples``.
+
+Extract events (and mcar_events), users, items, exposure_propensity, treatment_propensity;
+transform: assign splits, build features from the events a model may see, join;
+load ``id_index`` and ``training_examples`` (partitioned by split,
+``training_set.files_per_split`` files per split so Ray Train shards evenly).
+
+Splits (``training_set.split``):
+
+* ``given``: the data set's own split. Coat: the MNAR ratings are train, with a random
+  ``valid_fraction`` slice as valid; the MCAR ratings are test (``is_mcar``). Data whose
+  events carry ``context.split`` (Amazon's leave-one-out) keep it.
+* ``time``: the last ``test_fraction`` of labelled events by time are test, the
+  ``valid_fraction`` before them valid; features are computed as of the train end.
+* ``random_user``: users are hashed into test / valid / train.
+
+Leakage guards: features (counts, rating means, history, co-occurrence) are built
+only from events that are not valid/test labels and, for the time split, only from
+events before the train end; a (user, item) pair that is in test is never in train
+or valid. Observed=0 rows are the propensity stage's sampled unobserved pairs (train
+only), carrying their exposure propensity, for doubly-robust joint learning.
+"""
+from __future__ import annotations
+
+import logging
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from causalrec.features.common import item_tokens  # noqa: F401  (re-exported for callers)
+from causalrec.features.job import build_features
+from causalrec.features.pair import PAIR_FEATURE_NAMES, item_cooccurrence, pair_features
+from causalrec.features.user import user_attribute_counts, user_history, user_item_counts
+from causalrec.propensity.exposure import label_event_type
+from causalrec.schemas import ID_INDEX, TRAINING_EXAMPLES, conform
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+
+
+def _frac(*cols, salt: str):
+    return (F.abs(F.xxhash64(F.lit(salt), *cols)) % 100_000) / 100_000.0
+
+
+def outcome_expr(event_type: str, threshold: float):
+    if event_type == "rating":
+        return (F.col("value") >= F.lit(threshold)).cast("double")
+    if event_type in ("impression", "click"):
+        return (F.coalesce(F.col("value"), F.lit(0.0)) > 0).cast("double")
+    return F.lit(1.0)  # purchase / add_to_cart / view: the event itself is the outcome
+
+
+def assign_splits(labelled: DataFrame, cfg, has_mcar: bool) -> tuple[DataFrame, object]:
+    """``labelled`` plus ``split``; returns (df, feature cutoff or None)."""
+    ts = cfg.training_set
+    if ts.split == "given":
+        given = F.get_json_object(F.col("context"), "$.split")
+        has_given = labelled.where(given.isin("valid", "test")).limit(1).count() > 0
+        if has_given:
+            return labelled.withColumn("split", F.when(given.isin(*SPLITS), given).otherwise("train")), None
+        if not has_mcar:
+            raise ValueError("training_set.split=given: the events carry no context.split and there is no "
+                             "mcar_events table to use as test; use split=time or random_user")
+        split = F.when(_frac(F.col("event_id"), salt="valid") < ts.valid_fraction, "valid").otherwise("train")
+        return labelled.withColumn("split", split), None
+    if ts.split == "time":
+        t = F.col("event_time").cast("double")
+        q = labelled.select(t.alias("t")).approxQuantile("t", [1 - ts.test_fraction - ts.valid_fraction,
+                                                               1 - ts.test_fraction], 0.0001)
+        b_valid, b_test = q
+        split = F.when(t >= b_test, "test").when(t >= b_valid, "valid").otherwise("train")
+        import datetime as dt
+
+        cutoff = dt.datetime.fromtimestamp(b_valid, tz=dt.timezone.utc)
+        return labelled.withColumn("split", split), cutoff
+    if ts.split == "random_user":
+        f = _frac(F.col("user_id"), salt="random_user")
+        split = F.when(f < ts.test_fraction, "test").when(f < ts.test_fraction + ts.valid_fraction, "valid").otherwise("train")
+        return labelled.withColumn("split", split), None
+    raise ValueError(f"training_set.split: unknown {ts.split!r}; expected given, time or random_user")
+
+
+def build_id_index(spark, users: DataFrame, items: DataFrame, *event_frames: DataFrame) -> DataFrame:
+    """(kind, id, idx): dense 0-based indices in id order (zipWithIndex: no single-partition window)."""
+    def index(kind, ids):
+        rdd = ids.distinct().orderBy("id").rdd.zipWithIndex().map(lambda r: (kind, r[0][0], int(r[1])))
+        return spark.createDataFrame(rdd, ID_INDEX.spark_schema())
+
+    uids = users.select(F.col("user_id").alias("id"))
+    iids = items.select(F.col("item_id").alias("id"))
+    for ev in event_frames:
+        uids = uids.unionByName(ev.select(F.col("user_id").alias("id")))
+        iids = iids.unionByName(ev.select(F.col("item_id").alias("id")))
+    return index("user", uids).unionByName(index("item", iids))
+
+
+def build_training_examples(events: DataFrame, users: DataFrame, items: DataFrame, exposure: DataFrame,
+                            treatment: DataFrame | None, id_index: DataFrame, cfg,
+                            mcar: DataFrame | None = None) -> DataFrame:
+    ts = cfg.training_set
+    etype = label_event_type(events, ts.label_event_type)
+    labelled = events.where(F.col("event_type") == etype)
+    labelled, cutoff = assign_splits(labelled, cfg, mcar is not None)
+    labelled = labelled.withColumn("is_mcar", F.lit(False))
+    if mcar is not None:
+        m = mcar.where(F.col("event_type") == etype).withColumn("split", F.lit("test")).withColumn("is_mcar", F.lit(True))
+        labelled = labelled.unionByName(m)
+    # a pair that is tested on is never trained or validated on
+    test_pairs = labelled.where(F.col("split") == "test").select("user_id", "item_id").distinct()
+    keep = labelled.where(F.col("split") == "test").unionByName(
+        labelled.where(F.col("split") != "test").join(test_pairs, ["user_id", "item_id"], "left_anti"))
+    labelled = keep
+
+    # features only from what training may see
+    held_ids = labelled.where(F.col("split") != "train").select("event_id")
+    feat_events = events.join(held_ids, "event_id", "left_anti")
+    ft = build_features(feat_events, users, items, cfg, cutoff=cutoff)
+    cut = ft.cutoff
+
+    obs = labelled.select(
+        F.col("event_id").alias("example_id"), "split", "user_id", "item_id", F.lit(1).alias("observed"),
+        F.col("value").alias("label"), outcome_expr(etype, ts.positive_threshold).alias("outcome"),
+        F.col("recommended").cast("int").alias("treated"), "is_mcar", "event_time", "event_id", "logged_propensity",
+    )
+    exp_obs = exposure.where(F.col("observed") == 1).select("user_id", "item_id", F.col("exposure_propensity").alias("_pe"))
+    obs = obs.join(exp_obs, ["user_id", "item_id"], "left").withColumn(
+        # MCAR rows: the random design's own probability; logged rows: the model's
+        "exposure_propensity",
+        F.when(F.col("is_mcar"), F.coalesce(F.col("logged_propensity"), F.col("_pe"), F.lit(1.0)))
+        .otherwise(F.coalesce(F.col("_pe"), F.lit(cfg.propensity.clip_min))),
+    ).drop("_pe", "logged_propensity")
+    if treatment is not None:
+        obs = obs.join(treatment.select("event_id", F.col("treatment_propensity")), "event_id", "left")
+    else:
+        obs = obs.withColumn("treatment_propensity", F.lit(None).cast("double"))
+    obs = obs.drop("event_id")
+
+    ratio = float(ts.unobserved_per_observed)
+    fit_ratio = max(ratio, 1.0)
+    unobs = exposure.where(F.col("observed") == 0)
+    if ratio < fit_ratio:
+        unobs = unobs.where(_frac(F.col("user_id"), F.col("item_id"), salt="unobs") < ratio / fit_ratio)
+    non_train_pairs = labelled.where(F.col("split") != "train").select("user_id", "item_id").distinct()
+    unobs = unobs.join(non_train_pairs, ["user_id", "item_id"], "left_anti")
+    unobs = unobs.select(
+        F.concat(F.lit("unobs:"), F.col("user_id"), F.lit(":"), F.col("item_id")).alias("example_id"),
+        F.lit("train").alias("split"), "user_id", "item_id", F.lit(0).alias("observed"),
+        F.lit(None).cast("double").alias("label"), F.lit(None).cast("double").alias("outcome"),
+        F.lit(None).cast("int").alias("treated"), F.lit(False).alias("is_mcar"),
+        F.lit(None).cast("timestamp").alias("event_time"), "exposure_propensity",
+        F.lit(None).cast("double").alias("treatment_propensity"),
+    )
+    ex = obs.unionByName(unobs if ratio > 0 else unobs.limit(0))
+
+    # features: user vector ++ item vector ++ pair vector, all as of the cutoff
+    hist = user_history(feat_events, cut, cfg.features.history_length)
+    pf = pair_features(ex, attr_counts=user_attribute_counts(feat_events, items, cut), ui_counts=user_item_counts(feat_events, cut),
+                       items=items, history=hist, cooc=item_cooccurrence(hist))
+    nu, ni = len(ft.user_names), len(ft.item_names)
+    zeros = lambda n: F.array_repeat(F.lit(0.0).cast("float"), n)  # noqa: E731
+    uf = ft.users.select("user_id", F.col("feature_vector").alias("_uv"), "history_item_ids", F.col("text").alias("_utext"))
+    itf = ft.items.select("item_id", F.col("feature_vector").alias("_iv"), F.col("text").alias("item_text"))
+    ex = (ex.join(uf, "user_id", "left").join(F.broadcast(itf), "item_id", "left")
+          .join(pf.select("user_id", "item_id", "pair_vector"), ["user_id", "item_id"], "left"))
+    ex = ex.withColumn("features", F.concat(F.coalesce("_uv", zeros(nu)), F.coalesce("_iv", zeros(ni)),
+                                            F.coalesce("pair_vector", zeros(len(PAIR_FEATURE_NAMES)))))
+
+    uidx = id_index.where(F.col("kind") == "user").select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
+    iidx = id_index.where(F.col("kind") == "item").select(F.col("id").alias("item_id"), F.col("idx").alias("item_idx"))
+    ex = ex.join(uidx, "user_id").join(F.broadcast(iidx), "item_id")
+
+    # history as dense indices and as text, per user (users, not examples, are exploded)
+    users_hist = ft.users.select("user_id", F.posexplode("history_item_ids").alias("pos", "item_id"))
+    users_hist = users_hist.join(F.broadcast(iidx), "item_id").join(
+        F.broadcast(ft.items.select("item_id", F.col("text").alias("_it"))), "item_id", "left")
+    per_user = users_hist.groupBy("user_id").agg(
+        F.transform(F.sort_array(F.collect_list(F.struct("pos", "item_idx"))), lambda s: s["item_idx"]).alias("history_item_idx"),
+        F.slice(F.transform(F.sort_array(F.collect_list(F.struct("pos", F.coalesce("_it", "item_id").alias("t")))),
+                            lambda s: s["t"]), 1, 5).alias("_recent_text"),
+    )
+    ex = ex.join(per_user, "user_id", "left")
+    ex = ex.withColumn("history_item_idx", F.coalesce("history_item_idx", F.array().cast("array<int>")))
+    ex = ex.withColumn("user_text", F.concat_ws(
+        ". ", F.col("_utext"),
+        F.when(F.size(F.coalesce("_recent_text", F.array().cast("array<string>"))) > 0,
+               F.concat(F.lit("Recently: "), F.array_join("_recent_text", "; ")))))
+    return conform(ex, TRAINING_EXAMPLES)
+
+
+def files_layout(df: DataFrame, files_per_split: int) -> DataFrame:
+    """Exactly one shuffle partition per (split, bucket), so the writer makes ``files_per_split`` files per split.
+
+    ``repartition(n, key)`` sends a row to pmod(murmur3(key), n); we pick, once on the
+    driver, one int key per target partition (a tiny Spark job over candidate ints), so
+    no two (split, bucket) groups share a task and no task writes two files of one split.
+    """
+    n = len(SPLITS) * files_per_split
+    spark = df.sparkSession
+    cand = spark.range(0, 64 * n).select(F.col("id").cast("int").alias("k"))
+    cand = cand.select("k", F.pmod(F.hash("k"), F.lit(n)).alias("p")).groupBy("p").agg(F.min("k").alias("k")).collect()
+    key_of = {int(r["p"]): int(r["k"]) for r in cand}
+    if len(key_of) < n:
+        raise RuntimeError(f"files_layout: could not find {n} distinct partition keys")
+    keys = [key_of[p] for p in range(n)]
+    combo = F.array_position(F.array(*[F.lit(s) for s in SPLITS]), F.col("split")).cast("int") - 1
+    combo = combo * files_per_split + F.pmod(F.xxhash64(F.col("example_id")), F.lit(files_per_split)).cast("int")
+    key = F.element_at(F.array(*[F.lit(k) for k in keys]), combo + 1)
+    return df.withColumn("_pkey", key.cast("int")).repartition(n, "_pkey").drop("_pkey")
+
+
+def run(ctx) -> dict:
+    cfg, store, spark = ctx.cfg, ctx.store, ctx.spark
+    with ctx.step("training_set: extract"):
+        events, users, items = store.read("events"), store.read("users"), store.read("items")
+        mcar = store.read("mcar_events") if store.exists("mcar_events") else None
+        exposure = store.read("exposure_propensity")
+        treatment = store.read("treatment_propensity") if store.exists("treatment_propensity") else None
+        for t in ("events", "mcar_events", "exposure_propensity", "treatment_propensity"):
+            if store.exists(t):
+                ctx.log_rows(t, store.row_count(t), "in")
+    with ctx.step("training_set: id_index"):
+        frames = [events] + ([mcar] if mcar is not None else [])
+        store.write(build_id_index(spark, users, items, *frames), "id_index", "overwrite", spec=ID_INDEX,
+                    overwrite_schema=True)
+        id_index = store.read("id_index")
+        ctx.log_rows("id_index", store.row_count("id_index"))
+    with ctx.step("training_set: build + load"):
+        ex = build_training_examples(events, users, items, exposure, treatment, id_index, cfg, mcar)
+        store.write(files_layout(ex, cfg.training_set.files_per_split), "training_examples", "overwrite",
+                    spec=TRAINING_EXAMPLES, overwrite_schema=True, rows_per_file=1 << 40)
+    counts = {r["split"]: r["count"] for r in store.read("training_examples").groupBy("split").count().collect()}
+    for s, n in sorted(counts.items()):
+        ctx.log_rows(f"training_examples[{s}]", n)
+    return {"training_examples": counts, "split": cfg.training_set.split,
+            "files_per_split": cfg.training_set.files_per_split, "id_index": store.row_count("id_index")}

@@ -1,0 +1,188 @@
+"""Feature transforms: point-in-time correctness, counts/rates on a hand-made log, popularity groups."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from causalrec.config import Config
+from causalrec.schemas import EVENTS, ITEMS, USERS, conform
+
+UTC = dt.timezone.utc
+
+
+def make_events(spark, rows):
+    """rows: (event_id, user, item, 'YYYY-MM-DD HH:MM', event_type, value[, recommended, logged_propensity])."""
+    recs = []
+    for r in rows:
+        eid, u, i, t, et, v = r[:6]
+        ts = dt.datetime.fromisoformat(t).replace(tzinfo=UTC)
+        recs.append({
+            "event_id": eid, "user_id": u, "item_id": i, "event_time": ts, "event_date": ts.date(),
+            "event_type": et, "value": float(v) if v is not None else None,
+            "recommended": r[6] if len(r) > 6 else None,
+            "logged_propensity": r[7] if len(r) > 7 else None, "ingest_batch": "test",
+        })
+    from pyspark.sql import types as T
+
+    schema = T.StructType([f for f in EVENTS.spark_schema().fields if f.name in recs[0]])
+    df = spark.createDataFrame([tuple(r[f.name] for f in schema.fields) for r in recs], schema)
+    return conform(df, EVENTS)
+
+
+def make_items(spark, rows):
+    """rows: (item_id, [attributes], category, text)."""
+    df = spark.createDataFrame([(i, a, c, t, None) for i, a, c, t in rows], ITEMS.spark_schema())
+    return df
+
+
+def make_users(spark, rows):
+    return spark.createDataFrame([(u, a, t, s) for u, a, t, s in rows], USERS.spark_schema())
+
+
+def small_world(spark):
+    items = make_items(spark, [
+        ("i1", ["color:red"], "shoes", "red shoes"),
+        ("i2", ["color:blue"], "shoes", "blue shoes"),
+        ("i3", ["color:red"], "hats", "red hat"),
+        ("i4", ["color:green"], "hats", "green hat"),
+        ("i5", [], "hats", "plain hat"),
+    ])
+    users = make_users(spark, [("u1", ["gender:women"], "a woman", "a"), ("u2", ["gender:men"], "a man", "b"),
+                               ("u3", None, None, None)])
+    events = make_events(spark, [
+        ("e1", "u1", "i1", "2024-01-01 10:00", "rating", 5),
+        ("e2", "u1", "i2", "2024-01-05 10:00", "rating", 3),
+        ("e3", "u1", "i3", "2024-01-09 10:00", "rating", 4),
+        ("e4", "u2", "i1", "2024-01-02 10:00", "impression", 1),
+        ("e5", "u2", "i2", "2024-01-03 10:00", "impression", 0),
+        ("e6", "u2", "i1", "2024-01-08 10:00", "purchase", 1),
+        ("e7", "u3", "i1", "2024-01-09 12:00", "rating", 2),
+        # after the cutoff (2024-01-10): must not leak anywhere
+        ("e8", "u1", "i4", "2024-01-10 00:00", "rating", 1),
+        ("e9", "u2", "i4", "2024-01-11 00:00", "purchase", 1),
+        ("e10", "u3", "i5", "2024-02-01 00:00", "impression", 1),
+    ])
+    return events, users, items
+
+
+def _cfg():
+    c = Config()
+    c.features.windows_days = [3, 30]
+    c.features.history_length = 2
+    c.features.smoothing_prior_strength = 2.0
+    c.features.popularity_groups = [0.2, 0.6]
+    return c
+
+
+def test_counts_rates_and_history_on_hand_made_log(spark):
+    from causalrec.features.job import build_features
+
+    events, users, items = small_world(spark)
+    ft = build_features(events, users, items, _cfg(), cutoff="2024-01-10T00:00:00")
+    u = {r["user_id"]: r for r in ft.users.collect()}
+    assert set(u) == {"u1", "u2", "u3"}
+    assert u["u1"]["n_events"] == 3 and u["u1"]["n_rating"] == 3
+    # window: ratings within 3 days of the cutoff -> only e3 (Jan 9)
+    assert u["u1"]["n_rating_3d"] == 1 and u["u1"]["n_rating_30d"] == 3
+    assert u["u1"]["rating_mean"] == pytest.approx(4.0)
+    assert u["u1"]["rating_var"] == pytest.approx(2.0 / 3.0)
+    assert u["u1"]["history_item_ids"] == ["i3", "i2"]  # most recent first, bounded to 2
+    # unclicked impression is not an interaction: u2's history is the purchase and the clicked impression
+    assert u["u2"]["history_item_ids"] == ["i1", "i1"][:1] + ["i1"] or u["u2"]["history_item_ids"][0] == "i1"
+    assert "i2" not in u["u2"]["history_item_ids"]
+    assert u["u1"]["recency_days"] == pytest.approx((14 / 24), abs=1e-6)
+    assert u["u1"]["top_category"] == "shoes"
+    assert len(u["u1"]["feature_vector"]) == len(ft.user_names)
+
+    it = {r["item_id"]: r for r in ft.items.collect()}
+    # i1: e1 rating, e4 clicked impression, e6 purchase, e7 rating -> 4 exposures, 1 click
+    assert it["i1"]["n_exposures"] == 4 and it["i1"]["n_clicks"] == 1.0 and it["i1"]["n_purchases"] == 1
+    # global ctr = clicks / exposures over all items before cutoff = 1 / 7; smoothing k = 2
+    g = 1.0 / 7.0
+    assert it["i1"]["click_rate"] == pytest.approx((1 + 2 * g) / (4 + 2))
+    assert it["i4"]["n_exposures"] == 0 and it["i4"]["click_rate"] == pytest.approx(g)  # prior for unseen items
+    # rating mean smoothed toward the global mean (5+3+4+2)/4 = 3.5
+    assert it["i1"]["rating_mean"] == pytest.approx((7 + 2 * 3.5) / (2 + 2))
+    assert it["i1"]["text"] == "red shoes" and it["i1"]["attributes"] == ["color:red"]
+    assert len(it["i1"]["feature_vector"]) == len(ft.item_names)
+
+
+def test_future_events_do_not_leak(spark):
+    """Features as of the cutoff are identical with and without every event at/after the cutoff."""
+    from pyspark.sql import functions as F
+
+    from causalrec.features.job import build_features
+
+    events, users, items = small_world(spark)
+    cut = "2024-01-10T00:00:00"
+    past_only = events.where(F.col("event_time") < F.lit(cut).cast("timestamp"))
+    assert past_only.count() == 7
+    a = build_features(events, users, items, _cfg(), cutoff=cut)
+    b = build_features(past_only, users, items, _cfg(), cutoff=cut)
+
+    def rows(df, key):
+        return sorted((r.asDict() for r in df.collect()), key=lambda r: r[key])
+
+    assert rows(a.users, "user_id") == rows(b.users, "user_id")
+    assert rows(a.items, "item_id") == rows(b.items, "item_id")
+    # and the future events would have changed them: i4 has a future rating and purchase
+    later = build_features(events, users, items, _cfg(), cutoff="2024-03-01T00:00:00")
+    assert {r["item_id"]: r["n_exposures"] for r in later.items.collect()}["i4"] == 2
+
+
+def test_popularity_groups(spark):
+    from causalrec.features.job import build_features
+
+    events, users, items = small_world(spark)
+    ft = build_features(events, users, items, _cfg(), cutoff="2024-01-10T00:00:00")
+    it = {r["item_id"]: (r["popularity_rank"], r["popularity_group"]) for r in ft.items.collect()}
+    # interactions before cutoff: i1 = 4 (2 ratings, clicked impression, purchase), i2 = 1, i3 = 1, i4 = i5 = 0
+    assert it["i1"] == (1, "head")  # 1/5 = 0.2 <= 0.2
+    assert it["i2"] == (2, "mid") and it["i3"] == (3, "mid")  # 0.4, 0.6 <= 0.6
+    assert it["i4"][1] == "tail" and it["i5"][1] == "tail"
+    with pytest.raises(ValueError, match="popularity_groups"):
+        c = _cfg()
+        c.features.popularity_groups = [0.5, 0.2]
+        build_features(events, users, items, c, cutoff="2024-01-10T00:00:00")
+
+
+def test_pair_features_leave_the_item_out(spark):
+    from causalrec.features.pair import item_cooccurrence, pair_features
+    from causalrec.features.user import user_attribute_counts, user_history, user_item_counts
+
+    events, users, items = small_world(spark)
+    cut = "2024-01-10T00:00:00"
+    hist = user_history(events, cut, 10)
+    pairs = spark.createDataFrame([("u1", "i3"), ("u1", "i4"), ("u3", "i2"), ("u1", "i1")], "user_id string, item_id string")
+    pf = pair_features(pairs, attr_counts=user_attribute_counts(events, items, cut), ui_counts=user_item_counts(events, cut),
+                       items=items, history=hist, cooc=item_cooccurrence(hist))
+    p = {(r["user_id"], r["item_id"]): r for r in pf.collect()}
+    # u1 interacted with i1 (red), i2 (blue), i3 (red). For pair (u1, i3), leave i3 out: the other two
+    # are i1 (color:red, category:shoes) and i2; i3's tokens are color:red, category:hats ->
+    # shares red 1/2, hats 0/2 -> mean 0.25
+    assert p[("u1", "i3")]["attr_match"] == pytest.approx(0.25)
+    # i4 (green hat) never seen: green 0, hats 1/3 -> 1/6
+    assert p[("u1", "i4")]["attr_match"] == pytest.approx(1 / 6)
+    # u3's history is i1; users with both i1 and i2 other than u3: u1 -> cooc 1
+    assert p[("u3", "i2")]["cooc_score"] == pytest.approx(1.0)
+    # (u1, i1): i1 is in u1's own history; others having i1 with i2/i3: none (u2 has only i1, u3 only i1)
+    assert p[("u1", "i1")]["cooc_score"] == pytest.approx(0.0)
+    assert len(p[("u1", "i1")]["pair_vector"]) == 2
+
+
+def test_features_stage_writes_tables(ctx, spark):
+    from causalrec.features.job import feature_names, run
+
+    events, users, items = small_world(spark)
+    ctx.store.write(events, "events", spec=EVENTS)
+    ctx.store.write(users, "users", spec=USERS)
+    ctx.store.write(items, "items", spec=ITEMS)
+    ctx.cfg.features.cutoff = "2024-01-10T00:00:00"
+    out = run(ctx)
+    assert out["user_features"] == 3 and out["item_features"] == 5
+    run(ctx)  # idempotent rerun
+    assert ctx.store.row_count("item_features") == 5
+    groups = {r["item_id"]: r["popularity_group"] for r in ctx.store.read("item_features").collect()}
+    assert set(groups.values()) <= {"head", "mid", "tail"}
+    assert len(feature_names(ctx.store, "user_features")) == len(ctx.store.read("user_features").first()["feature_vector"])

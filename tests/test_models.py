@@ -1,0 +1,162 @@
+"""Models, featurizer and checkpoints: shapes, id handling, cold items, round trips."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from causalrec.models import build_model
+from causalrec.models.featurize import Featurizer
+from causalrec.train.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+
+
+def rows():
+    return pd.DataFrame({
+        "user_idx": [0, 1, -1, 2], "item_idx": [1, 7, 3, -1],
+        "features": [[0.5, 1.5, 9.0], None, [2.0], [0.0, 0.0]],
+        "history_item_idx": [[0, 1, 2, 3], [], None, [2, 99]],
+        "user_text": ["likes wool", None, "new user", "cotton fan"],
+        "item_text": ["wool coat", "red jacket", None, "cotton shirt"],
+        "label": [4.0, None, 2.0, 5.0], "observed": [1, 0, 1, 1], "is_mcar": [True, False, False, True],
+        "exposure_propensity": [0.5, 0.2, 0.1, 0.9],
+    })
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from causalrec.models.text import default_encoder_path
+
+    return default_encoder_path()
+
+
+def mf_config(**kw):
+    return {"model": "mf", "n_users": 3, "n_items": 5, "dim": 4, "n_features": 2, **kw}
+
+
+def test_featurizer_maps_unknown_ids_pads_and_passes_targets():
+    b = Featurizer(mf_config())(rows())
+    assert b["user_idx"].tolist() == [0, 1, 3, 2]  # -1 -> unknown row 3
+    assert b["item_idx"].tolist() == [1, 5, 3, 5]  # 7 (out of range) and -1 -> unknown row 5
+    assert b["features"].tolist() == [[0.5, 1.5], [0, 0], [2.0, 0], [0, 0]]  # truncated / padded / null
+    assert torch.isnan(b["label"][1]) and b["label"][3].item() == 5.0
+    assert b["is_mcar"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert "history_item_idx" not in b  # MF ignores history
+
+
+def test_featurizer_history_keeps_most_recent_and_drops_unknown(minilm):
+    mc = {"model": "two_tower", "n_users": 3, "n_items": 5, "history_len": 3, "encoder_path": minilm, "max_seq_len": 8}
+    b = Featurizer(mc)(rows())
+    assert b["history_item_idx"].tolist() == [[1, 2, 3], [-1, -1, -1], [-1, -1, -1], [2, -1, -1]]
+    assert b["user_input_ids"].shape == (4, 8) and b["item_attention_mask"][2].sum() == 2  # [CLS][SEP] for null
+
+
+def test_mf_is_biased_dot_product_and_unknown_rows_are_neutral():
+    model = build_model(mf_config(global_bias=3.5))
+    b = Featurizer(mf_config())(rows())
+    out = model(b)
+    ids = model.ids
+    u, i = b["user_idx"][0], b["item_idx"][0]
+    expected = ids.user.weight[u] @ ids.item.weight[i] + ids.user_bias.weight[u, 0] + ids.item_bias.weight[i, 0] + 3.5
+    assert out["relevance"][0].item() == pytest.approx(expected.item(), rel=1e-5)
+    # both ids unknown at init: only the global bias remains
+    unk = model({"user_idx": torch.tensor([3]), "item_idx": torch.tensor([5])})
+    assert unk["relevance"].item() == pytest.approx(3.5)
+
+
+def test_click_task_and_uplift_heads():
+    model = build_model(mf_config(task="click", uplift=True, imputation=True))
+    out = model(Featurizer(mf_config())(rows()))
+    assert torch.all((out["relevance"] > 0) & (out["relevance"] < 1))
+    assert torch.allclose(out["uplift"], out["y1"] - out["y0"])
+    assert out["imputation"].shape == (4,)
+    with pytest.raises(ValueError, match="expected one of"):
+        build_model({"model": "gbdt", "n_users": 1, "n_items": 1})
+
+
+def test_two_tower_scores_cold_items_from_text_and_caches_item_vectors(minilm):
+    mc = {"model": "two_tower", "n_users": 3, "n_items": 5, "dim": 8, "history_len": 2, "encoder_path": minilm,
+          "max_seq_len": 16, "freeze_layers": -1}
+    model = build_model(mc).eval()
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    cold = pd.DataFrame({"user_idx": [0, 0], "item_idx": [-1, -1], "user_text": ["likes wool"] * 2,
+                         "item_text": ["wool winter coat", "pink plastic sandals"]})
+    f = Featurizer(mc)
+    with torch.no_grad():
+        out = model(f(cold))
+        assert abs(out["relevance"][0] - out["relevance"][1]) > 1e-6  # the text decides
+        # item vectors do not depend on the user: computed once, reused for every user
+        other_user = cold.assign(user_idx=[2, 1], user_text=["x", "y"])
+        assert torch.allclose(model.encode_items(f(cold)), model.encode_items(f(other_user)))
+
+
+def test_cross_encoder_forward_and_partial_freeze(minilm):
+    mc = {"model": "cross_encoder", "n_users": 3, "n_items": 5, "dim": 8, "encoder_path": minilm,
+          "max_seq_len": 24, "freeze_layers": 4, "n_features": 2}
+    model = build_model(mc)
+    layers = model.encoder.encoder.layer
+    assert not any(p.requires_grad for p in layers[3].parameters())
+    assert all(p.requires_grad for p in layers[4].parameters())
+    out = model(Featurizer(mc)(rows()))
+    assert out["relevance"].shape == (4,) and torch.isfinite(out["relevance"]).all()
+
+
+def test_random_init_builds_the_same_architecture(minilm):
+    from causalrec.models.text import load_encoder
+
+    pre, rnd = load_encoder(minilm), load_encoder(minilm, random_init=True)
+    assert sum(p.numel() for p in pre.parameters()) == sum(p.numel() for p in rnd.parameters())
+    assert not torch.allclose(pre.embeddings.word_embeddings.weight, rnd.embeddings.word_embeddings.weight)
+    shape_only = load_encoder(None, random_init=True)  # no config anywhere: the MiniLM-L6 shape
+    assert shape_only.config.hidden_size == 384 and shape_only.config.num_hidden_layers == 6
+
+
+def test_checkpoint_round_trip_mf_with_optimizer(tmp_path):
+    mc = mf_config(imputation=True)
+    model = build_model(mc)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    b = Featurizer(mc)(rows())
+    model(b)["relevance"].sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", model, mc, {"epoch": 3}, opt)
+    loaded, mc2, meta = load_checkpoint(tmp_path / "ck")
+    assert mc2 == mc and meta == {"epoch": 3}
+    with torch.no_grad():
+        assert torch.allclose(model(b)["relevance"], loaded(b)["relevance"])
+        assert torch.allclose(model(b)["imputation"], loaded(b)["imputation"])
+    opt2 = torch.optim.AdamW(loaded.parameters(), lr=0.1)
+    assert load_optimizer_state(tmp_path / "ck", opt2)
+    assert opt2.state_dict()["state"][0]["step"].item() == 1
+
+
+def test_checkpoint_round_trip_text_model_carries_encoder_config_and_tokenizer(tmp_path, minilm):
+    mc = {"model": "two_tower", "n_users": 3, "n_items": 5, "dim": 8, "history_len": 2, "encoder_path": minilm,
+          "max_seq_len": 16, "freeze_layers": -1}
+    model = build_model(mc).eval()
+    save_checkpoint(tmp_path / "tt", model, mc, {})
+    loaded, mc2, _ = load_checkpoint(tmp_path / "tt")
+    assert mc2["tokenizer_path"] == str(tmp_path / "tt" / "tokenizer")
+    with torch.no_grad():
+        a = model(Featurizer(mc)(rows()))["relevance"]
+        b = loaded(Featurizer(mc2)(rows()))["relevance"]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_load_checkpoint_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+def test_frozen_encoder_text_cache_matches_uncached(minilm):
+    base = {"model": "cross_encoder", "n_users": 3, "n_items": 5, "dim": 8, "encoder_path": minilm,
+            "max_seq_len": 16, "freeze_layers": -1}
+    cached = build_model(base).eval()
+    plain = build_model({**base, "cache_frozen_text": False}).eval()
+    plain.load_state_dict(cached.state_dict())
+    b = Featurizer(base)(rows())
+    with torch.no_grad():
+        first = cached(b)["relevance"]
+        assert len(cached.text_cache) == 4
+        again = cached(b)["relevance"]  # served from the cache
+        ref = plain(b)["relevance"]
+    assert torch.allclose(first, ref, atol=1e-5) and torch.allclose(again, ref, atol=1e-5)

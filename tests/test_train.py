@@ -1,0 +1,146 @@
+"""The CPU training path for real: Ray Train with 2 workers x 0.5 CPU, MF and MiniLM two-tower."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from causalrec.schemas import TRAINING_EXAMPLES
+
+
+def synthetic_examples(n_users=30, n_items=40, n_train=400, n_valid=120, seed=0) -> pd.DataFrame:
+    """training_examples-shaped rows: ratings from latent factors, exposure biased towards liked items."""
+    rng = np.random.default_rng(seed)
+    pu, qi = rng.normal(size=(n_users, 3)), rng.normal(size=(n_items, 3))
+    words = ["red", "blue", "wool", "cotton", "jacket", "coat", "warm", "light"]
+    item_text = [" ".join(rng.choice(words, 3)) for _ in range(n_items)]
+    rows = []
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        for k in range(n):
+            u, i = int(rng.integers(n_users)), int(rng.integers(n_items))
+            score = float(pu[u] @ qi[i])
+            rating = float(np.clip(np.round(3 + score), 1, 5))
+            observed = int(split == "valid" or rng.random() < 0.8)
+            rows.append({
+                "example_id": f"{split}-{k}", "split": split, "user_id": f"u{u}", "item_id": f"i{i}",
+                "user_idx": u, "item_idx": i, "observed": observed, "label": rating if observed else None,
+                "outcome": float(rating >= 4) if observed else None, "treated": int(rng.random() < 0.5),
+                "exposure_propensity": float(np.clip(1 / (1 + np.exp(-score)), 0.05, 0.95)),
+                "treatment_propensity": 0.5, "features": [float(score > 0), float(u % 2)],
+                "history_item_idx": [int(x) for x in rng.integers(n_items, size=3)],
+                "user_text": f"user {u % 4}", "item_text": item_text[i], "is_mcar": split == "valid",
+                "event_time": pd.Timestamp("2024-01-01", tz="UTC"),
+            })
+    return pd.DataFrame(rows)
+
+
+def write_examples(cfg, df: pd.DataFrame) -> str:
+    import pyarrow as pa
+    import ray
+
+    path = cfg.table_path("training_examples")
+    table = pa.Table.from_pandas(df[TRAINING_EXAMPLES.names], schema=TRAINING_EXAMPLES.arrow_schema(),
+                                 preserve_index=False)
+    # two files per split so each of the two workers gets a shard
+    ray.data.from_arrow(table).repartition(4).write_delta(path, partition_by=["split"])
+    return path
+
+
+@pytest.fixture
+def train_cfg(cfg, tmp_path):
+    cfg.train.num_workers = 2
+    cfg.train.cpus_per_worker = 0.5
+    cfg.train.batch_size = 64
+    cfg.train.embedding_dim = 8
+    cfg.train.learning_rate = 0.05
+    cfg.train.early_stopping_patience = 0
+    cfg.train.max_failures = 0
+    cfg.storage.checkpoint_dir = str(tmp_path / "ckpt")
+    return cfg
+
+
+def _epochs(row) -> list:
+    return json.loads(row["metrics_json"])["epochs"]
+
+
+def test_mf_two_workers_loss_falls_and_resumes(ray_local, train_cfg):
+    from causalrec.context import Context
+    from causalrec.train.checkpoint import load_checkpoint
+    from causalrec.train.job import latest_train_run, run
+
+    cfg = train_cfg
+    write_examples(cfg, synthetic_examples())
+    cfg.train.model, cfg.train.objective, cfg.train.epochs = "mf", "ips", 3
+    summary = run(Context(cfg))
+    assert summary["valid_mode"] == "mcar"  # the valid split is MCAR
+    row = latest_train_run(cfg)
+    epochs = _epochs(row)
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] * 0.8
+    assert epochs[0]["valid_rows"] == 120  # both workers' shards were all-reduced
+
+    model, mc, meta = load_checkpoint(row["checkpoint_path"])
+    assert mc["model"] == "mf" and mc["n_users"] == 30 and meta["train_state"]["epoch"] >= 1
+    assert type(model).__name__ == "MF"
+
+    # resume from the last epoch's checkpoint: training continues at epoch 3, loss where it stopped
+    last_ckpt = sorted((p for p in __import__("pathlib").Path(cfg.checkpoint_dir, row["run_id"]).glob("epoch_*")))[-1]
+    cfg.train.resume_from, cfg.train.epochs = str(last_ckpt), 5
+    run(Context(cfg))
+    resumed = _epochs(latest_train_run(cfg))
+    # the history carries over from the checkpoint; only epochs 3 and 4 were trained now
+    assert [e["epoch"] for e in resumed] == [0, 1, 2, 3, 4]
+    assert [e["train_loss"] for e in resumed[:3]] == [e["train_loss"] for e in epochs]
+    assert resumed[3]["train_loss"] < epochs[0]["train_loss"] * 0.8  # continued, not restarted
+
+
+def test_minilm_two_tower_two_workers(ray_local, train_cfg):
+    from causalrec.context import Context
+    from causalrec.train.checkpoint import load_checkpoint
+    from causalrec.train.job import latest_train_run, run
+
+    cfg = train_cfg
+    write_examples(cfg, synthetic_examples(n_train=240, n_valid=64))
+    cfg.train.model, cfg.train.objective, cfg.train.epochs = "two_tower", "snips", 2
+    cfg.train.max_seq_len, cfg.train.freeze_layers, cfg.train.learning_rate = 16, 5, 0.02
+    cfg.train.batch_size = 40
+    cfg.features.history_length = 3
+    run(Context(cfg))
+    row = latest_train_run(cfg)
+    epochs = _epochs(row)
+    assert len(epochs) == 2 and epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    model, mc, _ = load_checkpoint(row["checkpoint_path"])
+    assert mc["model"] == "two_tower" and mc["max_seq_len"] == 16
+    assert "tokenizer" in mc["tokenizer_path"]  # the checkpoint carries its tokenizer
+
+
+def test_tune_apply_params_updates_the_loop_config():
+    from causalrec.train.tune import apply_params, search_space
+
+    lc = {"lr": 0.01, "weight_decay": 0.0, "clip": 0.01, "model_config": {"dim": 8}, "hyperparameters": {"epochs": 3}}
+    new = apply_params(lc, {"learning_rate": 0.05, "embedding_dim": 32, "ips_clip": 0.1, "weight_decay": 1e-3})
+    assert (new["lr"], new["model_config"]["dim"], new["clip"], new["weight_decay"]) == (0.05, 32, 0.1, 1e-3)
+    assert lc["model_config"]["dim"] == 8  # the original is untouched
+    assert new["hyperparameters"]["epochs"] == 3 and new["hyperparameters"]["embedding_dim"] == 32
+    assert "ips_clip" not in search_space("naive", "mf") and "ips_clip" in search_space("ips", "mf")
+
+
+@pytest.mark.slow
+def test_tune_optuna_asha_picks_and_records_values(ray_local, train_cfg):
+    from causalrec.context import Context
+    from causalrec.train.checkpoint import load_checkpoint
+    from causalrec.train.job import latest_train_run, run
+
+    cfg = train_cfg
+    write_examples(cfg, synthetic_examples())
+    cfg.train.model, cfg.train.objective, cfg.train.epochs = "mf", "snips", 3
+    cfg.train.tune_trials = 3
+    run(Context(cfg))
+    row = latest_train_run(cfg)
+    tuned = json.loads(row["hyperparameters_json"])["tuned"]
+    assert {"learning_rate", "weight_decay", "embedding_dim", "valid_metric"} <= set(tuned)
+    _, mc, meta = load_checkpoint(row["checkpoint_path"])
+    assert mc["dim"] == tuned["embedding_dim"]
+    assert meta["hyperparameters"]["learning_rate"] == tuned["learning_rate"]
