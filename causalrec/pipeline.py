@@ -162,6 +162,8 @@ def run_pipeline(ctx: Context, from_stage: Optional[str] = None, until_stage: Op
             log.error("stage %s failed after %.1fs; rerun `causalrec run` to resume from here",
                       stage.name, time.time() - started)
             raise
+        finally:
+            _release_ray()
         # fingerprint again: a stage may legitimately bump its own inputs' versions (e.g. ingest)
         fp_after, inputs_after = fingerprint(ctx, stage)
         _record(ctx, stage, fp_after, "success", started, summary, inputs_after)
@@ -178,6 +180,19 @@ def run_pipeline(ctx: Context, from_stage: Optional[str] = None, until_stage: Op
     if report_path:
         print(f"\nreport: {report_path}")
     return {"stages": results, "total_seconds": total, "report_path": report_path, "missing_stages": missing}
+
+
+def _release_ray() -> None:
+    """Shut down a local Ray a stage started, so the next Ray stage starts after Spark's JVM.
+
+    Starting the JVM in a process that already holds a Ray driver connection breaks that
+    connection's gRPC channel (driver calls then hang); Ray started after the JVM is fine.
+    """
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _brief(summary: dict) -> dict:

@@ -16,6 +16,7 @@ forms) from the same statistics; see :mod:`causalrec.estimators.base`.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -46,6 +47,8 @@ T_W = Term("w", lambda o, q: q["w"])
 T_QPI = Term("qpi", lambda o, q: q["qpi"])
 T_WRES = Term("wres", lambda o, q: q["w"] * (q["r"] - q["qf"]))
 
+log = logging.getLogger(__name__)
+
 
 def _fmt(lam: float) -> str:
     return "inf" if math.isinf(lam) else repr(float(lam))
@@ -65,7 +68,10 @@ class Form:
     def value(self, mean) -> float:
         v = sum(mean(a) for a in self.add)
         if self.num:
-            v += mean(self.num) / (mean(self.den) if self.den else 1.0)
+            d = mean(self.den) if self.den else 1.0
+            if d == 0:  # the policy puts no mass on any logged action: no support, undefined
+                return float("nan")
+            v += mean(self.num) / d
         return v
 
     def gradient(self, mean) -> dict:
@@ -74,6 +80,8 @@ class Form:
             g[a] = g.get(a, 0.0) + 1.0
         if self.num:
             d = mean(self.den) if self.den else 1.0
+            if d == 0:
+                return {k: float("nan") for k in self.names()}
             g[self.num] = g.get(self.num, 0.0) + 1.0 / d
             if self.den:
                 g[self.den] = g.get(self.den, 0.0) - mean(self.num) / d**2
@@ -472,6 +480,10 @@ def summarize(stats: Stats, estimators, policies: dict, *, baseline=None, alpha=
         raise ValueError(f"off-policy evaluation needs at least 2 logged rows, got {int(stats.n)}")
     z = z_value(alpha)
     out = []
+    for pol in policies:
+        if stats.sums[pol + "|w"] == 0:
+            log.warning("policy %r puts no probability on any logged action (no overlap with the "
+                        "logging policy): self-normalised estimates are undefined (NaN)", pol)
     for est in estimators:
         forms = {pol: est.form(stats, pol + "|") for pol in policies}
         for pol in policies:

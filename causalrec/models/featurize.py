@@ -47,9 +47,10 @@ def _ragged(values, width: int, dtype, fill) -> np.ndarray:
     if width == 0:
         return out
     for r, v in enumerate(values):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
+        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
             continue
-        arr = np.asarray(v, dtype=dtype)
+        # nulls inside a list (pd.NA / None from Arrow) count as missing values
+        arr = np.asarray([fill if (x is None or x is pd.NA) else x for x in v], dtype=dtype)
         if arr.size:
             arr = arr[-width:] if dtype == np.int64 else arr[:width]  # history: most recent last
             out[r, : arr.size] = arr
