@@ -22,6 +22,6 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "duckdb>=1.1"],
         "mlflow": ["mlflow-skinny>=2.10"],
     },
-    entry_points={"console_scripts": ["causalrec=causalrec.cli:main"]},
+    entry_points={"console_scripts": ["causalrec=causalrec.cli:console_main"]},
     include_package_data=True,
 )

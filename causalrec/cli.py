@@ -121,10 +121,41 @@ def run_stage(ctx, name: str) -> dict:
     return summary
 
 
+def _shutdown_and_exit(code: int) -> None:
+    """Stop Spark and Ray, flush, and leave without running native destructors.
+
+    JVM gateway threads, Ray's core worker and delta-rs/torch thread pools can abort the
+    interpreter's teardown ("terminate called without an active exception"), which would turn
+    a successful run into exit code 134; the work is committed by now, so exit directly.
+    """
+    import os
+
+    try:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        pyspark_sql = sys.modules.get("pyspark.sql")
+        if pyspark_sql is not None:
+            active = pyspark_sql.SparkSession.getActiveSession()
+            if active is not None:
+                active.stop()
+    except Exception:  # best effort: never mask the run's own exit code
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def console_main() -> None:
+    """The ``causalrec`` console script."""
+    _shutdown_and_exit(main())
+
+
 def job_main(stage_name: str, argv: list | None = None) -> int:
     """Entry point of ``jobs/<stage>.py`` (spark-submit or ray job submit)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return main([stage_name, *argv])
+    _shutdown_and_exit(main([stage_name, *argv]))
+    return 0  # not reached
 
 
-__all__ = ["main", "run_stage", "job_main", "StageNotBuilt"]
+__all__ = ["main", "console_main", "run_stage", "job_main", "StageNotBuilt"]

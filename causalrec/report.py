@@ -590,5 +590,5 @@ def run(ctx) -> dict:
     os.replace(tmp, path)
     json_path = write_json(cfg.reports_dir, "report.json", data)
     print(path)
-    return {"report": path, "json": json_path, "bytes": len(page.encode("utf-8")),
+    return {"report": path, "report_path": path, "json": json_path, "bytes": len(page.encode("utf-8")),
             "tables": sorted(data.get("tables", {})), "plots": page.count('<img class="plot"')}
