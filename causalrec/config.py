@@ -167,7 +167,7 @@ class TrainConfig:
     tune_trials: int = 0
     freeze_encoder: bool = False
     freeze_layers: int = 0  # freeze the encoder's embeddings + this many lowest layers (-1: all)
-    encoder_lr: Optional[float] = None  # learning rate of the pre-trained encoder (None: learning_rate)
+    encoder_lr: Optional[float] = None  # learning rate of the pre-trained encoder (None: min(learning_rate, 5e-5))
     id_dropout: float = 0.1  # text models: share of ids replaced by the unknown row (cold-start training)
     valid_metric: Literal["auto", "ips", "mcar", "naive"] = "auto"  # auto: mcar when valid has MCAR rows
     bf16: bool = True  # autocast on GPU

@@ -28,6 +28,9 @@ def autocast_for(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
+ENCODER_DEFAULT_LR = 5e-5
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, encoder_lr: Optional[float] = None):
     """AdamW; the pre-trained encoder (if any) gets its own, usually smaller, learning rate.
 
@@ -43,7 +46,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, encod
         buckets.setdefault((is_enc, no_decay), []).append(p)
     groups = []
     for (is_enc, no_decay), params in buckets.items():
-        groups.append({"params": params, "lr": (encoder_lr if encoder_lr is not None else lr) if is_enc else lr,
+        # a pre-trained encoder fine-tuned at the towers' rate diverges: default to the usual BERT range
+        enc_lr = encoder_lr if encoder_lr is not None else min(lr, ENCODER_DEFAULT_LR)
+        groups.append({"params": params, "lr": enc_lr if is_enc else lr,
                        "weight_decay": 0.0 if no_decay else weight_decay})
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     # fused: one kernel for the whole update on GPU instead of a few per parameter tensor
