@@ -70,6 +70,15 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("py4j", "urllib3", "filelock", "matplotlib", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_py4j_retries)
+
+
+def _drop_py4j_retries(record: logging.LogRecord) -> bool:
+    """py4j logs a traceback at INFO on the root logger when it retries a command on a reset
+    gateway connection; the retry succeeds, so the traceback only alarms users."""
+    return not (record.levelno < logging.WARNING and record.name == "root"
+                and str(record.msg).startswith(("Exception while sending command", "Closing down clientserver")))
 
 
 def main(argv: list | None = None) -> int:

@@ -149,6 +149,8 @@ class TrainingSetConfig:
 class TrainConfig:
     model: Literal["mf", "two_tower", "cross_encoder"] = "mf"
     objective: Literal["naive", "ips", "snips", "dr_jl", "uplift"] = "ips"
+    # also trained (before the main objective) so evaluation/report compare naive vs debiased
+    baseline_objectives: list = field(default_factory=list)
     task: Literal["rating", "click"] = "rating"
     model_path: Optional[str] = None  # local HF encoder folder; None = bundled all-MiniLM-L6-v2
     embedding_dim: int = 32
@@ -394,6 +396,10 @@ def _check_semantics(cfg: Config, where: str) -> None:
             f"got {cfg.training_set.files_per_split}, expected a multiple of train.num_workers "
             f"({cfg.train.num_workers}) so Ray Train shards evenly",
         )
+    allowed_objectives = typing.get_args(typing.get_type_hints(TrainConfig)["objective"])
+    for obj in cfg.train.baseline_objectives:
+        if obj not in allowed_objectives:
+            bad("train.baseline_objectives", f"{obj!r} is not one of {list(allowed_objectives)}")
     if cfg.data.rating_min >= cfg.data.rating_max:
         bad("data.rating_min", "must be below data.rating_max")
     if cfg.ranking.k < 1:

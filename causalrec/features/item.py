@@ -92,7 +92,8 @@ def item_features(events: DataFrame, items: DataFrame, cutoff: Cutoff, *, window
             F.log1p(F.coalesce(F.col("price"), F.lit(0.0)))]
     attrs = F.coalesce(F.col("attributes"), F.array().cast("array<string>"))
     vec += [F.array_contains(attrs, F.lit(t)).cast("double") for t in attribute_vocab]
-    return df.withColumn("feature_vector", F.array(*[v.cast("float") for v in vec]))
+    # a missing statistic (no ratings, no clicks) is 0 in the vector: MLlib rejects null elements
+    return df.withColumn("feature_vector", F.array(*[F.coalesce(v.cast("float"), F.lit(0.0).cast("float")) for v in vec]))
 
 
 def item_feature_names(windows_days: Sequence[int], attribute_vocab: Sequence[str]) -> list[str]:

@@ -131,7 +131,8 @@ def user_features(events: DataFrame, users: DataFrame, items: DataFrame, cutoff:
     ]
     attrs = F.coalesce(F.col("attributes"), F.array().cast("array<string>"))
     vec += [F.array_contains(attrs, F.lit(tok)).cast("double") for tok in attribute_vocab]
-    df = df.withColumn("feature_vector", F.array(*[v.cast("float") for v in vec]))
+    # a missing statistic (no ratings, no clicks) is 0 in the vector: MLlib rejects null elements
+    df = df.withColumn("feature_vector", F.array(*[F.coalesce(v.cast("float"), F.lit(0.0).cast("float")) for v in vec]))
     return df.withColumn("history_item_ids", F.coalesce(F.col("history_item_ids"), F.array().cast("array<string>")))
 
 

@@ -133,6 +133,22 @@ def load_splits(cfg):
 
 
 def run(ctx) -> dict:
+    """Train ``train.baseline_objectives`` (e.g. naive, for the report's side-by-side) then the main objective.
+
+    The main run is written last, so the latest ``train_runs`` row (what scoring uses) is it.
+    """
+    baselines = []
+    for objective in ctx.cfg.train.baseline_objectives:
+        if objective == ctx.cfg.train.objective:
+            continue
+        baselines.append(_run_one(ctx, objective)["run_id"])
+    summary = _run_one(ctx, None)
+    if baselines:
+        summary["baseline_runs"] = baselines
+    return summary
+
+
+def _run_one(ctx, objective: str | None) -> dict:
     cfg = ctx.cfg
     ray = ctx.ray()
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -151,9 +167,9 @@ def run(ctx) -> dict:
         ctx.log_rows("training_examples[train]", n_train, "in")
         ctx.log_rows("training_examples[valid]", n_valid, "in")
     mc = model_config_from(cfg, **shape)
-    loop_config = loop_config_from(cfg, mc, valid_mode)
+    loop_config = loop_config_from(cfg, mc, valid_mode, objective)
     tuned = None
-    if cfg.train.tune_trials > 0:
+    if cfg.train.tune_trials > 0 and objective is None:
         from causalrec.train.tune import tune_hyperparameters
 
         with ctx.step(f"train: tune {cfg.train.tune_trials} trials"):
