@@ -66,6 +66,15 @@ class Naive:
         return {"loss": loss}
 
 
+def _weighted_losses(out: dict, batch: dict, task: str, clip: float):
+    """Per-row inverse exposure weights and losses, zeroed where the label is not observed."""
+    y = target_of(batch, task)
+    m = observed_mask(batch, y)
+    w = _masked(inverse_propensity(batch["exposure_propensity"], clip), m)
+    l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), task), m)
+    return w, l, m
+
+
 @dataclass
 class IPS:
     """Inverse propensity scoring with clipping (Schnabel et al. 2016, "Recommendations as Treatments").
@@ -79,10 +88,7 @@ class IPS:
     clip: float = 0.01
 
     def __call__(self, out: dict, batch: dict) -> dict:
-        y = target_of(batch, self.task)
-        m = observed_mask(batch, y)
-        w = _masked(inverse_propensity(batch["exposure_propensity"], self.clip), m)
-        l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), self.task), m)
+        w, l, m = _weighted_losses(out, batch, self.task, self.clip)
         return {"loss": (w * l).sum() / m.sum().clamp(min=1), "mean_weight": w.sum() / m.sum().clamp(min=1)}
 
 
@@ -98,10 +104,7 @@ class SNIPS:
     clip: float = 0.01
 
     def __call__(self, out: dict, batch: dict) -> dict:
-        y = target_of(batch, self.task)
-        m = observed_mask(batch, y)
-        w = _masked(inverse_propensity(batch["exposure_propensity"], self.clip), m)
-        l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), self.task), m)
+        w, l, _ = _weighted_losses(out, batch, self.task, self.clip)
         return {"loss": (w * l).sum() / w.sum().clamp(min=1e-12)}
 
 
