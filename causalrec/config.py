@@ -138,6 +138,7 @@ class PropensityConfig:
 class TrainingSetConfig:
     split: Literal["given", "time", "random_user"] = "given"
     valid_fraction: float = 0.1
+    mcar_valid_fraction: float = 0.0  # share of MCAR pairs moved from test to valid (unbiased selection)
     test_fraction: float = 0.2
     files_per_split: int = 2  # a multiple of train.num_workers
     unobserved_per_observed: float = 1.0  # sampled unobserved pairs for DR joint learning
@@ -400,6 +401,9 @@ def _check_semantics(cfg: Config, where: str) -> None:
     for obj in cfg.train.baseline_objectives:
         if obj not in allowed_objectives:
             bad("train.baseline_objectives", f"{obj!r} is not one of {list(allowed_objectives)}")
+    for key in ("valid_fraction", "mcar_valid_fraction", "test_fraction"):
+        if not 0 <= getattr(cfg.training_set, key) < 1:
+            bad(f"training_set.{key}", f"got {getattr(cfg.training_set, key)}, expected a value in [0, 1)")
     if cfg.data.rating_min >= cfg.data.rating_max:
         bad("data.rating_min", "must be below data.rating_max")
     if cfg.ranking.k < 1:

@@ -280,16 +280,25 @@ def section_models(data) -> str:
     return fig_html + _table(head, rows)
 
 
+def _histogram_axes(plt, hist: dict, colour: str):
+    """A figure with the pre-binned histogram ``{"edges": [...], "counts": [...]}`` drawn as bars.
+
+    Histograms are binned in Spark (no event-scale collect), so the report only draws bars.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    e = hist["edges"]
+    ax.bar(e[:-1], hist["counts"], width=[b - a for a, b in zip(e[:-1], e[1:])], align="edge", color=colour,
+           edgecolor="white")
+    return fig, ax
+
+
 def section_propensity(data) -> str:
     parts = []
     plt = _plt()
     cur = _curves(data)
     ph = cur.get("propensity_hist")
     if ph and ph.get("counts"):
-        fig, ax = plt.subplots(figsize=(6, 3.4))
-        e = ph["edges"]
-        ax.bar(e[:-1], ph["counts"], width=[b - a for a, b in zip(e[:-1], e[1:])], align="edge", color="#2b7bba",
-               edgecolor="white")
+        fig, ax = _histogram_axes(plt, ph, "#2b7bba")
         ax.set_xlabel("exposure propensity P(observed | user, item)")
         ax.set_ylabel("observed pairs (count)")
         ax.set_title("Exposure propensity of observed pairs")
@@ -337,10 +346,7 @@ def section_propensity(data) -> str:
         parts.append(_missing("The propensity calibration curve", "propensity"))
     wh = cur.get("weight_hist")
     if wh and wh.get("counts"):
-        fig, ax = plt.subplots(figsize=(6, 3.4))
-        e = wh["edges"]
-        ax.bar(e[:-1], wh["counts"], width=[b - a for a, b in zip(e[:-1], e[1:])], align="edge", color="#d9822b",
-               edgecolor="white")
+        fig, ax = _histogram_axes(plt, wh, "#d9822b")
         ax.set_xlabel("log10 of inverse-propensity weight 1/p" if wh.get("log10") else "inverse-propensity weight 1/p")
         ax.set_ylabel("observed pairs (count)")
         ax.set_yscale("log")

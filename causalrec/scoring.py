@@ -42,14 +42,15 @@ log = logging.getLogger(__name__)
 
 
 def build_scoring_input(spark, candidates, id_index=None, training_examples=None, users=None, items=None,
-                        uplift_effects=None):
+                        uplift_effects=None, feature_vectors: Optional[Callable] = None):
     """Candidates + everything the Featurizer needs, one row per (user, item) candidate.
 
     Text and history come from ``training_examples`` (each user's latest row; each item's
     text) so scoring sees the same inputs the model trained on; users/items tables fill
-    in ids the training set never saw. Pair ``features`` are left null here (the model
-    then sees the zero vector it uses for missing features) unless the training-set module
-    provides ``pair_feature_vectors`` to recompute them for arbitrary pairs.
+    in ids the training set never saw. ``feature_vectors`` (DataFrame -> DataFrame with a
+    ``features`` column, e.g. :func:`causalrec.training_set.with_feature_vectors` bound to
+    the feature tables) gives each candidate pair the feature vector training used; without
+    it ``features`` is null and a model trained with features sees zeros.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -93,6 +94,10 @@ def build_scoring_input(spark, candidates, id_index=None, training_examples=None
         ue = uplift_effects.select("item_id", F.col("effect").alias("prior_uplift"),
                                    F.col("se").alias("prior_uplift_se"))
         df = df.join(F.broadcast(ue), "item_id", "left")
+    if feature_vectors is not None:
+        df = feature_vectors(df)
+    else:
+        df = df.withColumn("features", F.lit(None).cast("array<float>"))
     # candidates of one user stay together so per-batch user encoding is reused
     return df.repartition("user_id").sortWithinPartitions("user_id", "item_id")
 
@@ -261,8 +266,18 @@ def prepare_input(ctx) -> int:
     store = ctx.store
     read = lambda n: store.read(n) if store.exists(n) else None  # noqa: E731
     cands = store.read("candidates")
+    from causalrec.features.job import stored_feature_tables
+    from causalrec.training_set import with_feature_vectors
+
+    ft = stored_feature_tables(store)
+    fv = None
+    if ft is not None and store.exists("events") and store.exists("items"):
+        events, items = store.read("events"), store.read("items")
+        fv = lambda df: with_feature_vectors(df, ft, events, items, ctx.cfg)  # noqa: E731
+    else:
+        log.warning("scoring: no user_features/item_features tables with recorded names; pair features are null")
     df = build_scoring_input(ctx.spark, cands, read("id_index"), read("training_examples"), read("users"),
-                             read("items"), read("uplift_effects"))
+                             read("items"), read("uplift_effects"), feature_vectors=fv)
     store.write(df, "scoring_input", mode="overwrite", spec=SCORING_INPUT, overwrite_schema=True)
     return store.row_count("scoring_input")
 

@@ -239,19 +239,30 @@ def make_plan(spark, sc, seed: int) -> Plan:
 # --------------------------------------------------------------------------- dimension tables
 
 
+def _latent_frame(spark, sc, seed: int, n: int, idx_col: str, prefix: str, salt: str):
+    """``n`` rows of ``idx_col`` with latent columns ``{prefix}0..`` ~ N(0, 1), and the category of their argmax.
+
+    Users and items share this so a user's ``taste`` and an item's ``category`` are read off
+    their latent vectors the same way, which is what makes the attribute predictive.
+    """
+    from pyspark.sql import functions as F
+
+    n_cat = min(sc.n_latent, len(CATEGORIES))
+    df = spark.range(n, numPartitions=max(1, min(sc.partitions, n // 1000 + 1))).withColumnRenamed("id", idx_col)
+    for k in range(sc.n_latent):
+        df = df.withColumn(f"{prefix}{k}", normal(seed, f"{salt}{k}", F.col(idx_col)))
+    lat = F.array(*[F.col(f"{prefix}{k}") for k in range(n_cat)])
+    argmax_category = F.element_at(F.array(*[F.lit(c) for c in CATEGORIES[:n_cat]]),
+                                   (F.array_position(lat, F.array_max(lat))).cast("int"))
+    return df, argmax_category
+
+
 def users_frame(spark, sc, seed: int):
     """One row per user: user_idx, latent t0..t{d-1}, and the USERS contract columns."""
     from pyspark.sql import functions as F
 
     d = sc.n_latent
-    n_cat = min(d, len(CATEGORIES))
-    df = spark.range(sc.n_users, numPartitions=max(1, min(sc.partitions, sc.n_users // 1000 + 1)))
-    df = df.withColumnRenamed("id", "user_idx")
-    for k in range(d):
-        df = df.withColumn(f"t{k}", normal(seed, f"theta{k}", F.col("user_idx")))
-    lat = F.array(*[F.col(f"t{k}") for k in range(n_cat)])
-    taste = F.element_at(F.array(*[F.lit(c) for c in CATEGORIES[:n_cat]]),
-                         (F.array_position(lat, F.array_max(lat))).cast("int"))
+    df, taste = _latent_frame(spark, sc, seed, sc.n_users, "user_idx", "t", "theta")
     a = uniform(seed, "activity", F.col("user_idx"))
     activity = F.when(a < 0.5, "low").when(a < 0.85, "mid").otherwise("high")
     return df.select(
@@ -268,14 +279,7 @@ def items_frame(spark, sc, seed: int):
     from pyspark.sql import functions as F
 
     d = sc.n_latent
-    n_cat = min(d, len(CATEGORIES))
-    df = spark.range(sc.n_items, numPartitions=max(1, min(sc.partitions, sc.n_items // 1000 + 1)))
-    df = df.withColumnRenamed("id", "item_idx")
-    for k in range(d):
-        df = df.withColumn(f"f{k}", normal(seed, f"phi{k}", F.col("item_idx")))
-    lat = F.array(*[F.col(f"f{k}") for k in range(n_cat)])
-    category = F.element_at(F.array(*[F.lit(c) for c in CATEGORIES[:n_cat]]),
-                            (F.array_position(lat, F.array_max(lat))).cast("int"))
+    df, category = _latent_frame(spark, sc, seed, sc.n_items, "item_idx", "f", "phi")
     colour = F.element_at(F.array(*[F.lit(c) for c in COLOURS]),
                           (F.floor(uniform(seed, "colour", F.col("item_idx")) * len(COLOURS)) + 1).cast("int"))
     price = F.round(F.exp(F.lit(3.0) + F.lit(0.6) * normal(seed, "price", F.col("item_idx"))), 2)

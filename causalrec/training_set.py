@@ -8,8 +8,10 @@ load ``id_index`` and ``training_examples`` (partitioned by split,
 Splits (``training_set.split``):
 
 * ``given``: the data set's own split. Coat: the MNAR ratings are train, with a random
-  ``valid_fraction`` slice as valid; the MCAR ratings are test (``is_mcar``). Data whose
-  events carry ``context.split`` (Amazon's leave-one-out) keep it.
+  ``valid_fraction`` slice as valid; the MCAR ratings are test (``is_mcar``), except a
+  hashed ``mcar_valid_fraction`` of them that is valid: an unbiased validation slice, which
+  ``train.valid_metric: auto`` then selects models on. Data whose events carry
+  ``context.split`` (Amazon's leave-one-out) keep it.
 * ``time``: the last ``test_fraction`` of labelled events by time are test, the
   ``valid_fraction`` before them valid; features are computed as of the train end.
 * ``random_user``: users are hashed into test / valid / train.
@@ -95,6 +97,32 @@ def build_id_index(spark, users: DataFrame, items: DataFrame, *event_frames: Dat
     return index("user", uids).unionByName(index("item", iids))
 
 
+def with_feature_vectors(pairs: DataFrame, ft, events: DataFrame, items: DataFrame, cfg,
+                         user_cols=(), item_cols=()) -> DataFrame:
+    """``pairs`` (user_id, item_id, ...) plus ``features`` = user vector ++ item vector ++ pair vector.
+
+    Everything is as of ``ft.cutoff`` and comes from ``events`` the caller allows (training:
+    train-split events only; scoring: all events). Training examples and scoring candidates
+    both go through here, so a model is served the feature layout it was trained on.
+    ``user_cols``/``item_cols``: further columns of ``ft.users``/``ft.items`` to carry along
+    in the same joins. Users or items without features get zeros, as in training.
+    """
+    cut = ft.cutoff
+    hist = user_history(events, cut, cfg.features.history_length)
+    pf = pair_features(pairs, attr_counts=user_attribute_counts(events, items, cut),
+                       ui_counts=user_item_counts(events, cut), items=items, history=hist,
+                       cooc=item_cooccurrence(hist))
+    zeros = lambda n: F.array_repeat(F.lit(0.0).cast("float"), n)  # noqa: E731
+    uf = ft.users.select("user_id", F.col("feature_vector").alias("_uv"), *user_cols)
+    itf = ft.items.select("item_id", F.col("feature_vector").alias("_iv"), *item_cols)
+    out = (pairs.join(uf, "user_id", "left").join(F.broadcast(itf), "item_id", "left")
+           .join(pf.select("user_id", "item_id", "pair_vector"), ["user_id", "item_id"], "left"))
+    out = out.withColumn("features", F.concat(F.coalesce("_uv", zeros(len(ft.user_names))),
+                                              F.coalesce("_iv", zeros(len(ft.item_names))),
+                                              F.coalesce("pair_vector", zeros(len(PAIR_FEATURE_NAMES)))))
+    return out.drop("_uv", "_iv", "pair_vector")
+
+
 def build_training_examples(events: DataFrame, users: DataFrame, items: DataFrame, exposure: DataFrame,
                             treatment: DataFrame | None, id_index: DataFrame, cfg,
                             mcar: DataFrame | None = None) -> DataFrame:
@@ -104,19 +132,21 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     labelled, cutoff = assign_splits(labelled, cfg, mcar is not None)
     labelled = labelled.withColumn("is_mcar", F.lit(False))
     if mcar is not None:
-        m = mcar.where(F.col("event_type") == etype).withColumn("split", F.lit("test")).withColumn("is_mcar", F.lit(True))
+        # a hashed share of the random-exposure pairs validates (unbiased model selection), the rest tests
+        mcar_split = F.when(_frac(F.col("user_id"), F.col("item_id"), salt="mcar_valid") < ts.mcar_valid_fraction,
+                            "valid").otherwise("test")
+        m = mcar.where(F.col("event_type") == etype).withColumn("split", mcar_split).withColumn("is_mcar", F.lit(True))
         labelled = labelled.unionByName(m)
-    # a pair that is tested on is never trained or validated on
-    test_pairs = labelled.where(F.col("split") == "test").select("user_id", "item_id").distinct()
-    keep = labelled.where(F.col("split") == "test").unionByName(
-        labelled.where(F.col("split") != "test").join(test_pairs, ["user_id", "item_id"], "left_anti"))
-    labelled = keep
+    # a pair that is tested on (or validated on at random exposure) is never trained or validated on otherwise
+    held = (F.col("split") == "test") | F.col("is_mcar")
+    held_pairs = labelled.where(held).select("user_id", "item_id").distinct()
+    labelled = labelled.where(held).unionByName(
+        labelled.where(~held).join(held_pairs, ["user_id", "item_id"], "left_anti"))
 
     # features only from what training may see
     held_ids = labelled.where(F.col("split") != "train").select("event_id")
     feat_events = events.join(held_ids, "event_id", "left_anti")
     ft = build_features(feat_events, users, items, cfg, cutoff=cutoff)
-    cut = ft.cutoff
 
     obs = labelled.select(
         F.col("event_id").alias("example_id"), "split", "user_id", "item_id", F.lit(1).alias("observed"),
@@ -154,17 +184,9 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     ex = obs.unionByName(unobs if ratio > 0 else unobs.limit(0))
 
     # features: user vector ++ item vector ++ pair vector, all as of the cutoff
-    hist = user_history(feat_events, cut, cfg.features.history_length)
-    pf = pair_features(ex, attr_counts=user_attribute_counts(feat_events, items, cut), ui_counts=user_item_counts(feat_events, cut),
-                       items=items, history=hist, cooc=item_cooccurrence(hist))
-    nu, ni = len(ft.user_names), len(ft.item_names)
-    zeros = lambda n: F.array_repeat(F.lit(0.0).cast("float"), n)  # noqa: E731
-    uf = ft.users.select("user_id", F.col("feature_vector").alias("_uv"), "history_item_ids", F.col("text").alias("_utext"))
-    itf = ft.items.select("item_id", F.col("feature_vector").alias("_iv"), F.col("text").alias("item_text"))
-    ex = (ex.join(uf, "user_id", "left").join(F.broadcast(itf), "item_id", "left")
-          .join(pf.select("user_id", "item_id", "pair_vector"), ["user_id", "item_id"], "left"))
-    ex = ex.withColumn("features", F.concat(F.coalesce("_uv", zeros(nu)), F.coalesce("_iv", zeros(ni)),
-                                            F.coalesce("pair_vector", zeros(len(PAIR_FEATURE_NAMES)))))
+    ex = with_feature_vectors(ex, ft, feat_events, items, cfg,
+                              user_cols=("history_item_ids", F.col("text").alias("_utext")),
+                              item_cols=(F.col("text").alias("item_text"),))
 
     uidx = id_index.where(F.col("kind") == "user").select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
     iidx = id_index.where(F.col("kind") == "item").select(F.col("id").alias("item_id"), F.col("idx").alias("item_idx"))

@@ -74,3 +74,12 @@ def ray_local():
     ray = init_ray(c)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def few_partitions(spark):
+    """Two shuffle partitions for the test: Coat-sized joins need no more, and each costs a task."""
+    old = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", "2")
+    yield
+    spark.conf.set("spark.sql.shuffle.partitions", old)

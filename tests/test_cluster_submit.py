@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,9 +33,15 @@ def ray_head():
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    # Every fixed default port gets a free one: a local Ray already running in this process (other
+    # tests) holds the defaults, and a dashboard agent that cannot bind leaves the head without a job agent.
+    ports = {flag: _free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                             "--runtime-env-agent-port", "--metrics-export-port",
+                                             "--ray-client-server-port")}
     start = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         *[f"{flag}={p}" for flag, p in ports.items()],
          "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
         capture_output=True, text=True, timeout=180, env=env,
     )
@@ -42,8 +49,36 @@ def ray_head():
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=env)
+        _stop_head(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_head(temp: str) -> None:
+    """Kill only this head's processes: those whose command line names its temp dir (Linux /proc).
+
+    ``ray stop`` would kill every Ray process of the user, including the local Ray other tests
+    (or another test run on the same machine) are using.
+    """
+    def pids() -> list[int]:
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != os.getpid():
+                try:
+                    if temp.encode() in (d / "cmdline").read_bytes():
+                        out.append(int(d.name))
+                except OSError:
+                    continue
+        return out
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 20
+        while pids() and time.time() < deadline:
+            time.sleep(0.5)
 
 
 def _training_examples(path: str) -> None:

@@ -51,6 +51,14 @@ def test_semantic_check_files_per_split_multiple_of_workers(tmp_path):
         load_config(f)
 
 
+@pytest.mark.parametrize("key,value", [("mcar_valid_fraction", 1.0), ("valid_fraction", -0.1)])
+def test_split_fractions_must_be_in_unit_interval(tmp_path, key, value):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"training_set:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"training_set.{key}: got {value}, expected a value in \[0, 1\)"):
+        load_config(f)
+
+
 def test_yaml_cannot_execute_code(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("project: !!python/object/apply:os.system ['echo pwned']\n")

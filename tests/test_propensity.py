@@ -34,14 +34,6 @@ def load_coat_tables(ctx):
     ctx.store.write(data.items, "items", spec=ITEMS)
 
 
-@pytest.fixture
-def few_partitions(spark):
-    old = spark.conf.get("spark.sql.shuffle.partitions")
-    spark.conf.set("spark.sql.shuffle.partitions", "2")
-    yield
-    spark.conf.set("spark.sql.shuffle.partitions", old)
-
-
 pytestmark = pytest.mark.usefixtures("few_partitions")
 
 

@@ -150,3 +150,48 @@ def test_two_tower_cache_matches_forward_and_prior_uplift(tmp_path):
     assert o["uplift"].isna().tolist() == [False, True, False, False, False, False, True, False]
     np.testing.assert_allclose(o["uplift"].dropna(), [0.1, 0.3, 0.1, 0.0, -0.2, 0.5])
     np.testing.assert_allclose(o["uplift_se"].dropna(), [0.01, 0.02, 0.01, 0.0, 0.05, 0.1])
+
+
+def test_scoring_input_carries_the_training_feature_layout(ctx, spark):
+    """Candidates get user vector ++ item vector ++ pair vector as of the features stage's cutoff.
+
+    Guards train/serve skew: a model trained with features must not be served nulls or a
+    vector in another order. attr_match is checked by hand on the small world of test_features.
+    """
+    from test_features import small_world
+
+    from causalrec.features.job import run as features_run
+    from causalrec.features.pair import PAIR_FEATURE_NAMES
+    from causalrec.schemas import EVENTS
+    from causalrec.scoring import prepare_input
+
+    events, users, items = small_world(spark)
+    store = ctx.store
+    store.write(events, "events", mode="overwrite", spec=EVENTS)
+    store.write(users, "users", mode="overwrite", spec=USERS)
+    store.write(items, "items", mode="overwrite", spec=ITEMS)
+    ctx.cfg.features.cutoff = "2024-01-10T00:00:00"
+    ctx.cfg.features.windows_days = [3, 30]
+    ctx.cfg.features.history_length = 2
+    features_run(ctx)
+    cands = [("u1", "i4"), ("u1", "i1"), ("u9", "i2")]
+    store.write(spark.createDataFrame([(u, i, "popularity", ["popularity"], 1.0) for u, i in cands],
+                                      "user_id string, item_id string, source string, sources array<string>, "
+                                      "source_score double"), "candidates", mode="overwrite", spec=CANDIDATES)
+    assert prepare_input(ctx) == len(cands)
+
+    got = {(r["user_id"], r["item_id"]): list(r["features"]) for r in store.read("scoring_input").collect()}
+    uf = {r["user_id"]: list(r["feature_vector"]) for r in store.read("user_features").collect()}
+    itf = {r["item_id"]: list(r["feature_vector"]) for r in store.read("item_features").collect()}
+    nu, ni = len(uf["u1"]), len(itf["i4"])
+    assert all(v is not None and len(v) == nu + ni + len(PAIR_FEATURE_NAMES) for v in got.values())
+    np.testing.assert_allclose(got[("u1", "i4")][:nu], uf["u1"], rtol=1e-6)
+    np.testing.assert_allclose(got[("u1", "i4")][nu:nu + ni], itf["i4"], rtol=1e-6)
+    # u1 rated i1 (red shoes), i2 (blue shoes), i3 (red hat) before the cutoff; i4 = green hat:
+    # tokens color:green (0 of 3) and category:hats (1 of 3) -> attr_match 1/6
+    assert got[("u1", "i4")][nu + ni] == pytest.approx(1 / 6, rel=1e-5)
+    # i1 = red shoes, left out of u1's own profile: red 1 of 2, shoes 1 of 2 -> 0.5
+    assert got[("u1", "i1")][nu + ni] == pytest.approx(0.5, rel=1e-5)
+    # an unknown user gets the zero user vector training used for missing users
+    assert got[("u9", "i2")][:nu] == [0.0] * nu
+    np.testing.assert_allclose(got[("u9", "i2")][nu:nu + ni], itf["i2"], rtol=1e-6)

@@ -13,14 +13,6 @@ from test_propensity import load_coat_tables
 pytestmark = pytest.mark.usefixtures("few_partitions")
 
 
-@pytest.fixture
-def few_partitions(spark):
-    old = spark.conf.get("spark.sql.shuffle.partitions")
-    spark.conf.set("spark.sql.shuffle.partitions", "2")
-    yield
-    spark.conf.set("spark.sql.shuffle.partitions", old)
-
-
 def files_per_split(store, name="training_examples"):
     from deltalake import DeltaTable
 
@@ -104,6 +96,17 @@ def test_coat_training_examples(ctx, request):
 
     training_set(ctx)
     assert ctx.store.read("training_examples").count() == te.count()
+    # a hashed tenth of the MCAR pairs becomes an unbiased validation slice, never trained on
+    ctx.cfg.training_set.mcar_valid_fraction = 0.1
+    training_set(ctx)
+    te2 = ctx.store.read("training_examples").where("observed = 1")
+    mcar_valid = te2.where("split = 'valid' and is_mcar").count()
+    assert 0.07 * 4640 < mcar_valid < 0.13 * 4640
+    assert te2.where("split = 'test'").count() == 4640 - mcar_valid
+    assert te2.where("is_mcar").count() == 4640
+    mv_pairs = te2.where("split = 'valid' and is_mcar").select("user_id", "item_id")
+    assert te2.where("split = 'train'").join(mv_pairs, ["user_id", "item_id"]).count() == 0
+    assert te2.where("split = 'valid' and not is_mcar").count() > 0
 
 
 def _timed_world(spark):

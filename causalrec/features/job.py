@@ -77,8 +77,8 @@ def run(ctx) -> dict:
             "n_user_features": len(ft.user_names), "n_item_features": len(ft.item_names), "popularity_groups": groups}
 
 
-def feature_names(store, table: str) -> list:
-    """The feature_vector names recorded in the latest commit of a feature table."""
+def _feature_metadata(store, table: str) -> dict:
+    """The causalrec metadata (feature_names, as_of) of the latest commit of a feature table that has it."""
     import json
 
     for h in store.history(table, 5):
@@ -89,5 +89,24 @@ def feature_names(store, table: str) -> list:
             except (TypeError, ValueError):
                 continue
             if isinstance(meta, dict) and "feature_names" in meta:
-                return list(meta["feature_names"])
-    return []
+                return meta
+    return {}
+
+
+def feature_names(store, table: str) -> list:
+    """The feature_vector names recorded in the latest commit of a feature table."""
+    return list(_feature_metadata(store, table).get("feature_names", []))
+
+
+def stored_feature_tables(store):
+    """The features stage's tables as :class:`FeatureTables` (as of their recorded cutoff), or None.
+
+    Serving reuses them instead of recomputing user and item features for every scoring run.
+    """
+    if not (store.exists("user_features") and store.exists("item_features")):
+        return None
+    um, im = _feature_metadata(store, "user_features"), _feature_metadata(store, "item_features")
+    if not um or not im or "as_of" not in um:
+        return None
+    return FeatureTables(store.read("user_features"), store.read("item_features"), list(um["feature_names"]),
+                         list(im["feature_names"]), resolve_cutoff(None, um["as_of"]))
