@@ -45,6 +45,15 @@ def _frac(*cols, salt: str):
     return (F.abs(F.xxhash64(F.lit(salt), *cols)) % 100_000) / 100_000.0
 
 
+def is_mcar_validation_pair(fraction: float):
+    """True for the hashed share of MCAR (user, item) pairs that validate rather than test.
+
+    One rule for every stage: the propensity stage may learn from these pairs (e.g. the rating
+    marginal of naive-Bayes propensities) exactly because they are never tested on.
+    """
+    return _frac(F.col("user_id"), F.col("item_id"), salt="mcar_valid") < F.lit(float(fraction))
+
+
 def outcome_expr(event_type: str, threshold: float):
     if event_type == "rating":
         return (F.col("value") >= F.lit(threshold)).cast("double")
@@ -133,8 +142,7 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     labelled = labelled.withColumn("is_mcar", F.lit(False))
     if mcar is not None:
         # a hashed share of the random-exposure pairs validates (unbiased model selection), the rest tests
-        mcar_split = F.when(_frac(F.col("user_id"), F.col("item_id"), salt="mcar_valid") < ts.mcar_valid_fraction,
-                            "valid").otherwise("test")
+        mcar_split = F.when(is_mcar_validation_pair(ts.mcar_valid_fraction), "valid").otherwise("test")
         m = mcar.where(F.col("event_type") == etype).withColumn("split", mcar_split).withColumn("is_mcar", F.lit(True))
         labelled = labelled.unionByName(m)
     # a pair that is tested on (or validated on at random exposure) is never trained or validated on otherwise

@@ -160,3 +160,42 @@ def test_frozen_encoder_text_cache_matches_uncached(minilm):
         again = cached(b)["relevance"]  # served from the cache
         ref = plain(b)["relevance"]
     assert torch.allclose(first, ref, atol=1e-5) and torch.allclose(again, ref, atol=1e-5)
+
+
+def test_encoder_attention_implementations_agree(minilm):
+    """sdpa (the default) and eager attention are one function; an unknown kernel falls back with a warning."""
+    from causalrec.models.text import load_encoder
+
+    encs = {impl: load_encoder(minilm, attn_implementation=impl).eval() for impl in ("sdpa", "eager")}
+    assert load_encoder(minilm).config._attn_implementation == "sdpa"
+    assert {k: e.config._attn_implementation for k, e in encs.items()} == {k: k for k in encs}
+    ids = torch.randint(1000, 5000, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[2, 5:] = 0
+    with torch.no_grad():
+        out = {k: e(input_ids=ids, attention_mask=mask).last_hidden_state for k, e in encs.items()}
+    keep = mask.bool()
+    assert torch.allclose(out["sdpa"][keep], out["eager"][keep], atol=1e-4)
+    with pytest.warns(RuntimeWarning, match="not available"):
+        fallback = load_encoder(None, random_init=True, attn_implementation="no_such_kernel")
+    assert fallback.config._attn_implementation == "sdpa"
+
+
+def test_sdpa_kernel_order_is_a_no_op_on_cpu_and_the_model_still_trains(minilm):
+    from causalrec.models.text import sdpa_priority
+
+    mc = {"model": "cross_encoder", "n_users": 3, "n_items": 5, "dim": 8, "encoder_path": minilm, "max_seq_len": 16,
+          "attn_implementation": "eager", "sdpa_backends": "efficient,cudnn"}
+    model = build_model(mc)
+    assert model.encoder.config._attn_implementation == "eager"
+    out = model(Featurizer(mc)(rows()))
+    out["relevance"].sum().backward()
+    grad = model.encoder.encoder.layer[0].attention.self.query.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    import contextlib
+
+    assert isinstance(sdpa_priority(torch.device("cpu"), "efficient,flash"), contextlib.nullcontext)
+    assert isinstance(sdpa_priority(torch.device("cuda"), "default"), contextlib.nullcontext)
+
+

@@ -106,6 +106,21 @@ def test_coat_propensity_stage_writes_tables(coat_ctx, capsys):
     assert "propensity diagnostics" in capsys.readouterr().out
 
 
+def test_propensities_learn_only_from_the_mcar_validation_share(spark, ctx):
+    """Naive-Bayes propensities take the MCAR rating marginal: never from pairs that are tested on."""
+    from causalrec.propensity.job import mcar_for_propensity
+    from causalrec.training_set import is_mcar_validation_pair
+
+    mcar = spark.createDataFrame([(f"u{u}", f"i{i}", float(1 + (u + i) % 5)) for u in range(20) for i in range(20)],
+                                 "user_id string, item_id string, value double")
+    ctx.cfg.training_set.mcar_valid_fraction = 0.0
+    assert mcar_for_propensity(mcar, ctx.cfg).count() == 400  # no validation share: all of it (warned)
+    ctx.cfg.training_set.mcar_valid_fraction = 0.25
+    used = {(r["user_id"], r["item_id"]) for r in mcar_for_propensity(mcar, ctx.cfg).collect()}
+    valid = {(r["user_id"], r["item_id"]) for r in mcar.where(is_mcar_validation_pair(0.25)).collect()}
+    assert used == valid and 60 < len(used) < 140
+
+
 def test_logged_treatment_propensities_pass_through_unchanged(spark, ctx):
     from test_features import make_events, small_world
 

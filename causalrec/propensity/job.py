@@ -60,6 +60,25 @@ def _hash_fraction(cols, salt: str):
     return (F.abs(F.xxhash64(F.lit(salt), *cols)) % 10_000) / 10_000.0
 
 
+def mcar_for_propensity(mcar: DataFrame, cfg) -> DataFrame:
+    """The MCAR ratings a propensity model may learn from: only the validation share.
+
+    With ``training_set.mcar_valid_fraction`` > 0 the rest of the MCAR ratings are the test
+    set, and a propensity model fitted on them (naive Bayes takes the MCAR rating marginal)
+    would let test data into training. With no validation share all MCAR rows are used, as
+    Schnabel et al. (2016) did on Yahoo! R3, and a warning says so.
+    """
+    from causalrec.training_set import is_mcar_validation_pair
+
+    frac = float(cfg.training_set.mcar_valid_fraction)
+    if frac > 0:
+        mcar = mcar.where(is_mcar_validation_pair(frac))
+    else:
+        log.warning("propensity: the MCAR sample used for exposure propensities is also the test set "
+                    "(set training_set.mcar_valid_fraction to hold a validation share apart)")
+    return mcar.select("user_id", "item_id", "value")
+
+
 def exposure_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
                           mcar: Optional[DataFrame] = None, methods: Optional[list] = None,
                           feature_groups: tuple = ("user_features", "item_features")) -> ExposureResult:
@@ -80,7 +99,7 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
     holdout = pairs.where(F.col("_h") < pc.holdout_fraction)
     mcar_vals = None
     if mcar is not None:
-        mcar_vals = mcar.where(F.col("event_type") == etype).select("user_id", "item_id", "value")
+        mcar_vals = mcar_for_propensity(mcar.where(F.col("event_type") == etype), cfg)
     chosen = pc.exposure_method
     methods = list(methods) if methods is not None else [chosen] + [
         m for m in pc.compare_methods if m != chosen and (m != "naive_bayes" or mcar_vals is not None)]
