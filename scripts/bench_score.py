@@ -144,6 +144,15 @@ def bench_cross_encoder(text_base: dict, device: str, dtype, bs: int, compile_mo
     return res
 
 
+def random_pair_tokens(n: int, seq_len: int, g, device: str):
+    """``n`` full-length ``[CLS] user [SEP] item [SEP]`` token rows (ids, all-ones mask): throughput needs no text."""
+    ids = torch.randint(1000, 30000, (n, seq_len), generator=g)
+    ids[:, 0] = 101
+    ids[:, seq_len // 2] = 102
+    ids[:, -1] = 102
+    return ids.to(device), torch.ones(n, seq_len, dtype=torch.long, device=device)
+
+
 def bench_variants(args) -> list:
     """Cross-encoder variants in one process on the same inputs (the knobs one at a time)."""
     device = args.device
@@ -154,11 +163,7 @@ def bench_variants(args) -> list:
                  "max_seq_len": L, "history_len": 10, **_encoder_args(args)}
 
     def tokens(n):
-        ids = torch.randint(1000, 30000, (n, L), generator=g)
-        ids[:, 0] = 101
-        ids[:, L // 2] = 102
-        ids[:, -1] = 102
-        return ids.to(device), torch.ones(n, L, dtype=torch.long, device=device)
+        return random_pair_tokens(n, L, g, device)
 
     plan = [  # (label, batch, compile, mode, attn, sdpa order)
         ("before: eager, sdpa (PyTorch's kernel order), batch 2048", 2048, False, None, "sdpa", "default"),
@@ -213,11 +218,7 @@ def bench_models(args) -> dict:
     L = args.seq_len
 
     def tokens(n):
-        ids = torch.randint(1000, 30000, (n, L), generator=g)
-        ids[:, 0] = 101
-        ids[:, L // 2] = 102
-        ids[:, -1] = 102
-        return ids.to(device), torch.ones(n, L, dtype=torch.long, device=device)
+        return random_pair_tokens(n, L, g, device)
 
     if "two_tower" in models:
         m = _prepare(build_model({**text_base, "model": "two_tower"}), device, dtype)
