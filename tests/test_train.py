@@ -116,6 +116,26 @@ def test_minilm_two_tower_two_workers(ray_local, train_cfg):
     assert "tokenizer" in mc["tokenizer_path"]  # the checkpoint carries its tokenizer
 
 
+def test_fit_local_early_stops_on_a_custom_valid_fn():
+    import torch
+
+    from causalrec.train.local import fit_local
+
+    df = synthetic_examples(n_users=10, n_items=12, n_train=80, n_valid=0)
+    train = df[df["observed"] == 1].reset_index(drop=True)
+    scripted, snapshots = iter([3.0, 1.0, 2.0, 2.5, 0.5]), []
+
+    def valid_fn(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scripted)
+
+    mc = {"model": "mf", "task": "rating", "n_users": 10, "n_items": 12, "dim": 4, "global_bias": 3.0}
+    fit = fit_local(mc, "naive", train, None, epochs=5, batch_size=16, patience=2, valid_fn=valid_fn)
+    assert [h["valid_metric"] for h in fit["history"]] == [3.0, 1.0, 2.0, 2.5]  # stopped after 2 bad epochs
+    assert fit["best_epoch"] == 1 and fit["best_valid"] == 1.0
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in fit["model"].state_dict().items())
+
+
 def test_tune_apply_params_updates_the_loop_config():
     from causalrec.train.tune import apply_params, search_space
 

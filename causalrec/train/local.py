@@ -36,11 +36,17 @@ def featurize_frame(featurizer: Featurizer, df: pd.DataFrame, chunk: int = 4096)
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_df: pd.DataFrame, *,
+def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_df: Optional[pd.DataFrame], *,
               epochs: int = 10, batch_size: int = 256, lr: float = 0.01, weight_decay: float = 0.0,
               encoder_lr: Optional[float] = None, clip: float = 0.01, valid_mode: str = "ips", patience: int = 3,
-              seed: int = 42, device: str = "cpu", report: Optional[Callable[[dict], None]] = None) -> dict:
-    """Train with early stopping on the unbiased validation error; return the best model and history."""
+              seed: int = 42, device: str = "cpu", report: Optional[Callable[[dict], None]] = None,
+              valid_fn: Optional[Callable[[torch.nn.Module], float]] = None) -> dict:
+    """Train with early stopping on the unbiased validation error; return the best model and history.
+
+    ``valid_fn(model) -> float`` (lower is better), when given, replaces that error as the
+    per-epoch validation metric, e.g. minus a ranking metric on a held-out split; then
+    ``valid_df`` may be None.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dev = torch.device(device)
@@ -49,7 +55,8 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
     obj = build_objective(objective, task, clip)
     opt = make_optimizer(model, lr, weight_decay, encoder_lr)
     feat = Featurizer(model_config)
-    train_t, valid_t = featurize_frame(feat, train_df), featurize_frame(feat, valid_df)
+    train_t = featurize_frame(feat, train_df)
+    valid_t = featurize_frame(feat, valid_df) if valid_fn is None else None
     state = initial_state()
     best_state = copy.deepcopy(model.state_dict())
     n = len(train_df)
@@ -57,8 +64,11 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
         t0 = time.perf_counter()
         losses = [train_step(model, obj, b, opt, device=dev)["loss"]
                   for b in batches(train_t, batch_size, rng.permutation(n))]
-        totals = validation_totals(model, batches(valid_t, batch_size * 4), task, valid_mode, clip, device=dev)
-        valid = metric_from_totals(totals)
+        if valid_fn is None:
+            totals = validation_totals(model, batches(valid_t, batch_size * 4), task, valid_mode, clip, device=dev)
+            valid = metric_from_totals(totals)
+        else:
+            valid = float(valid_fn(model))
         improved_before = state["best_epoch"]
         stop = early_stopping_update(state, epoch, valid, patience)
         if state["best_epoch"] != improved_before or math.isnan(valid):
