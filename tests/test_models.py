@@ -51,6 +51,18 @@ def test_featurizer_history_keeps_most_recent_and_drops_unknown(minilm):
     assert b["user_input_ids"].shape == (4, 8) and b["item_attention_mask"][2].sum() == 2  # [CLS][SEP] for null
 
 
+def test_featurizer_tokenizes_repeated_texts_once_with_the_same_result(minilm):
+    from causalrec.models.featurize import _tokenizer
+
+    tok = _tokenizer(minilm)
+    users, items = ["likes wool", "", "likes wool", "new user"], ["wool coat", "wool coat", "red jacket", "wool coat"]
+    for kind, args in (("two_tower", (items,)), ("cross_encoder", (users, items))):
+        f = Featurizer({"model": kind, "n_users": 3, "n_items": 5, "encoder_path": minilm, "max_seq_len": 8})
+        ids, mask = f._tokens(*args)
+        ref = tok(*args, max_length=8, truncation=True, padding="max_length", return_tensors="pt")
+        assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+
+
 def test_mf_is_biased_dot_product_and_unknown_rows_are_neutral():
     model = build_model(mf_config(global_bias=3.5))
     b = Featurizer(mf_config())(rows())

@@ -79,10 +79,23 @@ class Featurizer:
             raise ValueError("a text model's config needs 'tokenizer_path' or 'encoder_path'")
 
     def _tokens(self, first: list[str], second: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask, padded to ``max_seq_len``; each distinct text (pair) is tokenized once per batch.
+
+        Catalogue rows repeat the same item and user texts; with fixed-length padding a text's
+        encoding does not depend on the rest of the batch, so the unique texts are tokenized
+        and their rows gathered back in order.
+        """
         tok = _tokenizer(self.tokenizer_path)
-        enc = tok(first, second, max_length=self.max_seq_len, truncation=True,
-                  padding="max_length", return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
+        keys = first if second is None else list(zip(first, second))
+        codes, uniq = pd.factorize(pd.Series(keys, dtype=object), sort=False)
+        if second is None:
+            enc = tok(list(uniq), max_length=self.max_seq_len, truncation=True, padding="max_length",
+                      return_tensors="pt")
+        else:
+            enc = tok([a for a, _ in uniq], [b for _, b in uniq], max_length=self.max_seq_len, truncation=True,
+                      padding="max_length", return_tensors="pt")
+        rows = torch.from_numpy(codes.astype(np.int64))
+        return enc["input_ids"][rows], enc["attention_mask"][rows]
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, torch.Tensor]:
         if not isinstance(batch, pd.DataFrame):
