@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 from causalrec.features.common import item_tokens  # noqa: F401  (re-exported for callers)
 from causalrec.features.job import build_features
 from causalrec.features.pair import PAIR_FEATURE_NAMES, item_cooccurrence, pair_features
-from causalrec.features.user import user_attribute_counts, user_history, user_item_counts
+from causalrec.features.user import user_attribute_counts, user_item_counts
 from causalrec.propensity.exposure import label_event_type
 from causalrec.schemas import ID_INDEX, TRAINING_EXAMPLES, conform
 
@@ -117,7 +117,8 @@ def with_feature_vectors(pairs: DataFrame, ft, events: DataFrame, items: DataFra
     in the same joins. Users or items without features get zeros, as in training.
     """
     cut = ft.cutoff
-    hist = user_history(events, cut, cfg.features.history_length)
+    # the user feature table already holds each user's recent items as of the cutoff: no second pass over events
+    hist = ft.users.select("user_id", "history_item_ids")
     pf = pair_features(pairs, attr_counts=user_attribute_counts(events, items, cut),
                        ui_counts=user_item_counts(events, cut), items=items, history=hist,
                        cooc=item_cooccurrence(hist))
