@@ -179,6 +179,10 @@ class TrainConfig:
     resume_from: Optional[str] = None  # checkpoint folder to continue from
     tune_max_concurrent: int = 1
     tune_grace_epochs: int = 1  # ASHA: epochs before a trial may be stopped
+    # same data order on every run (Ray Data preserve_order for the worker shards) and torch's
+    # deterministic kernels: a rerun reproduces the model bit for bit on CPU; false trades that for
+    # streaming throughput on large clusters
+    deterministic: bool = True
 
 
 @dataclass

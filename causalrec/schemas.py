@@ -295,6 +295,8 @@ TRAINING_EXAMPLES = TableSpec(
         ("outcome", "double", True, "binary outcome (rating >= threshold, click, purchase)"),
         ("treated", "int", True, "1 = recommended by the logging policy"),
         ("exposure_propensity", "double", False, "P(observed | user, item), clipped"),
+        ("sample_weight", "double", True, "inverse sampling probability of the row: 1 when observed, the "
+                                          "number of unobserved pairs it stands for when sampled (DR joint learning)"),
         ("treatment_propensity", "double", True, "P(recommended | user, item, context), clipped"),
         ("features", "array<float>", True, "dense numeric user/item/pair features"),
         ("history_item_idx", "array<int>", True, "user's recent items before the cutoff"),
@@ -488,6 +490,8 @@ EXPOSURE_PROPENSITY = TableSpec(
         ("raw_propensity", "double", True, "model output before clipping/normalising"),
         ("exposure_propensity", "double", False, "P(observed | user, item), clipped (and self-normalised)"),
         ("method", "string", False, "popularity / naive_bayes / logistic"),
+        ("weight", "double", True, "inverse sampling probability: 1 for observed pairs, (items not observed by "
+                                   "the user) / (pairs sampled for the user) for sampled unobserved pairs"),
     ),
 )
 

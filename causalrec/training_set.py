@@ -173,7 +173,7 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
         obs = obs.join(treatment.select("event_id", F.col("treatment_propensity")), "event_id", "left")
     else:
         obs = obs.withColumn("treatment_propensity", F.lit(None).cast("double"))
-    obs = obs.drop("event_id")
+    obs = obs.drop("event_id").withColumn("sample_weight", F.lit(1.0))
 
     ratio = float(ts.unobserved_per_observed)
     fit_ratio = max(ratio, 1.0)
@@ -188,6 +188,8 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
         F.lit(None).cast("double").alias("label"), F.lit(None).cast("double").alias("outcome"),
         F.lit(None).cast("int").alias("treated"), F.lit(False).alias("is_mcar"),
         F.lit(None).cast("timestamp").alias("event_time"), "exposure_propensity",
+        # the pairs the sample stands for, thinned by ratio / fit_ratio above
+        (F.coalesce(F.col("weight"), F.lit(1.0)) * F.lit(fit_ratio / ratio if ratio > 0 else 1.0)).alias("sample_weight"),
         F.lit(None).cast("double").alias("treatment_propensity"),
     )
     ex = obs.unionByName(unobs if ratio > 0 else unobs.limit(0))

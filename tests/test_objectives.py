@@ -87,6 +87,27 @@ def test_dr_is_unbiased_where_ips_weighted_naive_is_not():
     assert abs(naive - truth) > 0.2 * truth
 
 
+def test_dr_with_sampled_unobserved_pairs_needs_their_sample_weight():
+    """The training set keeps a tenth of the unobserved pairs, each standing for 10 (sample_weight)."""
+    gen = torch.Generator().manual_seed(1)
+    n = 400_000
+    err_true = torch.rand(n, generator=gen) * 4
+    p = (0.02 + 0.2 * torch.rand(n, generator=gen)) * torch.where(err_true < 1, 1.0, 0.3)
+    o = (torch.rand(n, generator=gen) < p).float()
+    keep = (o > 0) | (torch.rand(n, generator=gen) < 0.1)
+    label = torch.where(o > 0, err_true.sqrt(), torch.full_like(err_true, NAN))
+    batch = {"label": label[keep], "observed": o[keep], "exposure_propensity": p[keep],
+             "sample_weight": torch.where(o[keep] > 0, 1.0, 10.0)}
+    m = int(keep.sum())
+    out = {"logit": torch.zeros(m), "imputation": torch.full((m,), 0.5)}
+    truth = err_true.mean().item()
+    weighted = DRJointLearning("rating", clip=1e-6)(out, batch)["loss_pred"].item()
+    assert abs(weighted - truth) < 0.05 * truth
+    del batch["sample_weight"]
+    unweighted = DRJointLearning("rating", clip=1e-6)(out, batch)["loss_pred"].item()
+    assert abs(unweighted - truth) > 0.5 * truth
+
+
 def test_uplift_ipw_weights_each_arm_by_inverse_treatment_propensity():
     y1_logit = torch.tensor([0.0, 2.0, 5.0, 5.0])
     y0_logit = torch.tensor([9.0, 9.0, 0.0, -1.0])

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-TARGET_COLUMNS = ("label", "outcome", "observed", "exposure_propensity", "treated",
+TARGET_COLUMNS = ("label", "outcome", "observed", "exposure_propensity", "sample_weight", "treated",
                   "treatment_propensity", "is_mcar")
 
 _TOKENIZERS = threading.local()

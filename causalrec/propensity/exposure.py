@@ -233,8 +233,11 @@ def sample_unobserved(observed: DataFrame, item_ids: DataFrame, n_items: int, ra
                                         F.lit(None).cast("double").alias("value"), F.lit(1.0).alias("weight"))
     k = max(1, int(math.ceil(ratio * 1.25)))  # oversample a little to make up for collisions
     idx = item_ids.select("item_id").distinct().withColumn("_pos", F.row_number().over(Window.orderBy("item_id")) - 1)
-    draws = observed.select("user_id").withColumn("_k", F.explode(F.sequence(F.lit(1), F.lit(k))))
-    draws = draws.withColumn("_pos", F.floor(F.rand(seed) * n_items).cast("int"))
+    # a hash of (observed pair, draw, seed), not rand(): rand depends on how rows fall into
+    # partitions after a shuffle, so reruns would sample different pairs
+    draws = observed.select("user_id", "item_id").withColumn("_k", F.explode(F.sequence(F.lit(1), F.lit(k))))
+    draws = draws.select("user_id", F.pmod(F.xxhash64("user_id", "item_id", "_k", F.lit(seed)),
+                                           F.lit(n_items)).cast("int").alias("_pos"))
     cand = draws.join(F.broadcast(idx), "_pos").select("user_id", "item_id").distinct()
     neg = cand.join(observed.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
     n_obs_u = observed.groupBy("user_id").agg(F.count(F.lit(1)).alias("_nobs"))

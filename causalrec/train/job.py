@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 log = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ["split", "user_idx", "item_idx", "observed", "label", "outcome", "treated", "exposure_propensity",
-                 "treatment_propensity", "features", "history_item_idx", "user_text", "item_text", "is_mcar"]
+                 "sample_weight", "treatment_propensity", "features", "history_item_idx", "user_text", "item_text", "is_mcar"]
 
 
 def model_config_from(cfg, n_users: int, n_items: int, n_features: int, global_bias: float = 0.0,
@@ -53,7 +53,7 @@ def loop_config_from(cfg, model_config: dict, valid_mode: str, objective: str | 
         "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.learning_rate, "encoder_lr": t.encoder_lr,
         "weight_decay": t.weight_decay, "patience": t.early_stopping_patience, "valid_mode": valid_mode,
         "bf16": t.bf16, "prefetch_batches": t.prefetch_batches, "torch_threads": threads, "seed": cfg.project.seed,
-        "resume_from": t.resume_from,
+        "resume_from": t.resume_from, "deterministic": t.deterministic,
         "hyperparameters": {"learning_rate": t.learning_rate, "weight_decay": t.weight_decay,
                             "embedding_dim": t.embedding_dim, "batch_size": t.batch_size, "epochs": t.epochs,
                             "ips_clip": t.ips_clip, "encoder_lr": t.encoder_lr},
@@ -118,6 +118,20 @@ def resolve_valid_mode(cfg, valid_mcar_rows: int) -> str:
     return "mcar" if valid_mcar_rows > 0 else "ips"
 
 
+def shard_config(deterministic: bool):
+    """How Ray Train splits the datasets between workers.
+
+    Deterministic: blocks keep the Delta files' order, so the greedy splitter hands every
+    worker the same rows in the same order on every run (locality hints are ignored, which
+    costs nothing on one node and some network on a cluster).
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = bool(deterministic)
+    return DataConfig(execution_options=options)
+
+
 def load_splits(cfg):
     import ray
 
@@ -126,7 +140,9 @@ def load_splits(cfg):
 
     if not DeltaTable.is_deltatable(path):
         raise FileNotFoundError(f"training_examples table {path} does not exist; run the training_set stage first")
-    ds = ray.data.read_delta(path, columns=TRAIN_COLUMNS)
+    present = set(DeltaTable(path).schema().to_arrow().names)
+    # sample_weight arrived later: tables written before it still train (weight 1)
+    ds = ray.data.read_delta(path, columns=[c for c in TRAIN_COLUMNS if c in present or c != "sample_weight"])
     train = ds.filter(expr="split == 'train'")
     valid = ds.filter(expr="split == 'valid'")
     return train, valid
@@ -187,6 +203,7 @@ def _run_one(ctx, objective: str | None) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         datasets={"train": train_ds, "valid": valid_ds},
+        dataset_config=shard_config(cfg.train.deterministic),
         run_config=RunConfig(name=run_id, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_metric",

@@ -13,7 +13,7 @@ state) and all workers ``ray.train.report`` the metrics; a restarted run
 
 ``config`` keys: model_config, objective, task, clip, epochs, batch_size, lr,
 encoder_lr, weight_decay, patience, valid_mode (ips | mcar | naive), bf16,
-prefetch_batches, torch_threads, seed, resume_from, hyperparameters.
+prefetch_batches, torch_threads, seed, deterministic, resume_from, hyperparameters.
 """
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ def train_loop_per_worker(config: dict) -> None:
     on_gpu = device.type == "cuda"
     bf16 = bool(config.get("bf16", True)) and on_gpu
     torch.manual_seed(int(config.get("seed", 42)))
+    if config.get("deterministic", True):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     mc = config["model_config"]
     task = mc.get("task", "rating")

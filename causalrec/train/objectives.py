@@ -114,10 +114,14 @@ class DRJointLearning:
 
     Over every row (observed pairs and sampled unobserved pairs, ``o`` = observed):
 
-    * prediction model: ``L_pred = (1/N) sum [ e_hat + o (e - e_hat) / p ]`` where ``e = l(pred, y)``
-      is the true error (observed rows only) and ``e_hat = l(pred, g)`` the error imputed with the
-      imputation model's prediction ``g`` (held fixed for this part). Unbiased when *either* the
-      propensities or the imputed errors are right.
+    * prediction model: ``L_pred = sum [ s e_hat + o (e - e_hat) / p ] / sum s`` where ``e = l(pred, y)``
+      is the true error (observed rows only), ``e_hat = l(pred, g)`` the error imputed with the
+      imputation model's prediction ``g`` (held fixed for this part) and ``s`` the row's
+      ``sample_weight``: 1 for an observed pair, the number of unobserved pairs a sampled one
+      stands for. Without ``s`` the imputed term would cover only the sampled pairs while the
+      ``1/p`` correction assumes all of them, leaving ``e_hat`` with a negative net coefficient
+      on observed rows: the prediction would be pushed *away* from the imputation and diverge.
+      Unbiased for the full-matrix error when *either* the propensities or the imputed errors are right.
     * imputation model: ``L_imp = (1/|O|) sum_O (e - e_hat)^2 / p`` (the prediction held fixed),
       which fits the imputed errors where it matters for the DR estimator's bias.
 
@@ -140,7 +144,8 @@ class DRJointLearning:
         y0 = torch.nan_to_num(y)
         e = _masked(pointwise_loss(pred, y0, self.task), o)
         e_hat = pointwise_loss(pred, g.detach(), self.task)
-        l_pred = (e_hat + of * (e - e_hat) * w).mean()
+        s = torch.nan_to_num(batch["sample_weight"].float(), nan=1.0) if "sample_weight" in batch else torch.ones_like(of)
+        l_pred = (s * e_hat + of * (e - e_hat) * w).sum() / s.sum().clamp(min=1e-12)
         e_hat_imp = pointwise_loss(pred.detach(), g, self.task)
         l_imp = (of * (e.detach() - e_hat_imp) ** 2 * w).sum() / o.sum().clamp(min=1)
         return {"loss": l_pred + self.imputation_weight * l_imp, "loss_pred": l_pred, "loss_imputation": l_imp}
