@@ -224,6 +224,9 @@ class OPEConfig:
     strategies: list = field(default_factory=lambda: ["random", "popular", "recommendations"])
     baseline: str = "random"
     bootstrap_replicates: int = 200
+    # 0: a Poisson weight per row (exact, B weights per row); G > 0: rows hashed into G buckets that
+    # share a weight - the same bootstrap for i.i.d. rows at a fraction of the cost (event scale)
+    bootstrap_buckets: int = 0
     alpha: float = 0.05
     clip_max_weight: float = 100.0
     switch_dr_lambdas: list = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, float("inf")])

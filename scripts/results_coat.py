@@ -41,7 +41,7 @@ ANCHORS = {
     "cdr_song2023": {"MF": {"auc": 0.7053, "ndcg@5": 0.6025}, "MF-IPS": {"auc": 0.7144, "ndcg@5": 0.6173},
                      "MF-DR-JL": {"auc": 0.7286, "ndcg@5": 0.6271}},
 }
-COLUMNS = ["split", "user_idx", "item_idx", "observed", "label", "outcome", "treated", "exposure_propensity",
+COLUMNS = ["split", "user_idx", "item_idx", "observed", "label", "outcome", "treated", "exposure_propensity", "sample_weight",
            "treatment_propensity", "features", "history_item_idx", "user_text", "item_text", "is_mcar"]
 
 
@@ -136,6 +136,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, nargs="+", default=[0.01], help="MF learning rates tried")
     ap.add_argument("--wd", type=float, nargs="+", default=[3.0, 10.0], help="MF weight decays tried")
     ap.add_argument("--dims", type=int, nargs="+", default=[8, 32], help="MF embedding sizes tried")
+    ap.add_argument("--dr-wd", type=float, nargs="+", default=[1.0, 3.0],
+                    help="weight decays tried for DR-JL (its imputed term regularises too, so it needs less)")
     ap.add_argument("--text-wd", type=float, nargs="+", default=[3.0], help="weight decays tried for the text model")
     ap.add_argument("--out", default=str(ROOT / "bench_results" / "results_coat.json"))
     args = ap.parse_args(argv)
@@ -168,7 +170,9 @@ def main(argv=None) -> dict:
     for objective, label in (("naive", "MF-Naive"), ("ips", "MF-IPS"), ("snips", "MF-SNIPS"), ("dr_jl", "MF-DR-JL")):
         print(f"{label}:", flush=True)
         train_rows = train if objective == "dr_jl" else obs  # only DR-JL uses the unobserved pairs
-        best = select_and_fit(cfg, "mf", objective, grid, train_rows, valid, shape, args.epochs, 256,
+        ogrid = grid if objective != "dr_jl" else [
+            {"lr": lr, "wd": wd, "dim": d} for lr, wd, d in itertools.product(args.lr, args.dr_wd, args.dims)]
+        best = select_and_fit(cfg, "mf", objective, ogrid, train_rows, valid, shape, args.epochs, 256,
                               valid_mode=valid_mode)
         results[label] = evaluate(best["fit"]["model"], best["mc"], test, threshold)
         results[label]["valid_error"] = best["fit"]["best_valid"]

@@ -147,6 +147,28 @@ def test_local_and_spark_forms_agree_to_1e9_for_every_estimator_interval_and_dif
             assert r.diff_std_err > 0
 
 
+def test_bucketed_bootstrap_local_and_spark_agree(spark):
+    data, _ = synthetic_log(1200, 4)
+    kw = dict(n_boot=50, seed=9, boot_buckets=64)
+    local = evaluate(data, ALL, **kw)
+    dist = evaluate(spark.createDataFrame(pd.DataFrame(data)).repartition(3), ALL, **kw)
+    for a, b in zip(local, dist):
+        for f in ("estimate", "std_err", "boot_std_err", "boot_ci_low", "boot_ci_high"):
+            assert getattr(a, f) == pytest.approx(getattr(b, f), abs=1e-9, rel=1e-9), (a.estimator, f)
+    # the buckets are real resampling units: another bucket count gives other replicates
+    other = evaluate(data, ALL, n_boot=50, seed=9, boot_buckets=65)
+    assert all(a.boot_std_err != b.boot_std_err for a, b in zip(local, other) if a.boot_std_err > 0)
+
+
+@pytest.mark.parametrize("n_boot, buckets", [(0, 0), (8, 16), (8, 0)])
+def test_spark_form_names_the_column_with_a_null(spark, n_boot, buckets):
+    data, _ = synthetic_log(50, 6)
+    pdf = pd.DataFrame(data)
+    pdf.loc[7, "pscore"] = None
+    with pytest.raises(Exception, match=r"column 'pscore' has .*null/NaN"):
+        evaluate(spark.createDataFrame(pdf), [IPS()], n_boot=n_boot, boot_buckets=buckets)
+
+
 def test_spark_poisson_weight_columns_equal_local_ones(spark):
     from causalrec.estimators.base import poisson_weight_columns
 
@@ -183,6 +205,16 @@ def test_bootstrap_std_err_is_close_to_the_analytic_one():
     for r in res:
         assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
         assert r.boot_ci_low < r.estimate < r.boot_ci_high
+
+
+def test_bucketed_bootstrap_std_err_is_close_to_the_analytic_one():
+    data, _ = synthetic_log(20000, 22)
+    res = evaluate(data, [IPS(), SNIPS(), DR(), SNDR()], n_boot=200, seed=3, boot_buckets=2048)
+    for r in res:
+        assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
+        assert r.boot_ci_low < r.estimate < r.boot_ci_high
+    with pytest.raises(ValueError, match="boot_buckets"):
+        evaluate(data, [IPS()], n_boot=10, boot_buckets=-1)
 
 
 def test_unbiased_estimators_cover_the_truth_on_simulated_logs():

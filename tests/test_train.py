@@ -156,6 +156,31 @@ def test_tune_apply_params_updates_the_loop_config():
     assert "ips_clip" not in search_space("naive", "mf") and "ips_clip" in search_space("ips", "mf")
 
 
+def test_mlflow_logging_sends_params_and_per_epoch_metrics(monkeypatch, cfg):
+    """The MLflow calls the train stage makes (a recording stand-in for the mlflow module)."""
+    import contextlib
+    import sys
+    import types
+
+    from causalrec.train.job import _log_mlflow
+
+    calls = []
+    fake = types.ModuleType("mlflow")
+    fake.set_tracking_uri = lambda uri: calls.append(("uri", uri))
+    fake.start_run = lambda run_name: (calls.append(("run", run_name)), contextlib.nullcontext())[1]
+    fake.log_params = lambda p: calls.append(("params", p))
+    fake.log_metrics = lambda m, step: calls.append(("metrics", step, m))
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    metrics = {"epochs": [{"epoch": 0, "train_loss": 2.0, "valid_metric": 1.5},
+                          {"epoch": 1, "train_loss": 1.0, "valid_metric": None}]}
+    _log_mlflow(cfg, "run-1", {"learning_rate": 0.01, "tuned": {"x": 1}}, metrics)
+    assert calls == []  # no tracking URI configured: nothing is logged
+    cfg.train.mlflow_tracking_uri = "file:///tmp/mlruns"
+    _log_mlflow(cfg, "run-1", {"learning_rate": 0.01, "tuned": {"x": 1}}, metrics)
+    assert calls == [("uri", "file:///tmp/mlruns"), ("run", "run-1"), ("params", {"learning_rate": 0.01}),
+                     ("metrics", 0, {"train_loss": 2.0, "valid_metric": 1.5}), ("metrics", 1, {"train_loss": 1.0})]
+
+
 @pytest.mark.slow
 def test_tune_optuna_asha_picks_and_records_values(ray_local, train_cfg):
     from causalrec.context import Context

@@ -27,6 +27,16 @@ four 16-bit uniforms, turned into Poisson(1) counts by inverse-CDF thresholds
 resampled and no per-row array ever reaches the driver: the replicate sums
 ``sum_i m_ib * t_i`` are accumulated where the rows are. :func:`poisson_weight_columns`
 gives the same weights as Spark Column expressions (tested bit-for-bit).
+
+Bucketed form (``boot_buckets = G > 0``, for event-scale data): each row is hashed into one
+of G buckets and every row of a bucket shares the bucket's Poisson weight, so a pass only
+adds each term per bucket (G x terms sums, one ``bincount`` per term) and the B x G weights
+are drawn on the driver from the bucket ids. For i.i.d. rows this is the same Poisson
+bootstrap with buckets as resampling units - the random-bucket scheme Chamandy et al.
+describe for sharded data - and the replicate means are self-normalised by the replicate's
+row count, so centring keeps the within-bucket cross terms out of the variance; with G in
+the thousands it adds about ``1/sqrt(2G)`` relative noise to the bootstrap standard error
+(1% at G = 4096) and cuts the per-row cost from B weights to one hash.
 """
 from __future__ import annotations
 
@@ -95,6 +105,12 @@ class Plan:
     policies: dict = field(default_factory=dict)
     n_boot: int = 0
     seed: int = 0
+    boot_buckets: int = 0  # 0: a Poisson weight per row; G > 0: per hashed bucket of rows
+
+    @property
+    def boot_units(self) -> int:
+        """Length of each replicate block in the statistics vector: B (per row) or G (buckets)."""
+        return self.boot_buckets or self.n_boot
 
     def add_term(self, policy: str, term: Term) -> str:
         full = f"{policy}|{term.name}"
@@ -245,15 +261,23 @@ def _layout(plan: "Plan"):
     names = list(plan.terms)
     boot = [k for k in names if plan.terms[k][1].bootstrap] if plan.n_boot else []
     pairs = sorted(plan.pairs)
-    n_sum = 1 + len(names) + len(pairs) + (plan.n_boot * (1 + len(boot)))
+    n_sum = 1 + len(names) + len(pairs) + ((plan.boot_units if plan.n_boot else 0) * (1 + len(boot)))
     return names, boot, pairs, n_sum
+
+
+def bucket_of(row_id: np.ndarray, n_buckets: int, seed: int) -> np.ndarray:
+    """Bootstrap bucket of each row: ``pmod(xxhash64(row_id, seed, -1), G)``, Spark's expression
+    bit for bit (a hash link no replicate uses)."""
+    h = spark_xxhash64(np.asarray(row_id, dtype=np.int64), np.int64(seed), np.int64(-1))
+    return h.view(np.int64) % np.int64(n_buckets)  # numpy's % of a positive modulus is pmod
 
 
 def partial_stats(arr: dict, plan: "Plan") -> tuple[np.ndarray, np.ndarray]:
     """The one-pass kernel: additive sums and maxima of a chunk of rows, as two flat vectors.
 
     Layout of the sums: [n, sum per term, sum per cross-product pair, sum of weights per
-    replicate, replicate sums per bootstrapped term (term-major)]. Used as is by the local
+    replicate, replicate sums per bootstrapped term (term-major)]; in the bucketed form the
+    last two blocks are rows per bucket and term sums per bucket. Used as is by the local
     form and per Arrow batch inside the Spark pass (partials add up exactly).
     """
     names, boot, pairs, n_sum = _layout(plan)
@@ -268,7 +292,11 @@ def partial_stats(arr: dict, plan: "Plan") -> tuple[np.ndarray, np.ndarray]:
     pos = {k: j for j, k in enumerate(names)}
     G = T.T @ T
     out = [np.array([float(n)]), T.sum(axis=0), np.array([G[pos[a], pos[b]] for a, b in pairs])]
-    if plan.n_boot:
+    if plan.n_boot and plan.boot_buckets:
+        g, G = bucket_of(arr[ROW_ID], plan.boot_buckets, plan.seed), plan.boot_buckets
+        out.append(np.bincount(g, minlength=G).astype(np.float64))
+        out += [np.bincount(g, weights=T[:, pos[k]], minlength=G) for k in boot]
+    elif plan.n_boot:
         M = poisson_weights_local(arr[ROW_ID], plan.n_boot, plan.seed)
         out.append(M.sum(axis=0))
         if boot:
@@ -287,9 +315,14 @@ def stats_from_vectors(sums: np.ndarray, maxima: np.ndarray, plan: "Plan") -> "S
     cross = {p: float(v) for p, v in zip(pairs, sums[i:i + len(pairs)])}; i += len(pairs)
     boot_n = boot_sums = None
     if plan.n_boot:
-        B = plan.n_boot
-        boot_n = np.asarray(sums[i:i + B], dtype=float); i += B
-        boot_sums = {k: np.asarray(sums[i + j * B:i + (j + 1) * B], dtype=float) for j, k in enumerate(boot)}
+        U = plan.boot_units
+        blocks = [np.asarray(sums[i + j * U:i + (j + 1) * U], dtype=float) for j in range(1 + len(boot))]
+        if plan.boot_buckets:
+            # (G, B) bucket weights, keyed by bucket id exactly as per-row weights are keyed by row id
+            W = poisson_weights_local(np.arange(U, dtype=np.int64), plan.n_boot, plan.seed)
+            blocks = [W.T @ b for b in blocks]
+        boot_n = blocks[0]
+        boot_sums = dict(zip(boot, blocks[1:]))
     mx = {k: float(v) for k, v in zip(plan.maxima, maxima)}
     return Stats(n, s, cross, mx, boot_n, boot_sums)
 
@@ -320,10 +353,12 @@ def local_stats(data: dict, plan: "Plan", chunk_rows: int = 65536) -> "Stats":
 def spark_stats(df, plan: "Plan") -> "Stats":
     """Distributed form: ONE pass over ``df``.
 
-    Each task runs :func:`partial_stats` on its Arrow batches (the Poisson replicate weights
-    are generated there, per row, from the row id; rows are never resampled or moved), and a
+    Each task runs :func:`partial_stats` on its Arrow batches (per-row Poisson weights, or
+    bucket sums, are made there from the row id; rows are never resampled or moved), and a
     Spark aggregation adds the partial vectors by position. Only the statistics vector
-    (a few thousand numbers) reaches the driver.
+    reaches the driver. (A pure-SQL form of the analytic and bucketed statistics - ~120
+    aggregate expressions over the term columns - measured 2x slower than this kernel at
+    10M rows: Spark recomputes the terms inside every cross-product.)
     """
     import pyarrow as pa
     from pyspark.sql import functions as F
@@ -332,9 +367,9 @@ def spark_stats(df, plan: "Plan") -> "Stats":
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise ValueError(f"estimator input DataFrame lacks column(s) {missing}; it has {df.columns}")
+    casted = df.select(*[F.col(c).cast("long" if c == ROW_ID else "double").alias(c) for c in cols])
     _, _, _, n_sum = _layout(plan)
     n_max = len(plan.maxima)
-    casted = df.select(*[F.col(c).cast("long" if c == ROW_ID else "double").alias(c) for c in cols])
 
     def kernel(batches):
         sums, mx, seen = np.zeros(n_sum), np.full(n_max, -np.inf), False

@@ -429,9 +429,12 @@ def _boot_values(f: Form, stats: Stats) -> np.ndarray:
     return v
 
 
-def build_plan(estimators, policies: dict, baseline: Optional[str], n_boot: int, seed: int) -> Plan:
+def build_plan(estimators, policies: dict, baseline: Optional[str], n_boot: int, seed: int,
+               boot_buckets: int = 0) -> Plan:
     """Terms per (policy, estimator); cross-products only where a covariance is needed."""
-    plan = Plan(policies=dict(policies), n_boot=int(n_boot), seed=int(seed))
+    if boot_buckets < 0:
+        raise ValueError(f"boot_buckets is {boot_buckets}; expected 0 (a weight per row) or a positive bucket count")
+    plan = Plan(policies=dict(policies), n_boot=int(n_boot), seed=int(seed), boot_buckets=int(boot_buckets))
     for pol in policies:
         for est in estimators:
             names = [plan.add_term(pol, t) for t in est.terms()]
@@ -452,25 +455,28 @@ def build_plan(estimators, policies: dict, baseline: Optional[str], n_boot: int,
 
 
 def evaluate(data, estimators: Sequence[BaseOffPolicyEstimator], policies: Optional[dict] = None, *,
-             baseline: Optional[str] = None, alpha: float = 0.05, n_boot: int = 0, seed: int = 0) -> list[EstimateResult]:
+             baseline: Optional[str] = None, alpha: float = 0.05, n_boot: int = 0, seed: int = 0,
+             boot_buckets: int = 0) -> list[EstimateResult]:
     """Every estimator for every policy from ONE pass over ``data``.
 
     ``data``: a dict of numpy arrays (local form) or a Spark DataFrame (distributed form) with
     ``row_id, reward, pscore, q_hat`` and, per policy, its ``pi_e`` and ``q_hat_pi`` columns.
     ``policies``: name -> (pi_e column, q_hat_pi column); default ``{"policy": ("pi_e", "q_hat_pi")}``.
     ``baseline``: a policy name; each other policy gets a paired difference with its interval.
+    ``boot_buckets``: 0 = a Poisson weight per row; G > 0 = rows hashed into G buckets sharing a
+    weight (the event-scale form; see :mod:`causalrec.estimators.base`).
     """
     return evaluate_with_stats(data, estimators, policies, baseline=baseline, alpha=alpha, n_boot=n_boot,
-                               seed=seed)[0]
+                               seed=seed, boot_buckets=boot_buckets)[0]
 
 
 def evaluate_with_stats(data, estimators, policies: Optional[dict] = None, *, baseline=None, alpha=0.05,
-                        n_boot=0, seed=0) -> tuple[list[EstimateResult], Stats]:
+                        n_boot=0, seed=0, boot_buckets=0) -> tuple[list[EstimateResult], Stats]:
     """:func:`evaluate`, also returning the pass's :class:`Stats` (for diagnostics and tests)."""
     policies = policies or {"policy": (PI_E, Q_HAT_PI)}
     if baseline is not None and baseline not in policies:
         raise ValueError(f"baseline {baseline!r} is not among the policies {sorted(policies)}")
-    plan = build_plan(estimators, policies, baseline, n_boot, seed)
+    plan = build_plan(estimators, policies, baseline, n_boot, seed, boot_buckets)
     stats = local_stats(data, plan) if isinstance(data, dict) else spark_stats(data, plan)
     return summarize(stats, estimators, policies, baseline=baseline, alpha=alpha), stats
 

@@ -139,7 +139,7 @@ def attach_policies(rows, item_q, strategies, store=None):
     return df, pols, skipped
 
 
-def results_frame(spark, results, run_id: str, n_boot: int):
+def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 0):
     """EstimateResults -> ope_results rows (one analytic row, plus one bootstrap row when B > 0)."""
     import pandas as pd
 
@@ -152,7 +152,7 @@ def results_frame(spark, results, run_id: str, n_boot: int):
                          diff_ci_low=r.diff_ci_low, diff_ci_high=r.diff_ci_high, created_at=now))
         if n_boot:
             recs.append(dict(recs[-1], std_err=r.boot_std_err, ci_low=r.boot_ci_low, ci_high=r.boot_ci_high,
-                             interval_method=f"bootstrap_poisson_B{n_boot}", diff_ci_low=r.diff_boot_ci_low,
+                             interval_method=f"bootstrap_poisson_B{n_boot}" + (f"_G{boot_buckets}" if boot_buckets else ""), diff_ci_low=r.diff_boot_ci_low,
                              diff_ci_high=r.diff_boot_ci_high))
     pdf = pd.DataFrame(recs, columns=OPE_RESULTS.names)
     return spark.createDataFrame(pdf, schema=OPE_RESULTS.spark_schema())
@@ -191,12 +191,12 @@ def run(ctx: Context) -> dict:
                                  switch_lambdas=oc.switch_dr_lambdas, dr_os_lambdas=oc.dr_os_lambdas)
     with ctx.step("ope: estimate (one pass)"):
         results = evaluate(df, estimators, pols, baseline=baseline, alpha=oc.alpha,
-                           n_boot=oc.bootstrap_replicates, seed=cfg.project.seed)
+                           n_boot=oc.bootstrap_replicates, seed=cfg.project.seed, boot_buckets=oc.bootstrap_buckets)
     n = results[0].n
     ctx.log_rows("events (logged units)", n, "in")
     run_id = uuid.uuid4().hex[:12]
     with ctx.step("ope: load"):
-        out = results_frame(ctx.spark, results, run_id, oc.bootstrap_replicates)
+        out = results_frame(ctx.spark, results, run_id, oc.bootstrap_replicates, oc.bootstrap_buckets)
         store.write(out, "ope_results", mode="overwrite", spec=OPE_RESULTS, overwrite_schema=True)
         ctx.log_rows("ope_results", out.count())
     print(format_table(results, baseline))
