@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from causalrec.config import load_config  # noqa: E402
-from causalrec.train.job import model_config_from  # noqa: E402
+from causalrec.train.job import TRAIN_COLUMNS, model_config_from  # noqa: E402
 from causalrec.train.local import fit_local, predict_frame  # noqa: E402
 
 ANCHORS = {
@@ -41,9 +41,6 @@ ANCHORS = {
     "cdr_song2023": {"MF": {"auc": 0.7053, "ndcg@5": 0.6025}, "MF-IPS": {"auc": 0.7144, "ndcg@5": 0.6173},
                      "MF-DR-JL": {"auc": 0.7286, "ndcg@5": 0.6271}},
 }
-COLUMNS = ["split", "user_idx", "item_idx", "observed", "label", "outcome", "treated", "exposure_propensity", "sample_weight",
-           "treatment_propensity", "features", "history_item_idx", "user_text", "item_text", "is_mcar"]
-
 
 def auc(y: np.ndarray, s: np.ndarray) -> float:
     """Mann-Whitney AUC with average ranks for ties."""
@@ -87,7 +84,7 @@ def evaluate(model, mc, test: pd.DataFrame, threshold: float) -> dict:
 def load_examples(cfg) -> pd.DataFrame:
     from deltalake import DeltaTable
 
-    return DeltaTable(cfg.table_path("training_examples")).to_pyarrow_table(columns=COLUMNS).to_pandas()
+    return DeltaTable(cfg.table_path("training_examples")).to_pyarrow_table(columns=TRAIN_COLUMNS).to_pandas()
 
 
 def build_tables(cfg) -> None:
