@@ -124,8 +124,14 @@ class PropensityConfig:
     popularity_power: float = 0.5
     clip_min: float = 0.01
     self_normalize: bool = False
-    treatment_method: Literal["logged", "logistic", "gbt"] = "logged"
+    treatment_method: Literal["logged", "logistic", "gbt", "choice"] = "logged"
     treatment_eps: float = 0.01
+    # choice: P(item chosen for a slot) of a slate policy, one multinomial model per group
+    choice_groups: list = field(default_factory=lambda: ["policy", "context.campaign"])  # column / context.<key>
+    choice_time_buckets: int = 48  # one-hot time buckets over each group's span (a learning policy drifts)
+    choice_reg_grid: list = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])  # picked by held-out log-loss
+    choice_user_features: bool = False  # add the user feature vector to the choice model
+    choice_eps: float = 0.001  # clip floor for choice probabilities (they are ~1/catalogue size)
     calibration_bins: int = 10
     holdout_fraction: float = 0.2  # pairs held out for calibration diagnostics
     reg_param: float = 0.01  # MLlib LR L2 strength
@@ -396,6 +402,12 @@ def _check_semantics(cfg: Config, where: str) -> None:
         bad("propensity.clip_min", f"got {cfg.propensity.clip_min}, expected a value in (0, 1)")
     if not 0 < cfg.propensity.treatment_eps < 0.5:
         bad("propensity.treatment_eps", "expected a value in (0, 0.5)")
+    if not 0 < cfg.propensity.choice_eps < 0.5:
+        bad("propensity.choice_eps", "expected a value in (0, 0.5)")
+    if cfg.propensity.choice_time_buckets < 1:
+        bad("propensity.choice_time_buckets", "expected an integer >= 1")
+    if not cfg.propensity.choice_reg_grid or any(float(r) < 0 for r in cfg.propensity.choice_reg_grid):
+        bad("propensity.choice_reg_grid", "expected a non-empty list of L2 strengths >= 0")
     if cfg.train.num_workers < 1:
         bad("train.num_workers", f"got {cfg.train.num_workers}, expected >= 1")
     if cfg.training_set.files_per_split % cfg.train.num_workers != 0:

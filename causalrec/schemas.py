@@ -504,7 +504,7 @@ TREATMENT_PROPENSITY = TableSpec(
         ("treated", "int", False, "1 = recommended by the logging policy"),
         ("treatment_propensity", "double", False, "P(recommended | user, item, context), clipped to [eps, 1-eps]"),
         ("raw_propensity", "double", True, ""),
-        ("source", "string", False, "logged / logistic / gbt"),
+        ("source", "string", False, "logged / logistic / gbt / choice"),
     ),
 )
 

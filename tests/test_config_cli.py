@@ -14,7 +14,7 @@ from causalrec.stages import PIPELINE
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "simulated.yaml", "cluster.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "simulated.yaml", "cluster.yaml", "obd.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "conf" / name)
     assert cfg.training_set.files_per_split % cfg.train.num_workers == 0
@@ -56,6 +56,17 @@ def test_split_fractions_must_be_in_unit_interval(tmp_path, key, value):
     f = tmp_path / "c.yaml"
     f.write_text(f"training_set:\n  {key}: {value}\n")
     with pytest.raises(ConfigError, match=rf"training_set.{key}: got {value}, expected a value in \[0, 1\)"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("yaml_text,key", [("choice_eps: 0.7", "propensity.choice_eps"),
+                                           ("choice_time_buckets: 0", "propensity.choice_time_buckets"),
+                                           ("choice_reg_grid: []", "propensity.choice_reg_grid"),
+                                           ("choice_reg_grid: [-1.0]", "propensity.choice_reg_grid")])
+def test_choice_model_settings_are_checked(tmp_path, yaml_text, key):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"propensity:\n  {yaml_text}\n")
+    with pytest.raises(ConfigError, match=key):
         load_config(f)
 
 

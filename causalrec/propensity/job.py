@@ -137,13 +137,17 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
     if has["rec"] == 0:
         return None, []
     method = pc.treatment_method
+    if method == "choice":
+        return choice_propensities(events, user_features, cfg)
     if method == "logged" and has["lp"] > 0:
         t = logged_treatment(events)
         rows = _treatment_rows("logged", None, t, pc)
         return t, rows
     if method == "logged":
         if has["k"] < 2:
-            return None, []
+            log.info("treatment_method=logged but the events carry no logged propensity and every row is a "
+                     "recommendation: estimating the slot choice probability (method choice)")
+            return choice_propensities(events, user_features, cfg)
         log.info("treatment_method=logged but the events carry no logged propensity: estimating with logistic")
         method = "logistic"
     uv = user_features.select("user_id", F.col("feature_vector").alias("uvec"))
@@ -161,7 +165,49 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
     return t, _treatment_rows(method, held, t, pc)
 
 
-def _treatment_rows(method: str, held: Optional[DataFrame], t: DataFrame, pc) -> list:
+def choice_propensities(events: DataFrame, user_features: DataFrame, cfg) -> tuple[DataFrame, list]:
+    """Slate logs (every row recommended): P(item chosen for its slot), fitted on (1 - holdout_fraction)
+    of the rows, diagnosed on the rest (see :mod:`causalrec.propensity.choice`)."""
+    from causalrec.propensity import choice as C
+
+    pc = cfg.propensity
+    rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets)
+    if pc.choice_user_features:
+        rows = rows.join(user_features.select("user_id", F.col("feature_vector").alias("uvec")), "user_id")
+    rows = rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")).cache()
+    catalogues = C.catalogues_of(rows)
+    model = C.ItemChoiceTreatment(pc.choice_eps, tuple(float(r) for r in pc.choice_reg_grid), pc.max_iter * 4,
+                                  pc.choice_time_buckets, pc.choice_user_features)
+    model.fit(rows.where(F.col("_h") >= pc.holdout_fraction), catalogues)
+    scored = model.predict(rows)
+    held = scored.where(F.col("_h") < pc.holdout_fraction).withColumn("treated", F.lit(1)).cache()  # several passes
+    t = scored.select("event_id", "user_id", "item_id", F.lit(1).alias("treated"), "treatment_propensity",
+                      "raw_propensity", "source")
+    diag = []
+    rel, ece = D.reliability(C.candidate_pairs(held), "p", "chosen", None, pc.calibration_bins)
+    n_pairs = sum(r[1] for r in rel)
+    mean_p = sum(r[1] * r[2] for r in rel) / n_pairs if n_pairs else 0.0
+    diag.append(D._row("treatment", "choice", "ece", ece, n=n_pairs))
+    diag.append(D._row("treatment", "choice", "ece_relative", ece / mean_p if mean_p else None, n=n_pairs))
+    diag += [D._row("treatment", "choice", "reliability", bin=b, pred_mean=pm, obs_rate=o, n=w) for b, w, pm, o in rel]
+    n_held = held.count()
+    diag.append(D._row("treatment", "choice", "uniform_weight_mean", C.uniform_weight_mean(held), n=n_held))
+    for g in sorted(catalogues):
+        hg = held.where(F.col("choice_group") == g)
+        diag.append(D._row("treatment", "choice", f"uniform_weight_mean:{g}", C.uniform_weight_mean(hg), n=hg.count()))
+        if g in model.chosen_reg_:
+            diag.append(D._row("treatment", "choice", f"reg_param:{g}", model.chosen_reg_[g][0]))
+    if held.where(F.col("logged_propensity").isNotNull()).limit(1).count():
+        vt = D.versus_truth(held, held.select("event_id", "logged_propensity"), "treatment_propensity",
+                            "logged_propensity", keys=("event_id",), bins=pc.calibration_bins)
+        diag += [D._row("treatment", "choice", f"vs_logged_{k}", vt[k], n=vt["n"])
+                 for k in ("corr", "corr_log", "mae", "calibration_error")]
+    diag += _treatment_rows("choice", None, held, pc, low=pc.choice_eps)
+    held.unpersist()
+    return t, diag
+
+
+def _treatment_rows(method: str, held: Optional[DataFrame], t: DataFrame, pc, low: Optional[float] = None) -> list:
     rows = []
     if held is not None:
         rel, ece = D.reliability(held, "treatment_propensity", "treated", None, pc.calibration_bins)
@@ -171,8 +217,9 @@ def _treatment_rows(method: str, held: Optional[DataFrame], t: DataFrame, pc) ->
     wdf = t.withColumn("_pw", F.when(F.col("treated") == 1, F.col("treatment_propensity"))
                        .otherwise(1.0 - F.col("treatment_propensity")))
     wdf = wdf.withColumn("_raw", F.when(F.col("treated") == 1, F.col("raw_propensity")).otherwise(1.0 - F.col("raw_propensity")))
-    low = pc.treatment_eps if method != "logged" else 0.0
-    ws = D.weight_stats(wdf, "_pw", "_raw", low, None if method == "logged" else 1.0 - pc.treatment_eps)
+    if low is None:
+        low = pc.treatment_eps if method != "logged" else 0.0
+    ws = D.weight_stats(wdf, "_pw", "_raw", low, None if method == "logged" else 1.0 - low)
     for k in ("share_at_clip", "ess", "ess_ratio", "max_weight", "mean_propensity"):
         rows.append(D._row("treatment", method, k, ws[k], n=ws["n"]))
     ov = D.overlap(t, "treatment_propensity", "treated")
