@@ -178,6 +178,9 @@ class TrainConfig:
     freeze_layers: int = 0  # freeze the encoder's embeddings + this many lowest layers (-1: all)
     encoder_lr: Optional[float] = None  # learning rate of the pre-trained encoder (None: min(learning_rate, 5e-5))
     id_dropout: float = 0.1  # text models: share of ids replaced by the unknown row (cold-start training)
+    # two-tower: add text_scale * cos(user text, item text) on the encoder's own vectors to the logit
+    text_match: bool = True
+    text_match_init: Optional[float] = None  # text_scale's start; None: 5.0 for task=click, 1.0 for ratings
     valid_metric: Literal["auto", "ips", "mcar", "naive"] = "auto"  # auto: mcar when valid has MCAR rows
     bf16: bool = True  # autocast on GPU
     prefetch_batches: int = 2

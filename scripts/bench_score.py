@@ -240,10 +240,12 @@ def bench_models(args) -> dict:
 
         item_rate, _, _ = _timed(lambda: (enc_items(), enc_bs)[1], device, args.seconds / 3)
         user_rate, _, _ = _timed(lambda: (enc_users(), enc_bs)[1], device, args.seconds / 3)
-        # dot-product stage over cached vectors
+        # dot-product stage over cached vectors (as wide as the towers' output: with the text-match
+        # path the unit text vector rides along after the projected part)
         sbs = args.mf_batch
-        uv = torch.randn(sbs, 32, generator=g).to(device, dtype)
-        iv = torch.randn(sbs, 32, generator=g).to(device, dtype)
+        width = enc_items().shape[-1]
+        uv = torch.randn(sbs, width, generator=g).to(device, dtype)
+        iv = torch.randn(sbs, width, generator=g).to(device, dtype)
         su = torch.randint(0, n_users, (sbs,), generator=g).to(device)
         si = torch.randint(0, n_items, (sbs,), generator=g).to(device)
 

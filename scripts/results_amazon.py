@@ -18,7 +18,10 @@ Protocol:
   items (an item text, so it hits the cache; the pipeline's "Recently: ..." list of five
   texts would need an encoder pass per distinct history, too slow on 2 CPU cores). Items
   are scored from text + id; items never seen in training from text + the unknown id row,
-  which the TwoTower learns through ``id_dropout``; MF scores them from its biases only.
+  which the TwoTower learns through ``id_dropout``; MF scores them from its biases only. The
+  TwoTower's logit includes ``text_scale * cos(user text, item text)`` on the frozen encoder's
+  vectors (its text-match path, ``text_scale`` learned from 5.0), so it starts from the
+  zero-shot cosine below.
   Supplementary, untrained: "MiniLM-cosine", the cosine between the frozen encoder's
   vectors of the user text (the last earlier item) and each item text.
 * Selection on ``valid`` only: every fit stops early on valid NDCG@10 (``fit_local``'s
@@ -162,7 +165,8 @@ def tower_vectors(model, users: dict, items: dict):
     """(user vectors, item vectors, user bias, item bias) whose elementwise product feeds the model's head.
 
     MF: ``u . i`` + biases (:class:`causalrec.models.mf.MF`); TwoTower: ``encode_users`` x
-    ``encode_items`` + the id biases (:meth:`causalrec.models.text.TwoTower.score`).
+    ``encode_items`` + the id biases (:meth:`causalrec.models.text.TwoTower.score`), the vectors
+    carrying the unit text vectors of its text-match path when it has one (see :func:`head_logits`).
     """
     if hasattr(model, "encode_users"):
         uv, iv = model.encode_users(users), model.encode_items(items)
@@ -175,11 +179,17 @@ def tower_vectors(model, users: dict, items: dict):
 
 def head_logits(model, uv, iv, ub, ib) -> torch.Tensor:
     """``heads(u * i, bias)`` for every (user, item) pair at once: the relevance head is linear, so
-    ``w . (u * i) = (u * w) . i`` and the whole grid is one matrix product."""
+    ``w . (u * i) = (u * w) . i`` and the whole grid is one matrix product. A TwoTower with its
+    text-match path adds ``text_scale * cos`` (another matrix product of the unit text vectors)."""
     if model.heads.uplift is not None:
         raise ValueError("full ranking scores the relevance head only; build the model without uplift")
+    text = 0.0
+    if hasattr(model, "split_vectors"):
+        (uv, ut), (iv, it) = model.split_vectors(uv), model.split_vectors(iv)
+        if ut is not None:
+            text = model.text_scale * (ut.float() @ it.float().T)
     w = model.heads.relevance.proj.weight[0]
-    return ((uv * w) @ iv.T + ub[:, None] + ib[None, :]).float()
+    return ((uv * w) @ iv.T + ub[:, None] + ib[None, :] + text).float()
 
 
 class Ranker:
@@ -435,7 +445,8 @@ def main(argv=None) -> dict:
             "evaluation": f"full ranking over all {n_items} items; the user's own earlier items (train, and "
                           "valid for test) removed from the ranking except the target itself; ties broken by "
                           f"lower item index; Recall@{K} (= hit rate, one target) and NDCG@{K} averaged over users",
-            "cold": "test item never in the train split; scored from its text + the unknown id row (TwoTower), "
+            "cold": "test item never in the train split; scored from its text (text-match cosine and tower) + "
+                    "the unknown id row (TwoTower), "
                     "biases only (MF: all such items tie), 0 (popularity)",
             "tail": f"test item with <= {args.tail_max} train interactions (cold included); supplementary "
                     "because the cold slice is small",

@@ -8,7 +8,7 @@ import torch
 
 from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
-from causalrec.train.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from causalrec.train.checkpoint import architecture_of, load_checkpoint, load_optimizer_state, save_checkpoint
 
 
 def rows():
@@ -100,6 +100,77 @@ def test_two_tower_scores_cold_items_from_text_and_caches_item_vectors(minilm):
         # item vectors do not depend on the user: computed once, reused for every user
         other_user = cold.assign(user_idx=[2, 1], user_text=["x", "y"])
         assert torch.allclose(model.encode_items(f(cold)), model.encode_items(f(other_user)))
+
+
+def test_two_tower_text_match_starts_from_the_pretrained_similarity(minilm):
+    """Untrained and with both ids unknown (as after id dropout), the text-match path alone ranks the
+    item whose text equals the user's text first; the cached vectors + score equal forward."""
+    torch.manual_seed(0)
+    mc = {"model": "two_tower", "task": "click", "n_users": 3, "n_items": 5, "dim": 8, "history_len": 2,
+          "encoder_path": minilm, "max_seq_len": 16, "freeze_layers": -1}
+    model = build_model(mc).eval()
+    assert model.text_match and model.text_scale.item() == 5.0
+    texts = ["stainless steel lab tweezers", "pink plastic garden sandals", "blue cotton baby blanket",
+             "acoustic guitar strings", "ceramic coffee mug"]
+    users = pd.DataFrame({"user_idx": -1, "item_idx": -1, "user_text": texts[0], "item_text": texts})
+    f = Featurizer(mc)
+    b = f(users)
+    with torch.no_grad():
+        logit = model(b)["logit"]
+        assert int(logit.argmax()) == 0 and (logit[0] - logit[1:]).min() > 1.0
+        # the bulk path: item vectors cached once, scored against a user vector
+        uv, iv = model.encode_users(b), model.encode_items(b)
+        assert uv.shape[-1] == iv.shape[-1] == 8 + model.hidden
+        torch.testing.assert_close(model.score(uv, iv, b["user_idx"], b["item_idx"])["logit"], logit)
+        grid = model.score(uv[:1, None], iv[None], b["user_idx"][:1, None], b["item_idx"][None])["logit"]
+        torch.testing.assert_close(grid[0], logit)
+        # the text term is the scaled cosine of the encoder's own vectors
+        _, ut = model.split_vectors(uv)
+        _, it = model.split_vectors(iv)
+        raw_u = model.encode_text(b["user_input_ids"], b["user_attention_mask"])
+        raw_i = model.encode_text(b["item_input_ids"], b["item_attention_mask"])
+        cos = torch.nn.functional.cosine_similarity(raw_u, raw_i, dim=-1)
+        torch.testing.assert_close(model.text_match_logit(ut, it), 5.0 * cos)
+    # gradients reach the scale
+    model.train()
+    model(b)["logit"].sum().backward()
+    assert model.text_scale.grad is not None and model.text_scale.grad != 0
+
+    off = build_model({**mc, "text_match": False}).eval()
+    assert not hasattr(off, "text_scale")
+    with torch.no_grad():
+        assert off.encode_items(b).shape[-1] == 8
+        assert torch.allclose(off(b)["logit"], off.score(off.encode_users(b), off.encode_items(b),
+                                                         b["user_idx"], b["item_idx"])["logit"])
+    assert build_model({**mc, "text_match_init": 2.5}).text_scale.item() == 2.5
+    assert build_model({**mc, "task": "rating"}).text_scale.item() == 1.0
+
+
+def test_two_tower_checkpoint_without_text_match_key_loads_as_before(tmp_path, minilm):
+    """A two-tower saved before the text-match path (no key in model_config.json, no text_scale
+    weight) still loads strictly; a new one records the flag it was built with."""
+    import json
+
+    mc = {"model": "two_tower", "task": "click", "n_users": 3, "n_items": 5, "dim": 8, "history_len": 2,
+          "encoder_path": minilm, "max_seq_len": 16, "freeze_layers": -1}
+    old = build_model({**mc, "text_match": False}).eval()
+    save_checkpoint(tmp_path / "old", old, mc, {})
+    cfg_path = tmp_path / "old" / "model_config.json"
+    saved = json.loads(cfg_path.read_text())
+    saved.pop("text_match")
+    cfg_path.write_text(json.dumps(saved))
+    loaded, mc2, _ = load_checkpoint(tmp_path / "old")
+    assert mc2["text_match"] is False and not hasattr(loaded, "text_scale")
+    # resuming training from it keeps its architecture although new configs default the path on
+    assert architecture_of(tmp_path / "old", mc)["text_match"] is False
+    assert architecture_of(tmp_path / "old", mf_config()) == mf_config()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(Featurizer(mc2)(rows()))["logit"], old(Featurizer(mc)(rows()))["logit"])
+
+    new = build_model(mc).eval()  # no key: built with the path, and the saved config says so
+    save_checkpoint(tmp_path / "new", new, mc, {})
+    loaded, mc3, _ = load_checkpoint(tmp_path / "new")
+    assert mc3["text_match"] is True and loaded.text_scale.item() == new.text_scale.item()
 
 
 def test_cross_encoder_forward_and_partial_freeze(minilm):

@@ -10,6 +10,10 @@ map unseen ids (-1) to a learned *unknown* row, trained by randomly dropping ids
   embeddings, numeric features) and item tower (item text, item id) meet in an
   elementwise product; item vectors depend on the item only, so they can be
   computed once and cached (:meth:`TwoTower.encode_items`) for bulk scoring.
+  With ``text_match`` (the default for new models) the logit also gets
+  ``text_scale * cos(user text, item text)`` on the encoder's own mean-pooled vectors,
+  so training starts from the pretrained text similarity instead of having to
+  re-learn it through the small projections (and cold items keep it).
 * :class:`CrossEncoder` - user and item text in one sequence, so attention sees
   both; more accurate per pair, but every pair needs its own encoder pass.
 
@@ -232,7 +236,16 @@ class _TextBase(nn.Module):
 
 
 class TwoTower(_TextBase):
-    """User tower x item tower; item vectors are cacheable (:meth:`encode_items`)."""
+    """User tower x item tower; item vectors are cacheable (:meth:`encode_items`).
+
+    ``model_config["text_match"]`` (default true; false for checkpoints saved before it existed,
+    see :func:`causalrec.train.checkpoint.load_checkpoint`) adds a text-match path:
+    ``logit += text_scale * cos(user text vector, item text vector)``, ``text_scale`` a learned
+    scalar starting at ``model_config["text_match_init"]`` (default 5.0 for ``task="click"``,
+    whose logits need a wide range, 1.0 for ratings). The vectors from :meth:`encode_users` /
+    :meth:`encode_items` then carry the unit-norm text vector after the ``dim`` projected
+    values (``[projected | text]``); :meth:`score` splits them (:meth:`split_vectors`).
+    """
 
     def __init__(self, mc: dict):
         super().__init__(mc)
@@ -241,6 +254,23 @@ class TwoTower(_TextBase):
                                        nn.Linear(d, d))
         self.item_proj = nn.Sequential(nn.Linear(h + d, d), nn.GELU(), nn.Linear(d, d))
         self.heads = Heads(d, mc.get("task", "rating"), bool(mc.get("uplift")))
+        self.text_match = bool(mc.get("text_match", True))
+        if self.text_match:
+            init = mc.get("text_match_init")
+            init = (5.0 if mc.get("task", "rating") == "click" else 1.0) if init is None else float(init)
+            self.text_scale = nn.Parameter(torch.tensor(init))
+
+    def _with_text(self, projected: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if not self.text_match:
+            return projected
+        unit = nn.functional.normalize(text.float(), dim=-1)
+        return torch.cat([projected, unit.to(projected.dtype)], -1)
+
+    def split_vectors(self, vec: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(projected, unit text vector or None)`` from an :meth:`encode_users` / :meth:`encode_items` output."""
+        if not self.text_match:
+            return vec, None
+        return vec[..., : self.dim], vec[..., self.dim:]
 
     def encode_users(self, batch: dict[str, torch.Tensor], user_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         user_idx = batch["user_idx"] if user_idx is None else user_idx
@@ -257,17 +287,25 @@ class TwoTower(_TextBase):
         fv = self._feature_vec(batch, u)
         if fv is not None:
             parts.append(fv)
-        return self.user_proj(torch.cat(parts, -1))
+        return self._with_text(self.user_proj(torch.cat(parts, -1)), text)
 
     def encode_items(self, batch: dict[str, torch.Tensor], item_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         item_idx = batch["item_idx"] if item_idx is None else item_idx
         text = self.encode_text(batch["item_input_ids"], batch["item_attention_mask"])
         i = self.ids.item(item_idx)
-        return self.item_proj(torch.cat([text.to(i.dtype), i], -1))
+        return self._with_text(self.item_proj(torch.cat([text.to(i.dtype), i], -1)), text)
+
+    def text_match_logit(self, user_text: torch.Tensor, item_text: torch.Tensor) -> torch.Tensor:
+        """``text_scale * cos``, broadcasting over leading dims; the unit vectors come from :meth:`split_vectors`."""
+        return self.text_scale * (user_text.float() * item_text.float()).sum(-1)
 
     def score(self, user_vec, item_vec, user_idx, item_idx) -> dict[str, torch.Tensor]:
-        bias = self.ids.user_bias(user_idx).squeeze(-1) + self.ids.item_bias(item_idx).squeeze(-1)
-        return self.heads(user_vec * item_vec, bias + self.global_bias)
+        offset = self.ids.user_bias(user_idx).squeeze(-1) + self.ids.item_bias(item_idx).squeeze(-1) + self.global_bias
+        user_vec, user_text = self.split_vectors(user_vec)
+        item_vec, item_text = self.split_vectors(item_vec)
+        if user_text is not None:
+            offset = offset + self.text_match_logit(user_text, item_text)
+        return self.heads(user_vec * item_vec, offset)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         user_idx, item_idx = self._drop_ids(batch["user_idx"], batch["item_idx"])

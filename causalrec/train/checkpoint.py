@@ -39,6 +39,9 @@ def save_checkpoint(directory, model: torch.nn.Module, model_config: dict, meta:
     model = unwrap(model)
     save_model(model, str(d / WEIGHTS))
     mc = dict(model_config)
+    if mc.get("model") == "two_tower" and hasattr(model, "text_match"):
+        # record what was built, so load_checkpoint rebuilds the same parameters (strict load)
+        mc["text_match"] = bool(model.text_match)
     encoder = getattr(model, "encoder", None)
     if encoder is not None and hasattr(encoder, "config"):
         (d / ENCODER_CONFIG).write_text(json.dumps(encoder.config.to_dict(), default=str))
@@ -66,6 +69,9 @@ def load_checkpoint(directory, map_location: str = "cpu"):
             raise FileNotFoundError(f"checkpoint {d} has no {name}; was it written by save_checkpoint?")
     mc = json.loads((d / MODEL_CONFIG).read_text())
     meta = json.loads((d / META).read_text()) if (d / META).is_file() else {}
+    if mc.get("model") == "two_tower":
+        # two-towers saved before the text-match path existed have no text_scale parameter
+        mc.setdefault("text_match", False)
     build_cfg = dict(mc)
     if (d / ENCODER_CONFIG).is_file():
         # rebuild the architecture from the saved config; the weights below replace it all
@@ -77,6 +83,20 @@ def load_checkpoint(directory, map_location: str = "cpu"):
     load_model(model, str(d / WEIGHTS), strict=True, device=map_location)
     model.eval()
     return model, mc, meta
+
+
+def architecture_of(directory, model_config: dict) -> dict:
+    """``model_config`` with the architecture flags a saved checkpoint was built with (for resuming).
+
+    A two-tower saved before the text-match path existed has no ``text_match`` key and no
+    ``text_scale`` weight; resuming it under a config that now defaults the path on would fail
+    the strict weight load, so the checkpoint's own setting wins.
+    """
+    p = Path(directory) / MODEL_CONFIG
+    if model_config.get("model") != "two_tower" or not p.is_file():
+        return model_config
+    saved = json.loads(p.read_text())
+    return {**model_config, "text_match": bool(saved.get("text_match", False))}
 
 
 def load_optimizer_state(directory, optimizer: torch.optim.Optimizer) -> bool:

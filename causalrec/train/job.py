@@ -42,6 +42,10 @@ def model_config_from(cfg, n_users: int, n_items: int, n_features: int, global_b
             "history_len": int(cfg.features.history_length), "freeze_layers": -1 if t.freeze_encoder else int(t.freeze_layers),
             "id_dropout": float(t.id_dropout),
         })
+        if t.model == "two_tower":
+            mc["text_match"] = bool(t.text_match)
+            if t.text_match_init is not None:
+                mc["text_match_init"] = float(t.text_match_init)
     return mc
 
 

@@ -28,7 +28,7 @@ from ray.data.collate_fn import PandasBatchCollateFn
 
 from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
-from causalrec.train.checkpoint import load_optimizer_state, save_checkpoint, unwrap
+from causalrec.train.checkpoint import architecture_of, load_optimizer_state, save_checkpoint, unwrap
 from causalrec.train.loop_state import early_stopping_update, initial_state
 from causalrec.train.objectives import build_objective
 from causalrec.train.step import make_optimizer, metric_from_totals, train_step, validation_totals
@@ -76,7 +76,6 @@ def train_loop_per_worker(config: dict) -> None:
     mc = config["model_config"]
     task = mc.get("task", "rating")
     objective = build_objective(config["objective"], task, float(config.get("clip", 0.01)))
-    model = build_model(mc)
 
     state = initial_state()
     resume_dir = None
@@ -85,6 +84,9 @@ def train_loop_per_worker(config: dict) -> None:
         resume_dir = checkpoint.to_directory()  # local copy; survives for the optimizer load below
     elif config.get("resume_from"):
         resume_dir = config["resume_from"]
+    if resume_dir:
+        mc = architecture_of(resume_dir, mc)  # e.g. a two-tower saved before its text-match path
+    model = build_model(mc)
     if resume_dir:
         state = load_resume_state(resume_dir, model)
         if rank == 0:
