@@ -179,7 +179,9 @@ class TrainConfig:
     encoder_lr: Optional[float] = None  # learning rate of the pre-trained encoder (None: min(learning_rate, 5e-5))
     id_dropout: float = 0.1  # text models: share of ids replaced by the unknown row (cold-start training)
     # two-tower: add text_scale * cos(user text, item text) on the encoder's own vectors to the logit
-    text_match: bool = True
+    # None: on for task=click (implicit feedback: the zero-shot similarity is the signal, and cold
+    # items need it), off for rating regression (how much a user likes what they chose to rate)
+    text_match: Optional[bool] = None
     text_match_init: Optional[float] = None  # text_scale's start; None: 5.0 for task=click, 1.0 for ratings
     valid_metric: Literal["auto", "ips", "mcar", "naive"] = "auto"  # auto: mcar when valid has MCAR rows
     bf16: bool = True  # autocast on GPU

@@ -143,7 +143,8 @@ def test_two_tower_text_match_starts_from_the_pretrained_similarity(minilm):
         assert torch.allclose(off(b)["logit"], off.score(off.encode_users(b), off.encode_items(b),
                                                          b["user_idx"], b["item_idx"])["logit"])
     assert build_model({**mc, "text_match_init": 2.5}).text_scale.item() == 2.5
-    assert build_model({**mc, "task": "rating"}).text_scale.item() == 1.0
+    assert build_model({**mc, "task": "rating", "text_match": True}).text_scale.item() == 1.0
+    assert not build_model({**mc, "task": "rating"}).text_match  # off by default for rating regression
 
 
 def test_two_tower_checkpoint_without_text_match_key_loads_as_before(tmp_path, minilm):

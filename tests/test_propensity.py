@@ -139,6 +139,26 @@ def test_logged_treatment_propensities_pass_through_unchanged(spark, ctx):
     assert any(r["metric"] == "ess" for r in rows)
 
 
+def test_logged_propensity_of_a_control_row_becomes_p_recommended(spark, ctx):
+    """events.logged_propensity is the probability of the action taken: for a row the policy did
+    not recommend, P(not recommended). The treatment table holds P(recommended) for every row."""
+    from test_features import make_events, small_world
+
+    from causalrec.propensity.job import treatment_propensities
+
+    _, users, items = small_world(spark)
+    rows = [("t1", "u1", "i1", "2024-01-01 00:00", "impression", 1, True, 0.8),
+            ("c1", "u2", "i2", "2024-01-02 00:00", "impression", 0, False, 0.8),
+            ("c2", "u3", "i3", "2024-01-03 00:00", "impression", 0, False, 0.25)]
+    from causalrec.features.job import build_features
+
+    events = make_events(spark, rows)
+    ft = build_features(events, users, items, ctx.cfg)
+    t, _ = treatment_propensities(events, ft.users, ft.items, ctx.cfg)
+    got = {r["event_id"]: (r["treated"], r["treatment_propensity"]) for r in t.collect()}
+    assert got == {"t1": (1, 0.8), "c1": (0, pytest.approx(0.2)), "c2": (0, pytest.approx(0.75))}
+
+
 def _simulated(spark, n_users=600, n_items=40, seed=3):
     """A small simulated world with known propensities (exposure and treatment) from features."""
     import numpy as np

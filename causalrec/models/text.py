@@ -10,7 +10,7 @@ map unseen ids (-1) to a learned *unknown* row, trained by randomly dropping ids
   embeddings, numeric features) and item tower (item text, item id) meet in an
   elementwise product; item vectors depend on the item only, so they can be
   computed once and cached (:meth:`TwoTower.encode_items`) for bulk scoring.
-  With ``text_match`` (the default for new models) the logit also gets
+  With ``text_match`` (the default for ``task="click"``) the logit also gets
   ``text_scale * cos(user text, item text)`` on the encoder's own mean-pooled vectors,
   so training starts from the pretrained text similarity instead of having to
   re-learn it through the small projections (and cold items keep it).
@@ -238,7 +238,8 @@ class _TextBase(nn.Module):
 class TwoTower(_TextBase):
     """User tower x item tower; item vectors are cacheable (:meth:`encode_items`).
 
-    ``model_config["text_match"]`` (default true; false for checkpoints saved before it existed,
+    ``model_config["text_match"]`` (default: true for ``task="click"``, false for ratings and for
+    checkpoints saved before it existed,
     see :func:`causalrec.train.checkpoint.load_checkpoint`) adds a text-match path:
     ``logit += text_scale * cos(user text vector, item text vector)``, ``text_scale`` a learned
     scalar starting at ``model_config["text_match_init"]`` (default 5.0 for ``task="click"``,
@@ -254,7 +255,8 @@ class TwoTower(_TextBase):
                                        nn.Linear(d, d))
         self.item_proj = nn.Sequential(nn.Linear(h + d, d), nn.GELU(), nn.Linear(d, d))
         self.heads = Heads(d, mc.get("task", "rating"), bool(mc.get("uplift")))
-        self.text_match = bool(mc.get("text_match", True))
+        tm = mc.get("text_match")
+        self.text_match = (mc.get("task", "rating") == "click") if tm is None else bool(tm)
         if self.text_match:
             init = mc.get("text_match_init")
             init = (5.0 if mc.get("task", "rating") == "click" else 1.0) if init is None else float(init)

@@ -1,8 +1,8 @@
 """Treatment propensity P(recommended | user, item, context).
 
-When the log carries the logging policy's own probabilities (Open Bandit Dataset),
-they ARE the propensities: passed through unchanged (re-estimating them would only
-add error). Otherwise they are estimated with Spark MLlib (logistic regression or
+When the log carries the logging policy's own probabilities (Open Bandit Dataset,
+the simulator), they ARE the propensities: passed through, not re-estimated (that would
+only add error); a control row's logged probability of its action becomes 1 - it. Otherwise they are estimated with Spark MLlib (logistic regression or
 gradient-boosted trees) on the adjustment-set features and clipped to [eps, 1 - eps]
 so every inverse weight is bounded (positivity in practice).
 """
@@ -15,10 +15,16 @@ from pyspark.sql import functions as F
 
 
 def logged_treatment(events: DataFrame) -> DataFrame:
-    """Rows with a logged propensity: (event_id, user_id, item_id, treated, treatment_propensity, raw, source)."""
-    return events.where(F.col("logged_propensity").isNotNull() & F.col("recommended").isNotNull()).select(
+    """Rows with a logged propensity: (event_id, user_id, item_id, treated, treatment_propensity, raw, source).
+
+    ``events.logged_propensity`` is the logging policy's probability of the action it took, so
+    for a row it did not recommend it is P(not recommended); the table holds P(recommended).
+    """
+    lp = F.col("logged_propensity")
+    p_rec = F.when(F.col("recommended"), lp).otherwise(F.lit(1.0) - lp)
+    return events.where(lp.isNotNull() & F.col("recommended").isNotNull()).select(
         "event_id", "user_id", "item_id", F.col("recommended").cast("int").alias("treated"),
-        F.col("logged_propensity").alias("treatment_propensity"), F.col("logged_propensity").alias("raw_propensity"),
+        p_rec.alias("treatment_propensity"), p_rec.alias("raw_propensity"),
         F.lit("logged").alias("source"),
     )
 
