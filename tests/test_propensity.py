@@ -242,6 +242,7 @@ def test_obd_estimated_choice_propensities_are_calibrated(spark, ctx):
     by = {r["policy"]: r for r in j.collect()}
     assert by["bts"]["n"] > 1500 and by["bts"]["c"] >= 0.8, by
     assert by["random"]["rel_err"] <= 0.2, by
+    events.unpersist()  # the session is shared: cached blocks are shielded from eviction up to storageFraction
 
 
 def test_slate_log_without_logged_propensities_falls_back_to_the_choice_model(spark, ctx):

@@ -54,6 +54,7 @@ class ExposureResult:
     diagnostics: list = field(default_factory=list)
     universe: Optional[Universe] = None
     scored: dict = field(default_factory=dict)  # method -> scored pairs (all methods diagnosed)
+    cached: list = field(default_factory=list)  # DataFrames to unpersist once ``table`` is written
 
 
 def _hash_fraction(cols, salt: str):
@@ -124,7 +125,7 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
         if m == chosen:
             table = sc
     obs.unpersist()
-    return ExposureResult(table=table, diagnostics=rows, universe=universe, scored=scored)
+    return ExposureResult(table=table, diagnostics=rows, universe=universe, scored=scored, cached=[pairs])
 
 
 def treatment_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
@@ -204,6 +205,7 @@ def choice_propensities(events: DataFrame, user_features: DataFrame, cfg) -> tup
                  for k in ("corr", "corr_log", "mae", "calibration_error")]
     diag += _treatment_rows("choice", None, held, pc, low=pc.choice_eps)
     held.unpersist()
+    rows.unpersist()  # t recomputes from events when written; a long-lived session must not keep it
     return t, diag
 
 
@@ -267,6 +269,8 @@ def run(ctx) -> dict:
                                      PROPENSITY_DIAGNOSTICS.spark_schema())
         store.write(conform(diag, PROPENSITY_DIAGNOSTICS), "propensity_diagnostics", "overwrite",
                     spec=PROPENSITY_DIAGNOSTICS, overwrite_schema=True)
+        for df in er.cached:
+            df.unpersist()
     out = {"exposure_propensity": store.row_count("exposure_propensity"),
            "treatment_propensity": store.row_count("treatment_propensity"),
            "propensity_diagnostics": len(rows), "exposure_method": cfg.propensity.exposure_method,
