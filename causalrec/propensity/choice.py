@@ -177,6 +177,12 @@ def candidate_pairs(scored: DataFrame) -> DataFrame:
                  .select("p", (F.col("_k") == F.col("_label").cast("int")).cast("double").alias("chosen"))
 
 
-def uniform_weight_mean(scored: DataFrame) -> float:
-    """mean of 1 / (K p) over logged rows: 1 in expectation when p is the true choice probability."""
-    return scored.agg(F.avg(1.0 / (F.col("catalogue_size") * F.col("treatment_propensity"))).alias("m")).first()["m"]
+def uniform_weight_means(scored: DataFrame) -> dict:
+    """group -> (mean of 1 / (K p), rows), in one aggregation: 1 in expectation when p is the true
+    choice probability. Key ``None`` is every group pooled."""
+    w = 1.0 / (F.col("catalogue_size") * F.col("treatment_propensity"))
+    per = scored.groupBy("choice_group").agg(F.sum(w).alias("s"), F.count(F.lit(1)).alias("n")).collect()
+    out = {r["choice_group"]: (r["s"] / r["n"], r["n"]) for r in per}
+    n = sum(r["n"] for r in per)
+    out[None] = (sum(r["s"] for r in per) / n if n else None, n)
+    return out

@@ -191,11 +191,11 @@ def choice_propensities(events: DataFrame, user_features: DataFrame, cfg) -> tup
     diag.append(D._row("treatment", "choice", "ece", ece, n=n_pairs))
     diag.append(D._row("treatment", "choice", "ece_relative", ece / mean_p if mean_p else None, n=n_pairs))
     diag += [D._row("treatment", "choice", "reliability", bin=b, pred_mean=pm, obs_rate=o, n=w) for b, w, pm, o in rel]
-    n_held = held.count()
-    diag.append(D._row("treatment", "choice", "uniform_weight_mean", C.uniform_weight_mean(held), n=n_held))
+    uw = C.uniform_weight_means(held)
+    diag.append(D._row("treatment", "choice", "uniform_weight_mean", uw[None][0], n=uw[None][1]))
     for g in sorted(catalogues):
-        hg = held.where(F.col("choice_group") == g)
-        diag.append(D._row("treatment", "choice", f"uniform_weight_mean:{g}", C.uniform_weight_mean(hg), n=hg.count()))
+        if g in uw:
+            diag.append(D._row("treatment", "choice", f"uniform_weight_mean:{g}", uw[g][0], n=uw[g][1]))
         if g in model.chosen_reg_:
             diag.append(D._row("treatment", "choice", f"reg_param:{g}", model.chosen_reg_[g][0]))
     if held.where(F.col("logged_propensity").isNotNull()).limit(1).count():

@@ -67,11 +67,8 @@ def load_checkpoint(directory, map_location: str = "cpu"):
     for name in (WEIGHTS, MODEL_CONFIG):
         if not (d / name).is_file():
             raise FileNotFoundError(f"checkpoint {d} has no {name}; was it written by save_checkpoint?")
-    mc = json.loads((d / MODEL_CONFIG).read_text())
+    mc = saved_model_config(d)
     meta = json.loads((d / META).read_text()) if (d / META).is_file() else {}
-    if mc.get("model") == "two_tower":
-        # two-towers saved before the text-match path existed have no text_scale parameter
-        mc.setdefault("text_match", False)
     build_cfg = dict(mc)
     if (d / ENCODER_CONFIG).is_file():
         # rebuild the architecture from the saved config; the weights below replace it all
@@ -85,18 +82,25 @@ def load_checkpoint(directory, map_location: str = "cpu"):
     return model, mc, meta
 
 
-def architecture_of(directory, model_config: dict) -> dict:
-    """``model_config`` with the architecture flags a saved checkpoint was built with (for resuming).
+def saved_model_config(directory) -> dict:
+    """The checkpoint's model config, completed for checkpoints older than a config key.
 
     A two-tower saved before the text-match path existed has no ``text_match`` key and no
-    ``text_scale`` weight; resuming it under a config that now defaults the path on would fail
-    the strict weight load, so the checkpoint's own setting wins.
+    ``text_scale`` weight, so it is rebuilt with the path off (the weights then load strictly).
     """
-    p = Path(directory) / MODEL_CONFIG
-    if model_config.get("model") != "two_tower" or not p.is_file():
+    mc = json.loads((Path(directory) / MODEL_CONFIG).read_text())
+    if mc.get("model") == "two_tower":
+        mc.setdefault("text_match", False)
+    return mc
+
+
+def architecture_of(directory, model_config: dict) -> dict:
+    """``model_config`` with the architecture flags a saved checkpoint was built with (for resuming):
+    resuming an old two-tower under a config that turns the text-match path on would fail the strict
+    weight load, so the checkpoint's own setting wins."""
+    if model_config.get("model") != "two_tower" or not (Path(directory) / MODEL_CONFIG).is_file():
         return model_config
-    saved = json.loads(p.read_text())
-    return {**model_config, "text_match": bool(saved.get("text_match", False))}
+    return {**model_config, "text_match": saved_model_config(directory)["text_match"]}
 
 
 def load_optimizer_state(directory, optimizer: torch.optim.Optimizer) -> bool:

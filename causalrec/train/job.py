@@ -43,7 +43,8 @@ def model_config_from(cfg, n_users: int, n_items: int, n_features: int, global_b
             "id_dropout": float(t.id_dropout),
         })
         if t.model == "two_tower":
-            mc["text_match"] = (t.task == "click") if t.text_match is None else bool(t.text_match)
+            if t.text_match is not None:  # else the model's default (on for task=click)
+                mc["text_match"] = bool(t.text_match)
             if t.text_match_init is not None:
                 mc["text_match_init"] = float(t.text_match_init)
     return mc
