@@ -242,6 +242,9 @@ class OPEConfig:
     clip_max_weight: float = 100.0
     switch_dr_lambdas: list = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, float("inf")])
     dr_os_lambdas: list = field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0, float("inf")])
+    # how Switch-DR and DRos pick lambda from their grid: "slope" (SLOPE++, obp's default) or
+    # "mse" (estimated variance + squared bias upper bound)
+    tuning_method: Literal["mse", "slope"] = "slope"
     # A/B test analysis (causalrec abtest): arms are the values of events.<abtest_arm_column>
     abtest_arm_column: str = "policy"
     abtest_treatment: Optional[str] = None  # default: the last arm in sort order

@@ -39,6 +39,21 @@ def simulate_rows(spark, n: int, partitions: int, seed: int = 7, n_actions: int 
     )
 
 
+def arrow_transfer_floor(df, cols: list[str]) -> float:
+    """The estimator pass's floor: the same columns moved through Arrow into Python, nothing computed."""
+    import numpy as np
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    def touch(batches):
+        s = 0.0
+        for b in batches:
+            s += float(np.sum(b.column(cols[0]).to_numpy(zero_copy_only=False)))
+        yield pa.RecordBatch.from_arrays([pa.array([s])], ["s"])
+
+    return df.select(*cols).mapInArrow(touch, "s double").agg(F.sum("s")).collect()[0][0]
+
+
 def timed(fn, repeat: int) -> tuple[float, object]:
     fn()  # warm-up (JIT, file listing, Python workers)
     ts, out = [], None
@@ -82,6 +97,8 @@ def main(argv=None) -> dict:
         df = spark.read.parquet(str(tmp / "rows"))
         est = make_estimators(list(ESTIMATORS))
         mean_s, mean_v = timed(lambda: df.agg(F.avg("reward")).collect()[0][0], args.repeat)
+        cols = ["row_id", "reward", "pscore", "q_hat", "pi_e", "q_hat_pi"]
+        floor_s, _ = timed(lambda: arrow_transfer_floor(df, cols), args.repeat)
         an_s, _ = timed(lambda: evaluate(df, est, n_boot=0), args.repeat)
         full_s, res = timed(lambda: evaluate(df, est, n_boot=args.boot, seed=1, boot_buckets=args.buckets),
                             args.repeat)
@@ -93,6 +110,8 @@ def main(argv=None) -> dict:
             "cpu_count": os.cpu_count(), "spark_master": spark.sparkContext.master,
             "generate_and_write_s": round(gen_s, 2),
             "plain_mean_reward_s": round(mean_s, 3),
+            "arrow_transfer_floor_s": round(floor_s, 3),
+            "ratio_arrow_floor_vs_mean": round(floor_s / mean_s, 2),
             "all_estimators_analytic_s": round(an_s, 3),
             "bootstrap_buckets": args.buckets,
             "all_estimators_analytic_plus_bootstrap_s": round(full_s, 3),

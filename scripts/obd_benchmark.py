@@ -23,6 +23,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 # obp README / Saito et al. 2021, Table: relative estimation error on the OBD small sample (Random -> BTS, all)
+# obp's OBD benchmark grid for Switch-DR / DRos
+LAMBDAS = [10, 50, 100, 500, 1000, 5000, 10000, float("inf")]
 PUBLISHED = {"dm": 0.157, "ips": 0.311, "snips": 0.312, "dr": 0.292, "sndr": 0.302, "switch_dr": 0.258, "dr_os": 0.160}
 
 
@@ -34,12 +36,13 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from obp.dataset import OpenBanditDataset
-    from obp.ope import DirectMethod, DoublyRobust, InverseProbabilityWeighting, RegressionModel
+    from obp.ope import DirectMethod, DoublyRobust, DoublyRobustWithShrinkageTuning, InverseProbabilityWeighting
+    from obp.ope import RegressionModel, SwitchDoublyRobustTuning
     from obp.ope import SelfNormalizedDoublyRobust, SelfNormalizedInverseProbabilityWeighting
     from obp.policy import BernoulliTS
     from sklearn.linear_model import LogisticRegression
 
-    from causalrec.estimators import ESTIMATORS, evaluate, make_estimators
+    from causalrec.estimators import ESTIMATORS, DRos, SwitchDR, evaluate, make_estimators
     from causalrec.ope.policies import rows_from_action_dist
 
     t0 = time.time()
@@ -51,10 +54,21 @@ def main(argv=None) -> dict:
     bts = BernoulliTS(n_actions=ds.n_actions, len_list=ds.len_list, is_zozotown_prior=True, campaign="all",
                       random_state=12345)
     action_dist = bts.compute_batch_action_dist(n_rounds=fb0["n_rounds"])  # same for every context (context-free)
-    names = list(ESTIMATORS)
-    estimators = make_estimators(names, clip_max_weight=100.0)
+    # Switch-DR / DRos: obp's OBD grid, lambda chosen by SLOPE (obp's default rule) and, for
+    # comparison, by the estimated-MSE rule under its own name
+    grid = [float(x) for x in LAMBDAS]
+    estimators = make_estimators(list(ESTIMATORS), clip_max_weight=100.0, switch_lambdas=grid, dr_os_lambdas=grid,
+                                 tuning_method="slope")
+    estimators += [SwitchDR(lambdas=tuple(grid), tuning_method="mse", estimator_name="switch_dr_mse"),
+                   DRos(lambdas=tuple(grid), tuning_method="mse", estimator_name="dr_os_mse")]
+    names = [e.estimator_name for e in estimators]
     obp_est = {"ips": InverseProbabilityWeighting(), "snips": SelfNormalizedInverseProbabilityWeighting(),
-               "dm": DirectMethod(), "dr": DoublyRobust(), "sndr": SelfNormalizedDoublyRobust()}
+               "dm": DirectMethod(), "dr": DoublyRobust(), "sndr": SelfNormalizedDoublyRobust(),
+               "switch_dr": SwitchDoublyRobustTuning(lambdas=LAMBDAS, tuning_method="slope"),
+               "dr_os": DoublyRobustWithShrinkageTuning(lambdas=LAMBDAS, tuning_method="slope"),
+               "switch_dr_mse": SwitchDoublyRobustTuning(lambdas=LAMBDAS, tuning_method="mse"),
+               "dr_os_mse": DoublyRobustWithShrinkageTuning(lambdas=LAMBDAS, tuning_method="mse")}
+    chosen = {n: [] for n in names}
     rel = {n: [] for n in names}
     rel_obp = {n: [] for n in obp_est}
     covered = {n: 0 for n in names}
@@ -69,14 +83,15 @@ def main(argv=None) -> dict:
         for r in evaluate(d, estimators):
             rel[r.estimator].append(abs(r.estimate - truth) / truth)
             covered[r.estimator] += r.ci_low <= truth <= r.ci_high
+            chosen[r.estimator].append(r.hyperparam)
         kw = dict(reward=fb["reward"], action=fb["action"], position=fb["position"], pscore=fb["pscore"],
                   action_dist=action_dist, estimated_rewards_by_reg_model=q_hat)
         needs = {"dm": ("action_dist", "position", "estimated_rewards_by_reg_model"),
                  "ips": ("reward", "action", "position", "pscore", "action_dist"),
                  "snips": ("reward", "action", "position", "pscore", "action_dist"),
-                 "dr": tuple(kw), "sndr": tuple(kw)}
+                 }
         for n, e in obp_est.items():
-            v = e.estimate_policy_value(**{k: kw[k] for k in needs[n]})
+            v = e.estimate_policy_value(**{k: kw[k] for k in needs.get(n, kw)})
             rel_obp[n].append(abs(v - truth) / truth)
     out = {
         "protocol": "OBD small sample, campaign=all: estimate BTS (is_zozotown_prior) click rate from the Random "
@@ -85,6 +100,7 @@ def main(argv=None) -> dict:
         "n_rounds": int(fb0["n_rounds"]),
         "on_policy_bts_click_rate": truth,
         "reward_model": "obp RegressionModel(LogisticRegression(C=100)), 3-fold cross-fitting",
+        "switch_dr_dr_os": f"lambdas {LAMBDAS}; switch_dr/dr_os by SLOPE, *_mse by the estimated-MSE rule",
         "estimators": {
             n: {
                 "relative_error_mean": float(np.mean(rel[n])),
@@ -92,6 +108,8 @@ def main(argv=None) -> dict:
                 "ci95_coverage_of_truth": covered[n] / args.n_runs,
                 "obp_same_inputs_relative_error_mean": float(np.mean(rel_obp[n])) if n in rel_obp else None,
                 "obp_published_relative_error": PUBLISHED.get(n),
+                "lambda_chosen": ({str(k): chosen[n].count(k) for k in sorted(set(chosen[n]))}
+                                  if chosen[n] and chosen[n][0] is not None else None),
             }
             for n in names
         },
@@ -100,11 +118,11 @@ def main(argv=None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"BTS on-policy click rate {truth:.5f}; {args.n_runs} bootstrap runs")
-    print(f"{'estimator':<12}{'ours':>10}{'obp(same)':>11}{'published':>11}{'coverage':>10}")
+    print(f"{'estimator':<14}{'ours':>10}{'obp(same)':>11}{'published':>11}{'coverage':>10}")
     for n, v in out["estimators"].items():
         o = v["obp_same_inputs_relative_error_mean"]
         p = v["obp_published_relative_error"]
-        print(f"{n:<12}{v['relative_error_mean']:>10.3f}{(f'{o:.3f}' if o is not None else '-'):>11}"
+        print(f"{n:<14}{v['relative_error_mean']:>10.3f}{(f'{o:.3f}' if o is not None else '-'):>11}"
               f"{(f'{p:.3f}' if p is not None else '-'):>11}{v['ci95_coverage_of_truth']:>10.2f}")
     return out
 

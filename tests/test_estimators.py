@@ -50,7 +50,8 @@ def synthetic_log(n: int, seed: int, k: int = 5, model_noise: float = 0.2):
     return data, truth
 
 
-ALL = make_estimators(list(ESTIMATORS), clip_max_weight=3.0)
+ALL = make_estimators(list(ESTIMATORS), clip_max_weight=3.0) + [
+    SwitchDR(tuning_method="mse", estimator_name="switch_dr_mse"), DRos(tuning_method="mse", estimator_name="dr_os_mse")]
 FIELDS = ["estimate", "std_err", "ci_low", "ci_high", "ess", "max_weight", "boot_std_err", "boot_ci_low",
           "boot_ci_high", "diff_to_baseline", "diff_std_err", "diff_ci_low", "diff_ci_high", "diff_boot_ci_low",
           "diff_boot_ci_high"]
@@ -101,7 +102,7 @@ def test_ips_standard_error_is_the_clt_one_and_snips_uses_the_delta_method():
 def test_tuned_switch_dr_picks_the_lambda_with_smallest_estimated_mse():
     data, _ = synthetic_log(3000, 11)
     k = {c: data[c] for c in ("reward", "pscore", "pi_e", "q_hat", "q_hat_pi")}
-    est = SwitchDR(lambdas=(0.5, 2.0, math.inf))
+    est = SwitchDR(lambdas=(0.5, 2.0, math.inf), tuning_method="mse")
     from causalrec.estimators import evaluate_with_stats
 
     (res,), stats = evaluate_with_stats({**k, "row_id": data["row_id"]}, [est])
@@ -109,6 +110,46 @@ def test_tuned_switch_dr_picks_the_lambda_with_smallest_estimated_mse():
     assert res.hyperparam == min(scores, key=scores.get)
     fixed = SwitchDR(lambdas=(res.hyperparam,)).estimate_policy_value(**k)
     assert res.estimate == pytest.approx(fixed, abs=1e-12)
+
+
+def test_slope_keeps_the_narrowest_interval_consistent_with_the_less_biased_ones():
+    """SLOPE walks from the widest (least-biased) candidate down and stops before the first
+    estimate that leaves the kept intervals. A reward model biased by +0.3 makes small switching
+    thresholds (mostly model) inconsistent with large ones, so SLOPE must not pick them and lands
+    near the truth; with the exact reward model every threshold is consistent and it picks the
+    narrowest (the smallest threshold)."""
+    from scipy.stats import t as student_t
+
+    lams = (0.5, 2.0, 5.0, 20.0, math.inf)
+    for bias in (0.3, 0.0):
+        data, truth = synthetic_log(20_000, 17, model_noise=0.0)
+        data["q_hat"] = data["q_hat"] + bias
+        data["q_hat_pi"] = data["q_hat_pi"] + bias
+        (res,) = evaluate(data, [SwitchDR(lambdas=lams, tuning_method="slope")])
+        # the rule by hand on per-row values: widths t * sqrt(var/(n-1)), widest first
+        w, n = data["pi_e"] / data["pscore"], 20_000
+        vals = [data["q_hat_pi"] + np.where(w <= l, w, 0.0) * (data["reward"] - data["q_hat"]) for l in lams]
+        theta = [v.mean() for v in vals]
+        width = [student_t(n - 1).ppf(0.95) * np.sqrt(v.var() / (n - 1)) for v in vals]
+        order = np.argsort(width)[::-1]
+        pick = lams[order[-1]]
+        for i in range(1, len(order)):
+            if not all(abs(theta[j] - theta[order[i]]) <= width[order[i]] + (np.sqrt(6) - 1) * width[j]
+                       for j in order[:i]):
+                pick = lams[order[i - 1]]
+                break
+        assert res.hyperparam == pick
+        assert res.estimate == pytest.approx(theta[lams.index(pick)], abs=1e-12)
+        if bias:
+            assert theta[0] - truth > 0.2  # the smallest threshold is badly biased ...
+            assert res.hyperparam > 0.5 and abs(res.estimate - truth) < 3 * res.std_err + 0.01  # ... and avoided
+        else:
+            assert res.hyperparam == 0.5
+
+
+def test_tuning_method_is_validated():
+    with pytest.raises(ValueError, match="tuning_method"):
+        SwitchDR(tuning_method="cv")
 
 
 def test_bad_input_names_the_column_and_row():
@@ -129,7 +170,7 @@ def test_local_and_spark_forms_agree_to_1e9_for_every_estimator_interval_and_dif
     df = spark.createDataFrame(pd.DataFrame(data)).repartition(3)
     dist = evaluate(df, ALL, **kw)
     assert [(r.policy, r.estimator) for r in local] == [(r.policy, r.estimator) for r in dist]
-    assert len(local) == 2 * len(ESTIMATORS)
+    assert len(local) == 2 * len(ALL)
     for a, b in zip(local, dist):
         assert a.n == b.n == 1500
         assert a.hyperparam == b.hyperparam

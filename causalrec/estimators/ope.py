@@ -288,14 +288,31 @@ def _bias_bound(stats: Stats, ns: str, bias_term: str, delta: float) -> float:
 class _TunedDR(BaseOffPolicyEstimator):
     """A DR variant with a weight-shrinking hyperparameter chosen from a grid in the same pass.
 
-    Rule (stated): choose lambda minimising the estimated MSE = sample variance / n +
-    (high-probability bias upper bound)^2, as in Su et al. 2020 Sec. 5 and obp's
-    ``*Tuning(tuning_method="mse", use_bias_upper_bound=True, delta=0.05)``. The interval is
-    conditional on the chosen lambda (bootstrap replicates reuse it).
+    Two stated rules (``tuning_method``), both computed from the pass's sufficient statistics:
+
+    * ``"mse"``: lambda minimising the estimated MSE = sample variance / n + (high-probability
+      bias upper bound)^2 (Su et al. 2020, Sec. 5; obp's ``*Tuning(tuning_method="mse",
+      use_bias_upper_bound=True, delta=0.1)``).
+    * ``"slope"``: SLOPE++ (Su, Srinath & Krishnamurthy 2020, "Adaptive estimator selection for
+      off-policy evaluation"; Tucker & Lee 2021, "Improved estimator selection for off-policy
+      evaluation"). Candidates are ordered by their one-sided Student-t confidence width
+      ``t_{n-1}(1-delta) sqrt(var / (n-1))``, widest (least biased) first; walk down the list and
+      stop before the first candidate whose estimate leaves ``width_i + (sqrt(6)-1) width_j`` of
+      any candidate j kept so far - the narrowest interval still consistent with the
+      less-biased ones. obp's default rule.
+
+    The interval is conditional on the chosen lambda (bootstrap replicates reuse it).
     """
 
     lambdas: tuple = ()
-    delta: float = 0.05
+    delta: float = 0.1  # confidence level of the bias bound and of SLOPE's widths (obp's default)
+    tuning_method: str = "slope"
+
+    def __post_init__(self):
+        if self.tuning_method not in ("mse", "slope"):
+            raise ValueError(f"{self.estimator_name}: tuning_method is {self.tuning_method!r}; expected 'mse' or 'slope'")
+        if not self.lambdas:
+            raise ValueError(f"{self.estimator_name}: lambdas is empty; expected at least one candidate")
 
     def _wh(self, lam: float):
         raise NotImplementedError
@@ -316,24 +333,44 @@ class _TunedDR(BaseOffPolicyEstimator):
         return [T_QPI, T_W] + [self._corr(float(l)) for l in self.lambdas]
 
     def tuning_terms(self):
-        return [self._bias(float(l)) for l in self.lambdas]
+        return [self._bias(float(l)) for l in self.lambdas] if self.tuning_method == "mse" else []
+
+    def _form_at(self, lam: float, ns: str) -> Form:
+        return Form(add=(ns + "qpi",), num=ns + self._corr(lam).name)
 
     def mse_scores(self, stats: Stats, ns: str) -> dict:
         out = {}
         for lam in map(float, self.lambdas):
-            f = Form(add=(ns + "qpi",), num=ns + self._corr(lam).name)
-            var = _form_var(f, stats)
+            var = _form_var(self._form_at(lam, ns), stats)
             out[lam] = var / stats.n + _bias_bound(stats, ns, ns + self._bias(lam).name, self.delta) ** 2
         return out
 
+    def slope_choice(self, stats: Stats, ns: str) -> float:
+        from scipy.stats import t as student_t
+
+        n = stats.n
+        t_q = float(student_t(n - 1).ppf(1.0 - self.delta))
+        lams = [float(l) for l in self.lambdas]
+        theta = [self._form_at(l, ns).value(stats.mean) for l in lams]
+        width = [t_q * math.sqrt(_form_var(self._form_at(l, ns), stats) / (n - 1)) for l in lams]
+        order = np.argsort(width, kind="stable")[::-1]  # widest first (obp: argsort()[::-1])
+        c = math.sqrt(6) - 1
+        kept = []
+        for i, idx in enumerate(order):
+            if kept and not all(abs(theta[j] - theta[idx]) <= width[idx] + c * width[j] for j in kept):
+                return lams[order[i - 1]]
+            kept.append(idx)
+        return lams[order[-1]]
+
     def hyperparam(self, stats, ns):
+        if self.tuning_method == "slope":
+            return self.slope_choice(stats, ns)
         scores = self.mse_scores(stats, ns)
         # ties -> the larger lambda (less bias), as obp sorts lambdas in reverse
         return min(sorted(scores, reverse=True), key=lambda l: scores[l])
 
     def form(self, stats, ns):
-        lam = self.hyperparam(stats, ns)
-        return Form(add=(ns + "qpi",), num=ns + self._corr(lam).name)
+        return self._form_at(self.hyperparam(stats, ns), ns)
 
 
 @dataclass
@@ -341,7 +378,7 @@ class SwitchDoublyRobust(_TunedDR):
     """Switch-DR: V = E_n[q_hat(x_i, pi_e) + w_i (r_i - q_hat(x_i, a_i)) 1{w_i <= lambda}].
 
     Uses the model where weights are large. Wang, Agarwal & Dudik 2017 ("Optimal and adaptive
-    off-policy evaluation in contextual bandits"); lambda by the estimated-MSE rule of _TunedDR.
+    off-policy evaluation in contextual bandits"); lambda by _TunedDR's rule (estimated MSE or SLOPE).
     """
 
     lambdas: tuple = (1.0, 2.0, 5.0, 10.0, 50.0, 100.0, math.inf)
@@ -358,7 +395,7 @@ class DoublyRobustWithShrinkage(_TunedDR):
     """DRos: V = E_n[q_hat(x_i, pi_e) + w_hat_i (r_i - q_hat(x_i, a_i))], w_hat = lambda w / (w^2 + lambda).
 
     Optimistic shrinkage, Su, Dimakopoulou, Krishnamurthy & Dudik 2020 ("Doubly robust off-policy
-    evaluation with shrinkage"); lambda by the estimated-MSE rule of _TunedDR.
+    evaluation with shrinkage"); lambda by _TunedDR's rule (estimated MSE or SLOPE).
     """
 
     lambdas: tuple = (1.0, 10.0, 100.0, 1000.0, 10000.0, math.inf)
@@ -392,17 +429,18 @@ ESTIMATORS = {
 
 
 def make_estimators(names: Sequence[str], clip_max_weight: float = 100.0, switch_lambdas=None,
-                    dr_os_lambdas=None) -> list[BaseOffPolicyEstimator]:
+                    dr_os_lambdas=None, tuning_method: str = "slope") -> list[BaseOffPolicyEstimator]:
+    """Estimators by name; ``tuning_method`` ("mse" or "slope") picks Switch-DR's and DRos's lambda."""
     out = []
     for name in names:
         if name not in ESTIMATORS:
             raise ValueError(f"unknown estimator {name!r}; expected one of {sorted(ESTIMATORS)}")
         if name == "clipped_ips":
             out.append(ClippedIPS(lambda_=float(clip_max_weight)))
-        elif name == "switch_dr" and switch_lambdas:
-            out.append(SwitchDR(lambdas=tuple(float(x) for x in switch_lambdas)))
-        elif name == "dr_os" and dr_os_lambdas:
-            out.append(DRos(lambdas=tuple(float(x) for x in dr_os_lambdas)))
+        elif name in ("switch_dr", "dr_os"):
+            grid = switch_lambdas if name == "switch_dr" else dr_os_lambdas
+            kw = {"lambdas": tuple(float(x) for x in grid)} if grid else {}
+            out.append(ESTIMATORS[name](tuning_method=tuning_method, **kw))
         else:
             out.append(ESTIMATORS[name]())
     return out

@@ -188,7 +188,8 @@ def run(ctx: Context) -> dict:
             raise ValueError(f"ope: none of the strategies {strategies} could be built ({skipped})")
         baseline = oc.baseline if oc.baseline in pols else None
     estimators = make_estimators(oc.estimators, clip_max_weight=oc.clip_max_weight,
-                                 switch_lambdas=oc.switch_dr_lambdas, dr_os_lambdas=oc.dr_os_lambdas)
+                                 switch_lambdas=oc.switch_dr_lambdas, dr_os_lambdas=oc.dr_os_lambdas,
+                                 tuning_method=oc.tuning_method)
     with ctx.step("ope: estimate (one pass)"):
         results = evaluate(df, estimators, pols, baseline=baseline, alpha=oc.alpha,
                            n_boot=oc.bootstrap_replicates, seed=cfg.project.seed, boot_buckets=oc.bootstrap_buckets)
