@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -74,13 +75,30 @@ def test_mf_two_workers_loss_falls_and_resumes(ray_local, train_cfg):
     cfg = train_cfg
     write_examples(cfg, synthetic_examples())
     cfg.train.model, cfg.train.objective, cfg.train.epochs = "mf", "ips", 3
+    tracking = f"sqlite:///{cfg.checkpoint_dir}/mlflow.db"  # a real MLflow tracking store
+    Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    cfg.train.mlflow_tracking_uri = tracking
     summary = run(Context(cfg))
+    cfg.train.mlflow_tracking_uri = None
     assert summary["valid_mode"] == "mcar"  # the valid split is MCAR
     row = latest_train_run(cfg)
     epochs = _epochs(row)
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] * 0.8
     assert epochs[0]["valid_rows"] == 120  # both workers' shards were all-reduced
+
+    # MLflow got the run: its name, the hyperparameters and every epoch's metrics, as train_runs has them
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    (logged,) = client.search_runs(experiment_ids=["0"])
+    assert logged.info.run_name == row["run_id"]
+    hyper = json.loads(row["hyperparameters_json"])
+    assert logged.data.params["learning_rate"] == str(hyper["learning_rate"])
+    history = client.get_metric_history(logged.info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (e["epoch"], pytest.approx(e["train_loss"], rel=1e-9)) for e in epochs]
+    assert len(client.get_metric_history(logged.info.run_id, "valid_metric")) == 3
 
     model, mc, meta = load_checkpoint(row["checkpoint_path"])
     assert mc["model"] == "mf" and mc["n_users"] == 30 and meta["train_state"]["epoch"] >= 1

@@ -290,7 +290,8 @@ def _log_mlflow(cfg, run_id: str, hyper: dict, metrics: dict) -> None:
     try:
         import mlflow
     except ImportError:
-        log.info("train.mlflow_tracking_uri is set but mlflow is not installed; skipping MLflow logging")
+        log.warning("train.mlflow_tracking_uri is %r but mlflow is not installed (pip install 'causalrec[mlflow]'); "
+                    "the run is not logged to MLflow", uri)
         return
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_name=run_id):
