@@ -65,7 +65,14 @@ def ctx(cfg, spark):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(spark):
+    """A local Ray for the session, started after Spark's JVM (hence the ``spark`` argument).
+
+    Starting the JVM in a process that already holds a Ray driver connection breaks that
+    connection (the next GCS call hangs, seen after a Ray Train run; the pipeline shuts Ray
+    down after each stage for the same reason). Depending on ``spark`` keeps every test order
+    safe, not only the default one.
+    """
     from causalrec.config import Config
     from causalrec.sessions import init_ray
 
