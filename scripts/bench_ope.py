@@ -1,11 +1,15 @@
 """Benchmark: every OPE estimator with analytic intervals and a B=200 Poisson bootstrap, in one
 pass over N simulated logged rows, against a plain Spark mean of the reward over the same rows.
 
-    .venv/bin/python scripts/bench_ope.py --rows 10000000 [--boot 200] [--buckets 4096] [--per-row-boot]
+    .venv/bin/python scripts/bench_ope.py --rows 10000000 [--boot 200] [--buckets 4096] [--per-row-boot] [--arrow]
 
-The rows are generated once with Spark (seeded), written to Parquet, and both timings read
-that same Parquet (warm: each job is run once untimed first, then timed --repeat times; the
-median is reported). Writes bench_results/bench_ope.json.
+The rows are generated once with Spark (seeded), written to Parquet, and every timing reads
+that same Parquet (warm: each job is run once untimed first, then the jobs are timed in turn,
+--repeat rounds, and each one's median is reported). Timed: the plain mean of the reward (the
+target's yardstick), a plain Spark sum of each of the 5 numeric input columns (the I/O floor
+of any one-pass estimator over these columns), the estimators on the default "sql" engine,
+and optionally the "arrow" kernel engine and the exact per-row bootstrap.
+Writes bench_results/bench_ope.json.
 """
 from __future__ import annotations
 
@@ -54,14 +58,17 @@ def arrow_transfer_floor(df, cols: list[str]) -> float:
     return df.select(*cols).mapInArrow(touch, "s double").agg(F.sum("s")).collect()[0][0]
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
-    fn()  # warm-up (JIT, file listing, Python workers)
-    ts, out = [], None
+def timed_rounds(jobs: dict, repeat: int) -> tuple[dict, dict]:
+    """Median seconds per job; one untimed warm-up each (JIT, file listing, Python workers), then
+    ``repeat`` rounds that run every job in turn, so drifting machine load hits all of them alike."""
+    out = {k: fn() for k, fn in jobs.items()}
+    ts = {k: [] for k in jobs}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
+        for k, fn in jobs.items():
+            t0 = time.perf_counter()
+            out[k] = fn()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}, out
 
 
 def main(argv=None) -> dict:
@@ -69,10 +76,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--boot", type=int, default=200)
     ap.add_argument("--partitions", type=int, default=max(2, (os.cpu_count() or 2) * 2))
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--buckets", type=int, default=4096, help="bootstrap buckets (ope.bootstrap_buckets)")
     ap.add_argument("--per-row-boot", action="store_true",
                     help="also time the exact per-row Poisson bootstrap (B weights per row; slow at 10M+)")
+    ap.add_argument("--arrow", action="store_true", help="also time the Arrow-kernel engine (engine='arrow')")
     ap.add_argument("--driver-memory", default="6g")
     ap.add_argument("--out", default=str(REPO / "bench_results" / "bench_ope.json"))
     args = ap.parse_args(argv)
@@ -96,29 +104,52 @@ def main(argv=None) -> dict:
         gen_s = time.perf_counter() - t0
         df = spark.read.parquet(str(tmp / "rows"))
         est = make_estimators(list(ESTIMATORS))
-        mean_s, mean_v = timed(lambda: df.agg(F.avg("reward")).collect()[0][0], args.repeat)
         cols = ["row_id", "reward", "pscore", "q_hat", "pi_e", "q_hat_pi"]
-        floor_s, _ = timed(lambda: arrow_transfer_floor(df, cols), args.repeat)
-        an_s, _ = timed(lambda: evaluate(df, est, n_boot=0), args.repeat)
-        full_s, res = timed(lambda: evaluate(df, est, n_boot=args.boot, seed=1, boot_buckets=args.buckets),
-                            args.repeat)
-        row_s = None
+        jobs = {
+            "mean": lambda: df.agg(F.avg("reward")).collect()[0][0],
+            "input_sums": lambda: df.agg(*[F.sum(c) for c in cols[1:]]).collect(),
+            "analytic": lambda: evaluate(df, est, n_boot=0),
+            "full": lambda: evaluate(df, est, n_boot=args.boot, seed=1, boot_buckets=args.buckets),
+        }
+        if args.arrow:
+            jobs["floor"] = lambda: arrow_transfer_floor(df, cols)
+            jobs["arrow_analytic"] = lambda: evaluate(df, est, n_boot=0, engine="arrow")
+            jobs["arrow_full"] = lambda: evaluate(df, est, n_boot=args.boot, seed=1, boot_buckets=args.buckets,
+                                                  engine="arrow")
         if args.per_row_boot:
-            row_s, _ = timed(lambda: evaluate(df, est, n_boot=args.boot, seed=1), args.repeat)
+            jobs["per_row"] = lambda: evaluate(df, est, n_boot=args.boot, seed=1)
+        t, res = timed_rounds(jobs, args.repeat)
+        mean_s, full_s, an_s = t["mean"], t["full"], t["analytic"]
+        mean_v = res["mean"]
+        res = res["full"]
+
+        def ratio(k):
+            return round(t[k] / mean_s, 2) if k in t else None
+
+        def sec(k):
+            return round(t[k], 3) if k in t else None
+
         out = {
             "rows": args.rows, "bootstrap_replicates": args.boot, "partitions": args.partitions,
-            "cpu_count": os.cpu_count(), "spark_master": spark.sparkContext.master,
+            "cpu_count": os.cpu_count(), "spark_master": spark.sparkContext.master, "repeat": args.repeat,
             "generate_and_write_s": round(gen_s, 2),
             "plain_mean_reward_s": round(mean_s, 3),
-            "arrow_transfer_floor_s": round(floor_s, 3),
-            "ratio_arrow_floor_vs_mean": round(floor_s / mean_s, 2),
+            "input_columns_sum_s": sec("input_sums"),
+            "ratio_input_columns_sum_vs_mean": ratio("input_sums"),
+            "engine": "sql",
             "all_estimators_analytic_s": round(an_s, 3),
             "bootstrap_buckets": args.buckets,
             "all_estimators_analytic_plus_bootstrap_s": round(full_s, 3),
-            "all_estimators_analytic_plus_per_row_bootstrap_s": None if row_s is None else round(row_s, 3),
-            "ratio_analytic_vs_mean": round(an_s / mean_s, 2),
-            "ratio_full_vs_mean": round(full_s / mean_s, 2),
-            "ratio_per_row_bootstrap_vs_mean": None if row_s is None else round(row_s / mean_s, 2),
+            "ratio_analytic_vs_mean": ratio("analytic"),
+            "ratio_full_vs_mean": ratio("full"),
+            "ratio_analytic_vs_input_columns_sum": round(an_s / t["input_sums"], 2),
+            "ratio_full_vs_input_columns_sum": round(full_s / t["input_sums"], 2),
+            "arrow_transfer_floor_s": sec("floor"),
+            "arrow_engine_analytic_s": sec("arrow_analytic"),
+            "arrow_engine_analytic_plus_bootstrap_s": sec("arrow_full"),
+            "ratio_arrow_engine_full_vs_mean": ratio("arrow_full"),
+            "all_estimators_analytic_plus_per_row_bootstrap_s": sec("per_row"),
+            "ratio_per_row_bootstrap_vs_mean": ratio("per_row"),
             "target_ratio": 2.0,
             "mean_reward": mean_v,
             "results": [

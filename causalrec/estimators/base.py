@@ -8,15 +8,19 @@ delta-method interval and the bootstrap interval of every estimator and every po
 at once. The same statistics are computed by two interchangeable backends:
 
 * :func:`local_stats` - numpy arrays (tests, small data, the obp cross-check);
-* :func:`spark_stats` - ONE pass over a DataFrame of per-row quantities: every task runs
-  the same vectorised kernel (:func:`partial_stats`) on its Arrow batches and a Spark
-  aggregation adds the partial statistics by position.
+* :func:`spark_stats` - ONE pass over a DataFrame of per-row quantities, by either of two
+  engines: one Spark SQL aggregation compiled and run inside the JVM
+  (:mod:`causalrec.estimators.sql_pass`: analytic statistics and the bucketed bootstrap), or
+  the vectorised kernel (:func:`partial_stats`) on every task's Arrow batches, whose partial
+  vectors a Spark aggregation adds by position (the exact per-row bootstrap).
 
-The estimators themselves only see :class:`Stats`, so both forms give the same numbers
-up to floating-point summation order. (Why a vectorised kernel rather than one SQL
-aggregate expression per statistic: with B=200 replicates x ~20 terms x several
-policies that is thousands of aggregate expressions, whose planning and code
-generation alone took minutes; the kernel does the same sums as two matrix products.)
+The estimators themselves only see :class:`Stats`, so every form gives the same numbers
+up to floating-point summation order. (Why the per-row bootstrap is a kernel rather than
+SQL: B=200 replicates x ~20 terms x several policies is thousands of aggregate expressions,
+whose planning and code generation alone took minutes; the kernel does the same sums as
+two matrix products. Why the rest is SQL: moving the rows through Arrow into Python costs
+more than the arithmetic - 3-30x a plain Spark mean - while the compiled aggregation reads
+the columns where they are.)
 
 Poisson bootstrap (Chamandy et al. 2012, "Estimating uncertainty for massive data
 streams"; Hanley & MacGibbon 2006): replicate ``b`` gives row ``i`` the weight
@@ -350,16 +354,33 @@ def local_stats(data: dict, plan: "Plan", chunk_rows: int = 65536) -> "Stats":
     return stats_from_vectors(sums, mx, plan)
 
 
-def spark_stats(df, plan: "Plan") -> "Stats":
-    """Distributed form: ONE pass over ``df``.
+def spark_stats(df, plan: "Plan", engine: str = "auto") -> "Stats":
+    """Distributed form: ONE pass over ``df``, by one of two engines with the same statistics.
 
-    Each task runs :func:`partial_stats` on its Arrow batches (per-row Poisson weights, or
-    bucket sums, are made there from the row id; rows are never resampled or moved), and a
-    Spark aggregation adds the partial vectors by position. Only the statistics vector
-    reaches the driver. (A pure-SQL form of the analytic and bucketed statistics - ~120
-    aggregate expressions over the term columns - measured 2x slower than this kernel at
-    10M rows: Spark recomputes the terms inside every cross-product.)
+    * ``"sql"`` (:mod:`causalrec.estimators.sql_pass`): one Spark aggregation, compiled by
+      whole-stage code generation and run inside the JVM - analytic statistics and the
+      bucketed bootstrap. ``"auto"`` takes it whenever it can.
+    * ``"arrow"``: each task runs :func:`partial_stats` on its Arrow batches (per-row Poisson
+      weights, or bucket sums, are made there from the row id; rows are never resampled or
+      moved), and a Spark aggregation adds the partial vectors by position. The only engine
+      for the exact per-row bootstrap (B weights per row).
+
+    Only the statistics reach the driver.
     """
+    from causalrec.estimators import sql_pass
+
+    if engine not in ("auto", "sql", "arrow"):
+        raise ValueError(f"estimator engine is {engine!r}; expected 'auto', 'sql' or 'arrow'")
+    if engine == "sql" and not sql_pass.supports(plan):
+        raise ValueError("the sql engine has no per-row Poisson bootstrap; set bootstrap buckets > 0 "
+                         "or use engine 'arrow'")
+    if engine != "arrow" and sql_pass.supports(plan):
+        return sql_pass.sql_stats(df, plan)
+    return arrow_stats(df, plan)
+
+
+def arrow_stats(df, plan: "Plan") -> "Stats":
+    """The ``"arrow"`` engine of :func:`spark_stats`: the vectorised kernel on every task's batches."""
     import pyarrow as pa
     from pyspark.sql import functions as F
 

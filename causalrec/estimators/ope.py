@@ -106,6 +106,11 @@ class BaseOffPolicyEstimator:
         """The estimate's form, with term names namespaced by ``ns`` ("<policy>|")."""
         raise NotImplementedError(f"{type(self).__name__} must define its form")
 
+    def candidate_forms(self, ns: str) -> list[Form]:
+        """Every form :meth:`form` may return (the pass needs cross-products only within these).
+        Fixed estimators have one, whatever the statistics; tuned ones one per candidate."""
+        return [self.form(None, ns)]
+
     def hyperparam(self, stats: Stats, ns: str) -> Optional[float]:
         return None
 
@@ -317,9 +322,11 @@ class _TunedDR(BaseOffPolicyEstimator):
     def _wh(self, lam: float):
         raise NotImplementedError
 
-    def _corr(self, lam):
+    def _contribution(self, lam):
+        """A candidate's whole per-row value, q_hat_pi + w_hat (r - q_hat): one term, so the pass
+        needs its sum and sum of squares only (not three sums of the model and correction parts)."""
         wh = self._wh(lam)
-        return Term(f"{self.estimator_name}{_fmt(lam)}", lambda o, q: wh(o, q) * (q["r"] - q["qf"]))
+        return Term(f"{self.estimator_name}{_fmt(lam)}", lambda o, q: q["qpi"] + wh(o, q) * (q["r"] - q["qf"]))
 
     def _bias(self, lam):
         wh = self._wh(lam)
@@ -330,13 +337,16 @@ class _TunedDR(BaseOffPolicyEstimator):
         return True
 
     def terms(self):
-        return [T_QPI, T_W] + [self._corr(float(l)) for l in self.lambdas]
+        return [T_QPI, T_W] + [self._contribution(float(l)) for l in self.lambdas]
 
     def tuning_terms(self):
         return [self._bias(float(l)) for l in self.lambdas] if self.tuning_method == "mse" else []
 
     def _form_at(self, lam: float, ns: str) -> Form:
-        return Form(add=(ns + "qpi",), num=ns + self._corr(lam).name)
+        return Form(add=(ns + self._contribution(lam).name,))
+
+    def candidate_forms(self, ns: str) -> list[Form]:
+        return [self._form_at(float(lam), ns) for lam in self.lambdas]
 
     def mse_scores(self, stats: Stats, ns: str) -> dict:
         out = {}
@@ -473,28 +483,31 @@ def build_plan(estimators, policies: dict, baseline: Optional[str], n_boot: int,
     if boot_buckets < 0:
         raise ValueError(f"boot_buckets is {boot_buckets}; expected 0 (a weight per row) or a positive bucket count")
     plan = Plan(policies=dict(policies), n_boot=int(n_boot), seed=int(seed), boot_buckets=int(boot_buckets))
+    def form_names(est, pol):
+        return sorted({k for f in est.candidate_forms(pol + "|") for k in f.names()})
+
     for pol in policies:
         for est in estimators:
-            names = [plan.add_term(pol, t) for t in est.terms()]
-            for t in est.tuning_terms():
+            for t in est.terms() + est.tuning_terms():
                 plan.add_term(pol, t)
-            plan.add_pairs(names)
+            for f in est.candidate_forms(pol + "|"):
+                plan.add_pairs(f.names())  # a form's variance: cross-products of its own terms
         plan.add_max(pol, T_W)
         plan.add_pairs([plan.add_term(pol, T_W)])  # sum of w^2 for the ESS
-    if baseline is not None:
+    if baseline is not None:  # a paired difference's covariance: every term of both policies' forms
         for est in estimators:
-            base = [f"{baseline}|{t.name}" for t in est.terms()]
+            base = form_names(est, baseline)
             for pol in policies:
                 if pol != baseline:
-                    for t in est.terms():
+                    for a in form_names(est, pol):
                         for b in base:
-                            plan.pairs.add(tuple(sorted((f"{pol}|{t.name}", b))))
+                            plan.pairs.add(tuple(sorted((a, b))))
     return plan
 
 
 def evaluate(data, estimators: Sequence[BaseOffPolicyEstimator], policies: Optional[dict] = None, *,
              baseline: Optional[str] = None, alpha: float = 0.05, n_boot: int = 0, seed: int = 0,
-             boot_buckets: int = 0) -> list[EstimateResult]:
+             boot_buckets: int = 0, engine: str = "auto") -> list[EstimateResult]:
     """Every estimator for every policy from ONE pass over ``data``.
 
     ``data``: a dict of numpy arrays (local form) or a Spark DataFrame (distributed form) with
@@ -503,19 +516,20 @@ def evaluate(data, estimators: Sequence[BaseOffPolicyEstimator], policies: Optio
     ``baseline``: a policy name; each other policy gets a paired difference with its interval.
     ``boot_buckets``: 0 = a Poisson weight per row; G > 0 = rows hashed into G buckets sharing a
     weight (the event-scale form; see :mod:`causalrec.estimators.base`).
+    ``engine`` (DataFrames only): "auto", "sql" or "arrow"; see :func:`~causalrec.estimators.base.spark_stats`.
     """
     return evaluate_with_stats(data, estimators, policies, baseline=baseline, alpha=alpha, n_boot=n_boot,
-                               seed=seed, boot_buckets=boot_buckets)[0]
+                               seed=seed, boot_buckets=boot_buckets, engine=engine)[0]
 
 
 def evaluate_with_stats(data, estimators, policies: Optional[dict] = None, *, baseline=None, alpha=0.05,
-                        n_boot=0, seed=0, boot_buckets=0) -> tuple[list[EstimateResult], Stats]:
+                        n_boot=0, seed=0, boot_buckets=0, engine="auto") -> tuple[list[EstimateResult], Stats]:
     """:func:`evaluate`, also returning the pass's :class:`Stats` (for diagnostics and tests)."""
     policies = policies or {"policy": (PI_E, Q_HAT_PI)}
     if baseline is not None and baseline not in policies:
         raise ValueError(f"baseline {baseline!r} is not among the policies {sorted(policies)}")
     plan = build_plan(estimators, policies, baseline, n_boot, seed, boot_buckets)
-    stats = local_stats(data, plan) if isinstance(data, dict) else spark_stats(data, plan)
+    stats = local_stats(data, plan) if isinstance(data, dict) else spark_stats(data, plan, engine)
     return summarize(stats, estimators, policies, baseline=baseline, alpha=alpha), stats
 
 
