@@ -27,19 +27,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def simulate_rows(spark, n: int, partitions: int, seed: int = 7, n_actions: int = 10):
-    """A logged contextual bandit with softmax logging: row_id, reward, pscore, pi_e, q_hat, q_hat_pi."""
+def simulate_rows(spark, n: int, partitions: int, seed: int = 7, n_actions: int = 10, n_policies: int = 1):
+    """A logged contextual bandit: row_id, reward, pscore, pi_e, q_hat, q_hat_pi, and for each extra
+    evaluation policy k >= 1 its own pi_e_k and q_hat_pi_k."""
     from pyspark.sql import functions as F
 
     df = spark.range(0, n, numPartitions=partitions).withColumnRenamed("id", "row_id")
     u1, u2, u3, u4 = (F.rand(seed + k) for k in range(4))
     # logging propensity of the logged action in [0.02, 0.5]; evaluation probability in [0, 1]
     df = df.select("row_id", (0.02 + 0.48 * u1).alias("pscore"), u2.alias("pi_e"), (0.05 + 0.5 * u3).alias("q_true"), u4.alias("u"))
+    extra = []
+    for k in range(1, n_policies):
+        extra += [F.rand(seed + 10 + k).alias(f"pi_e_{k}"), (F.col("q_true") * (0.4 + 0.05 * k) + 0.1).alias(f"q_hat_pi_{k}")]
     return df.select(
         "row_id", "pscore", "pi_e",
         (F.col("u") < F.col("q_true")).cast("double").alias("reward"),
         (F.col("q_true") * 0.9 + 0.02).alias("q_hat"),
         (F.col("q_true") * 0.5 + 0.1).alias("q_hat_pi"),
+        *extra,
     )
 
 
@@ -81,6 +86,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-row-boot", action="store_true",
                     help="also time the exact per-row Poisson bootstrap (B weights per row; slow at 10M+)")
     ap.add_argument("--arrow", action="store_true", help="also time the Arrow-kernel engine (engine='arrow')")
+    ap.add_argument("--policies", type=int, default=1,
+                    help="> 1: also time both engines on this many policies with a baseline (strategy comparison)")
     ap.add_argument("--driver-memory", default="6g")
     ap.add_argument("--out", default=str(REPO / "bench_results" / "bench_ope.json"))
     args = ap.parse_args(argv)
@@ -100,7 +107,7 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_ope_"))
     try:
         t0 = time.perf_counter()
-        simulate_rows(spark, args.rows, args.partitions).write.parquet(str(tmp / "rows"))
+        simulate_rows(spark, args.rows, args.partitions, n_policies=args.policies).write.parquet(str(tmp / "rows"))
         gen_s = time.perf_counter() - t0
         df = spark.read.parquet(str(tmp / "rows"))
         est = make_estimators(list(ESTIMATORS))
@@ -118,6 +125,12 @@ def main(argv=None) -> dict:
                                                   engine="arrow")
         if args.per_row_boot:
             jobs["per_row"] = lambda: evaluate(df, est, n_boot=args.boot, seed=1)
+        pols = {"p0": ("pi_e", "q_hat_pi"), **{f"p{k}": (f"pi_e_{k}", f"q_hat_pi_{k}") for k in range(1, args.policies)}}
+        if args.policies > 1:
+            for eng in ("sql", "arrow", "auto"):
+                jobs[f"wide_{eng}_analytic"] = (lambda e: lambda: evaluate(df, est, pols, baseline="p0", engine=e))(eng)
+                jobs[f"wide_{eng}_full"] = (lambda e: lambda: evaluate(
+                    df, est, pols, baseline="p0", n_boot=args.boot, seed=1, boot_buckets=args.buckets, engine=e))(eng)
         t, res = timed_rounds(jobs, args.repeat)
         mean_s, full_s, an_s = t["mean"], t["full"], t["analytic"]
         mean_v = res["mean"]
@@ -150,6 +163,10 @@ def main(argv=None) -> dict:
             "ratio_arrow_engine_full_vs_mean": ratio("arrow_full"),
             "all_estimators_analytic_plus_per_row_bootstrap_s": sec("per_row"),
             "ratio_per_row_bootstrap_vs_mean": ratio("per_row"),
+            "multi_policy": None if args.policies == 1 else {
+                "policies": args.policies, "baseline": "p0",
+                **{f"{eng}_{kind}_s": sec(f"wide_{eng}_{kind}") for eng in ("sql", "arrow", "auto")
+                   for kind in ("analytic", "full")}},
             "target_ratio": 2.0,
             "mean_reward": mean_v,
             "results": [

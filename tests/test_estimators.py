@@ -244,6 +244,21 @@ def test_sql_engine_refuses_the_per_row_bootstrap_and_auto_falls_back(spark):
     assert auto.boot_std_err == pytest.approx(local.boot_std_err, rel=1e-9)
 
 
+def test_auto_engine_takes_sql_for_narrow_plans_and_the_kernel_for_wide_or_per_row_ones():
+    """The measured crossover (sql_pass.SQL_MAX_WORK): one policy -> SQL with or without the
+    bucketed bootstrap; several policies with a baseline -> the Arrow kernel; the per-row
+    bootstrap -> the kernel whatever the width."""
+    from causalrec.estimators import sql_pass
+    from causalrec.estimators.ope import build_plan
+
+    one = {"policy": ("pi_e", "q_hat_pi")}
+    many = {f"p{k}": (f"pi_e{k}", f"q{k}") for k in range(3)}
+    assert sql_pass.preferred(build_plan(ALL[:8], one, None, 0, 0, 0))
+    assert sql_pass.preferred(build_plan(ALL[:8], one, None, 200, 0, 4096))
+    assert not sql_pass.preferred(build_plan(ALL[:8], many, "p0", 0, 0, 0))
+    assert not sql_pass.preferred(build_plan(ALL[:8], one, None, 200, 0, 0))
+
+
 def test_sql_engine_is_one_compiled_scan_and_restores_the_session_conf(spark, tmp_path):
     """One pass means the input is scanned once; the wide aggregation must stay compiled
     (Spark turns whole-stage codegen off above spark.sql.codegen.maxFields, which a two-policy

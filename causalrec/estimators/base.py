@@ -359,11 +359,13 @@ def spark_stats(df, plan: "Plan", engine: str = "auto") -> "Stats":
 
     * ``"sql"`` (:mod:`causalrec.estimators.sql_pass`): one Spark aggregation, compiled by
       whole-stage code generation and run inside the JVM - analytic statistics and the
-      bucketed bootstrap. ``"auto"`` takes it whenever it can.
+      bucketed bootstrap. Fastest for narrow plans (a policy or two, no baseline).
     * ``"arrow"``: each task runs :func:`partial_stats` on its Arrow batches (per-row Poisson
       weights, or bucket sums, are made there from the row id; rows are never resampled or
       moved), and a Spark aggregation adds the partial vectors by position. The only engine
-      for the exact per-row bootstrap (B weights per row).
+      for the exact per-row bootstrap (B weights per row), and faster for wide plans (many
+      policies with a baseline: their cross-products are one matrix product here).
+    * ``"auto"``: "sql" when :func:`causalrec.estimators.sql_pass.preferred` says it is faster.
 
     Only the statistics reach the driver.
     """
@@ -374,7 +376,7 @@ def spark_stats(df, plan: "Plan", engine: str = "auto") -> "Stats":
     if engine == "sql" and not sql_pass.supports(plan):
         raise ValueError("the sql engine has no per-row Poisson bootstrap; set bootstrap buckets > 0 "
                          "or use engine 'arrow'")
-    if engine != "arrow" and sql_pass.supports(plan):
+    if engine == "sql" or (engine == "auto" and sql_pass.preferred(plan)):
         return sql_pass.sql_stats(df, plan)
     return arrow_stats(df, plan)
 
