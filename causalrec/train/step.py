@@ -52,8 +52,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, encod
                        "weight_decay": 0.0 if no_decay else weight_decay})
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     # fused: one kernel for the whole update on GPU instead of a few per parameter tensor. On CPU
-    # the fused kernel is 5x faster per step for MF's tables but rounds differently, and that
-    # alone moved the Coat pipeline's two-tower figures (README); it stays off there.
+    # the fused kernel is 5x faster per step for MF's tables but rounds differently, which moved
+    # the Coat pipeline's two-tower figures for no end-to-end gain (README); it stays off there.
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True if on_cuda else None)
 
 
