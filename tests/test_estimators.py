@@ -283,3 +283,74 @@ def test_sql_engine_is_one_compiled_scan_and_restores_the_session_conf(spark, tm
     before = spark.conf.get(sql_pass.CODEGEN_FIELDS_KEY)
     evaluate(df, ALL, policies=policies, baseline="b", engine="sql")
     assert spark.conf.get(sql_pass.CODEGEN_FIELDS_KEY) == before
+
+
+def test_spark_poisson_weight_columns_equal_local_ones(spark):
+    from causalrec.estimators.base import poisson_weight_columns
+
+    ids = np.array([0, 1, 2, -7, 2**40 + 3, 123456789], dtype=np.int64)
+    df = spark.createDataFrame([(int(i),) for i in ids], "row_id long")
+    got = np.array(df.select(*poisson_weight_columns("row_id", 9, 17)).collect(), dtype=float)
+    np.testing.assert_array_equal(got, poisson_weights_local(ids, 9, 17))
+    # and the hash is Spark's xxhash64 bit for bit
+    from pyspark.sql import functions as F
+
+    h = [r[0] for r in df.select(F.xxhash64("row_id", F.lit(3).cast("long"))).collect()]
+    assert h == list(spark_xxhash64(ids, np.int64(3)).view(np.int64))
+
+
+# ------------------------------------------------------------------ bootstrap sanity
+
+
+def test_poisson_weights_have_mean_and_variance_one_and_differ_by_seed():
+    assert POISSON_T == sorted(POISSON_T) and POISSON_T[-1] <= 65536
+    w = poisson_weights_local(np.arange(100_000), 8, seed=1)
+    assert w.shape == (100_000, 8)
+    assert abs(w.mean() - 1) < 0.01 and abs(w.var() - 1) < 0.02
+    assert abs(np.mean(w == 0) - math.exp(-1)) < 0.01
+    w2 = poisson_weights_local(np.arange(100_000), 8, seed=2)
+    assert np.mean(w == w2) < 0.5  # independent seeds: P(equal) = sum p_k^2 ~ 0.31
+    # replicates are uncorrelated
+    c = np.corrcoef(w.T)
+    assert np.abs(c[np.triu_indices(8, 1)]).max() < 0.02
+
+
+def test_bootstrap_std_err_is_close_to_the_analytic_one():
+    data, _ = synthetic_log(4000, 21)
+    res = evaluate(data, [IPS(), SNIPS(), DR(), SNDR()], n_boot=200, seed=3)
+    for r in res:
+        assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
+        assert r.boot_ci_low < r.estimate < r.boot_ci_high
+
+
+def test_bucketed_bootstrap_std_err_is_close_to_the_analytic_one():
+    data, _ = synthetic_log(20000, 22)
+    res = evaluate(data, [IPS(), SNIPS(), DR(), SNDR()], n_boot=200, seed=3, boot_buckets=2048)
+    for r in res:
+        assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
+        assert r.boot_ci_low < r.estimate < r.boot_ci_high
+    with pytest.raises(ValueError, match="boot_buckets"):
+        evaluate(data, [IPS()], n_boot=10, boot_buckets=-1)
+
+
+def test_unbiased_estimators_cover_the_truth_on_simulated_logs():
+    """Error within the interval (small seed sweep; the 200-seed check is marked slow)."""
+    hits = {n: 0 for n in ("ips", "snips", "dr", "sndr")}
+    seeds = range(20)
+    for s in seeds:
+        data, truth = synthetic_log(2000, 100 + s)
+        for r in evaluate(data, [IPS(), SNIPS(), DR(), SNDR()]):
+            hits[r.estimator] += r.ci_low <= truth <= r.ci_high
+    for name, h in hits.items():
+        assert h >= 16, (name, h)  # P(<=15 of 20 | p=.95) < 0.003
+
+
+@pytest.mark.slow
+def test_95pct_intervals_cover_93_to_97pct_over_200_seeds():
+    hits = {n: 0 for n in ("ips", "snips", "dr", "sndr")}
+    for s in range(200):
+        data, truth = synthetic_log(5000, 1000 + s)
+        for r in evaluate(data, [IPS(), SNIPS(), DR(), SNDR()]):
+            hits[r.estimator] += r.ci_low <= truth <= r.ci_high
+    for name, h in hits.items():
+        assert 0.93 <= h / 200 <= 0.97, (name, h / 200)
