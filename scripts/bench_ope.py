@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,9 +129,9 @@ def main(argv=None) -> dict:
         pols = {"p0": ("pi_e", "q_hat_pi"), **{f"p{k}": (f"pi_e_{k}", f"q_hat_pi_{k}") for k in range(1, args.policies)}}
         if args.policies > 1:
             for eng in ("sql", "arrow", "auto"):
-                jobs[f"wide_{eng}_analytic"] = (lambda e: lambda: evaluate(df, est, pols, baseline="p0", engine=e))(eng)
-                jobs[f"wide_{eng}_full"] = (lambda e: lambda: evaluate(
-                    df, est, pols, baseline="p0", n_boot=args.boot, seed=1, boot_buckets=args.buckets, engine=e))(eng)
+                jobs[f"wide_{eng}_analytic"] = partial(evaluate, df, est, pols, baseline="p0", engine=eng)
+                jobs[f"wide_{eng}_full"] = partial(evaluate, df, est, pols, baseline="p0", n_boot=args.boot, seed=1,
+                                                   boot_buckets=args.buckets, engine=eng)
         t, res = timed_rounds(jobs, args.repeat)
         mean_s, full_s, an_s = t["mean"], t["full"], t["analytic"]
         mean_v = res["mean"]

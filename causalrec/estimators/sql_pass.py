@@ -149,16 +149,24 @@ def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+def _typed(col: str) -> str:
+    """An input column as the pass reads it: the row id as BIGINT, every other one as DOUBLE."""
+    return f"CAST({_quote(col)} AS {'BIGINT' if col == ROW_ID else 'DOUBLE'})"
+
+
+def _bad(x: str, col: str) -> str:
+    """SQL condition: the value ``x`` of input column ``col`` is unusable (null, NaN; a
+    propensity also outside (0, 1]). The one definition the pass and its error message share."""
+    if col == ROW_ID:
+        return f"{x} IS NULL"
+    bad = f"{x} IS NULL OR isnan({x})"
+    return f"({bad} OR {x} <= 0 OR {x} > 1)" if col == PSCORE else f"({bad})"
+
+
 def _first_bad_column(cols) -> str:
-    """Per-row SQL: the index of the first column that is null or NaN (pscore: or outside (0, 1]),
-    null when the row is good (``least`` skips nulls)."""
-    marks = []
-    for k, c in enumerate(cols):
-        x = f"c{k}"
-        bad = f"{x} IS NULL" if c == ROW_ID else f"({x} IS NULL OR isnan({x}))"
-        if c == PSCORE:
-            bad = f"({bad} OR {x} <= 0 OR {x} > 1)"
-        marks.append(f"CASE WHEN {bad} THEN {k} END")
+    """Per-row SQL: the index of the first unusable column, null when the row is good
+    (``least`` skips nulls)."""
+    marks = [f"CASE WHEN {_bad('c' + str(k), c)} THEN {k} END" for k, c in enumerate(cols)]
     return f"least({', '.join(marks)})"
 
 
@@ -166,12 +174,8 @@ def _raise_bad_input(df, col: str):
     """Name the column, one offending row of it, and what was expected."""
     from pyspark.sql import functions as F
 
-    x = F.col(col).cast("long" if col == ROW_ID else "double")
-    cond = x.isNull() if col == ROW_ID else (x.isNull() | F.isnan(x))
-    expected = "a number"
-    if col == PSCORE:
-        cond, expected = cond | (x <= 0) | (x > 1), "a number in (0, 1]"
-    row = df.where(cond).select(F.col(ROW_ID), F.col(col)).limit(1).collect()
+    expected = "a number in (0, 1]" if col == PSCORE else "a number"
+    row = df.where(F.expr(_bad(_typed(col), col))).select(F.col(ROW_ID), F.col(col)).limit(1).collect()
     where = f" (row_id {row[0][0]}: {row[0][1]!r})" if row else ""
     raise ValueError(f"estimator input: column {col!r} has a null/NaN or out-of-range value{where}; "
                      f"expected {expected}")
@@ -193,7 +197,7 @@ def build_query(df, plan: Plan):
     # stage 0: the input columns, typed, under generated names (user column and policy names
     # never enter the SQL text except quoted here)
     c = {col: f"c{k}" for k, col in enumerate(cols)}
-    stage0 = [f"CAST({_quote(col)} AS {'BIGINT' if col == ROW_ID else 'DOUBLE'}) AS {c[col]}" for col in cols]
+    stage0 = [f"{_typed(col)} AS {c[col]}" for col in cols]
     # stage 1: per-policy quantities, every one non-null: a null, NaN or out-of-range input is
     # marked in "bad" (the pass then raises, naming a row) and is replaced here by a harmless
     # value - a propensity by 1, so nothing divides by zero under ANSI mode. Non-null columns
