@@ -381,6 +381,21 @@ def spark_stats(df, plan: "Plan", engine: str = "auto") -> "Stats":
     return arrow_stats(df, plan)
 
 
+def _check_batch(d: dict, cols) -> None:
+    """The sql engine's input rule on one Arrow batch: a null/NaN anywhere, or a propensity
+    outside (0, 1], fails the pass naming the column, a row id and what was expected."""
+    for c in cols:
+        if c == ROW_ID:
+            continue
+        x = d[c]
+        bad = np.isnan(x) | ((x <= 0) | (x > 1) if c == PSCORE else False)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            expected = "a number in (0, 1]" if c == PSCORE else "a number"
+            raise ValueError(f"estimator input: column {c!r} has a null/NaN or out-of-range value "
+                             f"(row_id {int(d[ROW_ID][i])}: {x[i]!r}); expected {expected}")
+
+
 def arrow_stats(df, plan: "Plan") -> "Stats":
     """The ``"arrow"`` engine of :func:`spark_stats`: the vectorised kernel on every task's batches."""
     import pyarrow as pa
@@ -400,9 +415,7 @@ def arrow_stats(df, plan: "Plan") -> "Stats":
             if b.num_rows == 0:
                 continue
             d = {c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}
-            for c in cols:
-                if c != ROW_ID and np.isnan(d[c]).any():
-                    raise ValueError(f"estimator input: column {c!r} has a null/NaN value; expected a number")
+            _check_batch(d, cols)
             s, m = partial_stats(d, plan)
             sums += s
             mx = np.maximum(mx, m)

@@ -31,7 +31,7 @@ from causalrec.models.featurize import Featurizer
 from causalrec.train.checkpoint import architecture_of, load_optimizer_state, save_checkpoint, unwrap
 from causalrec.train.loop_state import early_stopping_update, initial_state
 from causalrec.train.objectives import build_objective
-from causalrec.train.step import make_optimizer, metric_from_totals, train_step, validation_totals
+from causalrec.train.step import DDP_OPTIONS, make_optimizer, metric_from_totals, train_step, validation_totals
 
 
 class FeaturizeCollate(PandasBatchCollateFn):
@@ -92,7 +92,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] resuming from {resume_dir} at epoch {state['epoch']}", flush=True)
 
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(DDP_OPTIONS))
     optimizer = make_optimizer(model, float(config.get("lr", 0.01)), float(config.get("weight_decay", 0.0)),
                                config.get("encoder_lr"))
     if resume_dir:
