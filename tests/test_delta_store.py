@@ -224,6 +224,29 @@ def test_failing_task_leaves_table_unchanged_and_no_files_visible(spark, store):
     assert on_disk == {os.path.normpath(p) for p in before_files}
 
 
+def test_abort_removes_files_a_straggling_task_publishes_after_the_job_failed(tmp_path):
+    """Spark calls abort() while a task of the failed job may still be finishing its file:
+    a file published before the abort is swept, one published after it removes itself, and
+    another write's files are left alone."""
+    from causalrec.storage.delta_rs_source import DeltaRsWriter
+
+    writer = DeltaRsWriter({"path": str(tmp_path)}, T.StructType([T.StructField("x", T.LongType())]), False)
+    table = pa.table({"x": [1, 2, 3]})
+    early = tmp_path / f"part-{writer.write_id}-a.c000.snappy.parquet"
+    assert writer._publish(table, str(early)) and early.exists()
+    (tmp_path / "p=1").mkdir()
+    early_partitioned = tmp_path / "p=1" / f"part-{writer.write_id}-b.c000.snappy.parquet"
+    assert writer._publish(table, str(early_partitioned))
+    other_write = tmp_path / "part-0123456789ab-c.c000.snappy.parquet"
+    other_write.write_bytes(early.read_bytes())
+    writer.abort([])  # the driver's messages may not list a task that had not reported yet
+    assert not early.exists() and not early_partitioned.exists() and other_write.exists()
+    late = tmp_path / f"part-{writer.write_id}-d.c000.snappy.parquet"
+    assert not writer._publish(table, str(late))
+    left = sorted(str(q.relative_to(tmp_path)) for q in tmp_path.rglob("*") if q.is_file())
+    assert left == [f"_causalrec_aborted/{writer.write_id}", other_write.name]
+
+
 def test_idempotency_key_skips_a_rerun(spark, store):
     df = spark.range(5)
     assert store.write(df, "t", idempotency_key="batch-1") == 0

@@ -11,8 +11,9 @@ This data source keeps Spark's parallel write path and Delta's atomicity:
   every task's files to the Delta log in ONE transaction with ``deltalake``,
   against the table version the write was planned on, so concurrent overwrites
   from the same snapshot conflict instead of silently losing data.
-* ``abort()`` deletes the files of tasks that succeeded; the log is untouched,
-  so a failed job leaves the table exactly as it was.
+* ``abort()`` deletes every file of the write, including one a straggling task
+  publishes after the job failed (see ``DeltaRsWriter.abort``); the log is
+  untouched, so a failed job leaves the table exactly as it was.
 
 Options (all strings): ``path``, ``partition_by`` (JSON list), ``replace_where``
 (JSON list of [column, op, value] conjunctions), ``read_version`` (int or -1 for
@@ -175,7 +176,6 @@ class DeltaRsWriter(DataSourceArrowWriter):
     # -- task side ------------------------------------------------------------
     def write(self, iterator):
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         schema = self.arrow_schema()
         data_cols = [f.name for f in schema if f.name not in self.partition_by]
@@ -196,7 +196,8 @@ class DeltaRsWriter(DataSourceArrowWriter):
             rel = f"{folder}/{name}" if folder else name
             full = os.path.join(self.path, rel)
             os.makedirs(os.path.dirname(full), exist_ok=True)
-            pq.write_table(table, full, compression="snappy")
+            if not self._publish(table, full):
+                return
             files.append(
                 {
                     "path": rel,
@@ -238,15 +239,58 @@ class DeltaRsWriter(DataSourceArrowWriter):
             commit_metadata=self.commit_metadata,
         )
 
+    # -- abort: no file of a failed write may stay behind ----------------------
+    # Spark calls abort() once the job has failed, while a task of that job can still be
+    # finishing its write() (its Python worker completes the file it started). So abort()
+    # first leaves a marker, then deletes every file carrying this write's id; a task
+    # publishes a file (temporary name -> final name) and only then looks for the marker,
+    # deleting its own file when it finds one. Either the sweep sees the published file
+    # or the task sees the marker: nothing is left. Markers are empty files under
+    # ``_causalrec_aborted/`` (ignored by readers, like ``_delta_log``); abort() removes
+    # those older than a day.
+    ABORT_DIR = "_causalrec_aborted"
+    ABORT_MARKER_TTL_S = 86400
+
+    def _marker(self) -> str:
+        return os.path.join(self.path, self.ABORT_DIR, self.write_id)
+
+    def _publish(self, table, full: str) -> bool:
+        """Write ``full`` under a temporary hidden name, rename it, then honour an abort."""
+        import pyarrow.parquet as pq
+
+        folder, name = os.path.split(full)
+        tmp = os.path.join(folder, f".{name}.tmp")
+        pq.write_table(table, tmp, compression="snappy")
+        try:
+            os.replace(tmp, full)
+        except FileNotFoundError:  # swept by abort() while being written
+            return False
+        if os.path.exists(self._marker()):
+            _remove(full)
+            return False
+        return True
+
     def abort(self, messages):
-        for m in messages:
-            if m is None:
-                continue
-            for f in m.files:
-                try:
-                    os.remove(os.path.join(self.path, f["path"]))
-                except OSError:
-                    pass
+        os.makedirs(os.path.dirname(self._marker()), exist_ok=True)
+        open(self._marker(), "w").close()
+        mine = (f"part-{self.write_id}-", f".part-{self.write_id}-")
+        for root, dirs, names in os.walk(self.path):
+            dirs[:] = [d for d in dirs if d not in ("_delta_log", self.ABORT_DIR)]
+            for n in names:
+                if n.startswith(mine):
+                    _remove(os.path.join(root, n))
+        old = time.time() - self.ABORT_MARKER_TTL_S
+        with os.scandir(os.path.dirname(self._marker())) as it:
+            for e in it:
+                if e.is_file() and e.stat().st_mtime < old:
+                    _remove(e.path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _split_by_partition(table, partition_by):
