@@ -116,14 +116,13 @@ def flops_per_step(model, mc: dict, batch: int) -> float | None:
 # --------------------------------------------------------------------------- CPU
 
 
-def _cpu_run(kind, seq_len, batch, steps, threads, random_init, rank=0, world=1, ddp_options=None):
+def _cpu_run(kind, seq_len, batch, steps, threads, random_init, rank=0, world=1, ddp_options=DDP_OPTIONS):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     mc = model_config(kind, seq_len, random_init)
     model = build_model(mc)
     if world > 1:
-        options = DDP_OPTIONS if ddp_options is None else ddp_options  # a comparison run may override them
-        model = torch.nn.parallel.DistributedDataParallel(model, **options)
+        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_options)
     opt = make_optimizer(model, 1e-3, 0.0)
     obj = build_objective("ips", "click", 0.05)
     rng = np.random.default_rng(rank)
@@ -140,7 +139,7 @@ def _cpu_run(kind, seq_len, batch, steps, threads, random_init, rank=0, world=1,
     return batch * steps / (time.perf_counter() - t0)
 
 
-def _ddp_worker(rank, world, port, args, out, ddp_options=None):
+def _ddp_worker(rank, world, port, args, out, ddp_options):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -151,7 +150,7 @@ def _ddp_worker(rank, world, port, args, out, ddp_options=None):
         torch.distributed.destroy_process_group()
 
 
-def _two_workers(kind, seq_len, batch, steps, random_init, ddp_options=None) -> float:
+def _two_workers(kind, seq_len, batch, steps, random_init, ddp_options) -> float:
     import socket
 
     import torch.multiprocessing as mp
@@ -174,14 +173,16 @@ def _two_workers(kind, seq_len, batch, steps, random_init, ddp_options=None) -> 
 
 def cpu_bench(kind, seq_len, batch, steps, random_init, rounds: int = 3, ddp_options=None) -> dict:
     """``rounds`` alternations of one worker then two (so drifting machine load hits both alike);
-    medians, and the ratio of the medians."""
+    medians, and the ratio of the medians. ``ddp_options``: the training loop's unless a
+    comparison run overrides them."""
+    ddp_options = DDP_OPTIONS if ddp_options is None else ddp_options
     ones, twos = [], []
     for _ in range(rounds):
         ones.append(_cpu_run(kind, seq_len, batch, steps, 2, random_init))
         twos.append(_two_workers(kind, seq_len, batch, steps, random_init, ddp_options))
     one, two = float(np.median(ones)), float(np.median(twos))
     return {"model": kind, "seq_len": seq_len if kind != "mf" else None, "global_batch": batch, "steps": steps,
-            "rounds": rounds, "ddp_options": DDP_OPTIONS if ddp_options is None else ddp_options,
+            "rounds": rounds, "ddp_options": ddp_options,
             "one_worker_2_threads_samples_per_s": round(one, 1), "two_ddp_workers_1_thread_samples_per_s": round(two, 1),
             "two_over_one": round(two / one, 3), "per_round_two_over_one": [round(t / o, 3) for o, t in zip(ones, twos)],
             "target_two_over_one": 0.85}

@@ -218,6 +218,17 @@ def test_spark_form_names_the_column_with_a_null(spark, n_boot, buckets, engine)
         evaluate(spark.createDataFrame(pdf), [IPS()], n_boot=n_boot, boot_buckets=buckets, engine=engine)
 
 
+@pytest.mark.parametrize("column, value, expected", [("pscore", 0.0, r"\(0, 1\]"), ("pscore", 1.5, r"\(0, 1\]"),
+                                                     ("pscore", float("nan"), "a finite number"),
+                                                     ("q_hat", float("inf"), "a finite number")])
+def test_local_form_names_the_row_and_what_was_expected(column, value, expected):
+    data, _ = synthetic_log(40, 8)
+    data = {k: np.array(v, dtype=float) if k != "row_id" else v for k, v in data.items()}
+    data[column][11] = value
+    with pytest.raises(ValueError, match=rf"column '{column}' row 11 is .*; expected {expected}$"):
+        evaluate(data, [DR()])
+
+
 @pytest.mark.parametrize("engine", ["sql", "arrow"])
 @pytest.mark.parametrize("column, value", [("pscore", 0.0), ("pscore", 1.5), ("reward", float("nan")),
                                            ("q_hat_pi", None)])

@@ -339,7 +339,9 @@ def _needed_columns(plan: "Plan") -> list[str]:
 
 
 def local_stats(data: dict, plan: "Plan", chunk_rows: int = 65536) -> "Stats":
-    """Local form: the kernel over numpy arrays (in chunks, so B x rows stays bounded)."""
+    """Local form: the kernel over numpy arrays (in chunks, so B x rows stays bounded). Its
+    inputs pass the same check as the engines' (:func:`check_inputs`) before any arithmetic."""
+    check_inputs(data, _needed_columns(plan))
     arr = {c: np.asarray(data[c]) for c in _needed_columns(plan)}
     n = len(arr[REWARD])
     _, _, _, n_sum = _layout(plan)
@@ -381,21 +383,6 @@ def spark_stats(df, plan: "Plan", engine: str = "auto") -> "Stats":
     return arrow_stats(df, plan)
 
 
-def _check_batch(d: dict, cols) -> None:
-    """The sql engine's input rule on one Arrow batch: a null/NaN anywhere, or a propensity
-    outside (0, 1], fails the pass naming the column, a row id and what was expected."""
-    for c in cols:
-        if c == ROW_ID:
-            continue
-        x = d[c]
-        bad = np.isnan(x) | ((x <= 0) | (x > 1) if c == PSCORE else False)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            expected = "a number in (0, 1]" if c == PSCORE else "a number"
-            raise ValueError(f"estimator input: column {c!r} has a null/NaN or out-of-range value "
-                             f"(row_id {int(d[ROW_ID][i])}: {x[i]!r}); expected {expected}")
-
-
 def arrow_stats(df, plan: "Plan") -> "Stats":
     """The ``"arrow"`` engine of :func:`spark_stats`: the vectorised kernel on every task's batches."""
     import pyarrow as pa
@@ -415,7 +402,12 @@ def arrow_stats(df, plan: "Plan") -> "Stats":
             if b.num_rows == 0:
                 continue
             d = {c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}
-            _check_batch(d, cols)
+            bad = first_unusable(d, cols)
+            if bad:
+                c, i = bad
+                expected = "a number in (0, 1]" if c == PSCORE else "a number"
+                raise ValueError(f"estimator input: column {c!r} has a null/NaN or out-of-range value "
+                                 f"(row_id {int(d[ROW_ID][i])}: {d[c][i]!r}); expected {expected}")
             s, m = partial_stats(d, plan)
             sums += s
             mx = np.maximum(mx, m)
@@ -473,6 +465,22 @@ def z_value(alpha: float) -> float:
     return float(norm.ppf(1 - alpha / 2))
 
 
+def first_unusable(data: dict, columns: Sequence[str]) -> Optional[tuple]:
+    """``(column, index)`` of the first value no estimator can use, or None: a non-finite
+    number (a null arrives as NaN), or a propensity outside (0, 1]. The one rule of the local
+    form and of the Arrow kernel (the sql engine's SQL form: ``sql_pass._bad``)."""
+    for c in columns:
+        if c == ROW_ID:
+            continue
+        x = np.asarray(data[c], dtype=float)
+        bad = ~np.isfinite(x)
+        if c == PSCORE:
+            bad |= (x <= 0) | (x > 1)
+        if bad.any():
+            return c, int(np.flatnonzero(bad)[0])
+    return None
+
+
 def check_inputs(data: dict, columns: Sequence[str]) -> None:
     """Clear errors for bad local input: missing column, non-finite values, pscore outside (0, 1]."""
     n = None
@@ -484,11 +492,9 @@ def check_inputs(data: dict, columns: Sequence[str]) -> None:
             n = a.shape[0]
         if a.shape != (n,):
             raise ValueError(f"estimator input: column {c!r} has shape {a.shape}; expected ({n},)")
-        if c != ROW_ID and not np.all(np.isfinite(a)):
-            i = int(np.flatnonzero(~np.isfinite(a))[0])
-            raise ValueError(f"estimator input: column {c!r} row {i} is {a[i]!r}; expected a finite number")
-    if PSCORE in columns:
-        p = np.asarray(data[PSCORE], dtype=float)
-        bad = np.flatnonzero((p <= 0) | (p > 1))
-        if bad.size:
-            raise ValueError(f"estimator input: column 'pscore' row {int(bad[0])} is {p[bad[0]]!r}; expected (0, 1]")
+    bad = first_unusable(data, columns)
+    if bad:
+        c, i = bad
+        v = np.asarray(data[c])[i]
+        expected = "(0, 1]" if c == PSCORE and np.isfinite(v) else "a finite number"
+        raise ValueError(f"estimator input: column {c!r} row {i} is {v!r}; expected {expected}")

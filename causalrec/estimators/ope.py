@@ -34,7 +34,6 @@ from causalrec.estimators.base import (
     Plan,
     Stats,
     Term,
-    check_inputs,
     local_stats,
     spark_stats,
     z_value,
@@ -126,8 +125,7 @@ class BaseOffPolicyEstimator:
                 ROW_ID: np.arange(n) if row_id is None else row_id}
         if self.needs_q_hat() and (q_hat is None or q_hat_pi is None):
             raise ValueError(f"{self.estimator_name}: needs reward-model predictions q_hat and q_hat_pi")
-        check_inputs(data, [REWARD, PSCORE, PI_E, Q_HAT, Q_HAT_PI, ROW_ID])
-        return data
+        return data  # checked by the pass itself (local_stats), like every other input
 
     def estimate_round_rewards(self, reward, pscore, pi_e, q_hat=None, q_hat_pi=None) -> np.ndarray:
         """Per-row contributions (obp's ``_estimate_round_rewards``): add terms + num / mean(den)."""
