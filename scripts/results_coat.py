@@ -99,7 +99,8 @@ def build_tables(cfg) -> None:
 
 
 def select_and_fit(cfg, kind: str, objective: str, grid: list[dict], train, valid, shape: dict, epochs: int,
-                   batch_size: int, text_overrides: dict | None = None, valid_mode: str = "ips") -> dict:
+                   batch_size: int, text_overrides: dict | None = None, valid_mode: str = "ips",
+                   seed: int | None = None) -> dict:
     """Fit every grid point; keep the one with the lowest unbiased validation error."""
     best = None
     trials = []
@@ -111,7 +112,7 @@ def select_and_fit(cfg, kind: str, objective: str, grid: list[dict], train, vali
         t0 = time.time()
         fit = fit_local(mc, objective, train, valid, epochs=epochs, batch_size=batch_size, lr=params["lr"],
                         weight_decay=params["wd"], clip=params.get("clip", cfg.train.ips_clip), valid_mode=valid_mode,
-                        patience=3, seed=cfg.project.seed)
+                        patience=3, seed=cfg.project.seed if seed is None else seed)
         trials.append({**params, "best_valid": fit["best_valid"], "best_epoch": fit["best_epoch"],
                        "seconds": round(time.time() - t0, 1)})
         print(f"  {kind}/{objective} {params} -> valid {fit['best_valid']:.4f} (epoch {fit['best_epoch']})",
@@ -136,6 +137,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dr-wd", type=float, nargs="+", default=[1.0, 3.0],
                     help="weight decays tried for DR-JL (its imputed term regularises too, so it needs less)")
     ap.add_argument("--text-wd", type=float, nargs="+", default=[3.0], help="weight decays tried for the text model")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3, 4],
+                    help="extra training seeds: the MF rows are refit (selection included) with each, and the "
+                         "JSON gets every metric's mean and spread over project.seed and these")
     ap.add_argument("--out", default=str(ROOT / "bench_results" / "results_coat.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -164,46 +168,68 @@ def main(argv=None) -> dict:
     # AdamW's decoupled decay (biases exempt) is the L2 regulariser; Coat's 7k ratings need a strong one
     grid = [{"lr": lr, "wd": wd, "dim": d} for lr, wd, d in itertools.product(args.lr, args.wd, args.dims)]
     results, selection = {}, {}
-    for objective, label in (("naive", "MF-Naive"), ("ips", "MF-IPS"), ("snips", "MF-SNIPS"), ("dr_jl", "MF-DR-JL")):
-        print(f"{label}:", flush=True)
+    mf_runs = (("naive", "MF-Naive"), ("ips", "MF-IPS"), ("snips", "MF-SNIPS"), ("dr_jl", "MF-DR-JL"))
+    dr_grid = [{"lr": lr, "wd": wd, "dim": d} for lr, wd, d in itertools.product(args.lr, args.dr_wd, args.dims)]
+
+    def fit_mf(objective: str, seed: int | None = None) -> dict:
         train_rows = train if objective == "dr_jl" else obs  # only DR-JL uses the unobserved pairs
-        ogrid = grid if objective != "dr_jl" else [
-            {"lr": lr, "wd": wd, "dim": d} for lr, wd, d in itertools.product(args.lr, args.dr_wd, args.dims)]
-        best = select_and_fit(cfg, "mf", objective, ogrid, train_rows, valid, shape, args.epochs, 256,
-                              valid_mode=valid_mode)
+        return select_and_fit(cfg, "mf", objective, dr_grid if objective == "dr_jl" else grid, train_rows, valid,
+                              shape, args.epochs, 256, valid_mode=valid_mode, seed=seed)
+
+    for objective, label in mf_runs:
+        print(f"{label}:", flush=True)
+        best = fit_mf(objective)
         results[label] = evaluate(best["fit"]["model"], best["mc"], test, threshold)
         results[label]["valid_error"] = best["fit"]["best_valid"]
         selection[label] = {"chosen": best["params"], "trials": best["trials"]}
         print(f"  test: {results[label]}", flush=True)
+    # training noise: Coat is small, so the same protocol with other seeds says how far a row can move
+    over_seeds = {label: [dict(results[label], seed=cfg.project.seed)] for _, label in mf_runs}
+    for seed in args.seeds:
+        for objective, label in mf_runs:
+            best = fit_mf(objective, seed)
+            over_seeds[label].append(dict(evaluate(best["fit"]["model"], best["mc"], test, threshold), seed=seed))
+    seed_summary = {label: {m: {"mean": float(np.mean([r[m] for r in runs])), "sd": float(np.std([r[m] for r in runs]))}
+                            for m in ("mse", "mae", "auc", "ndcg@5", "recall@5")} | {"runs": runs}
+                    for label, runs in over_seeds.items()}
     if not args.skip_text:
-        mf_labels = {"naive": "MF-Naive", "ips": "MF-IPS", "snips": "MF-SNIPS", "dr_jl": "MF-DR-JL"}
-        debiased = [o for o in mf_labels if o != "naive"]
-        best_obj = min(debiased, key=lambda o: results[mf_labels[o]]["valid_error"])  # chosen on valid only
         text_over = {"freeze_layers": -1, "max_seq_len": 32, "id_dropout": 0.1}
         cfg.train.max_seq_len = 32
-        tgrid = [{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.text_wd]
-        for objective in ("naive", best_obj):
+        text_valid = {}
+        for objective in ("naive", "ips", "snips", "dr_jl"):
             label = f"TwoTower-MiniLM-{objective}"
             print(f"{label}:", flush=True)
             train_rows = train if objective == "dr_jl" else obs
+            tgrid = [{"lr": 0.01, "wd": wd, "dim": 32} for wd in (args.dr_wd if objective == "dr_jl" else args.text_wd)]
             best = select_and_fit(cfg, "two_tower", objective, tgrid, train_rows, valid, shape, args.text_epochs,
                                   256, text_over, valid_mode=valid_mode)
             results[label] = evaluate(best["fit"]["model"], best["mc"], test, threshold)
-            results[label]["valid_error"] = best["fit"]["best_valid"]
+            results[label]["valid_error"] = text_valid[objective] = best["fit"]["best_valid"]
             selection[label] = {"chosen": best["params"], "trials": best["trials"]}
             print(f"  test: {results[label]}", flush=True)
+        # the text model's best debiasing objective, chosen on its own validation error only
+        selection["text_best_objective"] = min((o for o in text_valid if o != "naive"), key=text_valid.get)
     report = {"data": "Coat (Schnabel et al. 2016): train = MNAR ratings, test = MCAR ratings",
               "rows": {"train": len(train), "train_observed": len(obs), "valid": len(valid),
                        "valid_mcar": int((valid["is_mcar"] & (valid["observed"] == 1)).sum()), "test_mcar": len(test)},
               "valid_mode": valid_mode,
-              "positive_threshold": threshold, "results": results, "selection": selection, "anchors": ANCHORS,
+              "positive_threshold": threshold, "results": results, "selection": selection,
+              "mf_over_seeds": seed_summary, "anchors": ANCHORS,
               "config": args.config, "overrides": args.set}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=float))
     print("\n| model | MSE | MAE | AUC | NDCG@5 | Recall@5 |\n|---|---|---|---|---|---|")
     for k, r in results.items():
+        if k == f"TwoTower-MiniLM-{selection.get('text_best_objective')}":
+            k += " (best debiased on valid)"
         print(f"| {k} | {r['mse']:.3f} | {r['mae']:.3f} | {r['auc']:.4f} | {r['ndcg@5']:.4f} | {r['recall@5']:.4f} |")
+    if len(over_seeds["MF-Naive"]) > 1:
+        print(f"\nMF over seeds {[r['seed'] for r in over_seeds['MF-Naive']]}: mean (sd)\n"
+              "| model | MSE | MAE | AUC | NDCG@5 | Recall@5 |\n|---|---|---|---|---|---|")
+        for label, summ in seed_summary.items():
+            print(f"| {label} | " + " | ".join(f"{summ[m]['mean']:.3f} ({summ[m]['sd']:.3f})"
+                                              for m in ("mse", "mae", "auc", "ndcg@5", "recall@5")) + " |")
     return report
 
 

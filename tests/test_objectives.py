@@ -59,8 +59,42 @@ def test_dr_joint_learning_values_and_gradient_separation():
     assert g_grad is None or torch.all(g_grad == 0)
     (l_grad,) = torch.autograd.grad(parts["loss_imputation"], out["logit"], retain_graph=True, allow_unused=True)
     assert l_grad is None or torch.all(l_grad == 0)
-    (g_grad2,) = torch.autograd.grad(parts["loss_imputation"], g)
+    (g_grad2,) = torch.autograd.grad(parts["loss_imputation"], g, retain_graph=True)
     assert g_grad2.abs().sum() > 0
+    # the IPS-weighted label fit of the imputation: (g - y)^2 w = .25*2 + 1*100 + .25*1 over 3 observed rows
+    assert parts["loss_label_fit"].item() == pytest.approx(100.75 / 3)
+    assert parts["loss"].item() == pytest.approx(
+        (parts["loss_pred"] + parts["loss_imputation"] + parts["loss_label_fit"]).item())
+    (l_grad2,) = torch.autograd.grad(parts["loss_label_fit"], out["logit"], allow_unused=True)
+    assert l_grad2 is None or torch.all(l_grad2 == 0)
+
+
+def test_dr_joint_learning_imputation_leaves_the_prediction():
+    """Both models start at the global mean: the error fit alone gives the imputation no gradient there.
+
+    The label fit must move ``g`` towards the observed labels (the bug it fixes: on Coat the
+    imputation stayed at the prediction and DR-JL was no better than naive).
+    """
+    _, batch = rating_batch()
+    pred = torch.full((4,), 0.75, requires_grad=True)
+    g = torch.full((4,), 0.75, requires_grad=True)
+    out = {"logit": pred, "imputation": g, "imputation_logit": g}
+    (paper_only,) = torch.autograd.grad(DRJointLearning("rating", label_fit_weight=0.0)(out, batch)["loss"], g)
+    assert torch.all(paper_only == 0)
+    (grad,) = torch.autograd.grad(DRJointLearning("rating")(out, batch)["loss"], g)
+    # labels 2, -, 1, 0: gradient descent raises g on rows 0 and 2, lowers it on row 3, leaves the unobserved row
+    assert grad[0] < 0 and grad[2] < 0 and grad[3] > 0 and grad[1] == 0
+
+
+def test_dr_joint_learning_label_fit_for_clicks_is_the_log_loss_of_the_imputation():
+    batch = {"outcome": torch.tensor([1.0, 0.0, NAN]), "observed": torch.tensor([1.0, 1.0, 0.0]),
+             "exposure_propensity": torch.tensor([0.5, 0.25, 0.1])}
+    g_logit = torch.tensor([0.0, 1.0, 3.0])
+    out = {"logit": torch.zeros(3), "imputation_logit": g_logit, "imputation": torch.sigmoid(g_logit)}
+    expected = (2 * math.log(2) + 4 * math.log1p(math.e)) / 2  # w = 2, 4; -log sigmoid(0), -log(1 - sigmoid(1))
+    assert DRJointLearning("click")(out, batch)["loss_label_fit"].item() == pytest.approx(expected, rel=1e-6)
+    del out["imputation_logit"]  # a probability alone is mapped back to its logit
+    assert DRJointLearning("click")(out, batch)["loss_label_fit"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_dr_joint_learning_needs_the_imputation_output():
