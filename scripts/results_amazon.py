@@ -20,8 +20,10 @@ Protocol:
   are scored from text + id; items never seen in training from text + the unknown id row,
   which the TwoTower learns through ``id_dropout``; MF scores them from its biases only. The
   TwoTower's logit includes ``text_scale * cos(user text, item text)`` on the frozen encoder's
-  vectors (its text-match path, ``text_scale`` learned from 5.0), so it starts from the
-  zero-shot cosine below.
+  vectors (its text-match path, ``text_scale`` learned from ``--text-match-init``, a grid
+  dimension: 5.0, the library's default for clicks, and 20.0), so it starts from the
+  zero-shot cosine below. The scale moves little in a few epochs, so its start acts as the
+  cosine's temperature: at 5 the id and popularity terms outweigh the text.
   Supplementary, untrained: "MiniLM-cosine", the cosine between the frozen encoder's
   vectors of the user text (the last earlier item) and each item text.
 * Selection on ``valid`` only: every fit stops early on valid NDCG@10 (``fit_local``'s
@@ -290,6 +292,8 @@ def select_and_fit(cfg, kind: str, grid: list[dict], train, valid_eval, valid_ex
     for params in grid:
         cfg.train.model = kind
         cfg.train.embedding_dim = params["dim"]
+        if "text_match_init" in params:
+            cfg.train.text_match_init = params["text_match_init"]
         mc = model_config_from(cfg, objective="naive", **shape)
         ranker = Ranker(mc, valid_eval, item_frame, valid_excl)
         t0 = time.time()
@@ -326,6 +330,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4096, help="MF batch size")
     ap.add_argument("--text-wd", type=float, nargs="+", default=[0.1],
                     help="text-model weight decays tried (each grid point re-encodes the item texts)")
+    ap.add_argument("--text-match-init", type=float, nargs="+", default=[5.0, 20.0],
+                    help="starts of the text-match path's scale tried (train.text_match_init; it moves little "
+                         "in a few epochs, so it acts as the cosine's temperature)")
     ap.add_argument("--text-dim", type=int, default=128)
     ap.add_argument("--text-lr", type=float, default=0.005)
     ap.add_argument("--text-batch-size", type=int, default=1024)
@@ -411,7 +418,8 @@ def main(argv=None) -> dict:
         print(f"{label}:", flush=True)
         t0 = time.time()
         cfg.train.max_seq_len, cfg.train.freeze_encoder, cfg.train.id_dropout = args.max_seq_len, True, args.id_dropout
-        tgrid = [{"lr": args.text_lr, "wd": wd, "dim": args.text_dim} for wd in args.text_wd]
+        tgrid = [{"lr": args.text_lr, "wd": wd, "dim": args.text_dim, "text_match_init": t}
+                 for wd, t in itertools.product(args.text_wd, args.text_match_init)]
         best = select_and_fit(cfg, "two_tower", tgrid, train, valid_eval, valid_excl, item_frame, shape,
                               args.text_epochs, args.text_batch_size, args.patience)
         test_ranker = Ranker(best["mc"], test_eval, item_frame, test_excl)
