@@ -172,6 +172,10 @@ def test_tune_apply_params_updates_the_loop_config():
     assert lc["model_config"]["dim"] == 8  # the original is untouched
     assert new["hyperparameters"]["epochs"] == 3 and new["hyperparameters"]["embedding_dim"] == 32
     assert "ips_clip" not in search_space("naive", "mf") and "ips_clip" in search_space("ips", "mf")
+    # the two-tower's text-match temperature is searched only where the path exists
+    assert "text_match_init" in search_space("naive", "two_tower", text_match=True)
+    assert "text_match_init" not in search_space("naive", "two_tower") | search_space("naive", "mf", True)
+    assert apply_params(lc, {"text_match_init": 20.0})["model_config"]["text_match_init"] == 20.0
 
 
 def test_mlflow_logging_sends_params_and_per_epoch_metrics(monkeypatch, cfg):

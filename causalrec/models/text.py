@@ -235,6 +235,12 @@ class _TextBase(nn.Module):
         return self.features(f.to(self.features.weight.dtype))
 
 
+def text_match_enabled(mc: dict) -> bool:
+    """Whether a two-tower built from ``mc`` has the text-match path: ``text_match``, else on for clicks."""
+    tm = mc.get("text_match")
+    return (mc.get("task", "rating") == "click") if tm is None else bool(tm)
+
+
 class TwoTower(_TextBase):
     """User tower x item tower; item vectors are cacheable (:meth:`encode_items`).
 
@@ -255,8 +261,7 @@ class TwoTower(_TextBase):
                                        nn.Linear(d, d))
         self.item_proj = nn.Sequential(nn.Linear(h + d, d), nn.GELU(), nn.Linear(d, d))
         self.heads = Heads(d, mc.get("task", "rating"), bool(mc.get("uplift")))
-        tm = mc.get("text_match")
-        self.text_match = (mc.get("task", "rating") == "click") if tm is None else bool(tm)
+        self.text_match = text_match_enabled(mc)
         if self.text_match:
             init = mc.get("text_match_init")
             init = (5.0 if mc.get("task", "rating") == "click" else 1.0) if init is None else float(init)

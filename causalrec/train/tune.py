@@ -18,7 +18,13 @@ import os
 log = logging.getLogger(__name__)
 
 
-def search_space(objective: str, model: str):
+def search_space(objective: str, model: str, text_match: bool = False):
+    """``text_match``: the two-tower has its text-match path, whose scale's start is searched too.
+
+    Why that start: the scale barely moves in a few epochs, so it acts as the zero-shot
+    cosine's temperature, and it decides how much the text outweighs the id and popularity
+    terms (on Amazon Scientific, valid NDCG@10 0.065 at 5 and 0.078 at 20).
+    """
     from ray import tune
 
     space = {
@@ -28,6 +34,8 @@ def search_space(objective: str, model: str):
     }
     if objective != "naive":
         space["ips_clip"] = tune.choice([0.01, 0.02, 0.05, 0.1])
+    if model == "two_tower" and text_match:
+        space["text_match_init"] = tune.loguniform(1.0, 50.0)
     return space
 
 
@@ -42,6 +50,8 @@ def apply_params(loop_config: dict, params: dict) -> dict:
         lc["model_config"]["dim"] = int(params["embedding_dim"])
     if "ips_clip" in params:
         lc["clip"] = float(params["ips_clip"])
+    if "text_match_init" in params:
+        lc["model_config"]["text_match_init"] = float(params["text_match_init"])
     lc["hyperparameters"] = {**lc.get("hyperparameters", {}), **params}
     return lc
 
@@ -68,13 +78,16 @@ def tune_hyperparameters(cfg, loop_config: dict, train_ds, valid_ds) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from causalrec.models.text import text_match_enabled
+
     train_df, valid_df = train_ds.to_pandas(), valid_ds.to_pandas()
+    mc = loop_config["model_config"]
     epochs = int(loop_config["epochs"])
     storage = cfg.checkpoint_dir if "://" in cfg.checkpoint_dir else os.path.abspath(cfg.checkpoint_dir)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, loop_config=loop_config, train_df=train_df,
                                                  valid_df=valid_df), {"cpu": cfg.train.cpus_per_worker}),
-        param_space=search_space(loop_config["objective"], loop_config["model_config"]["model"]),
+        param_space=search_space(loop_config["objective"], mc["model"], text_match_enabled(mc)),
         tune_config=tune.TuneConfig(
             metric="valid_metric", mode="min", num_samples=int(cfg.train.tune_trials),
             search_alg=OptunaSearch(seed=cfg.project.seed),
