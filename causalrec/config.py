@@ -172,6 +172,9 @@ class TrainConfig:
     max_failures: int = 1
     early_stopping_patience: int = 3
     ips_clip: float = 0.01
+    # DR joint learning: weight of the imputation model's IPS-weighted fit to the observed labels
+    # (0 = the paper's error fit alone; see causalrec.train.objectives.DRJointLearning)
+    dr_label_fit_weight: float = 1.0
     mlflow_tracking_uri: Optional[str] = None
     tune_trials: int = 0
     freeze_encoder: bool = False

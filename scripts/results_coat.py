@@ -112,7 +112,8 @@ def select_and_fit(cfg, kind: str, objective: str, grid: list[dict], train, vali
         t0 = time.time()
         fit = fit_local(mc, objective, train, valid, epochs=epochs, batch_size=batch_size, lr=params["lr"],
                         weight_decay=params["wd"], clip=params.get("clip", cfg.train.ips_clip), valid_mode=valid_mode,
-                        patience=3, seed=cfg.project.seed if seed is None else seed)
+                        patience=3, seed=cfg.project.seed if seed is None else seed,
+                        objective_options=({"label_fit_weight": params["label_fit"]} if "label_fit" in params else None))
         trials.append({**params, "best_valid": fit["best_valid"], "best_epoch": fit["best_epoch"],
                        "seconds": round(time.time() - t0, 1)})
         print(f"  {kind}/{objective} {params} -> valid {fit['best_valid']:.4f} (epoch {fit['best_epoch']})",
@@ -136,6 +137,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dims", type=int, nargs="+", default=[8, 32], help="MF embedding sizes tried")
     ap.add_argument("--dr-wd", type=float, nargs="+", default=[1.0, 3.0],
                     help="weight decays tried for DR-JL (its imputed term regularises too, so it needs less)")
+    ap.add_argument("--dr-label-fit", type=float, nargs="+", default=[0.0, 1.0],
+                    help="DR-JL label-fit weights tried (train.dr_label_fit_weight; 0 = the paper's objective)")
     ap.add_argument("--text-wd", type=float, nargs="+", default=[3.0], help="weight decays tried for the text model")
     ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3, 4],
                     help="extra training seeds: the MF rows are refit (selection included) with each, and the "
@@ -169,7 +172,8 @@ def main(argv=None) -> dict:
     grid = [{"lr": lr, "wd": wd, "dim": d} for lr, wd, d in itertools.product(args.lr, args.wd, args.dims)]
     results, selection = {}, {}
     mf_runs = (("naive", "MF-Naive"), ("ips", "MF-IPS"), ("snips", "MF-SNIPS"), ("dr_jl", "MF-DR-JL"))
-    dr_grid = [{"lr": lr, "wd": wd, "dim": d} for lr, wd, d in itertools.product(args.lr, args.dr_wd, args.dims)]
+    dr_grid = [{"lr": lr, "wd": wd, "dim": d, "label_fit": f}
+               for lr, wd, d, f in itertools.product(args.lr, args.dr_wd, args.dims, args.dr_label_fit)]
 
     def fit_mf(objective: str, seed: int | None = None) -> dict:
         train_rows = train if objective == "dr_jl" else obs  # only DR-JL uses the unobserved pairs
@@ -200,7 +204,9 @@ def main(argv=None) -> dict:
             label = f"TwoTower-MiniLM-{objective}"
             print(f"{label}:", flush=True)
             train_rows = train if objective == "dr_jl" else obs
-            tgrid = [{"lr": 0.01, "wd": wd, "dim": 32} for wd in (args.dr_wd if objective == "dr_jl" else args.text_wd)]
+            tgrid = ([{"lr": 0.01, "wd": wd, "dim": 32, "label_fit": f}
+                      for wd, f in itertools.product(args.dr_wd, args.dr_label_fit)] if objective == "dr_jl"
+                     else [{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.text_wd])
             best = select_and_fit(cfg, "two_tower", objective, tgrid, train_rows, valid, shape, args.text_epochs,
                                   256, text_over, valid_mode=valid_mode)
             results[label] = evaluate(best["fit"]["model"], best["mc"], test, threshold)

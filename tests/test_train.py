@@ -176,6 +176,21 @@ def test_tune_apply_params_updates_the_loop_config():
     assert "text_match_init" in search_space("naive", "two_tower", text_match=True)
     assert "text_match_init" not in search_space("naive", "two_tower") | search_space("naive", "mf", True)
     assert apply_params(lc, {"text_match_init": 20.0})["model_config"]["text_match_init"] == 20.0
+    # DR-JL's label-fit weight: searched for dr_jl only, and the trial's objective is built with it
+    assert "dr_label_fit_weight" in search_space("dr_jl", "mf") and "dr_label_fit_weight" not in search_space("ips", "mf")
+    assert apply_params(lc, {"dr_label_fit_weight": 0.5})["dr_label_fit_weight"] == 0.5
+
+
+def test_dr_label_fit_weight_reaches_the_objective_from_the_config(cfg):
+    """train.dr_label_fit_weight -> loop config -> the objective the Ray loop and fit_local build."""
+    from causalrec.train.job import loop_config_from
+    from causalrec.train.objectives import build_objective, objective_options
+
+    cfg.train.objective, cfg.train.dr_label_fit_weight = "dr_jl", 0.25
+    lc = loop_config_from(cfg, {"model": "mf"}, "ips")
+    assert lc["hyperparameters"]["dr_label_fit_weight"] == 0.25
+    assert build_objective("dr_jl", "rating", 0.01, **objective_options("dr_jl", lc)).label_fit_weight == 0.25
+    assert objective_options("ips", lc) == {}  # other objectives take no such option
 
 
 def test_mlflow_logging_sends_params_and_per_epoch_metrics(monkeypatch, cfg):

@@ -58,10 +58,11 @@ def loop_config_from(cfg, model_config: dict, valid_mode: str, objective: str | 
         "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.learning_rate, "encoder_lr": t.encoder_lr,
         "weight_decay": t.weight_decay, "patience": t.early_stopping_patience, "valid_mode": valid_mode,
         "bf16": t.bf16, "prefetch_batches": t.prefetch_batches, "torch_threads": threads, "seed": cfg.project.seed,
-        "resume_from": t.resume_from, "deterministic": t.deterministic,
+        "resume_from": t.resume_from, "deterministic": t.deterministic, "dr_label_fit_weight": t.dr_label_fit_weight,
         "hyperparameters": {"learning_rate": t.learning_rate, "weight_decay": t.weight_decay,
                             "embedding_dim": t.embedding_dim, "batch_size": t.batch_size, "epochs": t.epochs,
-                            "ips_clip": t.ips_clip, "encoder_lr": t.encoder_lr},
+                            "ips_clip": t.ips_clip, "encoder_lr": t.encoder_lr,
+                            "dr_label_fit_weight": t.dr_label_fit_weight},
     }
 
 

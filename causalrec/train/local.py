@@ -40,19 +40,21 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
               epochs: int = 10, batch_size: int = 256, lr: float = 0.01, weight_decay: float = 0.0,
               encoder_lr: Optional[float] = None, clip: float = 0.01, valid_mode: str = "ips", patience: int = 3,
               seed: int = 42, device: str = "cpu", report: Optional[Callable[[dict], None]] = None,
-              valid_fn: Optional[Callable[[torch.nn.Module], float]] = None) -> dict:
+              valid_fn: Optional[Callable[[torch.nn.Module], float]] = None,
+              objective_options: Optional[dict] = None) -> dict:
     """Train with early stopping on the unbiased validation error; return the best model and history.
 
     ``valid_fn(model) -> float`` (lower is better), when given, replaces that error as the
     per-epoch validation metric, e.g. minus a ranking metric on a held-out split; then
-    ``valid_df`` may be None.
+    ``valid_df`` may be None. ``objective_options``: the objective's own settings
+    (:func:`causalrec.train.objectives.objective_options`).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dev = torch.device(device)
     task = model_config.get("task", "rating")
     model = build_model(model_config).to(dev)
-    obj = build_objective(objective, task, clip)
+    obj = build_objective(objective, task, clip, **(objective_options or {}))
     opt = make_optimizer(model, lr, weight_decay, encoder_lr)
     feat = Featurizer(model_config)
     train_t = featurize_frame(feat, train_df)

@@ -30,7 +30,7 @@ from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
 from causalrec.train.checkpoint import architecture_of, load_optimizer_state, save_checkpoint, unwrap
 from causalrec.train.loop_state import early_stopping_update, initial_state
-from causalrec.train.objectives import build_objective
+from causalrec.train.objectives import build_objective, objective_options
 from causalrec.train.step import DDP_OPTIONS, make_optimizer, metric_from_totals, train_step, validation_totals
 
 
@@ -75,7 +75,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     mc = config["model_config"]
     task = mc.get("task", "rating")
-    objective = build_objective(config["objective"], task, float(config.get("clip", 0.01)))
+    objective = build_objective(config["objective"], task, float(config.get("clip", 0.01)),
+                                **objective_options(config["objective"], config))
 
     state = initial_state()
     resume_dir = None

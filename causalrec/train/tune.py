@@ -34,6 +34,8 @@ def search_space(objective: str, model: str, text_match: bool = False):
     }
     if objective != "naive":
         space["ips_clip"] = tune.choice([0.01, 0.02, 0.05, 0.1])
+    if objective == "dr_jl":
+        space["dr_label_fit_weight"] = tune.choice([0.0, 0.5, 1.0])
     if model == "two_tower" and text_match:
         space["text_match_init"] = tune.loguniform(1.0, 50.0)
     return space
@@ -52,6 +54,8 @@ def apply_params(loop_config: dict, params: dict) -> dict:
         lc["clip"] = float(params["ips_clip"])
     if "text_match_init" in params:
         lc["model_config"]["text_match_init"] = float(params["text_match_init"])
+    if "dr_label_fit_weight" in params:
+        lc["dr_label_fit_weight"] = float(params["dr_label_fit_weight"])
     lc["hyperparameters"] = {**lc.get("hyperparameters", {}), **params}
     return lc
 
@@ -61,13 +65,14 @@ def _trial(params: dict, loop_config: dict, train_df, valid_df):
     from ray import tune
 
     from causalrec.train.local import fit_local
+    from causalrec.train.objectives import objective_options
 
     torch.set_num_threads(1)
     lc = apply_params(loop_config, params)
     fit_local(lc["model_config"], lc["objective"], train_df, valid_df, epochs=lc["epochs"],
               batch_size=lc["batch_size"], lr=lc["lr"], weight_decay=lc["weight_decay"],
               encoder_lr=lc.get("encoder_lr"), clip=lc["clip"], valid_mode=lc["valid_mode"],
-              patience=lc["patience"], seed=lc["seed"],
+              patience=lc["patience"], seed=lc["seed"], objective_options=objective_options(lc["objective"], lc),
               report=lambda rec: tune.report({"valid_metric": rec["valid_metric"], "train_loss": rec["train_loss"],
                                               "epoch": rec["epoch"]}))
 
