@@ -8,7 +8,7 @@ runs, so ``causalrec --help`` stays fast.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

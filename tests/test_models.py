@@ -1,7 +1,6 @@
 """Models, featurizer and checkpoints: shapes, id handling, cold items, round trips."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch

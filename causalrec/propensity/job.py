@@ -97,7 +97,6 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
     pairs = obs.unionByName(neg).join(uv, "user_id").join(iv, "item_id")
     pairs = pairs.withColumn("_h", _hash_fraction([F.col("user_id"), F.col("item_id")], "exposure-holdout")).cache()
     fit_part = pairs.where(F.col("_h") >= pc.holdout_fraction)
-    holdout = pairs.where(F.col("_h") < pc.holdout_fraction)
     mcar_vals = None
     if mcar is not None:
         mcar_vals = mcar_for_propensity(mcar.where(F.col("event_type") == etype), cfg)

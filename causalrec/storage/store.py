@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from causalrec.schemas import TableSpec, conform, validate_columns
 from causalrec.storage.delta_rs_commit import ConcurrentWriteError, DeltaWriteError

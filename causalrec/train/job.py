@@ -172,7 +172,7 @@ def run(ctx) -> dict:
 
 def _run_one(ctx, objective: str | None) -> dict:
     cfg = ctx.cfg
-    ray = ctx.ray()
+    ctx.ray()  # starts (or joins) Ray before the trainer is built
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
