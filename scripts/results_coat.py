@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from causalrec.config import load_config  # noqa: E402
 from causalrec.train.job import TRAIN_COLUMNS, model_config_from  # noqa: E402
 from causalrec.train.local import fit_local, predict_frame  # noqa: E402
+from causalrec.train.objectives import objective_options  # noqa: E402
 
 ANCHORS = {
     "schnabel2016": {"MF-Naive": {"mse": 1.202, "mae": 0.920}, "MF-IPS": {"mse": 1.093, "mae": 0.860}},
@@ -113,7 +114,7 @@ def select_and_fit(cfg, kind: str, objective: str, grid: list[dict], train, vali
         fit = fit_local(mc, objective, train, valid, epochs=epochs, batch_size=batch_size, lr=params["lr"],
                         weight_decay=params["wd"], clip=params.get("clip", cfg.train.ips_clip), valid_mode=valid_mode,
                         patience=3, seed=cfg.project.seed if seed is None else seed,
-                        objective_options=({"label_fit_weight": params["label_fit"]} if "label_fit" in params else None))
+                        objective_options=objective_options(objective, params))
         trials.append({**params, "best_valid": fit["best_valid"], "best_epoch": fit["best_epoch"],
                        "seconds": round(time.time() - t0, 1)})
         print(f"  {kind}/{objective} {params} -> valid {fit['best_valid']:.4f} (epoch {fit['best_epoch']})",
@@ -172,8 +173,12 @@ def main(argv=None) -> dict:
     grid = [{"lr": lr, "wd": wd, "dim": d} for lr, wd, d in itertools.product(args.lr, args.wd, args.dims)]
     results, selection = {}, {}
     mf_runs = (("naive", "MF-Naive"), ("ips", "MF-IPS"), ("snips", "MF-SNIPS"), ("dr_jl", "MF-DR-JL"))
-    dr_grid = [{"lr": lr, "wd": wd, "dim": d, "label_fit": f}
-               for lr, wd, d, f in itertools.product(args.lr, args.dr_wd, args.dims, args.dr_label_fit)]
+
+    def with_label_fit(points: list[dict]) -> list[dict]:  # DR-JL's grid: each point with each label-fit weight
+        return [{**p, "dr_label_fit_weight": f} for p in points for f in args.dr_label_fit]
+
+    dr_grid = with_label_fit([{"lr": lr, "wd": wd, "dim": d} for lr, wd, d in itertools.product(args.lr, args.dr_wd,
+                                                                                               args.dims)])
 
     def fit_mf(objective: str, seed: int | None = None) -> dict:
         train_rows = train if objective == "dr_jl" else obs  # only DR-JL uses the unobserved pairs
@@ -204,9 +209,8 @@ def main(argv=None) -> dict:
             label = f"TwoTower-MiniLM-{objective}"
             print(f"{label}:", flush=True)
             train_rows = train if objective == "dr_jl" else obs
-            tgrid = ([{"lr": 0.01, "wd": wd, "dim": 32, "label_fit": f}
-                      for wd, f in itertools.product(args.dr_wd, args.dr_label_fit)] if objective == "dr_jl"
-                     else [{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.text_wd])
+            tgrid = ([{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.text_wd] if objective != "dr_jl"
+                     else with_label_fit([{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.dr_wd]))
             best = select_and_fit(cfg, "two_tower", objective, tgrid, train_rows, valid, shape, args.text_epochs,
                                   256, text_over, valid_mode=valid_mode)
             results[label] = evaluate(best["fit"]["model"], best["mc"], test, threshold)

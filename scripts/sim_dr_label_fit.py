@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from causalrec.train.local import fit_local, predict_frame  # noqa: E402
+from causalrec.train.objectives import objective_options  # noqa: E402
 
 N_USERS, N_ITEMS = 200, 150
 OBSERVE = np.array([0.0, 0.01, 0.02, 0.05, 0.15, 0.3])  # P(observed | rating 1..5)
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
             rows = train if objective == "dr_jl" else train[train.observed == 1]
             fit = fit_local(mc, objective, rows, valid, epochs=args.epochs, batch_size=256, lr=0.01, weight_decay=1.0,
                             valid_mode="mcar", patience=3, seed=0,
-                            objective_options=None if label_fit is None else {"label_fit_weight": label_fit})
+                            objective_options=objective_options(objective, {"dr_label_fit_weight": label_fit}))
             pred = predict_frame(fit["model"], mc, pairs)["relevance"]
             mse[name].append(float(np.mean((pred - pairs.rating.to_numpy()) ** 2)))
         print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in mse.items()), flush=True)

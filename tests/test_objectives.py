@@ -47,7 +47,7 @@ def test_snips_normalises_by_the_weights():
 def test_dr_joint_learning_values_and_gradient_separation():
     out, batch = rating_batch()
     g = torch.tensor([1.5, 2.5, 2.0, 0.5], requires_grad=True)
-    out["imputation"] = g
+    out["imputation"] = out["imputation_logit"] = g  # ratings: the imputed value is its own logit
     parts = DRJointLearning("rating", clip=0.01)(out, batch)
     # e_hat = (logit - g)^2 = .25, .25, 1, .25; w = 2, 5, 100, 1
     # rows: .25 + (1-.25)*2 = 1.75 | .25 | 1 + (4-1)*100 = 301 | .25 + (0-.25)*1 = 0
@@ -93,8 +93,9 @@ def test_dr_joint_learning_label_fit_for_clicks_is_the_log_loss_of_the_imputatio
     out = {"logit": torch.zeros(3), "imputation_logit": g_logit, "imputation": torch.sigmoid(g_logit)}
     expected = (2 * math.log(2) + 4 * math.log1p(math.e)) / 2  # w = 2, 4; -log sigmoid(0), -log(1 - sigmoid(1))
     assert DRJointLearning("click")(out, batch)["loss_label_fit"].item() == pytest.approx(expected, rel=1e-6)
-    del out["imputation_logit"]  # a probability alone is mapped back to its logit
-    assert DRJointLearning("click")(out, batch)["loss_label_fit"].item() == pytest.approx(expected, rel=1e-5)
+    del out["imputation_logit"]  # a probability alone is not enough: the fit is on the logit
+    with pytest.raises(KeyError, match="imputation_logit"):
+        DRJointLearning("click")(out, batch)
 
 
 def test_dr_joint_learning_needs_the_imputation_output():
@@ -113,7 +114,8 @@ def test_dr_is_unbiased_where_ips_weighted_naive_is_not():
     o = (torch.rand(n, generator=gen) < p).float()
     label = torch.where(o > 0, err_true.sqrt(), torch.full_like(err_true, NAN))
     batch = {"label": label, "observed": o, "exposure_propensity": p}
-    out = {"logit": torch.zeros(n), "imputation": torch.full((n,), 0.5)}  # imputed errors deliberately wrong
+    g = torch.full((n,), 0.5)
+    out = {"logit": torch.zeros(n), "imputation": g, "imputation_logit": g}  # imputed errors deliberately wrong
     dr = DRJointLearning("rating", clip=1e-6)(out, batch)["loss_pred"].item()
     naive = Naive("rating")(out, batch)["loss"].item()
     truth = err_true.mean().item()
@@ -133,7 +135,8 @@ def test_dr_with_sampled_unobserved_pairs_needs_their_sample_weight():
     batch = {"label": label[keep], "observed": o[keep], "exposure_propensity": p[keep],
              "sample_weight": torch.where(o[keep] > 0, 1.0, 10.0)}
     m = int(keep.sum())
-    out = {"logit": torch.zeros(m), "imputation": torch.full((m,), 0.5)}
+    g = torch.full((m,), 0.5)
+    out = {"logit": torch.zeros(m), "imputation": g, "imputation_logit": g}
     truth = err_true.mean().item()
     weighted = DRJointLearning("rating", clip=1e-6)(out, batch)["loss_pred"].item()
     assert abs(weighted - truth) < 0.05 * truth

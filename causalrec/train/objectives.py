@@ -144,8 +144,9 @@ class DRJointLearning:
     label_fit_weight: float = 1.0
 
     def __call__(self, out: dict, batch: dict) -> dict:
-        if "imputation" not in out:
-            raise KeyError("DR joint learning needs a model built with imputation=True (output 'imputation')")
+        if "imputation" not in out or "imputation_logit" not in out:
+            raise KeyError("DR joint learning needs a model built with imputation=True "
+                           "(outputs 'imputation' and 'imputation_logit')")
         y = target_of(batch, self.task)
         o = observed_mask(batch, y)
         of = o.float()
@@ -161,10 +162,7 @@ class DRJointLearning:
         l_imp = (of * (e.detach() - e_hat_imp) ** 2 * w).sum() / o.sum().clamp(min=1)
         parts = {"loss_pred": l_pred, "loss_imputation": l_imp}
         if self.label_fit_weight:
-            g_logit = out.get("imputation_logit")
-            if g_logit is None:  # a probability for click tasks: back to its logit
-                g_logit = g if self.task == "rating" else torch.logit(g.clamp(1e-6, 1 - 1e-6))
-            l_fit = (of * pointwise_loss(g_logit, y0, self.task) * w).sum() / o.sum().clamp(min=1)
+            l_fit = (of * pointwise_loss(out["imputation_logit"], y0, self.task) * w).sum() / o.sum().clamp(min=1)
             parts["loss_label_fit"] = l_fit
             l_imp = l_imp + self.label_fit_weight * l_fit
         return {"loss": l_pred + self.imputation_weight * l_imp, **parts}
