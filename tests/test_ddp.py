@@ -1,7 +1,10 @@
-"""Data parallelism is exact: two DDP workers (gloo, CPU), each on half of every batch, end with
-the parameters one process reaches on the whole batches, with the DDP options the training
-loop uses (``DDP_OPTIONS``: gradients as views into the all-reduce buckets, re-pointed after
-``zero_grad(set_to_none=True)``). A stale or doubly-counted gradient would show up here."""
+"""Data parallelism is exact when the workers' objective denominators agree: two DDP workers (gloo,
+CPU), each on half of every batch of fully observed rows under the naive objective (so each half
+holds the same number of observed rows), end with the parameters one process reaches on the whole
+batches, with the DDP options the training loop uses (``DDP_OPTIONS``: gradients as views into the
+all-reduce buckets, re-pointed after ``zero_grad(set_to_none=True)``). A stale or doubly-counted
+gradient would show up here. With unequal observed counts (or weight sums, for the self-normalised
+objectives) per worker DDP's mean of per-worker losses is not the whole-batch loss (step.py)."""
 from __future__ import annotations
 
 import os
@@ -90,5 +93,6 @@ def test_two_ddp_workers_on_half_batches_match_one_process_on_whole_batches():
     init = build_model(MC).state_dict()
     for k, v in single.items():
         np.testing.assert_allclose(state[k], v.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
-        moved = max(moved, float((v - init[k]).abs().max()))
+        if v.is_floating_point():  # not the known-id masks (bool buffers)
+            moved = max(moved, float((v - init[k]).abs().max()))
     assert moved > 1e-3  # the runs trained: equal because of the same updates, not because none

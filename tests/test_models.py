@@ -282,3 +282,90 @@ def test_sdpa_kernel_order_is_a_no_op_on_cpu_and_the_model_still_trains(minilm):
     assert isinstance(sdpa_priority(torch.device("cuda"), "default"), contextlib.nullcontext)
 
 
+
+
+def test_ids_training_never_reached_are_looked_up_as_the_unknown_row(minilm):
+    """Rows sized by id_index but without a training row (set_known_ids) score like an unseen id (-1):
+    MF, the imputation model, the two-tower's forward / bulk path / history, the cross-encoder."""
+    from causalrec.models.mf import set_known_ids
+
+    torch.manual_seed(0)
+    users = torch.tensor([True, True, False])
+    items = torch.tensor([True, False, True, True, False])
+    known = {"user": users, "item": items, "imputation_user": users, "imputation_item": ~items}
+    mf = build_model(mf_config(imputation=True)).eval()
+    set_known_ids(mf, known)
+    with torch.no_grad():
+        cold = mf({"user_idx": torch.tensor([2, 0, 0]), "item_idx": torch.tensor([0, 1, 4])})
+        unk = mf({"user_idx": torch.tensor([3, 0, 0]), "item_idx": torch.tensor([0, 5, 5])})
+        warm = mf({"user_idx": torch.tensor([0]), "item_idx": torch.tensor([2])})
+    torch.testing.assert_close(cold["logit"], unk["logit"])
+    assert not torch.allclose(unk["imputation"][1:], cold["imputation"][1:])  # own masks: items 1, 4 known there
+    assert mf.ids.user_known.tolist() == [True, True, False, True]  # the unknown row itself stays known
+
+    for kind in ("two_tower", "cross_encoder"):
+        mc = {"model": kind, "n_users": 3, "n_items": 5, "dim": 8, "history_len": 2, "encoder_path": minilm,
+              "max_seq_len": 16, "freeze_layers": -1}
+        model = build_model(mc).eval()
+        set_known_ids(model, known)
+        f = Featurizer(mc)
+        frame = pd.DataFrame({"user_idx": [2, 0], "item_idx": [1, 4], "user_text": ["likes wool"] * 2,
+                              "item_text": ["wool coat", "red jacket"], "history_item_idx": [[0, 1], [1, 4]]})
+        unseen = frame.assign(user_idx=[-1, 0], item_idx=[-1, -1], history_item_idx=[[0], []])
+        with torch.no_grad():
+            torch.testing.assert_close(model(f(frame))["logit"], model(f(unseen))["logit"])
+            if kind == "two_tower":  # the bulk path scoring uses
+                b = f(frame)
+                uv, iv = model.encode_users(b), model.encode_items(b)
+                torch.testing.assert_close(model.score(uv, iv, b["user_idx"], b["item_idx"])["logit"],
+                                           model(f(unseen))["logit"])
+    with pytest.raises(ValueError, match="3 ids"):
+        set_known_ids(mf, {"user": [True, True], "item": items})
+
+
+def test_known_id_masks_are_saved_and_old_checkpoints_load_all_known(tmp_path):
+    """The masks travel in model.safetensors; a checkpoint saved before they existed loads with
+    every id known (as it was trained and scored), but any other missing weight still fails."""
+    from safetensors.torch import load_file, save_file
+
+    from causalrec.models.mf import set_known_ids
+
+    mc = mf_config(imputation=True)
+    model = build_model(mc)
+    set_known_ids(model, {"user": [True, False, True], "item": [False, True, True, True, True]})
+    save_checkpoint(tmp_path / "ck", model, mc, {})
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    assert loaded.ids.user_known.tolist() == [True, False, True, True]
+    assert loaded.imputation.ids.item_known.tolist() == [False, True, True, True, True, True]
+
+    weights = tmp_path / "ck" / "model.safetensors"
+    sd = load_file(str(weights))
+    save_file({k: v for k, v in sd.items() if not k.endswith("_known")}, str(weights))
+    old, _, _ = load_checkpoint(tmp_path / "ck")
+    assert all(old.ids.user_known) and all(old.imputation.ids.item_known)
+    torch.testing.assert_close(old.ids.user.weight, model.ids.user.weight)
+    save_file({k: v for k, v in sd.items() if k != "ids.user_bias.weight"}, str(weights))
+    with pytest.raises(RuntimeError, match="ids.user_bias.weight"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_frozen_encoder_runs_in_eval_mode_so_the_cache_holds_clean_vectors(minilm):
+    """train_step calls model.train(); a fully frozen encoder must still encode without dropout, or
+    the text cache would keep one noisy draw per text for good (and differ from scoring)."""
+    mc = {"model": "two_tower", "n_users": 3, "n_items": 5, "dim": 8, "history_len": 0, "encoder_path": minilm,
+          "max_seq_len": 8, "freeze_layers": -1, "id_dropout": 0.0}
+    torch.manual_seed(0)
+    model = build_model(mc)
+    assert model.encoder.config.hidden_dropout_prob > 0
+    model.train()
+    assert model.training and not model.encoder.training
+    b = Featurizer(mc)(rows())
+    model(b)  # a training forward fills the cache
+    clean = build_model({**mc, "cache_frozen_text": False}).eval()
+    clean.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(b["item_input_ids"], b["item_attention_mask"]),
+                                   clean.encode_text(b["item_input_ids"], b["item_attention_mask"]))
+    # a partly trainable encoder keeps its dropout in training
+    partial = build_model({**mc, "freeze_layers": 2}).train()
+    assert partial.encoder.training

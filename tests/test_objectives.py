@@ -180,3 +180,28 @@ def test_build_objective_by_name():
     assert build_objective("ips", clip=0.05).clip == 0.05
     with pytest.raises(ValueError, match="unknown objective"):
         build_objective("magic")
+
+
+def test_ddp_mean_of_worker_losses_matches_whole_batch_only_for_equal_counts():
+    """What DDP computes (the mean of the workers' gradients, each loss normalised by its own half)
+    equals the whole-batch gradient when each half holds as many observed rows (naive, IPS), and
+    not otherwise, nor for SNIPS whose weight sums differ: the condition step.py documents."""
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    logit = torch.randn(n, generator=g, requires_grad=True)
+    label = torch.randn(n, generator=g) + 1
+    p = torch.rand(n, generator=g) * 0.5 + 0.05
+
+    def gap(obj, observed) -> float:
+        batch = {"label": torch.where(observed > 0, label, torch.full_like(label, NAN)), "observed": observed,
+                 "exposure_propensity": p}
+        (whole,) = torch.autograd.grad(obj({"logit": logit}, batch)["loss"], logit)
+        halves = [torch.autograd.grad(obj({"logit": logit[s]}, {k: v[s] for k, v in batch.items()})["loss"], logit)[0]
+                  for s in (slice(0, n // 2), slice(n // 2, n))]
+        return float(((halves[0] + halves[1]) / 2 - whole).abs().max())
+
+    equal = torch.tensor([1.0, 1, 1, 0, 1, 0, 1, 1] * 2)  # 6 observed rows in each half
+    unequal = torch.tensor([1.0] * 8 + [1, 0, 0, 0, 1, 0, 0, 0])  # 8 and 2
+    for obj in (Naive("rating"), IPS("rating", 0.05)):
+        assert gap(obj, equal) < 1e-6 and gap(obj, unequal) > 1e-3
+    assert gap(SNIPS("rating", 0.05), equal) > 1e-3

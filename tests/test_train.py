@@ -122,6 +122,20 @@ def test_mf_two_workers_loss_falls_and_resumes(ray_local, train_cfg):
     assert [e["train_loss"] for e in straight] == pytest.approx([e["train_loss"] for e in resumed], rel=1e-6)
     assert [e["valid_metric"] for e in straight] == pytest.approx([e["valid_metric"] for e in resumed], rel=1e-6)
 
+    # resuming a finished run (epoch 5 of 5) trains nothing and records it, instead of failing
+    done_ckpt = sorted(Path(cfg.checkpoint_dir, latest_train_run(cfg)["run_id"]).glob("epoch_*"))[-1]
+    cfg.train.resume_from = str(done_ckpt)
+    run(Context(cfg))
+    assert [e["epoch"] for e in _epochs(latest_train_run(cfg))] == [0, 1, 2, 3, 4]
+    # every recorded checkpoint is the one of the run's recorded best epoch
+    from deltalake import DeltaTable
+
+    runs = DeltaTable(cfg.table_path("train_runs")).to_pandas()
+    assert len(runs) == 4
+    for _, r in runs.iterrows():
+        meta = json.loads((Path(r["checkpoint_path"]) / "meta.json").read_text())
+        assert meta["metrics"]["epoch"] == r["best_epoch"] == meta["train_state"]["best_epoch"]
+
 
 def test_minilm_two_tower_two_workers(ray_local, train_cfg):
     from causalrec.context import Context
@@ -235,3 +249,141 @@ def test_tune_optuna_asha_picks_and_records_values(ray_local, train_cfg):
     _, mc, meta = load_checkpoint(row["checkpoint_path"])
     assert mc["dim"] == tuned["embedding_dim"]
     assert meta["hyperparameters"]["learning_rate"] == tuned["learning_rate"]
+
+
+def test_table_stats_marks_the_ids_training_reaches(cfg):
+    """Catalogue ids (id_index) with no observed train row are not 'known'; DR-JL's prediction model
+    also learns from the unobserved rows, its imputation model does not."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from causalrec.schemas import ID_INDEX
+    from causalrec.train.job import known_ids, table_stats
+
+    base = synthetic_examples(n_users=6, n_items=8, n_train=1, n_valid=0).iloc[0].to_dict()
+    rows = [("train", 0, 0, 1), ("train", 1, 1, 1), ("train", 2, 2, 0), ("train", 0, 3, 1), ("valid", 3, 4, 1)]
+    df = pd.DataFrame([{**base, "split": s, "user_idx": u, "item_idx": i, "observed": o, "label": 3.0 if o else None}
+                       for s, u, i, o in rows])
+    table = pa.Table.from_pandas(df[TRAINING_EXAMPLES.names], schema=TRAINING_EXAMPLES.arrow_schema(),
+                                 preserve_index=False)
+    write_deltalake(cfg.table_path("training_examples"), table, partition_by=["split"])
+    ids = pd.DataFrame({"kind": ["user"] * 5 + ["item"] * 6, "id": [f"x{k}" for k in range(11)],
+                        "idx": list(range(5)) + list(range(6))})
+    write_deltalake(cfg.table_path("id_index"), pa.Table.from_pandas(ids, schema=ID_INDEX.arrow_schema(),
+                                                                     preserve_index=False))
+    stats = table_stats(cfg)
+    assert (stats["shape"]["n_users"], stats["shape"]["n_items"]) == (5, 6)
+    ips = known_ids(stats["known"], "ips")
+    assert ips["user"].tolist() == [True, True, False, False, False]  # 2: unobserved only; 3: valid only
+    assert ips["item"].tolist() == [True, True, False, True, False, False]
+    dr = known_ids(stats["known"], "dr_jl")
+    assert dr["user"].tolist() == [True, True, True, False, False]
+    assert dr["item"].tolist() == [True, True, True, True, False, False]
+    assert dr["imputation_item"].tolist() == ips["item"].tolist()
+
+
+def test_fit_local_scores_items_without_training_rows_from_the_unknown_row():
+    """An id_index item that has no training row scores exactly like an unseen (-1) item."""
+    from causalrec.train.local import fit_local, predict_frame
+
+    df = synthetic_examples(n_users=10, n_items=12, n_train=200, n_valid=0)
+    train = df[(df["observed"] == 1) & (df["item_idx"] < 10)].reset_index(drop=True)
+    mc = {"model": "mf", "task": "rating", "n_users": 10, "n_items": 12, "dim": 4, "global_bias": 3.0}
+    known = {"user": np.isin(np.arange(10), train["user_idx"]), "item": np.isin(np.arange(12), train["item_idx"])}
+    assert not known["item"][10:].any()
+    fit = fit_local(mc, "naive", train, train, epochs=2, batch_size=32, known_ids=known)
+    q = pd.DataFrame({"user_idx": [0, 0, 0], "item_idx": [10, 11, -1]})
+    rel = predict_frame(fit["model"], mc, q)["relevance"]
+    assert rel[0] == rel[1] == rel[2]
+
+
+def test_tune_trials_are_validated_with_one_clip(monkeypatch, cfg):
+    """Searched ips_clip changes the training objective only; validation keeps train.ips_clip."""
+    import causalrec.train.local as local
+    from causalrec.train.job import loop_config_from
+    from causalrec.train.local import fit_local
+    from causalrec.train.tune import _trial, apply_params
+
+    cfg.train.ips_clip = 0.02
+    lc = loop_config_from(cfg, {"model": "mf", "n_users": 10, "n_items": 12, "dim": 4}, "ips", "ips")
+    assert lc["valid_clip"] == 0.02
+    tuned = apply_params(lc, {"ips_clip": 0.1})
+    assert (tuned["clip"], tuned["valid_clip"]) == (0.1, 0.02)
+
+    seen = {}
+    monkeypatch.setattr(local, "fit_local", lambda *a, **kw: seen.update(kw))
+    _trial({"ips_clip": 0.1}, {**lc, "known_ids": {"user": [True] * 10, "item": [True] * 12}}, None, None)
+    assert (seen["clip"], seen["valid_clip"]) == (0.1, 0.02) and len(seen["known_ids"]["item"]) == 12
+
+    # fit_local validates with valid_clip: two clips, no learning (lr 0), one metric
+    df = synthetic_examples(n_users=10, n_items=12, n_train=80, n_valid=60)
+    train, valid = df[df["split"] == "train"], df[df["split"] == "valid"]
+    valid = valid.assign(exposure_propensity=np.linspace(0.005, 0.3, len(valid)))
+    mc = {"model": "mf", "task": "rating", "n_users": 10, "n_items": 12, "dim": 4, "global_bias": 3.0}
+    runs = {c: fit_local(mc, "ips", train, valid, epochs=1, lr=0.0, clip=c, valid_clip=0.02)["history"][0]
+            for c in (0.01, 0.1)}
+    assert runs[0.01]["valid_metric"] == runs[0.1]["valid_metric"]
+    own = fit_local(mc, "ips", train, valid, epochs=1, lr=0.0, clip=0.1)["history"][0]
+    assert own["valid_metric"] != runs[0.1]["valid_metric"]  # the clip does move the metric
+
+
+def test_resumed_runs_record_the_best_epochs_checkpoint(tmp_path):
+    """After resume_from the new run holds only later epochs: the state remembers the older best
+    epoch's folder, and the job records that checkpoint, not the best of the new run."""
+    from causalrec.train.job import best_checkpoint
+    from causalrec.train.loop_state import early_stopping_update, initial_state, resumed_in_new_run
+
+    old_run = tmp_path / "run-a"
+    for e in range(3):
+        (old_run / f"epoch_{e:04d}").mkdir(parents=True)
+    state = initial_state()
+    for e, v in enumerate([2.0, 1.0, 1.5]):
+        early_stopping_update(state, e, v, 0)
+    state["epoch"] = 3
+    resumed_in_new_run(state, str(old_run / "epoch_0002") + "/")
+    assert state["best_checkpoint"] == str(old_run / "epoch_0001")
+    resumed_in_new_run(state, str(tmp_path / "run-b" / "epoch_0004"))  # a resume of the resume keeps it
+    assert state["best_checkpoint"] == str(old_run / "epoch_0001")
+
+    class Ckpt:
+        def __init__(self, path):
+            self.path = path
+
+    class Result:  # the new run: epochs 3 and 4, both worse than epoch 1
+        best_checkpoints = [(Ckpt("b/epoch_0003"), {"epoch": 3, "valid_metric": 1.2}),
+                            (Ckpt("b/epoch_0004"), {"epoch": 4, "valid_metric": 1.3})]
+        checkpoint = best_checkpoints[-1][0]
+
+        def get_best_checkpoint(self, metric, mode):
+            return self.best_checkpoints[0][0]
+
+    for e, v in ((3, 1.2), (4, 1.3)):
+        early_stopping_update(state, e, v, 0)
+    ckpt, epoch = best_checkpoint(Result(), state)
+    assert (ckpt.path, epoch) == (str(old_run / "epoch_0001"), 1)
+    early_stopping_update(state, 5, 0.5, 0)  # an improvement in this run: its own checkpoint
+    assert state["best_checkpoint"] is None
+    Result.best_checkpoints.append((Ckpt("b/epoch_0005"), {"epoch": 5, "valid_metric": 0.5}))
+    assert best_checkpoint(Result(), state)[0].path == "b/epoch_0005"
+    # no validation metric at all: Ray's best (by train loss), epoch unknown as before
+    assert best_checkpoint(Result(), initial_state()) == (Result.best_checkpoints[0][0], -1)
+
+
+def test_epoch_rng_depends_on_seed_and_epoch_only():
+    """Each epoch reseeds torch, so a resumed run (fresh process, different draws before) makes the
+    same id-dropout draws in epoch 3 as an uninterrupted one."""
+    import torch
+
+    from causalrec.train.loop_state import epoch_seed
+
+    torch.manual_seed(42)
+    for epoch in range(3):  # the uninterrupted run's earlier epochs
+        torch.manual_seed(epoch_seed(42, epoch))
+        torch.rand(1000)
+    torch.manual_seed(epoch_seed(42, 3))
+    straight = torch.rand(8)
+    torch.manual_seed(42)  # the resumed process: model built, nothing else drawn
+    torch.rand(7)
+    torch.manual_seed(epoch_seed(42, 3))
+    assert torch.equal(torch.rand(8), straight)
+    assert len({epoch_seed(s, e) for s in (42, 43) for e in range(5)}) == 10

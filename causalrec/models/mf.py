@@ -4,8 +4,16 @@
 (``n_items``) of each table is the *unknown* row that ids unseen in training
 (index -1 from the featurizer) map to, so scoring never indexes out of range;
 for MF an unknown id scores from the biases it has (the global bias).
+
+An id can have a row and still be unseen in training: the rows are sized by ``id_index``
+(the whole catalogue, and ids that occur only in valid/test), so some rows never get a
+gradient and keep their random start. :func:`set_known_ids` marks which rows training
+reaches (``user_known`` / ``item_known``, saved with the weights); every lookup sends
+the others to the unknown row, which text models train by id dropout.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -14,7 +22,12 @@ from causalrec.models.heads import Heads
 
 
 class IdEmbeddings(nn.Module):
-    """User and item embeddings + biases with one extra 'unknown' row each."""
+    """User and item embeddings + biases with one extra 'unknown' row each.
+
+    ``user_known`` / ``item_known`` (bool, one per row, all True until :func:`set_known_ids`):
+    rows that are False are looked up as the unknown row, so an id training never reached
+    is scored like an unseen one instead of from its untrained random row.
+    """
 
     def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.1):
         super().__init__()
@@ -31,8 +44,26 @@ class IdEmbeddings(nn.Module):
         with torch.no_grad():
             self.user.weight[n_users].zero_()
             self.item.weight[n_items].zero_()
+        self.register_buffer("user_known", torch.ones(n_users + 1, dtype=torch.bool))
+        self.register_buffer("item_known", torch.ones(n_items + 1, dtype=torch.bool))
+
+    def set_known(self, user_known, item_known) -> None:
+        """Mark the rows training reaches (bool per id, length n_users / n_items); the unknown row stays known."""
+        for buf, known in ((self.user_known, user_known), (self.item_known, item_known)):
+            known = torch.as_tensor(known, dtype=torch.bool).flatten()
+            if known.numel() != buf.numel() - 1:
+                raise ValueError(f"known-id mask has {known.numel()} entries for {buf.numel() - 1} ids")
+            buf[:-1] = known.to(buf.device)
+            buf[-1] = True
+
+    def user_rows(self, user_idx: torch.Tensor) -> torch.Tensor:
+        return user_idx.masked_fill(~self.user_known[user_idx], self.n_users)
+
+    def item_rows(self, item_idx: torch.Tensor) -> torch.Tensor:
+        return item_idx.masked_fill(~self.item_known[item_idx], self.n_items)
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor):
+        user_idx, item_idx = self.user_rows(user_idx), self.item_rows(item_idx)
         u, i = self.user(user_idx), self.item(item_idx)
         bias = self.user_bias(user_idx).squeeze(-1) + self.item_bias(item_idx).squeeze(-1)
         return u, i, bias
@@ -78,3 +109,24 @@ class ImputationMF(nn.Module):
         logit = ((u * i).sum(-1) + bias + self.global_bias).float()
         value = torch.sigmoid(logit) if self.task == "click" else logit
         return {"imputation_logit": logit, "imputation": value}
+
+
+def set_known_ids(model: nn.Module, known: Optional[dict]) -> None:
+    """Mark the ids training reaches on every id table of ``model`` (None: leave all known).
+
+    ``known``: ``user`` / ``item`` bool masks for the prediction model and, when its own
+    objective trains it on fewer rows (DR-JL's imputation model sees observed rows only),
+    ``imputation_user`` / ``imputation_item``.
+    """
+    if not known:
+        return
+    model.ids.set_known(known["user"], known["item"])
+    imputation = getattr(model, "imputation", None)
+    if imputation is not None:
+        imputation.ids.set_known(known.get("imputation_user", known["user"]),
+                                 known.get("imputation_item", known["item"]))
+
+
+def known_buffer_names(model: nn.Module) -> list[str]:
+    """The known-id masks' state-dict names: constant while training, so DDP need not broadcast them."""
+    return [name for name, _ in model.named_buffers() if name.endswith(("user_known", "item_known"))]

@@ -3,8 +3,9 @@
 Why text: ids say nothing about an item nobody has interacted with yet; its title
 and description do. Both forms below combine the encoder's view of the text with
 id embeddings (which memorise what text cannot) and numeric features, and both
-map unseen ids (-1) to a learned *unknown* row, trained by randomly dropping ids
-(``id_dropout``), so cold items are scored from text alone.
+map unseen ids (-1, and ids with a row that training never reached, see
+:func:`causalrec.models.mf.set_known_ids`) to a learned *unknown* row, trained by
+randomly dropping ids (``id_dropout``), so cold items are scored from text alone.
 
 * :class:`TwoTower` - user tower (user/history text, user id, mean of history item
   embeddings, numeric features) and item tower (item text, item id) meet in an
@@ -191,6 +192,14 @@ class _TextBase(nn.Module):
         self.imputation = (ImputationMF(self.n_users, self.n_items, max(4, self.dim // 2), mc.get("task", "rating"),
                                         float(mc.get("global_bias", 0.0))) if mc.get("imputation") else None)
 
+    def train(self, mode: bool = True):
+        """A fully frozen encoder stays in eval mode: it is a fixed feature extractor, so training
+        sees (and the text cache stores) the same dropout-free vectors scoring computes."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.encoder.parameters()):
+            self.encoder.train(False)
+        return self
+
     def _impute(self, batch, out: dict) -> dict:
         if self.imputation is not None:
             out.update(self.imputation(batch))
@@ -282,11 +291,13 @@ class TwoTower(_TextBase):
     def encode_users(self, batch: dict[str, torch.Tensor], user_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         user_idx = batch["user_idx"] if user_idx is None else user_idx
         text = self.encode_text(batch["user_input_ids"], batch["user_attention_mask"])
-        u = self.ids.user(user_idx)
+        u = self.ids.user(self.ids.user_rows(user_idx))
         hist = batch.get("history_item_idx")
         if hist is not None and hist.numel():
-            valid = (hist >= 0).unsqueeze(-1).to(u.dtype)
-            emb = self.ids.item(hist.clamp(min=0))
+            # history items training never reached count as padding, like ids outside the vocabulary
+            rows = hist.clamp(min=0)
+            valid = ((hist >= 0) & self.ids.item_known[rows]).unsqueeze(-1).to(u.dtype)
+            emb = self.ids.item(rows)
             hvec = (emb * valid).sum(1) / valid.sum(1).clamp(min=1.0)
         else:
             hvec = torch.zeros_like(u)
@@ -299,7 +310,7 @@ class TwoTower(_TextBase):
     def encode_items(self, batch: dict[str, torch.Tensor], item_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         item_idx = batch["item_idx"] if item_idx is None else item_idx
         text = self.encode_text(batch["item_input_ids"], batch["item_attention_mask"])
-        i = self.ids.item(item_idx)
+        i = self.ids.item(self.ids.item_rows(item_idx))
         return self._with_text(self.item_proj(torch.cat([text.to(i.dtype), i], -1)), text)
 
     def text_match_logit(self, user_text: torch.Tensor, item_text: torch.Tensor) -> torch.Tensor:
@@ -307,6 +318,7 @@ class TwoTower(_TextBase):
         return self.text_scale * (user_text.float() * item_text.float()).sum(-1)
 
     def score(self, user_vec, item_vec, user_idx, item_idx) -> dict[str, torch.Tensor]:
+        user_idx, item_idx = self.ids.user_rows(user_idx), self.ids.item_rows(item_idx)
         offset = self.ids.user_bias(user_idx).squeeze(-1) + self.ids.item_bias(item_idx).squeeze(-1) + self.global_bias
         user_vec, user_text = self.split_vectors(user_vec)
         item_vec, item_text = self.split_vectors(item_vec)

@@ -59,8 +59,6 @@ def save_checkpoint(directory, model: torch.nn.Module, model_config: dict, meta:
 
 def load_checkpoint(directory, map_location: str = "cpu"):
     """``-> (model, model_config, meta)``: the model rebuilt from its config with the saved weights."""
-    from safetensors.torch import load_model
-
     from causalrec.models import build_model
 
     d = Path(directory)
@@ -77,9 +75,28 @@ def load_checkpoint(directory, map_location: str = "cpu"):
     if (d / TOKENIZER_DIR).is_dir():
         mc["tokenizer_path"] = str(d / TOKENIZER_DIR)
     model = build_model(build_cfg)
-    load_model(model, str(d / WEIGHTS), strict=True, device=map_location)
+    load_weights(model, d / WEIGHTS, device=map_location)
     model.eval()
     return model, mc, meta
+
+
+# buffers newer than some checkpoints: a checkpoint without them keeps the built model's values
+OPTIONAL_WEIGHTS = ("user_known", "item_known")
+
+
+def load_weights(model: torch.nn.Module, path, device: str = "cpu") -> None:
+    """Strict safetensors load, except that the known-id masks may be missing.
+
+    Checkpoints saved before :func:`causalrec.models.mf.set_known_ids` existed have no masks;
+    their model then keeps its own (all ids known: the lookups they were trained and scored with).
+    """
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, str(path), strict=False, device=device)
+    missing = sorted(k for k in missing if not k.endswith(OPTIONAL_WEIGHTS))
+    if missing or unexpected:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__} from {path}: "
+                           f"missing keys {missing}, unexpected keys {sorted(unexpected)}")
 
 
 def saved_model_config(directory) -> dict:

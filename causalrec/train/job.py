@@ -55,6 +55,7 @@ def loop_config_from(cfg, model_config: dict, valid_mode: str, objective: str | 
     threads = t.torch_threads or max(1, int(round(t.cpus_per_worker)))
     return {
         "model_config": model_config, "objective": objective or t.objective, "task": t.task, "clip": t.ips_clip,
+        "valid_clip": t.ips_clip,  # one validation metric for every Tune trial, whatever clip it trains with
         "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.learning_rate, "encoder_lr": t.encoder_lr,
         "weight_decay": t.weight_decay, "patience": t.early_stopping_patience, "valid_mode": valid_mode,
         "bf16": t.bf16, "prefetch_batches": t.prefetch_batches, "torch_threads": threads, "seed": cfg.project.seed,
@@ -71,7 +72,9 @@ def table_stats(cfg) -> dict:
 
     n_users / n_items come from ``id_index`` when present (so ids that only occur in valid/test
     still get rows), else from the largest index in training_examples; also the feature width, the
-    observed-label mean (the global bias the model starts from) and the row counts per split.
+    observed-label mean (the global bias the model starts from), the row counts per split and
+    ``known``: which ids the train split's observed rows (``observed``) and all its rows (``all``)
+    hold, as bool masks per id (:func:`known_ids`).
     """
     import numpy as np
     import pyarrow.compute as pc
@@ -84,6 +87,7 @@ def table_stats(cfg) -> dict:
     max_u = max_i = -1
     n = {"train": 0, "valid": 0}
     lab_sum, lab_n, n_valid_mcar, n_features = 0.0, 0, 0, None
+    seen = {"observed": {}, "all": {}}
     for split in ("train", "valid"):
         scan = ds.scanner(columns=["user_idx", "item_idx", "observed", label, "is_mcar"],
                           filter=pads.field("split") == split)
@@ -98,6 +102,8 @@ def table_stats(cfg) -> dict:
                 vals = pc.filter(b.column(label), obs)
                 lab_sum += float(pc.sum(vals).as_py() or 0.0)
                 lab_n += len(vals) - vals.null_count
+                _mark_ids(seen["observed"], b, pc.and_(obs, pc.is_valid(b.column(label))))
+                _mark_ids(seen["all"], b)
             else:
                 n_valid_mcar += int(pc.sum(pc.and_(obs, pc.fill_null(b.column("is_mcar"), False))).as_py() or 0)
     head = ds.head(64, columns=["features"], filter=pads.field("split") == "train").column("features").to_pylist()
@@ -113,8 +119,52 @@ def table_stats(cfg) -> dict:
     if cfg.train.task == "click":
         p = min(max(mean, 1e-4), 1 - 1e-4)
         mean = float(np.log(p / (1 - p)))
+    known = {rows: {kind: _mask(ids.get(f"{kind}_idx"), size) for kind, size in (("user", n_users), ("item", n_items))}
+             for rows, ids in seen.items()}
     return {"shape": {"n_users": n_users, "n_items": n_items, "n_features": n_features, "global_bias": float(mean)},
-            "rows": n, "valid_mcar_rows": n_valid_mcar}
+            "rows": n, "valid_mcar_rows": n_valid_mcar, "known": known}
+
+
+def _mark_ids(seen: dict, batch, rows=None) -> None:
+    """``seen[col][id] = True`` for the ids in ``batch`` (``rows``: a boolean filter), growing the arrays."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    for col in ("user_idx", "item_idx"):
+        ids = batch.column(col) if rows is None else pc.filter(batch.column(col), rows)
+        a = ids.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+        a = a[a >= 0]
+        if not a.size:
+            continue
+        have = seen.get(col, np.zeros(0, dtype=bool))
+        if a.max() >= have.size:
+            have = np.concatenate([have, np.zeros(max(int(a.max()) + 1, 2 * have.size) - have.size, dtype=bool)])
+        have[a] = True
+        seen[col] = have
+
+
+def _mask(seen, size: int):
+    import numpy as np
+
+    out = np.zeros(size, dtype=bool)
+    if seen is not None:
+        k = min(size, seen.size)
+        out[:k] = seen[:k]
+    return out
+
+
+def known_ids(known: dict, objective: str) -> dict:
+    """The ids training with ``objective`` reaches (:func:`causalrec.models.mf.set_known_ids`).
+
+    The losses weigh observed rows only, except DR-JL's imputed term, which trains the
+    prediction model on every row (its imputation model still sees observed rows only).
+    """
+    from causalrec.train.objectives import trains_on_unobserved
+
+    observed = known["observed"]
+    if not trains_on_unobserved(objective):
+        return dict(observed)
+    return {**known["all"], "imputation_user": observed["user"], "imputation_item": observed["item"]}
 
 
 def resolve_valid_mode(cfg, valid_mcar_rows: int) -> str:
@@ -190,6 +240,7 @@ def _run_one(ctx, objective: str | None) -> dict:
         ctx.log_rows("training_examples[valid]", n_valid, "in")
     mc = model_config_from(cfg, **shape)
     loop_config = loop_config_from(cfg, mc, valid_mode, objective)
+    loop_config["known_ids"] = known_ids(stats["known"], loop_config["objective"])
     tuned = None
     if cfg.train.tune_trials > 0 and objective is None:
         from causalrec.train.tune import tune_hyperparameters
@@ -219,20 +270,18 @@ def _run_one(ctx, objective: str | None) -> dict:
         result = trainer.fit()
     if result.error:
         raise result.error
-    best = result.get_best_checkpoint(metric="valid_metric", mode="min") or result.checkpoint
-    if best is None:
+    if result.checkpoint is None:
         raise RuntimeError(f"training run {run_id} reported no checkpoint")
     # the full per-epoch history (including epochs before a resume) travels in the checkpoint's meta
-    latest = result.checkpoint or best
-    with latest.as_directory() as d:
+    with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, "meta.json")) as f:
             state = json.load(f)["train_state"]
+    best, best_epoch = best_checkpoint(result, state)
     history = state["history"]
     metrics = {"epochs": [{k: _jsonable(r.get(k)) for k in ("epoch", "train_loss", "valid_metric", "valid_rows")}
                           for r in history],
                "valid_mode": valid_mode, "stopped_early": state.get("stopped_early", False),
                "final": {k: _jsonable(v) for k, v in (result.metrics or {}).items()}}
-    best_epoch = state.get("best_epoch")
     hyper = dict(loop_config["hyperparameters"])
     if tuned:
         hyper["tuned"] = tuned["best"]
@@ -247,6 +296,33 @@ def _run_one(ctx, objective: str | None) -> dict:
     return {"run_id": run_id, "checkpoint_path": best.path, "valid_mode": valid_mode, "train_rows": n_train,
             "valid_rows": n_valid, "best_epoch": row["best_epoch"], "best_valid_metric": _jsonable(
                 state.get("best_valid")), "epochs": len(history)}
+
+
+def best_checkpoint(result, state: dict):
+    """``(checkpoint, epoch)``: the checkpoint of the epoch the train state records as best.
+
+    Ray ranks only the checkpoints of this run; after ``resume_from`` the best epoch may be
+    older, and then the state names its folder (:func:`causalrec.train.loop_state.resumed_in_new_run`).
+    Without a validation metric (best epoch -1) Ray's best by ``valid_metric`` (the train loss) is taken.
+    """
+    from ray.train import Checkpoint
+
+    epoch = state.get("best_epoch")
+    kept = list(result.best_checkpoints or [])
+    if epoch is not None and epoch >= 0:
+        for ckpt, m in kept:
+            if m.get("epoch") == epoch:
+                return ckpt, epoch
+        path = state.get("best_checkpoint")
+        if path and os.path.isdir(path):
+            return Checkpoint(path), epoch
+    best = result.get_best_checkpoint(metric="valid_metric", mode="min") or result.checkpoint
+    found = next((m.get("epoch") for ckpt, m in kept if ckpt.path == best.path), None)
+    if epoch is not None and epoch >= 0:
+        log.warning("train: the best epoch %s has no checkpoint left (%s); recording epoch %s's", epoch,
+                    state.get("best_checkpoint"), found)
+        return best, found
+    return best, epoch
 
 
 def _jsonable(v):

@@ -18,6 +18,7 @@ import torch
 
 from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
+from causalrec.models.mf import set_known_ids
 from causalrec.train.loop_state import early_stopping_update, initial_state
 from causalrec.train.objectives import build_objective
 from causalrec.train.step import make_optimizer, metric_from_totals, train_step, validation_totals
@@ -41,19 +42,25 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
               encoder_lr: Optional[float] = None, clip: float = 0.01, valid_mode: str = "ips", patience: int = 3,
               seed: int = 42, device: str = "cpu", report: Optional[Callable[[dict], None]] = None,
               valid_fn: Optional[Callable[[torch.nn.Module], float]] = None,
-              objective_options: Optional[dict] = None) -> dict:
+              objective_options: Optional[dict] = None, valid_clip: Optional[float] = None,
+              known_ids: Optional[dict] = None) -> dict:
     """Train with early stopping on the unbiased validation error; return the best model and history.
 
     ``valid_fn(model) -> float`` (lower is better), when given, replaces that error as the
     per-epoch validation metric, e.g. minus a ranking metric on a held-out split; then
     ``valid_df`` may be None. ``objective_options``: the objective's own settings
-    (:func:`causalrec.train.objectives.objective_options`).
+    (:func:`causalrec.train.objectives.objective_options`). ``valid_clip``: the IPS clip of the
+    validation metric (default ``clip``); fixed across Tune trials that search ``clip``, so they are
+    ranked by one metric. ``known_ids``: the ids training reaches (:func:`causalrec.models.mf.set_known_ids`).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dev = torch.device(device)
     task = model_config.get("task", "rating")
-    model = build_model(model_config).to(dev)
+    model = build_model(model_config)
+    set_known_ids(model, known_ids)
+    model = model.to(dev)
+    valid_clip = clip if valid_clip is None else valid_clip
     obj = build_objective(objective, task, clip, **(objective_options or {}))
     opt = make_optimizer(model, lr, weight_decay, encoder_lr)
     feat = Featurizer(model_config)
@@ -67,7 +74,8 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
         losses = [train_step(model, obj, b, opt, device=dev)["loss"]
                   for b in batches(train_t, batch_size, rng.permutation(n))]
         if valid_fn is None:
-            totals = validation_totals(model, batches(valid_t, batch_size * 4), task, valid_mode, clip, device=dev)
+            totals = validation_totals(model, batches(valid_t, batch_size * 4), task, valid_mode, valid_clip,
+                                       device=dev)
             valid = metric_from_totals(totals)
         else:
             valid = float(valid_fn(model))

@@ -9,11 +9,15 @@ then computes the *unbiased* validation error on its validation shard and
 all-reduces the sums, so every worker takes the same early-stopping decision.
 Every epoch rank 0 saves a checkpoint (weights, optimizer, model config, epoch
 state) and all workers ``ray.train.report`` the metrics; a restarted run
-(``FailureConfig``) or an explicit ``resume_from`` continues from the next epoch.
+(``FailureConfig``) or an explicit ``resume_from`` continues from the next epoch
+(each epoch reseeds torch from (seed, epoch), so id-dropout draws do not depend on
+where a run was resumed; a resumed run that has nothing left to train reports the
+saved state once, so the job still records it).
 
-``config`` keys: model_config, objective, task, clip, epochs, batch_size, lr,
-encoder_lr, weight_decay, patience, valid_mode (ips | mcar | naive), bf16,
-prefetch_batches, torch_threads, seed, deterministic, resume_from, hyperparameters.
+``config`` keys: model_config, objective, task, clip, valid_clip (the IPS clip of the
+validation metric; default ``clip``), epochs, batch_size, lr, encoder_lr, weight_decay,
+patience, valid_mode (ips | mcar | naive), bf16, prefetch_batches, torch_threads, seed,
+deterministic, resume_from, hyperparameters, known_ids (:func:`causalrec.models.mf.set_known_ids`).
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ from ray.data.collate_fn import PandasBatchCollateFn
 
 from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
-from causalrec.train.checkpoint import architecture_of, load_optimizer_state, save_checkpoint, unwrap
-from causalrec.train.loop_state import early_stopping_update, initial_state
+from causalrec.models.mf import known_buffer_names, set_known_ids
+from causalrec.train.checkpoint import architecture_of, load_optimizer_state, load_weights, save_checkpoint, unwrap
+from causalrec.train.loop_state import (checkpoint_name, early_stopping_update, epoch_seed, initial_state,
+                                        resumed_in_new_run)
 from causalrec.train.objectives import build_objective, objective_options
 from causalrec.train.step import DDP_OPTIONS, make_optimizer, metric_from_totals, train_step, validation_totals
 
@@ -47,9 +53,7 @@ class FeaturizeCollate(PandasBatchCollateFn):
 
 def load_resume_state(directory: str, model: torch.nn.Module) -> dict:
     """Weights into ``model`` and the epoch state from a checkpoint directory."""
-    from safetensors.torch import load_model
-
-    load_model(unwrap(model), os.path.join(directory, "model.safetensors"), strict=True)
+    load_weights(unwrap(model), os.path.join(directory, "model.safetensors"))
     with open(os.path.join(directory, "meta.json")) as f:
         meta = json.load(f)
     state = initial_state()
@@ -68,7 +72,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     bf16 = bool(config.get("bf16", True)) and on_gpu
-    torch.manual_seed(int(config.get("seed", 42)))
+    seed = int(config.get("seed", 42))
+    torch.manual_seed(seed)
     if config.get("deterministic", True):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -90,8 +95,14 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(mc)
     if resume_dir:
         state = load_resume_state(resume_dir, model)
+        if checkpoint is None:  # resume_from: a new run, without the earlier epochs' checkpoints
+            resumed_in_new_run(state, resume_dir)
         if rank == 0:
             print(f"[train] resuming from {resume_dir} at epoch {state['epoch']}", flush=True)
+    set_known_ids(model, config.get("known_ids"))
+    # every worker sets the same masks and they never change: no per-step broadcast
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, known_buffer_names(model))
 
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(DDP_OPTIONS))
     optimizer = make_optimizer(model, float(config.get("lr", 0.01)), float(config.get("weight_decay", 0.0)),
@@ -107,10 +118,23 @@ def train_loop_per_worker(config: dict) -> None:
     valid_mode = config.get("valid_mode", "ips")
     epochs = int(config.get("epochs", 1))
     patience = int(config.get("patience", 0))
+    valid_clip = float(config["valid_clip"] if config.get("valid_clip") is not None else config.get("clip", 0.01))
+    report = dict(rank=rank, model=model, mc=mc, optimizer=optimizer, config=config, valid_mode=valid_mode)
+
+    finished = state["stopped_early"] or state["epoch"] >= epochs
+    if resume_dir and checkpoint is None and state["history"] and finished:
+        last = state["history"][-1]
+        if rank == 0:
+            print(f"[train] {resume_dir} had finished (epoch {state['epoch']} of {epochs}, stopped early: "
+                  f"{state['stopped_early']}); reporting it unchanged", flush=True)
+        _report(int(last["epoch"]), {**last, "best_valid": state["best_valid"], "best_epoch": state["best_epoch"],
+                                     "stopped_early": state["stopped_early"]}, state, **report)
+        return
 
     for epoch in range(int(state["epoch"]), epochs):
         if state["stopped_early"]:
             break
+        torch.manual_seed(epoch_seed(seed, epoch))
         t0 = time.perf_counter()
         total, steps, rows, wait = 0.0, 0, 0, 0.0
         t_fetch = time.perf_counter()
@@ -128,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums = torch.tensor([total, steps, rows], dtype=torch.float64)
         vt = validation_totals(unwrap(model), valid_shard.iter_torch_batches(
             batch_size=batch_size * 4, collate_fn=collate, prefetch_batches=prefetch, pin_memory=on_gpu),
-            task, valid_mode, float(config.get("clip", 0.01)), device=device, bf16=bf16)
+            task, valid_mode, valid_clip, device=device, bf16=bf16)
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
             torch.distributed.all_reduce(vt)
@@ -149,13 +173,22 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[train] epoch {epoch + 1}/{epochs} train_loss={train_loss:.4f} "
                   f"valid({valid_mode})={valid:.4f} best_epoch={state['best_epoch'] + 1} "
                   f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                meta = {"train_state": state, "hyperparameters": config.get("hyperparameters", {}),
-                        "objective": config["objective"], "valid_mode": valid_mode, "metrics": metrics}
-                save_checkpoint(tmp, model, mc, meta, optimizer)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        _report(epoch, metrics, state, **report)
         if stop:
             break
+
+
+def _report(epoch: int, metrics: dict, state: dict, *, rank: int, model, mc: dict, optimizer, config: dict,
+            valid_mode: str) -> None:
+    """Every worker reports the epoch's metrics; rank 0 with the checkpoint (weights, optimizer, state)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = {"train_state": state, "hyperparameters": config.get("hyperparameters", {}),
+                "objective": config["objective"], "valid_mode": valid_mode, "metrics": metrics}
+        save_checkpoint(tmp, model, mc, meta, optimizer)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint_name(epoch))

@@ -247,6 +247,11 @@ def needs_uplift(name: str) -> bool:
     return name == "uplift"
 
 
+def trains_on_unobserved(name: str) -> bool:
+    """Whether the objective's gradient reaches the prediction model on unobserved rows (DR-JL's imputed term)."""
+    return name == "dr_jl"
+
+
 # --------------------------------------------------------------------------- unbiased validation
 
 

@@ -42,7 +42,11 @@ def search_space(objective: str, model: str, text_match: bool = False):
 
 
 def apply_params(loop_config: dict, params: dict) -> dict:
-    """Return a copy of the loop config with the tuned values in place."""
+    """Return a copy of the loop config with the tuned values in place.
+
+    ``ips_clip`` sets the training clip only: ``valid_clip`` stays, so every trial is scored
+    by the same validation estimator (a larger clip would otherwise lower its own error).
+    """
     lc = copy.deepcopy(loop_config)
     if "learning_rate" in params:
         lc["lr"] = float(params["learning_rate"])
@@ -72,6 +76,7 @@ def _trial(params: dict, loop_config: dict, train_df, valid_df):
     fit_local(lc["model_config"], lc["objective"], train_df, valid_df, epochs=lc["epochs"],
               batch_size=lc["batch_size"], lr=lc["lr"], weight_decay=lc["weight_decay"],
               encoder_lr=lc.get("encoder_lr"), clip=lc["clip"], valid_mode=lc["valid_mode"],
+              valid_clip=lc.get("valid_clip"), known_ids=lc.get("known_ids"),
               patience=lc["patience"], seed=lc["seed"], objective_options=objective_options(lc["objective"], lc),
               report=lambda rec: tune.report({"valid_metric": rec["valid_metric"], "train_loss": rec["train_loss"],
                                               "epoch": rec["epoch"]}))
