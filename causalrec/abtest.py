@@ -149,6 +149,12 @@ def analyse(stats: dict, treatment: str, control: str, expected_share: float = 0
             "srm": srm_check(int(t.n), int(c.n), expected_share), "n_treatment": int(t.n), "n_control": int(c.n)}
 
 
+def summary_line(r: dict, treatment: str, control: str, alpha: float) -> str:
+    """One printed result: estimate ± the half-width of its (1 - alpha) interval, labelled with that level."""
+    return (f"{r['method']:<14} {treatment} - {control}: {r['estimate']:+.5f} ± {r['ci_high'] - r['estimate']:.5f} "
+            f"({100 * (1 - alpha):g}% CI; p={r['p_value']:.3g}; variance reduction {r['variance_reduction']:.1%})")
+
+
 def run(ctx) -> dict:
     from causalrec.schemas import ABTEST_RESULTS
 
@@ -190,8 +196,7 @@ def run(ctx) -> dict:
     store.write(df, "abtest_results", mode="overwrite", spec=ABTEST_RESULTS, overwrite_schema=True)
     ctx.log_rows("abtest_results", len(recs))
     for r in recs:
-        print(f"{r['method']:<14} {treatment} - {control}: {r['estimate']:+.5f} ± {1.96 * r['std_err']:.5f} "
-              f"(p={r['p_value']:.3g}; variance reduction {r['variance_reduction']:.1%})")
+        print(summary_line(r, treatment, control, oc.alpha))
     if res["srm"]["mismatch"]:
         print(f"WARNING: sample ratio mismatch (p={res['srm']['p_value']:.2g}): do not trust these estimates")
     return {"run_id": run_id, "treatment": treatment, "control": control, "rows_out": len(recs),

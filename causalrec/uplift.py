@@ -9,7 +9,11 @@ graph) and outcome models ``m_t(x)``, per-row scores are
 * DR / AIPW (Robins, Rotnitzky & Zhao 1994): ``phi = m1 - m0 + T (Y - m1) / e - (1 - T)(Y - m0) / (1 - e)``
 
 and every effect is ``mean(phi)`` over its group with a CLT interval - one grouped Spark
-aggregation per level. Refutation checks (DoWhy-style, Sharma & Kiciman 2020) run on a
+aggregation per level. Both arms must be observed: an effect is only reported for a group
+(overall, item, segment) with at least ``min_rows`` treated AND ``min_rows`` control rows (without
+one arm, ``E[Y(t)]`` of the missing arm is not identified and any number would be made up); the
+stage stops with a named error when the whole log lacks an arm (e.g. OBD: every logged event was
+recommended). Refutation checks (DoWhy-style, Sharma & Kiciman 2020) run on a
 sample: a placebo treatment (permuted T: the effect must vanish), an added random common cause
 (the estimate must not move), and reruns on random data subsets (it must be stable).
 """
@@ -37,6 +41,8 @@ def scores(y, t, e, m1=None, m0=None, method: str = "dr") -> np.ndarray:
     if method == "ips":
         return t * y / e - (1 - t) * y / (1 - e)
     if method == "dr":
+        if m1 is None or m0 is None:
+            raise ValueError("uplift: method 'dr' needs the outcome models m1 and m0 (see cell_outcome_model)")
         m1, m0 = np.asarray(m1, dtype=float), np.asarray(m0, dtype=float)
         return m1 - m0 + t * (y - m1) / e - (1 - t) * (y - m0) / (1 - e)
     raise ValueError(f"uplift: method must be 'ips' or 'dr', got {method!r}")
@@ -53,14 +59,26 @@ def mean_interval(phi: np.ndarray, alpha: float = 0.05) -> dict:
     return {"effect": est, "se": se, "ci_low": est - z * se, "ci_high": est + z * se, "n": n}
 
 
+def check_arms(n_treated: int, n_control: int, min_rows: int = 2) -> None:
+    """Raise, naming the arm, unless both arms have ``min_rows`` rows: without control rows (or
+    treated ones) the effect is not identified, whatever the scores' arithmetic returns."""
+    for arm, k, flag in (("treated", n_treated, "True"), ("control", n_control, "False")):
+        if k < min_rows:
+            raise ValueError(f"uplift: {int(k)} {arm} row(s) (recommended = {flag}) of {int(n_treated + n_control)}; "
+                             f"the effect of recommending needs at least {min_rows} rows in each arm (logs where "
+                             f"every event was recommended, like OBD's, have no control arm)")
+
+
 def cell_outcome_model(y, t, cell, prior: float = 10.0):
-    """m_t(x) = mean outcome of arm t in the row's cell (item), shrunk to the arm's overall mean."""
+    """m_t(x) = mean outcome of arm t in the row's cell (item), shrunk to the arm's overall mean.
+    Both arms must have rows (:func:`check_arms`)."""
     y, t, cell = np.asarray(y, float), np.asarray(t, float), np.asarray(cell)
+    check_arms(int((t == 1).sum()), int((t == 0).sum()), 1)
     codes, inv = np.unique(cell, return_inverse=True)
     out = {}
     for arm in (0, 1):
         mask = t == arm
-        mu = y[mask].mean() if mask.any() else y.mean()
+        mu = y[mask].mean()
         s = np.bincount(inv[mask], weights=y[mask], minlength=len(codes))
         c = np.bincount(inv[mask], minlength=len(codes))
         out[arm] = ((s + prior * mu) / (c + prior))[inv]
@@ -97,7 +115,7 @@ def refute(y, t, e, cell, *, seed: int = 0, n_subsets: int = 5, subset_share: fl
     subs = []
     for _ in range(n_subsets):
         idx = rng.random(y.shape[0]) < subset_share
-        if idx.sum() >= 10:
+        if idx.sum() >= 10 and 0 < t[idx].sum() < idx.sum():  # both arms in the subset
             subs.append(dr(y[idx], t[idx], e[idx], cell[idx]))
     return {
         "sample_rows": int(y.shape[0]),
@@ -148,10 +166,11 @@ def add_scores(rows, prior: float = 10.0):
     cell = rows.groupBy("item_id").agg(
         F.sum(F.col("t") * F.col("y")).alias("s1"), F.sum("t").alias("c1"),
         F.sum((1 - F.col("t")) * F.col("y")).alias("s0"), F.sum(1 - F.col("t")).alias("c0"))
+    # an arm without rows has no mean (null, not 0): its scores are null and no effect is made up
     m = cell.crossJoin(arm).select(
         "item_id",
-        ((F.col("s1") + prior * F.coalesce(F.col("mu1"), F.lit(0.0))) / (F.col("c1") + prior)).alias("m1"),
-        ((F.col("s0") + prior * F.coalesce(F.col("mu0"), F.lit(0.0))) / (F.col("c0") + prior)).alias("m0"))
+        ((F.col("s1") + prior * F.col("mu1")) / (F.col("c1") + prior)).alias("m1"),
+        ((F.col("s0") + prior * F.col("mu0")) / (F.col("c0") + prior)).alias("m0"))
     r = rows.join(m, "item_id")
     t, y, e = F.col("t"), F.col("y"), F.col("e")
     r = r.withColumn("phi_ips", t * y / e - (1 - t) * y / (1 - e))
@@ -161,14 +180,19 @@ def add_scores(rows, prior: float = 10.0):
 
 
 def grouped_effects(scored, keys: list, alpha: float = 0.05, min_rows: int = 2):
-    """One aggregation: effect, se, CI, n per group (keys=[] -> overall) for both methods."""
+    """One aggregation: effect, se, CI, n per group (keys=[] -> overall) for both methods.
+
+    Groups with fewer than ``min_rows`` treated or fewer than ``min_rows`` control rows are left
+    out: their effect is not identified (see module docstring).
+    """
     from pyspark.sql import functions as F
 
     z = float(sps.norm.ppf(1 - alpha / 2))
     aggs = [F.count("*").alias("n"), F.sum("t").cast("long").alias("n_treated")]
     for mth in ("ips", "dr"):
         aggs += [F.avg(f"phi_{mth}").alias(f"effect_{mth}"), F.stddev_samp(f"phi_{mth}").alias(f"sd_{mth}")]
-    g = scored.groupBy(*keys).agg(*aggs).where(F.col("n") >= min_rows)
+    g = scored.groupBy(*keys).agg(*aggs) \
+        .where((F.col("n_treated") >= min_rows) & (F.col("n") - F.col("n_treated") >= min_rows))
     out = None
     for mth in ("ips", "dr"):
         se = F.col(f"sd_{mth}") / F.sqrt(F.col("n"))
@@ -197,9 +221,9 @@ def run(ctx) -> dict:
         else:
             rows = rows.withColumn("segment", F.lit("all"))
         scored = add_scores(rows).persist()
-        n = scored.count()
-        if n < 2:
-            raise ValueError("uplift: fewer than 2 events with a recommended flag; nothing to estimate")
+        n, n_treated = scored.agg(F.count("*"), F.sum("t")).first()
+        n_treated = int(n_treated or 0)
+        check_arms(n_treated, n - n_treated)
     ctx.log_rows("events (with recommended)", n, "in")
     with ctx.step("uplift: effects"):
         overall = grouped_effects(scored, [], oc.alpha).withColumn("level", F.lit("overall"))

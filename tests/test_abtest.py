@@ -64,3 +64,13 @@ def test_abtest_stage_on_events(ctx, spark):
     res = ctx.store.read("abtest_results").toPandas().set_index("method")
     assert res.loc["cuped", "ci_low"] < 0.3 < res.loc["cuped", "ci_high"]
     assert res.loc["cuped", "std_err"] < res.loc["diff_in_means", "std_err"]
+
+
+def test_printed_interval_uses_the_configured_level():
+    from causalrec.abtest import summary_line
+
+    t, c = ArmStats.from_arrays([1.0, 2, 3, 4]), ArmStats.from_arrays([0.0, 1, 1, 2, 1])
+    r = dict(diff_in_means(t, c, alpha=0.1), method="diff_in_means", variance_reduction=0.0)
+    line = summary_line(r, "b", "a", 0.1)
+    assert "90% CI" in line and "95%" not in line
+    assert f"± {1.6448536 * r['std_err']:.5f}" in line  # z_{0.95}, not 1.96

@@ -153,6 +153,31 @@ def test_tuning_method_is_validated():
         SwitchDR(tuning_method="cv")
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda: DRos(lambdas=(1.0, 0.0)), r"dr_os: lambdas: 0.0 .*expected a number > 0"),
+    (lambda: DRos(lambdas=(-5.0,)), r"dr_os: lambdas: -5.0 "),
+    (lambda: SwitchDR(lambdas=(float("nan"),)), r"switch_dr: lambdas: nan .*expected a number >= 0"),
+    (lambda: SwitchDR(lambdas=(-1.0,)), r"switch_dr: lambdas: -1.0 "),
+    (lambda: ClippedIPS(lambda_=float("nan")), r"clipped_ips: lambda_"),
+    (lambda: make_estimators(["dr_os"], dr_os_lambdas=[10.0, 0.0]), r"^ope.dr_os_lambdas: 0.0 "),
+    (lambda: make_estimators(["switch_dr"], switch_lambdas=[-1.0]), r"^ope.switch_dr_lambdas: -1.0 "),
+    (lambda: make_estimators(["clipped_ips"], clip_max_weight=-3.0), r"^ope.clip_max_weight: -3.0 "),
+])
+def test_lambda_settings_are_validated_at_construction(make, match):
+    """obp's rules (lambda >= 0, not NaN, inf allowed); DRos also refuses 0, whose w / (w^2 + 0) is
+    0 / 0 at w = 0 (NaN locally, DIVIDE_BY_ZERO in SQL)."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_valid_edge_lambdas_give_finite_estimates():
+    """Switch-DR at 0 is the direct method; a 0 weight cap gives 0; inf is the plain estimator."""
+    k = {c: TINY[c] for c in ("reward", "pscore", "pi_e", "q_hat", "q_hat_pi")}
+    assert SwitchDR(lambdas=(0.0,)).estimate_policy_value(**k) == pytest.approx(DM().estimate_policy_value(**k))
+    assert ClippedIPS(lambda_=0.0).estimate_policy_value(**k) == 0.0
+    assert DRos(lambdas=(math.inf,)).estimate_policy_value(**k) == pytest.approx(DR().estimate_policy_value(**k))
+
+
 def test_bad_input_names_the_column_and_row():
     with pytest.raises(ValueError, match=r"'pscore' row 1"):
         IPS().estimate_policy_value(reward=np.ones(3), pscore=np.array([0.5, 0.0, 0.5]), pi_e=np.ones(3))
@@ -179,13 +204,13 @@ def test_local_and_spark_forms_agree_to_1e9_for_every_estimator_interval_and_dif
         assert a.hyperparam == b.hyperparam
         for f in FIELDS:
             x, y = getattr(a, f), getattr(b, f)
-            if x is None:
-                assert y is None, (a.estimator, f)
-                continue
-            if n_boot == 0 and f.startswith(("boot_", "diff_boot_")):
-                assert math.isnan(x) and math.isnan(y) if f.startswith("boot_") else x is y is None
-                continue
-            assert x == pytest.approx(y, abs=1e-9, rel=1e-9), (a.policy, a.estimator, f, x, y)
+            if n_boot == 0 and f.startswith("boot_"):  # no replicates: NaN, in both forms
+                assert math.isnan(x) and math.isnan(y), (a.estimator, f, x, y)
+            elif n_boot == 0 and f.startswith("diff_boot_"):
+                assert x is None and y is None, (a.estimator, f, x, y)
+            else:  # a baseline is given: every other field is a number in both forms
+                assert x is not None and math.isfinite(x), (a.estimator, f, x)
+                assert x == pytest.approx(y, abs=1e-9, rel=1e-9), (a.policy, a.estimator, f, x, y)
     # the baseline's own difference is exactly zero, others are paired differences
     for r in local:
         if r.policy == "uniform":
@@ -245,6 +270,20 @@ def test_both_engines_name_the_row_and_what_was_expected(spark, column, value, e
                        match=rf"column '{column}' .*row_id {rid}\b.*expected {expected}"):
         evaluate(spark.createDataFrame(pdf, schema=", ".join(
             f"{c} {'long' if c == 'row_id' else 'double'}" for c in pdf.columns)), [DR()], engine=engine)
+
+
+@pytest.mark.parametrize("n_boot, buckets, engine", [(0, 0, "sql"), (0, 0, "arrow"), (8, 4, "sql"), (8, 0, "arrow")])
+def test_both_engines_refuse_a_null_row_id(spark, n_boot, buckets, engine):
+    """The row id keys the bootstrap weights: a null one is an error in every engine (the arrow
+    engine used to run on it)."""
+    data, _ = synthetic_log(40, 8)
+    pdf = pd.DataFrame(data).astype({"row_id": "Int64"})
+    pdf.loc[5, "row_id"] = None
+    schema = ", ".join(f"{c} {'long' if c == 'row_id' else 'double'}" for c in pdf.columns)
+    df = spark.createDataFrame(pdf, schema=schema)
+    with pytest.raises(ValueError if engine == "sql" else Exception,
+                       match=r"column 'row_id' .*\(row_id null\); expected a non-null integer"):
+        evaluate(df, [IPS()], n_boot=n_boot, boot_buckets=buckets, engine=engine)
 
 
 def test_sql_engine_refuses_the_per_row_bootstrap_and_auto_falls_back(spark):
@@ -330,20 +369,37 @@ def test_poisson_weights_have_mean_and_variance_one_and_differ_by_seed():
     assert np.abs(c[np.triu_indices(8, 1)]).max() < 0.02
 
 
+def _direct_bootstrap(data, M, alpha=0.05):
+    """Each estimator recomputed on every replicate from the per-row weights M (n, B) by plain
+    numpy, then its standard error and percentile interval: the pass's statistics, checked."""
+    w = data["pi_e"] / data["pscore"]
+    r, qf, qpi = data["reward"], data["q_hat"], data["q_hat_pi"]
+    mean = lambda x: (M * x[:, None]).sum(0) / M.sum(0)  # noqa: E731
+    reps = {"ips": mean(w * r), "snips": mean(w * r) / mean(w), "dr": mean(qpi + w * (r - qf)),
+            "sndr": mean(qpi) + mean(w * (r - qf)) / mean(w)}
+    return {k: (v.std(ddof=1), *np.quantile(v, [alpha / 2, 1 - alpha / 2])) for k, v in reps.items()}
+
+
 def test_bootstrap_std_err_is_close_to_the_analytic_one():
     data, _ = synthetic_log(4000, 21)
     res = evaluate(data, [IPS(), SNIPS(), DR(), SNDR()], n_boot=200, seed=3)
+    direct = _direct_bootstrap(data, poisson_weights_local(data["row_id"], 200, 3))
     for r in res:
         assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
-        assert r.boot_ci_low < r.estimate < r.boot_ci_high
+        assert (r.boot_std_err, r.boot_ci_low, r.boot_ci_high) == pytest.approx(direct[r.estimator], rel=1e-9)
 
 
 def test_bucketed_bootstrap_std_err_is_close_to_the_analytic_one():
+    from causalrec.estimators.base import bucket_of
+
     data, _ = synthetic_log(20000, 22)
     res = evaluate(data, [IPS(), SNIPS(), DR(), SNDR()], n_boot=200, seed=3, boot_buckets=2048)
+    # every row of a bucket shares the bucket's weight, keyed by the bucket id
+    M = poisson_weights_local(np.arange(2048), 200, 3)[bucket_of(data["row_id"], 2048, 3)]
+    direct = _direct_bootstrap(data, M)
     for r in res:
         assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
-        assert r.boot_ci_low < r.estimate < r.boot_ci_high
+        assert (r.boot_std_err, r.boot_ci_low, r.boot_ci_high) == pytest.approx(direct[r.estimator], rel=1e-9)
     with pytest.raises(ValueError, match="boot_buckets"):
         evaluate(data, [IPS()], n_boot=10, boot_buckets=-1)
 

@@ -54,8 +54,21 @@ def test_ope_job_on_uniformly_logged_impressions(ctx, spark):
     # the popular policy always shows the best item (per slot): its value is higher, and the paired
     # difference to the random baseline is positive with an interval
     assert a.loc[("popular", "ips"), "diff_to_baseline"] > 0
-    assert a.loc[("popular", "dr"), "diff_ci_low"] < a.loc[("popular", "dr"), "diff_to_baseline"] < \
-        a.loc[("popular", "dr"), "diff_ci_high"]
+    # the paired DR difference and its interval, recomputed by hand from the per-row frame the job builds
+    from causalrec.estimators.base import z_value
+    from causalrec.ope.job import attach_policies, logged_rows, reward_model
+
+    lr, _ = logged_rows(ctx.store.read("events"))
+    iq = reward_model(lr)
+    per_row = attach_policies(lr, iq, ["random", "popular"])[0].toPandas()
+    phi = {p: per_row[f"q_hat_pi__{p}"] + per_row[f"pi_e__{p}"] / per_row.pscore * (per_row.reward - per_row.q_hat)
+           for p in ("random", "popular")}
+    d = (phi["popular"] - phi["random"]).to_numpy()
+    half = z_value(ctx.cfg.ope.alpha) * d.std(ddof=1) / np.sqrt(len(d))
+    dr = a.loc[("popular", "dr")]
+    assert dr.diff_to_baseline == pytest.approx(d.mean(), abs=1e-9)
+    assert (dr.diff_ci_low, dr.diff_ci_high) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-9)
+    assert dr.estimate - a.loc[("random", "dr"), "estimate"] == pytest.approx(d.mean(), abs=1e-9)
     assert a.loc[("popular", "ips"), "max_weight"] == pytest.approx(6.0)
     # rerun overwrites: no duplicates
     run(ctx)
@@ -87,5 +100,79 @@ def test_ope_job_on_ratings_uses_exposure_propensities(ctx, spark):
     assert len(res) == 6 and (res.interval_method == "analytic").all()
     # pscore = p_ui / sum_j p_uj; a random policy's weight is (1/10) / pscore -> known max weight
     assert res.loc[("random", "ips"), "max_weight"] == pytest.approx((1 / 10) / (0.2 / sum(0.2 + 0.06 * i for i in range(10))))
-    for _, r in res.iterrows():
-        assert r.ci_low <= r.estimate <= r.ci_high and 0 <= r.estimate <= 1.5
+    # the random policy's IPS and its interval, by hand: w = (1/10) / pscore, reward = rating >= 4
+    from causalrec.estimators.base import z_value
+
+    p_tot = sum(0.2 + 0.06 * i for i in range(10))
+    wr = np.array([(0.1 / ((0.2 + 0.06 * int(r["item_id"][1:])) / p_tot)) * (r["value"] >= 4) for r in rows])
+    half = z_value(ctx.cfg.ope.alpha) * wr.std(ddof=1) / np.sqrt(len(wr))
+    ips = res.loc[("random", "ips")]
+    assert ips.estimate == pytest.approx(wr.mean(), rel=1e-9)
+    assert (ips.ci_low, ips.ci_high) == pytest.approx((wr.mean() - half, wr.mean() + half), rel=1e-9)
+    for _, r in res.iterrows():  # every analytic interval is estimate -/+ z * std_err at the configured level
+        assert (r.ci_low, r.ci_high) == pytest.approx((r.estimate - z_value(ctx.cfg.ope.alpha) * r.std_err,
+                                                       r.estimate + z_value(ctx.cfg.ope.alpha) * r.std_err), abs=1e-12)
+
+
+def _policy_world(spark):
+    """Two strata whose action sets share the id "A" (as OBD's per-campaign item ids do): s1 = {A: 1,
+    B: 0}, s2 = {A: 0, C: 1}; uniform logging (pscore 1/2), every user logged every item of each set,
+    deterministic reward = the exact reward model."""
+    q = {("s1", "A"): 1.0, ("s1", "B"): 0.0, ("s2", "A"): 0.0, ("s2", "C"): 1.0}
+    item_q = spark.createDataFrame([(s, 0, i, v) for (s, i), v in q.items()],
+                                   "stratum string, slot int, item_id string, q_hat_item double")
+    rows = spark.createDataFrame(
+        [(k * 10 + j, f"u{k}", i, s, 0, v, 0.5, v) for k in range(5) for j, ((s, i), v) in enumerate(q.items())],
+        "row_id long, user_id string, item_id string, stratum string, slot int, reward double, pscore double, "
+        "q_hat double")
+    return rows, item_q
+
+
+@pytest.mark.parametrize("kind", ["recommendations", "score"])
+def test_topk_and_score_policies_give_ips_and_the_reward_model_the_same_distribution(spark, kind):
+    """base.py's contract q_hat_pi = sum_a pi_e(a|x) q_hat(x, a) over the row's action set: with an
+    exact reward model and deterministic rewards DM == DR == IPS, and pi_e sums to 1 per action set.
+    Lists/scores name items outside a set (Z, Y; C in s1, B in s2) and some users have none."""
+    from causalrec.estimators import DM, DR, IPS, evaluate
+    from causalrec.ope import policies as P
+
+    rows, item_q = _policy_world(spark)
+    if kind == "recommendations":
+        # u0 [A, Z]; u1 [C, B]; u2 [Z, Y] (nothing showable: uniform); u3 [A, B, C]; u4 no list (uniform)
+        lists = {"u0": "AZ", "u1": "CB", "u2": "ZY", "u3": "ABC"}
+        topk = spark.createDataFrame([(u, i) for u, its in lists.items() for i in its],
+                                     "user_id string, item_id string")
+        df = P.add_topk_policy(rows, topk, item_q, "pol")
+        # s1 / s2 values: u0 A->1 / A->0, u1 B->0 / C->1, u2 .5 / .5, u3 (A+B)/2 / (A+C)/2, u4 .5 / .5
+        expected_dm = (1 + 0 + 0 + 1 + .5 + .5 + .5 + .5 + .5 + .5) / 10
+    else:
+        # u0 best Z (outside both sets) then A: A in both; u1 only Z: uniform; u2 no scores: uniform;
+        # u3 C > B > A: B in s1, C in s2; u4 a null score for A and B: uniform in s1, C in s2
+        sc = [("u0", "Z", 0.9), ("u0", "A", 0.5), ("u1", "Z", 0.3), ("u3", "C", 0.9), ("u3", "B", 0.8),
+              ("u3", "A", 0.1), ("u4", "A", None), ("u4", "B", None), ("u4", "C", 0.2)]
+        df = P.add_score_policy(rows, spark.createDataFrame(sc, "user_id string, item_id string, rel double"), "rel",
+                                item_q, "pol")
+        expected_dm = (1 + 0 + .5 + .5 + .5 + .5 + 0 + 1 + .5 + 1) / 10
+    pdf = df.toPandas()
+    assert len(pdf) == 20
+    np.testing.assert_allclose(pdf.groupby(["user_id", "stratum"])["pi_e__pol"].sum(), 1.0)
+    # q_hat_pi is the pi_e-weighted reward model of the same (user, action set)
+    pdf["pq"] = pdf["pi_e__pol"] * pdf["q_hat"]
+    g = pdf.groupby(["user_id", "stratum"]).agg(pq=("pq", "sum"), lo=("q_hat_pi__pol", "min"),
+                                                hi=("q_hat_pi__pol", "max"))
+    np.testing.assert_allclose(g.lo, g.pq, atol=1e-12)
+    np.testing.assert_allclose(g.hi, g.pq, atol=1e-12)
+    res = {r.estimator: r.estimate for r in evaluate(df, [IPS(), DM(), DR()], {"pol": ("pi_e__pol", "q_hat_pi__pol")},
+                                                     engine="sql")}
+    assert res["dm"] == pytest.approx(expected_dm, abs=1e-12)
+    assert res["dr"] == pytest.approx(expected_dm, abs=1e-12)
+    assert res["ips"] == pytest.approx(expected_dm, abs=1e-12)
+
+
+def test_results_table_labels_the_configured_interval_level():
+    from causalrec.estimators import IPS
+    from causalrec.ope.job import format_table
+
+    res = IPS().estimate_interval(np.array([1.0, 0.0, 1.0]), np.full(3, 0.5), np.full(3, 0.5), alpha=0.1)
+    assert "90% CI" in format_table([res], None, alpha=0.1) and "95%" not in format_table([res], None, alpha=0.1)
+    assert "95% CI" in format_table([res], None)

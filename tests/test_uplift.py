@@ -67,3 +67,55 @@ def test_uplift_stage_writes_item_effects(ctx, spark):
     assert len(items) == 5 and (items.n >= 30).all()
     assert items.loc["i4", "effect"] > items.loc["i0", "effect"]
     assert eff[eff.level == "overall"].refutation.notna().all()
+
+
+def test_dr_scores_need_the_outcome_models_and_one_arm_is_refused_locally():
+    with pytest.raises(ValueError, match="m1 and m0"):
+        scores([1.0, 0.0], [1, 0], [0.5, 0.5], method="dr")
+    with pytest.raises(ValueError, match=r"0 control row\(s\) \(recommended = False\)"):
+        cell_outcome_model([1.0, 0.0, 1.0], [1, 1, 1], ["a", "a", "b"])
+
+
+def _scored(spark, y, t, e, item):
+    from causalrec.uplift import add_scores
+
+    pdf = pd.DataFrame(dict(item_id=[f"i{k}" for k in item], t=t.astype(float), y=y, e=e, segment="all"))
+    return add_scores(spark.createDataFrame(pdf))
+
+
+def test_spark_and_local_effects_agree_and_cells_need_both_arms(spark):
+    """The Spark aggregation equals the local form (cell_outcome_model + scores + mean_interval) to
+    1e-9; a cell is reported only with min_rows treated AND min_rows control rows, and a log without
+    control rows yields no effect at all (the old form reported ~mean(y) with a tight interval)."""
+    from causalrec.uplift import grouped_effects
+
+    y, t, e, item, _ = confounded(4000, 5)
+    t = np.where(item == 4, 1, t)  # item i4: recommended every time -> no control rows in its cell
+    m1, m0 = cell_outcome_model(y, t, item)
+    local = mean_interval(scores(y, t, e, m1, m0, "dr"))
+    scored = _scored(spark, y, t, e, item)
+    eff = grouped_effects(scored, [], 0.05).toPandas().set_index("method")
+    for f in ("effect", "se", "ci_low", "ci_high", "n"):
+        assert eff.loc["dr", f] == pytest.approx(local[f], rel=1e-9, abs=1e-12), f
+    items = grouped_effects(scored, ["item_id"], 0.05, 30).toPandas()
+    assert set(items.item_id) == {"i0", "i1", "i2", "i3"}
+    # one arm only (every event recommended, as in OBD): no cell is reported, locally an error
+    ones = np.ones_like(t)
+    assert grouped_effects(_scored(spark, y, ones, np.full_like(e, 0.99), item), ["item_id"], 0.05, 2).count() == 0
+    with pytest.raises(ValueError, match="control"):
+        cell_outcome_model(y, ones, item)
+
+
+def test_uplift_stage_names_the_missing_arm(ctx, spark):
+    from causalrec.schemas import EVENTS, conform
+    from causalrec.uplift import run
+
+    pdf = pd.DataFrame(dict(event_id=[f"e{i}" for i in range(60)], user_id="u",
+                            item_id=[f"i{i % 3}" for i in range(60)],
+                            event_type="click", value=[float(i % 2) for i in range(60)], recommended=True,
+                            event_time=pd.Timestamp("2024-01-01", tz="UTC"), ingest_batch="t"))
+    pdf["event_date"] = pd.Timestamp("2024-01-01").date()
+    ctx.store.write(conform(spark.createDataFrame(pdf), EVENTS), "events", spec=EVENTS)
+    with pytest.raises(ValueError, match=r"0 control row\(s\) \(recommended = False\) of 60"):
+        run(ctx)
+    assert not ctx.store.exists("uplift_effects")

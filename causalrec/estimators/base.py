@@ -405,9 +405,10 @@ def arrow_stats(df, plan: "Plan") -> "Stats":
             bad = first_unusable(d, cols)
             if bad:
                 c, i = bad
-                expected = "a number in (0, 1]" if c == PSCORE else "a number"
+                rid = d[ROW_ID][i]
+                where = f"row_id {int(rid)}: {d[c][i]!r}" if c != ROW_ID else "row_id null"
                 raise ValueError(f"estimator input: column {c!r} has a null/NaN or out-of-range value "
-                                 f"(row_id {int(d[ROW_ID][i])}: {d[c][i]!r}); expected {expected}")
+                                 f"({where}); expected {expected_value(c)}")
             s, m = partial_stats(d, plan)
             sums += s
             mx = np.maximum(mx, m)
@@ -465,13 +466,17 @@ def z_value(alpha: float) -> float:
     return float(norm.ppf(1 - alpha / 2))
 
 
+def expected_value(col: str) -> str:
+    """What an input column must hold, as the engines' errors say it."""
+    return "a number in (0, 1]" if col == PSCORE else "a non-null integer" if col == ROW_ID else "a number"
+
+
 def first_unusable(data: dict, columns: Sequence[str]) -> Optional[tuple]:
     """``(column, index)`` of the first value no estimator can use, or None: a non-finite
-    number (a null arrives as NaN), or a propensity outside (0, 1]. The one rule of the local
-    form and of the Arrow kernel (the sql engine's SQL form: ``sql_pass._bad``)."""
+    number (a null arrives as NaN, also in the row id: it keys the bootstrap weights), or a
+    propensity outside (0, 1]. The one rule of the local form and of the Arrow kernel (the sql
+    engine's SQL form: ``sql_pass._bad``)."""
     for c in columns:
-        if c == ROW_ID:
-            continue
         x = np.asarray(data[c], dtype=float)
         bad = ~np.isfinite(x)
         if c == PSCORE:

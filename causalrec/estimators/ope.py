@@ -53,6 +53,18 @@ def _fmt(lam: float) -> str:
     return "inf" if math.isinf(lam) else repr(float(lam))
 
 
+def _check_lambda(setting: str, lam, zero_ok: bool) -> None:
+    """obp's rule for a weight threshold/shrinkage: a number, not NaN, >= 0 (inf allowed: no
+    clipping); > 0 where 0 makes a 0/0 (DRos's lambda w / (w^2 + lambda) at w = 0)."""
+    try:
+        x = float(lam)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if isinstance(lam, bool) or math.isnan(x) or x < 0 or (x == 0 and not zero_ok):
+        raise ValueError(f"{setting}: {lam!r} is not a valid lambda; expected a number {'>=' if zero_ok else '>'} 0 "
+                         f"(inf allowed)")
+
+
 @dataclass(frozen=True)
 class Form:
     """theta = sum(E_n[add]) + E_n[num] / E_n[den] (den None -> 1; num None -> 0)."""
@@ -191,6 +203,9 @@ class ClippedIPS(BaseOffPolicyEstimator):
     lambda_: float = 100.0
     estimator_name: str = "clipped_ips"
 
+    def __post_init__(self):
+        _check_lambda(f"{self.estimator_name}: lambda_ (the weight cap)", self.lambda_, zero_ok=True)
+
     def _t(self):
         lam = float(self.lambda_)
         return Term(f"clip{_fmt(lam)}", lambda o, q: o.minimum(q["w"], lam) * q["r"])
@@ -308,6 +323,7 @@ class _TunedDR(BaseOffPolicyEstimator):
     """
 
     lambdas: tuple = ()
+    zero_lambda_ok = True  # class constant, not a field: whether lambda = 0 is a valid candidate
     delta: float = 0.1  # confidence level of the bias bound and of SLOPE's widths (obp's default)
     tuning_method: str = "slope"
 
@@ -316,6 +332,8 @@ class _TunedDR(BaseOffPolicyEstimator):
             raise ValueError(f"{self.estimator_name}: tuning_method is {self.tuning_method!r}; expected 'mse' or 'slope'")
         if not self.lambdas:
             raise ValueError(f"{self.estimator_name}: lambdas is empty; expected at least one candidate")
+        for lam in self.lambdas:
+            _check_lambda(f"{self.estimator_name}: lambdas", lam, zero_ok=self.zero_lambda_ok)
 
     def _wh(self, lam: float):
         raise NotImplementedError
@@ -408,6 +426,7 @@ class DoublyRobustWithShrinkage(_TunedDR):
 
     lambdas: tuple = (1.0, 10.0, 100.0, 1000.0, 10000.0, math.inf)
     estimator_name: str = "dr_os"
+    zero_lambda_ok = False  # lambda = 0: w_hat = 0 / 0 where w = 0
 
     def _wh(self, lam):
         if math.isinf(lam):
@@ -444,9 +463,13 @@ def make_estimators(names: Sequence[str], clip_max_weight: float = 100.0, switch
         if name not in ESTIMATORS:
             raise ValueError(f"unknown estimator {name!r}; expected one of {sorted(ESTIMATORS)}")
         if name == "clipped_ips":
+            _check_lambda("ope.clip_max_weight", clip_max_weight, zero_ok=True)
             out.append(ClippedIPS(lambda_=float(clip_max_weight)))
         elif name in ("switch_dr", "dr_os"):
+            setting = "ope.switch_dr_lambdas" if name == "switch_dr" else "ope.dr_os_lambdas"
             grid = switch_lambdas if name == "switch_dr" else dr_os_lambdas
+            for lam in grid or ():
+                _check_lambda(setting, lam, zero_ok=ESTIMATORS[name].zero_lambda_ok)
             kw = {"lambdas": tuple(float(x) for x in grid)} if grid else {}
             out.append(ESTIMATORS[name](tuning_method=tuning_method, **kw))
         else:

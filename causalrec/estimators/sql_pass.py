@@ -32,6 +32,7 @@ from causalrec.estimators.base import (
     Stats,
     _layout,
     _needed_columns,
+    expected_value,
     stats_from_vectors,
 )
 
@@ -174,9 +175,9 @@ def _raise_bad_input(df, col: str):
     """Name the column, one offending row of it, and what was expected."""
     from pyspark.sql import functions as F
 
-    expected = "a number in (0, 1]" if col == PSCORE else "a number"
+    expected = expected_value(col)
     row = df.where(F.expr(_bad(_typed(col), col))).select(F.col(ROW_ID), F.col(col)).limit(1).collect()
-    where = f" (row_id {row[0][0]}: {row[0][1]!r})" if row else ""
+    where = "" if not row else " (row_id null)" if col == ROW_ID else f" (row_id {row[0][0]}: {row[0][1]!r})"
     raise ValueError(f"estimator input: column {col!r} has a null/NaN or out-of-range value{where}; "
                      f"expected {expected}")
 

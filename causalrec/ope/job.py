@@ -158,8 +158,9 @@ def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 
     return spark.createDataFrame(pdf, schema=OPE_RESULTS.spark_schema())
 
 
-def format_table(results, baseline) -> str:
-    lines = [f"{'policy':<18}{'estimator':<12}{'estimate':>10}{'std_err':>10}{'95% CI':>22}{'ESS':>10}"
+def format_table(results, baseline, alpha: float = 0.05) -> str:
+    ci = f"{100 * (1 - alpha):g}% CI"  # the analytic interval's level (ope.alpha)
+    lines = [f"{'policy':<18}{'estimator':<12}{'estimate':>10}{'std_err':>10}{ci:>22}{'ESS':>10}"
              f"{'max w':>9}{'diff vs ' + str(baseline):>26}"]
     for r in results:
         diff = "" if r.diff_to_baseline is None else \
@@ -200,7 +201,7 @@ def run(ctx: Context) -> dict:
         out = results_frame(ctx.spark, results, run_id, oc.bootstrap_replicates, oc.bootstrap_buckets)
         store.write(out, "ope_results", mode="overwrite", spec=OPE_RESULTS, overwrite_schema=True)
         ctx.log_rows("ope_results", out.count())
-    print(format_table(results, baseline))
+    print(format_table(results, baseline, oc.alpha))
     rows.unpersist()
     item_q.unpersist()
     return {

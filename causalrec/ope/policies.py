@@ -6,15 +6,23 @@ policy is a DataFrame transform that adds two columns, ``pi_e__<name>`` and
 ``q_hat_pi__<name>``, computed with joins and window aggregates over the catalogue (never a
 dense users x items matrix on the driver).
 
-Built-in strategies:
+Built-in strategies (each a distribution over the row's action set ``A(x)``, the items of
+the row's (stratum, slot) in ``item_q``; ``pi_e`` and ``q_hat_pi`` describe the SAME
+distribution, as the DR-type estimators require: ``q_hat_pi = sum_a pi_e(a|x) q_hat(x, a)``):
 
 * ``random``  - uniform over the action set of the row's context (slot): ``1 / |A(x)|``;
 * ``popular`` - deterministic: the most-clicked action in the training log (per slot when
   the data has positions);
-* ``score:<column>`` - deterministic argmax of a per-(user, item) score table column;
-* ``recommendations`` - the top-K list of the ``recommendations`` table: uniform over the
-  user's K recommended items (``1/K`` for a listed item, 0 otherwise), the usual way to
-  turn a top-K list into a stochastic single-action policy for OPE.
+* ``score:<column>`` - deterministic: the user's best-scoring item among ``A(x)``; uniform over
+  ``A(x)`` when the user has no score for any item of it;
+* ``recommendations`` - the top-K list ``L_u`` of the ``recommendations`` table, restricted to
+  the action set: uniform over ``L_u & A(x)`` (``1/|L_u & A(x)|`` for a listed item, 0
+  otherwise); uniform over ``A(x)`` when that intersection is empty or the user has no list.
+  Restricting matters when action sets differ by stratum (OBD item ids are per campaign, while
+  a user's list spans campaigns): a listed item outside ``A(x)`` cannot be shown there.
+
+User lists and scores are joined with the (small) action-set table per (stratum, slot), never
+crossed with every item.
 
 Slates / positions: when rows carry a ``position`` (OBD: 3 slots), the unit is (context,
 position) and every probability is position-specific, as in obp.
@@ -84,15 +92,19 @@ def add_random_policy(rows, item_q, name: str = "random"):
 
 
 def _add_choice(rows, choice, item_q, keys: list, name: str):
-    """Deterministic policy from ``choice`` (keys..., chosen): pi_e = 1{a_i == chosen}, q_hat_pi = q_hat(chosen)."""
+    """Deterministic policy from ``choice`` (keys..., chosen): pi_e = 1{a_i == chosen},
+    q_hat_pi = q_hat(chosen); uniform over A(x) (the random policy) where there is no choice in
+    A(x), so pi_e and q_hat_pi stay one distribution over the action set."""
     from pyspark.sql import functions as F
 
     u = unit_summary(item_q)
     iq = item_q.select("stratum", "slot", F.col("item_id").alias("chosen"), F.col("q_hat_item").alias("q_chosen"))
-    j = rows.join(choice, keys, "left").join(iq, ["stratum", "slot", "chosen"], "left") \
+    j = rows.join(choice, keys, "left").join(F.broadcast(iq), ["stratum", "slot", "chosen"], "left") \
         .join(F.broadcast(u), ["stratum", "slot"], "left")
-    j = j.withColumn(pi_e_col(name), F.when(F.col("item_id") == F.col("chosen"), 1.0).otherwise(0.0))
-    j = j.withColumn(q_hat_pi_col(name), F.coalesce(F.col("q_chosen"), F.col("q_mean")))
+    none = F.col("q_chosen").isNull()  # no choice, or a choice outside the row's action set
+    j = j.withColumn(pi_e_col(name), F.when(none, 1.0 / F.col("n_actions"))
+                     .otherwise(F.when(F.col("item_id") == F.col("chosen"), 1.0).otherwise(0.0)))
+    j = j.withColumn(q_hat_pi_col(name), F.when(none, F.col("q_mean")).otherwise(F.col("q_chosen")))
     return j.drop("chosen", "q_chosen", "n_actions", "q_mean")
 
 
@@ -109,38 +121,43 @@ def add_popular_policy(rows, item_q, name: str = "popular"):
 
 
 def add_score_policy(rows, scores, column: str, item_q, name: Optional[str] = None):
-    """Deterministic argmax over a per-(user, item) score table's ``column`` (e.g. scores.relevance)."""
+    """Deterministic: per (user, stratum, slot), the argmax of the score table's ``column`` over
+    the row's action set (null scores ignored); uniform over A(x) when the user has no score for
+    any of its items (see :func:`_add_choice`)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     if column not in scores.columns:
         raise ValueError(f"score policy: column {column!r} is not in the score table (columns {scores.columns})")
-    w = Window.partitionBy("user_id").orderBy(F.desc(column), F.asc("item_id"))
-    best = scores.withColumn("rk", F.row_number().over(w)).where("rk = 1") \
-        .select("user_id", F.col("item_id").alias("chosen"))
-    return _add_choice(rows, best, item_q, ["user_id"], name or f"score_{column}")
+    sc = scores.select("user_id", "item_id", F.col(column).alias("s")).where(F.col("s").isNotNull())
+    in_a = sc.join(F.broadcast(item_q.select("stratum", "slot", "item_id")), "item_id")
+    w = Window.partitionBy("user_id", "stratum", "slot").orderBy(F.desc("s"), F.asc("item_id"))
+    best = in_a.withColumn("rk", F.row_number().over(w)).where("rk = 1") \
+        .select("user_id", "stratum", "slot", F.col("item_id").alias("chosen"))
+    return _add_choice(rows, best, item_q, ["user_id", "stratum", "slot"], name or f"score_{column}")
 
 
 def add_topk_policy(rows, topk, item_q, name: str = "recommendations"):
-    """Uniform over each user's top-K list (``topk``: user_id, item_id[, rank]).
+    """Uniform over each user's top-K list within the row's action set (``topk``: user_id, item_id[, rank]).
 
-    pi_e = 1{a_i in L_u} / |L_u|; q_hat_pi = mean q_hat over the listed items at the row's
-    (stratum, slot). Users without a list get the uniform random policy (stated, so the value is
-    defined for every logged row).
+    With ``L = L_u & A(stratum, slot)``: pi_e = 1{a_i in L} / |L| and q_hat_pi = mean q_hat over L.
+    When L is empty (no listed item can be shown there) or the user has no list: the uniform
+    random policy over A (stated, so the value is defined for every logged row).
     """
     from pyspark.sql import functions as F
 
     lists = topk.select("user_id", "item_id").distinct()
-    k = lists.groupBy("user_id").agg(F.count("*").alias("k_list"))
-    listed = lists.withColumn("listed", F.lit(1.0))
-    # mean q_hat of the user's listed items, per (stratum, slot) of the user's rows
-    units = rows.select("user_id", "stratum", "slot").distinct()
-    qlist = units.join(lists, "user_id").join(item_q, ["stratum", "slot", "item_id"]) \
-        .groupBy("user_id", "stratum", "slot").agg(F.avg("q_hat_item").alias("q_list"))
+    # the user's listed items that are in each action set: lists x the small action-set table
+    inter = lists.join(F.broadcast(item_q.select("stratum", "slot", "item_id", "q_hat_item")), "item_id")
+    per_unit = inter.groupBy("user_id", "stratum", "slot").agg(
+        F.count("*").alias("k_list"), F.avg("q_hat_item").alias("q_list"))
+    listed = inter.select("user_id", "stratum", "slot", "item_id", F.lit(1.0).alias("listed"))
     u = unit_summary(item_q)
-    j = rows.join(k, "user_id", "left").join(listed, ["user_id", "item_id"], "left") \
-        .join(qlist, ["user_id", "stratum", "slot"], "left").join(F.broadcast(u), ["stratum", "slot"], "left")
-    j = j.withColumn(pi_e_col(name), F.when(F.col("k_list").isNull(), 1.0 / F.col("n_actions"))
+    j = rows.join(per_unit, ["user_id", "stratum", "slot"], "left") \
+        .join(listed, ["user_id", "stratum", "slot", "item_id"], "left") \
+        .join(F.broadcast(u), ["stratum", "slot"], "left")
+    none = F.col("k_list").isNull()
+    j = j.withColumn(pi_e_col(name), F.when(none, 1.0 / F.col("n_actions"))
                      .otherwise(F.coalesce(F.col("listed"), F.lit(0.0)) / F.col("k_list")))
-    j = j.withColumn(q_hat_pi_col(name), F.coalesce(F.col("q_list"), F.col("q_mean")))
+    j = j.withColumn(q_hat_pi_col(name), F.when(none, F.col("q_mean")).otherwise(F.col("q_list")))
     return j.drop("k_list", "listed", "q_list", "n_actions", "q_mean")
