@@ -2,8 +2,10 @@
 
 Three facts, each from a real quantity and stated with it:
 
-* the estimated lift from recommending (``uplift``), with its 95% interval when a
-  standard error (``uplift_se``) or a per-item interval (``uplift_effects``) exists;
+* the estimated lift from recommending (``uplift``), with its 95% interval when it has a
+  standard error (``uplift_se``); without one, the item's average effect from ``uplift_effects``
+  may be quoted beside it, as that, with its own point estimate and interval (an interval is
+  never attached to a number it was not computed for);
 * the history items most responsible: cosine similarity of the item's text embedding
   to each of the user's recent items, naming the top one or two by title;
 * whether fairness re-ranking boosted it, and for which group.
@@ -21,15 +23,13 @@ import numpy as np
 Z95 = 1.959963984540054
 
 
-def lift_interval(uplift: Optional[float], se: Optional[float] = None, ci_low: Optional[float] = None,
-                  ci_high: Optional[float] = None) -> Optional[tuple[float, float]]:
-    """95% interval: normal from ``se`` when present, else the given (ci_low, ci_high)."""
+def lift_interval(uplift: Optional[float], se: Optional[float] = None) -> Optional[tuple[float, float]]:
+    """95% normal interval of ``uplift`` from its own standard error; None without one (a per-item
+    interval belongs to the item's average effect, not to a model's per-pair uplift)."""
     if uplift is None or not _finite(uplift):
         return None
     if _finite(se) and se > 0:
         return (uplift - Z95 * se, uplift + Z95 * se)
-    if _finite(ci_low) and _finite(ci_high):
-        return (float(ci_low), float(ci_high))
     return None
 
 
@@ -60,11 +60,21 @@ def _signed(x: float, probability: bool) -> str:
     return f"{x * 100:+.1f}" if probability else f"{x:+.2f}"
 
 
+def _interval_text(interval: tuple[float, float], probability: bool) -> str:
+    lo, hi = interval
+    s = f" (95% interval {_signed(lo, probability)} to {_signed(hi, probability)}"
+    return s + (", so the lift may be zero)" if lo <= 0 <= hi else ")")
+
+
 def explain(*, policy: str, rank: int, relevance: Optional[float], uplift: Optional[float],
             interval: Optional[tuple[float, float]], similar: Sequence[tuple[str, float]],
             boosted: bool, group: Optional[str] = None, attribute: str = "popularity_group",
-            probability: bool = True) -> str:
-    """One recommendation's explanation; every clause carries the number it rests on."""
+            probability: bool = True, item_effect: Optional[tuple[float, float, float]] = None) -> str:
+    """One recommendation's explanation; every clause carries the number it rests on.
+
+    ``interval`` belongs to ``uplift``; ``item_effect`` = (effect, ci_low, ci_high) is the item's
+    average effect over logged users, stated as its own clause.
+    """
     parts = []
     if _finite(uplift):
         verb = "raise" if uplift > 0 else ("lower" if uplift < 0 else "not change")
@@ -73,12 +83,15 @@ def explain(*, policy: str, rank: int, relevance: Optional[float], uplift: Optio
         if uplift != 0:
             s += f" by {_amount(uplift, probability)}"
         if interval is not None:
-            lo, hi = interval
-            s += f" (95% interval {_signed(lo, probability)} to {_signed(hi, probability)}"
-            s += (", so the lift may be zero)" if lo <= 0 <= hi else ")")
+            s += _interval_text(interval, probability)
         parts.append(s + ".")
-    else:
+    elif item_effect is None:
         parts.append("No estimate of the effect of recommending this is available.")
+    if item_effect is not None:
+        eff, lo, hi = item_effect
+        unit = "percentage points" if probability else "rating points"
+        parts.append(f"Averaged over the users it was logged for, the item's effect of being recommended is "
+                     f"estimated at {_signed(eff, probability)} {unit}{_interval_text((lo, hi), probability)}.")
     if similar:
         names = " and ".join(f"'{_short(t)}' (similarity {s:.2f})" for t, s in similar)
         parts.append(f"It is most similar to {names} from your recent history.")

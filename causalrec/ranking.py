@@ -21,7 +21,8 @@ Policies (``ranking.policy``):
 Each user's candidate list is bounded, so ranking runs per user in pandas inside
 ``applyInPandas`` on the executors, never on the driver. The job also writes
 ``ranking_summary``: the relevance the policy costs against the unconstrained
-top-K of its base score, and the exposure Gini across catalogue items before/after.
+top-K of its base score, and the Gini of recommendation counts across catalogue items
+before/after (plain slot counts; the evaluate stage's ``exposure_gini`` is position-discounted).
 """
 from __future__ import annotations
 
@@ -157,8 +158,9 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
     rows = []
     for r, i in enumerate(picked, start=1):
         row = pdf.iloc[i]
-        se = row.get("uplift_se")
-        interval = lift_interval(_f(upl[i]), _f(se), _f(row.get("ci_low")), _f(row.get("ci_high")))
+        interval = lift_interval(_f(upl[i]), _f(row.get("uplift_se")))
+        # the item-level estimate is a different quantity: quoted as such, with its own interval
+        item = None if interval is not None else _item_estimate(row)
         sim = most_similar_history(emb.get(ids[i]) if emb else None, hist_vecs, hist_titles)
         rows.append({
             "user_id": row["user_id"], "item_id": ids[i], "rank": r,
@@ -167,7 +169,8 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
             "policy": policy, "fairness_boosted": bool(boosted[r - 1]),
             "explanation": explain(policy=policy, rank=r, relevance=_f(rel[i]), uplift=_f(upl[i]),
                                    interval=interval, similar=sim, boosted=bool(boosted[r - 1]),
-                                   group=grp[i], attribute=attribute, probability=probability),
+                                   group=grp[i], attribute=attribute, probability=probability,
+                                   item_effect=item),
             "model_version": row["model_version"], "group": str(grp[i]), "kind": "policy",
         })
     for r, i in enumerate(baseline, start=1):
@@ -176,6 +179,12 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
                      "explanation": "", "model_version": pdf["model_version"].iloc[i], "group": str(grp[i]),
                      "kind": "base"})
     return pd.DataFrame(rows, columns=OUT_COLUMNS)
+
+
+def _item_estimate(row) -> Optional[tuple[float, float, float]]:
+    """(effect, ci_low, ci_high) of the item's average effect from uplift_effects, when all are known."""
+    est = tuple(_f(row.get(c)) for c in ("item_effect", "item_ci_low", "item_ci_high"))
+    return est if all(v is not None for v in est) else None
 
 
 def _f(x) -> Optional[float]:
@@ -199,7 +208,8 @@ OUT_SCHEMA = ("user_id string, item_id string, rank int, score double, relevance
 def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, policy: Optional[str] = None):
     """Spark: join the per-user inputs and run :func:`rank_user` per user via applyInPandas.
 
-    ``groups``: (item_id, group); ``uplift_effects``: (item_id, effect, se, ci_low, ci_high);
+    ``groups``: (item_id, group); ``uplift_effects``: the uplift stage's table (one item-level row
+    per item is used, see :func:`causalrec.scoring.item_uplift`);
     ``history``: (user_id, history array<string>, most recent first).
     Returns (result DataFrame with kind policy/base, targets, group_sizes).
     """
@@ -220,7 +230,12 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
         raise ValueError(f"ranking.policy='fair' needs the item attribute {cfg.fairness_attribute!r} "
                          "(item_features.popularity_group, or a column of items/item_features)")
     if uplift_effects is not None:
-        df = df.join(F.broadcast(uplift_effects.select("item_id", "ci_low", "ci_high")), "item_id", "left")
+        from causalrec.scoring import item_uplift
+
+        ue = item_uplift(uplift_effects).select("item_id", F.col("effect").alias("item_effect"),
+                                                F.col("ci_low").alias("item_ci_low"),
+                                                F.col("ci_high").alias("item_ci_high"))
+        df = df.join(F.broadcast(ue), "item_id", "left")
     if history is not None:
         df = df.join(history, "user_id", "left")
     targets = group_targets(group_sizes, cfg.fairness_target)
@@ -253,7 +268,7 @@ def _item_side(ctx):
 
 
 def summarise(result, catalogue_items: Optional[int], policy: str, cfg) -> dict:
-    """Relevance cost and exposure Gini before (kind=base) / after (kind=policy).
+    """Relevance cost and Gini of recommendation counts per item before (kind=base) / after (kind=policy).
 
     One Spark aggregation to (kind, item, group) rows - catalogue-sized, not event-sized -
     then the Gini and shares on the driver."""

@@ -157,6 +157,25 @@ def _model_rows(data) -> tuple[Optional[str], list[str], dict]:
     return sl, models, {(r["model"], r["metric"], r.get("k")): r for r in rows}
 
 
+UPLIFT_METHODS = ("dr", "ips")  # as causalrec.scoring.item_uplift: DR when present, else IPS
+
+
+def _item_effects(data) -> tuple[list[dict], Optional[str]]:
+    """(item-level uplift_effects rows of one method, one per item; the method).
+
+    uplift_effects also holds overall and segment rows, each once per method: counting or
+    plotting them all would show several "items" per item and some that are not items.
+    """
+    rows = [r for r in data.get("tables", {}).get("uplift_effects") or []
+            if r.get("level", "item") == "item" and r.get("item_id") is not None and _finite(r.get("effect"))]
+    have = {r.get("method") for r in rows}
+    method = next((m for m in UPLIFT_METHODS if m in have), min(have, key=str) if have else None)
+    latest: dict = {}
+    for r in sorted((r for r in rows if r.get("method") == method), key=lambda r: str(r.get("created_at") or "")):
+        latest[r["item_id"]] = r  # one row per item: the latest run's
+    return list(latest.values()), method
+
+
 def _get(index, model, metric, k=None):
     r = index.get((model, metric, k))
     return None if r is None else r.get("value")
@@ -207,13 +226,14 @@ def summary_sentences(data) -> list[str]:
     if fair:
         r = fair[-1]
         cost = f" at a relevance cost of {r['relevance_cost'] * 100:.1f}%" if _finite(r.get("relevance_cost")) else ""
-        out.append(f"Fair re-ranking moves the exposure Gini across items from {r['gini_before']:.3f} to "
-                   f"{r['gini_after']:.3f}{cost} (0 = equal exposure, 1 = one item gets it all).")
+        out.append(f"Fair re-ranking moves the Gini of recommendation counts across items from "
+                   f"{r['gini_before']:.3f} to {r['gini_after']:.3f}{cost} (0 = every item recommended equally "
+                   "often, 1 = one item gets every slot).")
     else:
         lor = _curves(data).get("lorenz") or {}
         if "relevance" in lor and "fair" in lor and _finite(lor["relevance"].get("gini")) and _finite(lor["fair"].get("gini")):
-            out.append(f"Fair re-ranking moves the exposure Gini from {lor['relevance']['gini']:.3f} to "
-                       f"{lor['fair']['gini']:.3f}.")
+            out.append(f"Fair re-ranking moves the Gini of position-discounted exposure across items from "
+                       f"{lor['relevance']['gini']:.3f} to {lor['fair']['gini']:.3f}.")
     for r in _metrics(data):
         if r["metric"] == "weight_ess" and _finite(r.get("value")):
             try:
@@ -224,12 +244,12 @@ def summary_sentences(data) -> list[str]:
                 out.append(f"The inverse-propensity weights keep an effective sample size of {r['value']:.0f} "
                            f"({ratio * 100:.1f}% of the observed rows): the lower this is, the noisier every "
                            "IPS-based number in this report.")
-    ue = data.get("tables", {}).get("uplift_effects") or []
-    if ue:
-        eff = [r for r in ue if _finite(r.get("effect"))]
+    eff, method = _item_effects(data)
+    if eff:
         sig = [r for r in eff if _finite(r.get("ci_low")) and r["ci_low"] > 0]
-        if eff:
-            out.append(f"{len(sig)} of {len(eff)} items have a recommendation effect whose 95% interval lies above zero.")
+        how = f" ({method.upper()} estimates)" if method else ""
+        out.append(f"{len(sig)} of {len(eff)} items have a recommendation effect whose 95% interval lies above "
+                   f"zero{how}.")
     if not out:
         out.append("No results are available yet: run the pipeline stages listed in each section below.")
     return out
@@ -413,7 +433,7 @@ def section_uplift(data) -> str:
         ax.legend(fontsize=7)
         parts.append(_fig_html(fig, "qini curve", "Qini curve: incremental positive outcomes gained by recommending to the pairs "
                                "with the highest predicted effect first; the dashed line is random targeting."))
-    ue = [r for r in data.get("tables", {}).get("uplift_effects") or [] if _finite(r.get("effect"))]
+    ue, _method = _item_effects(data)
     if ue:
         ue = sorted(ue, key=lambda r: -r["effect"])
         n = [max(float(r.get("n") or 1), 1.0) for r in ue]
@@ -468,10 +488,13 @@ def section_exposure(data) -> str:
     for r in _metrics(data):
         if str(r["model"]).startswith("policy:") and (r["metric"] in ("exposure_gini", "catalog_coverage")
                                                      or r["metric"].startswith("exposure_share:")):
-            rows.append([r["model"][7:], r["metric"], r.get("k"), r["value"]])
+            name = "Gini of position-discounted exposure" if r["metric"] == "exposure_gini" else r["metric"]
+            rows.append([r["model"][7:], name, r.get("k"), r["value"]])
     rs = data.get("tables", {}).get("ranking_summary") or []
     if rs:
-        out += _table(["policy", "K", "Gini before", "Gini after", "relevance cost", "boosted"],
+        # ranking_summary's Gini is of plain slot counts; the Lorenz curve's (exposure_gini) is position-discounted
+        out += _table(["policy", "K", "Gini of recommendation counts before", "Gini of recommendation counts after",
+                       "relevance cost", "boosted"],
                       [[r.get("policy"), r.get("k"), r.get("gini_before"), r.get("gini_after"), r.get("relevance_cost"),
                         r.get("n_boosted")] for r in rs])
     if rows:

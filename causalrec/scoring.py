@@ -5,7 +5,7 @@ Two steps, each on the engine that suits it:
 1. **Spark builds ``scoring_input``**: candidates joined with the id index
    (user_idx/item_idx; -1 for cold ids), the user's history and text and the item's
    text as the training set saw them, and a per-item uplift prior from
-   ``uplift_effects``. These are shuffle joins of a users x candidates table with
+   ``uplift_effects`` (item-level rows of one method, see :func:`item_uplift`). These are shuffle joins of a users x candidates table with
    dimension tables, which Spark plans well (broadcast for items); materialising
    the result in Delta makes the model step restartable without redoing joins, and
    gives Ray a plain columnar read with no joins on the actor path.
@@ -39,6 +39,31 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- step 1: Spark
+
+UPLIFT_METHODS = ("dr", "ips")  # preference order: DR is uplift's primary estimate, IPS the fallback
+
+
+def item_uplift(uplift_effects):
+    """One row per item of ``uplift_effects``: item-level rows of one method (DR when present, else IPS).
+
+    Why: ``uplift.run`` writes overall, item and segment rows, each once per method, so a join on
+    item_id alone would duplicate every candidate (and the same item would fill several slots
+    of a top-K). Mixing methods across items would rank by two different estimators.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    ue = uplift_effects.where(F.col("item_id").isNotNull())
+    if "level" in ue.columns:
+        ue = ue.where(F.col("level") == "item")
+    if "method" in ue.columns:
+        have = {r[0] for r in ue.select("method").distinct().collect()}  # one row per method
+        method = next((m for m in UPLIFT_METHODS if m in have), min(have) if have else None)
+        if method is not None:
+            ue = ue.where(F.col("method") == method)
+    order = [F.col(c).desc_nulls_last() for c in ("created_at", "run_id") if c in ue.columns]
+    w = Window.partitionBy("item_id").orderBy(*order, F.col("effect").desc_nulls_last())
+    return ue.withColumn("_r", F.row_number().over(w)).where(F.col("_r") == 1).drop("_r")
 
 
 def build_scoring_input(spark, candidates, id_index=None, training_examples=None, users=None, items=None,
@@ -91,8 +116,8 @@ def build_scoring_input(spark, candidates, id_index=None, training_examples=None
     if item_part is not None:
         df = df.join(F.broadcast(item_part), "item_id", "left")
     if uplift_effects is not None:
-        ue = uplift_effects.select("item_id", F.col("effect").alias("prior_uplift"),
-                                   F.col("se").alias("prior_uplift_se"))
+        ue = item_uplift(uplift_effects).select("item_id", F.col("effect").alias("prior_uplift"),
+                                                F.col("se").alias("prior_uplift_se"))
         df = df.join(F.broadcast(ue), "item_id", "left")
     if feature_vectors is not None:
         df = feature_vectors(df)
@@ -263,6 +288,8 @@ def resolve_model(cfg) -> dict:
 
 def prepare_input(ctx) -> int:
     """Spark step: write ``scoring_input``; returns its row count."""
+    from pyspark.sql import functions as F
+
     store = ctx.store
     read = lambda n: store.read(n) if store.exists(n) else None  # noqa: E731
     cands = store.read("candidates")
@@ -279,6 +306,13 @@ def prepare_input(ctx) -> int:
     df = build_scoring_input(ctx.spark, cands, read("id_index"), read("training_examples"), read("users"),
                              read("items"), read("uplift_effects"), feature_vectors=fv)
     store.write(df, "scoring_input", mode="overwrite", spec=SCORING_INPUT, overwrite_schema=True)
+    # scores is checked against this count, so a duplicated input would pass unseen downstream
+    dup = (store.read("scoring_input").groupBy("user_id", "item_id").count()
+           .where(F.col("count") > 1).limit(1).collect())
+    if dup:
+        raise RuntimeError(f"scoring_input has {dup[0]['count']} rows for (user {dup[0]['user_id']!r}, item "
+                           f"{dup[0]['item_id']!r}); expected one row per candidate pair (duplicated candidates "
+                           "or a join that fans out)")
     return store.row_count("scoring_input")
 
 

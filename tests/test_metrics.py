@@ -171,6 +171,46 @@ def test_ranking_ips_differs_from_snips_across_users(spark):
     assert snips["recall"].value == pytest.approx(0.5)
 
 
+def test_ranking_metrics_count_a_repeated_pair_once(spark):
+    """Logs repeat (user, item) rows (OBD: one per impression); each pair counts once, so no metric
+    exceeds 1 and the result equals that of the deduplicated rows."""
+    rep = pd.DataFrame({"user_id": ["u"] * 4, "item_id": ["a", "a", "b", "c"], "outcome": [1.0, 0.0, 0.0, 1.0],
+                        "prediction": [0.9, 0.8, 0.5, 0.2]})
+    once = pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"], "outcome": [1.0, 0.0, 1.0],
+                         "prediction": [0.9, 0.5, 0.2]})
+    for k in (1, 2, 3):
+        kw = dict(k=k, col_rating="outcome", relevance_threshold=0.5)
+        got = M.ranking_metrics_by_user(sdf(spark, rep), sdf(spark, rep), **kw).toPandas()
+        want = M.ranking_metrics_by_user(sdf(spark, once), sdf(spark, once), **kw).toPandas()
+        pd.testing.assert_frame_equal(got, want)
+        assert got["n_rel"].item() == 2
+        assert (got[list(M.RANKING_METRICS)] <= 1.0).all(axis=None), got
+    top1 = M.ranking_metrics_by_user(sdf(spark, rep), sdf(spark, rep), k=1, col_rating="outcome",
+                                     relevance_threshold=0.5).toPandas().iloc[0]
+    assert (top1["precision"], top1["recall"], top1["ndcg"], top1["map"]) == pytest.approx((1.0, 0.5, 1.0, 1.0))
+
+
+def test_causal_top_k_by_prediction_lists_an_item_once(spark):
+    pred = sdf(spark, pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "a", "b"], "prediction": [0.9, 0.9, 0.2]}))
+    eff = sdf(spark, pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"], "effect": [0.1, 0.3]}))
+    top = M.top_k(pred, 2).toPandas()
+    assert top.sort_values("rank")["item_id"].tolist() == ["a", "b"]
+    per = M.causal_metrics_by_user(pred, eff, k=2, col_rank=None, col_prediction="prediction").toPandas().iloc[0]
+    assert per["causal_precision"] == pytest.approx((0.1 + 0.3) / 2)
+    assert per["cdcg"] == pytest.approx(0.1 + 0.3 / math.log2(3))
+
+
+def test_auc_and_gini_leave_no_cached_data(spark):
+    """_prefix_sums persists its range-partitioned rows for two passes; they must be released."""
+    rng = np.random.default_rng(11)
+    df = sdf(spark, pd.DataFrame({"label": rng.integers(0, 2, 300), "prediction": rng.normal(size=300),
+                                  "exposure": rng.uniform(size=300)}))
+    cached = lambda: spark.sparkContext._jsc.getPersistentRDDs().size()  # noqa: E731
+    before = cached()
+    assert M.auc(df).value is not None and M.gini(df) is not None
+    assert cached() == before
+
+
 # --------------------------------------------------------------------------- causal
 
 

@@ -193,3 +193,69 @@ def test_explanations_carry_the_numbers(ctx, spark):
     # negative lift is stated as such, with no interval when there is no standard error
     assert "lower the chance you respond by 1.2 percentage points." in d and "interval" not in d
     assert recs.loc["c", "rank"] == 1 and not recs["fairness_boosted"].any()
+
+
+def test_rank_all_one_slot_per_item_with_real_uplift_effects(ctx, spark):
+    """uplift_effects holds overall/item/segment rows x (ips, dr): joining them all gave an item
+    several slots of one top-K."""
+    from test_scoring import _uplift_effects
+
+    from causalrec.ranking import rank_all
+
+    scores = spark.createDataFrame([("u", "a", 0.5, 0.09), ("u", "b", 0.5, 0.08), ("u", "c", 0.5, 0.01)],
+                                   "user_id string, item_id string, relevance double, uplift double").selectExpr(
+        "*", "cast(null as double) as uplift_se", "'m1' as model_version")
+    ctx.cfg.ranking.k = 3
+    ctx.cfg.ranking.policy = "uplift"
+    res, _, _ = rank_all(ctx, scores, None, _uplift_effects(spark, ["a", "b"]), None)
+    pol = res.where("kind = 'policy'").toPandas().sort_values("rank")
+    assert pol["item_id"].tolist() == ["a", "b", "c"]
+    base = res.where("kind = 'base'").toPandas()
+    assert not base.duplicated(["user_id", "item_id"]).any()
+    # the item's own DR estimate (a: 0.03 [0.01, 0.05]) is quoted as such, not as an interval of 9.0 points
+    a = pol.set_index("item_id").loc["a", "explanation"]
+    assert "by 9.0 percentage points." in a and "item's effect of being recommended is estimated at +3.0" in a
+
+
+def _quoted(explanation: str) -> list[tuple[float, float, float]]:
+    """(number, low, high) for every '95% interval' in an explanation, with the number it is attached to."""
+    out = []
+    for sentence in explanation.split(". "):
+        m = re.search(r"(raise|lower)[^.]* by (\d+\.\d) percentage points \(95% interval ([+-]\d+\.\d) to "
+                      r"([+-]\d+\.\d)", sentence)
+        if m:
+            x = float(m.group(2)) * (1 if m.group(1) == "raise" else -1)
+            out.append((x, float(m.group(3)), float(m.group(4))))
+            continue
+        m = re.search(r"estimated at ([+-]\d+\.\d) percentage points \(95% interval ([+-]\d+\.\d) to "
+                      r"([+-]\d+\.\d)", sentence)
+        if m:
+            assert "item's effect" in sentence and "Averaged over the users" in sentence, sentence
+            out.append(tuple(float(g) for g in m.groups()))
+            continue
+        assert "interval" not in sentence, sentence  # an interval with no number of its own
+    return out
+
+
+@pytest.mark.parametrize("se", [np.nan, 0.01])
+def test_explanation_quotes_an_interval_only_for_its_own_number(se):
+    """A model's per-pair uplift (uplift_se null, as ScoreBatch writes for uplift heads) must not be
+    given the item-level interval of another estimate: 'raise by 20.0 points (95% interval -5.0 to -1.0)'."""
+    from causalrec.ranking import rank_user
+
+    pdf = pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "relevance": [0.4], "uplift": [0.20], "uplift_se": [se],
+                        "model_version": ["m"], "item_effect": [-0.03], "item_ci_low": [-0.05],
+                        "item_ci_high": [-0.01]})
+    pdf = pdf.assign(ci_low=pdf["item_ci_low"], ci_high=pdf["item_ci_high"])  # as the item interval was joined before
+    out = rank_user(pdf, policy="uplift", k=1, blend_weight=0.5, fair_base="relevance", strength=0.5, targets={},
+                    attribute="popularity_group")
+    text = out.loc[out.kind == "policy", "explanation"].item()
+    quoted = _quoted(text)
+    assert quoted, text
+    for x, lo, hi in quoted:
+        assert lo <= x <= hi, text
+    if np.isnan(se):  # no interval of its own: the item's average is quoted beside it, as that
+        assert "by 20.0 percentage points." in text
+        assert quoted == [(-3.0, -5.0, -1.0)]
+    else:
+        assert quoted == [(20.0, 18.0, 22.0)] and "item's effect" not in text

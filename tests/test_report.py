@@ -90,8 +90,7 @@ def realistic_data() -> dict:
         runs.append({"run_id": f"mf-{obj}-1", "model": "mf", "objective": obj, "model_version": f"mf-{obj}-1",
                      "checkpoint_path": "/tmp/ckpt", "metrics_json": json.dumps({"epochs": epochs, "valid_mode": "mcar"}),
                      "best_epoch": 5, "created_at": "2026-01-01T00:00:00"})
-    uplift = [{"item_id": f"i{i}", "effect": float(e), "se": 0.01, "ci_low": float(e) - 0.02, "ci_high": float(e) + 0.02,
-               "n": 100} for i, e in enumerate(rng.normal(0.02, 0.03, 40))]
+    uplift = uplift_effects(rng.normal(0.02, 0.03, 40))
     summary = [{"policy": "fair", "k": 10, "fairness_attribute": "popularity_group", "fairness_strength": 0.5,
                 "n_users": 290, "relevance_unconstrained": 100.0, "relevance_policy": 96.0, "relevance_cost": 0.04,
                 "gini_before": 0.71, "gini_after": 0.48, "n_boosted": 310}]
@@ -103,6 +102,23 @@ def realistic_data() -> dict:
                                   {"model": "mf:uplift", "family": "causal"}],
                        "curves": curves, "missing": {"ground_truth": "not found"}, "k": [5, 10]},
     }
+
+
+def uplift_effects(effects) -> list[dict]:
+    """uplift_effects as uplift.run writes it: overall, item and segment rows, once per method;
+    IPS item effects sit 0.05 above DR's so mixing the methods shows in the counts."""
+    rows = []
+    for method, shift in (("ips", 0.05), ("dr", 0.0)):
+        base = {"run_id": "u1", "method": method, "se": 0.01, "n": 100, "item_id": None, "segment": None}
+        rows.append(dict(base, level="overall", effect=0.02 + shift, ci_low=0.01 + shift, ci_high=0.03 + shift,
+                         n=10000))
+        for seg in ("a", "b"):
+            rows.append(dict(base, level="segment", segment=seg, effect=0.03 + shift, ci_low=0.02 + shift,
+                             ci_high=0.04 + shift, n=5000))
+        for i, e in enumerate(effects):
+            e = float(e) + shift
+            rows.append(dict(base, level="item", item_id=f"i{i}", effect=e, ci_low=e - 0.02, ci_high=e + 0.02))
+    return rows
 
 
 # one figure each: models, propensity hist, calibration, weights, OPE, Qini, per-item uplift, Lorenz, training
@@ -117,7 +133,8 @@ def test_render_report_has_every_plot_and_a_summary_from_the_numbers():
     assert "<script" not in page and "<link" not in page and 'src="http' not in page
     summary = R.summary_sentences(realistic_data())
     assert any("MSE 1.090 versus 1.210" in s and "lower, i.e. better" in s for s in summary), summary
-    assert any("Gini across items from 0.710 to 0.480" in s and "4.0%" in s for s in summary), summary
+    assert any("Gini of recommendation counts across items from 0.710 to 0.480" in s and "4.0%" in s
+               for s in summary), summary
     assert any("'recommendations' highest" in s for s in summary), summary
     for s in summary:
         assert s in page.replace("&#x27;", "'")
@@ -126,6 +143,32 @@ def test_render_report_has_every_plot_and_a_summary_from_the_numbers():
     assert "naive vs debiased vs causal" in page and "Qini" in page
     # the model table shows intervals
     assert "1.0900 [1.0400, 1.1400]" in page
+
+
+def test_uplift_summary_counts_items_of_one_method():
+    """Overall and segment rows are not items, and each item is counted once (DR, not DR + IPS)."""
+    data = realistic_data()
+    dr = [r for r in data["tables"]["uplift_effects"] if r["level"] == "item" and r["method"] == "dr"]
+    n_sig = sum(r["ci_low"] > 0 for r in dr)
+    assert 0 < n_sig < 40
+    assert f"{n_sig} of 40 items have a recommendation effect whose 95% interval lies above zero (DR estimates)." \
+        in R.summary_sentences(data)
+    items, method = R._item_effects(data)  # the rows the per-item plot draws
+    assert method == "dr" and sorted(r["item_id"] for r in items) == sorted(r["item_id"] for r in dr)
+    ips_only = {"tables": {"uplift_effects": [r for r in data["tables"]["uplift_effects"] if r["method"] == "ips"]}}
+    n_ips = sum(r["ci_low"] > 0 for r in ips_only["tables"]["uplift_effects"] if r["level"] == "item")
+    assert f"{n_ips} of 40 items" in " ".join(R.summary_sentences(ips_only))
+
+
+def test_the_two_ginis_have_distinct_names():
+    """ranking_summary's Gini is of plain recommendation counts; the Lorenz curve's is position-discounted."""
+    data = realistic_data()
+    page = R.render_report(data)
+    assert "Gini of recommendation counts before" in page and "Gini of position-discounted exposure" in page
+    del data["tables"]["ranking_summary"]
+    assert any("Gini of position-discounted exposure across items from 0.710 to 0.480" in s
+               for s in R.summary_sentences(data))
+    assert not any("exposure Gini" in s for s in R.summary_sentences(data))
 
 
 def test_render_report_names_the_stage_for_missing_inputs():

@@ -195,3 +195,49 @@ def test_scoring_input_carries_the_training_feature_layout(ctx, spark):
     # an unknown user gets the zero user vector training used for missing users
     assert got[("u9", "i2")][:nu] == [0.0] * nu
     np.testing.assert_allclose(got[("u9", "i2")][nu:nu + ni], itf["i2"], rtol=1e-6)
+
+
+def _uplift_effects(spark, items, ips=0.05, dr=0.03):
+    """uplift_effects as uplift.run writes it: overall, item and segment rows, once per method."""
+    import datetime as dt
+
+    from causalrec.schemas import UPLIFT_EFFECTS
+
+    now = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    rows = []
+    for m, e in (("ips", ips), ("dr", dr)):
+        rows.append(("r", "overall", None, None, m, 0.01, 0.005, 0.0, 0.02, 100, 50, "{}", now))
+        for j, it in enumerate(items):
+            rows.append(("r", "item", it, None, m, e + j / 100, 0.01, e + j / 100 - 0.02, e + j / 100 + 0.02,
+                         10, 5, None, now))
+        rows.append(("r", "segment", None, "s1", m, 0.02, 0.01, 0.0, 0.04, 50, 25, None, now))
+    return spark.createDataFrame(rows, UPLIFT_EFFECTS.spark_schema())
+
+
+def test_scoring_input_one_row_per_candidate_with_real_uplift_effects(ctx, spark):
+    """Overall/item/segment rows x two methods must not fan candidates out: the prior is the
+    item-level DR effect, one row per (user, item)."""
+    from causalrec.schemas import UPLIFT_EFFECTS
+    from causalrec.scoring import prepare_input
+
+    store = ctx.store
+    n = _tables(spark, store, n_cands=3)
+    store.write(_uplift_effects(spark, ["i0", "i1", "i2"]), "uplift_effects", mode="overwrite", spec=UPLIFT_EFFECTS)
+    assert prepare_input(ctx) == n
+    si = store.read_arrow("scoring_input").to_pandas()
+    assert not si.duplicated(["user_id", "item_id"]).any()
+    prior = si.drop_duplicates("item_id").set_index("item_id")["prior_uplift"]
+    assert prior[["i0", "i1", "i2"]].tolist() == pytest.approx([0.03, 0.04, 0.05])  # dr, not ips (0.05 ...)
+    assert prior.drop(["i0", "i1", "i2"]).isna().all()  # no item-level row: no prior
+
+
+def test_prepare_input_rejects_duplicated_candidates(ctx, spark):
+    from causalrec.scoring import prepare_input
+
+    store = ctx.store
+    _tables(spark, store, n_cands=2)
+    cands = store.read("candidates").toPandas()
+    store.write(spark.createDataFrame(pd.concat([cands, cands.iloc[:1]]), store.read("candidates").schema),
+                "candidates", mode="overwrite", spec=CANDIDATES)
+    with pytest.raises(RuntimeError, match="one row per candidate pair"):
+        prepare_input(ctx)

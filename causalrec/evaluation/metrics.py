@@ -24,6 +24,7 @@ recommends, not the outcomes that would have happened anyway.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,15 +79,18 @@ class MetricValue:
         return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
 
 
-def _prefix_sums(df: DataFrame, order_col: str, sum_cols: list[str], num_partitions: Optional[int] = None) -> DataFrame:
-    """Add ``<c>_cum`` = inclusive running sum of each ``sum_cols`` in ascending ``order_col``.
+@contextmanager
+def _prefix_sums(df: DataFrame, order_col: str, sum_cols: list[str], num_partitions: Optional[int] = None):
+    """Yield ``df`` with ``<c>_cum`` = inclusive running sum of each ``sum_cols`` in ascending ``order_col``.
 
     Why not ``Window.orderBy`` without a partition: that moves every row into one
     task. Instead the rows are range-partitioned on the key (partition i holds only
     keys below partition i+1), each partition's totals are aggregated (a handful of
     rows reach the driver), and a running sum within each partition is offset by
     the totals of the partitions before it. ``order_col`` values must be unique
-    (callers aggregate ties first).
+    (callers aggregate ties first). A context manager: the range-partitioned rows are
+    persisted for the two passes and unpersisted on exit, so repeated metrics do not pile
+    up cached data in the executors.
     """
     spark = df.sparkSession
     n = num_partitions or max(1, int(spark.conf.get("spark.sql.shuffle.partitions", "8")))
@@ -95,6 +99,15 @@ def _prefix_sums(df: DataFrame, order_col: str, sum_cols: list[str], num_partiti
         .withColumn("_pid", F.spark_partition_id())
         .persist()
     )
+    try:
+        yield _with_offsets(ranged, order_col, sum_cols)
+    finally:
+        ranged.unpersist()
+
+
+def _with_offsets(ranged: DataFrame, order_col: str, sum_cols: list[str]) -> DataFrame:
+    """The running sums of :func:`_prefix_sums` over its range-partitioned (``_pid``) rows."""
+    spark = ranged.sparkSession
     totals = ranged.groupBy("_pid").agg(*[F.sum(c).alias(c) for c in sum_cols]).collect()
     running = {c: 0.0 for c in sum_cols}
     offsets = []
@@ -212,14 +225,14 @@ def auc(
         F.sum(F.when(y > 0, 1).otherwise(0)).alias("npos"),
         F.sum(F.when(y > 0, 0).otherwise(1)).alias("nneg"),
     )
-    cum = _prefix_sums(by_score, "_s", ["neg"])
-    r = cum.agg(
-        F.sum(F.col("pos") * (F.col("neg_cum") - F.col("neg") + 0.5 * F.col("neg"))).alias("num"),
-        F.sum("pos").alias("P"),
-        F.sum("neg").alias("N"),
-        F.sum("npos").alias("np"),
-        F.sum("nneg").alias("nn"),
-    ).collect()[0]
+    with _prefix_sums(by_score, "_s", ["neg"]) as cum:
+        r = cum.agg(
+            F.sum(F.col("pos") * (F.col("neg_cum") - F.col("neg") + 0.5 * F.col("neg"))).alias("num"),
+            F.sum("pos").alias("P"),
+            F.sum("neg").alias("N"),
+            F.sum("npos").alias("np"),
+            F.sum("nneg").alias("nn"),
+        ).collect()[0]
     P, N = float(r["P"] or 0.0), float(r["N"] or 0.0)
     n_pos, n_neg = int(r["np"] or 0), int(r["nn"] or 0)
     if P <= 0 or N <= 0:
@@ -251,7 +264,9 @@ def ranking_metrics_by_user(
     """Per-user precision@K, recall@K, NDCG@K and AP@K (one row per user with a relevant item).
 
     ``rating_pred`` is ranked per user by ``col_prediction`` (descending, ties by
-    item id). A ``rating_true`` row is relevant when ``col_rating >=
+    item id). Both sides are reduced to one row per (user, item) first - logs repeat pairs (one
+    row per impression) and a repeated pair must count once, or the metrics exceed 1: truth keeps
+    the pair's most relevant row, predictions its highest score. A ``rating_true`` row is relevant when ``col_rating >=
     relevance_threshold`` (every row when the threshold is None). Each relevant row
     gets a weight ``v``: 1 (naive); ``1/p`` divided by the mean of ``1/p`` over all
     relevant rows (``ips``: Horvitz-Thompson with an estimated population size); or
@@ -281,6 +296,9 @@ def ranking_metrics_by_user(
         (rel if ndcg_gain == "binary" else rating).alias("gain"),
         _weight_expr(col_propensity, weighting, clip).alias("w"),
     )
+    # one row per pair: the most relevant one (max of the struct: rel, then gain, then its weight)
+    best = F.max(F.struct("rel", "gain", "w")).alias("b")
+    truth = truth.groupBy("u", "i").agg(best).select("u", "i", "b.rel", "b.gain", "b.w")
     # weight normalisation
     if weighting == "ips":
         mean_w = truth.where("rel > 0").agg(F.avg("w")).collect()[0][0] or 1.0
@@ -294,7 +312,8 @@ def ranking_metrics_by_user(
 
     ranked = (
         rating_pred.where(F.col(col_prediction).isNotNull())
-        .select(F.col(col_user).alias("u"), F.col(col_item).alias("i"), F.col(col_prediction).cast("double").alias("s"))
+        .groupBy(F.col(col_user).alias("u"), F.col(col_item).alias("i"))
+        .agg(F.max(F.col(col_prediction).cast("double")).alias("s"))
         .withColumn("rank", F.row_number().over(Window.partitionBy("u").orderBy(F.desc("s"), F.asc("i"))))
         .where(F.col("rank") <= k)
         .select("u", "i", "rank")
@@ -358,14 +377,17 @@ def top_k(
     df: DataFrame, k: int, col_user: str = "user_id", col_item: str = "item_id",
     col_prediction: Optional[str] = "prediction", col_rank: Optional[str] = None,
 ) -> DataFrame:
-    """(user, item, rank) of each user's K best rows, by an existing rank or by prediction."""
+    """(user, item, rank) of each user's K best items, by an existing rank or by prediction (one
+    row per item: a pair's repeated rows count once, at its highest prediction)."""
     if col_rank:
         _check_columns(df, "top_k", col_user, col_item, col_rank)
         return df.where(F.col(col_rank) <= k).select(col_user, col_item, F.col(col_rank).cast("int").alias("rank"))
     _check_columns(df, "top_k", col_user, col_item, col_prediction)
+    # one row per pair (its highest score): repeated log rows must not fill several slots
+    d = df.groupBy(col_user, col_item).agg(F.max(col_prediction).alias(col_prediction))
     w = Window.partitionBy(col_user).orderBy(F.desc(col_prediction), F.asc(col_item))
     return (
-        df.withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= k).select(col_user, col_item, "rank")
+        d.withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= k).select(col_user, col_item, "rank")
     )
 
 
@@ -469,11 +491,11 @@ def gini(df: DataFrame, col_value: str = "exposure", n_total: Optional[int] = No
     if n == 0 or total <= 0:
         return None
     n_zero = n - n_pos
-    cum = _prefix_sums(by_val, "_x", ["c"])
     # rows tied at value x occupy indices a .. a + c - 1 with a = n_zero + (count below) + 1
     a = F.lit(float(n_zero)) + F.col("c_cum") - F.col("c") + 1.0
     idx_sum = F.lit(2.0) * (F.col("c") * a + F.col("c") * (F.col("c") - 1.0) / 2.0) - F.col("c") * float(n + 1)
-    num = cum.agg(F.sum(idx_sum * F.col("_x"))).collect()[0][0] or 0.0
+    with _prefix_sums(by_val, "_x", ["c"]) as cum:
+        num = cum.agg(F.sum(idx_sum * F.col("_x"))).collect()[0][0] or 0.0
     return float(num) / (n * total)
 
 
