@@ -12,6 +12,7 @@ value is parsed as a YAML scalar/flow value (``--set train.epochs=3``,
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import types
 import typing
@@ -258,7 +259,7 @@ class OPEConfig:
     abtest_expected_share: float = 0.5  # designed share of units in the treatment arm (SRM check)
     # uplift (causalrec uplift): treatment = events.recommended, outcome = value of outcome events
     uplift_outcome_event: Optional[str] = None  # None = all events with a recommended flag
-    uplift_min_rows: int = 30  # per-item / per-segment cells with fewer rows are not reported
+    uplift_min_rows: int = 30  # per-item / per-segment cells with fewer treated or fewer control rows are not reported
     uplift_refutation_sample: float = 0.2  # share of rows used by the refutation checks
 
 
@@ -374,6 +375,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (datetime.date, datetime.datetime)):  # YAML reads unquoted 2024-01-01 as a date
+            return value.isoformat()
     elif tp is list:
         if isinstance(value, list):
             return value
@@ -436,6 +439,19 @@ def _check_semantics(cfg: Config, where: str) -> None:
             bad(f"training_set.{key}", f"got {getattr(cfg.training_set, key)}, expected a value in [0, 1)")
     if cfg.data.rating_min >= cfg.data.rating_max:
         bad("data.rating_min", "must be below data.rating_max")
+    if not cfg.data.event_types:
+        bad("data.event_types", "got [], expected a non-empty list (every event would be quarantined)")
+    times = {}
+    for key in ("earliest_time", "latest_time"):
+        value = getattr(cfg.data, key)
+        try:
+            t = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            bad(f"data.{key}", f"got {value!r}, expected an ISO date/time such as 2024-01-01 or 2024-01-01T00:00:00Z")
+        times[key] = t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
+    if times["earliest_time"] >= times["latest_time"]:
+        bad("data.earliest_time", f"{cfg.data.earliest_time} is not before data.latest_time {cfg.data.latest_time} "
+                                  f"(every event would be out of range)")
     if cfg.ranking.k < 1:
         bad("ranking.k", "expected >= 1")
     if not 0 <= cfg.ranking.fairness_strength <= 1:
@@ -450,14 +466,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({reason}); "
+                          f"expected a YAML scalar or flow value (quote a string)") from None
     return key.strip().split("."), value
 
 
 def _apply_override(data: dict, path: list[str], value: Any) -> None:
     node = data
     for part in path[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # `train:` with every key commented out loads as None: an empty section
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
     node[path[-1]] = value

@@ -1,7 +1,8 @@
 """Run the whole pipeline: skip stages whose outputs are up to date, resume after a failure.
 
-A stage is up to date when its last successful run used the same config sections
-and the same versions of its input tables as now, and its outputs still exist.
+A stage is up to date when its latest successful run used the same config sections
+and the same versions of its input tables (and, for ingest, the same input files) as
+now, and its outputs are still at the versions that run left them at.
 That one rule gives both behaviours users expect: a second ``causalrec run`` is
 quick, and after a crash the rerun starts at the first stage that did not finish
 (everything before it is up to date). Run records go to the ``_pipeline_runs``
@@ -23,19 +24,25 @@ log = logging.getLogger("causalrec.pipeline")
 
 RUNS_TABLE = "_pipeline_runs"
 
-# Config sections each stage depends on (project.seed always counts).
+# Config each stage's output depends on: a whole section, or "section.key" for a key a stage
+# reads from another stage's section (project.seed always counts). Keep this complete: a
+# missing entry lets a stage be skipped with stale output (tests/test_pipeline_state.py
+# scans the stage modules' ``cfg.<section>[.<key>]`` reads against it).
 STAGE_SECTIONS = {
     "ingest": ("data", "simulator"),
-    "features": ("features",),
-    "propensity": ("propensity", "causal_graph"),
-    "training_set": ("training_set",),
-    "train": ("train",),
-    "candidates": ("candidates",),
+    "features": ("features", "data.event_types"),
+    "propensity": ("propensity", "causal_graph", "training_set.mcar_valid_fraction",
+                   "training_set.unobserved_per_observed", "training_set.label_event_type"),
+    "training_set": ("training_set", "features", "data.event_types", "propensity.clip_min"),
+    "train": ("train", "features.history_length"),
+    "candidates": ("candidates", "training_set.positive_threshold", "features.history_length",
+                   "propensity.clip_min", "train.model_path", "train.max_seq_len"),
     "score": ("scoring",),
-    "recommend": ("ranking",),
-    "ope": ("ope",),
-    "evaluate": ("evaluation",),
-    "report": ("evaluation",),
+    "recommend": ("ranking", "training_set.positive_threshold", "features.history_length"),
+    "ope": ("ope", "training_set.positive_threshold"),
+    "evaluate": ("evaluation", "training_set.positive_threshold", "propensity.treatment_eps", "ranking.k",
+                 "scoring.batch_size", "train.task", "data.source"),
+    "report": ("evaluation", "data.source"),
 }
 
 
@@ -48,13 +55,45 @@ def _table_version(ctx: Context, name: str) -> Optional[int]:
     return DeltaTable(path).version()
 
 
+def _config_value(cfg: dict, key: str):
+    section, _, name = key.partition(".")
+    return cfg[section][name] if name else cfg[section]
+
+
+def input_files(ctx: Context, stage: Stage) -> dict:
+    """Identity of the files a stage reads outside Delta: ingest's ``data.path`` (not for the simulator).
+
+    Why: a rewritten input file changes no table version, so without this the ingest would
+    stay 'up to date' on old data. Path, size and mtime of each file (a folder: every file
+    under it); object-store URIs are not listed (use --force after changing them).
+    """
+    import os
+
+    path = ctx.cfg.data.path
+    if stage.name != "ingest" or ctx.cfg.data.source == "simulator" or not path or "://" in path:
+        return {}
+    if not os.path.exists(path):
+        return {path: None}
+    found = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    listing = []
+    for f in found:
+        st = os.stat(f)
+        listing.append((os.path.relpath(f, path), st.st_size, st.st_mtime_ns))
+    return {path: hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}
+
+
 def fingerprint(ctx: Context, stage: Stage) -> tuple[str, dict]:
     cfg = ctx.cfg.to_dict()
-    sections = {s: cfg[s] for s in STAGE_SECTIONS.get(stage.name, ())}
+    sections = {s: _config_value(cfg, s) for s in STAGE_SECTIONS.get(stage.name, ())}
     sections["seed"] = cfg["project"]["seed"]
     inputs = {name: _table_version(ctx, name) for name in stage.inputs}
-    blob = json.dumps({"config": sections, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs
+    blob = {"config": sections, "inputs": inputs}
+    files = input_files(ctx, stage)
+    if files:
+        blob["files"] = files
+    digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest, inputs
 
 
 def _runs(ctx: Context) -> list[dict]:
@@ -90,17 +129,24 @@ def _record(ctx: Context, stage: Stage, fp: str, status: str, started: float, su
     write_deltalake(ctx.cfg.table_path(RUNS_TABLE), pa.Table.from_pylist([row], schema=schema), mode="append")
 
 
-def _outputs_exist(ctx: Context, stage: Stage, last_summary: dict) -> bool:
+def _outputs_unchanged(ctx: Context, stage: Stage, run: dict) -> bool:
+    """Every output is still at the version ``run`` recorded (a standalone stage run or another
+    config since then rewrote it otherwise), and a recorded report file still exists."""
     import os
 
-    if any(_table_version(ctx, o) is None for o in stage.outputs):
+    recorded = json.loads(run.get("output_versions") or "{}")
+    if any(_table_version(ctx, o) != recorded.get(o, -1) for o in stage.outputs):
         return False
-    report = last_summary.get("report_path")
+    report = json.loads(run["summary"] or "{}").get("report_path")
     return not report or os.path.exists(report)
 
 
 def stage_state(ctx: Context, stage: Stage, runs: list[dict]) -> tuple[str, str, dict]:
-    """('up to date' | 'stale' | 'never run' | 'failed', fingerprint, last summary)."""
+    """('up to date' | 'stale' | 'never run' | 'failed', fingerprint, last summary).
+
+    Only the latest successful run counts: an older run with this fingerprint describes
+    outputs that a later run (other config) has since replaced.
+    """
     fp, _ = fingerprint(ctx, stage)
     mine = [r for r in runs if r["stage"] == stage.name]
     if not mine:
@@ -109,9 +155,8 @@ def stage_state(ctx: Context, stage: Stage, runs: list[dict]) -> tuple[str, str,
     summary = json.loads(last["summary"] or "{}")
     if last["status"] != "success":
         return "failed", fp, summary
-    ok = [r for r in mine if r["status"] == "success" and r["fingerprint"] == fp]
-    if ok and _outputs_exist(ctx, stage, summary):
-        return "up to date", fp, json.loads(max(ok, key=lambda r: r["finished_at"])["summary"] or "{}")
+    if last["fingerprint"] == fp and _outputs_unchanged(ctx, stage, last):
+        return "up to date", fp, summary
     return "stale", fp, summary
 
 

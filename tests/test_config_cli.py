@@ -70,6 +70,35 @@ def test_choice_model_settings_are_checked(tmp_path, yaml_text, key):
         load_config(f)
 
 
+def test_override_into_a_section_whose_keys_are_all_commented_out(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  # epochs: 5\n")
+    assert load_config(f, ["train.epochs=3"]).train.epochs == 3
+
+
+def test_bad_override_yaml_names_the_key():
+    with pytest.raises(ConfigError, match=r"--set train.objectives: value '\[naive,' is not valid YAML"):
+        load_config(None, ["train.objectives=[naive,"])
+
+
+@pytest.mark.parametrize("yaml_text,match", [
+    ('earliest_time: "2030-01-01"\n  latest_time: "2020-01-01"', "data.earliest_time: 2030-01-01 is not before"),
+    ("event_types: []", "data.event_types: got \\[\\], expected a non-empty list"),
+    ("latest_time: soon", "data.latest_time: got 'soon', expected an ISO date"),
+])
+def test_ingest_rules_that_reject_every_event_fail_at_load(tmp_path, yaml_text, match):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"data:\n  {yaml_text}\n")
+    with pytest.raises(ConfigError, match=match):
+        load_config(f)
+
+
+def test_unquoted_yaml_date_is_read_as_its_iso_text(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  earliest_time: 2020-01-01\n")
+    assert load_config(f).data.earliest_time == "2020-01-01"
+
+
 def test_yaml_cannot_execute_code(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("project: !!python/object/apply:os.system ['echo pwned']\n")

@@ -276,22 +276,27 @@ def test_two_concurrent_appends_both_land(spark, store):
     assert store.version("t") == 2
 
 
+def _staged_file(path, schema, name, values) -> dict:
+    """A parquet file written into the table folder, described as commit_files expects (not yet committed)."""
+    import pyarrow.parquet as pq
+
+    from causalrec.storage.delta_rs_source import file_stats
+
+    tbl = pa.table({"id": pa.array(values, pa.int64())}, schema=schema)
+    pq.write_table(tbl, os.path.join(path, name))
+    return {"path": name, "size": os.path.getsize(os.path.join(path, name)),
+            "partition_values": {}, "modification_time": 0, "stats": file_stats(tbl)}
+
+
 def test_two_overwrites_from_the_same_snapshot_one_fails_cleanly(spark, store, tmp_path):
     """Simulate the race deterministically: both writes plan on version 0; the second commit must conflict."""
     from causalrec.storage.delta_rs_commit import commit_files
-    from causalrec.storage.delta_rs_source import file_stats
-
-    import pyarrow.parquet as pq
-
     store.write(spark.range(3), "t")
     path = store.path("t")
     schema = pa.schema([pa.field("id", pa.int64(), False)])
 
     def staged(name, values):
-        tbl = pa.table({"id": pa.array(values, pa.int64())}, schema=schema)
-        pq.write_table(tbl, os.path.join(path, name))
-        return {"path": name, "size": os.path.getsize(os.path.join(path, name)),
-                "partition_values": {}, "modification_time": 0, "stats": file_stats(tbl)}
+        return _staged_file(path, schema, name, values)
 
     first = staged("part-a.parquet", [10, 11])
     second = staged("part-b.parquet", [20, 21])
@@ -325,3 +330,41 @@ def test_read_missing_table_names_the_path(store):
 def test_forced_backend_config(spark, tmp_path):
     s = DeltaStore(spark, str(tmp_path), backend="delta-rs")
     assert s.backend == "delta-rs"
+
+
+def test_merge_schema_is_one_commit_and_a_failed_write_adds_no_column(spark, store):
+    store.write(spark.createDataFrame([(1, "a")], "v long, day string"), "t", partition_by=["day"])
+    with pytest.raises(DeltaWriteError, match="replace_where column 'v'"):
+        store.write(spark.createDataFrame([(2, "a", 9.0)], "v long, day string, extra double"), "t", "overwrite",
+                    merge_schema=True, replace_where=[("v", "=", 2)])
+    assert store.version("t") == 0 and store.read("t").columns == ["v", "day"]
+    # a successful append with a new column: data and column in one commit, nothing removed
+    assert store.write(spark.createDataFrame([(3, "b", 1.5)], "v long, day string, extra double"), "t",
+                       merge_schema=True) == 1
+    assert sorted((r.v, r.day, r.extra) for r in store.read("t").collect()) == [(1, "a", None), (3, "b", 1.5)]
+
+
+def test_two_writers_with_one_idempotency_key_only_one_lands(spark, store, tmp_path):
+    """Both passed the history check before either committed: the key is re-checked at commit time."""
+    from causalrec.storage.delta_rs_commit import WriteAlreadyApplied, commit_files
+    store.write(spark.range(3), "t")
+    path = store.path("t")
+    schema = pa.schema([pa.field("id", pa.int64(), False)])
+
+    def staged(name, values):
+        return _staged_file(path, schema, name, values)
+
+    commit = dict(arrow_schema=schema, partition_by=[], overwrite=False, replace_where=None)
+    commit_files(path=path, files=[staged("a.parquet", [10])], read_version=0,
+                 commit_metadata={"write_key": "batch-7"}, **commit)
+    for read_version in (0, 1):  # planned before the first commit landed, or after it
+        with pytest.raises(WriteAlreadyApplied, match="batch-7"):
+            commit_files(path=path, files=[staged(f"b{read_version}.parquet", [20])], read_version=read_version,
+                         commit_metadata={"write_key": "batch-7"}, **commit)
+    assert store.version("t") == 1 and store.read("t").count() == 4
+
+    # through the store: a writer whose history check raced (saw no key) is skipped, not applied
+    store.has_commit_key = lambda name, key: False
+    assert store.write(spark.range(100, 105), "t", idempotency_key="batch-7") is None
+    assert store.read("t").count() == 4 and store.version("t") == 1
+    assert store.write(spark.range(100, 105), "t", idempotency_key="batch-8") == 2

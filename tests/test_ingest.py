@@ -186,3 +186,79 @@ def test_files_job_reads_parquet_and_delta(ctx, tmp_path):
     out = job.run(ctx)
     assert out["tables"]["events"]["rows_already_present"] == 2
     assert ctx.store.read("events").count() == 2
+
+
+def test_rerun_with_changed_rules_writes_the_newly_valid_rows_once(ctx, tmp_path):
+    """A row quarantined under old rules ('like' unknown) is written when the rules accept it."""
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+    from causalrec.ingest.validate import Rules
+
+    path = _write_csv(tmp_path / "b.csv", ["e1,u1,i1,2024-01-01T00:00:00Z,click,1,,,,",
+                                          "e2,u1,i2,2024-01-01T00:00:00Z,like,1,,,,"])
+    first = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path, rules=Rules())
+    assert first["rows_accepted"] == 1 and first["reasons"] == {"UNKNOWN_EVENT_TYPE": 1}
+    rules = Rules(event_types=Rules().event_types + ("like",))
+    second = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path, rules=rules)
+    assert second["rows_accepted"] == 1 and second["rows_already_present"] == 1
+    assert second["ingest_batch"] != first["ingest_batch"]
+    assert sorted(r.event_id for r in ctx.store.read("events").collect()) == ["e1", "e2"]
+    v = ctx.store.version("events")
+    third = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path, rules=rules)
+    assert third["ingest_batch"] == second["ingest_batch"] and third["rows_already_present"] == 2
+    assert ctx.store.version("events") == v and ctx.store.read("events").count() == 2
+    log = ctx.store.read("ingest_log").toPandas().sort_values("started_at")
+    assert list(log["rows_accepted"]) == [1, 1, 0]
+
+
+def test_non_finite_values_and_times_without_a_date_are_quarantined(ctx, tmp_path):
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    path = _write_csv(tmp_path / "b.csv", [
+        "e1,u1,i1,12:00:00,click,1,,,,",  # Spark would read this as today at noon
+        "e2,u1,i1,2024-01-01T00:00:00Z,purchase,1e400,,,,",  # overflows to infinity
+        "e3,u1,i1,2024-01-01T00:00:00Z,click,NaN,,,,",
+        "e4,u1,i1,2024-01-01T00:00:00Z,rating,1e400,,,,",
+        "e5,u1,i1,2024-01-01T00:00:00Z,purchase,19.5,,,,",
+    ])
+    s = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path)
+    assert s["rows_accepted"] == 1
+    assert s["reasons"] == {"BAD_TIMESTAMP": 1, "BAD_VALUE": 2, "RATING_OUT_OF_RANGE": 1}
+    q = ctx.store.read("events_quarantine").toPandas().set_index("source_row")
+    assert "has no date" in q.loc[0, "detail"]
+    assert "not a finite number" in q.loc[1, "detail"] and "not a finite number" in q.loc[2, "detail"]
+    assert [r.event_id for r in ctx.store.read("events").collect()] == ["e5"]
+
+
+def test_quarantine_of_a_folder_names_the_file_and_its_row(ctx, tmp_path):
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    folder = tmp_path / "in dir"
+    folder.mkdir()
+    _write_csv(folder / "a.csv", ["a0,u,i,2024-01-01,click,1,,,,", "a1,u,i,BAD,click,1,,,,"])
+    _write_csv(folder / "b.csv", [f"b{k},u,i,2024-01-01,click,1,,,," for k in range(5)] + ["b5,u,i,BAD,click,1,,,,"])
+    s = ingest_events(ctx, read_events(ctx.spark, str(folder), "csv"), source=str(folder))
+    assert s["rows_accepted"] == 6 and s["rows_quarantined"] == 2
+    q = ctx.store.read("events_quarantine").toPandas()
+    got = sorted((r.source, r.source_row, json.loads(r.payload)["event_id"]) for r in q.itertuples())
+    assert got == [(str(folder / "a.csv"), 1, "a1"), (str(folder / "b.csv"), 5, "b5")]
+    log = ctx.store.read("ingest_log").toPandas()
+    assert list(log["source"]) == [str(folder)]
+
+
+def test_loader_counts_are_checked_before_any_table_is_written(ctx):
+    from causalrec.ingest.job import write_loaded
+    from causalrec.loaders import LoadedData
+
+    sp = ctx.spark
+    ev = sp.createDataFrame([("e1", "u1", "i1", "2024-01-01", "click")],
+                            "event_id string, user_id string, item_id string, event_time string, event_type string")
+    data = LoadedData(name="t", events=ev, users=sp.createDataFrame([("u1",)], "user_id string"),
+                      items=sp.createDataFrame([("i1",)], "item_id string"),
+                      sources={"events": "ev.csv"}, expected={"users": 1, "items": 1, "events": 2})
+    with pytest.raises(ValueError, match=r"events has 1 rows from ev.csv, expected 2"):
+        write_loaded(ctx, data, source="t")
+    for t in ("users", "items", "events"):
+        assert not ctx.store.exists(t)

@@ -8,15 +8,17 @@ Load: through ``ctx.store`` only, one atomic Delta commit per table write:
 
 * ``events`` (and ``mcar_events``): append the accepted rows. Rows already in the
   table with the same content are skipped and counted (``rows_already_present``), so a
-  rerun adds nothing; the write also carries an idempotency key derived from the batch
-  content, so a retried commit is never applied twice.
-* ``events_quarantine``: append the rejected rows (same idempotency scheme).
+  rerun adds nothing; the write also carries an idempotency key derived from the rows it
+  appends (not from the input), so a retried commit is never applied twice while a rerun
+  whose rules now accept more rows still writes those.
+* ``events_quarantine``: append the rejected rows (keyed by the batch and those rows).
 * ``users``, ``items``, ``ground_truth``: dimension/truth tables, overwritten (idempotent).
 * ``ingest_log``: one row per events table per run: rows read / accepted / quarantined
   / already present, and a JSON object of counts per reason code.
 
 The batch id (``ingest_batch``) is derived from the batch's content (a hash of every
-row's fingerprint), so re-ingesting the same rows reuses the same id.
+row's fingerprint) and the validation rules, so re-ingesting the same rows under the same
+rules reuses the same id.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from causalrec.ingest.validate import (
     check_input_schema,
     flag_rows,
     quarantined_rows,
+    rules_fingerprint,
     rules_from_config,
     summarize,
 )
@@ -76,16 +79,19 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
     try:
         with ctx.step(f"validate {table}"):
             s = summarize(flagged)
-        batch = batch_id_for(batch_prefix, f"{table}|{source}|{s.fingerprint}")
+        batch = batch_id_for(batch_prefix, f"{table}|{source}|{s.fingerprint}|{rules_fingerprint(rules)}")
         fl = flagged.drop(FINGERPRINT)
         if s.rows_accepted:
             with ctx.step(f"write {table}"):
+                # keyed by the rows appended: the same rows are never appended twice, other rows always are
                 store.write(accepted_rows(fl, batch), table, "append", spec=spec,
-                            idempotency_key=f"{batch}:{table}", metadata={"ingest_batch": batch})
+                            idempotency_key=batch_id_for(f"{table}-rows", s.accepted_fingerprint),
+                            metadata={"ingest_batch": batch})
         if s.rows_quarantined:
             with ctx.step("write events_quarantine"):
                 store.write(quarantined_rows(fl, batch, source or table), "events_quarantine", "append",
-                            spec=EVENTS_QUARANTINE, idempotency_key=f"{batch}:{table}:quarantine")
+                            spec=EVENTS_QUARANTINE,
+                            idempotency_key=batch_id_for(f"{batch}:{table}:quarantine", s.quarantined_fingerprint))
         if not store.exists("events_quarantine"):  # downstream readers may rely on the table existing
             store.write(ctx.spark.createDataFrame([], EVENTS_QUARANTINE.spark_schema()), "events_quarantine",
                         "append", spec=EVENTS_QUARANTINE)
@@ -142,7 +148,16 @@ def write_dimension(ctx, df, name: str) -> int:
 
 
 def write_loaded(ctx, data, *, source: str) -> dict:
-    """Write a :class:`causalrec.loaders.LoadedData` (or simulator output) and check promised counts."""
+    """Write a :class:`causalrec.loaders.LoadedData` (or simulator output) and check promised counts.
+
+    The counts are checked before anything is written: a short file must not replace good tables.
+    """
+    for table, n in data.expected.items():
+        df = getattr(data, table, None)
+        got = df.count() if df is not None else None
+        if got is not None and got != n:
+            raise ValueError(f"{source}: table {table} has {got} rows from {data.sources.get(table, source)}, "
+                             f"expected {n}; nothing was written")
     out: dict = {"source": source, "tables": {}}
     with ctx.step("write users/items"):
         out["tables"]["users"] = {"rows": write_dimension(ctx, data.users, "users")}
@@ -156,12 +171,6 @@ def write_loaded(ctx, data, *, source: str) -> dict:
             continue
         out["tables"][table] = ingest_events(
             ctx, raw, table=table, source=data.sources.get(table, source), batch_prefix=f"{source}-{table}")
-    for table, n in data.expected.items():
-        t = out["tables"].get(table, {})
-        got = t.get("rows", t.get("rows_read"))
-        if got is not None and got != n:
-            raise ValueError(f"{source}: table {table} has {got} rows from {data.sources.get(table, source)}, "
-                             f"expected {n}")
     return out
 
 

@@ -14,7 +14,7 @@ import glob
 import os
 from pathlib import Path
 
-from causalrec.ingest.validate import SOURCE_ROW
+from causalrec.ingest.validate import FILE_ROW, SOURCE_FILE, SOURCE_ROW
 
 FORMATS = ("parquet", "csv", "jsonl", "delta")
 
@@ -68,25 +68,60 @@ def read_events(spark, path: str, fmt: str, *, store=None):
 
 
 def number_rows(df):
-    """Add ``SOURCE_ROW``: the 0-based position of each row in the source (partition order).
+    """Add ``SOURCE_ROW``: the 0-based position of each row in the source (partition order);
+    for file inputs also ``SOURCE_FILE`` (the file) and ``FILE_ROW`` (0-based row within it).
 
-    Runs one small job (row counts per input partition) and turns each row's
-    ``monotonically_increasing_id`` into a dense index from those offsets, so no
-    row travels to the driver and nothing is shuffled.
+    Why per file: a quarantined row of a folder of files must be traceable to its file and
+    row, not to a position across the folder (rows of a CSV with a header and no blank lines:
+    line = row + 2). Runs one small job (row counts per partition and per file chunk, i.e.
+    ``input_file_name``/``input_file_block_start``) and turns each row's
+    ``monotonically_increasing_id`` into dense indexes from those offsets, so no row travels
+    to the driver and nothing is shuffled (the chunk table is broadcast).
     """
     from pyspark.sql import functions as F
 
-    x = df.withColumn("__cr_pid", F.spark_partition_id()).withColumn("__cr_mid", F.monotonically_increasing_id())
-    counts = sorted((int(r[0]), int(r[1])) for r in x.groupBy("__cr_pid").count().collect())
+    x = (df.withColumn("__cr_pid", F.spark_partition_id())
+         .withColumn("__cr_mid", F.monotonically_increasing_id())
+         .withColumn("__cr_file", F.input_file_name())
+         .withColumn("__cr_block", F.input_file_block_start()))
+    chunks = (x.groupBy("__cr_pid", "__cr_file", "__cr_block")
+              .agg(F.count(F.lit(1)).alias("n"), F.min("__cr_mid").alias("first")).collect())
+    helpers = ("__cr_pid", "__cr_mid", "__cr_file", "__cr_block")
+    if not chunks:
+        return x.withColumn(SOURCE_ROW, F.lit(None).cast("long")).drop(*helpers)
     offsets, total = {}, 0
-    for pid, n in counts:
+    per_pid: dict = {}
+    for c in chunks:
+        per_pid[int(c["__cr_pid"])] = per_pid.get(int(c["__cr_pid"]), 0) + int(c["n"])
+    for pid in sorted(per_pid):
         offsets[pid] = total
-        total += n
-    if not offsets:
-        return x.withColumn(SOURCE_ROW, F.lit(None).cast("long")).drop("__cr_pid", "__cr_mid")
+        total += per_pid[pid]
     pairs = []
     for pid, off in offsets.items():
         pairs += [F.lit(pid), F.lit(off)]
     offset = F.element_at(F.create_map(*pairs), F.col("__cr_pid"))
     local = F.col("__cr_mid") - F.shiftleft(F.col("__cr_pid").cast("long"), 33)
-    return x.withColumn(SOURCE_ROW, (offset + local).cast("long")).drop("__cr_pid", "__cr_mid")
+    x = x.withColumn(SOURCE_ROW, (offset + local).cast("long"))
+    files = [c for c in chunks if c["__cr_file"]]
+    if not files:  # not read from files (a loader's or the simulator's DataFrame)
+        return x.drop(*helpers)
+    # a file's chunks (splits) in byte order; within a partition a chunk's rows are consecutive ids
+    rows, seen = [], {}
+    for c in sorted(files, key=lambda c: (c["__cr_file"], c["__cr_block"])):
+        done = seen.get(c["__cr_file"], 0)
+        seen[c["__cr_file"]] = done + int(c["n"])
+        rows.append((int(c["__cr_pid"]), c["__cr_file"], int(c["__cr_block"]), _display_path(c["__cr_file"]),
+                     done - int(c["first"])))
+    base = df.sparkSession.createDataFrame(
+        rows, "__cr_pid int, __cr_file string, __cr_block long, __cr_show string, __cr_base long")
+    x = x.join(F.broadcast(base), ["__cr_pid", "__cr_file", "__cr_block"], "left")
+    x = x.withColumn(SOURCE_FILE, F.col("__cr_show")).withColumn(FILE_ROW, F.col("__cr_mid") + F.col("__cr_base"))
+    return x.drop(*helpers, "__cr_show", "__cr_base")
+
+
+def _display_path(uri: str) -> str:
+    """``file:///a%20b/c.csv`` -> ``/a b/c.csv`` (what the user typed); other URIs as they are."""
+    from urllib.parse import unquote, urlparse
+
+    u = urlparse(uri)
+    return unquote(u.path) if u.scheme == "file" else uri

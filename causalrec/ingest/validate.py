@@ -14,12 +14,13 @@ Reason codes, checked in this order (a row's ``reason`` is the first that applie
 
 =========================  ====================================================================
 NULL_ID                    event_id, user_id or item_id null or empty (after trimming)
-BAD_TIMESTAMP              event_time null or not a parseable timestamp
+BAD_TIMESTAMP              event_time null, not a parseable timestamp, or a time of day without a date
 TIMESTAMP_OUT_OF_RANGE     event_time outside [data.earliest_time, data.latest_time)
 UNKNOWN_EVENT_TYPE         event_type not in data.event_types
-BAD_VALUE                  value / position / logged_propensity / recommended given but unparseable
+BAD_VALUE                  value / position / logged_propensity / recommended given but unparseable,
+                           or a non-rating value that is NaN or infinite (e.g. ``1e400``)
 RATING_NAN                 a rating event whose value is null or NaN
-RATING_OUT_OF_RANGE        a rating event whose value is outside [data.rating_min, data.rating_max]
+RATING_OUT_OF_RANGE        a rating event whose value is outside [data.rating_min, data.rating_max] (or infinite)
 BAD_PROPENSITY             logged_propensity given and NaN, <= 0 or > 1 (null = unknown, allowed)
 BAD_POSITION               position given and < 1 (positions are 1-based)
 UNKNOWN_USER               user_id not in ``users`` (only when data.require_known_users)
@@ -40,7 +41,9 @@ No function here runs a Spark action; the job decides what to cache, count and w
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -87,6 +90,8 @@ INPUT_TYPES = {
 
 # internal column names (prefixed so they never collide with input columns)
 SOURCE_ROW = "__cr_source_row"
+SOURCE_FILE = "__cr_source_file"  # the input file of the row (file inputs only), see sources.number_rows
+FILE_ROW = "__cr_file_row"  # the row's 0-based position within SOURCE_FILE
 REASON = "__cr_reason"
 DETAIL = "__cr_detail"
 PRESENT = "__cr_present"
@@ -112,6 +117,11 @@ def _parse_time(s: str, key: str) -> dt.datetime:
     except ValueError:
         raise ValueError(f"{key}: {s!r} is not an ISO date/time") from None
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def rules_fingerprint(rules: Rules) -> str:
+    """What decides a row's outcome, as text: part of the batch id, so changed rules make a new batch."""
+    return json.dumps(dataclasses.asdict(rules), sort_keys=True, default=str)
 
 
 def rules_from_config(data_cfg) -> Rules:
@@ -174,6 +184,8 @@ def typed_columns(df) -> dict:
         out["event_time"] = F.col("event_time")
     else:  # timestamp_ntz / date / string: read as UTC wall-clock (sessions run in UTC)
         out["event_time"] = F.col("event_time").try_cast("timestamp")
+        if t == "string":  # Spark reads a time of day alone as today at that time: not an event time
+            out["event_time"] = F.when(~_time_only(F.col("event_time")), out["event_time"])
     out["event_type"] = F.trim(F.col("event_type"))
     for name, typ in (("value", "double"), ("logged_propensity", "double"), ("position", "int")):
         out[name] = F.col(name).try_cast(typ) if name in types else F.lit(None).cast(typ)
@@ -193,6 +205,13 @@ def typed_columns(df) -> dict:
     for name in ("policy", "session_id", "context"):
         out[name] = F.col(name) if name in types else F.lit(None).cast("string")
     return out
+
+
+def _time_only(col):
+    """A string Spark parses as a time of today (``12:00:00``, ``T12:00``): no date in it."""
+    from pyspark.sql import functions as F
+
+    return F.coalesce(F.trim(col).rlike(r"^[Tt]?[0-9]{1,2}:"), F.lit(False))
 
 
 def row_hash(typed: dict):
@@ -224,8 +243,13 @@ def row_checks(df, rules: Rules, typed: dict) -> list:
     for name in ("event_id", "user_id", "item_id"):
         checks.append(("NULL_ID", typed[name].isNull() | (typed[name] == ""), F.lit(f"{name} is null or empty")))
     ts = typed["event_time"]
+    no_date = F.lit(False)
+    if spark_type_name(df.schema["event_time"].dataType) == "string":
+        no_date = _time_only(F.col("event_time")) & F.col("event_time").try_cast("timestamp").isNotNull()
     checks.append(("BAD_TIMESTAMP", ts.isNull(),
-                   F.concat(F.lit("event_time "), _quoted("event_time"), F.lit(" is not a parseable timestamp"))))
+                   F.concat(F.lit("event_time "), _quoted("event_time"),
+                            F.when(no_date, F.lit(" has no date (a time of day alone is not an event time)"))
+                            .otherwise(F.lit(" is not a parseable timestamp")))))
     lo, hi = rules.earliest_time, rules.latest_time
     checks.append(("TIMESTAMP_OUT_OF_RANGE", ts.isNotNull() & ((ts < F.lit(lo)) | (ts >= F.lit(hi))),
                    F.concat(F.lit("event_time "), ts.cast("string"),
@@ -240,6 +264,10 @@ def row_checks(df, rules: Rules, typed: dict) -> list:
                            F.concat(F.lit(f"{name} "), _quoted(name), F.lit(" cannot be parsed"))))
     v = typed["value"]
     is_rating = et == F.lit("rating")
+    # NaN / infinity (``1e400`` overflows to it) would poison every sum downstream; ratings have their own codes
+    checks.append(("BAD_VALUE", v.isNotNull() & ~F.coalesce(is_rating, F.lit(False))
+                   & (F.isnan(v) | (F.abs(v) == F.lit(float("inf")))),
+                   F.concat(F.lit("value "), v.cast("string"), F.lit(" is not a finite number"))))
     checks.append(("RATING_NAN", is_rating & (v.isNull() | F.isnan(v)),
                    F.lit("value of a rating event is null or NaN")))
     checks.append(("RATING_OUT_OF_RANGE",
@@ -371,10 +399,14 @@ def quarantined_rows(flagged, batch_id: str, source: str, quarantined_at: Option
     when = quarantined_at or dt.datetime.now(dt.timezone.utc)
     bad = flagged.where(F.col(REASON).isNotNull())
     payload = F.to_json(F.struct(*[F.col(f"`{c}`") for c in raw_cols]), {"ignoreNullFields": "false"})
+    src, row = F.lit(source), F.col(SOURCE_ROW)
+    if SOURCE_FILE in flagged.columns:  # a folder of files: name the file and the row within it
+        src = F.coalesce(F.col(SOURCE_FILE), src)
+        row = F.coalesce(F.col(FILE_ROW), row)
     out = bad.select(
         F.lit(batch_id).alias("ingest_batch"),
-        F.lit(source).alias("source"),
-        F.col(SOURCE_ROW).cast("long").alias("source_row"),
+        src.alias("source"),
+        row.cast("long").alias("source_row"),
         F.col(REASON).alias("reason"),
         F.col(DETAIL).alias("detail"),
         payload.alias("payload"),
@@ -391,6 +423,8 @@ class Summary:
     rows_already_present: int = 0
     reasons: dict = field(default_factory=dict)
     fingerprint: str = ""  # rows read and the sum of per-row content hashes: equal batches, equal ids
+    accepted_fingerprint: str = ""  # the same over the rows to be appended: what an events write holds
+    quarantined_fingerprint: str = ""  # the same per reason over the rejected rows
 
 
 def summarize(flagged) -> Summary:
@@ -406,19 +440,24 @@ def summarize(flagged) -> Summary:
         aggs.append(F.sum(F.col(FINGERPRINT).cast("decimal(38,0)")).alias("fp"))
     rows = flagged.groupBy(REASON, PRESENT).agg(*aggs).collect()
     s = Summary()
-    fp = 0
+    fp = accepted_fp = 0
+    quarantined = []
     for r in rows:
         n = int(r["n"])
-        if FINGERPRINT in flagged.columns:
-            fp += int(r["fp"] or 0)
+        part = int(r["fp"] or 0) if FINGERPRINT in flagged.columns else 0
+        fp += part
         s.rows_read += n
         if r[REASON] is not None:
             s.rows_quarantined += n
             s.reasons[r[REASON]] = s.reasons.get(r[REASON], 0) + n
+            quarantined.append(f"{r[REASON]}:{n}:{part}")
         elif r[PRESENT]:
             s.rows_already_present += n
         else:
             s.rows_accepted += n
+            accepted_fp += part
     s.fingerprint = f"{s.rows_read}:{fp}"
+    s.accepted_fingerprint = f"{s.rows_accepted}:{accepted_fp}"
+    s.quarantined_fingerprint = ",".join(sorted(quarantined))
     s.reasons = {k: s.reasons[k] for k in sorted(s.reasons, key=lambda k: REASONS.index(k) if k in REASONS else 99)}
     return s

@@ -4,6 +4,13 @@ Used by the Spark data source's ``commit()`` (in a driver-side Python worker) an
 small driver-side writes. Schema rules live here because delta-rs does not check
 them on append: names and types must equal the table's, or the commit is refused
 with the offending column named (evolution only when explicitly asked for).
+
+Atomicity: the data files and any schema change land in ONE commit (delta-rs writes a
+new schema only with an overwrite, so an append that adds columns is committed as an
+overwrite whose filter matches no file: it removes nothing). An idempotency key
+(``write_key`` in the commit metadata) is also committed as a Delta ``txn`` action, so two
+writers racing with the same key cannot both commit: the loser finds the key and raises
+:class:`WriteAlreadyApplied` (its files are then removed like any failed write's).
 """
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ class DeltaWriteError(RuntimeError):
 
 class ConcurrentWriteError(DeltaWriteError):
     """Another writer committed a conflicting change to the table after this write was planned."""
+
+
+class WriteAlreadyApplied(DeltaWriteError):
+    """The table already holds a commit with this write's idempotency key: nothing was committed."""
 
 
 def _normalise(t: pa.DataType) -> pa.DataType:
@@ -81,7 +92,7 @@ def commit_files(
     """
     from deltalake import DeltaTable, Schema
     from deltalake.exceptions import CommitFailedError, TableNotFoundError
-    from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+    from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
 
     actions = [
         AddAction(
@@ -96,8 +107,16 @@ def commit_files(
     ]
     allow_evolution = bool(commit_metadata.pop("_merge_schema", False))
     overwrite_schema = bool(commit_metadata.pop("_overwrite_schema", False))
-    props = CommitProperties(custom_metadata={"causalrec": json.dumps(commit_metadata)} if commit_metadata else None)
+    key = commit_metadata.get("write_key")
+    props = CommitProperties(custom_metadata={"causalrec": json.dumps(commit_metadata)} if commit_metadata else None,
+                             app_transactions=[Transaction(key, 1)] if key else None)
     delta_schema = Schema.from_arrow(arrow_schema)
+
+    def applied_by_another_writer():
+        if key and _has_key(path, key, storage_options):
+            return WriteAlreadyApplied(f"Delta table {path} already holds write {key} (a concurrent writer "
+                                       f"committed it); this one was not applied")
+        return None
 
     if read_version < 0:
         try:
@@ -112,6 +131,9 @@ def commit_files(
             )
         except Exception as exc:  # table created concurrently
             if "already exists" in str(exc).lower():
+                done = applied_by_another_writer()
+                if done:
+                    raise done from exc
                 raise ConcurrentWriteError(
                     f"Delta table {path} was created by another writer while this write ran; retry it"
                 ) from exc
@@ -123,7 +145,10 @@ def commit_files(
     except TableNotFoundError as exc:
         raise ConcurrentWriteError(f"Delta table {path} disappeared while this write ran") from exc
 
+    if key and dt.transaction_version(key) is not None:  # committed before this write was planned
+        raise WriteAlreadyApplied(f"Delta table {path} already holds write {key}; this one was not applied")
     table_schema = table_arrow_schema(dt)
+    new_fields = []
     if overwrite and overwrite_schema and replace_where is None:
         schema_for_commit = arrow_schema
     else:
@@ -133,13 +158,8 @@ def commit_files(
                 f"Delta table {path}: the data being written has new column(s) "
                 f"{[f.name for f in new_fields]}; pass merge_schema=True to add them"
             )
-        if new_fields:
-            from deltalake.schema import Field
-
-            dt.alter.add_columns([Field.from_arrow(f) for f in new_fields])
-            dt = DeltaTable(path, storage_options=storage_options)
-            table_schema = table_arrow_schema(dt)
-        schema_for_commit = table_schema
+        # new columns go into this same commit (see the module docstring), never a commit of their own
+        schema_for_commit = pa.schema(list(table_schema) + [f.with_nullable(True) for f in new_fields])
     table_parts = list(dt.metadata().partition_columns)
     if partition_by and list(partition_by) != table_parts:
         raise DeltaWriteError(
@@ -157,6 +177,9 @@ def commit_files(
                     f"Delta table {path}: replace_where column {col!r} is not a partition column "
                     f"({table_parts}); the offline backend replaces whole partitions"
                 )
+    if new_fields and not overwrite:
+        # an append that adds columns: an overwrite whose filter ("<column> IN ()") matches no file
+        mode, filters = "overwrite", [((table_parts or table_schema.names)[0], "in", [])]
     try:
         dt.create_write_transaction(
             actions,
@@ -167,8 +190,20 @@ def commit_files(
             commit_properties=props,
         )
     except CommitFailedError as exc:
+        done = applied_by_another_writer()
+        if done:
+            raise done from exc
         raise ConcurrentWriteError(
             f"Delta table {path}: a concurrent commit conflicts with this {mode} "
             f"(planned on version {read_version}): {exc}"
         ) from exc
     return DeltaTable(path, storage_options=storage_options).version()
+
+
+def _has_key(path: str, key: str, storage_options=None) -> bool:
+    from deltalake import DeltaTable
+
+    try:
+        return DeltaTable(path, storage_options=storage_options).transaction_version(key) is not None
+    except Exception:  # the table vanished: certainly not applied
+        return False

@@ -21,7 +21,7 @@ import os
 from typing import Optional, Sequence
 
 from causalrec.schemas import TableSpec, conform, validate_columns
-from causalrec.storage.delta_rs_commit import ConcurrentWriteError, DeltaWriteError
+from causalrec.storage.delta_rs_commit import ConcurrentWriteError, DeltaWriteError, WriteAlreadyApplied
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ class DeltaStore:
         ``mode``: ``append`` or ``overwrite``; with ``replace_where`` only the matching
         partitions are replaced. ``spec`` conforms and validates the DataFrame against a
         declared table first. ``idempotency_key``: a write whose key is already in the
-        table's history is skipped, so a rerun never duplicates.
+        table's history is skipped, so a rerun never duplicates; the key is committed with the
+        data (a Delta ``txn`` action), so of two concurrent writes with one key only one lands.
         """
         if mode not in ("append", "overwrite"):
             raise ValueError(f"write mode must be 'append' or 'overwrite', got {mode!r}")
@@ -135,11 +136,15 @@ class DeltaStore:
                 log.info("delta: %s already holds write %s; skipping rerun", path, idempotency_key)
                 return None
             meta["write_key"] = idempotency_key
-        if self.backend == "delta-spark":
-            return self._write_native(df, path, mode, partition_by, replace_where, merge_schema,
-                                      overwrite_schema, meta)
-        return self._write_rs(df, name, mode, partition_by, replace_where, merge_schema,
-                              overwrite_schema, meta, rows_per_file)
+        try:
+            if self.backend == "delta-spark":
+                return self._write_native(df, path, mode, partition_by, replace_where, merge_schema,
+                                          overwrite_schema, meta)
+            return self._write_rs(df, name, mode, partition_by, replace_where, merge_schema,
+                                  overwrite_schema, meta, rows_per_file)
+        except WriteAlreadyApplied:
+            log.info("delta: a concurrent writer committed %s to %s first; skipping", idempotency_key, path)
+            return None
 
     def _write_native(self, df, path, mode, partition_by, replace_where, merge_schema, overwrite_schema, meta):
         w = df.write.format("delta").mode(mode)
@@ -153,6 +158,8 @@ class DeltaStore:
             w = w.option("overwriteSchema", "true")
         if meta:
             w = w.option("userMetadata", json.dumps(meta))
+        if meta.get("write_key"):  # Delta's idempotent writes: a second commit of this key is skipped
+            w = w.option("txnAppId", meta["write_key"]).option("txnVersion", "1")
         w.save(path)
         from delta.tables import DeltaTable as SparkDeltaTable
 
@@ -261,7 +268,9 @@ class DeltaStore:
     def has_commit_key(self, name: str, key: str) -> bool:
         if not self.exists(name):
             return False
-        for h in self.history(name):
+        if self._dt(name).transaction_version(key) is not None:  # committed as a txn action
+            return True
+        for h in self.history(name):  # tables written before keys were txn actions
             raw = h.get("causalrec") or h.get("userMetadata")
             if not raw:
                 continue
@@ -323,7 +332,7 @@ def _spark_schema_from_arrow(schema):
 def _unwrap_write_error(exc: Exception, path: str) -> Exception:
     """Spark wraps Python errors from commit(); surface ours with their own message."""
     text = str(exc)
-    for cls in (ConcurrentWriteError, DeltaWriteError):
+    for cls in (WriteAlreadyApplied, ConcurrentWriteError, DeltaWriteError):
         marker = cls.__name__ + ": "
         if marker in text:
             msg = text.split(marker, 1)[1].split("\n", 1)[0]
