@@ -74,6 +74,8 @@ later when Y. Event ids ``sim:<seed>:<u>:<i>:<type>`` are unique and determinist
 **MCAR slice** (``mcar_events``): users with :math:`U < ` ``mcar_share`` are each shown
 ``mcar_items_per_user`` distinct items uniformly at random and treated by a coin flip
 (:math:`\pi = 0.5`, policy ``uniform_random``); same outcome model, ids ``sim:<seed>:mcar:...``.
+Their ``logged_propensity`` is the exposure probability ``mcar_items_per_user / n_items``
+(as in Coat's MCAR table), not the coin.
 
 **ground_truth**: one row per candidate pair with :math:`s, e, \pi, p^0, p^1, y_0, y_1`.
 Everything is a deterministic function of (seed, u, i), so a pair's truth agrees
@@ -376,8 +378,12 @@ def effect_scale(truth) -> float:
 # --------------------------------------------------------------------------- events
 
 
-def _events_from(x, sc, seed: int, *, slice_name: str, policy: str):
-    """Explode treated/observed pairs into impression / click / purchase events."""
+def _events_from(x, sc, seed: int, *, slice_name: str, policy: str, exposure_propensity: float | None = None):
+    """Explode treated/observed pairs into impression / click / purchase events.
+
+    ``logged_propensity`` is the probability of the logged treatment action, or, where
+    ``exposure_propensity`` is given (the MCAR slice), that known exposure probability.
+    """
     from pyspark.sql import functions as F
 
     uk = (F.col("user_idx"), F.col("item_idx"))
@@ -391,7 +397,10 @@ def _events_from(x, sc, seed: int, *, slice_name: str, policy: str):
     x = x.withColumn("t0", F.lit(start) + secs)
     pos = (F.floor(uniform(seed, f"{slice_name}:pos", *uk) * sc.n_positions) + 1).cast("int")
     x = x.withColumn("position", F.when(F.col("treated"), pos))
-    x = x.withColumn("logged_propensity", F.when(F.col("treated"), F.col("pi")).otherwise(F.lit(1.0) - F.col("pi")))
+    if exposure_propensity is None:
+        x = x.withColumn("logged_propensity", F.when(F.col("treated"), F.col("pi")).otherwise(F.lit(1.0) - F.col("pi")))
+    else:
+        x = x.withColumn("logged_propensity", F.lit(float(exposure_propensity)))
     prefix = f"sim:{seed}:" + ("" if slice_name == "logged" else f"{slice_name}:")
     base = F.concat(F.lit(prefix), F.col("user_idx").cast("string"), F.lit(":"), F.col("item_idx").cast("string"))
 
@@ -419,6 +428,11 @@ def _events_from(x, sc, seed: int, *, slice_name: str, policy: str):
                  F.floor(F.col("t0") / 86400).cast("string")).alias("session_id"),
         F.lit(None).cast("string").alias("context"),
     )
+
+
+def mcar_exposure_propensity(sc) -> float:
+    """P(an item is one of an MCAR user's random items) = min(mcar_items_per_user, n_items) / n_items."""
+    return min(sc.mcar_items_per_user, sc.n_items) / sc.n_items
 
 
 def _mcar_pairs(spark, sc, seed: int, users, items, c: float):
@@ -478,8 +492,10 @@ def _world(spark, sc, seed: int) -> SimulatedWorld:
     logged = truth.where(uniform(seed, "observed", F.col("user_idx"), F.col("item_idx"))
                          < F.col("exposure_propensity")).withColumn("pi", F.col("treatment_propensity"))
     events = _events_from(logged, sc, seed, slice_name="logged", policy=sc.logging_policy)
+    # as in Coat's MCAR table: logged_propensity is the random design's exposure probability, which is
+    # what the training set weighs MCAR rows by (their treatment coin is a known 0.5)
     mcar = _events_from(_mcar_pairs(spark, sc, seed, users, items, c), sc, seed, slice_name="mcar",
-                        policy="uniform_random")
+                        policy="uniform_random", exposure_propensity=mcar_exposure_propensity(sc))
     tables = {
         "events": events,
         "users": users.select(*USERS.names),

@@ -16,10 +16,14 @@ Splits (``training_set.split``):
   ``valid_fraction`` before them valid; features are computed as of the train end.
 * ``random_user``: users are hashed into test / valid / train.
 
-Leakage guards: features (counts, rating means, history, co-occurrence) are built
-only from events that are not valid/test labels and, for the time split, only from
-events before the train end; a (user, item) pair that is in test is never in train
-or valid. Observed=0 rows are the propensity stage's sampled unobserved pairs (train
+Leakage guards: features (counts, rating means, history, co-occurrence) never see a
+valid/test label: for the time split they are built only from events before the train
+end; otherwise without any event of a valid/test pair (:func:`feature_events`: a held-out
+impression's click row is its label too). A train row's own label is left out of its
+user's and item's label statistics (:func:`leave_own_label_out`) and its item out of the
+user's history (:func:`own_item_out_of_history`). A (user, item) pair that
+is in test is never in train or valid, and under ``random_user`` a held-out user has no
+train rows. Observed=0 rows are the propensity stage's sampled unobserved pairs (train
 only), carrying their exposure propensity, for doubly-robust joint learning.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from causalrec.features.common import cutoff_lit
 from causalrec.features.common import item_tokens  # noqa: F401  (re-exported for callers)
 from causalrec.features.job import build_features
 from causalrec.features.pair import PAIR_FEATURE_NAMES, item_cooccurrence, pair_features
@@ -62,6 +67,12 @@ def outcome_expr(event_type: str, threshold: float):
     return F.lit(1.0)  # purchase / add_to_cart / view: the event itself is the outcome
 
 
+def random_user_split(ts):
+    """A user's split under ``random_user``: one hash of the user id decides every row of theirs."""
+    f = _frac(F.col("user_id"), salt="random_user")
+    return F.when(f < ts.test_fraction, "test").when(f < ts.test_fraction + ts.valid_fraction, "valid").otherwise("train")
+
+
 def assign_splits(labelled: DataFrame, cfg, has_mcar: bool) -> tuple[DataFrame, object]:
     """``labelled`` plus ``split``; returns (df, feature cutoff or None)."""
     ts = cfg.training_set
@@ -86,10 +97,98 @@ def assign_splits(labelled: DataFrame, cfg, has_mcar: bool) -> tuple[DataFrame, 
         cutoff = dt.datetime.fromtimestamp(b_valid, tz=dt.timezone.utc)
         return labelled.withColumn("split", split), cutoff
     if ts.split == "random_user":
-        f = _frac(F.col("user_id"), salt="random_user")
-        split = F.when(f < ts.test_fraction, "test").when(f < ts.test_fraction + ts.valid_fraction, "valid").otherwise("train")
-        return labelled.withColumn("split", split), None
+        return labelled.withColumn("split", random_user_split(ts)), None
     raise ValueError(f"training_set.split: unknown {ts.split!r}; expected given, time or random_user")
+
+
+def feature_events(events: DataFrame, labelled: DataFrame, split: str) -> DataFrame:
+    """The events features may be built from, given ``labelled`` with its splits.
+
+    ``time``: the cutoff already drops every valid/test label and whatever followed it, and a
+    held-out pair's earlier events are the past a model is served with; only the label rows
+    are removed here. Otherwise there is no time order to lean on, so every event of a
+    valid/test (user, item) pair of the log goes: the click and purchase rows logged with a
+    held-out impression would put its outcome into the user's history and the item's counts.
+    Under ``random_user`` that is every event of a held-out user on a pair they are tested on.
+    MCAR rows come from their own table, so the logged history of MCAR pairs stays (Coat's
+    self-selected ratings are the past its random test ratings are predicted from).
+    """
+    if split == "time":
+        return events.join(labelled.where(F.col("split") != "train").select("event_id"), "event_id", "left_anti")
+    return events.join(held_log_pairs(labelled), ["user_id", "item_id"], "left_anti")
+
+
+def held_log_pairs(labelled: DataFrame) -> DataFrame:
+    """(user_id, item_id) of the logged (not MCAR) valid/test labels."""
+    return labelled.where((F.col("split") != "train") & ~F.col("is_mcar")).select("user_id", "item_id").distinct()
+
+
+def _loo_rate(rate: str, trials: str, own, k: float):
+    """A :func:`~causalrec.features.item.smoothed_rate` (s + k*m) / (n + k) with one trial of outcome ``own``
+    taken out: (rate * (n + k) - own) / (n - 1 + k); 0 where that is undefined, as in the vector."""
+    n = F.col(trials).cast("double")
+    den = n - F.lit(1.0) + F.lit(k)
+    return F.when(den > 0, (F.col(rate) * (n + F.lit(k)) - own) / den).otherwise(F.lit(0.0))
+
+
+def loo_columns():
+    """(user columns, item columns) of the feature tables that :func:`leave_own_label_out` reads."""
+    return ((F.col("n_rated").alias("_lu_n"), F.col("rating_mean").alias("_lu_mean"), F.col("rating_var").alias("_lu_var")),
+            (F.col("n_ratings").alias("_li_n"), F.col("rating_mean").alias("_li_rm"),
+             F.col("n_exposures").alias("_li_e"), F.col("click_rate").alias("_li_cr")))
+
+
+def leave_own_label_out(ex: DataFrame, ft, etype: str, prior_strength: float, own) -> DataFrame:
+    """``features`` of the rows where ``own`` holds with the user's and item's label statistics
+    recomputed without the row's own label.
+
+    A train row's label event is among the events its features come from, so its user's rating
+    mean/variance and its item's smoothed rating mean (rating labels) or click rate (impression
+    labels) contain the value it is trained to predict; valid/test rows and served candidates
+    never see theirs. The feature tables' exact aggregates (:func:`loo_columns`, carried on
+    ``ex``) less the row's contribution (a rating; one impression and its click) give the
+    leave-one-out value in the same slot: feature names and width are unchanged. The global
+    rate the item statistics shrink toward keeps the label (a 1/N share of it).
+    """
+    nu, un, itn = len(ft.user_names), ft.user_names, ft.item_names
+    k = float(prior_strength)
+    slots, own_value = {}, F.col("label")
+    if etype == "rating":
+        r = F.col("label")
+        n, m, v = F.col("_lu_n").cast("double"), F.col("_lu_mean"), F.col("_lu_var")
+        n1 = n - F.lit(1.0)
+        mean = F.when(n1 > 0, (n * m - r) / n1).otherwise(F.lit(0.0))
+        var = F.when(n1 > 0, F.greatest((n * (v + m * m) - r * r) / n1 - mean * mean, F.lit(0.0))).otherwise(F.lit(0.0))
+        slots = {un.index("rating_mean"): mean, un.index("rating_var"): var,
+                 nu + itn.index("rating_mean"): _loo_rate("_li_rm", "_li_n", r, k)}
+    elif etype == "impression":
+        own_value = F.col("outcome")
+        slots = {nu + itn.index("click_rate"): _loo_rate("_li_cr", "_li_e", own_value, k)}
+    stats = [c for c in ex.columns if c.startswith(("_lu_", "_li_"))]
+    if not slots:
+        return ex.drop(*stats)
+    own = own & own_value.isNotNull()
+
+    def slot(x, i):
+        e = None
+        for pos, val in slots.items():
+            cond = own & (i == F.lit(pos))
+            e = F.when(cond, val.cast("float")) if e is None else e.when(cond, val.cast("float"))
+        return e.otherwise(x)
+
+    return ex.withColumn("features", F.transform("features", slot)).drop(*stats)
+
+
+def own_item_out_of_history(hist):
+    """The user's history (structs with ``item_idx``) without the row's own item where ``_own`` holds.
+
+    A train row's own label event is among the feature events, so its item is in its user's
+    recent items exactly when it was interacted with (clicked, rated): a label proxy that a
+    served candidate never carries (consumed items are excluded or already in the past), so
+    it is taken out of that row's history and its "Recently" text, as the pair features
+    leave the item out.
+    """
+    return F.when(F.col("_own"), F.filter(hist, lambda s: s["item_idx"] != F.col("item_idx"))).otherwise(hist)
 
 
 def build_id_index(spark, users: DataFrame, items: DataFrame, *event_frames: DataFrame) -> DataFrame:
@@ -153,8 +252,7 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
         labelled.where(~held).join(held_pairs, ["user_id", "item_id"], "left_anti"))
 
     # features only from what training may see
-    held_ids = labelled.where(F.col("split") != "train").select("event_id")
-    feat_events = events.join(held_ids, "event_id", "left_anti")
+    feat_events = feature_events(events, labelled, ts.split)
     ft = build_features(feat_events, users, items, cfg, cutoff=cutoff)
 
     obs = labelled.select(
@@ -174,6 +272,12 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     else:
         obs = obs.withColumn("treatment_propensity", F.lit(None).cast("double"))
     obs = obs.drop("event_id").withColumn("sample_weight", F.lit(1.0))
+    # whose own label event is among the feature events (and so must be left out of its features)
+    own = (F.col("split") == "train") & ~F.col("is_mcar") & (F.col("event_time") < cutoff_lit(ft.cutoff))
+    if ts.split != "time":
+        obs = obs.join(held_log_pairs(labelled).withColumn("_held_pair", F.lit(True)), ["user_id", "item_id"], "left")
+        own = own & F.col("_held_pair").isNull()
+    obs = obs.withColumn("_own", F.coalesce(own, F.lit(False))).drop("_held_pair")
 
     ratio = float(ts.unobserved_per_observed)
     fit_ratio = max(ratio, 1.0)
@@ -182,6 +286,8 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
         unobs = unobs.where(_frac(F.col("user_id"), F.col("item_id"), salt="unobs") < ratio / fit_ratio)
     non_train_pairs = labelled.where(F.col("split") != "train").select("user_id", "item_id").distinct()
     unobs = unobs.join(non_train_pairs, ["user_id", "item_id"], "left_anti")
+    if ts.split == "random_user":  # a held-out user has no train rows, observed or not
+        unobs = unobs.where(random_user_split(ts) == "train")
     unobs = unobs.select(
         F.concat(F.lit("unobs:"), F.col("user_id"), F.lit(":"), F.col("item_id")).alias("example_id"),
         F.lit("train").alias("split"), "user_id", "item_id", F.lit(0).alias("observed"),
@@ -190,14 +296,16 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
         F.lit(None).cast("timestamp").alias("event_time"), "exposure_propensity",
         # the pairs the sample stands for, thinned by ratio / fit_ratio above
         (F.coalesce(F.col("weight"), F.lit(1.0)) * F.lit(fit_ratio / ratio if ratio > 0 else 1.0)).alias("sample_weight"),
-        F.lit(None).cast("double").alias("treatment_propensity"),
+        F.lit(None).cast("double").alias("treatment_propensity"), F.lit(False).alias("_own"),
     )
     ex = obs.unionByName(unobs if ratio > 0 else unobs.limit(0))
 
     # features: user vector ++ item vector ++ pair vector, all as of the cutoff
+    loo_user, loo_item = loo_columns()
     ex = with_feature_vectors(ex, ft, feat_events, items, cfg,
-                              user_cols=("history_item_ids", F.col("text").alias("_utext")),
-                              item_cols=(F.col("text").alias("item_text"),))
+                              user_cols=("history_item_ids", F.col("text").alias("_utext"), *loo_user),
+                              item_cols=(F.col("text").alias("item_text"), *loo_item))
+    ex = leave_own_label_out(ex, ft, etype, cfg.features.smoothing_prior_strength, F.col("_own"))
 
     uidx = id_index.where(F.col("kind") == "user").select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
     iidx = id_index.where(F.col("kind") == "item").select(F.col("id").alias("item_id"), F.col("idx").alias("item_idx"))
@@ -207,17 +315,16 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     users_hist = ft.users.select("user_id", F.posexplode("history_item_ids").alias("pos", "item_id"))
     users_hist = users_hist.join(F.broadcast(iidx), "item_id").join(
         F.broadcast(ft.items.select("item_id", F.col("text").alias("_it"))), "item_id", "left")
-    per_user = users_hist.groupBy("user_id").agg(
-        F.transform(F.sort_array(F.collect_list(F.struct("pos", "item_idx"))), lambda s: s["item_idx"]).alias("history_item_idx"),
-        F.slice(F.transform(F.sort_array(F.collect_list(F.struct("pos", F.coalesce("_it", "item_id").alias("t")))),
-                            lambda s: s["t"]), 1, 5).alias("_recent_text"),
-    )
+    per_user = users_hist.groupBy("user_id").agg(F.sort_array(F.collect_list(
+        F.struct("pos", "item_idx", F.coalesce("_it", "item_id").alias("t")))).alias("_hist"))
     ex = ex.join(per_user, "user_id", "left")
-    ex = ex.withColumn("history_item_idx", F.coalesce("history_item_idx", F.array().cast("array<int>")))
+    hist = own_item_out_of_history(F.coalesce("_hist", F.array().cast(per_user.schema["_hist"].dataType)))
+    ex = ex.withColumn("history_item_idx", F.transform(hist, lambda s: s["item_idx"]))
+    recent = F.slice(F.transform(hist, lambda s: s["t"]), 1, 5)
     ex = ex.withColumn("user_text", F.concat_ws(
         ". ", F.col("_utext"),
-        F.when(F.size(F.coalesce("_recent_text", F.array().cast("array<string>"))) > 0,
-               F.concat(F.lit("Recently: "), F.array_join("_recent_text", "; ")))))
+        F.when(F.size(recent) > 0, F.concat(F.lit("Recently: "), F.array_join(recent, "; ")))))
+    ex = ex.drop("_hist", "_own")
     return conform(ex, TRAINING_EXAMPLES)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from pyspark.sql import functions as F
 
 from causalrec.config import Config
+from causalrec.features.common import cutoff_lit
 from causalrec.schemas import EVENTS, ITEMS, USERS, conform
 
 UTC = dt.timezone.utc
@@ -89,23 +91,80 @@ def test_counts_rates_and_history_on_hand_made_log(spark):
     assert u["u1"]["rating_var"] == pytest.approx(2.0 / 3.0)
     assert u["u1"]["history_item_ids"] == ["i3", "i2"]  # most recent first, bounded to 2
     # unclicked impression is not an interaction: u2's history is the purchase and the clicked impression
-    assert u["u2"]["history_item_ids"] == ["i1", "i1"][:1] + ["i1"] or u["u2"]["history_item_ids"][0] == "i1"
+    assert u["u2"]["history_item_ids"] == ["i1", "i1"]  # e6 purchase (Jan 8), then e4 clicked impression
     assert "i2" not in u["u2"]["history_item_ids"]
     assert u["u1"]["recency_days"] == pytest.approx((14 / 24), abs=1e-6)
     assert u["u1"]["top_category"] == "shoes"
     assert len(u["u1"]["feature_vector"]) == len(ft.user_names)
 
     it = {r["item_id"]: r for r in ft.items.collect()}
-    # i1: e1 rating, e4 clicked impression, e6 purchase, e7 rating -> 4 exposures, 1 click
-    assert it["i1"]["n_exposures"] == 4 and it["i1"]["n_clicks"] == 1.0 and it["i1"]["n_purchases"] == 1
-    # global ctr = clicks / exposures over all items before cutoff = 1 / 7; smoothing k = 2
-    g = 1.0 / 7.0
-    assert it["i1"]["click_rate"] == pytest.approx((1 + 2 * g) / (4 + 2))
+    # i1: e1 rating (u1), e4 clicked impression + e6 purchase (u2: the purchase follows that exposure),
+    # e7 rating (u3) -> 3 exposures, 1 click
+    assert it["i1"]["n_exposures"] == 3 and it["i1"]["n_clicks"] == 1.0 and it["i1"]["n_purchases"] == 1
+    # global ctr = clicks / exposures over all items before cutoff = 1 / 6; smoothing k = 2
+    g = 1.0 / 6.0
+    assert it["i1"]["click_rate"] == pytest.approx((1 + 2 * g) / (3 + 2))
     assert it["i4"]["n_exposures"] == 0 and it["i4"]["click_rate"] == pytest.approx(g)  # prior for unseen items
     # rating mean smoothed toward the global mean (5+3+4+2)/4 = 3.5
     assert it["i1"]["rating_mean"] == pytest.approx((7 + 2 * 3.5) / (2 + 2))
     assert it["i1"]["text"] == "red shoes" and it["i1"]["attributes"] == ["color:red"]
     assert len(it["i1"]["feature_vector"]) == len(ft.item_names)
+
+
+def _item_counts(spark, rows):
+    from causalrec.features.item import item_features
+
+    items = make_items(spark, [("i1", [], "c", "x")])
+    r = item_features(make_events(spark, rows), items, "2024-02-01T00:00:00", windows_days=[7, 30], prior_strength=0.0,
+                      popularity_groups=[0.2, 0.5], attribute_vocab=[]).first()
+    return r["n_exposures"], r["n_clicks"], r["click_rate"], r["n_exposures_7d"], r["n_users"]
+
+
+def test_item_exposures_and_clicks_count_each_exposure_once(spark):
+    """10 impressions of i1, one clicked, as the simulator, OBD and a ratings-only log write them."""
+    imps = [(f"imp{k}", f"u{k}", "i1", f"2024-01-{26 + k % 5:02d} 0{k}:00", "impression", float(k == 0)) for k in range(10)]
+    # simulator: the clicked impression (value 1) plus a click row 5 s later and a purchase row 60 s later
+    sim = imps + [("clk0", "u0", "i1", "2024-01-26 00:00:05", "click", 1.0),
+                  ("buy0", "u0", "i1", "2024-01-26 00:01", "purchase", 1.0)]
+    assert _item_counts(spark, sim) == (10, 1.0, pytest.approx(0.1), 10, 10)
+    # OBD: one impression row per exposure, value = click
+    assert _item_counts(spark, imps) == (10, 1.0, pytest.approx(0.1), 10, 10)
+    # impressions that do not carry the click, and a separate click row: still one click
+    unannotated = [r[:5] + (0.0,) for r in imps] + [("clk0", "u0", "i1", "2024-01-26 00:00:05", "click", 1.0)]
+    assert _item_counts(spark, unannotated)[:2] == (10, 1.0)
+    # a user seeing i1 twice and clicking both times
+    twice = imps + [("imp10", "u0", "i1", "2024-01-03 00:00", "impression", 1.0),
+                    ("clk1", "u0", "i1", "2024-01-03 00:00:05", "click", 1.0)]
+    assert _item_counts(spark, twice)[:2] == (11, 2.0)
+    # Coat: ratings only, every row is an exposure (24-27 days before the cutoff: none in the 7-day window)
+    ratings = [(f"r{k}", f"u{k}", "i1", f"2024-01-{5 + k:02d} 00:00", "rating", 3) for k in range(4)]
+    assert _item_counts(spark, ratings) == (4, 0.0, pytest.approx(0.0), 0, 4)
+
+
+def test_default_cutoff_ignores_the_driver_time_zone(spark):
+    """resolve_cutoff(None) is just after the last event in UTC even when the driver's OS time zone
+    is not UTC (PySpark turns collected timestamps into naive local datetimes)."""
+    import os
+    import time
+
+    from causalrec.features.common import resolve_cutoff
+
+    events = make_events(spark, [("e1", "u1", "i1", "2024-01-10 08:00", "rating", 5),
+                                 ("e2", "u1", "i2", "2024-01-10 12:00", "rating", 3)])
+    old = os.environ.get("TZ")
+    try:
+        for tz in ("America/New_York", "Asia/Tokyo"):
+            os.environ["TZ"] = tz
+            time.tzset()
+            got = resolve_cutoff(events, None)
+            assert got == dt.datetime(2024, 1, 10, 12, 0, 0, 1, tzinfo=UTC), (tz, got)
+            assert events.where(F.col("event_time") < cutoff_lit(got)).count() == 2
+    finally:
+        if old is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
 
 
 def test_future_events_do_not_leak(spark):

@@ -150,7 +150,8 @@ def test_hand_made_impressions_time_and_user_splits(ctx, request, spark, split):
         first_test = obs.where("split = 'test'").agg(F.min("event_time")).first()[0]
         assert last_train < first_test
     else:
-        by_user = obs.groupBy("user_id").agg(F.countDistinct("split").alias("k"))
+        # every row of a user, sampled unobserved ones too, is in the user's split
+        by_user = te.groupBy("user_id").agg(F.countDistinct("split").alias("k"))
         assert by_user.where("k > 1").count() == 0
     test_pairs = te.where("split = 'test'").select("user_id", "item_id")
     assert te.where("split != 'test'").join(test_pairs, ["user_id", "item_id"]).count() == 0
@@ -182,6 +183,9 @@ def test_simulated_training_examples_read_by_ray(ctx, request):
     assert obs.where("exposure_propensity is null").count() == 0
     # MCAR rows were never logged by the recommending policy; every other row has P(recommended)
     assert obs.where("not is_mcar and treatment_propensity is null").count() == 0
+    # MCAR rows: the random design's exposure probability, mcar_items_per_user / n_items
+    mcar = obs.where("is_mcar")
+    assert mcar.count() > 0 and mcar.where(F.abs(F.col("exposure_propensity") - 16 / 30) > 1e-9).count() == 0
     # the logged propensities are the simulator's true P(recommended) for treated and control rows
     # alike (a control row logs P(not recommended), which the table turns back into P(recommended))
     d = {r["metric"]: r["value"] for r in ctx.store.read("propensity_diagnostics")
@@ -194,3 +198,157 @@ def test_simulated_training_examples_read_by_ray(ctx, request):
     assert files_per_split(ctx.store) == {"train": 2, "valid": 2, "test": 2}
     ds = check_ray_schema(request, ctx.store)
     assert ds.count() == te.count()
+
+
+def _examples(spark, events, users, items, cfg, unobserved=()):
+    """build_training_examples with a hand-made exposure table: logged pairs at 0.5, ``unobserved``
+    (user, item) pairs at 0.1 standing for two pairs each."""
+    from causalrec.schemas import EXPOSURE_PROPENSITY
+    from causalrec.training_set import build_id_index, build_training_examples
+
+    seen = [(r["user_id"], r["item_id"]) for r in events.select("user_id", "item_id").distinct().collect()]
+    rows = [(u, i, 1, None, 0.5, 0.5, "hand", 1.0) for u, i in seen]
+    rows += [(u, i, 0, None, 0.1, 0.1, "hand", 2.0) for u, i in unobserved]
+    exposure = spark.createDataFrame(rows, EXPOSURE_PROPENSITY.spark_schema())
+    idx = build_id_index(spark, users, items, events)
+    return build_training_examples(events, users, items, exposure, None, idx, cfg).localCheckpoint()
+
+
+def _slot(cfg, kind, name, user_vocab=(), item_vocab=()):
+    """Position of a named feature in ``features`` (user vector ++ item vector ++ pair vector)."""
+    from causalrec.features.item import item_feature_names
+    from causalrec.features.user import user_feature_names
+
+    un = user_feature_names(list(cfg.data.event_types), cfg.features.windows_days, list(user_vocab))
+    if kind == "user":
+        return un.index(name)
+    return len(un) + item_feature_names(cfg.features.windows_days, list(item_vocab)).index(name)
+
+
+def test_random_user_holds_out_whole_users_and_their_exposures(spark):
+    """Simulator/OBD-style log (a clicked impression has a click row 5 s later), random_user split: a
+    held-out user's clicks reach neither their history nor the item counts, they have no train rows
+    (observed or sampled unobserved), and train rows' item click rate leaves their own click out."""
+    import math
+
+    from causalrec.config import Config
+
+    rows, k, clicks = [], 0, {}
+    for u in range(12):
+        for j in range(4):
+            item, clicked = f"i{(u + j) % 8}", (u * 7 + j * 3) % 3 == 0
+            k += 1
+            rows.append((f"e{k}", f"u{u}", item, f"2024-01-0{1 + j} {u:02d}:00", "impression", float(clicked), True, 0.5))
+            clicks[(f"u{u}", item)] = float(clicked)
+            if clicked:
+                k += 1
+                rows.append((f"e{k}", f"u{u}", item, f"2024-01-0{1 + j} {u:02d}:05", "click", 1.0, True, 0.5))
+    events = make_events(spark, rows)
+    items = make_items(spark, [(f"i{j}", [f"c:{j % 2}"], "cat", f"item {j}") for j in range(8)])
+    users = make_users(spark, [(f"u{u}", [], f"user {u}", None) for u in range(12)])
+    cfg = Config()
+    cfg.training_set.split = "random_user"
+    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.4, 0.2
+    cfg.training_set.label_event_type = "impression"
+    cfg.training_set.unobserved_per_observed = 1.0
+    cfg.features.smoothing_prior_strength = 2.0
+    unobserved = [(f"u{u}", f"i{(u + 4 + j) % 8}") for u in range(12) for j in range(2)]
+    te = _examples(spark, events, users, items, cfg, unobserved)
+
+    split_of = {r["user_id"]: r["split"] for r in te.where("observed = 1").select("user_id", "split").distinct().collect()}
+    assert len(split_of) == 12 and {"train", "test", "valid"} <= set(split_of.values())
+    # every row of a user, observed or sampled, is in the user's split (held-out users: no train rows)
+    assert te.groupBy("user_id").agg(F.countDistinct("split").alias("k")).where("k > 1").count() == 0
+    assert te.where("observed = 0").count() > 0 and te.where("observed = 0 and split != 'train'").count() == 0
+    # a held-out row's outcome is not readable off the history (its click row used to put the item there)
+    held = te.where("split != 'train' and observed = 1")
+    assert held.where(F.array_contains("history_item_idx", F.col("item_idx"))).count() == 0
+    assert held.where(F.size("history_item_idx") > 0).count() == 0  # all their events are held-out pairs
+
+    # item counts and click rates come from train users' exposures only
+    train = {p: c for p, c in clicks.items() if split_of[p[0]] == "train"}
+    n_imp = {i: sum(1 for (_, it) in train if it == i) for i in {p[1] for p in clicks}}
+    n_clk = {i: sum(c for (_, it), c in train.items() if it == i) for i in n_imp}
+    g, kk = sum(train.values()) / len(train), 2.0
+    vocab = ["c:0", "c:1"]
+    s_clicks, s_rate = _slot(cfg, "item", "log1p_n_clicks", item_vocab=vocab), _slot(cfg, "item", "click_rate", item_vocab=vocab)
+    for r in te.collect():
+        i = r["item_id"]
+        assert r["features"][s_clicks] == pytest.approx(math.log1p(n_clk[i]), abs=1e-5), r
+        own = r["outcome"] if r["split"] == "train" and r["observed"] == 1 else None
+        want = ((n_clk[i] + kk * g) / (n_imp[i] + kk) if own is None
+                else (n_clk[i] - own + kk * g) / (n_imp[i] - 1 + kk))
+        assert r["features"][s_rate] == pytest.approx(want, abs=1e-5), (r["split"], r["observed"], i, own)
+
+
+def test_train_rows_leave_their_own_rating_out_of_user_and_item_statistics(spark):
+    """Time split on ratings: a train row's user rating mean/variance and its item's smoothed rating
+    mean are those of the other train ratings (its own label is among the feature events); valid and
+    test rows see the full train statistics. Names and width of ``features`` are unchanged."""
+    import random
+    import statistics
+
+    from causalrec.config import Config
+
+    rnd = random.Random(0)
+    rows = [(f"e{u}_{d}", f"u{u}", f"i{(u * 5 + d) % 7}", f"2024-01-0{d + 1} {u:02d}:00", "rating", rnd.randint(1, 5))
+            for u in range(10) for d in range(5)]
+    events = make_events(spark, rows)
+    items = make_items(spark, [(f"i{j}", [], "c", "") for j in range(7)])
+    users = make_users(spark, [(f"u{u}", [], "", None) for u in range(10)])
+    cfg = Config()
+    cfg.training_set.split = "time"
+    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.2, 0.2
+    cfg.training_set.unobserved_per_observed = 0.0
+    cfg.features.smoothing_prior_strength = 2.0
+    te = _examples(spark, events, users, items, cfg).where("observed = 1").collect()
+    train = [r for r in te if r["split"] == "train"]
+    assert len(train) > 20 and len(te) - len(train) > 10
+    by_user, by_item = {}, {}
+    for r in train:
+        by_user.setdefault(r["user_id"], []).append(r["label"])
+        by_item.setdefault(r["item_id"], []).append(r["label"])
+    g, k = sum(r["label"] for r in train) / len(train), 2.0
+    s_um, s_uv = _slot(cfg, "user", "rating_mean"), _slot(cfg, "user", "rating_var")
+    s_im = _slot(cfg, "item", "rating_mean")
+    for r in te:
+        ru, ri = list(by_user.get(r["user_id"], [])), list(by_item.get(r["item_id"], []))
+        if r["split"] == "train":
+            ru.remove(r["label"])
+            ri.remove(r["label"])
+        assert r["features"][s_um] == pytest.approx(statistics.fmean(ru) if ru else 0.0, abs=1e-5)
+        assert r["features"][s_uv] == pytest.approx(statistics.pvariance(ru) if ru else 0.0, abs=1e-5)
+        assert r["features"][s_im] == pytest.approx((sum(ri) + k * g) / (len(ri) + k), abs=1e-5)
+    assert len({len(r["features"]) for r in te}) == 1
+
+
+def test_train_rows_do_not_carry_their_own_item_in_the_users_history(spark):
+    """A train row's own rated item is taken out of its user's history (indices and "Recently" text):
+    kept, the history would hold the label item exactly for the rows being trained on. Valid and
+    test rows keep the user's whole train history; the other train items stay in order."""
+    from causalrec.config import Config
+
+    rows = [(f"e{u}_{d}", f"u{u}", f"i{(u * 5 + d) % 7}", f"2024-01-0{d + 1} {u:02d}:00", "rating", 1 + (u + d) % 5)
+            for u in range(10) for d in range(5)]
+    events = make_events(spark, rows)
+    items = make_items(spark, [(f"i{j}", [], "c", f"item text {j}") for j in range(7)])
+    users = make_users(spark, [(f"u{u}", [], "", None) for u in range(10)])
+    cfg = Config()
+    cfg.training_set.split = "time"
+    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.2, 0.2
+    cfg.training_set.unobserved_per_observed = 0.0
+    te = _examples(spark, events, users, items, cfg).where("observed = 1").collect()
+    idx = {r["item_id"]: r["item_idx"] for r in te}
+    train_items = {}
+    for r in sorted((r for r in te if r["split"] == "train"), key=lambda r: r["event_time"], reverse=True):
+        train_items.setdefault(r["user_id"], []).append(r["item_id"])
+    n_train = 0
+    for r in te:
+        expected = list(train_items.get(r["user_id"], []))
+        if r["split"] == "train":
+            expected.remove(r["item_id"])
+            n_train += 1
+        assert sorted(r["history_item_idx"]) == sorted(idx[i] for i in expected)
+        assert (f"item text {r['item_id'][1:]}" in (r["user_text"] or "")) == (r["split"] != "train"
+                                                                               and r["item_id"] in expected)
+    assert n_train > 20

@@ -29,12 +29,12 @@ def resolve_cutoff(events: DataFrame, cutoff: Optional[Cutoff]) -> dt.datetime:
         except ValueError as exc:
             raise ValueError(f"features.cutoff: {cutoff!r} is not an ISO timestamp (e.g. 2024-01-31T00:00:00)") from exc
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
-    last = events.agg(F.max("event_time").alias("t")).collect()[0]["t"]
+    # epoch microseconds, not a collected timestamp: PySpark turns those into naive datetimes in the
+    # driver's OS time zone, whatever spark.sql.session.timeZone says
+    last = events.agg(F.unix_micros(F.max("event_time")).alias("t")).collect()[0]["t"]
     if last is None:
         raise ValueError("features: the events table is empty, so there is no cutoff to compute features at")
-    if last.tzinfo is None:  # Spark returns session-local (UTC) naive datetimes
-        last = last.replace(tzinfo=dt.timezone.utc)
-    return last + dt.timedelta(microseconds=1)
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=int(last) + 1)
 
 
 def events_before(events: DataFrame, cutoff: Cutoff) -> DataFrame:
@@ -45,13 +45,6 @@ def events_before(events: DataFrame, cutoff: Cutoff) -> DataFrame:
 def is_interaction() -> Column:
     """An event that shows interest: anything but an unclicked impression."""
     return (F.col("event_type") != F.lit("impression")) | (F.coalesce(F.col("value"), F.lit(0.0)) > 0)
-
-
-def clicks_expr() -> Column:
-    """Clicks: click events, plus impressions whose value is a click (OBD logs one row per impression)."""
-    return F.when(F.col("event_type") == "click", 1.0).when(
-        F.col("event_type") == "impression", F.coalesce(F.col("value"), F.lit(0.0))
-    ).otherwise(0.0)
 
 
 def item_tokens(items: DataFrame) -> DataFrame:

@@ -1,9 +1,9 @@
 """Item features as of a cutoff: exposure/interaction counts by window, Bayesian-smoothed rates,
 popularity rank and group (head/mid/tail), attributes and text.
 
-Hot items: every per-item aggregate here is algebraic (count/sum) or HLL
-(``approx_count_distinct``), so Spark aggregates map-side before the shuffle
-(two-stage aggregation) and a hot item sends one partial row per task, not its events.
+Hot items: every aggregate here is algebraic (count/sum), first per (item, user) and then
+per item, so Spark aggregates map-side before each shuffle (two-stage aggregation) and a
+hot item sends one partial row per task to the per-item step, not its events.
 """
 from __future__ import annotations
 
@@ -12,29 +12,56 @@ from typing import Sequence
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from causalrec.features.common import Cutoff, clicks_expr, cutoff_lit, events_before, is_interaction
+from causalrec.features.common import Cutoff, cutoff_lit, events_before, is_interaction
 
 POPULARITY_GROUPS = ("head", "mid", "tail")
 
 
 def item_activity(events: DataFrame, cutoff: Cutoff, windows_days: Sequence[int]) -> DataFrame:
+    """Per-item counts, built from per-(user, item) partial counts.
+
+    One exposure is logged differently by different sources: OBD writes one impression row
+    whose value is the click; the simulator writes that impression plus a click row 5 s
+    later and a purchase row; Coat writes only ratings. Per pair, the exposures are its
+    impressions when it has any (its click/purchase rows belong to them), else every row
+    (a rating is its own exposure); its clicks are the larger of its clicked impressions
+    and its click rows, so an impression's click is counted once however it is logged.
+    """
     ev = events_before(events, cutoff)
     c = cutoff_lit(cutoff)
-    inter = F.when(is_interaction(), 1).otherwise(0)
-    aggs = [
-        F.count(F.lit(1)).alias("n_exposures"),  # every logged row is an exposure of the item
-        F.sum(inter).cast("long").alias("n_interactions"),
-        F.sum(clicks_expr()).alias("n_clicks"),
-        F.sum(F.when(F.col("event_type") == "purchase", 1).otherwise(0)).cast("long").alias("n_purchases"),
-        F.count(F.when(F.col("event_type") == "rating", F.col("value"))).alias("n_ratings"),
-        F.sum(F.when(F.col("event_type") == "rating", F.col("value"))).alias("rating_sum"),
-        F.approx_count_distinct("user_id").alias("n_users"),
+    is_imp = F.col("event_type") == "impression"
+    one = lambda cond: F.sum(F.when(cond, 1).otherwise(0)).cast("long")  # noqa: E731
+    inter = is_interaction()
+    pair_aggs = [
+        F.count(F.lit(1)).alias("_rows"),
+        one(is_imp).alias("_imps"),
+        one(inter).alias("_inter"),
+        one(is_imp & (F.coalesce(F.col("value"), F.lit(0.0)) > 0)).alias("_clicked_imps"),
+        one(F.col("event_type") == "click").alias("_click_rows"),
+        one(F.col("event_type") == "purchase").alias("_purchases"),
+        F.count(F.when(F.col("event_type") == "rating", F.col("value"))).alias("_ratings"),
+        F.sum(F.when(F.col("event_type") == "rating", F.col("value"))).alias("_rating_sum"),
     ]
     for w in windows_days:
         in_w = F.col("event_time") >= c - F.expr(f"INTERVAL {int(w)} DAYS")
-        aggs.append(F.sum(F.when(in_w, 1).otherwise(0)).cast("long").alias(f"n_exposures_{int(w)}d"))
-        aggs.append(F.sum(F.when(in_w, inter).otherwise(0)).cast("long").alias(f"n_interactions_{int(w)}d"))
-    return ev.groupBy("item_id").agg(*aggs)
+        pair_aggs += [one(in_w).alias(f"_rows_{int(w)}"), one(in_w & is_imp).alias(f"_imps_{int(w)}"),
+                      one(in_w & inter).alias(f"_inter_{int(w)}")]
+    pairs = ev.groupBy("item_id", "user_id").agg(*pair_aggs)
+    has_imp = F.col("_imps") > 0
+    aggs = [
+        F.sum(F.when(has_imp, F.col("_imps")).otherwise(F.col("_rows"))).cast("long").alias("n_exposures"),
+        F.sum("_inter").cast("long").alias("n_interactions"),
+        F.sum(F.greatest("_clicked_imps", "_click_rows")).cast("double").alias("n_clicks"),
+        F.sum("_purchases").cast("long").alias("n_purchases"),
+        F.sum("_ratings").cast("long").alias("n_ratings"),
+        F.sum("_rating_sum").alias("rating_sum"),
+        F.count(F.lit(1)).alias("n_users"),  # one row per (item, user): exact
+    ]
+    for w in windows_days:
+        aggs.append(F.sum(F.when(has_imp, F.col(f"_imps_{int(w)}")).otherwise(F.col(f"_rows_{int(w)}")))
+                    .cast("long").alias(f"n_exposures_{int(w)}d"))
+        aggs.append(F.sum(f"_inter_{int(w)}").cast("long").alias(f"n_interactions_{int(w)}d"))
+    return pairs.groupBy("item_id").agg(*aggs)
 
 
 def smoothed_rate(successes: str, trials: str, prior_mean, strength: float):

@@ -1,8 +1,10 @@
 """Propensity diagnostics: is the model calibrated, are the weights usable, do groups overlap?
 
 * reliability bins + expected calibration error (ECE) on held-out pairs: bins of equal
-  (weighted) mass by predicted propensity; ECE = sum_b W_b/W |mean p_b - observed rate_b|
-  (Guo et al. 2017). Sampled unobserved pairs carry their inverse sampling weight.
+  row count (unweighted quantiles of the predicted propensity); within a bin the mean
+  prediction and observed rate are weighted, and ECE = sum_b W_b/W |mean p_b - observed rate_b|
+  (Guo et al. 2017) weighs each bin by its weighted mass W_b. Sampled unobserved pairs carry
+  their inverse sampling weight, so bins are not of equal weighted mass.
 * share at the clipping bound: how much of the estimate rests on the clip, not the model.
 * effective sample size of the inverse weights w = 1/p: (sum w)^2 / sum w^2 (Kish).
 * treated/control overlap: histogram overlap coefficient sum_b min(f_t, f_c) and the
@@ -27,7 +29,8 @@ def _row(propensity, method, metric, value=None, bin=None, pred_mean=None, obs_r
 
 
 def reliability(df: DataFrame, pred: str, label: str, weight: Optional[str] = None, bins: int = 10) -> tuple[list, float]:
-    """Equal-mass bins by ``pred``: [(bin, weight, mean pred, observed rate)], and the ECE."""
+    """Equal-count bins by ``pred`` (edges ignore ``weight``): [(bin, weight, weighted mean pred,
+    weighted observed rate)], and the weighted ECE."""
     w = F.col(weight) if weight else F.lit(1.0)
     qs = df.approxQuantile(pred, [i / bins for i in range(1, bins)], 0.001) if bins > 1 else []
     edges = sorted(set(qs))
