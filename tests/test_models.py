@@ -298,7 +298,6 @@ def test_ids_training_never_reached_are_looked_up_as_the_unknown_row(minilm):
     with torch.no_grad():
         cold = mf({"user_idx": torch.tensor([2, 0, 0]), "item_idx": torch.tensor([0, 1, 4])})
         unk = mf({"user_idx": torch.tensor([3, 0, 0]), "item_idx": torch.tensor([0, 5, 5])})
-        warm = mf({"user_idx": torch.tensor([0]), "item_idx": torch.tensor([2])})
     torch.testing.assert_close(cold["logit"], unk["logit"])
     assert not torch.allclose(unk["imputation"][1:], cold["imputation"][1:])  # own masks: items 1, 4 known there
     assert mf.ids.user_known.tolist() == [True, True, False, True]  # the unknown row itself stays known
