@@ -157,19 +157,17 @@ def _model_rows(data) -> tuple[Optional[str], list[str], dict]:
     return sl, models, {(r["model"], r["metric"], r.get("k")): r for r in rows}
 
 
-UPLIFT_METHODS = ("dr", "ips")  # as causalrec.scoring.item_uplift: DR when present, else IPS
-
-
 def _item_effects(data) -> tuple[list[dict], Optional[str]]:
     """(item-level uplift_effects rows of one method, one per item; the method).
 
     uplift_effects also holds overall and segment rows, each once per method: counting or
     plotting them all would show several "items" per item and some that are not items.
     """
+    from causalrec.uplift import primary_method
+
     rows = [r for r in data.get("tables", {}).get("uplift_effects") or []
             if r.get("level", "item") == "item" and r.get("item_id") is not None and _finite(r.get("effect"))]
-    have = {r.get("method") for r in rows}
-    method = next((m for m in UPLIFT_METHODS if m in have), min(have, key=str) if have else None)
+    method = primary_method(r.get("method") for r in rows)
     latest: dict = {}
     for r in sorted((r for r in rows if r.get("method") == method), key=lambda r: str(r.get("created_at") or "")):
         latest[r["item_id"]] = r  # one row per item: the latest run's

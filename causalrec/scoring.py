@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- step 1: Spark
 
-UPLIFT_METHODS = ("dr", "ips")  # preference order: DR is uplift's primary estimate, IPS the fallback
-
 
 def item_uplift(uplift_effects):
     """One row per item of ``uplift_effects``: item-level rows of one method (DR when present, else IPS).
@@ -57,8 +55,9 @@ def item_uplift(uplift_effects):
     if "level" in ue.columns:
         ue = ue.where(F.col("level") == "item")
     if "method" in ue.columns:
-        have = {r[0] for r in ue.select("method").distinct().collect()}  # one row per method
-        method = next((m for m in UPLIFT_METHODS if m in have), min(have) if have else None)
+        from causalrec.uplift import primary_method
+
+        method = primary_method(r[0] for r in ue.select("method").distinct().collect())  # one row per method
         if method is not None:
             ue = ue.where(F.col("method") == method)
     order = [F.col(c).desc_nulls_last() for c in ("created_at", "run_id") if c in ue.columns]

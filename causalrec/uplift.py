@@ -32,6 +32,17 @@ from scipy import stats as sps
 # -------------------------------------------------------------------- pure functions
 
 
+# uplift_effects holds every estimate once per method; readers that need one use this order:
+# DR is the primary estimate, IPS the fallback
+METHOD_PREFERENCE = ("dr", "ips")
+
+
+def primary_method(methods) -> Optional[str]:
+    """The method readers of ``uplift_effects`` use, among those present (None when there are none)."""
+    have = {m for m in methods if m is not None}
+    return next((m for m in METHOD_PREFERENCE if m in have), min(have) if have else None)
+
+
 def scores(y, t, e, m1=None, m0=None, method: str = "dr") -> np.ndarray:
     """Per-row effect scores (see module docstring)."""
     y, t, e = (np.asarray(a, dtype=float) for a in (y, t, e))
