@@ -261,6 +261,25 @@ EVENTS_QUARANTINE = TableSpec(
         ("payload", "string", True, "original row as JSON"),
         ("quarantined_at", "timestamp", False, ""),
     ),
+    doc="Rejected event rows (events and mcar_events input), one per row, with the first reason code; "
+        "reason codes in causalrec.ingest.validate. For CSV / JSON lines input the detail ends with the "
+        "row's line in its file (see causalrec.ingest.sources.line_numbers).",
+)
+
+DIMENSION_QUARANTINE = TableSpec(
+    "dimension_quarantine",
+    _cols(
+        ("ingest_batch", "string", False, "id of the dimension write, derived from its input rows"),
+        ("table_name", "string", False, "users, items or ground_truth: the table the row was meant for"),
+        ("source", "string", True, "file or loader the table came from"),
+        ("source_row", "long", True, "0-based position of the row in the table as loaded"),
+        ("reason", "string", False, "NULL_ID or DUPLICATE_ID"),
+        ("detail", "string", True, "human-readable explanation naming the key column"),
+        ("payload", "string", True, "the row as JSON (cast to the table's types, key as read)"),
+        ("quarantined_at", "timestamp", False, ""),
+    ),
+    doc="Rejected users / items / ground_truth rows: a null or empty key, or a key shared by rows of "
+        "differing content (all of them); reason codes in causalrec.ingest.dimensions.",
 )
 
 INGEST_LOG = TableSpec(
@@ -609,6 +628,7 @@ ALL_TABLES: dict[str, TableSpec] = {
         MCAR_EVENTS,
         GROUND_TRUTH,
         EVENTS_QUARANTINE,
+        DIMENSION_QUARANTINE,
         INGEST_LOG,
         TRAINING_EXAMPLES,
         ID_INDEX,

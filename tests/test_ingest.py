@@ -262,3 +262,75 @@ def test_loader_counts_are_checked_before_any_table_is_written(ctx):
         write_loaded(ctx, data, source="t")
     for t in ("users", "items", "events"):
         assert not ctx.store.exists(t)
+
+
+def test_dimension_rows_are_checked_quarantined_and_collapsed_once(ctx):
+    """A null/empty or conflicting key never reaches users/ground_truth; exact copies collapse; reruns add nothing."""
+    from causalrec.ingest.job import write_loaded
+    from causalrec.loaders import LoadedData
+
+    sp = ctx.spark
+    users = sp.createDataFrame(
+        [("u1", "a"), (None, "b"), ("  ", "c"), ("u2", "d"), ("u2 ", "d"), ("u3", "x"), ("u3", "y"), ("u3", "x")],
+        "user_id string, segment string")
+    truth = sp.createDataFrame([("u1", "i1", 0.5), ("u1", None, 0.1), ("u2", "i1", 0.2), ("u2", "i1", 0.3)],
+                               "user_id string, item_id string, true_preference double")
+    data = LoadedData(name="t", events=None, users=users, items=sp.createDataFrame([("i1",)], "item_id string"),
+                      ground_truth=truth, sources={"users": "users.csv", "ground_truth": "truth.csv"},
+                      expected={"users": 8})
+    out = write_loaded(ctx, data, source="t")
+    written = sorted(((r.user_id, r.segment) for r in ctx.store.read("users").collect()), key=str)
+    assert written == [("u1", "a"), ("u2", "d")]
+    assert [(r.user_id, r.item_id) for r in ctx.store.read("ground_truth").collect()] == [("u1", "i1")]
+
+    u, gt = out["tables"]["users"], out["tables"]["ground_truth"]
+    assert (u["rows"], u["duplicates_collapsed"], u["rows_quarantined"]) == (2, 1, 5)
+    assert u["reasons"] == {"NULL_ID": 2, "DUPLICATE_ID": 3}
+    assert (gt["rows"], gt["duplicates_collapsed"], gt["rows_quarantined"]) == (1, 0, 3)
+    assert out["tables"]["items"]["rows_quarantined"] == 0
+
+    q = ctx.store.read("dimension_quarantine").toPandas()
+    qu = q[q.table_name == "users"].sort_values("source_row")
+    assert list(zip(qu.source_row, qu.reason)) == [(1, "NULL_ID"), (2, "NULL_ID"), (5, "DUPLICATE_ID"),
+                                                   (6, "DUPLICATE_ID"), (7, "DUPLICATE_ID")]
+    assert set(qu.source) == {"users.csv"}
+    assert "user_id is null or empty" in qu.detail.iloc[0]
+    assert "user_id 'u3' is shared by 3 rows" in qu.detail.iloc[2]
+    assert json.loads(qu.payload.iloc[1])["user_id"] == "  "  # the key as it came
+    qt = q[q.table_name == "ground_truth"].set_index("source_row")
+    assert qt.loc[1, "reason"] == "NULL_ID" and "item_id" in qt.loc[1, "detail"]
+    assert list(qt.loc[[2, 3], "reason"]) == ["DUPLICATE_ID"] * 2
+
+    v = ctx.store.version("dimension_quarantine")
+    again = write_loaded(ctx, data, source="t")
+    assert again["tables"]["users"] == u
+    assert ctx.store.version("dimension_quarantine") == v
+    assert ctx.store.read("users").count() == 2
+
+
+def test_quarantine_detail_names_the_line_of_a_text_file(ctx, tmp_path):
+    """source_row stays the 0-based row; the detail gives the line to open (or says why it cannot)."""
+    from causalrec.ingest import job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ok = "e{},u,i,2024-01-01,click,1,,,,"
+    # a.csv: header on line 1, the bad row on line 4; b.csv: a blank line 3 the reader skips
+    (folder / "a.csv").write_text("\n".join([HEADER, ok.format(1), ok.format(2), "e3,u,i,BAD,click,1,,,,", ok.format(4)]) + "\n")
+    (folder / "b.csv").write_text("\n".join([HEADER, "b1,u,i,BAD,click,1,,,,", "  ", ok.format(5),
+                                             "b3,u,i,BAD,click,1,,,,"]) + "\n")
+    ctx.cfg.data.source, ctx.cfg.data.path, ctx.cfg.data.format = "files", str(folder), "csv"
+    assert job.run(ctx)["tables"]["events"]["rows_quarantined"] == 3
+    q = {json.loads(r.payload)["event_id"]: r for r in ctx.store.read("events_quarantine").collect()}
+    assert q["e3"].source_row == 2 and q["e3"].detail.endswith("(line 4)")
+    assert q["b1"].detail.endswith("(line 2)")
+    assert q["b3"].source_row == 2 and "line 5" not in q["b3"].detail
+    assert "(data row 3 after the header; its line is not known" in q["b3"].detail
+
+    p = tmp_path / "ev.jsonl"
+    p.write_text('{"event_id": "j1", "user_id": "u", "item_id": "i", "event_time": "2024-01-01", "event_type": "click"}\n'
+                 '{"event_id": "j2", "user_id": "u", "item_id": "i", "event_time": "BAD", "event_type": "click"}\n')
+    ctx.cfg.data.path, ctx.cfg.data.format = str(p), "jsonl"
+    job.run(ctx)
+    j2 = [r for r in ctx.store.read("events_quarantine").collect() if json.loads(r.payload)["event_id"] == "j2"]
+    assert j2[0].source_row == 1 and j2[0].detail.endswith("(line 2)")

@@ -12,7 +12,10 @@ Load: through ``ctx.store`` only, one atomic Delta commit per table write:
   appends (not from the input), so a retried commit is never applied twice while a rerun
   whose rules now accept more rows still writes those.
 * ``events_quarantine``: append the rejected rows (keyed by the batch and those rows).
-* ``users``, ``items``, ``ground_truth``: dimension/truth tables, overwritten (idempotent).
+* ``users``, ``items``, ``ground_truth``: dimension/truth tables, overwritten (idempotent)
+  with the rows :mod:`causalrec.ingest.dimensions` accepts: exact copies collapse to one
+  (counted), rows with a null/empty key or a key shared by differing rows go to
+  ``dimension_quarantine`` (keyed like events_quarantine, so a rerun adds nothing).
 * ``ingest_log``: one row per events table per run: rows read / accepted / quarantined
   / already present, and a JSON object of counts per reason code.
 
@@ -27,6 +30,14 @@ import hashlib
 import json
 import logging
 
+from causalrec.ingest.dimensions import (
+    SPECS,
+    DimensionSummary,
+    flag_dimension,
+    kept_rows,
+    quarantined_dimension_rows,
+    summarize_dimension,
+)
 from causalrec.ingest.validate import (
     FINGERPRINT,
     Summary,
@@ -38,7 +49,7 @@ from causalrec.ingest.validate import (
     rules_from_config,
     summarize,
 )
-from causalrec.schemas import EVENTS, EVENTS_QUARANTINE, GROUND_TRUTH, INGEST_LOG, ITEMS, MCAR_EVENTS, USERS
+from causalrec.schemas import DIMENSION_QUARANTINE, EVENTS, EVENTS_QUARANTINE, INGEST_LOG, MCAR_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +61,12 @@ def batch_id_for(prefix: str, fingerprint: str) -> str:
 
 
 def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_prefix: str = "batch",
-                  users=None, items=None, rules=None) -> dict:
+                  users=None, items=None, rules=None, fmt: str = "") -> dict:
     """Validate ``raw`` and write it to ``table`` / ``events_quarantine`` / ``ingest_log``.
 
-    Fails before writing anything when the input schema is unusable.
+    Fails before writing anything when the input schema is unusable. ``fmt``: the file format
+    ``raw`` was read in (:func:`causalrec.ingest.sources.read_events`); for csv / jsonl the
+    quarantine detail names each rejected row's line.
     """
     from pyspark import StorageLevel
     from causalrec.ingest.sources import number_rows
@@ -89,7 +102,8 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
                             metadata={"ingest_batch": batch})
         if s.rows_quarantined:
             with ctx.step("write events_quarantine"):
-                store.write(quarantined_rows(fl, batch, source or table), "events_quarantine", "append",
+                lines = _line_args(ctx.spark, fl, fmt)
+                store.write(quarantined_rows(fl, batch, source or table, **lines), "events_quarantine", "append",
                             spec=EVENTS_QUARANTINE,
                             idempotency_key=batch_id_for(f"{batch}:{table}:quarantine", s.quarantined_fingerprint))
         if not store.exists("events_quarantine"):  # downstream readers may rely on the table existing
@@ -112,6 +126,20 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
         "rows_already_present": s.rows_already_present,
         "reasons": s.reasons,
     }
+
+
+def _line_args(spark, flagged, fmt: str) -> dict:
+    """``quarantined_rows`` arguments naming lines for a text input, read from the files with rejected rows."""
+    from pyspark.sql import functions as F
+
+    from causalrec.ingest.sources import LINE_OFFSET, first_blank_lines
+    from causalrec.ingest.validate import REASON, SOURCE_FILE
+
+    if fmt not in LINE_OFFSET or SOURCE_FILE not in flagged.columns:
+        return {}
+    bad = flagged.where(F.col(REASON).isNotNull() & F.col(SOURCE_FILE).isNotNull())
+    files = [r[0] for r in bad.select(SOURCE_FILE).distinct().collect()]  # one row per file
+    return {"line_offset": LINE_OFFSET[fmt], "first_blank": first_blank_lines(spark, files)}
 
 
 def _require_table(store, name: str, key: str):
@@ -138,33 +166,65 @@ def _write_log(ctx, batch: str, table: str, source: str, s: Summary, started, fi
     ctx.store.write(df, "ingest_log", "append", spec=INGEST_LOG)
 
 
-def write_dimension(ctx, df, name: str) -> int:
-    """Overwrite a dimension/truth table (idempotent) and return its row count."""
-    spec = {"users": USERS, "items": ITEMS, "ground_truth": GROUND_TRUTH}[name]
-    ctx.store.write(df, name, "overwrite", spec=spec)
-    n = ctx.store.row_count(name)
-    ctx.log_rows(name, n)
-    return n
+def check_dimension(ctx, df, name: str):
+    """Flag ``df`` for ``name`` and count its outcomes: (flagged, summary).
+
+    ``flagged`` is persisted so the count, the write and the quarantine share one pass over
+    the input; the caller unpersists it.
+    """
+    from pyspark import StorageLevel
+
+    flagged = flag_dimension(df, name).persist(StorageLevel.MEMORY_AND_DISK)
+    with ctx.step(f"validate {name}"):
+        return flagged, summarize_dimension(flagged)
+
+
+def write_dimension(ctx, flagged, s: DimensionSummary, name: str, *, source: str, batch_prefix: str) -> dict:
+    """Overwrite ``name`` with its accepted rows and append its rejected ones to ``dimension_quarantine``."""
+    store = ctx.store
+    batch = batch_id_for(batch_prefix, f"{name}|{source}|{s.fingerprint}")
+    store.write(kept_rows(flagged, name), name, "overwrite", spec=SPECS[name], metadata={"ingest_batch": batch})
+    if s.rows_quarantined:
+        log.warning("%s: %d row(s) quarantined in dimension_quarantine (%s); %d written",
+                    name, s.rows_quarantined, ", ".join(f"{k}={v}" for k, v in s.reasons.items()), s.rows_written)
+        store.write(quarantined_dimension_rows(flagged, name, batch, source, s.partition_rows),
+                    "dimension_quarantine", "append", spec=DIMENSION_QUARANTINE,
+                    idempotency_key=batch_id_for(f"{batch}:quarantine", s.quarantined_fingerprint))
+    if not store.exists("dimension_quarantine"):  # readers may rely on the table existing
+        store.write(ctx.spark.createDataFrame([], DIMENSION_QUARANTINE.spark_schema()), "dimension_quarantine",
+                    "append", spec=DIMENSION_QUARANTINE)
+    ctx.log_rows(name, s.rows_written)
+    ctx.log_rows("dimension_quarantine", s.rows_quarantined)
+    return {"ingest_batch": batch, "rows": s.rows_written, "rows_read": s.rows_read,
+            "duplicates_collapsed": s.duplicates_collapsed, "rows_quarantined": s.rows_quarantined,
+            "reasons": s.reasons}
 
 
 def write_loaded(ctx, data, *, source: str) -> dict:
     """Write a :class:`causalrec.loaders.LoadedData` (or simulator output) and check promised counts.
 
     The counts are checked before anything is written: a short file must not replace good tables.
+    A dimension table's count is the rows read, taken in the same pass as its validation.
     """
-    for table, n in data.expected.items():
-        df = getattr(data, table, None)
-        got = df.count() if df is not None else None
-        if got is not None and got != n:
-            raise ValueError(f"{source}: table {table} has {got} rows from {data.sources.get(table, source)}, "
-                             f"expected {n}; nothing was written")
-    out: dict = {"source": source, "tables": {}}
-    with ctx.step("write users/items"):
-        out["tables"]["users"] = {"rows": write_dimension(ctx, data.users, "users")}
-        out["tables"]["items"] = {"rows": write_dimension(ctx, data.items, "items")}
-    if data.ground_truth is not None:
-        with ctx.step("write ground_truth"):
-            out["tables"]["ground_truth"] = {"rows": write_dimension(ctx, data.ground_truth, "ground_truth")}
+    dims = [t for t in ("users", "items", "ground_truth") if getattr(data, t, None) is not None]
+    checked: dict = {}
+    try:
+        for table in dims:
+            checked[table] = check_dimension(ctx, getattr(data, table), table)
+        for table, n in data.expected.items():
+            df = getattr(data, table, None)
+            got = checked[table][1].rows_read if table in checked else (df.count() if df is not None else None)
+            if got is not None and got != n:
+                raise ValueError(f"{source}: table {table} has {got} rows from {data.sources.get(table, source)}, "
+                                 f"expected {n}; nothing was written")
+        out: dict = {"source": source, "tables": {}}
+        for table, (flagged, s) in checked.items():
+            with ctx.step(f"write {table}"):
+                out["tables"][table] = write_dimension(ctx, flagged, s, table, source=data.sources.get(table, source),
+                                                       batch_prefix=f"{source}-{table}")
+    finally:
+        for flagged, _ in checked.values():
+            flagged.unpersist()
     for table in ("events", "mcar_events"):
         raw = getattr(data, table)
         if raw is None:
@@ -195,7 +255,7 @@ def run(ctx) -> dict:
 
         raw = read_events(ctx.spark, cfg.data.path, cfg.data.format, store=ctx.store)
         summary = {"source": "files", "tables": {"events": ingest_events(
-            ctx, raw, table="events", source=cfg.data.path, batch_prefix="files")}}
+            ctx, raw, table="events", source=cfg.data.path, batch_prefix="files", fmt=cfg.data.format)}}
     else:  # config validation already restricts this; keep the message for direct callers
         raise ValueError(f"data.source {src!r}: expected one of coat, obd, amazon, simulator, files")
     summary["timings_s"] = dict(ctx.timings)
@@ -206,10 +266,12 @@ def run(ctx) -> dict:
 def print_summary(summary: dict) -> None:
     print(f"ingest ({summary['source']}):")
     for table, t in summary["tables"].items():
-        if "rows_read" in t:
+        if "rows_accepted" in t:  # an events table; else a dimension table
             reasons = ", ".join(f"{k}={v}" for k, v in t["reasons"].items()) or "-"
             print(f"  {table:<18} read {t['rows_read']:>10}  accepted {t['rows_accepted']:>10}  "
                   f"quarantined {t['rows_quarantined']:>8}  already present {t['rows_already_present']:>10}"
                   f"  reasons: {reasons}")
         else:
-            print(f"  {table:<18} rows {t['rows']:>10}")
+            reasons = ", ".join(f"{k}={v}" for k, v in t.get("reasons", {}).items()) or "-"
+            print(f"  {table:<18} rows {t['rows']:>10}  duplicates collapsed {t.get('duplicates_collapsed', 0):>8}  "
+                  f"quarantined {t.get('rows_quarantined', 0):>8}  reasons: {reasons}")

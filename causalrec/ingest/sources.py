@@ -18,6 +18,10 @@ from causalrec.ingest.validate import FILE_ROW, SOURCE_FILE, SOURCE_ROW
 
 FORMATS = ("parquet", "csv", "jsonl", "delta")
 
+# Line of data row r (0-based, FILE_ROW) in a file with no blank lines: r + offset. CSV is read
+# with a header and multiLine off, so each record is one line; parquet and Delta have no lines.
+LINE_OFFSET = {"csv": 2, "jsonl": 1}
+
 
 class SourceError(ValueError):
     """The input file or table cannot be read; the message names it and the expected format."""
@@ -125,3 +129,20 @@ def _display_path(uri: str) -> str:
 
     u = urlparse(uri)
     return unquote(u.path) if u.scheme == "file" else uri
+
+
+def first_blank_lines(spark, files: list) -> dict:
+    """``{file: 1-based number of its first blank line}`` for those of ``files`` that have one.
+
+    Why: Spark's CSV and JSON readers skip blank and whitespace-only lines (also before a CSV
+    header), so below the first such line ``row + LINE_OFFSET`` is no longer the line. Reads the
+    files as text (the same line splitting as those readers); one row per file comes back.
+    """
+    from pyspark.sql import functions as F
+
+    if not files:
+        return {}
+    lines = number_rows(spark.read.text(list(files)))
+    blank = lines.where(F.col("value").rlike("^[\\x00-\\x20]*$"))
+    rows = blank.groupBy(SOURCE_FILE).agg(F.min(FILE_ROW).alias("first")).collect()
+    return {r[SOURCE_FILE]: int(r["first"]) + 1 for r in rows}

@@ -5,7 +5,8 @@ row must never be dropped. So every input row ends in exactly one of three place
 
 * ``accepted``    - typed, conformed to :data:`causalrec.schemas.EVENTS`, written to ``events``;
 * ``quarantined`` - one row per rejected input row with its first reason code, a detail
-  naming every failing field, and the original row as JSON (``events_quarantine``);
+  naming every failing field (and, for CSV / JSON lines, the row's line: :func:`line_note`),
+  and the original row as JSON (``events_quarantine``);
 * ``already present`` - the identical event (same ``event_id`` *and* same content) is
   already in the table: the idempotent rerun case. Counted as ``rows_already_present``
   in the ingest log, neither written nor quarantined, so re-ingesting a batch is a no-op.
@@ -391,24 +392,52 @@ def accepted_rows(flagged, batch_id: str):
     return ok.select(*cols)
 
 
-def quarantined_rows(flagged, batch_id: str, source: str, quarantined_at: Optional[dt.datetime] = None):
-    """Rejected rows in the EVENTS_QUARANTINE contract, with the original row as JSON."""
+def line_note(line_offset: int, first_blank: Optional[dict] = None):
+    """`` (line N)`` for the detail of a row read from a text file, so it can be opened in an editor.
+
+    ``line_offset``: see :data:`causalrec.ingest.sources.LINE_OFFSET`; ``first_blank``: file ->
+    its first blank line (:func:`causalrec.ingest.sources.first_blank_lines`). The reader skips
+    blank lines, so at or below one only the row is certain and the note says so.
+    """
+    from pyspark.sql import functions as F
+
+    line = F.col(FILE_ROW) + F.lit(line_offset)
+    pairs = [x for f, n in sorted((first_blank or {}).items()) for x in (F.lit(f), F.lit(n))]
+    blank = F.element_at(F.create_map(*pairs), F.col(SOURCE_FILE)) if pairs else F.lit(None).cast("long")
+    header = " after the header" if line_offset > 1 else ""
+    return (
+        F.when(F.col(FILE_ROW).isNull(), F.lit(""))
+        .when(blank.isNull() | (line < blank), F.concat(F.lit(" (line "), line.cast("string"), F.lit(")")))
+        .otherwise(F.concat(F.lit(" (data row "), (F.col(FILE_ROW) + 1).cast("string"), F.lit(header),
+                            F.lit("; its line is not known: the reader skips the blank lines above it)")))
+    )
+
+
+def quarantined_rows(flagged, batch_id: str, source: str, quarantined_at: Optional[dt.datetime] = None,
+                     line_offset: Optional[int] = None, first_blank: Optional[dict] = None):
+    """Rejected rows in the EVENTS_QUARANTINE contract, with the original row as JSON.
+
+    With ``line_offset`` (text inputs) the detail ends with the row's line in its file
+    (:func:`line_note`); ``source_row`` stays the 0-based row within the file.
+    """
     from pyspark.sql import functions as F
 
     raw_cols = [c for c in flagged.columns if not c.startswith("__cr_")]
     when = quarantined_at or dt.datetime.now(dt.timezone.utc)
     bad = flagged.where(F.col(REASON).isNotNull())
     payload = F.to_json(F.struct(*[F.col(f"`{c}`") for c in raw_cols]), {"ignoreNullFields": "false"})
-    src, row = F.lit(source), F.col(SOURCE_ROW)
+    src, row, detail = F.lit(source), F.col(SOURCE_ROW), F.col(DETAIL)
     if SOURCE_FILE in flagged.columns:  # a folder of files: name the file and the row within it
         src = F.coalesce(F.col(SOURCE_FILE), src)
         row = F.coalesce(F.col(FILE_ROW), row)
+        if line_offset is not None:
+            detail = F.concat(detail, line_note(line_offset, first_blank))
     out = bad.select(
         F.lit(batch_id).alias("ingest_batch"),
         src.alias("source"),
         row.cast("long").alias("source_row"),
         F.col(REASON).alias("reason"),
-        F.col(DETAIL).alias("detail"),
+        detail.alias("detail"),
         payload.alias("payload"),
         F.lit(when).cast("timestamp").alias("quarantined_at"),
     )
