@@ -182,26 +182,102 @@ def test_build_objective_by_name():
         build_objective("magic")
 
 
-def test_ddp_mean_of_worker_losses_matches_whole_batch_only_for_equal_counts():
-    """What DDP computes (the mean of the workers' gradients, each loss normalised by its own half)
-    equals the whole-batch gradient when each half holds as many observed rows (naive, IPS), and
-    not otherwise, nor for SNIPS whose weight sums differ: the condition step.py documents."""
+def _two_worker_halves(monkeypatch, obj, out_of, batch, cut):
+    """What two DDP workers compute on ``[:cut]`` and ``[cut:]``, without processes: a stand-in
+    process group of 2 whose all-reduce adds the other part's normalisers. Returns each part's loss
+    and how many all-reduces each objective call made."""
+    import torch.distributed as dist
+
+    parts = [slice(0, cut), slice(cut, len(batch["observed"]))]
+    calls = [[], []]  # each part's tensors as handed to the all-reduce, in call order
+    second = False
+
+    def all_reduce(tensor, op=None):
+        assert op == dist.ReduceOp.SUM and not tensor.requires_grad
+        if not second:  # first pass: record each part's own normalisers
+            calls[current].append(tensor.clone())
+        else:  # second pass: the sum over both parts, as the real collective returns it
+            tensor.copy_(calls[0][done[current]] + calls[1][done[current]])
+            done[current] += 1
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    for current, rows in enumerate(parts):
+        obj(out_of(rows), {k: v[rows] for k, v in batch.items()})
+    n_calls = [len(c) for c in calls]
+    second, done, losses = True, [0, 0], []
+    for current, rows in enumerate(parts):
+        losses.append(obj(out_of(rows), {k: v[rows] for k, v in batch.items()})["loss"])
+    monkeypatch.undo()
+    return losses, n_calls
+
+
+def test_summed_normalisers_make_the_mean_of_worker_gradients_the_whole_batch_gradient(monkeypatch):
+    """DDP applies the mean of the workers' gradients. With each objective's normalisers summed over
+    the workers (one all-reduce per call, simulated here; tests/test_ddp.py runs real gloo workers)
+    and each loss scaled by the world size, that mean is the whole batch's gradient and the mean
+    of the losses the whole batch's loss, for every objective, although the parts differ in rows,
+    observed counts, IPS / treatment weight sums and sample weights, and one part has no observed
+    row. Local normalisers (the code before) up-weighted the part with fewer observed rows."""
     g = torch.Generator().manual_seed(0)
-    n = 16
-    logit = torch.randn(n, generator=g, requires_grad=True)
-    label = torch.randn(n, generator=g) + 1
-    p = torch.rand(n, generator=g) * 0.5 + 0.05
+    n, cut = 20, 12
+    first = torch.arange(n) < cut
+    leaves = {k: torch.randn(n, generator=g, requires_grad=True)
+              for k in ("logit", "imputation_logit", "y1_logit", "y0_logit")}
 
-    def gap(obj, observed) -> float:
-        batch = {"label": torch.where(observed > 0, label, torch.full_like(label, NAN)), "observed": observed,
-                 "exposure_propensity": p}
-        (whole,) = torch.autograd.grad(obj({"logit": logit}, batch)["loss"], logit)
-        halves = [torch.autograd.grad(obj({"logit": logit[s]}, {k: v[s] for k, v in batch.items()})["loss"], logit)[0]
-                  for s in (slice(0, n // 2), slice(n // 2, n))]
-        return float(((halves[0] + halves[1]) / 2 - whole).abs().max())
+    def out_of(rows, task):
+        out = {k: v[rows] for k, v in leaves.items()}
+        out["imputation"] = out["imputation_logit"] if task == "rating" else torch.sigmoid(out["imputation_logit"])
+        out["uplift"] = torch.sigmoid(out["y1_logit"]) - torch.sigmoid(out["y0_logit"])
+        return out
 
-    equal = torch.tensor([1.0, 1, 1, 0, 1, 0, 1, 1] * 2)  # 6 observed rows in each half
-    unequal = torch.tensor([1.0] * 8 + [1, 0, 0, 0, 1, 0, 0, 0])  # 8 and 2
-    for obj in (Naive("rating"), IPS("rating", 0.05)):
-        assert gap(obj, equal) < 1e-6 and gap(obj, unequal) > 1e-3
-    assert gap(SNIPS("rating", 0.05), equal) > 1e-3
+    def batch_of(task, observed):
+        y = torch.randn(n, generator=g) + 3 if task == "rating" else (torch.rand(n, generator=g) < 0.4).float()
+        return {"label": torch.where(observed > 0, y, torch.full_like(y, NAN)), "outcome": y,
+                "observed": observed,
+                "exposure_propensity": torch.where(first, 0.6, 0.08) + 0.1 * torch.rand(n, generator=g),
+                "sample_weight": torch.where(observed > 0, 1.0, torch.where(first, 3.0, 7.0)),
+                "treated": (torch.rand(n, generator=g) < torch.where(first, 0.7, 0.3)).float(),
+                "treatment_propensity": torch.where(first, 0.7, 0.2) + 0.1 * torch.rand(n, generator=g)}
+
+    mostly_first = torch.tensor([1.0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1] + [0, 1, 0, 0, 0, 0, 1, 0])  # 10 and 2 observed
+    only_first = first.float()  # the second part has no observed row
+    objectives = [(o, "rating") for o in (Naive("rating"), IPS("rating", 0.05), SNIPS("rating", 0.05),
+                                          DRJointLearning("rating", 0.05))]
+    objectives += [(DRJointLearning("click", 0.05), "click"),
+                   (UpliftIPW("click", 0.05, transformed_outcome_weight=0.5), "click")]
+    wrong = []
+    for obj, task in objectives:
+        for observed in (mostly_first, only_first):
+            batch = batch_of(task, observed)
+            whole = obj(out_of(slice(None), task), batch)["loss"]
+            grad_whole = torch.autograd.grad(whole, list(leaves.values()), allow_unused=True)
+            losses, n_calls = _two_worker_halves(monkeypatch, obj, lambda r: out_of(r, task), batch, cut)
+            grads = [torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) for loss in losses]
+            gap = abs(float(sum(losses).detach()) / 2 - float(whole.detach()))
+            for gw, g0, g1 in zip(grad_whole, *grads):
+                if gw is not None:
+                    mean = (torch.zeros_like(gw) if g0 is None else g0) + (torch.zeros_like(gw) if g1 is None else g1)
+                    gap = max(gap, float((mean / 2 - gw).abs().max()))
+            if gap > 1e-5 * max(1.0, float(whole.detach())):
+                wrong.append(f"{type(obj).__name__}({task}), {int(observed[:cut].sum())} and "
+                             f"{int(observed[cut:].sum())} observed: gap {gap:.3g}")
+            if n_calls != [1, 1]:  # the same single collective on every worker, whatever its rows
+                wrong.append(f"{type(obj).__name__}({task}): {n_calls} all-reduces per call, not one fused")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_one_process_calls_no_collective(monkeypatch):
+    """Without a process group the objectives never touch torch.distributed's collectives."""
+    import torch.distributed as dist
+
+    def fail(*a, **k):
+        raise AssertionError("all_reduce called in a single process")
+
+    monkeypatch.setattr(dist, "all_reduce", fail)
+    out, batch = rating_batch()
+    out["imputation"] = out["imputation_logit"] = out["logit"].detach() + 0.5
+    for name in ("naive", "ips", "snips", "dr_jl"):
+        assert torch.isfinite(build_objective(name, "rating", 0.05)(out, batch)["loss"])

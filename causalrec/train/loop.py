@@ -1,11 +1,15 @@
 """The Ray Train loop: one ``train_loop_per_worker(config)`` run by every worker.
 
 Each worker streams its own shard of ``training_examples`` (``get_dataset_shard``;
-Ray Data splits the Delta files between workers with equal row counts, so DDP
-workers take the same number of steps), featurizes in Ray's prefetch threads
+Ray Data splits the Delta files between workers with equal row counts,
+``streaming_split(equal=True)``, dropping at most ``world - 1`` rows, so DDP workers
+take the same number of steps, their last batches of equal size: DDP's gradient
+all-reduce and the objectives' all-reduce of their normalisers run once a step on
+every worker and would hang otherwise), featurizes in Ray's prefetch threads
 (``iter_torch_batches(collate_fn=..., prefetch_batches=...)``, pinned memory on
-GPU), trains the DDP-wrapped model (``prepare_model``) with bf16 autocast on GPU,
-then computes the *unbiased* validation error on its validation shard and
+GPU), trains the DDP-wrapped model (``prepare_model``; each step follows the
+gradient of the union of the workers' batches, whatever each one holds) with bf16
+autocast on GPU, then computes the *unbiased* validation error on its validation shard and
 all-reduces the sums, so every worker takes the same early-stopping decision.
 Every epoch rank 0 saves a checkpoint (weights, optimizer, model config, epoch
 state) and all workers ``ray.train.report`` the metrics; a restarted run
@@ -144,6 +148,8 @@ def train_loop_per_worker(config: dict) -> None:
                                                     local_shuffle_seed=int(config.get("seed", 42)) + epoch):
             wait += time.perf_counter() - t_fetch
             parts = train_step(model, objective, batch, optimizer, device=device, bf16=bf16)
+            # under DDP a worker's loss is its share of the union batch's loss times the world
+            # size, so the all-reduced total / steps below is the mean union-batch loss per step
             total += parts["loss"]
             steps += 1
             rows += int(batch["user_idx"].shape[0])

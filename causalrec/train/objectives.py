@@ -12,6 +12,15 @@ back-propagate) and its named parts, where ``out`` is a model's forward output a
 The per-pair error ``l`` is the squared error for ratings (``task="rating"``,
 target ``label``) and the log-loss for clicks/purchases (``task="click"``, target
 ``outcome``).
+
+Data parallelism (:func:`global_denominators`): every loss here is a sum over rows
+divided by a normaliser of the batch (a count of observed rows, a sum of weights).
+Under DDP each worker holds a slice of the union batch, so its normalisers are summed
+over the process group and its loss multiplied by the world size; DDP's mean of the
+workers' gradients is then exactly the gradient of the union batch's objective, and
+each returned part is the worker's share of the union value times the world size (its
+mean over workers is the union value). A single process (no process group) computes
+the same expressions as before, untouched.
 """
 from __future__ import annotations
 
@@ -52,6 +61,46 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros_like(x))
 
 
+def data_parallel_world() -> int:
+    """Processes in the default process group; 1 without one (a single process, Tune trials)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def global_denominators(*dens: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int]:
+    """The union batch's normalisers and the factor each worker's loss is scaled by.
+
+    Why: DDP averages the workers' gradients, so with ``L_k = W * N_k / D`` (``N_k`` this
+    worker's numerator, ``D`` the normaliser summed over the ``W`` workers) the average is
+    ``grad sum_k N_k / D``, the single-process gradient on the union batch, whatever each
+    worker's count of observed rows or weight sum. Local normalisers instead up-weight the
+    rows of a worker with fewer observed rows (or smaller weights).
+
+    One fused all-reduce per call (SUM, in float64: counts add exactly, float32 weight sums
+    with no rounding worth the name), on *detached* values: every normaliser in this module is a function of the batch alone
+    (``observed``, labels, propensities, ``treated``, ``sample_weight``), never of the model's
+    parameters (DR-JL's imputation and the uplift heads appear only in numerators), so
+    ``d/dθ [sum w l(θ) / sum w] = sum w dl/dθ / sum w`` and nothing should flow through the
+    collective. Every worker calls this exactly once per objective call, in the same order,
+    also when its batch has no observed row (its zeros are summed like any other value):
+    Ray Train's ``streaming_split(equal=True)`` gives each worker the same row count, hence
+    the same number of batches, as DDP's own gradient all-reduce already requires.
+    Single process: the inputs are returned as they are, with factor 1.
+    """
+    world = data_parallel_world()
+    if world == 1:
+        return dens, 1
+    fused = torch.stack([d.detach().to(torch.float64) for d in dens])
+    torch.distributed.all_reduce(fused, op=torch.distributed.ReduceOp.SUM)
+    return tuple(f.to(d.dtype) for f, d in zip(fused.unbind(), dens)), world
+
+
+def _share(num: torch.Tensor, den: torch.Tensor, scale: int) -> torch.Tensor:
+    """``num / den``; times ``scale`` (the world size) under DDP, see :func:`global_denominators`."""
+    return num / den if scale == 1 else scale * num / den
+
+
 @dataclass
 class Naive:
     """Mean error over observed rows: the biased baseline, ``(1/|O|) sum_{O} l``."""
@@ -62,8 +111,8 @@ class Naive:
         y = target_of(batch, self.task)
         m = observed_mask(batch, y)
         l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), self.task), m)
-        loss = l.sum() / m.sum().clamp(min=1)
-        return {"loss": loss}
+        (n,), k = global_denominators(m.sum())
+        return {"loss": _share(l.sum(), n.clamp(min=1), k)}
 
 
 def _weighted_losses(out: dict, batch: dict, task: str, clip: float):
@@ -89,7 +138,9 @@ class IPS:
 
     def __call__(self, out: dict, batch: dict) -> dict:
         w, l, m = _weighted_losses(out, batch, self.task, self.clip)
-        return {"loss": (w * l).sum() / m.sum().clamp(min=1), "mean_weight": w.sum() / m.sum().clamp(min=1)}
+        (n,), k = global_denominators(m.sum())
+        n = n.clamp(min=1)
+        return {"loss": _share((w * l).sum(), n, k), "mean_weight": _share(w.sum(), n, k)}
 
 
 @dataclass
@@ -105,7 +156,8 @@ class SNIPS:
 
     def __call__(self, out: dict, batch: dict) -> dict:
         w, l, _ = _weighted_losses(out, batch, self.task, self.clip)
-        return {"loss": (w * l).sum() / w.sum().clamp(min=1e-12)}
+        (ws,), k = global_denominators(w.sum())
+        return {"loss": _share((w * l).sum(), ws.clamp(min=1e-12), k)}
 
 
 @dataclass
@@ -157,12 +209,14 @@ class DRJointLearning:
         e = _masked(pointwise_loss(pred, y0, self.task), o)
         e_hat = pointwise_loss(pred, g.detach(), self.task)
         s = torch.nan_to_num(batch["sample_weight"].float(), nan=1.0) if "sample_weight" in batch else torch.ones_like(of)
-        l_pred = (s * e_hat + of * (e - e_hat) * w).sum() / s.sum().clamp(min=1e-12)
+        (s_sum, n_obs), k = global_denominators(s.sum(), o.sum())
+        n_obs = n_obs.clamp(min=1)
+        l_pred = _share((s * e_hat + of * (e - e_hat) * w).sum(), s_sum.clamp(min=1e-12), k)
         e_hat_imp = pointwise_loss(pred.detach(), g, self.task)
-        l_imp = (of * (e.detach() - e_hat_imp) ** 2 * w).sum() / o.sum().clamp(min=1)
+        l_imp = _share((of * (e.detach() - e_hat_imp) ** 2 * w).sum(), n_obs, k)
         parts = {"loss_pred": l_pred, "loss_imputation": l_imp}
         if self.label_fit_weight:
-            l_fit = (of * pointwise_loss(out["imputation_logit"], y0, self.task) * w).sum() / o.sum().clamp(min=1)
+            l_fit = _share((of * pointwise_loss(out["imputation_logit"], y0, self.task) * w).sum(), n_obs, k)
             parts["loss_label_fit"] = l_fit
             l_imp = l_imp + self.label_fit_weight * l_fit
         return {"loss": l_pred + self.imputation_weight * l_imp, **parts}
@@ -203,17 +257,26 @@ class UpliftIPW:
         y0v = torch.nan_to_num(y)
         w1 = _masked(t0 / e, m)
         w0 = _masked((1.0 - t0) / (1.0 - e), m)
-        l1 = (w1 * pointwise_loss(out["y1_logit"], y0v, self.task)).sum() / w1.sum().clamp(min=1e-12)
-        l0 = (w0 * pointwise_loss(out["y0_logit"], y0v, self.task)).sum() / w0.sum().clamp(min=1e-12)
+        # every normaliser of the step in one all-reduce: the arms' weight sums, the relevance
+        # head's observed count (its exposure-IPS loss) and the transformed outcome's row count
+        dens = [w1.sum(), w0.sum()]
+        if self.relevance_weight:
+            w_r, l_r, m_r = _weighted_losses(out, batch, self.task, self.clip)
+            dens.append(m_r.sum())
+        if self.transformed_outcome_weight:
+            dens.append(m.sum())
+        dens, k = global_denominators(*dens)
+        l1 = _share((w1 * pointwise_loss(out["y1_logit"], y0v, self.task)).sum(), dens[0].clamp(min=1e-12), k)
+        l0 = _share((w0 * pointwise_loss(out["y0_logit"], y0v, self.task)).sum(), dens[1].clamp(min=1e-12), k)
         parts = {"loss_y1": l1, "loss_y0": l0}
         loss = l1 + l0
         if self.relevance_weight:
-            rel = IPS(self.task, self.clip)(out, batch)["loss"]
+            rel = _share((w_r * l_r).sum(), dens[2].clamp(min=1), k)  # IPS's loss
             parts["loss_relevance"] = rel
             loss = loss + self.relevance_weight * rel
         if self.transformed_outcome_weight:
             y_star = y0v * (t0 / e - (1.0 - t0) / (1.0 - e))
-            l_to = _masked((out["uplift"].float() - y_star) ** 2, m).sum() / m.sum().clamp(min=1)
+            l_to = _share(_masked((out["uplift"].float() - y_star) ** 2, m).sum(), dens[-1].clamp(min=1), k)
             parts["loss_transformed_outcome"] = l_to
             loss = loss + self.transformed_outcome_weight * l_to
         return {"loss": loss, **parts}

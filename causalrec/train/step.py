@@ -38,12 +38,12 @@ ENCODER_DEFAULT_LR = 5e-5
 # run-to-run noise (bench_train, README). zero_grad(set_to_none=True) stays correct: DDP
 # re-points an unset .grad at its bucket view (tests/test_ddp.py: two workers on half batches
 # end with the parameters of one process on the whole batches).
-# Exact only when the workers' objective denominators agree: DDP averages per-worker losses, each
-# normalised by its own batch (|O| observed rows for naive/IPS, the weight sums of SNIPS, DR-JL and
-# uplift), so a worker whose batch holds fewer observed rows gets its rows up-weighted. Ray Data's
-# equal row counts make it exact for naive and IPS when every training row is observed; otherwise
-# each step is a close, not identical, estimate of the single-process step
-# (tests/test_objectives.py::test_ddp_mean_of_worker_losses_matches_whole_batch_only_for_equal_counts).
+# Exact whatever each worker's batch holds: every objective sums its normalisers (|O| observed rows,
+# the weight sums of IPS/SNIPS, DR-JL and uplift) over the process group in one fused all-reduce
+# per step and scales its loss by the world size, so DDP's mean of the workers' gradients is the
+# gradient of the union batch's objective (objectives.global_denominators; tests/test_ddp.py:
+# every objective, parts with unequal observed counts and weight sums). That collective, like DDP's
+# own gradient all-reduce, needs every worker to take the same number of steps (loop.py).
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
 
 
