@@ -20,7 +20,8 @@ Leakage guards: features (counts, rating means, history, co-occurrence) never se
 valid/test label: for the time split they are built only from events before the train
 end; otherwise without any event of a valid/test pair (:func:`feature_events`: a held-out
 impression's click row is its label too). A train row's own label is left out of its
-user's and item's label statistics (:func:`leave_own_label_out`) and its item out of the
+user's and item's label statistics (:func:`leave_own_label_out`; impression labels: its whole
+exposure out of their counts and rates, :func:`own_exposure_counts`) and its item out of the
 user's history (:func:`own_item_out_of_history`). A (user, item) pair that
 is in test is never in train or valid, and under ``random_user`` a held-out user has no
 train rows. Observed=0 rows are the propensity stage's sampled unobserved pairs (train
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from causalrec.features.common import cutoff_lit
@@ -123,19 +124,95 @@ def held_log_pairs(labelled: DataFrame) -> DataFrame:
     return labelled.where((F.col("split") != "train") & ~F.col("is_mcar")).select("user_id", "item_id").distinct()
 
 
-def _loo_rate(rate: str, trials: str, own, k: float):
-    """A :func:`~causalrec.features.item.smoothed_rate` (s + k*m) / (n + k) with one trial of outcome ``own``
-    taken out: (rate * (n + k) - own) / (n - 1 + k); 0 where that is undefined, as in the vector."""
+def _loo_rate(rate: str, trials: str, own, k: float, own_trials=1.0):
+    """A :func:`~causalrec.features.item.smoothed_rate` (s + k*m) / (n + k) with ``own_trials`` trials of
+    ``own`` successes taken out: (rate * (n + k) - own) / (n - own_trials + k); 0 where that is undefined,
+    as in the vector."""
     n = F.col(trials).cast("double")
-    den = n - F.lit(1.0) + F.lit(k)
+    den = n - own_trials + F.lit(k)
     return F.when(den > 0, (F.col(rate) * (n + F.lit(k)) - own) / den).otherwise(F.lit(0.0))
 
 
-def loo_columns():
-    """(user columns, item columns) of the feature tables that :func:`leave_own_label_out` reads."""
-    return ((F.col("n_rated").alias("_lu_n"), F.col("rating_mean").alias("_lu_mean"), F.col("rating_var").alias("_lu_var")),
-            (F.col("n_ratings").alias("_li_n"), F.col("rating_mean").alias("_li_rm"),
-             F.col("n_exposures").alias("_li_e"), F.col("click_rate").alias("_li_cr")))
+USER_BASE_COUNTS = ("n_events", "n_interactions", "n_rated", "n_distinct_items")
+ITEM_BASE_COUNTS = ("n_exposures", "n_interactions", "n_clicks", "n_purchases", "n_ratings", "n_users")
+
+
+def _count_slots(names) -> list[str]:
+    """The count columns behind a feature vector's ``log1p_n_*`` slots (raw counts, log1p in the vector)."""
+    return [n[len("log1p_"):] for n in names if n.startswith("log1p_n_")]
+
+
+def loo_columns(ft=None):
+    """(user columns, item columns) of the feature tables that :func:`leave_own_label_out` reads:
+    the label statistics and, given ``ft``, the raw count behind every ``log1p_n_*`` slot."""
+    user = [F.col("n_rated").alias("_lu_n"), F.col("rating_mean").alias("_lu_mean"), F.col("rating_var").alias("_lu_var")]
+    item = [F.col("n_ratings").alias("_li_n"), F.col("rating_mean").alias("_li_rm"),
+            F.col("n_exposures").alias("_li_e"), F.col("click_rate").alias("_li_cr"), F.col("purchase_rate").alias("_li_pr")]
+    if ft is not None:  # one struct each: dozens of aliases blow up Spark's constraint propagation
+        user.append(F.struct(*[F.col(c) for c in _count_slots(ft.user_names)]).alias("_lu_c"))
+        item.append(F.struct(*[F.col(c) for c in _count_slots(ft.item_names)]).alias("_li_c"))
+    return tuple(user), tuple(item)
+
+
+def own_exposure_counts(events: DataFrame, cutoff, event_types, windows_days) -> DataFrame:
+    """(example_id, ``_own_counts`` struct of ``u_<c>``, ``i_<c>``): per impression among ``events`` before ``cutoff``, how much
+    its exposure adds to each user count ``c`` and item count ``c`` of the feature tables.
+
+    An exposure is the impression and its follow-up rows: the pair's other rows from it up to the pair's
+    next impression (the simulator's click 5 s and purchase 60 s later; OBD writes none, its click is the
+    impression's value), which is how :func:`~causalrec.features.item.item_activity` counts one exposure.
+    Sums (events, clicks, interactions, windowed counts: each row where it falls relative to the cutoff)
+    lose exactly the exposure's rows. Per-pair terms use the pair's totals: an item's ``n_users`` and a
+    user's ``n_distinct_items`` drop by one only when the pair has no other row; ``n_clicks`` counts
+    max(clicked impressions, click rows) per pair; ``n_exposures`` counts a pair's impressions, or its rows
+    once none is left. ``example_id`` is the impression's event id.
+    """
+    from causalrec.features.common import events_before, is_interaction, safe_name
+    from causalrec.features.user import activity_columns
+
+    c = cutoff_lit(cutoff)
+    ev = events_before(events, cutoff)
+    is_imp = F.col("event_type") == "impression"
+    one = lambda cond: F.when(cond, 1).otherwise(0)  # noqa: E731
+    in_w = {int(w): F.col("event_time") >= c - F.expr(f"INTERVAL {int(w)} DAYS") for w in windows_days}
+    row = {"rows": F.lit(1), "imps": one(is_imp), "clicked_imps": one(is_imp & (F.coalesce(F.col("value"), F.lit(0.0)) > 0)),
+           "click_rows": one(F.col("event_type") == "click"), "inter": one(is_interaction()),
+           "purchases": one(F.col("event_type") == "purchase"),
+           "ratings": one((F.col("event_type") == "rating") & F.col("value").isNotNull())}
+    for w, cond in in_w.items():
+        row.update({f"rows_{w}": one(cond), f"imps_{w}": one(cond & is_imp), f"inter_{w}": one(cond & is_interaction())})
+    for t in event_types:
+        row[f"n_{safe_name(t)}"] = one(F.col("event_type") == t)
+        for w, cond in in_w.items():
+            row[f"n_{safe_name(t)}_{w}d"] = one(cond & (F.col("event_type") == t))
+    # impressions first at equal times, so a follow-up logged in the same second still follows its impression
+    order = Window.partitionBy("user_id", "item_id").orderBy("event_time", (~is_imp).cast("int"), "event_id")
+    exposure = F.last(F.when(is_imp, F.col("event_id")), ignorenulls=True).over(
+        order.rowsBetween(Window.unboundedPreceding, Window.currentRow))
+    tagged = ev.select("user_id", "item_id", exposure.alias("example_id"), *[v.alias(k) for k, v in row.items()])
+    pair_keys = ["rows", "imps", "clicked_imps", "click_rows"] + [f"{k}_{w}" for w in in_w for k in ("rows", "imps")]
+    pair = tagged.groupBy("user_id", "item_id").agg(*[F.sum(k).alias(f"_p_{k}") for k in pair_keys])
+    own = (tagged.where(F.col("example_id").isNotNull()).groupBy("user_id", "item_id", "example_id")
+           .agg(*[F.sum(k).alias(k) for k in row]).join(pair, ["user_id", "item_id"]))
+    o, p = F.col, lambda k: F.col(f"_p_{k}")
+    alone = (p("rows") == o("rows")).cast("int")  # the exposure is all the pair has
+    left_imps = p("imps") - o("imps")
+    clicks = F.greatest(p("clicked_imps"), p("click_rows")) - F.greatest(
+        p("clicked_imps") - o("clicked_imps"), p("click_rows") - o("click_rows"))
+    user = {"n_events": o("rows"), "n_interactions": o("inter"), "n_rated": o("ratings"), "n_distinct_items": alone}
+    user.update({n: o(n) for n in activity_columns(event_types, windows_days)})
+    item = {"n_exposures": p("imps") - F.when(left_imps > 0, left_imps).otherwise(p("rows") - o("rows")),
+            "n_interactions": o("inter"), "n_clicks": clicks, "n_purchases": o("purchases"), "n_ratings": o("ratings"),
+            "n_users": alone}
+    for w in in_w:
+        item[f"n_exposures_{w}d"] = p(f"imps_{w}") - F.when(left_imps > 0, p(f"imps_{w}") - o(f"imps_{w}")).otherwise(
+            p(f"rows_{w}") - o(f"rows_{w}"))
+        item[f"n_interactions_{w}d"] = o(f"inter_{w}")
+    # one struct, not dozens of aliases of the same few sums: those send Spark's constraint propagation
+    # through every combination once the table is joined to the examples
+    fields = [v.cast("double").alias(f"u_{k}") for k, v in user.items()] + [
+        v.cast("double").alias(f"i_{k}") for k, v in item.items()]
+    return own.select("example_id", F.struct(*fields).alias("_own_counts"))
 
 
 def leave_own_label_out(ex: DataFrame, ft, etype: str, prior_strength: float, own) -> DataFrame:
@@ -143,12 +220,21 @@ def leave_own_label_out(ex: DataFrame, ft, etype: str, prior_strength: float, ow
     recomputed without the row's own label.
 
     A train row's label event is among the events its features come from, so its user's rating
-    mean/variance and its item's smoothed rating mean (rating labels) or click rate (impression
-    labels) contain the value it is trained to predict; valid/test rows and served candidates
-    never see theirs. The feature tables' exact aggregates (:func:`loo_columns`, carried on
-    ``ex``) less the row's contribution (a rating; one impression and its click) give the
-    leave-one-out value in the same slot: feature names and width are unchanged. The global
-    rate the item statistics shrink toward keeps the label (a 1/N share of it).
+    mean/variance and its item's smoothed rating mean (rating labels) contain the value it is
+    trained to predict; valid/test rows and served candidates never see theirs. The feature
+    tables' exact aggregates (:func:`loo_columns`, carried on ``ex``) less the row's contribution
+    give the leave-one-out value in the same slot: feature names and width are unchanged. The
+    global rate the item statistics shrink toward keeps the label (a 1/N share of it).
+
+    Impression labels: the row's whole exposure (:func:`own_exposure_counts`, carried on ``ex`` as
+    ``_own_counts``) comes out of every ``log1p_n_*`` count slot of its user and item (its click is in the
+    user's click and interaction counts and the item's ``n_clicks``: n_clicks = 1 exactly when the
+    label is 1 for an item shown once) and of the item's smoothed click and purchase rates. Left in,
+    as exactness would need per-event data the tables do not keep: the user's ``recency_years`` (the
+    exposure's time, not its outcome, at a seconds' scale), ``top_attribute_share`` and the item's
+    ``popularity_pct`` (a share and a rank over all items that the own click can reorder; both weak);
+    ``n_distinct_items`` is a HyperLogLog estimate, so it loses the exact change (0 or 1), not an exact
+    recount. The pair features already leave the row's item out of the user's profile.
     """
     nu, un, itn = len(ft.user_names), ft.user_names, ft.item_names
     k = float(prior_strength)
@@ -162,21 +248,29 @@ def leave_own_label_out(ex: DataFrame, ft, etype: str, prior_strength: float, ow
         slots = {un.index("rating_mean"): mean, un.index("rating_var"): var,
                  nu + itn.index("rating_mean"): _loo_rate("_li_rm", "_li_n", r, k)}
     elif etype == "impression":
-        own_value = F.col("outcome")
-        slots = {nu + itn.index("click_rate"): _loo_rate("_li_cr", "_li_e", own_value, k)}
-    stats = [c for c in ex.columns if c.startswith(("_lu_", "_li_"))]
+        o = lambda c: F.col("_own_counts")[c]  # noqa: E731
+        own_value = F.col("_own_counts")  # null where the exposure is not among the feature events
+        d_exp = o("i_n_exposures")
+        slots = {nu + itn.index("click_rate"): _loo_rate("_li_cr", "_li_e", o("i_n_clicks"), k, d_exp),
+                 nu + itn.index("purchase_rate"): _loo_rate("_li_pr", "_li_e", o("i_n_purchases"), k, d_exp)}
+        for base, names, side in ((0, un, "u"), (nu, itn, "i")):
+            for c in _count_slots(names):
+                left = F.greatest(F.col(f"_l{side}_c")[c].cast("double") - o(f"{side}_{c}"), F.lit(0.0))
+                slots[base + names.index(f"log1p_{c}")] = F.log1p(left)
+    stats = [c for c in ex.columns if c.startswith(("_lu_", "_li_", "_own_counts"))]
     if not slots:
         return ex.drop(*stats)
     own = own & own_value.isNotNull()
-
-    def slot(x, i):
-        e = None
-        for pos, val in slots.items():
-            cond = own & (i == F.lit(pos))
-            e = F.when(cond, val.cast("float")) if e is None else e.when(cond, val.cast("float"))
-        return e.otherwise(x)
-
-    return ex.withColumn("features", F.transform("features", slot)).drop(*stats)
+    # the array rebuilt from slices and the new slots: flat, where a CASE per element over dozens of slots
+    # inside a lambda sends the optimizer out of memory
+    feats, parts, start = F.col("features"), [], 0
+    for pos in sorted(slots):
+        if pos > start:
+            parts.append(F.slice(feats, start + 1, pos - start))
+        parts.append(F.array(slots[pos].cast("float")))
+        start = pos + 1
+    parts.append(F.slice(feats, start + 1, F.size(feats) - F.lit(start)))
+    return ex.withColumn("features", F.when(own, F.concat(*parts)).otherwise(feats)).drop(*stats)
 
 
 def own_item_out_of_history(hist):
@@ -301,7 +395,10 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     ex = obs.unionByName(unobs if ratio > 0 else unobs.limit(0))
 
     # features: user vector ++ item vector ++ pair vector, all as of the cutoff
-    loo_user, loo_item = loo_columns()
+    loo_user, loo_item = loo_columns(ft)
+    if etype == "impression":  # what each train row's own exposure adds to the counts
+        own_counts = own_exposure_counts(feat_events, ft.cutoff, list(cfg.data.event_types), cfg.features.windows_days)
+        ex = ex.join(own_counts, "example_id", "left")
     ex = with_feature_vectors(ex, ft, feat_events, items, cfg,
                               user_cols=("history_item_ids", F.col("text").alias("_utext"), *loo_user),
                               item_cols=(F.col("text").alias("item_text"), *loo_item))

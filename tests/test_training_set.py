@@ -228,7 +228,7 @@ def _slot(cfg, kind, name, user_vocab=(), item_vocab=()):
 def test_random_user_holds_out_whole_users_and_their_exposures(spark):
     """Simulator/OBD-style log (a clicked impression has a click row 5 s later), random_user split: a
     held-out user's clicks reach neither their history nor the item counts, they have no train rows
-    (observed or sampled unobserved), and train rows' item click rate leaves their own click out."""
+    (observed or sampled unobserved), and train rows' item click count and rate leave their own click out."""
     import math
 
     from causalrec.config import Config
@@ -274,8 +274,8 @@ def test_random_user_holds_out_whole_users_and_their_exposures(spark):
     s_clicks, s_rate = _slot(cfg, "item", "log1p_n_clicks", item_vocab=vocab), _slot(cfg, "item", "click_rate", item_vocab=vocab)
     for r in te.collect():
         i = r["item_id"]
-        assert r["features"][s_clicks] == pytest.approx(math.log1p(n_clk[i]), abs=1e-5), r
         own = r["outcome"] if r["split"] == "train" and r["observed"] == 1 else None
+        assert r["features"][s_clicks] == pytest.approx(math.log1p(n_clk[i] - (own or 0.0)), abs=1e-5), r
         want = ((n_clk[i] + kk * g) / (n_imp[i] + kk) if own is None
                 else (n_clk[i] - own + kk * g) / (n_imp[i] - 1 + kk))
         assert r["features"][s_rate] == pytest.approx(want, abs=1e-5), (r["split"], r["observed"], i, own)
@@ -352,3 +352,149 @@ def test_train_rows_do_not_carry_their_own_item_in_the_users_history(spark):
         assert (f"item text {r['item_id'][1:]}" in (r["user_text"] or "")) == (r["split"] != "train"
                                                                                and r["item_id"] in expected)
     assert n_train > 20
+
+
+def _impression_log():
+    """A mixed impression log over 8 days: a clicked impression has a click row a minute later on some
+    pairs (simulator style) and none on others (OBD style: the click is the impression's value), a
+    purchase row after some clicks, and some pairs are shown twice. Item ``solo`` is shown once, clicked."""
+    rows, k = [], 0
+    for u in range(6):
+        for d in range(8):
+            item = f"i{(u + d * 3) % 4}"
+            if (u, d) == (1, 0):
+                item = "solo"
+            clicked = (u * 5 + d * 3) % 3 != 1 or item == "solo"
+            t = dt.datetime(2024, 1, 1 + d, u)
+            k += 1
+            rows.append((f"e{k:03d}", f"u{u}", item, t.strftime("%Y-%m-%d %H:%M"), "impression", float(clicked)))
+            if clicked and (u + d) % 2 == 0:
+                k += 1
+                rows.append((f"e{k:03d}", f"u{u}", item, (t + dt.timedelta(minutes=1)).strftime("%Y-%m-%d %H:%M"),
+                             "click", 1.0))
+            if clicked and (u + 2 * d) % 3 == 0:
+                k += 1
+                rows.append((f"e{k:03d}", f"u{u}", item, (t + dt.timedelta(minutes=2)).strftime("%Y-%m-%d %H:%M"),
+                             "purchase", 1.0))
+    return rows
+
+
+def _counts_from_log(rows, cutoff, windows):
+    """The user and item count features (raw counts) and global rates, recomputed from ``rows`` by hand."""
+    def in_w(t, w):
+        return t >= cutoff - dt.timedelta(days=w)
+
+    user, pairs = {}, {}
+    for eid, u, i, t, et, v in rows:
+        cu = user.setdefault(u, {"n_events": 0, "n_interactions": 0, "n_click": 0, "n_purchase": 0, "n_impression": 0,
+                                 "items": set(), **{f"n_{x}_{w}d": 0 for x in ("click", "impression") for w in windows}})
+        inter = et != "impression" or v > 0
+        cu["n_events"] += 1
+        cu["n_interactions"] += inter
+        cu["items"].add(i)
+        if f"n_{et}" in cu:
+            cu[f"n_{et}"] += 1
+        for w in windows:
+            if in_w(t, w) and f"n_{et}_{w}d" in cu:
+                cu[f"n_{et}_{w}d"] += 1
+        p = pairs.setdefault((i, u), {"rows": 0, "imps": 0, "ci": 0, "cr": 0, "pur": 0, "inter": 0,
+                                      **{f"{x}_{w}": 0 for x in ("rows", "imps", "inter") for w in windows}})
+        p["rows"] += 1
+        p["imps"] += et == "impression"
+        p["ci"] += et == "impression" and v > 0
+        p["cr"] += et == "click"
+        p["pur"] += et == "purchase"
+        p["inter"] += inter
+        for w in windows:
+            if in_w(t, w):
+                p[f"rows_{w}"] += 1
+                p[f"imps_{w}"] += et == "impression"
+                p[f"inter_{w}"] += inter
+    item = {}
+    for (i, _), p in pairs.items():
+        ci = item.setdefault(i, {"n_exposures": 0, "n_clicks": 0, "n_purchases": 0, "n_users": 0, "n_interactions": 0,
+                                 **{f"n_{x}_{w}d": 0 for x in ("exposures", "interactions") for w in windows}})
+        ci["n_exposures"] += p["imps"] if p["imps"] else p["rows"]
+        ci["n_clicks"] += max(p["ci"], p["cr"])
+        ci["n_purchases"] += p["pur"]
+        ci["n_users"] += 1
+        ci["n_interactions"] += p["inter"]
+        for w in windows:
+            ci[f"n_exposures_{w}d"] += p[f"imps_{w}"] if p["imps"] else p[f"rows_{w}"]
+            ci[f"n_interactions_{w}d"] += p[f"inter_{w}"]
+    for cu in user.values():
+        cu["n_distinct_items"] = len(cu.pop("items"))
+    exp = sum(c["n_exposures"] for c in item.values())
+    rates = (sum(c["n_clicks"] for c in item.values()) / exp, sum(c["n_purchases"] for c in item.values()) / exp)
+    return user, item, rates
+
+
+def test_train_rows_leave_their_own_exposure_out_of_the_count_features(spark):
+    """Impression labels, time split: a train row's user and item count slots (clicks, interactions,
+    exposures, users, windowed counts) and its item's click and purchase rates are those of the log
+    without the row's own exposure (its impression, its click row and purchase row); valid and test
+    rows see the whole train log. Before, the own click stayed in the user's click count and the
+    item's n_clicks: item ``solo``, shown once and clicked, had n_clicks = 1 exactly as its label."""
+    import math
+
+    from causalrec.config import Config
+
+    rows = _impression_log()
+    events = make_events(spark, rows)
+    items = make_items(spark, [(i, [], "c", "") for i in ("i0", "i1", "i2", "i3", "solo")])
+    users = make_users(spark, [(f"u{u}", [], "", None) for u in range(6)])
+    cfg = Config()
+    cfg.training_set.split = "time"
+    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.2, 0.1
+    cfg.training_set.label_event_type = "impression"
+    cfg.training_set.unobserved_per_observed = 0.0
+    cfg.features.windows_days = [2, 30]
+    cfg.features.smoothing_prior_strength = 2.0
+    te = _examples(spark, events, users, items, cfg).where("observed = 1").collect()
+    cutoff = min(r["event_time"] for r in te if r["split"] != "train").replace(tzinfo=None)
+    held = {r["example_id"] for r in te if r["split"] != "train"}
+    log = [(e, u, i, dt.datetime.fromisoformat(t), et, v) for e, u, i, t, et, v in rows]
+    log = sorted((r for r in log if r[3] < cutoff and r[0] not in held), key=lambda r: (r[3], r[4] != "impression", r[0]))
+    _, _, (g_ctr, g_cvr) = _counts_from_log(log, cutoff, cfg.features.windows_days)
+
+    def without_exposure(eid):
+        """The log less the impression ``eid`` and its pair's rows up to the pair's next impression."""
+        pos = next(n for n, r in enumerate(log) if r[0] == eid)
+        u, i = log[pos][1], log[pos][2]
+        gone = {eid}
+        for r in log[pos + 1:]:
+            if (r[1], r[2]) == (u, i):
+                if r[4] == "impression":
+                    break
+                gone.add(r[0])
+        return [r for r in log if r[0] not in gone]
+
+    user_slots = ["n_events", "n_interactions", "n_distinct_items", "n_impression", "n_click", "n_purchase",
+                  "n_click_2d", "n_impression_2d", "n_click_30d"]
+    item_slots = ["n_exposures", "n_interactions", "n_clicks", "n_purchases", "n_users", "n_exposures_2d",
+                  "n_interactions_2d", "n_exposures_30d"]
+    k, n_train, solo = 2.0, 0, None
+    for r in te:
+        own = r["split"] == "train"
+        n_train += own
+        uc, ic, _ = _counts_from_log(without_exposure(r["example_id"]) if own else log, cutoff, cfg.features.windows_days)
+        cu, ci = uc.get(r["user_id"], {}), ic.get(r["item_id"], {})
+        for name in user_slots:
+            got = r["features"][_slot(cfg, "user", f"log1p_{name}")]
+            assert got == pytest.approx(math.log1p(cu.get(name, 0)), abs=1e-5), (r["example_id"], r["split"], name)
+        for name in item_slots:
+            got = r["features"][_slot(cfg, "item", f"log1p_{name}")]
+            assert got == pytest.approx(math.log1p(ci.get(name, 0)), abs=1e-5), (r["example_id"], r["split"], name)
+        e = ci.get("n_exposures", 0)
+        want_ctr = (ci.get("n_clicks", 0) + k * g_ctr) / (e + k)
+        want_cvr = (ci.get("n_purchases", 0) + k * g_cvr) / (e + k)
+        assert r["features"][_slot(cfg, "item", "click_rate")] == pytest.approx(want_ctr, abs=1e-5), r["example_id"]
+        assert r["features"][_slot(cfg, "item", "purchase_rate")] == pytest.approx(want_cvr, abs=1e-5), r["example_id"]
+        if r["item_id"] == "solo":
+            solo = r
+    assert n_train > 20 and len(te) - n_train > 5
+    # the item shown once: nothing of it is left for its own (clicked, train) row to read
+    assert solo["split"] == "train" and solo["outcome"] == 1.0
+    assert solo["features"][_slot(cfg, "item", "log1p_n_clicks")] == 0.0
+    assert solo["features"][_slot(cfg, "item", "log1p_n_users")] == 0.0
+    assert len({len(r["features"]) for r in te}) == 1
