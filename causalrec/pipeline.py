@@ -31,8 +31,9 @@ RUNS_TABLE = "_pipeline_runs"
 STAGE_SECTIONS = {
     "ingest": ("data", "simulator"),
     "features": ("features", "data.event_types"),
-    "propensity": ("propensity", "causal_graph", "training_set.mcar_valid_fraction",
-                   "training_set.unobserved_per_observed", "training_set.label_event_type"),
+    # all of training_set: the time split's cutoff comes from training_set.assign_splits (split and
+    # fractions) beside the keys read directly; features: the feature tables rebuilt at that cutoff
+    "propensity": ("propensity", "causal_graph", "training_set", "features", "data.event_types"),
     "training_set": ("training_set", "features", "data.event_types", "propensity.clip_min"),
     "train": ("train", "features.history_length"),
     "candidates": ("candidates", "training_set.positive_threshold", "features.history_length",

@@ -45,7 +45,7 @@ PIPELINE: tuple[Stage, ...] = (
           inputs=("events", "users", "items"), outputs=("user_features", "item_features")),
     Stage("propensity", "causalrec.propensity.job:run",
           "exposure and treatment propensities with calibration diagnostics",
-          inputs=("events", "user_features", "item_features"),
+          inputs=("events", "users", "items", "user_features", "item_features"),
           outputs=("exposure_propensity", "treatment_propensity", "propensity_diagnostics")),
     Stage("training_set", "causalrec.training_set:run",
           "join labels, features and propensities into training_examples (train/valid/test)",

@@ -261,3 +261,77 @@ def test_slate_log_without_logged_propensities_falls_back_to_the_choice_model(sp
     got = t.agg(F.min("treatment_propensity"), F.max("treatment_propensity"), F.count(F.lit(1))).first()
     assert got[2] == 120 and 0.2 < got[0] <= got[1] < 0.3, got
     assert {r["source"] for r in t.select("source").distinct().collect()} == {"choice"}
+
+
+def _time_log(spark, later: str):
+    """200 ratings an hour apart, 20 users, treatment logged without propensities. The first 140 spread
+    over items i0..i5; the last 60 (``later``) either continue that ("same") or pile onto items never
+    seen before, all recommended, all rated 5 ("shifted")."""
+    import datetime as dt
+
+    from test_features import make_events, make_items, make_users
+
+    t0 = dt.datetime(2024, 1, 1)
+    rows = []
+    for k in range(200):
+        t = (t0 + dt.timedelta(hours=k)).strftime("%Y-%m-%d %H:%M")
+        if k < 140 or later == "same":
+            rows.append((f"e{k}", f"u{k % 20}", f"i{(k * 7 + k // 20) % 6}", t, "rating", 1 + k % 5, k % 3 != 0))
+        else:
+            rows.append((f"e{k}", f"u{k % 5}", f"i{6 + k % 4}", t, "rating", 5, True))
+    users = make_users(spark, [(f"u{u}", [f"g:{u % 2}"], f"user {u}", "a") for u in range(20)])
+    items = make_items(spark, [(f"i{i}", [f"c:{i % 3}"], "x", f"item {i}") for i in range(10)])
+    return make_events(spark, rows), users, items
+
+
+def test_time_split_train_propensities_do_not_see_the_valid_and_test_period(spark, tmp_path):
+    """Under training_set.split=time the propensity models (and the features they read) learn only
+    from the log before the training cutoff: rewriting every event after it leaves each train row's
+    exposure and treatment propensity unchanged, and every labelled row still gets one."""
+    from causalrec.config import Config
+    from causalrec.context import Context
+    from causalrec.features.job import run as features
+    from causalrec.propensity.job import run as propensity
+    from causalrec.schemas import EVENTS as EV
+    from causalrec.training_set import assign_splits
+
+    out = {}
+    for later in ("same", "shifted"):
+        c = Config()
+        c.storage.root = str(tmp_path / later)
+        c.training_set.split = "time"
+        c.propensity.exposure_method = "logistic"
+        c.propensity.treatment_method = "logistic"
+        ctx = Context(cfg=c, _spark=spark)
+        events, users, items = _time_log(spark, later)
+        ctx.store.write(events, "events", spec=EV)
+        ctx.store.write(users, "users", spec=USERS)
+        ctx.store.write(items, "items", spec=ITEMS)
+        features(ctx)
+        propensity(ctx)
+        cutoff = assign_splits(events, c, False)[1]
+        ev = {r["event_id"]: r for r in events.collect()}
+        before = {k for k, r in ev.items() if r["event_time"].timestamp() < cutoff.timestamp()}
+        ep = ctx.store.read("exposure_propensity").collect()
+        out[later] = dict(
+            before=before, events=ev,
+            exposure={(r["user_id"], r["item_id"], r["observed"]): r["exposure_propensity"] for r in ep},
+            n_exposure=len(ep),
+            treatment={r["event_id"]: r["treatment_propensity"] for r in ctx.store.read("treatment_propensity").collect()})
+    same, shifted = out["same"], out["shifted"]
+    assert same["before"] == shifted["before"] and 120 <= len(same["before"]) <= 140  # only later events differ
+    assert all(same["events"][k] == shifted["events"][k] for k in same["before"])
+    train_pairs = {(same["events"][k]["user_id"], same["events"][k]["item_id"], 1) for k in same["before"]}
+    for key in train_pairs:
+        assert same["exposure"][key] == pytest.approx(shifted["exposure"][key], abs=1e-6), key
+    unobserved = {k for k in same["exposure"] if k[2] == 0} & {k for k in shifted["exposure"] if k[2] == 0}
+    assert len(unobserved) >= 30
+    for key in unobserved:  # the sampled unobserved pairs are train rows too
+        assert same["exposure"][key] == pytest.approx(shifted["exposure"][key], abs=1e-6), key
+    for k in same["before"]:
+        assert same["treatment"][k] == pytest.approx(shifted["treatment"][k], abs=1e-6), k
+    for o in (same, shifted):  # every labelled pair and event is scored, each pair once
+        pairs = {(r["user_id"], r["item_id"], 1) for r in o["events"].values()}
+        assert pairs <= set(o["exposure"]) and len(o["exposure"]) == o["n_exposure"]
+        assert set(o["treatment"]) == set(o["events"])
+        assert len({(u, i) for u, i, _ in o["exposure"]}) == o["n_exposure"]

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from causalrec.features.common import cutoff_lit
+
 log = logging.getLogger(__name__)
 
 
@@ -44,13 +46,21 @@ def group_expression(keys) -> "F.Column":
     return F.concat_ws("|", *parts) if parts else F.lit("all")
 
 
-def choice_rows(events: DataFrame, group_keys, time_buckets: int) -> DataFrame:
-    """Recommended rows with their choice group, slot position and time bucket within the group's span."""
+def choice_rows(events: DataFrame, group_keys, time_buckets: int, span_before=None) -> DataFrame:
+    """Recommended rows with their choice group, slot position and time bucket within the group's span.
+
+    ``span_before``: a cutoff; the span is then that of the rows before it (the ones fitted on), and
+    later rows fall in the last bucket, the policy as last seen, rather than in buckets no model
+    coefficient was fitted for. A group with no row before it takes its span from all its rows.
+    """
     df = events.where(F.col("recommended") == F.lit(True)).select(
         "event_id", "user_id", "item_id", "event_time", "logged_propensity",
         group_expression(group_keys).alias("choice_group"),
         F.coalesce(F.col("position"), F.lit(0)).cast("int").alias("position"))
-    span = df.groupBy("choice_group").agg(F.min("event_time").alias("_t0"), F.max("event_time").alias("_t1"))
+    early = F.lit(True) if span_before is None else F.col("event_time") < cutoff_lit(span_before)
+    span = df.groupBy("choice_group").agg(
+        F.coalesce(F.min(F.when(early, F.col("event_time"))), F.min("event_time")).alias("_t0"),
+        F.coalesce(F.max(F.when(early, F.col("event_time"))), F.max("event_time")).alias("_t1"))
     secs = lambda c: F.col(c).cast("double")  # noqa: E731
     frac = (secs("event_time") - secs("_t0")) / F.greatest(secs("_t1") - secs("_t0"), F.lit(1e-9))
     bucket = F.least(F.floor(frac * time_buckets), F.lit(time_buckets - 1)).cast("int")
@@ -70,12 +80,12 @@ class ItemChoiceTreatment:
     chosen_reg_: dict = field(default_factory=dict)  # group -> (reg_param, validation log-loss)
     encoder_: object = None
 
-    def _fit_encoder(self, df: DataFrame) -> None:
+    def _fit_encoder(self, df: DataFrame, max_position=None) -> None:
         """One-hot sizes fixed from the largest position and the bucket count, so every group
         and every split encode alike (an encoder fitted per split would size by what it saw)."""
         from pyspark.ml.feature import OneHotEncoder
 
-        max_pos = df.agg(F.max("position")).first()[0] or 0
+        max_pos = (max_position if max_position is not None else df.agg(F.max("position")).first()[0]) or 0
         top = df.sparkSession.createDataFrame([(float(max_pos), float(self.time_buckets - 1))],
                                               "position double, time_bucket double")
         self.encoder_ = OneHotEncoder(inputCols=["position", "time_bucket"], outputCols=["_pos_oh", "_time_oh"],
@@ -95,8 +105,10 @@ class ItemChoiceTreatment:
             cols.append("_uvec")
         return VectorAssembler(inputCols=cols, outputCol="_features").transform(out).drop("_pos_oh", "_time_oh", "_uvec")
 
-    def fit(self, df: DataFrame, catalogues: dict) -> "ItemChoiceTreatment":
+    def fit(self, df: DataFrame, catalogues: dict, max_position=None) -> "ItemChoiceTreatment":
         """``catalogues``: group -> item ids in label order (every item the group ever logged).
+        ``max_position``: the largest slot of the rows to be scored, when they are more than ``df``
+        (a slot first used after a cutoff still encodes).
 
         With more than one value in ``reg_grid``, a hashed tenth of each group's rows scores
         every strength by log-loss, and the winner is refitted on all rows.
@@ -104,7 +116,7 @@ class ItemChoiceTreatment:
         if not catalogues:
             raise ValueError("treatment propensity (choice): no event has recommended = true, so there is no "
                              "logged choice to model")
-        self._fit_encoder(df)
+        self._fit_encoder(df, max_position)
         for g, items in catalogues.items():
             rows = self._features(self._labelled(df.where(F.col("choice_group") == g), items)).cache()
             if rows.limit(1).count() == 0:

@@ -55,6 +55,7 @@ class ExposureEstimator(ABC):
     clip_min: float = 0.01
     self_normalize: bool = False
     name: str = field(default="", init=False)
+    scale_: Optional[float] = field(default=None, init=False, repr=False)  # fixed self-normalisation factor
 
     @abstractmethod
     def fit(self, pairs: DataFrame, universe: Universe, mcar: Optional[DataFrame] = None) -> "ExposureEstimator":
@@ -64,21 +65,35 @@ class ExposureEstimator(ABC):
     def predict_raw(self, pairs: DataFrame) -> DataFrame:
         """``pairs`` plus ``raw_propensity`` (unclipped)."""
 
-    def predict(self, pairs: DataFrame, universe: Optional[Universe] = None) -> DataFrame:
-        """``pairs`` plus ``raw_propensity`` and ``exposure_propensity`` (clipped, optionally normalised)."""
-        df = self.predict_raw(pairs)
+    def _clipped(self, pairs: DataFrame) -> DataFrame:
         p = F.least(F.greatest(F.col("raw_propensity"), F.lit(self.clip_min)), F.lit(1.0))
-        df = df.withColumn("exposure_propensity", p)
+        return self.predict_raw(pairs).withColumn("exposure_propensity", p)
+
+    def fix_scale(self, pairs: DataFrame, universe: Universe) -> "ExposureEstimator":
+        """Fix the self-normalisation factor on ``pairs``' observed rows (the fit period's).
+
+        Pairs scored later (e.g. observed after a time split's cutoff) then get the same function
+        of their features instead of a factor renormalised over data the model was not fitted on.
+        """
         if self.self_normalize:
+            inv = self._clipped(pairs).where(F.col("observed") == 1).agg(
+                F.sum(1.0 / F.col("exposure_propensity")).alias("s")).collect()[0]["s"]
+            self.scale_ = (inv or 0.0) / max(universe.n_pairs, 1)
+        return self
+
+    def predict(self, pairs: DataFrame, universe: Optional[Universe] = None) -> DataFrame:
+        """``pairs`` plus ``raw_propensity`` and ``exposure_propensity`` (clipped, optionally normalised;
+        the factor comes from :meth:`fix_scale`, else from ``pairs`` themselves)."""
+        if self.self_normalize and self.scale_ is None:
             if universe is None:
                 raise ValueError("self_normalize needs the universe (number of user-item pairs)")
-            inv = df.where(F.col("observed") == 1).agg(F.sum(1.0 / F.col("exposure_propensity")).alias("s")).collect()[0]["s"]
-            factor = (inv or 0.0) / max(universe.n_pairs, 1)
-            if factor > 0:
-                df = df.withColumn(
-                    "exposure_propensity",
-                    F.least(F.greatest(F.col("exposure_propensity") * F.lit(factor), F.lit(self.clip_min)), F.lit(1.0)),
-                )
+            self.fix_scale(pairs, universe)
+        df = self._clipped(pairs)
+        if self.self_normalize and self.scale_ > 0:
+            df = df.withColumn(
+                "exposure_propensity",
+                F.least(F.greatest(F.col("exposure_propensity") * F.lit(self.scale_), F.lit(self.clip_min)), F.lit(1.0)),
+            )
         return df.withColumn("method", F.lit(self.name))
 
 

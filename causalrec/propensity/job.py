@@ -5,6 +5,11 @@ transform with the estimators in exposure.py / treatment.py; load
 ``exposure_propensity``, ``treatment_propensity`` and ``propensity_diagnostics``
 (each overwritten atomically, so a rerun never duplicates) and print a summary.
 
+Under ``training_set.split: time`` every learned propensity model is fitted only on the log
+before the training cutoff (the one :func:`causalrec.training_set.assign_splits` derives), on
+feature tables built as of that cutoff, and then scores every row, train, valid and test: see
+:func:`training_cutoff`. Logged propensities are passed through as before.
+
 The adjustment set (which feature groups enter each model) is read from the causal
 graph (``cfg.causal_graph``) when :mod:`causalrec.causal_graph` is available; else,
 or when ``propensity.adjustment_set`` is set, that list / user+item features are used.
@@ -20,6 +25,7 @@ from typing import Optional
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from causalrec.features.common import cutoff_lit, events_before
 from causalrec.propensity import diagnostics as D
 from causalrec.propensity.exposure import (
     Universe,
@@ -61,6 +67,49 @@ def _hash_fraction(cols, salt: str):
     return (F.abs(F.xxhash64(F.lit(salt), *cols)) % 10_000) / 10_000.0
 
 
+def training_cutoff(events: DataFrame, cfg):
+    """The time split's train end, or None for the other splits.
+
+    Under ``training_set.split: time`` the propensity models learn only from events before it,
+    and score every row with that one model. Train rows then get weights learned from their own
+    past, as in production, where the propensity model is fitted on the log so far and applied
+    to what comes next. Valid/test rows get the same model's prediction rather than one refitted
+    on their own period. That refit would be the closer estimate of the test period's logging
+    propensity, but it would learn from test rows: naive Bayes from their ratings, and every
+    method through features that count their labels. The test metrics would also no longer
+    include the propensity model's error on unseen data, which a deployed model does have. Where
+    the logging policy's own probabilities are logged (``logged``), every row uses them, so
+    nothing is learned.
+
+    The cutoff comes from :func:`causalrec.training_set.assign_splits` on the same labelled
+    events, not from a second rule that could drift from it.
+    """
+    if cfg.training_set.split != "time":
+        return None
+    from causalrec.training_set import assign_splits
+
+    etype = label_event_type(events, cfg.training_set.label_event_type)
+    return assign_splits(events.where(F.col("event_type") == etype), cfg, False)[1]
+
+
+def _before(cutoff):
+    return F.col("event_time") < cutoff_lit(cutoff) if cutoff is not None else F.lit(True)
+
+
+def with_vectors(df: DataFrame, user_features: DataFrame, item_features: Optional[DataFrame] = None) -> DataFrame:
+    """``df`` plus ``uvec`` (and ``ivec`` when ``item_features`` is given). A user or item the feature
+    tables lack (first seen after a cutoff) gets zeros, as in training examples, rather than losing
+    its propensity."""
+    for table, key, col in ((user_features, "user_id", "uvec"), (item_features, "item_id", "ivec")):
+        if table is None:
+            continue
+        width = table.select(F.max(F.size("feature_vector"))).first()[0] or 0
+        vec = table.select(key, F.col("feature_vector").alias(col))
+        df = df.join(F.broadcast(vec) if key == "item_id" else vec, key, "left").withColumn(
+            col, F.coalesce(col, F.array_repeat(F.lit(0.0).cast("float"), width)))
+    return df
+
+
 def mcar_for_propensity(mcar: DataFrame, cfg) -> DataFrame:
     """The MCAR ratings a propensity model may learn from: only the validation share.
 
@@ -82,20 +131,35 @@ def mcar_for_propensity(mcar: DataFrame, cfg) -> DataFrame:
 
 def exposure_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
                           mcar: Optional[DataFrame] = None, methods: Optional[list] = None,
-                          feature_groups: tuple = ("user_features", "item_features")) -> ExposureResult:
-    """Fit each method on (1 - holdout_fraction) of the pairs; diagnose on the held-out pairs; score all."""
+                          feature_groups: tuple = ("user_features", "item_features"),
+                          cutoff=None) -> ExposureResult:
+    """Fit each method on (1 - holdout_fraction) of the pairs; diagnose on the held-out pairs; score all.
+
+    With a ``cutoff`` (see :func:`training_cutoff`) the pairs fitted on, their sampled unobserved
+    pairs and the held-out ones are those of the log before it. The table then holds those pairs
+    plus the pairs first observed later, scored by the same model, so every labelled row has a
+    propensity. A pair observed before the cutoff keeps its pre-cutoff value, so no
+    estimate of a train row depends on a later event.
+    """
     pc = cfg.propensity
     etype = label_event_type(events, cfg.training_set.label_event_type)
-    obs = observed_pairs(events, etype).cache()
+    obs = observed_pairs(events_before(events, cutoff) if cutoff is not None else events, etype).cache()
     n_users = user_features.count()
     n_items = item_features.count()
     universe = Universe(n_users, n_items, obs.count())
     ratio = max(float(cfg.training_set.unobserved_per_observed), 1.0)
     neg = sample_unobserved(obs, item_features, n_items, ratio, cfg.project.seed)
-    uv = user_features.select("user_id", F.col("feature_vector").alias("uvec"))
-    iv = F.broadcast(item_features.select("item_id", F.col("feature_vector").alias("ivec")))
-    pairs = obs.unionByName(neg).join(uv, "user_id").join(iv, "item_id")
-    pairs = pairs.withColumn("_h", _hash_fraction([F.col("user_id"), F.col("item_id")], "exposure-holdout")).cache()
+    h = _hash_fraction([F.col("user_id"), F.col("item_id")], "exposure-holdout")
+    pairs = with_vectors(obs.unionByName(neg), user_features, item_features).withColumn("_h", h).cache()
+    table_pairs, cached = pairs, [pairs]
+    if cutoff is not None:
+        later = observed_pairs(events.where(~_before(cutoff)), etype).join(obs.select("user_id", "item_id"),
+                                                                             ["user_id", "item_id"], "left_anti")
+        # a sampled pair observed only later is that later observation in the table, not a second row
+        neg_now = neg.join(later.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
+        table_pairs = with_vectors(obs.unionByName(later).unionByName(neg_now), user_features, item_features)
+        table_pairs = table_pairs.withColumn("_h", h).cache()
+        cached.append(table_pairs)
     fit_part = pairs.where(F.col("_h") >= pc.holdout_fraction)
     mcar_vals = None
     if mcar is not None:
@@ -116,21 +180,23 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
         if hasattr(est, "feature_cols"):
             est.feature_cols = tuple(cols)
         est.fit(fit_part, universe, mcar_vals)
-        sc = est.predict(pairs, universe).drop("uvec", "ivec")
-        held = sc.where(F.col("_h") < pc.holdout_fraction)
-        sc = sc.drop("_h")
+        est.fix_scale(pairs, universe)
+        held = est.predict(pairs.where(F.col("_h") < pc.holdout_fraction)).drop("uvec", "ivec")
+        sc = est.predict(table_pairs).drop("uvec", "ivec", "_h")
         scored[m] = sc
         rows += D.exposure_rows(m, held, sc.where(F.col("observed") == 1), pc.clip_min, pc.calibration_bins)
         if m == chosen:
             table = sc
     obs.unpersist()
-    return ExposureResult(table=table, diagnostics=rows, universe=universe, scored=scored, cached=[pairs])
+    return ExposureResult(table=table, diagnostics=rows, universe=universe, scored=scored, cached=cached)
 
 
 def treatment_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
-                           feature_groups: tuple = ("user_features", "item_features")) -> tuple[Optional[DataFrame], list]:
+                           feature_groups: tuple = ("user_features", "item_features"),
+                           cutoff=None) -> tuple[Optional[DataFrame], list]:
     """Logged propensities unchanged when present (and method 'logged'); else MLlib LR/GBT fitted on
-    (1 - holdout_fraction) of the events, diagnosed on the rest, clipped."""
+    (1 - holdout_fraction) of the events (before ``cutoff``, when given), diagnosed on the rest of
+    them, and scoring every event, clipped."""
     pc = cfg.propensity
     has = events.agg(F.count("recommended").alias("rec"), F.count("logged_propensity").alias("lp"),
                      F.countDistinct("recommended").alias("k")).collect()[0]
@@ -138,7 +204,7 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         return None, []
     method = pc.treatment_method
     if method == "choice":
-        return choice_propensities(events, user_features, cfg)
+        return choice_propensities(events, user_features, cfg, cutoff)
     if method == "logged" and has["lp"] > 0:
         t = logged_treatment(events)
         rows = _treatment_rows("logged", None, t, pc)
@@ -147,40 +213,48 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         if has["k"] < 2:
             log.info("treatment_method=logged but the events carry no logged propensity and every row is a "
                      "recommendation: estimating the slot choice probability (method choice)")
-            return choice_propensities(events, user_features, cfg)
+            return choice_propensities(events, user_features, cfg, cutoff)
         log.info("treatment_method=logged but the events carry no logged propensity: estimating with logistic")
         method = "logistic"
-    uv = user_features.select("user_id", F.col("feature_vector").alias("uvec"))
-    iv = F.broadcast(item_features.select("item_id", F.col("feature_vector").alias("ivec")))
-    df = (events.where(F.col("recommended").isNotNull())
-          .select("event_id", "user_id", "item_id", F.col("recommended").cast("int").alias("treated"))
-          .join(uv, "user_id").join(iv, "item_id")
-          .withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
+    df = with_vectors(events.where(F.col("recommended").isNotNull())
+                      .select("event_id", "user_id", "item_id", "event_time",
+                              F.col("recommended").cast("int").alias("treated")), user_features, item_features)
+    df = df.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout"))
     cols = tuple(GROUP_COLUMNS[g] for g in feature_groups)
     model = EstimatedTreatment(method, pc.treatment_eps, pc.reg_param, pc.max_iter, cols, cfg.project.seed)
-    model.fit(df.where(F.col("_h") >= pc.holdout_fraction))
+    model.fit(df.where((F.col("_h") >= pc.holdout_fraction) & _before(cutoff)))
     scored = model.predict(df)
-    held = scored.where(F.col("_h") < pc.holdout_fraction)
-    t = scored.drop("uvec", "ivec", "_h")
+    held = scored.where((F.col("_h") < pc.holdout_fraction) & _before(cutoff))
+    t = scored.drop("uvec", "ivec", "_h", "event_time")
     return t, _treatment_rows(method, held, t, pc)
 
 
-def choice_propensities(events: DataFrame, user_features: DataFrame, cfg) -> tuple[DataFrame, list]:
+def choice_propensities(events: DataFrame, user_features: DataFrame, cfg, cutoff=None) -> tuple[DataFrame, list]:
     """Slate logs (every row recommended): P(item chosen for its slot), fitted on (1 - holdout_fraction)
-    of the rows, diagnosed on the rest (see :mod:`causalrec.propensity.choice`)."""
+    of the rows (before ``cutoff``, when given), diagnosed on the rest of them, scoring every row
+    (see :mod:`causalrec.propensity.choice`). With a cutoff the time buckets span the rows before it,
+    so later rows fall in the last bucket fitted: the policy as last seen."""
     from causalrec.propensity import choice as C
 
     pc = cfg.propensity
-    rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets)
+    rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets, span_before=cutoff)
     if pc.choice_user_features:
-        rows = rows.join(user_features.select("user_id", F.col("feature_vector").alias("uvec")), "user_id")
+        rows = with_vectors(rows, user_features)
     rows = rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")).cache()
-    catalogues = C.catalogues_of(rows)
+    catalogues = C.catalogues_of(rows)  # every item a group logged, later ones too: each needs a class
+    if cutoff is not None:
+        seen = {r[0] for r in rows.where(_before(cutoff)).select("choice_group").distinct().collect()}
+        if set(catalogues) - seen:
+            log.warning("treatment propensity (choice): groups %s log nothing before the training cutoff %s, so "
+                        "no model is fitted for them and their rows get no propensity",
+                        sorted(set(catalogues) - seen), cutoff.isoformat())
+        catalogues = {g: c for g, c in catalogues.items() if g in seen}
     model = C.ItemChoiceTreatment(pc.choice_eps, tuple(float(r) for r in pc.choice_reg_grid), pc.max_iter * 4,
                                   pc.choice_time_buckets, pc.choice_user_features)
-    model.fit(rows.where(F.col("_h") >= pc.holdout_fraction), catalogues)
+    model.fit(rows.where((F.col("_h") >= pc.holdout_fraction) & _before(cutoff)), catalogues,
+              max_position=rows.agg(F.max("position")).first()[0])
     scored = model.predict(rows)
-    held = scored.where(F.col("_h") < pc.holdout_fraction).withColumn("treated", F.lit(1)).cache()  # several passes
+    held = scored.where((F.col("_h") < pc.holdout_fraction) & _before(cutoff)).withColumn("treated", F.lit(1)).cache()
     t = scored.select("event_id", "user_id", "item_id", F.lit(1).alias("treated"), "treatment_propensity",
                       "raw_propensity", "source")
     diag = []
@@ -232,18 +306,30 @@ def _treatment_rows(method: str, held: Optional[DataFrame], t: DataFrame, pc, lo
 
 def run(ctx) -> dict:
     cfg, store, spark = ctx.cfg, ctx.store, ctx.spark
+    cached = []
     with ctx.step("propensity: extract"):
         events = store.read("events")
         uf, itf = store.read("user_features"), store.read("item_features")
         mcar = store.read("mcar_events") if store.exists("mcar_events") else None
         truth = store.read("ground_truth") if store.exists("ground_truth") else None
         ctx.log_rows("events", store.row_count("events"), "in")
+        cutoff = training_cutoff(events, cfg)
+    if cutoff is not None:
+        with ctx.step("propensity: features as of the training cutoff"):
+            # the features stage's tables count the whole log (test labels included); these are the
+            # training set's, built by the same function at the same cutoff
+            from causalrec.features.job import build_features
+
+            ft = build_features(events, store.read("users"), store.read("items"), cfg, cutoff=cutoff)
+            uf, itf = ft.users.cache(), ft.items.cache()
+            cached += [uf, itf]
     exp_groups, exp_src = adjustment_set(cfg, "exposure")
     trt_groups, trt_src = adjustment_set(cfg, "recommended")
     with ctx.step("propensity: exposure"):
-        er = exposure_propensities(events, uf, itf, cfg, mcar, methods=None, feature_groups=tuple(exp_groups))
+        er = exposure_propensities(events, uf, itf, cfg, mcar, methods=None, feature_groups=tuple(exp_groups),
+                                   cutoff=cutoff)
     with ctx.step("propensity: treatment"):
-        tdf, trows = treatment_propensities(events, uf, itf, cfg, feature_groups=tuple(trt_groups))
+        tdf, trows = treatment_propensities(events, uf, itf, cfg, feature_groups=tuple(trt_groups), cutoff=cutoff)
     rows = er.diagnostics + trows
     if truth is not None:
         with ctx.step("propensity: versus ground truth"):
@@ -256,24 +342,26 @@ def run(ctx) -> dict:
                 rows += [D._row("treatment", cfg.propensity.treatment_method, f"truth_{k}", vt[k], n=vt["n"])
                          for k in ("corr", "corr_log", "mae", "calibration_error")]
     with ctx.step("propensity: load"):
+        fit_before = cutoff.isoformat() if cutoff is not None else None
         store.write(er.table, "exposure_propensity", "overwrite", spec=EXPOSURE_PROPENSITY, overwrite_schema=True,
-                    metadata={"adjustment_set": exp_groups, "adjustment_source": exp_src})
+                    metadata={"adjustment_set": exp_groups, "adjustment_source": exp_src, "fit_before": fit_before})
         if tdf is None:
             tdf = spark.createDataFrame([], TREATMENT_PROPENSITY.spark_schema())
         store.write(tdf, "treatment_propensity", "overwrite", spec=TREATMENT_PROPENSITY, overwrite_schema=True,
-                    metadata={"adjustment_set": trt_groups, "adjustment_source": trt_src})
+                    metadata={"adjustment_set": trt_groups, "adjustment_source": trt_src, "fit_before": fit_before})
         run_id = uuid.uuid4().hex[:12]
         now = dt.datetime.now(dt.timezone.utc)
         diag = spark.createDataFrame([dict(r, run_id=run_id, created_at=now) for r in rows] or [],
                                      PROPENSITY_DIAGNOSTICS.spark_schema())
         store.write(conform(diag, PROPENSITY_DIAGNOSTICS), "propensity_diagnostics", "overwrite",
                     spec=PROPENSITY_DIAGNOSTICS, overwrite_schema=True)
-        for df in er.cached:
+        for df in er.cached + cached:
             df.unpersist()
     out = {"exposure_propensity": store.row_count("exposure_propensity"),
            "treatment_propensity": store.row_count("treatment_propensity"),
            "propensity_diagnostics": len(rows), "exposure_method": cfg.propensity.exposure_method,
-           "exposure_adjustment": exp_groups, "adjustment_source": exp_src, "run_id": run_id}
+           "exposure_adjustment": exp_groups, "adjustment_source": exp_src, "run_id": run_id,
+           "fit_before": fit_before}
     for t in ("exposure_propensity", "treatment_propensity", "propensity_diagnostics"):
         ctx.log_rows(t, out[t] if isinstance(out[t], int) else 0)
     scalars = [r for r in rows if r["metric"] != "reliability" and r["value"] is not None]
