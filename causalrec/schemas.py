@@ -266,21 +266,17 @@ EVENTS_QUARANTINE = TableSpec(
         "row's line in its file (see causalrec.ingest.sources.line_numbers).",
 )
 
+# The events quarantine's columns plus the table the row was meant for: one reader serves both.
 DIMENSION_QUARANTINE = TableSpec(
     "dimension_quarantine",
-    _cols(
-        ("ingest_batch", "string", False, "id of the dimension write, derived from its input rows"),
-        ("table_name", "string", False, "users, items or ground_truth: the table the row was meant for"),
-        ("source", "string", True, "file or loader the table came from"),
-        ("source_row", "long", True, "0-based position of the row in the table as loaded"),
-        ("reason", "string", False, "NULL_ID or DUPLICATE_ID"),
-        ("detail", "string", True, "human-readable explanation naming the key column"),
-        ("payload", "string", True, "the row as JSON (cast to the table's types, key as read)"),
-        ("quarantined_at", "timestamp", False, ""),
-    ),
-    doc="Rejected users / items / ground_truth rows: a null or empty key, or a key shared by rows of "
-        "differing content (all of them); reason codes in causalrec.ingest.dimensions.",
+    EVENTS_QUARANTINE.columns[:1]
+    + _cols(("table_name", "string", False, "users, items or ground_truth: the table the row was meant for"))
+    + EVENTS_QUARANTINE.columns[1:],
+    doc="Rejected users / items / ground_truth rows (reason NULL_ID or DUPLICATE_ID): a null or empty key, "
+        "or a key shared by rows of differing content (all of them); the payload is the row cast to the "
+        "table's types with its key as read; reason codes in causalrec.ingest.dimensions.",
 )
+
 
 INGEST_LOG = TableSpec(
     "ingest_log",

@@ -30,6 +30,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Optional
 
+from causalrec.ingest.sources import row_index
 from causalrec.ingest.validate import DETAIL, FINGERPRINT, REASON
 from causalrec.schemas import DIMENSION_QUARANTINE, GROUND_TRUTH, ITEMS, USERS, conform
 
@@ -139,20 +140,6 @@ def kept_rows(flagged, name: str):
     return flagged.where(F.col(REASON).isNull() & ~F.col(COLLAPSED)).select(*SPECS[name].names)
 
 
-def source_row(partition_rows: dict):
-    """The 0-based position of a row in the input DataFrame (partition order), from per-partition counts."""
-    from pyspark.sql import functions as F
-
-    pairs, total = [], 0
-    for pid in sorted(partition_rows):
-        pairs += [F.lit(pid), F.lit(total)]
-        total += partition_rows[pid]
-    if not pairs:
-        return F.lit(None).cast("long")
-    offset = F.element_at(F.create_map(*pairs), F.col(PID))
-    return (offset + F.col(MID) - F.shiftleft(F.col(PID).cast("long"), 33)).cast("long")
-
-
 def quarantined_dimension_rows(flagged, name: str, batch_id: str, source: str, partition_rows: dict,
                                quarantined_at: Optional[dt.datetime] = None):
     """Rejected rows in the DIMENSION_QUARANTINE contract, with the row (cast, key as read) as JSON."""
@@ -167,7 +154,7 @@ def quarantined_dimension_rows(flagged, name: str, batch_id: str, source: str, p
         F.lit(batch_id).alias("ingest_batch"),
         F.lit(name).alias("table_name"),
         F.lit(source).alias("source"),
-        source_row(partition_rows).alias("source_row"),
+        row_index(partition_rows, PID, MID).alias("source_row"),
         F.col(REASON).alias("reason"),
         F.col(DETAIL).alias("detail"),
         payload.alias("payload"),

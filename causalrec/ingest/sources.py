@@ -93,19 +93,10 @@ def number_rows(df):
     helpers = ("__cr_pid", "__cr_mid", "__cr_file", "__cr_block")
     if not chunks:
         return x.withColumn(SOURCE_ROW, F.lit(None).cast("long")).drop(*helpers)
-    offsets, total = {}, 0
     per_pid: dict = {}
     for c in chunks:
         per_pid[int(c["__cr_pid"])] = per_pid.get(int(c["__cr_pid"]), 0) + int(c["n"])
-    for pid in sorted(per_pid):
-        offsets[pid] = total
-        total += per_pid[pid]
-    pairs = []
-    for pid, off in offsets.items():
-        pairs += [F.lit(pid), F.lit(off)]
-    offset = F.element_at(F.create_map(*pairs), F.col("__cr_pid"))
-    local = F.col("__cr_mid") - F.shiftleft(F.col("__cr_pid").cast("long"), 33)
-    x = x.withColumn(SOURCE_ROW, (offset + local).cast("long"))
+    x = x.withColumn(SOURCE_ROW, row_index(per_pid, "__cr_pid", "__cr_mid"))
     files = [c for c in chunks if c["__cr_file"]]
     if not files:  # not read from files (a loader's or the simulator's DataFrame)
         return x.drop(*helpers)
@@ -121,6 +112,26 @@ def number_rows(df):
     x = x.join(F.broadcast(base), ["__cr_pid", "__cr_file", "__cr_block"], "left")
     x = x.withColumn(SOURCE_FILE, F.col("__cr_show")).withColumn(FILE_ROW, F.col("__cr_mid") + F.col("__cr_base"))
     return x.drop(*helpers, "__cr_show", "__cr_base")
+
+
+def row_index(partition_rows: dict, pid: str, mid: str):
+    """The 0-based position of a row in its DataFrame (partition order), as a column.
+
+    ``partition_rows``: partition id -> its row count; ``pid`` / ``mid``: the columns holding
+    each row's ``spark_partition_id`` and ``monotonically_increasing_id`` (taken before any
+    shuffle). The id is (partition << 33) + position in the partition, so the position is the
+    partition's offset plus the id's low bits: no row travels and nothing is shuffled.
+    """
+    from pyspark.sql import functions as F
+
+    pairs, total = [], 0
+    for p in sorted(partition_rows):
+        pairs += [F.lit(p), F.lit(total)]
+        total += partition_rows[p]
+    if not pairs:
+        return F.lit(None).cast("long")
+    offset = F.element_at(F.create_map(*pairs), F.col(pid))
+    return (offset + F.col(mid) - F.shiftleft(F.col(pid).cast("long"), 33)).cast("long")
 
 
 def _display_path(uri: str) -> str:
