@@ -74,6 +74,10 @@ def random_user_split(ts):
     return F.when(f < ts.test_fraction, "test").when(f < ts.test_fraction + ts.valid_fraction, "valid").otherwise("train")
 
 
+class NoHeldOutSplit(ValueError):
+    """``split: given`` on data that gives no split: no label is held out, so no training set can be built."""
+
+
 def assign_splits(labelled: DataFrame, cfg, has_mcar: bool) -> tuple[DataFrame, object]:
     """``labelled`` plus ``split``; returns (df, feature cutoff or None)."""
     ts = cfg.training_set
@@ -83,7 +87,7 @@ def assign_splits(labelled: DataFrame, cfg, has_mcar: bool) -> tuple[DataFrame, 
         if has_given:
             return labelled.withColumn("split", F.when(given.isin(*SPLITS), given).otherwise("train")), None
         if not has_mcar:
-            raise ValueError("training_set.split=given: the events carry no context.split and there is no "
+            raise NoHeldOutSplit("training_set.split=given: the events carry no context.split and there is no "
                              "mcar_events table to use as test; use split=time or random_user")
         split = F.when(_frac(F.col("event_id"), salt="valid") < ts.valid_fraction, "valid").otherwise("train")
         return labelled.withColumn("split", split), None
@@ -100,6 +104,59 @@ def assign_splits(labelled: DataFrame, cfg, has_mcar: bool) -> tuple[DataFrame, 
     if ts.split == "random_user":
         return labelled.withColumn("split", random_user_split(ts)), None
     raise ValueError(f"training_set.split: unknown {ts.split!r}; expected given, time or random_user")
+
+
+def labelled_rows(events: DataFrame, cfg, mcar: DataFrame | None = None, etype: str | None = None):
+    """(every label row with ``split`` and ``is_mcar``, the feature cutoff or None).
+
+    The one definition of which labels are train, valid and test, shared by the training set and
+    the propensity stage (which must not learn from the held-out ones either). MCAR rows: a hashed
+    share validates (unbiased model selection), the rest tests. A pair that is tested on (or
+    validated on at random exposure) is never trained or validated on otherwise.
+    """
+    ts = cfg.training_set
+    etype = etype or label_event_type(events, ts.label_event_type)
+    labelled, cutoff = assign_splits(events.where(F.col("event_type") == etype), cfg, mcar is not None)
+    labelled = labelled.withColumn("is_mcar", F.lit(False))
+    if mcar is not None:
+        mcar_split = F.when(is_mcar_validation_pair(ts.mcar_valid_fraction), "valid").otherwise("test")
+        m = mcar.where(F.col("event_type") == etype).withColumn("split", mcar_split).withColumn("is_mcar", F.lit(True))
+        labelled = labelled.unionByName(m)
+    held = (F.col("split") == "test") | F.col("is_mcar")
+    held_pairs = labelled.where(held).select("user_id", "item_id").distinct()
+    labelled = labelled.where(held).unionByName(
+        labelled.where(~held).join(held_pairs, ["user_id", "item_id"], "left_anti"))
+    return labelled, cutoff
+
+
+SPLIT_SETTINGS = ("split", "valid_fraction", "test_fraction", "mcar_valid_fraction", "label_event_type")
+
+
+def split_settings(cfg) -> dict:
+    """The ``training_set`` settings that decide which labels are held out (and so what a model may see)."""
+    return {k: getattr(cfg.training_set, k) for k in SPLIT_SETTINGS}
+
+
+def check_propensity_split(store, cfg) -> None:
+    """Refuse propensities fitted under other split settings than this training set's.
+
+    The propensity stage learns only from the events this split lets a model see
+    (:class:`causalrec.propensity.job.FitScope`); under another split its models may have learned
+    from this run's valid/test rows, and their weights would go into the training set unnoticed
+    (``causalrec run`` reruns the stage when the settings change; a stage run on its own does not).
+    Tables written before the settings were recorded pass.
+    """
+    recorded = next((m["split_settings"] for m in store.commit_metadata("exposure_propensity", 1)
+                     if "split_settings" in m), None)
+    want = split_settings(cfg)
+    if recorded is not None and recorded != want:
+        diff = {k: (recorded.get(k), want[k]) for k in want if recorded.get(k) != want[k]}
+        raise ValueError(
+            f"exposure_propensity ({store.path('exposure_propensity')}) was fitted under other training_set "
+            f"settings than this run's: " + ", ".join(f"training_set.{k}: fitted {a!r}, now {b!r}"
+                                                     for k, (a, b) in diff.items())
+            + ". Rerun the propensity stage with these settings first (e.g. `causalrec run <config> --until "
+              "training_set`), so its models learn nothing this split holds out")
 
 
 def feature_events(events: DataFrame, labelled: DataFrame, split: str) -> DataFrame:
@@ -331,19 +388,7 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
                             mcar: DataFrame | None = None) -> DataFrame:
     ts = cfg.training_set
     etype = label_event_type(events, ts.label_event_type)
-    labelled = events.where(F.col("event_type") == etype)
-    labelled, cutoff = assign_splits(labelled, cfg, mcar is not None)
-    labelled = labelled.withColumn("is_mcar", F.lit(False))
-    if mcar is not None:
-        # a hashed share of the random-exposure pairs validates (unbiased model selection), the rest tests
-        mcar_split = F.when(is_mcar_validation_pair(ts.mcar_valid_fraction), "valid").otherwise("test")
-        m = mcar.where(F.col("event_type") == etype).withColumn("split", mcar_split).withColumn("is_mcar", F.lit(True))
-        labelled = labelled.unionByName(m)
-    # a pair that is tested on (or validated on at random exposure) is never trained or validated on otherwise
-    held = (F.col("split") == "test") | F.col("is_mcar")
-    held_pairs = labelled.where(held).select("user_id", "item_id").distinct()
-    labelled = labelled.where(held).unionByName(
-        labelled.where(~held).join(held_pairs, ["user_id", "item_id"], "left_anti"))
+    labelled, cutoff = labelled_rows(events, cfg, mcar, etype)
 
     # features only from what training may see
     feat_events = feature_events(events, labelled, ts.split)
@@ -449,6 +494,7 @@ def files_layout(df: DataFrame, files_per_split: int) -> DataFrame:
 def run(ctx) -> dict:
     cfg, store, spark = ctx.cfg, ctx.store, ctx.spark
     with ctx.step("training_set: extract"):
+        check_propensity_split(store, cfg)
         events, users, items = store.read("events"), store.read("users"), store.read("items")
         mcar = store.read("mcar_events") if store.exists("mcar_events") else None
         exposure = store.read("exposure_propensity")

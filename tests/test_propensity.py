@@ -335,3 +335,93 @@ def test_time_split_train_propensities_do_not_see_the_valid_and_test_period(spar
         assert pairs <= set(o["exposure"]) and len(o["exposure"]) == o["n_exposure"]
         assert set(o["treatment"]) == set(o["events"])
         assert len({(u, i) for u, i, _ in o["exposure"]}) == o["n_exposure"]
+
+
+def _held_out_log(spark, split: str, variant: str, ts):
+    """200 ratings of 20 users, treatment logged without propensities, and which of them the training
+    set holds out: under ``random_user`` every row of a hashed test/valid user, under ``given`` the rows
+    whose ``context.split`` says test or valid (every 5th and every 7th). Train rows rate items i0..i7;
+    a held-out row rates, in the ``same`` variant, an item of i0..i7 its user has no train row of (so
+    no train row shares its pair), in the ``shifted`` variant one of i8..i11, recommended and rated 5."""
+    import datetime as dt
+    import json
+
+    from test_features import make_events, make_items, make_users
+    from causalrec.training_set import random_user_split
+
+    users = make_users(spark, [(f"u{u}", [f"g:{u % 2}"], f"user {u}", "a") for u in range(20)])
+    items = make_items(spark, [(f"i{i}", [f"c:{i % 3}"], "x", f"item {i}") for i in range(12)])
+    held_users = {r[0] for r in users.select("user_id", random_user_split(ts).alias("s")).collect() if r[1] != "train"}
+    given = {k: "test" if k % 5 == 0 else "valid" if k % 7 == 0 else "train" for k in range(200)}
+    is_held = {k: (f"u{k % 20}" in held_users) if split == "random_user" else given[k] != "train" for k in range(200)}
+    train_pairs = {(k % 20, (k * 7 + k // 20) % 8) for k in range(200) if not is_held[k]}
+    t0, rows = dt.datetime(2024, 1, 1), []
+    for k in range(200):
+        u, t = k % 20, (t0 + dt.timedelta(hours=k)).strftime("%Y-%m-%d %H:%M")
+        if not is_held[k]:
+            rows.append((f"e{k}", f"u{u}", f"i{(k * 7 + k // 20) % 8}", t, "rating", 1 + k % 5, k % 3 != 0))
+            continue
+        free = [i for i in range(8) if (u, (i + k) % 8) not in train_pairs]
+        item = (free[0] + k) % 8 if free and variant == "same" else 8 + k % 4
+        rows.append((f"e{k}", f"u{u}", f"i{item}", t, "rating", 1 + k % 5 if variant == "same" else 5,
+                     k % 3 != 0 if variant == "same" else True))
+    events = make_events(spark, rows)
+    ctx_df = spark.createDataFrame([(f"e{k}", json.dumps({"split": g})) for k, g in given.items()],
+                                   "event_id string, _ctx string")
+    events = events.join(ctx_df, "event_id").withColumn("context", F.col("_ctx")).drop("_ctx")
+    return events, users, items, {f"e{k}" for k in range(200) if is_held[k]}
+
+
+@pytest.mark.parametrize("split", ["random_user", "given"])
+def test_held_out_pairs_never_reach_the_propensity_fit(spark, tmp_path, split):
+    """Under ``given`` and ``random_user`` the propensity models (and the features they read) learn only
+    from the events the training set lets a model see: rewriting every held-out (valid/test) row leaves
+    each train row's exposure and treatment propensity unchanged, no held-out pair is an unobserved
+    row of the written table, and every labelled pair and event still gets one propensity."""
+    from causalrec.config import Config
+    from causalrec.context import Context
+    from causalrec.propensity.job import run as propensity
+    from causalrec.schemas import EVENTS as EV
+
+    out = {}
+    for variant in ("same", "shifted"):
+        c = Config()
+        c.storage.root = str(tmp_path / variant)
+        c.training_set.split = split
+        c.training_set.test_fraction, c.training_set.valid_fraction = 0.25, 0.15
+        c.propensity.exposure_method = "logistic"
+        c.propensity.compare_methods = []  # one fitted model: the one the table holds
+        c.propensity.treatment_method = "logistic"
+        ctx = Context(cfg=c, _spark=spark)
+        events, users, items, held = _held_out_log(spark, split, variant, c.training_set)
+        ctx.store.write(events, "events", spec=EV)
+        ctx.store.write(users, "users", spec=USERS)
+        ctx.store.write(items, "items", spec=ITEMS)
+        # no features stage: its tables count the held-out rows, so the propensity stage must not need them
+        res = propensity(ctx)
+        ep = ctx.store.read("exposure_propensity").collect()
+        out[variant] = dict(
+            held=held, events={r["event_id"]: r for r in events.collect()}, n_exposure=len(ep), fit_on=res["fit_on"],
+            exposure={(r["user_id"], r["item_id"], r["observed"]): r["exposure_propensity"] for r in ep},
+            treatment={r["event_id"]: r["treatment_propensity"] for r in ctx.store.read("treatment_propensity").collect()})
+    same, shifted = out["same"], out["shifted"]
+    assert same["held"] == shifted["held"] and 25 <= len(same["held"]) <= 120, len(same["held"])
+    assert same["fit_on"].startswith("events of train pairs only")
+    train = set(same["events"]) - same["held"]
+    assert all(same["events"][k] == shifted["events"][k] for k in train)  # only held-out rows differ
+    held_pairs = {(o["events"][k]["user_id"], o["events"][k]["item_id"]) for o in (same, shifted) for k in o["held"]}
+    assert not {(same["events"][k]["user_id"], same["events"][k]["item_id"]) for k in train} & held_pairs
+    for k in train:
+        key = (same["events"][k]["user_id"], same["events"][k]["item_id"], 1)
+        assert same["exposure"][key] == pytest.approx(shifted["exposure"][key], abs=1e-6), key
+        assert same["treatment"][k] == pytest.approx(shifted["treatment"][k], abs=1e-6), k
+    for o in (same, shifted):
+        pairs = {(r["user_id"], r["item_id"]) for r in o["events"].values()}
+        held_pairs = {(o["events"][k]["user_id"], o["events"][k]["item_id"]) for k in o["held"]}
+        unobserved = {(u, i) for u, i, obs in o["exposure"] if obs == 0}
+        assert len(unobserved) >= 30 and not unobserved & held_pairs
+        assert {(u, i, 1) for u, i in pairs} <= set(o["exposure"]) and len(o["exposure"]) == o["n_exposure"]
+        assert len({(u, i) for u, i, _ in o["exposure"]}) == o["n_exposure"]
+        assert set(o["treatment"]) == set(o["events"])
+    for key in {k for k in same["exposure"] if k[2] == 0} & {k for k in shifted["exposure"] if k[2] == 0}:
+        assert same["exposure"][key] == pytest.approx(shifted["exposure"][key], abs=1e-6), key

@@ -498,3 +498,22 @@ def test_train_rows_leave_their_own_exposure_out_of_the_count_features(spark):
     assert solo["features"][_slot(cfg, "item", "log1p_n_clicks")] == 0.0
     assert solo["features"][_slot(cfg, "item", "log1p_n_users")] == 0.0
     assert len({len(r["features"]) for r in te}) == 1
+
+
+def test_training_set_refuses_propensities_fitted_under_another_split(ctx, spark):
+    """The propensity stage records the split settings its models learned under; a training set
+    built with other ones (a stage run on its own with another --set) stops with a message naming
+    each setting, before writing anything, while the same settings pass."""
+    from causalrec.training_set import check_propensity_split, split_settings
+    from causalrec.training_set import run as training_set
+
+    table = spark.createDataFrame([("u1", "i1", 1, 0.5)], "user_id string, item_id string, observed int, p double")
+    ctx.store.write(table, "exposure_propensity", "overwrite", metadata={"split_settings": split_settings(ctx.cfg)})
+    check_propensity_split(ctx.store, ctx.cfg)  # the same settings: no error
+    ctx.cfg.training_set.split, ctx.cfg.training_set.test_fraction = "time", 0.3
+    with pytest.raises(ValueError) as err:
+        training_set(ctx)
+    msg = str(err.value)
+    assert "training_set.split: fitted 'given', now 'time'" in msg and "training_set.test_fraction: fitted 0.2, now 0.3" in msg
+    assert "valid_fraction" not in msg and "Rerun the propensity stage" in msg
+    assert not ctx.store.exists("training_examples") and not ctx.store.exists("id_index")

@@ -79,18 +79,7 @@ def run(ctx) -> dict:
 
 def _feature_metadata(store, table: str) -> dict:
     """The causalrec metadata (feature_names, as_of) of the latest commit of a feature table that has it."""
-    import json
-
-    for h in store.history(table, 5):
-        raw = h.get("causalrec") or h.get("userMetadata")
-        if raw:
-            try:
-                meta = json.loads(raw)
-            except (TypeError, ValueError):
-                continue
-            if isinstance(meta, dict) and "feature_names" in meta:
-                return meta
-    return {}
+    return next((m for m in store.commit_metadata(table, 5) if "feature_names" in m), {})
 
 
 def feature_names(store, table: str) -> list:

@@ -5,10 +5,11 @@ transform with the estimators in exposure.py / treatment.py; load
 ``exposure_propensity``, ``treatment_propensity`` and ``propensity_diagnostics``
 (each overwritten atomically, so a rerun never duplicates) and print a summary.
 
-Under ``training_set.split: time`` every learned propensity model is fitted only on the log
-before the training cutoff (the one :func:`causalrec.training_set.assign_splits` derives), on
-feature tables built as of that cutoff, and then scores every row, train, valid and test: see
-:func:`training_cutoff`. Logged propensities are passed through as before.
+Every learned propensity model is fitted only on the events the training set lets a model see
+(:class:`FitScope`): under ``training_set.split: time`` the log before the training cutoff,
+under ``given`` and ``random_user`` the log without any event of a held-out (valid/test) pair,
+on feature tables built from those same events, and then scores every row, train, valid and
+test. Logged propensities are passed through as before.
 
 The adjustment set (which feature groups enter each model) is read from the causal
 graph (``cfg.causal_graph``) when :mod:`causalrec.causal_graph` is available; else,
@@ -67,33 +68,70 @@ def _hash_fraction(cols, salt: str):
     return (F.abs(F.xxhash64(F.lit(salt), *cols)) % 10_000) / 10_000.0
 
 
-def training_cutoff(events: DataFrame, cfg):
-    """The time split's train end, or None for the other splits.
+@dataclass
+class FitScope:
+    """Which logged events a propensity model may learn from: those the training set's features may
+    see (:func:`causalrec.training_set.feature_events`), by ``training_set.split``.
 
-    Under ``training_set.split: time`` the propensity models learn only from events before it,
-    and score every row with that one model. Train rows then get weights learned from their own
-    past, as in production, where the propensity model is fitted on the log so far and applied
-    to what comes next. Valid/test rows get the same model's prediction rather than one refitted
-    on their own period. That refit would be the closer estimate of the test period's logging
-    propensity, but it would learn from test rows: naive Bayes from their ratings, and every
-    method through features that count their labels. The test metrics would also no longer
-    include the propensity model's error on unseen data, which a deployed model does have. Where
-    the logging policy's own probabilities are logged (``logged``), every row uses them, so
-    nothing is learned.
+    * ``time``: events before the training cutoff. Train rows get weights learned from their own
+      past, as in production, where the propensity model is fitted on the log so far and applied to
+      what comes next.
+    * ``given`` / ``random_user``: the log without any event of a held-out logged pair (a valid or
+      test label, the click and purchase rows logged with it too).
 
-    The cutoff comes from :func:`causalrec.training_set.assign_splits` on the same labelled
-    events, not from a second rule that could drift from it.
+    The fit is a function of those events alone: a pair observed only in the others may be drawn
+    as one of the fit's sampled unobserved pairs (under ``time`` it was unobserved then; otherwise
+    leaving it out would tell the fit which pairs are held out). In the written table it is that
+    observation, scored by the model, not a second row.
+
+    Valid/test rows get the fitted model's prediction rather than one refitted on them: that refit
+    would learn from test rows (naive Bayes from their ratings, every method through features that
+    count their labels), and the test metrics would no longer include the propensity model's error
+    on unseen data, which a deployed model does have. Where the logging policy's own probabilities
+    are logged (``logged``), every row uses them, so nothing is learned.
     """
-    if cfg.training_set.split != "time":
-        return None
-    from causalrec.training_set import assign_splits
 
-    etype = label_event_type(events, cfg.training_set.label_event_type)
-    return assign_splits(events.where(F.col("event_type") == etype), cfg, False)[1]
+    cutoff: Optional[dt.datetime] = None
+    held_pairs: Optional[DataFrame] = None  # (user_id, item_id) of the held-out logged labels
+
+    @property
+    def restricted(self) -> bool:
+        return self.cutoff is not None or self.held_pairs is not None
+
+    def fit_events(self, events: DataFrame) -> DataFrame:
+        if self.cutoff is not None:
+            return events_before(events, self.cutoff)
+        if self.held_pairs is not None:
+            return events.join(self.held_pairs, ["user_id", "item_id"], "left_anti")
+        return events
+
+    def mark(self, df: DataFrame) -> DataFrame:
+        """``df`` (user_id, item_id, event_time, ...) plus ``_fit``: may a model learn from this row."""
+        if self.cutoff is not None:
+            return df.withColumn("_fit", F.col("event_time") < cutoff_lit(self.cutoff))
+        if self.held_pairs is not None:
+            flag = self.held_pairs.select("user_id", "item_id", F.lit(False).alias("_fit"))
+            return df.join(flag, ["user_id", "item_id"], "left").withColumn("_fit", F.coalesce("_fit", F.lit(True)))
+        return df.withColumn("_fit", F.lit(True))
+
+    def describe(self) -> Optional[str]:
+        if self.cutoff is not None:
+            return f"events before {self.cutoff.isoformat()}"
+        return "events of train pairs only (valid/test pairs held out)" if self.held_pairs is not None else None
 
 
-def _before(cutoff):
-    return F.col("event_time") < cutoff_lit(cutoff) if cutoff is not None else F.lit(True)
+def fit_scope(events: DataFrame, cfg, mcar: Optional[DataFrame] = None) -> FitScope:
+    """The :class:`FitScope` of ``cfg.training_set``, from the training set's own split of the same
+    labelled events (:func:`causalrec.training_set.labelled_rows`), not a second rule that could drift."""
+    from causalrec.training_set import NoHeldOutSplit, held_log_pairs, labelled_rows
+
+    try:
+        labelled, cutoff = labelled_rows(events, cfg, mcar, label_event_type(events, cfg.training_set.label_event_type))
+    except NoHeldOutSplit:  # nothing is held out (the training set stage will say why it cannot split)
+        return FitScope()
+    if cfg.training_set.split == "time":
+        return FitScope(cutoff=cutoff)
+    return FitScope(held_pairs=held_log_pairs(labelled))
 
 
 def with_vectors(df: DataFrame, user_features: DataFrame, item_features: Optional[DataFrame] = None) -> DataFrame:
@@ -132,31 +170,32 @@ def mcar_for_propensity(mcar: DataFrame, cfg) -> DataFrame:
 def exposure_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
                           mcar: Optional[DataFrame] = None, methods: Optional[list] = None,
                           feature_groups: tuple = ("user_features", "item_features"),
-                          cutoff=None) -> ExposureResult:
+                          scope: FitScope = FitScope()) -> ExposureResult:
     """Fit each method on (1 - holdout_fraction) of the pairs; diagnose on the held-out pairs; score all.
 
-    With a ``cutoff`` (see :func:`training_cutoff`) the pairs fitted on, their sampled unobserved
-    pairs and the held-out ones are those of the log before it. The table then holds those pairs
-    plus the pairs first observed later, scored by the same model, so every labelled row has a
-    propensity. A pair observed before the cutoff keeps its pre-cutoff value, so no
-    estimate of a train row depends on a later event.
+    With a restricted ``scope`` (see :class:`FitScope`) the pairs fitted on, their sampled
+    unobserved pairs and the held-out ones come from the events it lets a model learn from. The
+    table then holds those pairs plus the pairs observed only in the other events (later, or
+    valid/test), scored by the same model, so every labelled row has a propensity. A pair the
+    fit observed keeps that value, so no estimate of a train row depends on a held-out event.
     """
     pc = cfg.propensity
     etype = label_event_type(events, cfg.training_set.label_event_type)
-    obs = observed_pairs(events_before(events, cutoff) if cutoff is not None else events, etype).cache()
+    obs = observed_pairs(scope.fit_events(events), etype).cache()
     n_users = user_features.count()
     n_items = item_features.count()
     universe = Universe(n_users, n_items, obs.count())
     ratio = max(float(cfg.training_set.unobserved_per_observed), 1.0)
     neg = sample_unobserved(obs, item_features, n_items, ratio, cfg.project.seed)
     h = _hash_fraction([F.col("user_id"), F.col("item_id")], "exposure-holdout")
+    later = neg_now = None
+    if scope.restricted:
+        later = observed_pairs(events, etype).join(obs.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
+        # a sampled pair observed only in the other events is that observation in the table, not a second row
+        neg_now = neg.join(later.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
     pairs = with_vectors(obs.unionByName(neg), user_features, item_features).withColumn("_h", h).cache()
     table_pairs, cached = pairs, [pairs]
-    if cutoff is not None:
-        later = observed_pairs(events.where(~_before(cutoff)), etype).join(obs.select("user_id", "item_id"),
-                                                                             ["user_id", "item_id"], "left_anti")
-        # a sampled pair observed only later is that later observation in the table, not a second row
-        neg_now = neg.join(later.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
+    if later is not None:
         table_pairs = with_vectors(obs.unionByName(later).unionByName(neg_now), user_features, item_features)
         table_pairs = table_pairs.withColumn("_h", h).cache()
         cached.append(table_pairs)
@@ -193,9 +232,9 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
 
 def treatment_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
                            feature_groups: tuple = ("user_features", "item_features"),
-                           cutoff=None) -> tuple[Optional[DataFrame], list]:
+                           scope: FitScope = FitScope()) -> tuple[Optional[DataFrame], list]:
     """Logged propensities unchanged when present (and method 'logged'); else MLlib LR/GBT fitted on
-    (1 - holdout_fraction) of the events (before ``cutoff``, when given), diagnosed on the rest of
+    (1 - holdout_fraction) of the events ``scope`` lets a model learn from, diagnosed on the rest of
     them, and scoring every event, clipped."""
     pc = cfg.propensity
     has = events.agg(F.count("recommended").alias("rec"), F.count("logged_propensity").alias("lp"),
@@ -204,7 +243,7 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         return None, []
     method = pc.treatment_method
     if method == "choice":
-        return choice_propensities(events, user_features, cfg, cutoff)
+        return choice_propensities(events, user_features, cfg, scope)
     if method == "logged" and has["lp"] > 0:
         t = logged_treatment(events)
         rows = _treatment_rows("logged", None, t, pc)
@@ -213,48 +252,49 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         if has["k"] < 2:
             log.info("treatment_method=logged but the events carry no logged propensity and every row is a "
                      "recommendation: estimating the slot choice probability (method choice)")
-            return choice_propensities(events, user_features, cfg, cutoff)
+            return choice_propensities(events, user_features, cfg, scope)
         log.info("treatment_method=logged but the events carry no logged propensity: estimating with logistic")
         method = "logistic"
     df = with_vectors(events.where(F.col("recommended").isNotNull())
                       .select("event_id", "user_id", "item_id", "event_time",
                               F.col("recommended").cast("int").alias("treated")), user_features, item_features)
-    df = df.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout"))
+    df = scope.mark(df.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
     cols = tuple(GROUP_COLUMNS[g] for g in feature_groups)
     model = EstimatedTreatment(method, pc.treatment_eps, pc.reg_param, pc.max_iter, cols, cfg.project.seed)
-    model.fit(df.where((F.col("_h") >= pc.holdout_fraction) & _before(cutoff)))
+    model.fit(df.where((F.col("_h") >= pc.holdout_fraction) & F.col("_fit")))
     scored = model.predict(df)
-    held = scored.where((F.col("_h") < pc.holdout_fraction) & _before(cutoff))
-    t = scored.drop("uvec", "ivec", "_h", "event_time")
+    held = scored.where((F.col("_h") < pc.holdout_fraction) & F.col("_fit"))
+    t = scored.drop("uvec", "ivec", "_h", "_fit", "event_time")
     return t, _treatment_rows(method, held, t, pc)
 
 
-def choice_propensities(events: DataFrame, user_features: DataFrame, cfg, cutoff=None) -> tuple[DataFrame, list]:
+def choice_propensities(events: DataFrame, user_features: DataFrame, cfg,
+                        scope: FitScope = FitScope()) -> tuple[DataFrame, list]:
     """Slate logs (every row recommended): P(item chosen for its slot), fitted on (1 - holdout_fraction)
-    of the rows (before ``cutoff``, when given), diagnosed on the rest of them, scoring every row
+    of the rows ``scope`` lets a model learn from, diagnosed on the rest of them, scoring every row
     (see :mod:`causalrec.propensity.choice`). With a cutoff the time buckets span the rows before it,
     so later rows fall in the last bucket fitted: the policy as last seen."""
     from causalrec.propensity import choice as C
 
     pc = cfg.propensity
-    rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets, span_before=cutoff)
+    rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets, span_before=scope.cutoff)
     if pc.choice_user_features:
         rows = with_vectors(rows, user_features)
-    rows = rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")).cache()
-    catalogues = C.catalogues_of(rows)  # every item a group logged, later ones too: each needs a class
-    if cutoff is not None:
-        seen = {r[0] for r in rows.where(_before(cutoff)).select("choice_group").distinct().collect()}
+    rows = scope.mark(rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout"))).cache()
+    catalogues = C.catalogues_of(rows)  # every item a group logged, held-out ones too: each needs a class
+    if scope.restricted:
+        seen = {r[0] for r in rows.where(F.col("_fit")).select("choice_group").distinct().collect()}
         if set(catalogues) - seen:
-            log.warning("treatment propensity (choice): groups %s log nothing before the training cutoff %s, so "
+            log.warning("treatment propensity (choice): groups %s log nothing a model may learn from (%s), so "
                         "no model is fitted for them and their rows get no propensity",
-                        sorted(set(catalogues) - seen), cutoff.isoformat())
+                        sorted(set(catalogues) - seen), scope.describe())
         catalogues = {g: c for g, c in catalogues.items() if g in seen}
     model = C.ItemChoiceTreatment(pc.choice_eps, tuple(float(r) for r in pc.choice_reg_grid), pc.max_iter * 4,
                                   pc.choice_time_buckets, pc.choice_user_features)
-    model.fit(rows.where((F.col("_h") >= pc.holdout_fraction) & _before(cutoff)), catalogues,
+    model.fit(rows.where((F.col("_h") >= pc.holdout_fraction) & F.col("_fit")), catalogues,
               max_position=rows.agg(F.max("position")).first()[0])
     scored = model.predict(rows)
-    held = scored.where((F.col("_h") < pc.holdout_fraction) & _before(cutoff)).withColumn("treated", F.lit(1)).cache()
+    held = scored.where((F.col("_h") < pc.holdout_fraction) & F.col("_fit")).withColumn("treated", F.lit(1)).cache()
     t = scored.select("event_id", "user_id", "item_id", F.lit(1).alias("treated"), "treatment_propensity",
                       "raw_propensity", "source")
     diag = []
@@ -309,27 +349,29 @@ def run(ctx) -> dict:
     cached = []
     with ctx.step("propensity: extract"):
         events = store.read("events")
-        uf, itf = store.read("user_features"), store.read("item_features")
         mcar = store.read("mcar_events") if store.exists("mcar_events") else None
         truth = store.read("ground_truth") if store.exists("ground_truth") else None
         ctx.log_rows("events", store.row_count("events"), "in")
-        cutoff = training_cutoff(events, cfg)
-    if cutoff is not None:
-        with ctx.step("propensity: features as of the training cutoff"):
-            # the features stage's tables count the whole log (test labels included); these are the
-            # training set's, built by the same function at the same cutoff
+        scope = fit_scope(events, cfg, mcar)
+        if not scope.restricted:  # nothing held out: the features stage's tables are the ones to learn from
+            uf, itf = store.read("user_features"), store.read("item_features")
+    if scope.restricted:
+        with ctx.step("propensity: features from the events a model may see"):
+            # the features stage's tables count the whole log (valid/test labels included); these are the
+            # training set's, built by the same function from the same events at the same cutoff
             from causalrec.features.job import build_features
 
-            ft = build_features(events, store.read("users"), store.read("items"), cfg, cutoff=cutoff)
+            ft = build_features(scope.fit_events(events), store.read("users"), store.read("items"), cfg,
+                                cutoff=scope.cutoff)
             uf, itf = ft.users.cache(), ft.items.cache()
             cached += [uf, itf]
     exp_groups, exp_src = adjustment_set(cfg, "exposure")
     trt_groups, trt_src = adjustment_set(cfg, "recommended")
     with ctx.step("propensity: exposure"):
         er = exposure_propensities(events, uf, itf, cfg, mcar, methods=None, feature_groups=tuple(exp_groups),
-                                   cutoff=cutoff)
+                                   scope=scope)
     with ctx.step("propensity: treatment"):
-        tdf, trows = treatment_propensities(events, uf, itf, cfg, feature_groups=tuple(trt_groups), cutoff=cutoff)
+        tdf, trows = treatment_propensities(events, uf, itf, cfg, feature_groups=tuple(trt_groups), scope=scope)
     rows = er.diagnostics + trows
     if truth is not None:
         with ctx.step("propensity: versus ground truth"):
@@ -342,13 +384,17 @@ def run(ctx) -> dict:
                 rows += [D._row("treatment", cfg.propensity.treatment_method, f"truth_{k}", vt[k], n=vt["n"])
                          for k in ("corr", "corr_log", "mae", "calibration_error")]
     with ctx.step("propensity: load"):
-        fit_before = cutoff.isoformat() if cutoff is not None else None
+        fit_before = scope.cutoff.isoformat() if scope.cutoff is not None else None
+        from causalrec.training_set import split_settings
+
+        fit_on = {"fit_before": fit_before, "fit_on": scope.describe() or "all events",
+                  "split_settings": split_settings(cfg)}
         store.write(er.table, "exposure_propensity", "overwrite", spec=EXPOSURE_PROPENSITY, overwrite_schema=True,
-                    metadata={"adjustment_set": exp_groups, "adjustment_source": exp_src, "fit_before": fit_before})
+                    metadata={"adjustment_set": exp_groups, "adjustment_source": exp_src, **fit_on})
         if tdf is None:
             tdf = spark.createDataFrame([], TREATMENT_PROPENSITY.spark_schema())
         store.write(tdf, "treatment_propensity", "overwrite", spec=TREATMENT_PROPENSITY, overwrite_schema=True,
-                    metadata={"adjustment_set": trt_groups, "adjustment_source": trt_src, "fit_before": fit_before})
+                    metadata={"adjustment_set": trt_groups, "adjustment_source": trt_src, **fit_on})
         run_id = uuid.uuid4().hex[:12]
         now = dt.datetime.now(dt.timezone.utc)
         diag = spark.createDataFrame([dict(r, run_id=run_id, created_at=now) for r in rows] or [],
@@ -361,7 +407,7 @@ def run(ctx) -> dict:
            "treatment_propensity": store.row_count("treatment_propensity"),
            "propensity_diagnostics": len(rows), "exposure_method": cfg.propensity.exposure_method,
            "exposure_adjustment": exp_groups, "adjustment_source": exp_src, "run_id": run_id,
-           "fit_before": fit_before}
+           **fit_on}
     for t in ("exposure_propensity", "treatment_propensity", "propensity_diagnostics"):
         ctx.log_rows(t, out[t] if isinstance(out[t], int) else 0)
     scalars = [r for r in rows if r["metric"] != "reliability" and r["value"] is not None]

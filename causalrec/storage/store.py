@@ -265,12 +265,10 @@ class DeltaStore:
             return [r.asDict(recursive=True) for r in rows]
         return self._dt(name).history(limit)
 
-    def has_commit_key(self, name: str, key: str) -> bool:
-        if not self.exists(name):
-            return False
-        if self._dt(name).transaction_version(key) is not None:  # committed as a txn action
-            return True
-        for h in self.history(name):  # tables written before keys were txn actions
+    def commit_metadata(self, name: str, limit: Optional[int] = None) -> list[dict]:
+        """The causalrec metadata dicts (``write(..., metadata=...)``) of the table's commits, newest first."""
+        out = []
+        for h in self.history(name, limit):
             raw = h.get("causalrec") or h.get("userMetadata")
             if not raw:
                 continue
@@ -278,9 +276,17 @@ class DeltaStore:
                 meta = json.loads(raw)
             except (TypeError, ValueError):
                 continue
-            if isinstance(meta, dict) and meta.get("write_key") == key:
-                return True
-        return False
+            if isinstance(meta, dict):
+                out.append(meta)
+        return out
+
+    def has_commit_key(self, name: str, key: str) -> bool:
+        if not self.exists(name):
+            return False
+        if self._dt(name).transaction_version(key) is not None:  # committed as a txn action
+            return True
+        # tables written before keys were txn actions
+        return any(m.get("write_key") == key for m in self.commit_metadata(name))
 
     def optimize(self, name: str) -> dict:
         """Compact small files (bin-packing) where the backend supports it."""
