@@ -98,6 +98,9 @@ def test_coat_training_examples(ctx, request):
     assert ctx.store.read("training_examples").count() == te.count()
     # a hashed tenth of the MCAR pairs becomes an unbiased validation slice, never trained on
     ctx.cfg.training_set.mcar_valid_fraction = 0.1
+    from causalrec.propensity.job import run as propensity
+
+    propensity(ctx)  # the propensities must be learned under the same split (check_propensity_split)
     training_set(ctx)
     te2 = ctx.store.read("training_examples").where("observed = 1")
     mcar_valid = te2.where("split = 'valid' and is_mcar").count()
