@@ -26,7 +26,7 @@ from typing import Optional
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from causalrec.features.common import cutoff_lit, events_before
+from causalrec.features.common import cutoff_lit
 from causalrec.propensity import diagnostics as D
 from causalrec.propensity.exposure import (
     Universe,
@@ -99,11 +99,8 @@ class FitScope:
         return self.cutoff is not None or self.held_pairs is not None
 
     def fit_events(self, events: DataFrame) -> DataFrame:
-        if self.cutoff is not None:
-            return events_before(events, self.cutoff)
-        if self.held_pairs is not None:
-            return events.join(self.held_pairs, ["user_id", "item_id"], "left_anti")
-        return events
+        """The rows of ``events`` a model may learn from (:meth:`mark`'s rule)."""
+        return self.mark(events).where(F.col("_fit")).drop("_fit") if self.restricted else events
 
     def mark(self, df: DataFrame) -> DataFrame:
         """``df`` (user_id, item_id, event_time, ...) plus ``_fit``: may a model learn from this row."""
