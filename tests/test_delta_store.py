@@ -134,6 +134,10 @@ def test_append_overwrite_and_time_travel(spark, store):
     assert store.read("t", version=1).count() == 10
     ops = [h["operation"] for h in store.history("t")]
     assert len(ops) == 3
+    # restore: version 1's rows back as a new commit; the history keeps the overwrite
+    assert store.restore("t", 1) == 3
+    assert sorted(r.id for r in store.read("t").collect()) == list(range(10))
+    assert store.read("t", version=2).count() == 3
 
 
 def test_partition_overwrite_replaces_only_matching_partitions(spark, store):
@@ -368,3 +372,77 @@ def test_two_writers_with_one_idempotency_key_only_one_lands(spark, store, tmp_p
     assert store.write(spark.range(100, 105), "t", idempotency_key="batch-7") is None
     assert store.read("t").count() == 4 and store.version("t") == 1
     assert store.write(spark.range(100, 105), "t", idempotency_key="batch-8") == 2
+
+
+def test_a_failure_after_the_commit_keeps_the_committed_files(tmp_path, monkeypatch):
+    """Spark calls abort() when commit() raises, also after its delta-rs commit landed (here: the step after
+    commit_files fails); abort() must then keep the files the log references. A failure before the commit
+    still removes every file. Driven in-process in Spark's order: write() in a task, commit(), abort()."""
+    from causalrec.storage import delta_rs_commit
+    from causalrec.storage.delta_rs_source import DeltaRsWriter
+
+    schema = T.StructType([T.StructField("x", T.LongType())])
+    real = delta_rs_commit.commit_files
+
+    def parquet_files():
+        return sorted(q.name for q in tmp_path.rglob("*.parquet"))
+
+    def fail_before(**kw):
+        raise OSError("injected before the commit")
+
+    def fail_after(**kw):
+        real(**kw)
+        raise OSError("injected after the commit")
+
+    for inject in (fail_before, fail_after):
+        writer = DeltaRsWriter({"path": str(tmp_path)}, schema, False)
+        message = writer.write(iter([pa.record_batch({"x": pa.array([1, 2, 3], pa.int64())})]))
+        monkeypatch.setattr(delta_rs_commit, "commit_files", inject)
+        with pytest.raises(OSError, match="injected"):
+            writer.commit([message])
+        writer.abort([message])
+        if inject is fail_before:  # unchanged: no table, no file left
+            assert not DeltaTable.is_deltatable(str(tmp_path)) and parquet_files() == []
+    table = DeltaTable(str(tmp_path))
+    assert table.version() == 0 and sorted(table.to_pyarrow_table().column("x").to_pylist()) == [1, 2, 3]
+    assert parquet_files() == sorted(os.path.basename(u) for u in table.file_uris())
+    assert delta_rs_commit.landed_commit(str(tmp_path), writer.write_id, -1) == (0, set(parquet_files()))
+
+
+def test_a_job_failing_after_its_commit_says_the_commit_landed(spark, store, monkeypatch):
+    """Spark reports a failure after the commit landed: the store must not claim the table is unchanged."""
+    from pyspark.sql.readwriter import DataFrameWriter
+
+    from causalrec.storage import WriteCommittedError
+
+    store.write(spark.range(2), "t")
+    real_save = DataFrameWriter.save
+
+    def save_then_fail(self, *a, **k):
+        real_save(self, *a, **k)
+        raise RuntimeError("injected: the job failed after the commit")
+
+    monkeypatch.setattr(DataFrameWriter, "save", save_then_fail)
+    with pytest.raises(WriteCommittedError, match="committed as version 1.*injected"):
+        store.write(spark.range(10, 13), "t")
+    monkeypatch.setattr(DataFrameWriter, "save", real_save)
+    assert store.version("t") == 1 and sorted(r.id for r in store.read("t").collect()) == [0, 1, 10, 11, 12]
+
+
+def test_idempotency_key_is_applied_again_once_its_rows_were_replaced(spark, store):
+    """A key counts as applied only while no later overwrite / delete replaced the table's content."""
+    df = spark.range(5)
+    assert store.write(df, "t", idempotency_key="k") == 0
+    assert store.write(df, "t", idempotency_key="k") is None  # a retried append is skipped
+    # a schema-evolving append (delta-rs logs it as an overwrite that removes nothing) replaces nothing
+    assert store.write(spark.createDataFrame([(100, 1.5)], "id long, extra double"), "t", merge_schema=True) == 1
+    assert store.write(df.withColumn("extra", F.lit(None).cast("double")), "t", idempotency_key="k") is None
+    store.write(spark.range(0), "t", "overwrite", overwrite_schema=True)  # a reset: the keyed rows are gone
+    assert not store.has_commit_key("t", "k")
+    assert store.write(df, "t", idempotency_key="k") == 3
+    assert store.read("t").count() == 5 and store.has_commit_key("t", "k")
+    assert store.write(df, "t", idempotency_key="k") is None  # and a retry of that is skipped again
+    DeltaTable(store.path("t")).delete()  # a delete replaces content too
+    assert store.write(df, "t", idempotency_key="k") == 5
+    assert sorted(r.id for r in store.read("t").collect()) == [0, 1, 2, 3, 4]
+    assert DeltaTable(store.path("t")).transaction_version("k") == 3  # one txn version per application

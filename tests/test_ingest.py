@@ -260,7 +260,7 @@ def test_loader_counts_are_checked_before_any_table_is_written(ctx):
                       sources={"events": "ev.csv"}, expected={"users": 1, "items": 1, "events": 2})
     with pytest.raises(ValueError, match=r"events has 1 rows from ev.csv, expected 2"):
         write_loaded(ctx, data, source="t")
-    for t in ("users", "items", "events"):
+    for t in ("users", "items", "events", "ingest_log"):
         assert not ctx.store.exists(t)
 
 
@@ -301,11 +301,25 @@ def test_dimension_rows_are_checked_quarantined_and_collapsed_once(ctx):
     assert qt.loc[1, "reason"] == "NULL_ID" and "item_id" in qt.loc[1, "detail"]
     assert list(qt.loc[[2, 3], "reason"]) == ["DUPLICATE_ID"] * 2
 
+    # every dimension table written gets its ingest_log row; each row read is accounted for once
+    log = ctx.store.read("ingest_log").toPandas().set_index("table_name")
+    assert sorted(log.index) == ["ground_truth", "items", "users"]
+    assert tuple(log.loc["users", ["rows_read", "rows_accepted", "rows_quarantined", "rows_already_present"]]) == (
+        8, 2, 5, 1)
+    assert json.loads(log.loc["users", "reasons"]) == {"NULL_ID": 2, "DUPLICATE_ID": 3}
+    assert log.loc["users", "source"] == "users.csv" and log.loc["users", "ingest_batch"] == u["ingest_batch"]
+    assert tuple(log.loc["ground_truth", ["rows_read", "rows_accepted", "rows_quarantined"]]) == (4, 1, 3)
+    assert (log.rows_read == log.rows_accepted + log.rows_quarantined + log.rows_already_present).all()
+    assert (log.finished_at >= log.started_at).all()
+
     v = ctx.store.version("dimension_quarantine")
     again = write_loaded(ctx, data, source="t")
     assert again["tables"]["users"] == u
     assert ctx.store.version("dimension_quarantine") == v
     assert ctx.store.read("users").count() == 2
+    # the rerun is logged as a run of its own, under the same content-derived batch id
+    relog = ctx.store.read("ingest_log").toPandas()
+    assert len(relog) == 6 and set(relog[relog.table_name == "users"].ingest_batch) == {u["ingest_batch"]}
 
 
 def test_quarantine_detail_names_the_line_of_a_text_file(ctx, tmp_path):
@@ -334,3 +348,136 @@ def test_quarantine_detail_names_the_line_of_a_text_file(ctx, tmp_path):
     job.run(ctx)
     j2 = [r for r in ctx.store.read("events_quarantine").collect() if json.loads(r.payload)["event_id"] == "j2"]
     assert j2[0].source_row == 1 and j2[0].detail.endswith("(line 2)")
+
+
+def _quarantine_by_id(ctx):
+    return {json.loads(r.payload)["event_id"]: r for r in ctx.store.read("events_quarantine").collect()}
+
+
+def test_csv_files_are_matched_to_their_header_by_name(ctx, tmp_path):
+    """A file of a folder whose header lists the columns in another order fails the batch, naming it,
+    before anything is written (Spark's default matches by position and swaps the values)."""
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import SourceError, read_events
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_csv(folder / "a.csv", ["e1,u1,i1,2024-01-01T00:00:00Z,click,1,,,,"])
+    cols = HEADER.split(",")
+    (folder / "b.csv").write_text(",".join([cols[1], cols[0]] + cols[2:]) + "\nuB,eB,i1,2024-01-02,click,1,,,,\n")
+    with pytest.raises(SourceError, match=r"CSV file .*/in/[ab]\.csv: its header does not match") as err:
+        ingest_events(ctx, read_events(ctx.spark, str(folder), "csv"), source=str(folder), fmt="csv")
+    assert "Header: user_id, event_id" in str(err.value) or "Header: event_id, user_id" in str(err.value)
+    for t in ("events", "events_quarantine", "ingest_log"):
+        assert not ctx.store.exists(t)
+
+
+def test_csv_row_with_more_fields_than_the_header_is_quarantined(ctx, tmp_path):
+    """Spark keeps a long row's first fields and drops the rest silently; such a row is quarantined."""
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    path = _write_csv(tmp_path / "b.csv", [
+        "e1,u1,i1,2024-01-01T00:00:00Z,click,1,3,true,0.5,random,EXTRA,MORE",
+        'e2,u1,i1,2024-01-01T00:00:00Z,click,1,3,true,0.5,"p, q"',  # a quoted comma is no extra field
+        'e3,u1,i1,2024-01-01T00:00:00Z,click,1,3,true,0.5,"p, q",X',
+        "e4,u1,i1,2024-01-01T00:00:00Z,click",  # fewer fields: the missing optional columns are null
+    ])
+    s = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path, fmt="csv")
+    assert s["reasons"] == {"EXTRA_FIELDS": 2} and s["rows_accepted"] == 2
+    q = _quarantine_by_id(ctx)
+    assert "the row has 12 fields but the header has 10" in q["e1"].detail and q["e1"].detail.endswith("(line 2)")
+    assert "the row has 11 fields" in q["e3"].detail and q["e3"].source_row == 2
+    ev = {r.event_id: r for r in ctx.store.read("events").collect()}
+    assert ev["e2"].policy == "p, q" and ev["e4"].value is None
+
+
+def test_csv_quoted_line_break_stays_in_its_field_and_no_wrong_line_is_named(ctx, tmp_path):
+    """A quoted field may span lines (RFC 4180, doubled quotes); below such a record the line is not known."""
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    p = tmp_path / "b.csv"
+    p.write_text(HEADER + ",context\n" + "\n".join([
+        "e0,u1,i1,BAD,click,1,,,,random,",  # line 2
+        'e1,u1,i1,2024-01-01T00:00:00Z,click,1,,,,random,"{""a"":\n1}"',  # lines 3-4
+        "e2,u1,i1,2024-01-01T00:00:00Z,click,1,,,,random,",  # line 5
+        "e3,u1,i1,BAD,click,1,,,,random,",  # line 6, though row 3 + 2 = 5
+    ]) + "\n")
+    s = ingest_events(ctx, read_events(ctx.spark, str(p), "csv"), source=str(p), fmt="csv")
+    assert (s["rows_read"], s["rows_accepted"], s["reasons"]) == (4, 2, {"BAD_TIMESTAMP": 2})
+    ev = {r.event_id: r for r in ctx.store.read("events").collect()}
+    assert ev["e1"].context == '{"a":\n1}' and ev["e2"].policy == "random"
+    q = _quarantine_by_id(ctx)
+    assert q["e0"].detail.endswith("(line 2)")
+    assert q["e3"].source_row == 3 and "(line" not in q["e3"].detail
+    assert "(data row 4 after the header; its line is not known" in q["e3"].detail
+
+
+def test_file_names_with_glob_characters_and_line_lookup_before_any_write(ctx, tmp_path, monkeypatch):
+    """``events[1].csv``: Spark reads ``[ ]`` in a path as a glob; and should finding the lines fail,
+    no table has been written yet (a rerun starts from the same state)."""
+    from causalrec.ingest import sources
+    from causalrec.ingest.job import ingest_events
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    name = str(folder / "events[1]{a}.csv")
+    _write_csv(folder / "events[1]{a}.csv", ["e1,u1,i1,2024-01-01T00:00:00Z,click,1,,,,", "e2,u1,i1,BAD,click,1,,,,"])
+
+    def broken(spark, files):
+        raise OSError("injected")
+
+    with monkeypatch.context() as m:
+        m.setattr(sources, "first_blank_lines", broken)
+        with pytest.raises(OSError, match="injected"):
+            ingest_events(ctx, sources.read_events(ctx.spark, str(folder), "csv"), source=str(folder), fmt="csv")
+    for t in ("events", "events_quarantine", "ingest_log"):
+        assert not ctx.store.exists(t)
+
+    s = ingest_events(ctx, sources.read_events(ctx.spark, str(folder), "csv"), source=str(folder), fmt="csv")
+    assert s["rows_accepted"] == 1 and s["rows_quarantined"] == 1
+    q = _quarantine_by_id(ctx)["e2"]
+    assert q.source == name and q.detail.endswith("(line 3)")
+
+
+def test_relative_delta_path_is_relative_to_the_working_directory(ctx, tmp_path, monkeypatch):
+    from causalrec.ingest.sources import read_events
+
+    sp = ctx.spark
+    ctx.store.write(sp.createDataFrame([("e1",), ("e2",)], "event_id string"), str(tmp_path / "input_events"))
+    monkeypatch.chdir(tmp_path)  # the store's root is tmp_path/tables: not where the path points
+    assert read_events(sp, "input_events", "delta", store=ctx.store).count() == 2
+
+
+def test_times_are_read_as_utc_whatever_the_session_time_zone(ctx, tmp_path):
+    """A time without a zone is UTC and event_date is the UTC date, even if spark.sql.session.timeZone is not UTC."""
+    import datetime as dt
+
+    from pyspark.sql import functions as F
+
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    path = _write_csv(tmp_path / "b.csv", [
+        "e1,u1,i1,2024-01-02T02:00:00Z,click,1,,,,",
+        "e2,u1,i1,2024-01-02 02:00:00,click,1,,,,",
+        "e3,u1,i1,2024-01-02T01:00:00+05:00,click,1,,,,",
+        "e4,u1,i1,2024-01-02,click,1,,,,",
+    ])
+    sp = ctx.spark
+    old = sp.conf.get("spark.sql.session.timeZone")
+    sp.conf.set("spark.sql.session.timeZone", "America/New_York")
+    try:
+        s = ingest_events(ctx, read_events(sp, path, "csv"), source=path, fmt="csv")
+        got = {r.event_id: (r.t, r.event_date) for r in ctx.store.read("events").select(
+            "event_id", F.unix_seconds("event_time").alias("t"), "event_date").collect()}
+    finally:
+        sp.conf.set("spark.sql.session.timeZone", old)
+    assert s["rows_accepted"] == 4
+
+    def utc(*a):
+        return int(dt.datetime(*a, tzinfo=dt.timezone.utc).timestamp())
+
+    assert got == {"e1": (utc(2024, 1, 2, 2), dt.date(2024, 1, 2)), "e2": (utc(2024, 1, 2, 2), dt.date(2024, 1, 2)),
+                   "e3": (utc(2024, 1, 1, 20), dt.date(2024, 1, 1)), "e4": (utc(2024, 1, 2), dt.date(2024, 1, 2))}

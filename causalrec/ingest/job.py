@@ -16,8 +16,10 @@ Load: through ``ctx.store`` only, one atomic Delta commit per table write:
   with the rows :mod:`causalrec.ingest.dimensions` accepts: exact copies collapse to one
   (counted), rows with a null/empty key or a key shared by differing rows go to
   ``dimension_quarantine`` (keyed like events_quarantine, so a rerun adds nothing).
-* ``ingest_log``: one row per events table per run: rows read / accepted / quarantined
-  / already present, and a JSON object of counts per reason code.
+* ``ingest_log``: one row per table written per run, events and dimension tables alike:
+  rows read / accepted / quarantined / already present (events: rows already in the table;
+  dimensions: exact copies collapsed into a kept row), and a JSON object of counts per
+  reason code. For every row, read = accepted + quarantined + already present.
 
 The batch id (``ingest_batch``) is derived from the batch's content (a hash of every
 row's fingerprint) and the validation rules, so re-ingesting the same rows under the same
@@ -40,7 +42,6 @@ from causalrec.ingest.dimensions import (
 )
 from causalrec.ingest.validate import (
     FINGERPRINT,
-    Summary,
     accepted_rows,
     check_input_schema,
     flag_rows,
@@ -92,6 +93,8 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
     try:
         with ctx.step(f"validate {table}"):
             s = summarize(flagged)
+            # before any write: a failure locating the lines must leave every table as it was
+            lines = _line_args(ctx.spark, flagged, fmt) if s.rows_quarantined else {}
         batch = batch_id_for(batch_prefix, f"{table}|{source}|{s.fingerprint}|{rules_fingerprint(rules)}")
         fl = flagged.drop(FINGERPRINT)
         if s.rows_accepted:
@@ -102,7 +105,6 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
                             metadata={"ingest_batch": batch})
         if s.rows_quarantined:
             with ctx.step("write events_quarantine"):
-                lines = _line_args(ctx.spark, fl, fmt)
                 store.write(quarantined_rows(fl, batch, source or table, **lines), "events_quarantine", "append",
                             spec=EVENTS_QUARANTINE,
                             idempotency_key=batch_id_for(f"{batch}:{table}:quarantine", s.quarantined_fingerprint))
@@ -111,8 +113,9 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
                         "append", spec=EVENTS_QUARANTINE)
     finally:
         flagged.unpersist()
-    finished = dt.datetime.now(dt.timezone.utc)
-    _write_log(ctx, batch, table, source, s, started, finished)
+    _write_log(ctx, batch, table, source, read=s.rows_read, accepted=s.rows_accepted,
+               quarantined=s.rows_quarantined, already_present=s.rows_already_present, reasons=s.reasons,
+               started=started)
     ctx.log_rows(f"{table} (read)", s.rows_read, "in")
     ctx.log_rows(table, s.rows_accepted)
     ctx.log_rows("events_quarantine", s.rows_quarantined)
@@ -129,17 +132,32 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
 
 
 def _line_args(spark, flagged, fmt: str) -> dict:
-    """``quarantined_rows`` arguments naming lines for a text input, read from the files with rejected rows."""
+    """``quarantined_rows`` arguments naming lines for a text input, read from the files with rejected rows.
+
+    ``first_blank`` (file -> the first line where ``row + offset`` may be wrong) is the file's first
+    blank line or, for CSV (read multiLine), the line after the first record with a line break in
+    a field: the records below it start lower than their row says.
+    """
     from pyspark.sql import functions as F
 
     from causalrec.ingest.sources import LINE_OFFSET, first_blank_lines
-    from causalrec.ingest.validate import REASON, SOURCE_FILE
+    from causalrec.ingest.validate import CSV_RECORD, FILE_ROW, REASON, SOURCE_FILE
 
     if fmt not in LINE_OFFSET or SOURCE_FILE not in flagged.columns:
         return {}
-    bad = flagged.where(F.col(REASON).isNotNull() & F.col(SOURCE_FILE).isNotNull())
-    files = [r[0] for r in bad.select(SOURCE_FILE).distinct().collect()]  # one row per file
-    return {"line_offset": LINE_OFFSET[fmt], "first_blank": first_blank_lines(spark, files)}
+    offset = LINE_OFFSET[fmt]
+    text = [c for c, t in flagged.dtypes if t == "string" and (not c.startswith("__cr_") or c == CSV_RECORD)]
+    spans = F.concat_ws("", *[F.col(f"`{c}`") for c in text]).rlike("[\\r\\n]") if fmt == "csv" else F.lit(False)
+    rows = (flagged.where(F.col(SOURCE_FILE).isNotNull()).groupBy(SOURCE_FILE)
+            .agg(F.max(F.col(REASON).isNotNull()).alias("bad"), F.min(F.when(spans, F.col(FILE_ROW))).alias("span"))
+            .where("bad").collect())  # one row per file with a rejected row
+    cut = {r[SOURCE_FILE]: int(r["span"]) + offset + 1 for r in rows if r["span"] is not None}
+    if fmt == "csv" and any("\n" in c or "\r" in c for c in flagged.columns):  # the header spans lines
+        cut = {r[SOURCE_FILE]: offset for r in rows}
+    first = first_blank_lines(spark, [r[SOURCE_FILE] for r in rows])
+    for f, line in cut.items():
+        first[f] = min(first.get(f, line), line)
+    return {"line_offset": offset, "first_blank": first}
 
 
 def _require_table(store, name: str, key: str):
@@ -149,18 +167,20 @@ def _require_table(store, name: str, key: str):
     return store.read(name)
 
 
-def _write_log(ctx, batch: str, table: str, source: str, s: Summary, started, finished) -> None:
+def _write_log(ctx, batch: str, table: str, source: str, *, read: int, accepted: int, quarantined: int,
+               already_present: int, reasons: dict, started) -> None:
+    """Append one ``ingest_log`` row for a table written by this run (after its data commits)."""
     row = {
         "ingest_batch": batch,
         "table_name": table,
         "source": source,
-        "rows_read": s.rows_read,
-        "rows_accepted": s.rows_accepted,
-        "rows_quarantined": s.rows_quarantined,
-        "rows_already_present": s.rows_already_present,
-        "reasons": json.dumps(s.reasons, sort_keys=True),
+        "rows_read": read,
+        "rows_accepted": accepted,
+        "rows_quarantined": quarantined,
+        "rows_already_present": already_present,
+        "reasons": json.dumps(reasons, sort_keys=True),
         "started_at": started,
-        "finished_at": finished,
+        "finished_at": dt.datetime.now(dt.timezone.utc),
     }
     df = ctx.spark.createDataFrame([row], schema=INGEST_LOG.spark_schema())
     ctx.store.write(df, "ingest_log", "append", spec=INGEST_LOG)
@@ -182,6 +202,7 @@ def check_dimension(ctx, df, name: str):
 def write_dimension(ctx, flagged, s: DimensionSummary, name: str, *, source: str, batch_prefix: str) -> dict:
     """Overwrite ``name`` with its accepted rows and append its rejected ones to ``dimension_quarantine``."""
     store = ctx.store
+    started = dt.datetime.now(dt.timezone.utc)
     batch = batch_id_for(batch_prefix, f"{name}|{source}|{s.fingerprint}")
     store.write(kept_rows(flagged, name), name, "overwrite", spec=SPECS[name], metadata={"ingest_batch": batch})
     if s.rows_quarantined:
@@ -193,6 +214,8 @@ def write_dimension(ctx, flagged, s: DimensionSummary, name: str, *, source: str
     if not store.exists("dimension_quarantine"):  # readers may rely on the table existing
         store.write(ctx.spark.createDataFrame([], DIMENSION_QUARANTINE.spark_schema()), "dimension_quarantine",
                     "append", spec=DIMENSION_QUARANTINE)
+    _write_log(ctx, batch, name, source, read=s.rows_read, accepted=s.rows_written, quarantined=s.rows_quarantined,
+               already_present=s.duplicates_collapsed, reasons=s.reasons, started=started)
     ctx.log_rows(name, s.rows_written)
     ctx.log_rows("dimension_quarantine", s.rows_quarantined)
     return {"ingest_batch": batch, "rows": s.rows_written, "rows_read": s.rows_read,

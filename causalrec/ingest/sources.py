@@ -4,23 +4,30 @@ Why a module: the error a user sees when a path is wrong or a file is unreadable
 must name the file and the format that was expected, whatever Spark says underneath.
 CSV is read as text (every column a string) and parsed per row by
 :mod:`causalrec.ingest.validate`, so one unparseable cell quarantines one row instead
-of nulling it silently. JSON lines keep Spark's inferred types; a malformed line
-arrives as a row of nulls (plus ``_corrupt_record``) and is quarantined as ``NULL_ID``
-with the raw line in its payload.
+of nulling it silently; every file's header must name the first file's columns in the
+same order (else :class:`SourceError`), and quoted fields may span lines. JSON lines keep
+Spark's inferred types; a malformed line arrives as a row of nulls (plus ``_corrupt_record``)
+and is quarantined as ``NULL_ID`` with the raw line in its payload.
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
-from causalrec.ingest.validate import FILE_ROW, SOURCE_FILE, SOURCE_ROW
+from causalrec.ingest.validate import CSV_RECORD, FILE_ROW, SOURCE_FILE, SOURCE_ROW
 
 FORMATS = ("parquet", "csv", "jsonl", "delta")
 
-# Line of data row r (0-based, FILE_ROW) in a file with no blank lines: r + offset. CSV is read
-# with a header and multiLine off, so each record is one line; parquet and Delta have no lines.
+# Line of data row r (0-based, FILE_ROW) in a file with no blank lines and (CSV) no record
+# spanning lines: r + offset. Parquet and Delta have no lines.
 LINE_OFFSET = {"csv": 2, "jsonl": 1}
+
+# Spark's message when a CSV file's header differs from the schema (enforceSchema=false)
+_HEADER_MISMATCH = re.compile(r"(CSV header does not conform to the schema\.|Number of column in CSV header is not "
+                              r"equal to number of fields in the schema:)(.*?)\n\s*CSV file: (\S+)", re.S)
+_BLANK = "^[\\x00-\\x20]*$"  # a blank or whitespace-only line (Spark regex)
 
 
 class SourceError(ValueError):
@@ -45,13 +52,14 @@ def read_events(spark, path: str, fmt: str, *, store=None):
         if fmt == "parquet":
             df = spark.read.parquet(path)
         elif fmt == "csv":
-            df = (spark.read.option("header", "true").option("inferSchema", "false")
-                  .option("mode", "PERMISSIVE").option("multiLine", "false").csv(path))
+            df = _read_csv(spark, path)
         elif fmt == "jsonl":
             df = spark.read.option("mode", "PERMISSIVE").json(path)
         else:
             from deltalake import DeltaTable
 
+            if not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", path):  # a local path: relative to the working
+                path = os.path.abspath(path)  # directory, not to the store's root (store.path)
             if not DeltaTable.is_deltatable(path):
                 raise SourceError(f"input {path} is not a Delta table (no _delta_log); check data.format")
             if store is None:
@@ -71,6 +79,51 @@ def read_events(spark, path: str, fmt: str, *, store=None):
     return df
 
 
+def _read_csv(spark, path: str):
+    """CSV with every column a string, matched to the header by name and quoted line breaks kept.
+
+    Why: ``enforceSchema=false`` makes Spark check each file's header against the first file's
+    (with it on, a file with the columns in another order gets its values put in the wrong
+    columns); the mismatch surfaces at the first action as :func:`csv_header_error`.
+    ``multiLine`` keeps a quoted field with a line break in one record (line by line, the
+    record is cut in two); it reads each file in one task. A quote inside a quoted field may
+    be doubled (RFC 4180: pandas, Excel, Python's csv) or escaped as ``\\"`` (Spark's writer);
+    Spark's default escape alone misreads the doubled form. A row whose field count differs
+    from the header keeps its raw text in ``CSV_RECORD`` (:mod:`~causalrec.ingest.validate`
+    quarantines extra fields). Blank and whitespace-only lines are skipped, as line by line.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    def reader(multiline: str):
+        return (spark.read.option("header", "true").option("inferSchema", "false").option("mode", "PERMISSIVE")
+                .option("multiLine", multiline).option("enforceSchema", "false")
+                .option("escape", '"').option("charToEscapeQuoteEscaping", "\\"))
+
+    # the header (the first file's first line, every column a string), found line by line: Spark's
+    # multiLine inference reads a file named e.g. ``events[1].csv`` as a glob and fails
+    plain = reader("false").csv(path)
+    if not plain.columns:
+        return plain
+    header = plain.schema
+    df = (reader("true").schema(StructType(header.fields + [StructField(CSV_RECORD, StringType())]))
+          .option("columnNameOfCorruptRecord", CSV_RECORD).csv(path))
+    # a whitespace-only line is a one-field record under multiLine; naming the first column also
+    # keeps Spark from refusing a count that would otherwise read only the corrupt-record column
+    first, rec = F.col(f"`{header.fields[0].name}`"), F.col(CSV_RECORD)
+    return df.where(~F.coalesce(rec.rlike(_BLANK) & first.rlike(_BLANK), F.lit(False)))
+
+
+def csv_header_error(exc):
+    """A :class:`SourceError` naming the file and its header for Spark's header mismatch, else None."""
+    m = _HEADER_MISMATCH.search(str(exc))
+    if m is None:
+        return None
+    found = " ".join(m.group(2).split())
+    return SourceError(f"CSV file {_display_path(m.group(3))}: its header does not match the expected columns "
+                       f"(those of the first file, in the same order): {found}")
+
+
 def number_rows(df):
     """Add ``SOURCE_ROW``: the 0-based position of each row in the source (partition order);
     for file inputs also ``SOURCE_FILE`` (the file) and ``FILE_ROW`` (0-based row within it).
@@ -88,8 +141,14 @@ def number_rows(df):
          .withColumn("__cr_mid", F.monotonically_increasing_id())
          .withColumn("__cr_file", F.input_file_name())
          .withColumn("__cr_block", F.input_file_block_start()))
-    chunks = (x.groupBy("__cr_pid", "__cr_file", "__cr_block")
-              .agg(F.count(F.lit(1)).alias("n"), F.min("__cr_mid").alias("first")).collect())
+    try:  # the first action on a freshly read input: a CSV header mismatch shows here
+        chunks = (x.groupBy("__cr_pid", "__cr_file", "__cr_block")
+                  .agg(F.count(F.lit(1)).alias("n"), F.min("__cr_mid").alias("first")).collect())
+    except Exception as exc:
+        err = csv_header_error(exc)
+        if err is None:
+            raise
+        raise err from None
     helpers = ("__cr_pid", "__cr_mid", "__cr_file", "__cr_block")
     if not chunks:
         return x.withColumn(SOURCE_ROW, F.lit(None).cast("long")).drop(*helpers)
@@ -147,13 +206,14 @@ def first_blank_lines(spark, files: list) -> dict:
 
     Why: Spark's CSV and JSON readers skip blank and whitespace-only lines (also before a CSV
     header), so below the first such line ``row + LINE_OFFSET`` is no longer the line. Reads the
-    files as text (the same line splitting as those readers); one row per file comes back.
+    files as text (the same line splitting as those readers); one row per file comes back. The
+    paths are escaped: Spark reads ``[ ] { } * ?`` in a path as a glob pattern.
     """
     from pyspark.sql import functions as F
 
     if not files:
         return {}
-    lines = number_rows(spark.read.text(list(files)))
-    blank = lines.where(F.col("value").rlike("^[\\x00-\\x20]*$"))
+    lines = number_rows(spark.read.text([re.sub(r"([\\\[\]{}*?])", r"\\\1", f) for f in files]))
+    blank = lines.where(F.col("value").rlike(_BLANK))
     rows = blank.groupBy(SOURCE_FILE).agg(F.min(FILE_ROW).alias("first")).collect()
     return {r[SOURCE_FILE]: int(r["first"]) + 1 for r in rows}

@@ -14,6 +14,7 @@ row must never be dropped. So every input row ends in exactly one of three place
 Reason codes, checked in this order (a row's ``reason`` is the first that applies):
 
 =========================  ====================================================================
+EXTRA_FIELDS               a CSV row with more fields than its file's header (Spark would drop the extras)
 NULL_ID                    event_id, user_id or item_id null or empty (after trimming)
 BAD_TIMESTAMP              event_time null, not a parseable timestamp, or a time of day without a date
 TIMESTAMP_OUT_OF_RANGE     event_time outside [data.earliest_time, data.latest_time)
@@ -51,6 +52,7 @@ from typing import Optional
 from causalrec.schemas import EVENT_TYPES, EVENTS, EVENTS_QUARANTINE, SchemaMismatch, spark_type_name
 
 REASONS = (
+    "EXTRA_FIELDS",
     "NULL_ID",
     "BAD_TIMESTAMP",
     "TIMESTAMP_OUT_OF_RANGE",
@@ -93,6 +95,7 @@ INPUT_TYPES = {
 SOURCE_ROW = "__cr_source_row"
 SOURCE_FILE = "__cr_source_file"  # the input file of the row (file inputs only), see sources.number_rows
 FILE_ROW = "__cr_file_row"  # the row's 0-based position within SOURCE_FILE
+CSV_RECORD = "__cr_csv_record"  # CSV only: the raw text of a row whose field count differs from the header
 REASON = "__cr_reason"
 DETAIL = "__cr_detail"
 PRESENT = "__cr_present"
@@ -183,10 +186,14 @@ def typed_columns(df) -> dict:
     t = types["event_time"]
     if t == "timestamp":
         out["event_time"] = F.col("event_time")
-    else:  # timestamp_ntz / date / string: read as UTC wall-clock (sessions run in UTC)
-        out["event_time"] = F.col("event_time").try_cast("timestamp")
-        if t == "string":  # Spark reads a time of day alone as today at that time: not an event time
-            out["event_time"] = F.when(~_time_only(F.col("event_time")), out["event_time"])
+    else:  # timestamp_ntz / date / string without a zone: a UTC wall clock, whatever the session zone
+        wall = F.col("event_time").try_cast("timestamp_ntz")  # ignores a zone in the string
+        out["event_time"] = F.concat(wall.cast("string"), F.lit("Z")).try_cast("timestamp")
+        if t == "string":  # a zone given is kept; a time of day alone (Spark: today then) is no event time
+            zoned = F.coalesce(F.col("event_time").rlike(_ZONED), F.lit(False))
+            out["event_time"] = (F.when(_time_only(F.col("event_time")), F.lit(None).cast("timestamp"))
+                                 .when(zoned, F.col("event_time").try_cast("timestamp"))
+                                 .otherwise(out["event_time"]))
     out["event_type"] = F.trim(F.col("event_type"))
     for name, typ in (("value", "double"), ("logged_propensity", "double"), ("position", "int")):
         out[name] = F.col(name).try_cast(typ) if name in types else F.lit(None).cast(typ)
@@ -206,6 +213,18 @@ def typed_columns(df) -> dict:
     for name in ("policy", "session_id", "context"):
         out[name] = F.col(name) if name in types else F.lit(None).cast("string")
     return out
+
+
+# a date and time followed by a zone (``Z``, ``+05:00``, `` UTC``, ``America/New_York``...)
+_ZONED = r"[0-9][Tt ][0-9]{1,2}(:[0-9]{1,2}){0,2}([.][0-9]*)?\s*[-+A-Za-z]"
+
+
+def utc_date(ts):
+    """The UTC calendar date of a timestamp column: ``to_date`` would use the session time zone."""
+    from pyspark.sql import functions as F
+
+    micros, day = F.unix_micros(ts), 86_400_000_000
+    return F.date_from_unix_date(F.round((micros - F.pmod(micros, F.lit(day))) / day).cast("int"))
 
 
 def _time_only(col):
@@ -241,6 +260,13 @@ def row_checks(df, rules: Rules, typed: dict) -> list:
 
     types = set(df.columns)
     checks = []
+    if CSV_RECORD in types:  # Spark keeps a row's first fields and drops the rest without a word
+        n = len([c for c in df.columns if not c.startswith("__cr_")])
+        unquoted = F.regexp_replace(F.col(CSV_RECORD), r'(?s)"([^"\\]|\\.)*"', "")
+        fields = F.size(F.split(unquoted, ",", -1))
+        checks.append(("EXTRA_FIELDS", F.coalesce(fields > n, F.lit(False)),
+                       F.concat(F.lit("the row has "), fields.cast("string"),
+                                F.lit(f" fields but the header has {n}; the extra fields would be dropped"))))
     for name in ("event_id", "user_id", "item_id"):
         checks.append(("NULL_ID", typed[name].isNull() | (typed[name] == ""), F.lit(f"{name} is null or empty")))
     ts = typed["event_time"]
@@ -384,7 +410,7 @@ def accepted_rows(flagged, batch_id: str):
     cols = []
     for c in EVENTS.columns:
         if c.name == "event_date":
-            cols.append(F.to_date(typed["event_time"]).alias("event_date"))
+            cols.append(utc_date(typed["event_time"]).alias("event_date"))
         elif c.name == "ingest_batch":
             cols.append(F.lit(batch_id).alias("ingest_batch"))
         else:
@@ -396,8 +422,9 @@ def line_note(line_offset: int, first_blank: Optional[dict] = None):
     """`` (line N)`` for the detail of a row read from a text file, so it can be opened in an editor.
 
     ``line_offset``: see :data:`causalrec.ingest.sources.LINE_OFFSET`; ``first_blank``: file ->
-    its first blank line (:func:`causalrec.ingest.sources.first_blank_lines`). The reader skips
-    blank lines, so at or below one only the row is certain and the note says so.
+    the first line from which ``row + line_offset`` may be wrong: its first blank line
+    (:func:`causalrec.ingest.sources.first_blank_lines`), which the reader skips, or the line after
+    the first record that spans lines. At or below it only the row is certain and the note says so.
     """
     from pyspark.sql import functions as F
 
@@ -409,7 +436,8 @@ def line_note(line_offset: int, first_blank: Optional[dict] = None):
         F.when(F.col(FILE_ROW).isNull(), F.lit(""))
         .when(blank.isNull() | (line < blank), F.concat(F.lit(" (line "), line.cast("string"), F.lit(")")))
         .otherwise(F.concat(F.lit(" (data row "), (F.col(FILE_ROW) + 1).cast("string"), F.lit(header),
-                            F.lit("; its line is not known: the reader skips the blank lines above it)")))
+                            F.lit("; its line is not known: a blank line or a quoted line break above it"
+                                  " shifts the lines)")))
     )
 
 

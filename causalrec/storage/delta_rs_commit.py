@@ -10,11 +10,19 @@ new schema only with an overwrite, so an append that adds columns is committed a
 overwrite whose filter matches no file: it removes nothing). An idempotency key
 (``write_key`` in the commit metadata) is also committed as a Delta ``txn`` action, so two
 writers racing with the same key cannot both commit: the loser finds the key and raises
-:class:`WriteAlreadyApplied` (its files are then removed like any failed write's).
+:class:`WriteAlreadyApplied` (its files are then removed like any failed write's). The txn
+version (``_key_version``, default 1) lets a key be applied again once its rows were replaced
+(see ``DeltaStore.has_commit_key``): a commit is refused only when the table records the key at
+that version or above.
+
+Every commit's commitInfo also records ``causalrecWriteMode`` (the caller's mode: delta-rs logs a
+schema-evolving append as an overwrite) and ``causalrecWriteId`` (so :func:`landed_commit` can
+tell whether a write whose job failed had in fact committed).
 """
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 
@@ -29,6 +37,14 @@ class ConcurrentWriteError(DeltaWriteError):
 
 class WriteAlreadyApplied(DeltaWriteError):
     """The table already holds a commit with this write's idempotency key: nothing was committed."""
+
+
+class WriteCommittedError(RuntimeError):
+    """The write's commit landed, but a step after it failed: the table DOES hold the new rows.
+
+    Not a :class:`DeltaWriteError` (that one means the table is unchanged): retrying an unkeyed
+    write after this would add its rows twice.
+    """
 
 
 def _normalise(t: pa.DataType) -> pa.DataType:
@@ -85,10 +101,11 @@ def commit_files(
     read_version: int,
     commit_metadata: dict,
     storage_options: dict | None = None,
-) -> int:
+    write_id: str | None = None,
+) -> int | None:
     """Add ``files`` (dicts with path, size, partition_values, modification_time, stats) atomically.
 
-    Returns the new table version.
+    Returns the new table version (None when it could not be read back after the commit).
     """
     from deltalake import DeltaTable, Schema
     from deltalake.exceptions import CommitFailedError, TableNotFoundError
@@ -107,13 +124,19 @@ def commit_files(
     ]
     allow_evolution = bool(commit_metadata.pop("_merge_schema", False))
     overwrite_schema = bool(commit_metadata.pop("_overwrite_schema", False))
+    key_version = int(commit_metadata.pop("_key_version", 1))
     key = commit_metadata.get("write_key")
-    props = CommitProperties(custom_metadata={"causalrec": json.dumps(commit_metadata)} if commit_metadata else None,
-                             app_transactions=[Transaction(key, 1)] if key else None)
+    custom = {"causalrecWriteMode": "overwrite" if overwrite else "append"}
+    if write_id:
+        custom["causalrecWriteId"] = write_id
+    if commit_metadata:
+        custom["causalrec"] = json.dumps(commit_metadata)
+    props = CommitProperties(custom_metadata=custom,
+                             app_transactions=[Transaction(key, key_version)] if key else None)
     delta_schema = Schema.from_arrow(arrow_schema)
 
     def applied_by_another_writer():
-        if key and _has_key(path, key, storage_options):
+        if key and _has_key(path, key, key_version, storage_options):
             return WriteAlreadyApplied(f"Delta table {path} already holds write {key} (a concurrent writer "
                                        f"committed it); this one was not applied")
         return None
@@ -145,7 +168,7 @@ def commit_files(
     except TableNotFoundError as exc:
         raise ConcurrentWriteError(f"Delta table {path} disappeared while this write ran") from exc
 
-    if key and dt.transaction_version(key) is not None:  # committed before this write was planned
+    if key and (dt.transaction_version(key) or 0) >= key_version:  # committed before this write was planned
         raise WriteAlreadyApplied(f"Delta table {path} already holds write {key}; this one was not applied")
     table_schema = table_arrow_schema(dt)
     new_fields = []
@@ -197,13 +220,42 @@ def commit_files(
             f"Delta table {path}: a concurrent commit conflicts with this {mode} "
             f"(planned on version {read_version}): {exc}"
         ) from exc
-    return DeltaTable(path, storage_options=storage_options).version()
+    return _version_after_commit(path, storage_options)
 
 
-def _has_key(path: str, key: str, storage_options=None) -> bool:
+def _version_after_commit(path: str, storage_options=None) -> int | None:
+    """The commit has landed: a failed read-back must not raise, or Spark would abort a committed write."""
     from deltalake import DeltaTable
 
     try:
-        return DeltaTable(path, storage_options=storage_options).transaction_version(key) is not None
+        return DeltaTable(path, storage_options=storage_options).version()
+    except Exception:
+        return None
+
+
+def _has_key(path: str, key: str, key_version: int = 1, storage_options=None) -> bool:
+    from deltalake import DeltaTable
+
+    try:
+        return (DeltaTable(path, storage_options=storage_options).transaction_version(key) or 0) >= key_version
     except Exception:  # the table vanished: certainly not applied
         return False
+
+
+def landed_commit(path: str, write_id: str, after_version: int) -> tuple[int | None, set]:
+    """The version whose commitInfo carries ``write_id`` (None if no commit does) and the names of the files it added.
+
+    Why: a Spark job can fail after its commit landed; its files are then in the log and must
+    stay, and the error must say so. Reads the JSON commits after ``after_version`` (the version
+    the write was planned on) in the local table folder, like the data source's file writes.
+    """
+    v = after_version + 1
+    while True:
+        try:
+            with open(os.path.join(path, "_delta_log", f"{v:020d}.json")) as fh:
+                actions = [json.loads(line) for line in fh if line.strip()]
+        except FileNotFoundError:
+            return None, set()
+        if any(a.get("commitInfo", {}).get("causalrecWriteId") == write_id for a in actions):
+            return v, {a["add"]["path"].rsplit("/", 1)[-1] for a in actions if "add" in a}
+        v += 1

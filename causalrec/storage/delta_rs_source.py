@@ -12,13 +12,15 @@ This data source keeps Spark's parallel write path and Delta's atomicity:
   against the table version the write was planned on, so concurrent overwrites
   from the same snapshot conflict instead of silently losing data.
 * ``abort()`` deletes every file of the write, including one a straggling task
-  publishes after the job failed (see ``DeltaRsWriter.abort``); the log is
-  untouched, so a failed job leaves the table exactly as it was.
+  publishes after the job failed (see ``DeltaRsWriter.abort``), except files the
+  write's own commit put in the log (a job can fail after ``commit()`` landed); the
+  log is untouched, so a failed job leaves the table as it was, or as committed.
 
 Options (all strings): ``path``, ``partition_by`` (JSON list), ``replace_where``
 (JSON list of [column, op, value] conjunctions), ``read_version`` (int or -1 for
 a new table), ``commit_metadata`` (JSON object stored in commitInfo),
-``target_rows_per_file``.
+``target_rows_per_file``, ``write_id`` (names this write's files and commit; the store
+passes one so it can tell afterwards whether a failed job had committed).
 
 The class must be importable by Spark's Python workers, so it lives in the
 installed ``causalrec`` package and imports deltalake lazily (the Rust runtime
@@ -156,7 +158,7 @@ class DeltaRsWriter(DataSourceArrowWriter):
         self.target_rows = int(options.get("target_rows_per_file", "5000000"))
         self.overwrite = overwrite
         self.schema_json = spark_schema.json()
-        self.write_id = uuid.uuid4().hex[:12]
+        self.write_id = options.get("write_id") or uuid.uuid4().hex[:12]
         self.fail_after_files = int(options.get("_test_fail_commit", "0"))
 
     # -- schema ---------------------------------------------------------------
@@ -237,6 +239,7 @@ class DeltaRsWriter(DataSourceArrowWriter):
             replace_where=self.replace_where,
             read_version=self.read_version,
             commit_metadata=self.commit_metadata,
+            write_id=self.write_id,
         )
 
     # -- abort: no file of a failed write may stay behind ----------------------
@@ -247,7 +250,8 @@ class DeltaRsWriter(DataSourceArrowWriter):
     # deleting its own file when it finds one. Either the sweep sees the published file
     # or the task sees the marker: nothing is left. Markers are empty files under
     # ``_causalrec_aborted/`` (ignored by readers, like ``_delta_log``); abort() removes
-    # those older than a day.
+    # those older than a day. Spark also calls abort() when commit() raised after its commit
+    # had landed (or the job failed after it): the files that commit added are then kept.
     ABORT_DIR = "_causalrec_aborted"
     ABORT_MARKER_TTL_S = 86400
 
@@ -271,13 +275,16 @@ class DeltaRsWriter(DataSourceArrowWriter):
         return True
 
     def abort(self, messages):
+        from causalrec.storage.delta_rs_commit import landed_commit
+
+        _, committed = landed_commit(self.path, self.write_id, self.read_version)  # raises: delete nothing
         os.makedirs(os.path.dirname(self._marker()), exist_ok=True)
         open(self._marker(), "w").close()
         mine = (f"part-{self.write_id}-", f".part-{self.write_id}-")
         for root, dirs, names in os.walk(self.path):
             dirs[:] = [d for d in dirs if d not in ("_delta_log", self.ABORT_DIR)]
             for n in names:
-                if n.startswith(mine):
+                if n.startswith(mine) and n not in committed:
                     _remove(os.path.join(root, n))
         old = time.time() - self.ABORT_MARKER_TTL_S
         with os.scandir(os.path.dirname(self._marker())) as it:

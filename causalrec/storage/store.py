@@ -18,10 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from typing import Optional, Sequence
 
 from causalrec.schemas import TableSpec, conform, validate_columns
-from causalrec.storage.delta_rs_commit import ConcurrentWriteError, DeltaWriteError, WriteAlreadyApplied
+from causalrec.storage.delta_rs_commit import (
+    ConcurrentWriteError,
+    DeltaWriteError,
+    WriteAlreadyApplied,
+    WriteCommittedError,
+    landed_commit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +124,10 @@ class DeltaStore:
 
         ``mode``: ``append`` or ``overwrite``; with ``replace_where`` only the matching
         partitions are replaced. ``spec`` conforms and validates the DataFrame against a
-        declared table first. ``idempotency_key``: a write whose key is already in the
-        table's history is skipped, so a rerun never duplicates; the key is committed with the
-        data (a Delta ``txn`` action), so of two concurrent writes with one key only one lands.
+        declared table first. ``idempotency_key``: a write whose key is already applied
+        (:meth:`has_commit_key`) is skipped, so a rerun never duplicates; the key is committed with
+        the data (a Delta ``txn`` action), so of two concurrent writes with one key only one lands.
+        Raises :class:`WriteCommittedError` when the job failed after its commit landed.
         """
         if mode not in ("append", "overwrite"):
             raise ValueError(f"write mode must be 'append' or 'overwrite', got {mode!r}")
@@ -131,22 +139,25 @@ class DeltaStore:
                 partition_by = list(spec.partition_by)
         partition_by = list(partition_by or [])
         meta = dict(metadata or {})
+        key_version = 1
         if idempotency_key:
             if self.has_commit_key(name, idempotency_key):
                 log.info("delta: %s already holds write %s; skipping rerun", path, idempotency_key)
                 return None
             meta["write_key"] = idempotency_key
+            key_version = self._next_key_version(name, idempotency_key)
         try:
             if self.backend == "delta-spark":
                 return self._write_native(df, path, mode, partition_by, replace_where, merge_schema,
-                                          overwrite_schema, meta)
+                                          overwrite_schema, meta, key_version)
             return self._write_rs(df, name, mode, partition_by, replace_where, merge_schema,
-                                  overwrite_schema, meta, rows_per_file)
+                                  overwrite_schema, meta, rows_per_file, key_version)
         except WriteAlreadyApplied:
             log.info("delta: a concurrent writer committed %s to %s first; skipping", idempotency_key, path)
             return None
 
-    def _write_native(self, df, path, mode, partition_by, replace_where, merge_schema, overwrite_schema, meta):
+    def _write_native(self, df, path, mode, partition_by, replace_where, merge_schema, overwrite_schema, meta,
+                      key_version=1):
         w = df.write.format("delta").mode(mode)
         if partition_by:
             w = w.partitionBy(*partition_by)
@@ -159,14 +170,14 @@ class DeltaStore:
         if meta:
             w = w.option("userMetadata", json.dumps(meta))
         if meta.get("write_key"):  # Delta's idempotent writes: a second commit of this key is skipped
-            w = w.option("txnAppId", meta["write_key"]).option("txnVersion", "1")
+            w = w.option("txnAppId", meta["write_key"]).option("txnVersion", str(key_version))
         w.save(path)
         from delta.tables import DeltaTable as SparkDeltaTable
 
         return int(SparkDeltaTable.forPath(self.spark, path).history(1).collect()[0]["version"])
 
     def _write_rs(self, df, name, mode, partition_by, replace_where, merge_schema, overwrite_schema, meta,
-                  rows_per_file):
+                  rows_per_file, key_version=1):
         path = self.path(name)
         if "://" not in path:
             os.makedirs(path, exist_ok=True)
@@ -202,6 +213,9 @@ class DeltaStore:
             commit_meta["_merge_schema"] = True
         if overwrite_schema:
             commit_meta["_overwrite_schema"] = True
+        if meta.get("write_key"):
+            commit_meta["_key_version"] = key_version
+        write_id = uuid.uuid4().hex[:12]
         w = (
             df.write.format("causalrec_delta")
             .mode(mode)
@@ -209,6 +223,7 @@ class DeltaStore:
             .option("partition_by", json.dumps(partition_by))
             .option("read_version", str(read_version))
             .option("commit_metadata", json.dumps(commit_meta))
+            .option("write_id", write_id)
         )
         if replace_where:
             w = w.option("replace_where", json.dumps([list(c) for c in replace_where], default=str))
@@ -217,6 +232,12 @@ class DeltaStore:
         try:
             w.save()
         except Exception as exc:
+            landed, _ = landed_commit(path, write_id, read_version)  # the job may fail after the commit
+            if landed is not None:
+                raise WriteCommittedError(
+                    f"write to Delta table {path} was committed as version {landed} (its rows are in the "
+                    f"table), but the job failed after the commit; do not retry it without an idempotency "
+                    f"key. Cause: {str(exc)[:2000]}") from None
             raise _unwrap_write_error(exc, path) from None
         return self._dt(name).version()
 
@@ -267,26 +288,39 @@ class DeltaStore:
 
     def commit_metadata(self, name: str, limit: Optional[int] = None) -> list[dict]:
         """The causalrec metadata dicts (``write(..., metadata=...)``) of the table's commits, newest first."""
-        out = []
-        for h in self.history(name, limit):
-            raw = h.get("causalrec") or h.get("userMetadata")
-            if not raw:
-                continue
-            try:
-                meta = json.loads(raw)
-            except (TypeError, ValueError):
-                continue
-            if isinstance(meta, dict):
-                out.append(meta)
-        return out
+        return [m for m in map(_commit_meta, self.history(name, limit)) if m is not None]
 
     def has_commit_key(self, name: str, key: str) -> bool:
+        """Whether the write keyed ``key`` is applied: committed, and no later commit replaced the table's content.
+
+        Why the second half: after an overwrite / delete / restore the keyed commit's rows may be
+        gone, and skipping its rerun would report rows the table no longer holds. Walks the
+        history newest first, so the first of "the keyed commit" or "a replacing commit" decides.
+        """
+        return self._key_applied(name, key)
+
+    def _key_applied(self, name: str, key: str) -> bool:
         if not self.exists(name):
             return False
-        if self._dt(name).transaction_version(key) is not None:  # committed as a txn action
-            return True
-        # tables written before keys were txn actions
-        return any(m.get("write_key") == key for m in self.commit_metadata(name))
+        for h in self.history(name):
+            if (_commit_meta(h) or {}).get("write_key") == key:
+                return True
+            if _replaces_content(h):
+                return False
+        # the keyed commit is older than the retained history (log cleanup), and nothing since replaced it
+        return self._dt(name).transaction_version(key) is not None
+
+    def _next_key_version(self, name: str, key: str) -> int:
+        """The Delta txn version a new commit of ``key`` carries (commits are refused at or below the recorded one).
+
+        One above the recorded version when the key's rows were replaced, so the re-applied write
+        lands (and of two racing re-applies only one); else the recorded one, which a writer that
+        raced a commit of the key (its history check saw none) is then refused with.
+        """
+        txn = self._dt(name).transaction_version(key) if self.exists(name) else None
+        if txn is None:
+            return 1
+        return txn if self._key_applied(name, key) else txn + 1
 
     def optimize(self, name: str) -> dict:
         """Compact small files (bin-packing) where the backend supports it."""
@@ -296,6 +330,17 @@ class DeltaStore:
             SparkDeltaTable.forPath(self.spark, self.path(name)).optimize().executeCompaction()
             return {"backend": "delta-spark"}
         return dict(self._dt(name).optimize.compact())
+
+    def restore(self, name: str, version: int) -> Optional[int]:
+        """Put the table's content back to ``version`` as a new commit (history is kept): the way out
+        when a check after a committed write finds it wrong. Returns the new version."""
+        if self.backend == "delta-spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            SparkDeltaTable.forPath(self.spark, self.path(name)).restoreToVersion(int(version))
+        else:
+            self._dt(name).restore(int(version))
+        return self.version(name)
 
     def vacuum(self, name: str, retention_hours: int = 168, dry_run: bool = False) -> list:
         """Delete files no longer referenced (and orphans of failed writes) older than the retention."""
@@ -318,6 +363,35 @@ class DeltaStore:
             if "num_records" in actions.column_names:
                 return int(pc.sum(actions.column("num_records")).as_py() or 0)
         return self.read(name, version).count()
+
+
+def _commit_meta(h: dict) -> Optional[dict]:
+    """The causalrec metadata dict of one history entry (delta-rs: ``causalrec``; delta-spark: ``userMetadata``)."""
+    raw = h.get("causalrec") or h.get("userMetadata")
+    try:
+        meta = json.loads(raw) if raw else None
+    except (TypeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _replaces_content(h: dict) -> bool:
+    """Whether a history entry may have removed earlier commits' rows: an overwrite, delete, truncate, restore or replace.
+
+    Operation names as delta-rs and delta-spark write them (WRITE with mode Overwrite, also for a
+    partition overwrite; DELETE; TRUNCATE; RESTORE; CREATE OR REPLACE TABLE / REPLACE TABLE AS
+    SELECT; STREAMING UPDATE in complete mode). Our own commits record the caller's mode
+    (``causalrecWriteMode``), because delta-rs logs a schema-evolving append as an overwrite.
+    """
+    if h.get("causalrecWriteMode"):
+        return h["causalrecWriteMode"] == "overwrite"
+    op = str(h.get("operation") or "").upper()
+    params = h.get("operationParameters") or {}
+    if op in ("DELETE", "TRUNCATE", "RESTORE") or "REPLACE" in op:
+        return True
+    if op == "STREAMING UPDATE":
+        return str(params.get("outputMode", "")).lower() == "complete"
+    return str(params.get("mode", "")).lower() == "overwrite"
 
 
 def _arrow_schema_of(dt):
