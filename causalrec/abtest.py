@@ -7,8 +7,10 @@ them into estimates, so the same code serves numpy tests and the Spark stage.
 
 * Difference in means with a Welch (unequal-variance) CLT interval.
 * CUPED (Deng, Xu, Kohavi & Walker 2013): ``y_adj = y - theta (x - mean(x))`` with the pooled
-  ``theta = cov(y, x) / var(x)``; same difference, smaller variance. The variance reduction
-  achieved, ``1 - var(y_adj)/var(y)`` (about ``corr(x, y)^2``), is reported.
+  ``theta = cov(y, x) / var(x)``; same difference, smaller variance. ``x`` must be measured
+  before the experiment (the pre-period: every event of the user before the start, see
+  :func:`unit_outcomes`); a covariate the treatment affects biases the difference. The
+  variance reduction achieved, ``1 - var(y_adj)/var(y)`` (about ``corr(x, y)^2``), is reported.
 * Sample ratio mismatch (Fabijan et al. 2019): chi-square of unit counts against the design
   ratio; ``p < 0.001`` flags a broken randomisation, and the estimates should not be trusted.
 """
@@ -102,22 +104,28 @@ def srm_check(n_treatment: int, n_control: int, expected_treatment_share: float 
 def unit_outcomes(events, arm_column: str, start: Optional[str], covariate=None, metric_event: Optional[str] = None):
     """events -> per-unit (user) frame: arm, y (mean outcome in the experiment window), x (pre-period covariate).
 
-    Pre-period covariate: the user's mean outcome before ``start`` (0 for users without
-    pre-period events), unless ``covariate`` (user_id, x) is given (e.g. a user_features column).
-    Users seen in more than one arm are dropped (contaminated) and counted.
+    Experiment window: the arm-labelled events from ``start`` on; a user's arm is its label
+    there. ``start`` None = the time of the first arm-labelled event (the experiment start).
+    Pre-period covariate (CUPED, Deng et al. 2013): the user's mean outcome over ALL of its
+    events before ``start``, labelled or not (before the experiment there is no arm to label
+    them with), so it is measured before treatment and does not depend on the assignment; 0 for
+    users without pre-period events. A covariate measured inside the treated window would absorb
+    part of the effect (it is a mediator) and bias CUPED towards 0. ``covariate`` (user_id, x),
+    e.g. a user_features column, replaces it. Users seen in more than one arm are dropped
+    (contaminated) and counted.
     """
     from pyspark.sql import functions as F
 
-    ev = events.where(F.col(arm_column).isNotNull())
-    if metric_event:
-        ev = ev.where(F.col("event_type") == metric_event)
+    ev = events.where(F.col("event_type") == metric_event) if metric_event else events
     ev = ev.withColumn("y", F.coalesce(F.col("value").cast("double"), F.lit(0.0)))
     if start is None:
-        start = ev.select(F.percentile_approx(F.col("event_time").cast("double"), 0.5)).collect()[0][0]
-        start_ts = F.lit(start).cast("timestamp")
+        first = events.where(F.col(arm_column).isNotNull()).agg(F.min(F.col("event_time").cast("double"))).first()[0]
+        if first is None:
+            raise ValueError(f"A/B test: no event carries an arm in events.{arm_column}")
+        start_ts = F.lit(first).cast("timestamp")
     else:
         start_ts = F.lit(start).cast("timestamp")
-    post = ev.where(F.col("event_time") >= start_ts)
+    post = ev.where(F.col(arm_column).isNotNull() & (F.col("event_time") >= start_ts))
     pre = ev.where(F.col("event_time") < start_ts)
     arms = post.groupBy("user_id").agg(F.countDistinct(arm_column).alias("n_arms"), F.first(arm_column).alias("arm"),
                                        F.avg("y").alias("y"))

@@ -249,16 +249,22 @@ class OPEConfig:
     # how Switch-DR and DRos pick lambda from their grid: "slope" (SLOPE++, obp's default) or
     # "mse" (estimated variance + squared bias upper bound)
     tuning_method: Literal["mse", "slope"] = "slope"
+    # reward of a logged decision (impression): None = the impression's value (OBD, simulator: the
+    # click); an event type (e.g. "purchase") = the summed value of that decision's events of the type
+    reward_event: Optional[str] = None
     # A/B test analysis (causalrec abtest): arms are the values of events.<abtest_arm_column>
     abtest_arm_column: str = "policy"
     abtest_treatment: Optional[str] = None  # default: the last arm in sort order
     abtest_control: Optional[str] = None  # default: the first arm in sort order
-    abtest_start: Optional[str] = None  # experiment start (ISO); earlier events = pre-period; None = median time
+    # experiment start (ISO); every earlier event, arm-labelled or not, is pre-period; None = first arm-labelled event
+    abtest_start: Optional[str] = None
     abtest_covariate: Optional[str] = None  # a user_features column as CUPED covariate instead of the pre-period
     abtest_metric_event: Optional[str] = None  # only events of this type count (None = all)
     abtest_expected_share: float = 0.5  # designed share of units in the treatment arm (SRM check)
     # uplift (causalrec uplift): treatment = events.recommended, outcome = value of outcome events
-    uplift_outcome_event: Optional[str] = None  # None = all events with a recommended flag
+    # the uplift stage's outcome of a decision (an impression with a recommended flag): None = its own
+    # value (the click); an event type (e.g. "purchase") = that type's summed value, same user/item/session
+    uplift_outcome_event: Optional[str] = None
     uplift_min_rows: int = 30  # per-item / per-segment cells with fewer treated or fewer control rows are not reported
     uplift_refutation_sample: float = 0.2  # share of rows used by the refutation checks
 

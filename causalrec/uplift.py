@@ -146,16 +146,27 @@ def refute(y, t, e, cell, *, seed: int = 0, n_subsets: int = 5, subset_share: fl
 def treatment_rows(events, treatment_propensity=None, outcome_event: Optional[str] = None, eps: float = 0.01):
     """events -> rows: event_id, user_id, item_id, t, y, e (propensity clipped to [eps, 1-eps]).
 
-    Without a ``treatment_propensity`` table, e = the item's share of recommended rows (a
-    propensity that adjusts for the item only; flagged by the caller).
+    One row per treatment decision (:mod:`causalrec.decisions`): the impressions with a
+    ``recommended`` flag, or every flagged row of a log without impressions (one row per
+    decision). ``y``: the decision's own value (the click), or with ``outcome_event``
+    (``ope.uplift_outcome_event``, e.g. ``purchase``) the summed value of that type's events of
+    the same user, item and session. Without a ``treatment_propensity`` table, e = the item's
+    share of recommended decisions (a propensity that adjusts for the item only; flagged by the caller).
     """
     from pyspark.sql import functions as F
 
-    ev = events.where(F.col("recommended").isNotNull())
-    if outcome_event:
-        ev = ev.where(F.col("event_type") == outcome_event)
-    rows = ev.select("event_id", "user_id", "item_id", F.col("recommended").cast("double").alias("t"),
-                     F.coalesce(F.col("value").cast("double"), F.lit(0.0)).alias("y"))
+    from causalrec.decisions import DECISION_EVENT, with_outcome
+
+    session = F.coalesce(F.col("session_id").cast("string"), F.lit("")) if "session_id" in events.columns else F.lit("")
+    events = events.withColumn("_session", session)
+    flagged = events.where(F.col("recommended").isNotNull())
+    decisions = flagged.where(F.col("event_type") == DECISION_EVENT)
+    if decisions.limit(1).count() == 0:
+        decisions = flagged
+    decisions = with_outcome(decisions, events, outcome_event, ["user_id", "item_id", "_session"],
+                             "ope.uplift_outcome_event")
+    rows = decisions.select("event_id", "user_id", "item_id", F.col("recommended").cast("double").alias("t"),
+                            F.col("outcome").alias("y"))
     if treatment_propensity is not None:
         tp = treatment_propensity.select("event_id", F.col("treatment_propensity").cast("double").alias("e"))
         rows = rows.join(tp, "event_id", "left")

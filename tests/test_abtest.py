@@ -74,3 +74,21 @@ def test_printed_interval_uses_the_configured_level():
     line = summary_line(r, "b", "a", 0.1)
     assert "90% CI" in line and "95%" not in line
     assert f"± {1.6448536 * r['std_err']:.5f}" in line  # z_{0.95}, not 1.96
+
+
+@pytest.mark.parametrize("start", [None, "2024-01-05"])
+def test_cuped_covariate_is_every_pre_experiment_event_of_the_user(spark, start):
+    """Before the experiment events carry no arm: the covariate must still be the user's mean over
+    them (it was 0 for everyone), and with ``start`` None the start is the first arm-labelled event,
+    not the median of labelled events (which measured x inside the treated window: x = u + 1)."""
+    from causalrec.abtest import unit_outcomes
+
+    t0 = dt.datetime(2024, 1, 1)
+    rows = [(u, arm, "click", y, t0 + dt.timedelta(days=day + k))
+            for u in range(1, 7) for arm, y, day in ((None, float(u), 0), ("A" if u % 2 else "B", u + 1.0, 10))
+            for k in range(3)]
+    ev = spark.createDataFrame(rows, "user_id int, policy string, event_type string, value double, event_time timestamp")
+    units, contaminated = unit_outcomes(ev, "policy", start)
+    got = sorted((r["user_id"], r["arm"], r["y"], r["x"]) for r in units.collect())
+    assert contaminated == 0
+    assert got == [(u, "A" if u % 2 else "B", u + 1.0, float(u)) for u in range(1, 7)]

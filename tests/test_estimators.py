@@ -256,10 +256,11 @@ def test_local_form_names_the_row_and_what_was_expected(column, value, expected)
 
 @pytest.mark.parametrize("engine", ["sql", "arrow"])
 @pytest.mark.parametrize("column, value", [("pscore", 0.0), ("pscore", 1.5), ("reward", float("nan")),
-                                           ("q_hat_pi", None)])
+                                           ("q_hat_pi", None), ("reward", float("inf")), ("q_hat", float("-inf"))])
 def test_both_engines_name_the_row_and_what_was_expected(spark, column, value, engine):
     """Both engines apply the local form's rule (a propensity outside (0, 1] is an error, not
-    a huge weight) and name a row; the arrow engine's error arrives wrapped by Spark."""
+    a huge weight; +-inf is refused like NaN - the sql engine used to return a number for it) and
+    name a row; the arrow engine's error arrives wrapped by Spark."""
     data, _ = synthetic_log(40, 8)
     pdf = pd.DataFrame(data)
     pdf[column] = pdf[column].astype(object)
@@ -284,6 +285,17 @@ def test_both_engines_refuse_a_null_row_id(spark, n_boot, buckets, engine):
     with pytest.raises(ValueError if engine == "sql" else Exception,
                        match=r"column 'row_id' .*\(row_id null\); expected a non-null integer"):
         evaluate(df, [IPS()], n_boot=n_boot, boot_buckets=buckets, engine=engine)
+
+
+def test_sql_engine_keeps_an_infinite_sum_infinite_like_the_local_form(spark):
+    """Finite inputs whose weight overflows (pi_e / pscore = inf): the sum is inf in both forms; the
+    sql engine used to turn it into 1.8e308 (np.nan_to_num) and report a finite estimate."""
+    data, _ = synthetic_log(40, 8)
+    data["pi_e"][3], data["pscore"][3], data["reward"][3] = 1e308, 0.1, 1.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        (local,) = evaluate(data, [IPS()])
+    (sql,) = evaluate(spark.createDataFrame(pd.DataFrame(data)), [IPS()], engine="sql")
+    assert local.estimate == sql.estimate == math.inf
 
 
 def test_sql_engine_refuses_the_per_row_bootstrap_and_auto_falls_back(spark):
@@ -387,6 +399,49 @@ def test_bootstrap_std_err_is_close_to_the_analytic_one():
     for r in res:
         assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
         assert (r.boot_std_err, r.boot_ci_low, r.boot_ci_high) == pytest.approx(direct[r.estimator], rel=1e-9)
+
+
+def test_degenerate_bootstrap_replicates_are_dropped_and_counted():
+    """A policy on 3 of 1000 rows: about e^-3 of the replicates give those rows weight 0, so sum w = 0
+    and SNIPS/SNDR are 0/0 there. They are dropped (and counted) instead of making the whole
+    bootstrap NaN; the rest is the plain bootstrap of the finite replicates."""
+    from causalrec.estimators.ope import evaluate_with_stats
+
+    rng = np.random.default_rng(0)
+    n, B = 1000, 200
+    pi = np.zeros(n)
+    pi[[10, 500, 900]] = 1.0
+    data = dict(row_id=np.arange(n), reward=rng.binomial(1, 0.5, n).astype(float), pscore=np.full(n, 0.1),
+                pi_e=pi, q_hat=np.full(n, 0.4), q_hat_pi=np.full(n, 0.4), pi_e_b=np.full(n, 0.1),
+                q_hat_pi_b=np.full(n, 0.4))
+    res, st = evaluate_with_stats(data, [IPS(), SNIPS(), SNDR()], {"target": ("pi_e", "q_hat_pi"),
+                                  "base": ("pi_e_b", "q_hat_pi_b")}, baseline="base", n_boot=B, seed=0)
+    degenerate = int((st.boot_sums["target|w"] == 0).sum())
+    assert 0 < degenerate < B / 2
+    r = {(x.policy, x.estimator): x for x in res}
+    assert r[("target", "ips")].boot_dropped == 0 and r[("base", "snips")].boot_dropped == 0
+    M = poisson_weights_local(data["row_id"], B, 0)
+    w = pi / data["pscore"]
+    keep = (M * w[:, None]).sum(0) > 0
+    for est in ("snips", "sndr"):
+        x = r[("target", est)]
+        assert x.boot_dropped == degenerate and x.diff_boot_dropped == degenerate
+        direct = _direct_bootstrap(data, M[:, keep])[est]
+        assert (x.boot_std_err, x.boot_ci_low, x.boot_ci_high) == pytest.approx(direct, rel=1e-9)
+        assert math.isfinite(x.diff_boot_ci_low) and math.isfinite(x.diff_boot_ci_high)
+
+
+def test_a_bootstrap_with_too_few_finite_replicates_has_no_interval():
+    from causalrec.estimators.ope import BOOT_MIN_FINITE_SHARE, _kept
+
+    assert BOOT_MIN_FINITE_SHARE == 0.5
+    kept, dropped = _kept(np.array([1.0, 2.0, np.nan, np.inf]))
+    assert kept.tolist() == [1.0, 2.0] and dropped == 2
+    assert _kept(np.array([1.0, np.nan, np.nan])) == (None, 2)
+    data = dict(row_id=np.arange(3), reward=np.full(3, 0.5), pscore=np.full(3, 0.5), pi_e=np.array([0.5, 0, 0]),
+                q_hat=np.zeros(3), q_hat_pi=np.zeros(3))
+    (r,) = evaluate(data, [SNIPS()], n_boot=200, seed=0)  # one weighted row: ~37% of the replicates are 0/0
+    assert 0 < r.boot_dropped < 100 and math.isfinite(r.boot_std_err)
 
 
 def test_bucketed_bootstrap_std_err_is_close_to_the_analytic_one():

@@ -114,6 +114,44 @@ def test_ope_job_on_ratings_uses_exposure_propensities(ctx, spark):
                                                        r.estimate + z_value(ctx.cfg.ope.alpha) * r.std_err), abs=1e-12)
 
 
+def _simulator_shaped(spark):
+    """Two logged decisions as the simulator writes them: every event of a decision carries its
+    propensity; u1's impression was clicked (value 1) and purchased, u2's was not."""
+    ev = [("sim:0:1:1:impression", "u1", "impression", 1.0), ("sim:0:1:1:click", "u1", "click", 1.0),
+          ("sim:0:1:1:purchase", "u1", "purchase", 1.0), ("sim:0:2:1:impression", "u2", "impression", 0.0)]
+    return _events(spark, [dict(event_id=e, user_id=u, item_id="i1", event_type=t, value=v, position=1,
+                                logged_propensity=0.5, policy="logging", session_id=f"s{u}") for e, u, t, v in ev])
+
+
+def test_logged_rows_are_one_per_decision_with_its_reward(spark):
+    """Click and purchase events are outcomes of the impression, not more logged rows: counting
+    them gave 4 rows with mean reward 0.75 for a click rate of 0.5 (selection on the outcome)."""
+    from causalrec.ope.job import logged_rows
+
+    events = _simulator_shaped(spark)
+    rows, mode = logged_rows(events)
+    assert mode == "logged_propensity"
+    assert sorted((r["user_id"], r["reward"]) for r in rows.collect()) == [("u1", 1.0), ("u2", 0.0)]
+    rows, _ = logged_rows(events, reward_event="purchase")  # ope.reward_event: the decision's purchases
+    assert sorted((r["user_id"], r["reward"], r["pscore"]) for r in rows.collect()) == [("u1", 1.0, 0.5),
+                                                                                      ("u2", 0.0, 0.5)]
+    with pytest.raises(ValueError, match="reward_event='add_to_cart'"):
+        logged_rows(events, reward_event="add_to_cart")
+
+
+def test_bootstrap_rows_say_how_many_replicates_were_dropped(spark):
+    from causalrec.estimators.base import EstimateResult
+    from causalrec.ope.job import results_frame
+
+    r = EstimateResult(policy="p", estimator="snips", estimate=0.5, std_err=0.1, ci_low=0.3, ci_high=0.7,
+                       interval_method="analytic", n=10, boot_std_err=0.1, boot_ci_low=0.3, boot_ci_high=0.7,
+                       boot_dropped=13)
+    ok = EstimateResult(**dict(r.as_dict(), estimator="ips", boot_dropped=0))
+    got = results_frame(spark, [r, ok], "run", 200, 64).toPandas()
+    assert got.interval_method.tolist() == ["analytic", "bootstrap_poisson_B200_G64_dropped13",
+                                            "analytic", "bootstrap_poisson_B200_G64"]
+
+
 def _policy_world(spark):
     """Two strata whose action sets share the id "A" (as OBD's per-campaign item ids do): s1 = {A: 1,
     B: 0}, s2 = {A: 0, C: 1}; uniform logging (pscore 1/2), every user logged every item of each set,

@@ -212,6 +212,23 @@ def test_simulated_estimates_track_the_true_propensities(spark, ctx):
     assert {r["metric"] for r in rows} >= {"overlap_coefficient", "ess", "share_at_clip"}
 
 
+def test_treatment_model_learns_one_example_per_decision(spark, ctx):
+    """A recommended decision's click row carries its flag (as the simulator writes it); fitted on
+    every row, P(recommended) would count recommended decisions twice. Every row is still scored."""
+    from causalrec.propensity.job import treatment_propensities
+
+    events, uf, itf, truth = _simulated(spark, n_users=300, seed=4)
+    clicks = (events.where("recommended").withColumn("event_id", F.concat("event_id", F.lit(":click")))
+              .withColumn("event_type", F.lit("click")).withColumn("value", F.lit(1.0)))
+    ctx.cfg.propensity.treatment_method = "logistic"
+    t, _ = treatment_propensities(events.unionByName(clicks), uf, itf, ctx.cfg)
+    assert t.count() == events.count() + clicks.count()
+    imp = t.join(events.select("event_id"), "event_id")
+    share, mean_p = imp.agg(F.avg("treated"), F.avg("treatment_propensity")).first()
+    # counted twice, a share s of recommended decisions would be fitted as about 2s / (1 + s)
+    assert mean_p == pytest.approx(share, abs=0.02), (mean_p, share)
+
+
 @pytest.mark.timeout(900)
 def test_obd_estimated_choice_propensities_are_calibrated(spark, ctx):
     """OBD "men" logs of both policies (20,000 rows, 34 items, 3 slots). The choice model reads

@@ -119,3 +119,26 @@ def test_uplift_stage_names_the_missing_arm(ctx, spark):
     with pytest.raises(ValueError, match=r"0 control row\(s\) \(recommended = False\) of 60"):
         run(ctx)
     assert not ctx.store.exists("uplift_effects")
+
+
+def test_one_row_per_decision_with_its_outcome_not_one_per_outcome_event(spark):
+    """The simulator writes a decision's click and purchase as rows of their own, with its flag: counted
+    as units they would put a clicked decision in the means two or three times."""
+    from causalrec.uplift import treatment_rows
+
+    cols = "event_id string, user_id string, item_id string, event_type string, value double, recommended boolean, " \
+           "session_id string"
+    events = spark.createDataFrame([
+        ("a:imp", "u1", "i1", "impression", 1.0, True, "s1"), ("a:click", "u1", "i1", "click", 1.0, True, "s1"),
+        ("a:buy", "u1", "i1", "purchase", 1.0, True, "s1"),
+        ("b:imp", "u2", "i1", "impression", 0.0, False, "s2"),
+        ("c:imp", "u3", "i1", "impression", 1.0, False, None), ("c:click", "u3", "i1", "click", 1.0, False, None),
+        ("d:imp", "u1", "i1", "impression", 0.0, True, "s9"),  # the same pair in another session: no purchase
+    ], cols)
+    rows = treatment_rows(events).toPandas().set_index("event_id").sort_index()
+    assert list(rows.index) == ["a:imp", "b:imp", "c:imp", "d:imp"]
+    assert list(rows["y"]) == [1.0, 0.0, 1.0, 0.0] and list(rows["t"]) == [1.0, 0.0, 0.0, 1.0]
+    bought = treatment_rows(events, outcome_event="purchase").toPandas().set_index("event_id").sort_index()
+    assert list(bought.index) == ["a:imp", "b:imp", "c:imp", "d:imp"] and list(bought["y"]) == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="uplift_outcome_event='rating'"):
+        treatment_rows(events, outcome_event="rating")

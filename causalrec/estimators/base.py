@@ -407,7 +407,7 @@ def arrow_stats(df, plan: "Plan") -> "Stats":
                 c, i = bad
                 rid = d[ROW_ID][i]
                 where = f"row_id {int(rid)}: {d[c][i]!r}" if c != ROW_ID else "row_id null"
-                raise ValueError(f"estimator input: column {c!r} has a null/NaN or out-of-range value "
+                raise ValueError(f"estimator input: column {c!r} has a null/NaN/inf or out-of-range value "
                                  f"({where}); expected {expected_value(c)}")
             s, m = partial_stats(d, plan)
             sums += s
@@ -455,6 +455,8 @@ class EstimateResult:
     diff_ci_high: Optional[float] = None
     diff_boot_ci_low: Optional[float] = None
     diff_boot_ci_high: Optional[float] = None
+    boot_dropped: Optional[int] = None  # replicates without a value (0/0), left out of boot_*; None: no bootstrap
+    diff_boot_dropped: Optional[int] = None  # the same for diff_boot_*
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

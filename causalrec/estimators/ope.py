@@ -490,12 +490,29 @@ def _form_var(f: Form, stats: Stats) -> float:
 
 
 def _boot_values(f: Form, stats: Stats) -> np.ndarray:
-    v = np.zeros_like(stats.boot_n, dtype=float)
-    for a in f.add:
-        v = v + stats.boot_mean(a)
-    if f.num:
-        v = v + stats.boot_mean(f.num) / (stats.boot_mean(f.den) if f.den else 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate replicate is NaN (see _kept)
+        v = np.zeros_like(stats.boot_n, dtype=float)
+        for a in f.add:
+            v = v + stats.boot_mean(a)
+        if f.num:
+            v = v + stats.boot_mean(f.num) / (stats.boot_mean(f.den) if f.den else 1.0)
     return v
+
+
+# a bootstrap interval needs at least this share of the B replicates to be finite
+BOOT_MIN_FINITE_SHARE = 0.5
+
+
+def _kept(v: np.ndarray) -> tuple[Optional[np.ndarray], int]:
+    """(the finite replicates, how many were dropped); None instead of the replicates when fewer
+    than ``BOOT_MIN_FINITE_SHARE`` of them are finite. A replicate whose resample has no row (all
+    Poisson weights 0) or, in a self-normalised form, no weight (sum m_i w_i = 0) is 0/0: it has
+    no value, and one such replicate would make the whole std / quantile NaN. Dropping it
+    conditions the bootstrap on resamples where the estimator is defined; the count is reported
+    (``EstimateResult.boot_dropped``, the ``ope_results`` interval method)."""
+    ok = np.isfinite(v)
+    dropped = int(v.size - ok.sum())
+    return (v[ok] if ok.sum() >= BOOT_MIN_FINITE_SHARE * v.size else None), dropped
 
 
 def build_plan(estimators, policies: dict, baseline: Optional[str], n_boot: int, seed: int,
@@ -578,9 +595,10 @@ def summarize(stats: Stats, estimators, policies: dict, *, baseline=None, alpha=
                 hyperparam=est.hyperparam(stats, ns),
             )
             if stats.boot_n is not None:
-                bv = _boot_values(f, stats)
-                r.boot_std_err = float(np.std(bv, ddof=1))
-                r.boot_ci_low, r.boot_ci_high = (float(x) for x in np.quantile(bv, [alpha / 2, 1 - alpha / 2]))
+                bv, r.boot_dropped = _kept(_boot_values(f, stats))
+                if bv is not None:
+                    r.boot_std_err = float(np.std(bv, ddof=1))
+                    r.boot_ci_low, r.boot_ci_high = (float(x) for x in np.quantile(bv, [alpha / 2, 1 - alpha / 2]))
             if baseline is not None:
                 fb = forms[baseline]
                 d = theta - fb.value(stats.mean)
@@ -589,7 +607,12 @@ def summarize(stats: Stats, estimators, policies: dict, *, baseline=None, alpha=
                 r.diff_to_baseline, r.diff_std_err = d, dse
                 r.diff_ci_low, r.diff_ci_high = d - z * dse, d + z * dse
                 if stats.boot_n is not None:
-                    bd = _boot_values(f, stats) - _boot_values(fb, stats)
-                    r.diff_boot_ci_low, r.diff_boot_ci_high = (float(x) for x in np.quantile(bd, [alpha / 2, 1 - alpha / 2]))
+                    bd, r.diff_boot_dropped = _kept(_boot_values(f, stats) - _boot_values(fb, stats))
+                    r.diff_boot_ci_low, r.diff_boot_ci_high = (math.nan, math.nan) if bd is None else \
+                        (float(x) for x in np.quantile(bd, [alpha / 2, 1 - alpha / 2]))
+            if r.boot_dropped:
+                log.warning("%s / %s: %d of %d bootstrap replicates have no value (a resample without rows "
+                            "or weight) and were dropped%s", pol, r.estimator, r.boot_dropped, stats.boot_n.size,
+                            "" if math.isfinite(r.boot_std_err) else "; too few remain: no bootstrap interval")
             out.append(r)
     return out

@@ -13,7 +13,8 @@ The exact per-row Poisson bootstrap (``boot_buckets = 0`` with replicates) needs
 per row, i.e. B x terms aggregate expressions; that one stays on the vectorised kernel.
 
 Input checks ride along in the same pass: a ``min`` over rows of the first bad column per row
-says which column holds a null/NaN (or a propensity outside (0, 1]); only then does a second,
+says which column holds a null, NaN or +-inf (or a propensity outside (0, 1]), the local and
+Arrow forms' rule (:func:`causalrec.estimators.base.first_unusable`); only then does a second,
 ``limit 1`` query fetch an offending row to name it in the error.
 """
 from __future__ import annotations
@@ -156,11 +157,11 @@ def _typed(col: str) -> str:
 
 
 def _bad(x: str, col: str) -> str:
-    """SQL condition: the value ``x`` of input column ``col`` is unusable (null, NaN; a
+    """SQL condition: the value ``x`` of input column ``col`` is unusable (null, NaN, +-inf; a
     propensity also outside (0, 1]). The one definition the pass and its error message share."""
     if col == ROW_ID:
         return f"{x} IS NULL"
-    bad = f"{x} IS NULL OR isnan({x})"
+    bad = f"{x} IS NULL OR isnan({x}) OR abs({x}) = {_literal(math.inf)}"
     return f"({bad} OR {x} <= 0 OR {x} > 1)" if col == PSCORE else f"({bad})"
 
 
@@ -178,7 +179,7 @@ def _raise_bad_input(df, col: str):
     expected = expected_value(col)
     row = df.where(F.expr(_bad(_typed(col), col))).select(F.col(ROW_ID), F.col(col)).limit(1).collect()
     where = "" if not row else " (row_id null)" if col == ROW_ID else f" (row_id {row[0][0]}: {row[0][1]!r})"
-    raise ValueError(f"estimator input: column {col!r} has a null/NaN or out-of-range value{where}; "
+    raise ValueError(f"estimator input: column {col!r} has a null/NaN/inf or out-of-range value{where}; "
                      f"expected {expected}")
 
 
@@ -199,7 +200,7 @@ def build_query(df, plan: Plan):
     # never enter the SQL text except quoted here)
     c = {col: f"c{k}" for k, col in enumerate(cols)}
     stage0 = [f"{_typed(col)} AS {c[col]}" for col in cols]
-    # stage 1: per-policy quantities, every one non-null: a null, NaN or out-of-range input is
+    # stage 1: per-policy quantities, every one non-null: a null, NaN, inf or out-of-range input is
     # marked in "bad" (the pass then raises, naming a row) and is replaced here by a harmless
     # value - a propensity by 1, so nothing divides by zero under ANSI mode. Non-null columns
     # also let the generated code drop its null branches.
@@ -261,20 +262,24 @@ def sql_stats(df, plan: Plan) -> Stats:
     bucketed = bool(plan.n_boot and plan.boot_buckets)
     width = 1 + len(names) + len(pairs)
     off = 1 if bucketed else 0  # the bucket id column
-    # null -> NaN: a sum over no rows (or a max of nothing) is null in SQL
+    # null -> NaN: a sum over no rows (or a max of nothing) is null in SQL. Only a null sum becomes
+    # 0 below: an inf or NaN one (inputs are finite, yet w = pi_e / pscore can overflow) stays what
+    # the local form gives (np.nan_to_num would turn inf into 1.8e308)
     table = np.array([[np.nan if v is None else float(v) for v in r] for r in rows],
                      dtype=np.float64).reshape(len(rows), off + width + n_max + 1)
+    null = np.array([[v is None for v in r] for r in rows], dtype=bool).reshape(table.shape)
+    summed = np.where(null, 0.0, table)
     bad = table[:, -1][~np.isnan(table[:, -1])]
     if bad.size:
         _raise_bad_input(df, _needed_columns(plan)[int(bad.min())])
     sums = np.zeros(n_sum)
-    sums[:width] = np.nan_to_num(table[:, off:off + width]).sum(axis=0)
+    sums[:width] = summed[:, off:off + width].sum(axis=0)
     mx = np.array([np.max(c[~np.isnan(c)], initial=-np.inf) for c in table[:, off + width:-1].T])
     if bucketed:
         G = plan.boot_buckets
         ids = table[:, 0].astype(np.int64)
         pos = {k: j for j, k in enumerate(names)}
-        blocks = [np.bincount(ids, weights=np.nan_to_num(table[:, off]), minlength=G)]  # rows per bucket
-        blocks += [np.bincount(ids, weights=np.nan_to_num(table[:, off + 1 + pos[k]]), minlength=G) for k in boot]
+        blocks = [np.bincount(ids, weights=summed[:, off], minlength=G)]  # rows per bucket
+        blocks += [np.bincount(ids, weights=summed[:, off + 1 + pos[k]], minlength=G) for k in boot]
         sums[width:] = np.concatenate(blocks)
     return stats_from_vectors(sums, mx, plan)

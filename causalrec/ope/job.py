@@ -14,7 +14,12 @@ Extract -> transform -> load:
 Which log is the "logged policy":
 
 * rows with ``logged_propensity`` (OBD, simulator): the logging policy's own propensities;
-  the unit is (context, position) with position-specific propensities.
+  the unit is (context, position) with position-specific propensities. One row per logged
+  decision, i.e. per ``impression`` event; its reward is the impression's ``value`` (OBD and the
+  simulator: the click, 0/1) or, with ``ope.reward_event``, the summed ``value`` of that
+  decision's events of the type (same user, item, slot and session; 0 without one). Click and
+  purchase events are outcomes, not decisions: the simulator also writes the propensity on them,
+  and counting them as rows would count a clicked decision 2-3 times (selection on the outcome).
 * no logging propensities (Coat): the logged "policy" is the MNAR exposure. A rated pair is
   treated as a draw from ``pi_b(i | u) = p_ui / sum_j p_uj`` with ``p_ui`` from the
   ``exposure_propensity`` table (fallback: item popularity, flagged in the summary), and the
@@ -28,41 +33,51 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime, timezone
+from typing import Optional
 
 from causalrec.context import Context
+from causalrec.decisions import DECISION_EVENT, with_outcome
 from causalrec.estimators import evaluate, make_estimators
 from causalrec.ope import policies as P
 from causalrec.schemas import OPE_RESULTS
 
 log = logging.getLogger(__name__)
 
-REWARD_EVENTS = ("impression", "click", "purchase", "view", "add_to_cart")
 
 
 # -------------------------------------------------------------------- transforms
 
 
-def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.0):
+def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.0,
+                reward_event: Optional[str] = None):
     """events -> (rows, mode): row_id, user_id, item_id, stratum, slot, reward, pscore.
 
-    ``mode`` is "logged_propensity" or "exposure" (see module docstring).
+    ``mode`` is "logged_propensity" or "exposure" (see module docstring). ``reward_event``
+    (``ope.reward_event``; logged propensities only): None = the impression's own value.
     """
     from pyspark.sql import functions as F
 
     stratum = F.coalesce(F.get_json_object(F.col("context"), "$.campaign"), F.lit("all")) \
         if "context" in events.columns else F.lit("all")
+    session = F.coalesce(F.col("session_id"), F.lit("")) if "session_id" in events.columns else F.lit("")
     base = events.select(
         F.xxhash64("event_id").alias("row_id"), "user_id", "item_id",
         stratum.alias("stratum"),
-        F.coalesce(F.col("position"), F.lit(0)).cast("int").alias("slot"),
+        F.coalesce(F.col("position"), F.lit(0)).cast("int").alias("slot"), session.alias("session"),
         "event_type", F.col("value").cast("double").alias("value"),
         F.col("logged_propensity").cast("double").alias("logged_propensity"),
     )
     with_p = base.where(F.col("logged_propensity").isNotNull())
     if with_p.limit(1).count() > 0:
-        rows = with_p.where(F.col("event_type").isin(*REWARD_EVENTS)).select(
+        decisions = with_p.where(F.col("event_type") == DECISION_EVENT)
+        if decisions.limit(1).count() == 0:
+            raise ValueError(f"events: rows with logged_propensity but no {DECISION_EVENT!r} event among them; "
+                             f"OPE counts one row per logged decision (impression)")
+        decisions = with_outcome(decisions, base, reward_event, ["user_id", "item_id", "slot", "session"],
+                                 "ope.reward_event")
+        rows = decisions.select(
             "row_id", "user_id", "item_id", "stratum", "slot",
-            F.coalesce(F.col("value"), F.lit(0.0)).alias("reward"), F.col("logged_propensity").alias("pscore"))
+            F.col("outcome").alias("reward"), F.col("logged_propensity").alias("pscore"))
         bad = rows.where((F.col("pscore") <= 0) | (F.col("pscore") > 1)).limit(1).collect()
         if bad:
             raise ValueError(f"events: logged_propensity {bad[0]['pscore']!r} for row_id {bad[0]['row_id']} "
@@ -151,8 +166,12 @@ def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 
                          ess=r.ess, max_weight=r.max_weight, n=r.n, diff_to_baseline=r.diff_to_baseline,
                          diff_ci_low=r.diff_ci_low, diff_ci_high=r.diff_ci_high, created_at=now))
         if n_boot:
+            # replicates without a value (0/0: a resample without rows or weight) are left out: say how many
+            dropped = max(r.boot_dropped or 0, r.diff_boot_dropped or 0)
+            method = f"bootstrap_poisson_B{n_boot}" + (f"_G{boot_buckets}" if boot_buckets else "") \
+                + (f"_dropped{dropped}" if dropped else "")
             recs.append(dict(recs[-1], std_err=r.boot_std_err, ci_low=r.boot_ci_low, ci_high=r.boot_ci_high,
-                             interval_method=f"bootstrap_poisson_B{n_boot}" + (f"_G{boot_buckets}" if boot_buckets else ""), diff_ci_low=r.diff_boot_ci_low,
+                             interval_method=method, diff_ci_low=r.diff_boot_ci_low,
                              diff_ci_high=r.diff_boot_ci_high))
     pdf = pd.DataFrame(recs, columns=OPE_RESULTS.names)
     return spark.createDataFrame(pdf, schema=OPE_RESULTS.spark_schema())
@@ -180,7 +199,7 @@ def run(ctx: Context) -> dict:
         events = store.read("events")
         ep = store.read("exposure_propensity") if store.exists("exposure_propensity") else None
     with ctx.step("ope: logged rows, reward model, policies"):
-        rows, mode = logged_rows(events, ep, cfg.training_set.positive_threshold)
+        rows, mode = logged_rows(events, ep, cfg.training_set.positive_threshold, oc.reward_event)
         rows = rows.persist()
         item_q = reward_model(rows).persist()
         strategies = list(dict.fromkeys(oc.strategies))
@@ -209,4 +228,5 @@ def run(ctx: Context) -> dict:
         "baseline": baseline, "estimators": [e.estimator_name for e in estimators],
         "rows_out": len(results) * (2 if oc.bootstrap_replicates else 1),
         "estimates": {f"{r.policy}/{r.estimator}": round(r.estimate, 6) for r in results},
+        "boot_dropped": {f"{r.policy}/{r.estimator}": r.boot_dropped for r in results if r.boot_dropped},
     }

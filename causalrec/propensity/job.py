@@ -252,16 +252,24 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
             return choice_propensities(events, user_features, cfg, scope)
         log.info("treatment_method=logged but the events carry no logged propensity: estimating with logistic")
         method = "logistic"
-    df = with_vectors(events.where(F.col("recommended").isNotNull())
-                      .select("event_id", "user_id", "item_id", "event_time",
-                              F.col("recommended").cast("int").alias("treated")), user_features, item_features)
+    from causalrec.decisions import DECISION_EVENT
+
+    flagged = events.where(F.col("recommended").isNotNull())
+    df = with_vectors(flagged.select("event_id", "user_id", "item_id", "event_time",
+                                     F.col("recommended").cast("int").alias("treated"),
+                                     (F.col("event_type") == DECISION_EVENT).alias("_decision")),
+                      user_features, item_features)
     df = scope.mark(df.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
+    # one example per decision: a decision's click and purchase rows carry its flag too, and would
+    # weight clicked decisions two or three times (causalrec.decisions); every event is still scored
+    if flagged.where(F.col("event_type") == DECISION_EVENT).limit(1).count():
+        df = df.withColumn("_fit", F.col("_fit") & F.col("_decision"))
     cols = tuple(GROUP_COLUMNS[g] for g in feature_groups)
     model = EstimatedTreatment(method, pc.treatment_eps, pc.reg_param, pc.max_iter, cols, cfg.project.seed)
     model.fit(df.where((F.col("_h") >= pc.holdout_fraction) & F.col("_fit")))
     scored = model.predict(df)
     held = scored.where((F.col("_h") < pc.holdout_fraction) & F.col("_fit"))
-    t = scored.drop("uvec", "ivec", "_h", "_fit", "event_time")
+    t = scored.drop("uvec", "ivec", "_h", "_fit", "_decision", "event_time")
     return t, _treatment_rows(method, held, t, pc)
 
 
