@@ -81,12 +81,36 @@ def top_n_per(df: DataFrame, key: str, score: str, n: int, tie: str = "item_id")
     return df.withColumn("_r", F.row_number().over(w)).filter(F.col("_r") <= n).drop("_r")
 
 
+def list_depth(keys: DataFrame, n: int, consumed: Optional[DataFrame], by: Optional[DataFrame] = None) -> DataFrame:
+    """``keys`` with ``_depth``: how far down a ranked list each needs to read to find ``n`` items it has
+    not consumed: ``n`` plus its consumed items (those of ``by``'s list, e.g. a category, when given)."""
+    if consumed is None:
+        return keys.withColumn("_depth", F.lit(n))
+    c = consumed if by is None else consumed.join(by, "item_id")
+    on = [x for x in keys.columns if x in c.columns and x != "item_id"]
+    counts = c.groupBy(*on).agg(F.count(F.lit(1)).alias("_c"))
+    return keys.join(counts, on, "left").withColumn("_depth", F.lit(n) + F.coalesce(F.col("_c"), F.lit(0))).drop("_c")
+
+
+def read_down(depth: DataFrame, ranked: DataFrame, on: list) -> DataFrame:
+    """Each row of ``depth`` joined to ranks 1 .. ``_depth`` of its ``ranked`` list (rows ``_rank``)."""
+    rows = depth.withColumn("_rank", F.explode(F.sequence(F.lit(1), F.col("_depth").cast("int")))).drop("_depth")
+    return rows.join(ranked, on + ["_rank"])
+
+
 def popularity_source(users: DataFrame, pop: DataFrame, n: int, consumed: Optional[DataFrame]) -> DataFrame:
-    """Top debiased-popular items for every user. The global list is bounded (n plus a
-    buffer for consumed items) and broadcast, so this is users x O(n), never users x items."""
-    buffer = n * 2
-    top = pop.orderBy(F.col("pop").desc(), F.col("item_id")).limit(buffer).select("item_id", F.col("pop").alias("score"))
-    cand = users.select("user_id").distinct().crossJoin(F.broadcast(top))
+    """The ``n`` most debiased-popular items each user has not consumed.
+
+    Each user reads the global list only down to ``n`` plus their consumed items, the deepest
+    they can need; the list is bounded by the deepest user and broadcast. Rows: users x n plus
+    the consumed pairs, never users x items, and every user gets ``n`` while the catalogue has them.
+    """
+    depth = list_depth(users.select("user_id").distinct(), n, consumed)
+    deepest = int(depth.agg(F.max("_depth")).first()[0] or n)
+    order = [F.col("pop").desc(), F.col("item_id")]
+    top = (pop.orderBy(*order).limit(deepest)  # at most the catalogue: one small partition
+           .select("item_id", F.col("pop").alias("score"), F.row_number().over(Window.orderBy(*order)).alias("_rank")))
+    cand = read_down(depth, F.broadcast(top), []).select("user_id", "item_id", "score")
     if consumed is not None:
         cand = cand.join(consumed, ["user_id", "item_id"], "left_anti")
     return top_n_per(cand, "user_id", "score", n)
@@ -122,16 +146,19 @@ def neighbour_source(history: DataFrame, neighbours: DataFrame, n: int, consumed
 def affinity_source(pos: DataFrame, items: DataFrame, pop: DataFrame, n: int,
                     consumed: Optional[DataFrame]) -> DataFrame:
     """Category affinity: the user's share of positives in a category times the item's
-    (debiased) popularity rank within the category, over the top ``n`` items per category."""
+    (debiased) popularity within the category (relative to the category's top item), over the
+    top ``n`` unconsumed items of each of the user's categories (read down as
+    :func:`popularity_source` reads its list)."""
     cat = items.select("item_id", "category").filter(F.col("category").isNotNull())
     user_cat = (pos.join(cat, "item_id").groupBy("user_id", "category").agg(F.count(F.lit(1)).alias("c")))
     tot = user_cat.groupBy("user_id").agg(F.sum("c").alias("t"))
-    user_cat = user_cat.join(tot, "user_id").withColumn("share", F.col("c") / F.col("t"))
+    user_cat = user_cat.join(tot, "user_id").select("user_id", "category", (F.col("c") / F.col("t")).alias("share"))
     item_pop = cat.join(pop, "item_id", "left").fillna({"pop": 0.0})
-    top_cat = top_n_per(item_pop, "category", "pop", n)
-    wmax = Window.partitionBy("category")
-    top_cat = top_cat.withColumn("norm_pop", (F.col("pop") + 1.0) / (F.max("pop").over(wmax) + 1.0))
-    cand = (user_cat.join(top_cat, "category")
+    wcat = Window.partitionBy("category")
+    ranked = (item_pop.withColumn("_rank", F.row_number().over(wcat.orderBy(F.col("pop").desc(), F.col("item_id"))))
+              .withColumn("norm_pop", (F.col("pop") + 1.0) / (F.max("pop").over(wcat) + 1.0)))
+    depth = list_depth(user_cat, n, consumed, by=cat)
+    cand = (read_down(depth, ranked, ["category"])
             .groupBy("user_id", "item_id").agg(F.max(F.col("share") * F.col("norm_pop")).alias("score")))
     if consumed is not None:
         cand = cand.join(consumed, ["user_id", "item_id"], "left_anti")

@@ -126,7 +126,8 @@ def ensure_item_embeddings(ctx, items_df=None, table: str = "item_embeddings") -
         todo, kept = texts, None
     n_todo = todo.count()
     n_items = texts.count()
-    if n_todo == 0 and kept is not None and kept.count() == n_items:
+    # unchanged only when every item is kept and the table holds nothing else (removed items, other encoders)
+    if n_todo == 0 and kept is not None and kept.count() == n_items and store.row_count(table) == n_items:
         return {"items": n_items, "encoded": 0}
     # few items per task keeps memory flat; a handful of tasks bounds model loads
     n_parts = max(1, min(ctx.cfg.spark.shuffle_partitions, (n_todo + 511) // 512))

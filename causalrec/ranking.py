@@ -56,36 +56,52 @@ def minmax(x) -> np.ndarray:
 
 
 def policy_score(relevance, uplift, policy: str, blend_weight: float = 0.5) -> np.ndarray:
-    """The ranking score of one user's candidates under ``policy`` (fair -> its base)."""
+    """The ranking score of one user's candidates under ``policy`` (fair -> its base).
+
+    ``uplift``: a candidate without an effect estimate scores -inf (ranked last, by relevance
+    among themselves; :func:`rank_all` refuses the policy when no candidate has one)."""
     rel = np.asarray(relevance, dtype="float64")
     upl = np.asarray(uplift, dtype="float64")
     if policy == "relevance":
         return rel
     if policy == "uplift":
-        if not np.isfinite(upl).any():
-            raise ValueError("ranking.policy='uplift' but scores.uplift is null for every candidate "
-                             "(train with an uplift head or run the uplift stage)")
         return np.where(np.isfinite(upl), upl, -np.inf)
     if policy == "blend":
         return (1 - blend_weight) * minmax(rel) + blend_weight * minmax(upl)
     raise ValueError(f"ranking policy {policy!r}; expected one of {POLICIES}")
 
 
-def top_k(score: np.ndarray, k: int, tie: Optional[Sequence[str]] = None) -> np.ndarray:
-    """Indices of the k highest scores (ties by item id for determinism)."""
-    tie = np.asarray(tie if tie is not None else np.arange(len(score)).astype(str))
-    order = np.lexsort((tie, -np.nan_to_num(score, nan=-np.inf)))
+def _desc(x, n: int) -> np.ndarray:
+    """A lexsort key for "higher first", missing (NaN) last; zeros when there is no such key."""
+    if x is None:
+        return np.zeros(n)
+    return -np.nan_to_num(np.asarray(x, dtype="float64"), nan=-np.inf)
+
+
+def top_k(score: np.ndarray, k: int, tie: Optional[Sequence[str]] = None,
+          secondary: Optional[np.ndarray] = None) -> np.ndarray:
+    """Indices of the k highest scores; ties by ``secondary`` (higher first), then item id."""
+    n = len(score)
+    tie = np.asarray(tie if tie is not None else np.arange(n).astype(str))
+    order = np.lexsort((tie, _desc(secondary, n), _desc(score, n)))
     return order[:k]
 
 
 def fair_rerank(base: np.ndarray, groups: Sequence, k: int, strength: float, targets: dict,
-                tie: Optional[Sequence[str]] = None) -> np.ndarray:
-    """Greedy exposure-fair top-k: indices in slot order (see module docstring)."""
+                tie: Optional[Sequence[str]] = None, secondary: Optional[np.ndarray] = None) -> np.ndarray:
+    """Greedy exposure-fair top-k: indices in slot order (see module docstring).
+
+    Equal adjusted scores go to the higher base score, then as :func:`top_k` breaks ties, so
+    strength 1 takes a group's best item, not its first id. A candidate without a base score
+    (-inf, NaN) ranks below every scored one: strength 0 is exactly :func:`top_k` of ``base``.
+    """
     n = len(base)
     k = min(k, n)
-    b = minmax(base)
+    raw = np.asarray(base, dtype="float64")
+    b = np.where(np.isfinite(raw), minmax(raw), -1.0)
     g = np.asarray(groups, dtype=object)
     tie = np.asarray(tie if tie is not None else np.arange(n).astype(str))
+    second = _desc(secondary, n)
     counts: dict = {}
     chosen: list = []
     free = np.ones(n, dtype=bool)
@@ -94,9 +110,8 @@ def fair_rerank(base: np.ndarray, groups: Sequence, k: int, strength: float, tar
         share = np.array([counts.get(x, 0) for x in g], dtype="float64") / max(slot, 1)
         adj = (1 - strength) * b + strength * (tgt - share)
         adj = np.where(free, adj, -np.inf)
-        best = adj.max()
-        cand = np.flatnonzero(adj >= best - 1e-12)
-        pick = cand[np.argsort(tie[cand])][0] if len(cand) > 1 else cand[0]
+        cand = np.flatnonzero(adj >= adj.max() - 1e-12)
+        pick = cand[np.lexsort((tie[cand], second[cand], _desc(raw, n)[cand]))[0]] if len(cand) > 1 else cand[0]
         chosen.append(pick)
         free[pick] = False
         counts[g[pick]] = counts.get(g[pick], 0) + 1
@@ -135,11 +150,13 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
     upl = pd.to_numeric(pdf["uplift"], errors="coerce").to_numpy("float64")
     base_policy = fair_base if policy == "fair" else policy
     base = policy_score(rel, upl, base_policy, blend_weight)
-    unconstrained = top_k(base, k, ids)
+    # equal base scores (no effect estimate, equal blends) go to the more relevant candidate
+    second = rel if base_policy != "relevance" else None
+    unconstrained = top_k(base, k, ids, second)
     grp = pdf["group"].astype(object).where(pdf["group"].notna(), "unknown").to_numpy() \
         if "group" in pdf.columns else np.full(len(pdf), "unknown", dtype=object)
     if policy == "fair":
-        picked = fair_rerank(base, grp, k, strength, targets, ids)
+        picked = fair_rerank(base, grp, k, strength, targets, ids, second)
     else:
         picked = unconstrained
     boosted = ~np.isin(picked, unconstrained)
@@ -154,7 +171,7 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
         if known:
             hist_vecs = np.stack([emb[h] for h in known])
             hist_titles = [(titles or {}).get(h) or h for h in known]
-    score_out = policy_score(rel, upl, base_policy, blend_weight)
+    score_out = base
     rows = []
     for r, i in enumerate(picked, start=1):
         row = pdf.iloc[i]
@@ -219,6 +236,7 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
     policy = policy or cfg.policy
     if policy not in POLICIES:
         raise ValueError(f"ranking.policy {policy!r}; expected one of {POLICIES}")
+    check_effects_available(scores, policy, cfg.fair_base_policy)
     df = scores.select("user_id", "item_id", "relevance", "uplift", "uplift_se", "model_version")
     group_sizes: dict = {}
     if groups is not None:
@@ -250,6 +268,21 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
         return rank_user(pdf, **kw)
 
     return df.groupBy("user_id").applyInPandas(fn, OUT_SCHEMA), targets, group_sizes
+
+
+def check_effects_available(scores, policy: str, fair_base: str) -> None:
+    """Refuse an effect-ranked policy when no score has an effect estimate: a configuration error
+    (no uplift head, no uplift stage), checked once here. A user whose candidates lack
+    estimates is not an error: those candidates rank last, by relevance."""
+    from pyspark.sql import functions as F
+
+    if "uplift" not in (policy, fair_base if policy == "fair" else None):
+        return
+    known = F.col("uplift").isNotNull() & ~F.isnan(F.col("uplift"))
+    if not scores.where(known).limit(1).collect():
+        name = "ranking.policy='uplift'" if policy == "uplift" else "ranking.fair_base_policy='uplift'"
+        raise ValueError(f"{name} but scores.uplift is null for every candidate "
+                         "(train with an uplift head or run the uplift stage)")
 
 
 def _item_side(ctx):

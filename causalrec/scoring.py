@@ -337,8 +337,12 @@ def run(ctx, loader: Optional[Callable] = None, model_version: Optional[str] = N
                               amp_dtype="bfloat16" if cfg.scoring.use_gpu else None)
     n_out = store.row_count("scores")
     ctx.log_rows("scores", n_out)
-    if n_out != n_in:
-        raise RuntimeError(f"scores has {n_out} rows but scoring_input has {n_in}: the write lost or duplicated rows")
+    if n_out != n_in:  # the write committed: put the previous scores back before failing
+        kept = f"scores restored to version {prev}" if prev is not None else "scores holds the bad write"
+        if prev is not None:
+            store.restore("scores", prev)
+        raise RuntimeError(f"scores has {n_out} rows but scoring_input has {n_in}: the write lost or duplicated "
+                           f"rows; {kept}")
     return {"rows_in": {"scoring_input": n_in}, "rows_out": {"scores": n_out}, "model_version": model_version,
             "previous_version": prev, "version": store.version("scores"),
             "pairs_per_s": round(n_out / max(info["seconds"], 1e-9), 1), **info}

@@ -103,6 +103,13 @@ def test_candidates_job_bounded_sources_and_exclusion(ctx, spark):
     out2 = run(ctx)
     assert out2["embeddings"]["encoded"] == 0
     assert out2["rows_out"]["candidates"] == n  # idempotent: overwrite, no duplicates
+    # an item gone from the catalogue leaves the embeddings table (else text neighbours could propose it)
+    from causalrec.item_embeddings import ensure_item_embeddings
+
+    left = store.read("items").where(F.col("item_id") != "coat_7")
+    assert ensure_item_embeddings(ctx, left)["encoded"] == 0
+    assert sorted(r[0] for r in store.read("item_embeddings").select("item_id").collect()) == sorted(
+        r[0] for r in left.select("item_id").collect())
 
 
 def test_merge_sources_records_best_source(spark):
@@ -116,3 +123,24 @@ def test_merge_sources_records_best_source(spark):
     assert got["y"]["source"] == "text" and got["y"]["sources"] == ["popularity", "text"]
     assert got["y"]["source_score"] == pytest.approx(0.9)
     assert got["x"]["source"] == "popularity"
+
+
+def test_popularity_and_affinity_give_n_unconsumed_items_to_heavy_users(spark):
+    """A user who consumed the head of the list still gets ``n`` candidates from further down it."""
+    from pyspark.sql import functions as F
+
+    from causalrec.candidates import affinity_source, popularity_source
+
+    pop = spark.createDataFrame([(f"i{j}", float(10 - j), 1) for j in range(6)], "item_id string, pop double, n_pos long")
+    consumed = spark.createDataFrame([("u1", "i0"), ("u1", "i1"), ("u1", "i2"), ("u1", "i3"), ("u2", "i1")],
+                                     "user_id string, item_id string")
+    users = spark.createDataFrame([("u1",), ("u2",), ("u3",)], "user_id string")
+    got = popularity_source(users, pop, 2, consumed).groupBy("user_id").agg(
+        F.sort_array(F.collect_list("item_id")).alias("items")).collect()
+    assert {r["user_id"]: r["items"] for r in got} == {"u1": ["i4", "i5"], "u2": ["i0", "i2"], "u3": ["i0", "i1"]}
+    # the same within a category: u1 consumed the category's three best items
+    items = spark.createDataFrame([(f"i{j}", "coats") for j in range(6)], "item_id string, category string")
+    positives = spark.createDataFrame([("u1", "i0"), ("u2", "i1")], "user_id string, item_id string")
+    aff = affinity_source(positives, items, pop, 2, consumed).collect()
+    assert sorted(r["item_id"] for r in aff if r["user_id"] == "u1") == ["i4", "i5"]
+    assert sorted(r["item_id"] for r in aff if r["user_id"] == "u2") == ["i0", "i2"]

@@ -150,15 +150,35 @@ def test_ranking_ips_and_snips_by_hand(spark):
     assert snips["recall"].value == pytest.approx((v["a"] + v["c"]) / 3)  # = 3/7
     assert snips["precision"].value == pytest.approx((v["a"] + v["c"]) / 2)
     dcg = v["a"] / math.log2(2) + v["c"] / math.log2(3)
-    idcg = 1 / math.log2(2) + 1 / math.log2(3)
+    idcg = v["b"] / math.log2(2) + v["a"] / math.log2(3)  # the weighted gains in their best order
     assert snips["ndcg"].value == pytest.approx(dcg / idcg)
-    ap = (v["a"] * v["a"] / 1 + v["c"] * (v["a"] + v["c"]) / 2) / 2
+    ap = (v["a"] * 1 / 1 + v["c"] * (v["a"] + 1) / 2) / 2  # each row's own hit weighted once
     assert snips["map"].value == pytest.approx(ap)
     # ips with one user: weights divided by their global mean 7/3 -> same as snips here
     ips = M.ranking_metrics(truth, pred, k=2, col_propensity="p", weighting="ips")
     assert ips["recall"].value == pytest.approx(3 / 7)
     naive = M.ranking_metrics(truth, pred, k=2)
     assert naive["recall"].value == pytest.approx(2 / 3)
+
+
+def test_weighted_ndcg_of_a_perfect_ranking_is_one_and_nan_predictions_rank_last(spark):
+    # relevant a (p = 0.1) and b (p = 0.9) ranked first and second: no ranking can do better
+    truth = sdf(spark, pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"], "rating": [1.0, 1.0, 0.0],
+                                     "p": [0.1, 0.9, 0.5]}))
+    pred = sdf(spark, pd.DataFrame({"user_id": ["u"] * 4, "item_id": ["a", "b", "c", "d"],
+                                    "prediction": [0.9, 0.8, 0.1, float("nan")]}))
+    for weighting in ("none", "ips", "snips"):
+        kw = dict(col_propensity="p" if weighting != "none" else None, weighting=weighting)
+        got = M.ranking_metrics(truth, pred, k=3, relevance_threshold=0.5, **kw)
+        assert got["ndcg"].value == pytest.approx(1.0), weighting
+    # snips weights 1.8 (a) and 0.2 (b): AP weights b's own hit once, (1.8 + 0.2 * (1.8 + 1) / 2) / 2
+    snips = M.ranking_metrics(truth, pred, k=3, relevance_threshold=0.5, col_propensity="p", weighting="snips")
+    assert snips["map"].value == pytest.approx((1.8 + 0.2 * 2.8 / 2) / 2)
+    # a NaN prediction is not the best one (Spark orders NaN above every number)
+    assert M.top_k(pred, 4).toPandas().sort_values("rank")["item_id"].tolist() == ["a", "b", "c", "d"]
+    nan_top = sdf(spark, pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"],
+                                       "prediction": [float("nan"), 0.2, 0.1]}))
+    assert M.ranking_metrics(truth, nan_top, k=1, relevance_threshold=0.5)["precision"].value == pytest.approx(1.0)
 
 
 def test_ranking_ips_differs_from_snips_across_users(spark):

@@ -42,12 +42,41 @@ def test_fair_rerank_strength_zero_is_unconstrained_and_one_meets_targets():
     assert len(set(half)) == 10
 
 
-def test_policy_score_blend_and_uplift_errors():
+def test_policy_score_blend_and_uplift():
     rel, upl = np.array([0.9, 0.5, 0.1]), np.array([-0.1, 0.2, 0.05])
     np.testing.assert_allclose(policy_score(rel, upl, "blend", 0.0), [1.0, 0.5, 0.0])
     np.testing.assert_allclose(policy_score(rel, upl, "blend", 1.0), minmax(upl))
-    with pytest.raises(ValueError, match="uplift is null"):
-        policy_score(rel, np.full(3, np.nan), "uplift")
+    # a user without effect estimates is ranked, not an error: the unknown candidates go last, by relevance
+    up = np.array([np.nan, 0.1, np.nan, 0.3])
+    rel4 = np.array([0.2, 0.0, 0.9, 0.5])
+    np.testing.assert_array_equal(top_k(policy_score(rel4, up, "uplift"), 4, list("abcd"), rel4), [3, 1, 2, 0])
+
+
+def test_fair_rerank_ties_go_to_the_better_item_and_unknown_scores_stay_last():
+    # strength 1: every item of a group has the same adjusted score; the best of the group must win
+    base, groups, ids = np.array([0.9, 0.1, 0.8, 0.2]), ["head", "head", "tail", "tail"], ["z", "a", "y", "b"]
+    picked = fair_rerank(base, groups, 2, 1.0, {"head": 0.5, "tail": 0.5}, ids)
+    assert sorted(ids[j] for j in picked) == ["y", "z"]
+    # strength 0 with a candidate lacking a base score (uplift policy, no estimate): exactly top_k
+    upl = policy_score(np.zeros(3), np.array([0.1, np.nan, 0.3]), "uplift")
+    ids3 = ["b", "a", "c"]
+    np.testing.assert_array_equal(fair_rerank(upl, ["g"] * 3, 2, 0.0, {"g": 1.0}, ids3), top_k(upl, 2, ids3))
+    np.testing.assert_array_equal(top_k(upl, 2, ids3), [2, 0])
+
+
+def test_effect_policies_are_refused_only_when_no_score_has_an_effect(spark):
+    from causalrec.ranking import check_effects_available
+
+    none = spark.createDataFrame([("u1", "i1", 0.5, None), ("u2", "i2", 0.4, float("nan"))],
+                                 "user_id string, item_id string, relevance double, uplift double")
+    with pytest.raises(ValueError, match="ranking.policy='uplift' but scores.uplift is null"):
+        check_effects_available(none, "uplift", "relevance")
+    with pytest.raises(ValueError, match="fair_base_policy='uplift'"):
+        check_effects_available(none, "fair", "uplift")
+    check_effects_available(none, "relevance", "uplift")  # relevance needs no effect
+    check_effects_available(none, "fair", "relevance")
+    some = none.union(spark.createDataFrame([("u3", "i1", 0.1, 0.2)], none.schema))
+    check_effects_available(some, "uplift", "relevance")  # u1 and u2 lack estimates: ranked, not refused
 
 
 # --------------------------------------------------------------------------- simulated world

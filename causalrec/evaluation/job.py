@@ -150,11 +150,12 @@ def evaluate_predictions(rows: MetricRows, pred: DataFrame, model: str, ks: list
             if d.where(F.col("outcome").isNotNull()).limit(1).count():
                 rows.add("auc", M.auc(d, col_label="outcome", col_prediction="prediction", **kw), model=model,
                          slice_=sl, details=dict(det, target="outcome"))
+            relevant_at = threshold if task == "rating" else 0.5  # a click outcome is 0/1
             for k in ks:
                 per_user = M.ranking_metrics_by_user(d, d, k=k, col_rating=target, col_prediction="prediction",
-                                                     relevance_threshold=threshold if task == "rating" else 0.5, **kw)
+                                                     relevance_threshold=relevant_at, **kw)
                 rows.add_all(M.mean_with_interval(per_user, list(M.RANKING_METRICS)), model=model, slice_=sl, k=k,
-                             details=dict(det, relevance_threshold=threshold))
+                             details=dict(det, relevance_threshold=relevant_at))
                 if weighting == "none" and per_user_primary is None and k == max(ks):
                     per_user_primary = per_user
         if task == "click":

@@ -274,10 +274,14 @@ def ranking_metrics_by_user(
     al. 2018). Then with hits ``h_i = [rank_i <= K]``:
 
     * precision = ``sum v h / K``; recall = ``sum v h / n_rel``
-    * AP@K = ``sum_i v_i h_i (sum_{j: rank_j <= rank_i} v_j h_j / rank_i) / min(n_rel, K)``
-    * NDCG@K = ``sum v g h / log2(rank + 1)`` over the ideal DCG@K of the gains ``g``
-      (``binary``: 1 if relevant; ``rating``: the rating itself, as scikit-learn's
-      ``ndcg_score``). Unweighted, all four match the textbook definitions.
+    * AP@K = ``sum_i v_i h_i (1 + sum_{j != i: rank_j <= rank_i} v_j h_j) / rank_i / min(n_rel, K)``:
+      the row's own hit is weighted once (``v_i``, not ``v_i^2``: E[o/p * o/p] = 1/p, not 1)
+    * NDCG@K = ``sum v g h / log2(rank + 1)`` over the ideal DCG@K of the weighted gains
+      ``v g`` (the same rows in their best order; ``g``: 1 if relevant, or the rating itself
+      under ``rating``, as scikit-learn's ``ndcg_score``), so a perfect ranking scores 1
+      under every weighting. Unweighted, all four match the textbook definitions.
+
+    A NaN prediction ranks below every number (Spark orders NaN above them).
     """
     _check_columns(rating_true, "ranking_metrics (rating_true)", col_user, col_item, col_rating, col_propensity)
     _check_columns(rating_pred, "ranking_metrics (rating_pred)", col_user, col_item, col_prediction)
@@ -311,7 +315,7 @@ def ranking_metrics_by_user(
         truth = truth.withColumn("v", F.lit(1.0))
 
     ranked = (
-        rating_pred.where(F.col(col_prediction).isNotNull())
+        rating_pred.where(F.col(col_prediction).isNotNull() & ~F.isnan(F.col(col_prediction)))
         .groupBy(F.col(col_user).alias("u"), F.col(col_item).alias("i"))
         .agg(F.max(F.col(col_prediction).cast("double")).alias("s"))
         .withColumn("rank", F.row_number().over(Window.partitionBy("u").orderBy(F.desc("s"), F.asc("i"))))
@@ -326,17 +330,19 @@ def ranking_metrics_by_user(
         Window.unboundedPreceding, Window.currentRow
     )
     j = j.withColumn("cum_vh", F.sum(F.col("v") * F.col("hit")).over(w_ap))
-    # ideal ranking of gains for IDCG
-    j = j.withColumn("ideal_rank", F.row_number().over(Window.partitionBy("u").orderBy(F.desc("gain"), F.asc("i"))))
+    # ideal ranking of the weighted gains for IDCG
+    j = j.withColumn("vg", F.col("v") * F.col("gain"))
+    j = j.withColumn("ideal_rank", F.row_number().over(Window.partitionBy("u").orderBy(F.desc("vg"), F.asc("i"))))
     disc = lambda r: F.lit(1.0) / F.log2(r.cast("double") + 1.0)  # noqa: E731
     per_user = j.groupBy("u").agg(
         F.sum("rel").alias("n_rel"),
         F.sum(F.col("v") * F.col("hit")).alias("vh"),
-        F.sum(F.when(F.col("hit") > 0, F.col("v") * F.col("cum_vh") / F.col("rank")).otherwise(0.0)).alias("ap_num"),
+        F.sum(F.when(F.col("hit") > 0, F.col("v") * (F.col("cum_vh") - F.col("v") * F.col("hit") + F.col("hit"))
+                     / F.col("rank")).otherwise(0.0)).alias("ap_num"),
         F.sum(F.when(F.col("rank").isNotNull(), F.col("v") * F.col("gain") * disc(F.col("rank"))).otherwise(0.0)).alias(
             "dcg"
         ),
-        F.sum(F.when(F.col("ideal_rank") <= k, F.col("gain") * disc(F.col("ideal_rank"))).otherwise(0.0)).alias("idcg"),
+        F.sum(F.when(F.col("ideal_rank") <= k, F.col("vg") * disc(F.col("ideal_rank"))).otherwise(0.0)).alias("idcg"),
     )
     return per_user.where(F.col("n_rel") > 0).select(
         F.col("u").alias(col_user),
@@ -383,8 +389,10 @@ def top_k(
         _check_columns(df, "top_k", col_user, col_item, col_rank)
         return df.where(F.col(col_rank) <= k).select(col_user, col_item, F.col(col_rank).cast("int").alias("rank"))
     _check_columns(df, "top_k", col_user, col_item, col_prediction)
-    # one row per pair (its highest score): repeated log rows must not fill several slots
-    d = df.groupBy(col_user, col_item).agg(F.max(col_prediction).alias(col_prediction))
+    # one row per pair (its highest score): repeated log rows must not fill several slots; NaN counts as
+    # missing (ranked last with nulls), or Spark's ordering would put it above every number
+    score = F.nanvl(F.col(col_prediction).cast("double"), F.lit(None).cast("double"))
+    d = df.groupBy(col_user, col_item).agg(F.max(score).alias(col_prediction))
     w = Window.partitionBy(col_user).orderBy(F.desc(col_prediction), F.asc(col_item))
     return (
         d.withColumn("rank", F.row_number().over(w)).where(F.col("rank") <= k).select(col_user, col_item, "rank")
