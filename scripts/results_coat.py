@@ -124,6 +124,16 @@ def select_and_fit(cfg, kind: str, objective: str, grid: list[dict], train, vali
     best["trials"] = trials
     return best
 
+SEED_METRICS = ("mse", "mae", "auc", "ndcg@5", "recall@5")
+
+
+def summarise_seeds(runs_by_label: dict) -> dict:
+    """Mean and (population) standard deviation of each test metric over one row's seeded runs."""
+    return {label: {m: {"mean": float(np.mean([r[m] for r in runs])), "sd": float(np.std([r[m] for r in runs]))}
+                    for m in SEED_METRICS} | {"runs": runs}
+            for label, runs in runs_by_label.items()}
+
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
@@ -144,6 +154,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3, 4],
                     help="extra training seeds: the MF rows are refit (selection included) with each, and the "
                          "JSON gets every metric's mean and spread over project.seed and these")
+    ap.add_argument("--text-seeds", type=int, nargs="*", default=[1, 2],
+                    help="extra training seeds for the text model's naive and chosen rows (each about 1 min)")
     ap.add_argument("--out", default=str(ROOT / "bench_results" / "results_coat.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -198,33 +210,44 @@ def main(argv=None) -> dict:
         for objective, label in mf_runs:
             best = fit_mf(objective, seed)
             over_seeds[label].append(dict(evaluate(best["fit"]["model"], best["mc"], test, threshold), seed=seed))
-    seed_summary = {label: {m: {"mean": float(np.mean([r[m] for r in runs])), "sd": float(np.std([r[m] for r in runs]))}
-                            for m in ("mse", "mae", "auc", "ndcg@5", "recall@5")} | {"runs": runs}
-                    for label, runs in over_seeds.items()}
+    seed_summary = summarise_seeds(over_seeds)
+    text_summary: dict = {}
     if not args.skip_text:
         text_over = {"freeze_layers": -1, "max_seq_len": 32, "id_dropout": 0.1}
         cfg.train.max_seq_len = 32
         text_valid = {}
-        for objective in ("naive", "ips", "snips", "dr_jl"):
-            label = f"TwoTower-MiniLM-{objective}"
-            print(f"{label}:", flush=True)
+
+        def fit_text(objective: str, seed: int | None = None) -> dict:
             train_rows = train if objective == "dr_jl" else obs
             tgrid = ([{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.text_wd] if objective != "dr_jl"
                      else with_label_fit([{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.dr_wd]))
-            best = select_and_fit(cfg, "two_tower", objective, tgrid, train_rows, valid, shape, args.text_epochs,
-                                  256, text_over, valid_mode=valid_mode)
+            return select_and_fit(cfg, "two_tower", objective, tgrid, train_rows, valid, shape, args.text_epochs,
+                                  256, text_over, valid_mode=valid_mode, seed=seed)
+
+        for objective in ("naive", "ips", "snips", "dr_jl"):
+            label = f"TwoTower-MiniLM-{objective}"
+            print(f"{label}:", flush=True)
+            best = fit_text(objective)
             results[label] = evaluate(best["fit"]["model"], best["mc"], test, threshold)
             results[label]["valid_error"] = text_valid[objective] = best["fit"]["best_valid"]
             selection[label] = {"chosen": best["params"], "trials": best["trials"]}
             print(f"  test: {results[label]}", flush=True)
         # the text model's best debiasing objective, chosen on its own validation error only
         selection["text_best_objective"] = min((o for o in text_valid if o != "naive"), key=text_valid.get)
+        # one text run is noisy too: naive and the chosen objective again under other seeds
+        text_runs = {f"TwoTower-MiniLM-{o}": o for o in ("naive", selection["text_best_objective"])}
+        text_seeds = {label: [dict(results[label], seed=cfg.project.seed)] for label in text_runs}
+        for seed in args.text_seeds:
+            for label, objective in text_runs.items():
+                best = fit_text(objective, seed)
+                text_seeds[label].append(dict(evaluate(best["fit"]["model"], best["mc"], test, threshold), seed=seed))
+        text_summary = summarise_seeds(text_seeds)
     report = {"data": "Coat (Schnabel et al. 2016): train = MNAR ratings, test = MCAR ratings",
               "rows": {"train": len(train), "train_observed": len(obs), "valid": len(valid),
                        "valid_mcar": int((valid["is_mcar"] & (valid["observed"] == 1)).sum()), "test_mcar": len(test)},
               "valid_mode": valid_mode,
               "positive_threshold": threshold, "results": results, "selection": selection,
-              "mf_over_seeds": seed_summary, "anchors": ANCHORS,
+              "mf_over_seeds": seed_summary, "text_over_seeds": text_summary, "anchors": ANCHORS,
               "config": args.config, "overrides": args.set}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,12 +257,14 @@ def main(argv=None) -> dict:
         if k == f"TwoTower-MiniLM-{selection.get('text_best_objective')}":
             k += " (best debiased on valid)"
         print(f"| {k} | {r['mse']:.3f} | {r['mae']:.3f} | {r['auc']:.4f} | {r['ndcg@5']:.4f} | {r['recall@5']:.4f} |")
-    if len(over_seeds["MF-Naive"]) > 1:
-        print(f"\nMF over seeds {[r['seed'] for r in over_seeds['MF-Naive']]}: mean (sd)\n"
-              "| model | MSE | MAE | AUC | NDCG@5 | Recall@5 |\n|---|---|---|---|---|---|")
-        for label, summ in seed_summary.items():
-            print(f"| {label} | " + " | ".join(f"{summ[m]['mean']:.3f} ({summ[m]['sd']:.3f})"
-                                              for m in ("mse", "mae", "auc", "ndcg@5", "recall@5")) + " |")
+    for name, summary in (("MF", seed_summary), ("Text model", text_summary)):
+        seeds = [r["seed"] for r in next(iter(summary.values()), {}).get("runs", [])]
+        if len(seeds) > 1:
+            print(f"\n{name} over seeds {seeds}: mean (sd)\n"
+                  "| model | MSE | MAE | AUC | NDCG@5 | Recall@5 |\n|---|---|---|---|---|---|")
+            for label, summ in summary.items():
+                print(f"| {label} | " + " | ".join(f"{summ[m]['mean']:.3f} ({summ[m]['sd']:.3f})"
+                                                  for m in SEED_METRICS) + " |")
     return report
 
 
