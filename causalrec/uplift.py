@@ -99,7 +99,10 @@ def cell_outcome_model(y, t, cell, prior: float = 10.0):
 def refute(y, t, e, cell, *, seed: int = 0, n_subsets: int = 5, subset_share: float = 0.5, alpha: float = 0.05) -> dict:
     """Refutation checks of the DR average effect on a (driver-sized) sample.
 
-    * placebo: T permuted at random (propensities kept) -> effect ~ 0; ``passed`` if its interval covers 0.
+    * placebo: T permuted at random -> effect ~ 0; ``passed`` if its interval covers 0. The permuted
+      T is assigned at random, so its propensity is its share, not the logged ``e``: weighting a
+      random T by the real ``e`` reweights whatever in ``y`` goes with ``e`` inside a cell (the
+      confounding the cells do not capture) and fails the placebo on a correct design.
     * random_common_cause: a N(0,1) covariate W joins the adjustment set (propensity refit on
       logit(e) and W; outcome model per (cell, sign W)) -> ``passed`` if the estimate moves by less
       than one standard error.
@@ -117,7 +120,7 @@ def refute(y, t, e, cell, *, seed: int = 0, n_subsets: int = 5, subset_share: fl
 
     base = dr(y, t, e, cell)
     tp = rng.permutation(t)
-    placebo = dr(y, tp, e, cell)
+    placebo = dr(y, tp, np.full_like(e, tp.mean()), cell)
     w = rng.normal(size=y.shape[0])
     X = np.column_stack([np.log(e / (1 - e)), w])
     e2 = LogisticRegression().fit(X, t).predict_proba(X)[:, 1].clip(0.01, 0.99) if len(np.unique(t)) == 2 else e
