@@ -462,6 +462,8 @@ def _check_semantics(cfg: Config, where: str) -> None:
         bad("ranking.k", "expected >= 1")
     if not 0 <= cfg.ranking.fairness_strength <= 1:
         bad("ranking.fairness_strength", "expected a value in [0, 1]")
+    if not 0 < cfg.ope.abtest_expected_share < 1:  # the sample-ratio check divides by both arms' shares
+        bad("ope.abtest_expected_share", f"got {cfg.ope.abtest_expected_share}, expected a value in (0, 1)")
     for e in cfg.causal_graph.edges:
         if not isinstance(e, str) or "->" not in e:
             bad("causal_graph.edges", f"edge {e!r} must read 'parent -> child'")

@@ -70,6 +70,14 @@ def test_choice_model_settings_are_checked(tmp_path, yaml_text, key):
         load_config(f)
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0, 1.5])
+def test_abtest_expected_share_must_leave_room_for_both_arms(tmp_path, share):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"ope:\n  abtest_expected_share: {share}\n")
+    with pytest.raises(ConfigError, match=rf"ope.abtest_expected_share: got {share}, expected a value in \(0, 1\)"):
+        load_config(f)
+
+
 def test_override_into_a_section_whose_keys_are_all_commented_out(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  # epochs: 5\n")
