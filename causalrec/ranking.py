@@ -101,7 +101,7 @@ def fair_rerank(base: np.ndarray, groups: Sequence, k: int, strength: float, tar
     b = np.where(np.isfinite(raw), minmax(raw), -1.0)
     g = np.asarray(groups, dtype=object)
     tie = np.asarray(tie if tie is not None else np.arange(n).astype(str))
-    second = _desc(secondary, n)
+    first, second = _desc(raw, n), _desc(secondary, n)  # the tie-break keys, after the adjusted score
     counts: dict = {}
     chosen: list = []
     free = np.ones(n, dtype=bool)
@@ -111,7 +111,7 @@ def fair_rerank(base: np.ndarray, groups: Sequence, k: int, strength: float, tar
         adj = (1 - strength) * b + strength * (tgt - share)
         adj = np.where(free, adj, -np.inf)
         cand = np.flatnonzero(adj >= adj.max() - 1e-12)
-        pick = cand[np.lexsort((tie[cand], second[cand], _desc(raw, n)[cand]))[0]] if len(cand) > 1 else cand[0]
+        pick = cand[np.lexsort((tie[cand], second[cand], first[cand]))[0]] if len(cand) > 1 else cand[0]
         chosen.append(pick)
         free[pick] = False
         counts[g[pick]] = counts.get(g[pick], 0) + 1

@@ -233,9 +233,13 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
     """Logged propensities unchanged when present (and method 'logged'); else MLlib LR/GBT fitted on
     (1 - holdout_fraction) of the events ``scope`` lets a model learn from, diagnosed on the rest of
     them, and scoring every event, clipped."""
+    from causalrec.decisions import DECISION_EVENT
+
     pc = cfg.propensity
+    is_decision = F.col("event_type") == DECISION_EVENT
     has = events.agg(F.count("recommended").alias("rec"), F.count("logged_propensity").alias("lp"),
-                     F.countDistinct("recommended").alias("k")).collect()[0]
+                     F.countDistinct("recommended").alias("k"),
+                     F.count(F.when(is_decision, F.col("recommended"))).alias("decisions")).collect()[0]
     if has["rec"] == 0:
         return None, []
     method = pc.treatment_method
@@ -252,17 +256,14 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
             return choice_propensities(events, user_features, cfg, scope)
         log.info("treatment_method=logged but the events carry no logged propensity: estimating with logistic")
         method = "logistic"
-    from causalrec.decisions import DECISION_EVENT
-
-    flagged = events.where(F.col("recommended").isNotNull())
-    df = with_vectors(flagged.select("event_id", "user_id", "item_id", "event_time",
-                                     F.col("recommended").cast("int").alias("treated"),
-                                     (F.col("event_type") == DECISION_EVENT).alias("_decision")),
+    df = with_vectors(events.where(F.col("recommended").isNotNull())
+                      .select("event_id", "user_id", "item_id", "event_time",
+                              F.col("recommended").cast("int").alias("treated"), is_decision.alias("_decision")),
                       user_features, item_features)
     df = scope.mark(df.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
     # one example per decision: a decision's click and purchase rows carry its flag too, and would
     # weight clicked decisions two or three times (causalrec.decisions); every event is still scored
-    if flagged.where(F.col("event_type") == DECISION_EVENT).limit(1).count():
+    if has["decisions"]:
         df = df.withColumn("_fit", F.col("_fit") & F.col("_decision"))
     cols = tuple(GROUP_COLUMNS[g] for g in feature_groups)
     model = EstimatedTreatment(method, pc.treatment_eps, pc.reg_param, pc.max_iter, cols, cfg.project.seed)
