@@ -313,6 +313,42 @@ def test_two_overwrites_from_the_same_snapshot_one_fails_cleanly(spark, store, t
     assert store.version("t") == 1
 
 
+def test_a_write_checked_against_an_older_version_is_refused(spark, store):
+    store.write(spark.range(3), "t")
+    assert store.write(spark.range(3, 5), "t", expected_version=0) == 1
+    with pytest.raises(ConcurrentWriteError, match="after version 0, which this write was checked against"):
+        store.write(spark.range(10, 12), "t", expected_version=0)
+    with pytest.raises(ConcurrentWriteError, match="not existing yet"):
+        store.write(spark.range(10, 12), "t", expected_version=-1)
+    assert store.version("t") == 1 and store.read("t").count() == 5
+    assert store.write(spark.range(2), "fresh", expected_version=-1) == 0
+
+
+def test_an_expected_version_commit_lands_on_that_version_or_not_at_all(spark, store, monkeypatch):
+    """The race the driver's check cannot see: another append lands between the check and the commit."""
+    from causalrec.storage.delta_rs_commit import commit_files
+    store.write(spark.range(3), "t")
+    path = store.path("t")
+    schema = pa.schema([pa.field("id", pa.int64(), False)])
+    mine = _staged_file(path, schema, "part-a.parquet", [10, 11])
+    theirs = _staged_file(path, schema, "part-b.parquet", [20])
+    common = dict(path=path, arrow_schema=schema, partition_by=[], overwrite=False, replace_where=None, read_version=0)
+    commit_files(files=[theirs], commit_metadata={}, **common)  # a plain append lands first: version 1
+    with pytest.raises(ConcurrentWriteError, match="after version 0"):
+        commit_files(files=[mine], commit_metadata={"_exact_version": True}, **common)
+    assert store.version("t") == 1 and sorted(r.id for r in store.read("t").collect()) == [0, 1, 2, 20]
+    # a blind append planned on the same version is rebased onto the new one and lands
+    commit_files(files=[mine], commit_metadata={}, **common)
+    assert store.version("t") == 2 and store.read("t").count() == 6
+    # through Spark, with the driver's early check out of the way: refused at commit, its files removed
+    monkeypatch.setattr(DeltaStore, "_check_version", lambda self, name, v: None)
+    before = set(os.listdir(path))
+    with pytest.raises(ConcurrentWriteError, match="after version 1"):
+        store.write(spark.range(100, 104), "t", expected_version=1)
+    assert store.version("t") == 2 and store.read("t").count() == 6
+    assert {f for f in set(os.listdir(path)) - before if f.endswith(".parquet")} == set()
+
+
 def test_optimize_and_vacuum_hooks(spark, store):
     for k in range(3):
         store.write(spark.range(k * 10, k * 10 + 10).coalesce(1), "t")
@@ -446,3 +482,44 @@ def test_idempotency_key_is_applied_again_once_its_rows_were_replaced(spark, sto
     assert store.write(df, "t", idempotency_key="k") == 5
     assert sorted(r.id for r in store.read("t").collect()) == [0, 1, 2, 3, 4]
     assert DeltaTable(store.path("t")).transaction_version("k") == 3  # one txn version per application
+
+
+def test_a_keyed_append_whose_rows_survive_a_partition_overwrite_stays_applied(spark, store):
+    """Re-applying a key after a partition overwrite would write its rows outside that partition twice."""
+    df = spark.createDataFrame([("a", 1), ("b", 2)], "p string, x long")
+
+    def rows():
+        return sorted((r.p, r.x) for r in store.read("t").collect())
+
+    assert store.write(df, "t", partition_by=["p"], idempotency_key="k") == 0
+    store.write(spark.createDataFrame([("a", 3)], "p string, x long"), "t", "overwrite", replace_where=[("p", "=", "a")])
+    assert store.has_commit_key("t", "k")  # its row in p=b is still there
+    assert store.write(df, "t", idempotency_key="k") is None
+    assert rows() == [("a", 3), ("b", 2)]
+    # once the other partition is overwritten too, none of its rows is left: it is applied again
+    store.write(spark.createDataFrame([("b", 4)], "p string, x long"), "t", "overwrite", replace_where=[("p", "=", "b")])
+    assert not store.has_commit_key("t", "k")
+    assert store.write(df, "t", idempotency_key="k") == 3
+    assert rows() == [("a", 1), ("a", 3), ("b", 2), ("b", 4)]
+    DeltaTable(store.path("t")).delete("x = 4")  # a conditional delete that leaves the keyed rows
+    assert store.has_commit_key("t", "k") and store.write(df, "t", idempotency_key="k") is None
+
+
+def test_history_entries_of_either_engine_say_which_rows_they_replaced():
+    from causalrec.storage.store import _replaced_rows
+
+    spark_style = [  # delta-spark's operation parameters
+        ({"operation": "WRITE", "operationParameters": {"mode": "Overwrite", "partitionBy": "[]"}}, "all"),
+        ({"operation": "WRITE", "operationParameters": {"mode": "Overwrite", "predicate": "[\"(p = 'a')\"]"}}, "some"),
+        ({"operation": "WRITE", "operationParameters": {"mode": "Append"}}, None),
+        ({"operation": "DELETE", "operationParameters": {"predicate": "[]"}}, "all"),
+        ({"operation": "DELETE", "operationParameters": {"predicate": "[\"(x = 1)\"]"}}, "some"),
+        ({"operation": "RESTORE", "operationParameters": {"version": 3}}, "all"),
+        ({"operation": "OPTIMIZE", "operationParameters": {"predicate": "[]"}}, None),
+        ({"operation": "STREAMING UPDATE", "operationParameters": {"outputMode": "Append"}}, None),
+        # ours: the caller's mode wins over delta-rs's (a schema-evolving append is logged as an overwrite)
+        ({"operation": "WRITE", "operationParameters": {"mode": "Overwrite"}, "causalrecWriteMode": "append"}, None),
+        ({"operation": "WRITE", "causalrecWriteMode": "overwrite", "causalrecReplaceWhere": "[[\"p\", \"=\", \"a\"]]"},
+         "some"),
+    ]
+    assert [_replaced_rows(h) for h, _ in spark_style] == [want for _, want in spark_style]

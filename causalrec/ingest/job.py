@@ -10,7 +10,10 @@ Load: through ``ctx.store`` only, one atomic Delta commit per table write:
   table with the same content are skipped and counted (``rows_already_present``), so a
   rerun adds nothing; the write also carries an idempotency key derived from the rows it
   appends (not from the input), so a retried commit is never applied twice while a rerun
-  whose rules now accept more rows still writes those.
+  whose rules now accept more rows still writes those. The append commits only on the table
+  version the duplicate check read (``DeltaStore.write(expected_version=...)``): when another
+  ingest committed in between, the batch is validated again against the new version (up to
+  ``CONCURRENT_INGEST_ATTEMPTS`` times), so concurrent ingests never both append one event_id.
 * ``events_quarantine``: append the rejected rows (keyed by the batch and those rows).
 * ``users``, ``items``, ``ground_truth``: dimension/truth tables, overwritten (idempotent)
   with the rows :mod:`causalrec.ingest.dimensions` accepts: exact copies collapse to one
@@ -51,10 +54,13 @@ from causalrec.ingest.validate import (
     summarize,
 )
 from causalrec.schemas import DIMENSION_QUARANTINE, EVENTS, EVENTS_QUARANTINE, INGEST_LOG, MCAR_EVENTS
+from causalrec.storage import ConcurrentWriteError
 
 log = logging.getLogger(__name__)
 
 EVENT_SPECS = {"events": EVENTS, "mcar_events": MCAR_EVENTS}
+# validate-and-append tries when another ingest keeps committing to the same table in between
+CONCURRENT_INGEST_ATTEMPTS = 3
 
 
 def batch_id_for(prefix: str, fingerprint: str) -> str:
@@ -69,13 +75,10 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
     ``raw`` was read in (:func:`causalrec.ingest.sources.read_events`); for csv / jsonl the
     quarantine detail names each rejected row's line.
     """
-    from pyspark import StorageLevel
     from causalrec.ingest.sources import number_rows
-    from causalrec.ingest.validate import row_hash, typed_columns
 
     if table not in EVENT_SPECS:
         raise ValueError(f"ingest_events writes events or mcar_events, not {table!r}")
-    spec = EVENT_SPECS[table]
     store = ctx.store
     rules = rules or rules_from_config(ctx.cfg.data)
     started = dt.datetime.now(dt.timezone.utc)
@@ -86,33 +89,15 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
         items = _require_table(store, "items", "data.require_known_items")
 
     numbered = number_rows(raw)
-    existing = store.read(table) if store.exists(table) else None
-    flagged = flag_rows(numbered, rules, users=users, items=items, existing=existing)
-    flagged = flagged.withColumn(FINGERPRINT, row_hash(typed_columns(flagged)))
-    flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        with ctx.step(f"validate {table}"):
-            s = summarize(flagged)
-            # before any write: a failure locating the lines must leave every table as it was
-            lines = _line_args(ctx.spark, flagged, fmt) if s.rows_quarantined else {}
-        batch = batch_id_for(batch_prefix, f"{table}|{source}|{s.fingerprint}|{rules_fingerprint(rules)}")
-        fl = flagged.drop(FINGERPRINT)
-        if s.rows_accepted:
-            with ctx.step(f"write {table}"):
-                # keyed by the rows appended: the same rows are never appended twice, other rows always are
-                store.write(accepted_rows(fl, batch), table, "append", spec=spec,
-                            idempotency_key=batch_id_for(f"{table}-rows", s.accepted_fingerprint),
-                            metadata={"ingest_batch": batch})
-        if s.rows_quarantined:
-            with ctx.step("write events_quarantine"):
-                store.write(quarantined_rows(fl, batch, source or table, **lines), "events_quarantine", "append",
-                            spec=EVENTS_QUARANTINE,
-                            idempotency_key=batch_id_for(f"{batch}:{table}:quarantine", s.quarantined_fingerprint))
-        if not store.exists("events_quarantine"):  # downstream readers may rely on the table existing
-            store.write(ctx.spark.createDataFrame([], EVENTS_QUARANTINE.spark_schema()), "events_quarantine",
-                        "append", spec=EVENTS_QUARANTINE)
-    finally:
-        flagged.unpersist()
+    for attempt in range(1, CONCURRENT_INGEST_ATTEMPTS + 1):
+        try:
+            s, batch = _validate_and_write(ctx, numbered, table, rules, users, items, source, batch_prefix, fmt)
+            break
+        except ConcurrentWriteError as exc:  # every write of an attempt is keyed: a retry repeats none
+            if attempt == CONCURRENT_INGEST_ATTEMPTS:
+                raise ConcurrentWriteError(f"ingest of {source or table}: {table} kept changing under it "
+                                           f"({attempt} attempts); nothing more was written. {exc}") from exc
+            log.warning("%s changed while this batch was validated (%s); validating again", table, exc)
     _write_log(ctx, batch, table, source, read=s.rows_read, accepted=s.rows_accepted,
                quarantined=s.rows_quarantined, already_present=s.rows_already_present, reasons=s.reasons,
                started=started)
@@ -129,6 +114,46 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
         "rows_already_present": s.rows_already_present,
         "reasons": s.reasons,
     }
+
+
+def _validate_and_write(ctx, numbered, table, rules, users, items, source, batch_prefix, fmt):
+    """One attempt: flag the rows against one version of ``table``, append the accepted ones on that
+    version (or raise :class:`ConcurrentWriteError`: two ingests racing with one event_id cannot both
+    append it), then quarantine the rejected ones. Returns (summary, batch id)."""
+    from pyspark import StorageLevel
+    from causalrec.ingest.validate import row_hash, typed_columns
+
+    store = ctx.store
+    read_version = store.version(table)
+    existing = store.read(table, version=read_version) if read_version is not None else None
+    flagged = flag_rows(numbered, rules, users=users, items=items, existing=existing)
+    flagged = flagged.withColumn(FINGERPRINT, row_hash(typed_columns(flagged)))
+    flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        with ctx.step(f"validate {table}"):
+            s = summarize(flagged)
+            # before any write: a failure locating the lines must leave every table as it was
+            lines = _line_args(ctx.spark, flagged, fmt) if s.rows_quarantined else {}
+        batch = batch_id_for(batch_prefix, f"{table}|{source}|{s.fingerprint}|{rules_fingerprint(rules)}")
+        fl = flagged.drop(FINGERPRINT)
+        if s.rows_accepted:
+            with ctx.step(f"write {table}"):
+                # keyed by the rows appended: the same rows are never appended twice, other rows always are
+                store.write(accepted_rows(fl, batch), table, "append", spec=EVENT_SPECS[table],
+                            idempotency_key=batch_id_for(f"{table}-rows", s.accepted_fingerprint),
+                            metadata={"ingest_batch": batch},
+                            expected_version=-1 if read_version is None else read_version)
+        if s.rows_quarantined:
+            with ctx.step("write events_quarantine"):
+                store.write(quarantined_rows(fl, batch, source or table, **lines), "events_quarantine", "append",
+                            spec=EVENTS_QUARANTINE,
+                            idempotency_key=batch_id_for(f"{batch}:{table}:quarantine", s.quarantined_fingerprint))
+        if not store.exists("events_quarantine"):  # downstream readers may rely on the table existing
+            store.write(ctx.spark.createDataFrame([], EVENTS_QUARANTINE.spark_schema()), "events_quarantine",
+                        "append", spec=EVENTS_QUARANTINE)
+    finally:
+        flagged.unpersist()
+    return s, batch
 
 
 def _line_args(spark, flagged, fmt: str) -> dict:

@@ -13,10 +13,11 @@ writers racing with the same key cannot both commit: the loser finds the key and
 :class:`WriteAlreadyApplied` (its files are then removed like any failed write's). The txn
 version (``_key_version``, default 1) lets a key be applied again once its rows were replaced
 (see ``DeltaStore.has_commit_key``): a commit is refused only when the table records the key at
-that version or above.
+that version or above. ``_exact_version`` (the store's ``expected_version``) commits with no retry
+(``max_commit_retries=0``): at exactly ``read_version + 1``, or not at all.
 
 Every commit's commitInfo also records ``causalrecWriteMode`` (the caller's mode: delta-rs logs a
-schema-evolving append as an overwrite) and ``causalrecWriteId`` (so :func:`landed_commit` can
+schema-evolving append as an overwrite), ``causalrecReplaceWhere`` for a partition overwrite and ``causalrecWriteId`` (so :func:`landed_commit` can
 tell whether a write whose job failed had in fact committed).
 """
 from __future__ import annotations
@@ -45,6 +46,14 @@ class WriteCommittedError(RuntimeError):
     Not a :class:`DeltaWriteError` (that one means the table is unchanged): retrying an unkeyed
     write after this would add its rows twice.
     """
+
+
+def moved_message(path: str, checked_version: int, current: int | None = None) -> str:
+    """Why an expected-version write was refused (``DeltaStore.write(expected_version=...)``)."""
+    now = f" (now version {current})" if current is not None else ""
+    checked = f"version {checked_version}" if checked_version >= 0 else "the table not existing yet"
+    return (f"Delta table {path}: another writer committed after {checked}, which this write was checked "
+            f"against{now}; nothing was written. Check the data again against the new version and retry")
 
 
 def _normalise(t: pa.DataType) -> pa.DataType:
@@ -125,13 +134,17 @@ def commit_files(
     allow_evolution = bool(commit_metadata.pop("_merge_schema", False))
     overwrite_schema = bool(commit_metadata.pop("_overwrite_schema", False))
     key_version = int(commit_metadata.pop("_key_version", 1))
+    # the caller checked its data against read_version: land at read_version + 1 or not at all
+    exact = bool(commit_metadata.pop("_exact_version", False))
     key = commit_metadata.get("write_key")
     custom = {"causalrecWriteMode": "overwrite" if overwrite else "append"}
+    if overwrite and replace_where:  # a partition overwrite: earlier rows outside it survive
+        custom["causalrecReplaceWhere"] = json.dumps([list(c) for c in replace_where], default=str)
     if write_id:
         custom["causalrecWriteId"] = write_id
     if commit_metadata:
         custom["causalrec"] = json.dumps(commit_metadata)
-    props = CommitProperties(custom_metadata=custom,
+    props = CommitProperties(custom_metadata=custom, max_commit_retries=0 if exact else None,
                              app_transactions=[Transaction(key, key_version)] if key else None)
     delta_schema = Schema.from_arrow(arrow_schema)
 
@@ -216,6 +229,8 @@ def commit_files(
         done = applied_by_another_writer()
         if done:
             raise done from exc
+        if exact:
+            raise ConcurrentWriteError(moved_message(path, read_version)) from exc
         raise ConcurrentWriteError(
             f"Delta table {path}: a concurrent commit conflicts with this {mode} "
             f"(planned on version {read_version}): {exc}"

@@ -28,11 +28,15 @@ from causalrec.storage.delta_rs_commit import (
     WriteAlreadyApplied,
     WriteCommittedError,
     landed_commit,
+    moved_message,
 )
 
 log = logging.getLogger(__name__)
 
 ReplaceWhere = Sequence[tuple]  # conjunction of (partition column, op, value)
+
+# Delta txn app id that serialises a table's expected-version writes on delta-spark (DeltaStore.write)
+CAS_APP_ID = "causalrec-expected-version"
 
 
 def detect_backend(spark, forced: str = "auto") -> str:
@@ -119,6 +123,7 @@ class DeltaStore:
         idempotency_key: Optional[str] = None,
         metadata: Optional[dict] = None,
         rows_per_file: Optional[int] = None,
+        expected_version: Optional[int] = None,
     ) -> Optional[int]:
         """Write ``df`` atomically; return the new table version (None when skipped as a rerun).
 
@@ -127,6 +132,12 @@ class DeltaStore:
         declared table first. ``idempotency_key``: a write whose key is already applied
         (:meth:`has_commit_key`) is skipped, so a rerun never duplicates; the key is committed with
         the data (a Delta ``txn`` action), so of two concurrent writes with one key only one lands.
+        ``expected_version``: the table version ``df`` was checked against (-1: the table did not
+        exist), for a write whose content depends on what the table held, like an ingest that skips
+        rows already present. It commits only if no other such write came between: delta-rs commits
+        at exactly ``expected_version + 1`` or not at all; delta-spark serialises every
+        expected-version write of a table through one Delta ``txn`` app id (:data:`CAS_APP_ID`).
+        Otherwise :class:`ConcurrentWriteError`, nothing written: re-check against the new version.
         Raises :class:`WriteCommittedError` when the job failed after its commit landed.
         """
         if mode not in ("append", "overwrite"):
@@ -146,18 +157,30 @@ class DeltaStore:
                 return None
             meta["write_key"] = idempotency_key
             key_version = self._next_key_version(name, idempotency_key)
+        if expected_version is not None:
+            self._check_version(name, expected_version)
         try:
             if self.backend == "delta-spark":
                 return self._write_native(df, path, mode, partition_by, replace_where, merge_schema,
-                                          overwrite_schema, meta, key_version)
+                                          overwrite_schema, meta, key_version, expected_version)
             return self._write_rs(df, name, mode, partition_by, replace_where, merge_schema,
-                                  overwrite_schema, meta, rows_per_file, key_version)
+                                  overwrite_schema, meta, rows_per_file, key_version, expected_version)
         except WriteAlreadyApplied:
             log.info("delta: a concurrent writer committed %s to %s first; skipping", idempotency_key, path)
             return None
 
+    def _check_version(self, name: str, expected_version: int) -> None:
+        """Fail fast, before any task writes a file, when the table moved past ``expected_version``."""
+        current = self.version(name)
+        current = -1 if current is None else current
+        if current != expected_version:
+            raise ConcurrentWriteError(moved_message(self.path(name), expected_version, current))
+
     def _write_native(self, df, path, mode, partition_by, replace_where, merge_schema, overwrite_schema, meta,
-                      key_version=1):
+                      key_version=1, expected_version=None):
+        cas = expected_version is not None and expected_version >= 0
+        if cas:  # names this commit, to tell afterwards whether Delta skipped it (see below)
+            meta = {**meta, "cas_write_id": uuid.uuid4().hex[:12]}
         w = df.write.format("delta").mode(mode)
         if partition_by:
             w = w.partitionBy(*partition_by)
@@ -169,20 +192,43 @@ class DeltaStore:
             w = w.option("overwriteSchema", "true")
         if meta:
             w = w.option("userMetadata", json.dumps(meta))
-        if meta.get("write_key"):  # Delta's idempotent writes: a second commit of this key is skipped
+        if cas:
+            # One app id for every expected-version write of this table: Delta refuses a commit whose txn
+            # app id another commit set after this one's snapshot (ConcurrentTransactionException) and
+            # skips one whose txnVersion is not above the recorded one. Versions only grow, so the
+            # recorded value is below every up-to-date writer's. The write key stays in userMetadata,
+            # which has_commit_key reads (Delta takes one txn app id per write).
+            w = w.option("txnAppId", CAS_APP_ID).option("txnVersion", str(expected_version + 1))
+        elif meta.get("write_key"):  # Delta's idempotent writes: a second commit of this key is skipped
             w = w.option("txnAppId", meta["write_key"]).option("txnVersion", str(key_version))
-        w.save(path)
+        try:
+            w.save(path)
+        except Exception as exc:
+            lost = ("ConcurrentTransactionException", "MetadataChangedException", "ProtocolChangedException")
+            if expected_version is not None and any(name in str(exc) for name in lost):
+                raise ConcurrentWriteError(moved_message(path, expected_version, None)) from exc
+            raise
         from delta.tables import DeltaTable as SparkDeltaTable
 
+        if cas:
+            since = SparkDeltaTable.forPath(self.spark, path).history().where(f"version > {expected_version}")
+            mine = [r["version"] for r in since.select("version", "userMetadata").collect()
+                    if (_commit_meta({"userMetadata": r["userMetadata"]}) or {}).get("cas_write_id")
+                    == meta["cas_write_id"]]
+            if not mine:  # Delta skipped it: another expected-version write recorded this txnVersion first
+                raise ConcurrentWriteError(moved_message(path, expected_version, None))
+            return int(mine[0])
         return int(SparkDeltaTable.forPath(self.spark, path).history(1).collect()[0]["version"])
 
     def _write_rs(self, df, name, mode, partition_by, replace_where, merge_schema, overwrite_schema, meta,
-                  rows_per_file, key_version=1):
+                  rows_per_file, key_version=1, expected_version=None):
         path = self.path(name)
         if "://" not in path:
             os.makedirs(path, exist_ok=True)
         exists = self.exists(name)
         read_version = self._dt(name).version() if exists else -1
+        if expected_version is not None:  # planned on that version, committed at the next or not at all
+            read_version = expected_version
         if exists and not (mode == "overwrite" and overwrite_schema and not replace_where):
             table_parts = self.partition_columns(name)
             if partition_by and partition_by != table_parts:
@@ -215,6 +261,8 @@ class DeltaStore:
             commit_meta["_overwrite_schema"] = True
         if meta.get("write_key"):
             commit_meta["_key_version"] = key_version
+        if expected_version is not None:
+            commit_meta["_exact_version"] = True
         write_id = uuid.uuid4().hex[:12]
         w = (
             df.write.format("causalrec_delta")
@@ -291,24 +339,39 @@ class DeltaStore:
         return [m for m in map(_commit_meta, self.history(name, limit)) if m is not None]
 
     def has_commit_key(self, name: str, key: str) -> bool:
-        """Whether the write keyed ``key`` is applied: committed, and no later commit replaced the table's content.
+        """Whether the write keyed ``key`` is applied: committed, and its rows not replaced since.
 
         Why the second half: after an overwrite / delete / restore the keyed commit's rows may be
-        gone, and skipping its rerun would report rows the table no longer holds. Walks the
-        history newest first, so the first of "the keyed commit" or "a replacing commit" decides.
+        gone, and skipping its rerun would report rows the table no longer holds. After a
+        replacement of part of the table (a partition overwrite, a conditional delete) the key
+        stays applied while any file the keyed commit added is still in the table: re-applying it
+        would write its surviving rows twice. Walks the history newest first.
         """
         return self._key_applied(name, key)
 
     def _key_applied(self, name: str, key: str) -> bool:
         if not self.exists(name):
             return False
+        partly_replaced = False
         for h in self.history(name):
             if (_commit_meta(h) or {}).get("write_key") == key:
-                return True
-            if _replaces_content(h):
+                return not partly_replaced or self._added_files_remain(name, int(h["version"]))
+            replaced = _replaced_rows(h)
+            if replaced == "all":
                 return False
+            partly_replaced = partly_replaced or replaced == "some"
         # the keyed commit is older than the retained history (log cleanup), and nothing since replaced it
-        return self._dt(name).transaction_version(key) is not None
+        return not partly_replaced and self._dt(name).transaction_version(key) is not None
+
+    def _added_files_remain(self, name: str, version: int) -> bool:
+        """Whether any data file that commit ``version`` added is still in the latest snapshot.
+
+        Compaction rewrites files without changing rows, so a keyed commit whose files were all
+        compacted and then partly overwritten counts as replaced (README: known gaps)."""
+        def files(v):
+            return set(self._dt(name, v).file_uris()) if v >= 0 else set()
+
+        return bool((files(version) - files(version - 1)) & files(self._dt(name).version()))
 
     def _next_key_version(self, name: str, key: str) -> int:
         """The Delta txn version a new commit of ``key`` carries (commits are refused at or below the recorded one).
@@ -375,23 +438,32 @@ def _commit_meta(h: dict) -> Optional[dict]:
     return meta if isinstance(meta, dict) else None
 
 
-def _replaces_content(h: dict) -> bool:
-    """Whether a history entry may have removed earlier commits' rows: an overwrite, delete, truncate, restore or replace.
+def _replaced_rows(h: dict) -> Optional[str]:
+    """Which earlier rows a history entry may have removed: ``"all"`` (an overwrite, truncate, restore,
+    replace, unconditional delete), ``"some"`` (a partition overwrite, a conditional delete) or None.
 
-    Operation names as delta-rs and delta-spark write them (WRITE with mode Overwrite, also for a
-    partition overwrite; DELETE; TRUNCATE; RESTORE; CREATE OR REPLACE TABLE / REPLACE TABLE AS
-    SELECT; STREAMING UPDATE in complete mode). Our own commits record the caller's mode
-    (``causalrecWriteMode``), because delta-rs logs a schema-evolving append as an overwrite.
+    Operation names as delta-rs and delta-spark write them (WRITE with mode Overwrite, with a
+    ``predicate`` for a partition overwrite; DELETE; TRUNCATE; RESTORE; CREATE OR REPLACE TABLE /
+    REPLACE TABLE AS SELECT; STREAMING UPDATE in complete mode). Our own commits record the
+    caller's mode (``causalrecWriteMode``, because delta-rs logs a schema-evolving append as an
+    overwrite) and a partition overwrite's condition (``causalrecReplaceWhere``).
     """
     if h.get("causalrecWriteMode"):
-        return h["causalrecWriteMode"] == "overwrite"
+        if h["causalrecWriteMode"] != "overwrite":
+            return None
+        return "some" if h.get("causalrecReplaceWhere") else "all"
     op = str(h.get("operation") or "").upper()
     params = h.get("operationParameters") or {}
-    if op in ("DELETE", "TRUNCATE", "RESTORE") or "REPLACE" in op:
-        return True
+    conditional = str(params.get("predicate") or "").strip() not in ("", "[]")
+    if op in ("TRUNCATE", "RESTORE") or "REPLACE" in op:
+        return "all"
+    if op == "DELETE":
+        return "some" if conditional else "all"
     if op == "STREAMING UPDATE":
-        return str(params.get("outputMode", "")).lower() == "complete"
-    return str(params.get("mode", "")).lower() == "overwrite"
+        return "all" if str(params.get("outputMode", "")).lower() == "complete" else None
+    if str(params.get("mode", "")).lower() == "overwrite":
+        return "some" if conditional else "all"
+    return None
 
 
 def _arrow_schema_of(dt):
