@@ -265,6 +265,10 @@ class OPEConfig:
     # the uplift stage's outcome of a decision (an impression with a recommended flag): None = its own
     # value (the click); an event type (e.g. "purchase") = that type's summed value, same user/item/session
     uplift_outcome_event: Optional[str] = None
+    # both outcome events above (reward_event, uplift_outcome_event) go to the latest decision of the
+    # same user/item/session (OPE: and slot) at or before them; with this set, only if at most this
+    # many seconds after it (None = no window; causalrec/decisions.py)
+    attribution_window_s: Optional[float] = None
     uplift_min_rows: int = 30  # per-item / per-segment cells with fewer treated or fewer control rows are not reported
     uplift_refutation_sample: float = 0.2  # share of rows used by the refutation checks
 
@@ -464,6 +468,9 @@ def _check_semantics(cfg: Config, where: str) -> None:
         bad("ranking.fairness_strength", "expected a value in [0, 1]")
     if not 0 < cfg.ope.abtest_expected_share < 1:  # the sample-ratio check divides by both arms' shares
         bad("ope.abtest_expected_share", f"got {cfg.ope.abtest_expected_share}, expected a value in (0, 1)")
+    w = cfg.ope.attribution_window_s
+    if w is not None and not 0 < w < float("inf"):  # also refuses nan
+        bad("ope.attribution_window_s", f"got {w}, expected a finite number of seconds > 0 (null: no window)")
     for e in cfg.causal_graph.edges:
         if not isinstance(e, str) or "->" not in e:
             bad("causal_graph.edges", f"edge {e!r} must read 'parent -> child'")

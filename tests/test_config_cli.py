@@ -70,6 +70,17 @@ def test_choice_model_settings_are_checked(tmp_path, yaml_text, key):
         load_config(f)
 
 
+@pytest.mark.parametrize("value", ["0", "-5", ".nan", ".inf"])
+def test_attribution_window_must_be_positive_seconds(tmp_path, value):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"ope:\n  attribution_window_s: {value}\n")
+    with pytest.raises(ConfigError, match=r"ope.attribution_window_s: got .*, expected a finite number of seconds > 0"):
+        load_config(f)
+    f.write_text("ope:\n  attribution_window_s: 30\n")
+    assert load_config(f).ope.attribution_window_s == 30.0
+    assert load_config(REPO / "conf" / "local.yaml").ope.attribution_window_s is None  # default: no window
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0, 1.5])
 def test_abtest_expected_share_must_leave_room_for_both_arms(tmp_path, share):
     f = tmp_path / "c.yaml"

@@ -13,7 +13,8 @@ from causalrec.schemas import EVENTS, OPE_RESULTS
 
 def _events(spark, rows):
     pdf = pd.DataFrame(rows)
-    pdf["event_time"] = pd.Timestamp("2024-01-01", tz="UTC")
+    if "event_time" not in pdf:
+        pdf["event_time"] = pd.Timestamp("2024-01-01", tz="UTC")
     pdf["event_date"] = dt.date(2024, 1, 1)
     pdf["ingest_batch"] = "t"
     from causalrec.schemas import conform
@@ -137,6 +138,36 @@ def test_logged_rows_are_one_per_decision_with_its_reward(spark):
                                                                                       ("u2", 0.0, 0.5)]
     with pytest.raises(ValueError, match="reward_event='add_to_cart'"):
         logged_rows(events, reward_event="add_to_cart")
+
+
+def test_reward_event_goes_to_the_latest_decision_at_or_before_it_within_the_window(spark):
+    """ope.reward_event attribution: the old key-only join credited all four purchases (15.0) to both
+    impressions of u1/i1/s1 in slot 1 - the purchase before both, and each one's purchases to the other."""
+    from causalrec.ope.job import logged_rows
+
+    t0 = pd.Timestamp("2024-01-01 12:00", tz="UTC")
+    ev = [("p0", "purchase", -10, 8.0, 1),  # before any decision: credited to none
+          ("A", "impression", 0, 0.0, 1), ("p1", "purchase", 60, 1.0, 1),
+          ("B", "impression", 100, 1.0, 1), ("C", "impression", 105, 0.0, 2),  # C: slot 2, no purchase in it
+          ("p2", "purchase", 110, 2.0, 1), ("p3", "purchase", 200, 4.0, 1)]
+    events = _events(spark, [dict(event_id=e, user_id="u1", item_id="i1", event_type=t, value=v, position=pos,
+                                  event_time=t0 + pd.Timedelta(seconds=s), logged_propensity=0.5, policy="logging",
+                                  session_id="s1") for e, t, s, v, pos in ev])
+
+    row_ids = {r["h"]: r["event_id"] for r in events.selectExpr("event_id", "xxhash64(event_id) AS h").collect()}
+
+    def rewards(window=None):  # impression -> reward, one row per impression
+        rows, _ = logged_rows(events, reward_event="purchase", attribution_window_s=window)
+        got = [(row_ids[r["row_id"]], r["reward"]) for r in rows.collect()]
+        assert len(got) == 3
+        return dict(got)
+
+    assert rewards() == {"A": 1.0, "B": 6.0, "C": 0.0}
+    assert rewards(60) == {"A": 1.0, "B": 2.0, "C": 0.0}  # the window is inclusive: p1 is 60 s after A
+    assert rewards(30) == {"A": 0.0, "B": 2.0, "C": 0.0}  # p1 (60 s) and p3 (100 s after B) are too late
+    # the impression's own value (no reward_event) is untouched by the rule
+    rows, _ = logged_rows(events, attribution_window_s=30)
+    assert sorted(r["reward"] for r in rows.collect()) == [0.0, 0.0, 1.0]
 
 
 def test_bootstrap_rows_say_how_many_replicates_were_dropped(spark):

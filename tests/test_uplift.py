@@ -141,17 +141,21 @@ def test_uplift_stage_names_the_missing_arm(ctx, spark):
 def test_one_row_per_decision_with_its_outcome_not_one_per_outcome_event(spark):
     """The simulator writes a decision's click and purchase as rows of their own, with its flag: counted
     as units they would put a clicked decision in the means two or three times."""
+    import datetime as dt
+
     from causalrec.uplift import treatment_rows
 
     cols = "event_id string, user_id string, item_id string, event_type string, value double, recommended boolean, " \
-           "session_id string"
-    events = spark.createDataFrame([
+           "session_id string, event_time timestamp"
+    t0 = dt.datetime(2024, 1, 1, 12)
+    at = {"imp": t0, "click": t0 + dt.timedelta(seconds=5), "buy": t0 + dt.timedelta(seconds=60)}  # as simulated
+    events = spark.createDataFrame([r + (at[r[0].split(":")[1]],) for r in [
         ("a:imp", "u1", "i1", "impression", 1.0, True, "s1"), ("a:click", "u1", "i1", "click", 1.0, True, "s1"),
         ("a:buy", "u1", "i1", "purchase", 1.0, True, "s1"),
         ("b:imp", "u2", "i1", "impression", 0.0, False, "s2"),
         ("c:imp", "u3", "i1", "impression", 1.0, False, None), ("c:click", "u3", "i1", "click", 1.0, False, None),
         ("d:imp", "u1", "i1", "impression", 0.0, True, "s9"),  # the same pair in another session: no purchase
-    ], cols)
+    ]], cols)
     rows = treatment_rows(events).toPandas().set_index("event_id").sort_index()
     assert list(rows.index) == ["a:imp", "b:imp", "c:imp", "d:imp"]
     assert list(rows["y"]) == [1.0, 0.0, 1.0, 0.0] and list(rows["t"]) == [1.0, 0.0, 0.0, 1.0]
@@ -159,3 +163,45 @@ def test_one_row_per_decision_with_its_outcome_not_one_per_outcome_event(spark):
     assert list(bought.index) == ["a:imp", "b:imp", "c:imp", "d:imp"] and list(bought["y"]) == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="uplift_outcome_event='rating'"):
         treatment_rows(events, outcome_event="rating")
+
+
+def test_outcome_event_attribution_by_time_ties_nulls_and_window(spark):
+    """ope.uplift_outcome_event through the same rule as OPE's reward_event (causalrec.decisions): the old
+    key-only join gave a:imp and b:imp of u1/i1/s1 every purchase of the session (7.0 each)."""
+    import datetime as dt
+
+    from causalrec.uplift import treatment_rows
+
+    t0 = dt.datetime(2024, 1, 1, 12)
+
+    def at(s):
+        return None if s is None else t0 + dt.timedelta(seconds=s)
+
+    cols = "event_id string, user_id string, item_id string, event_type string, value double, recommended boolean, " \
+           "session_id string, event_time timestamp"
+    rows = [("z:buy", "u1", "i1", "purchase", 4.0, True, "s1", -5),  # before every decision: nobody's
+            ("a:imp", "u1", "i1", "impression", 0.0, True, "s1", 0),
+            ("a:buy", "u1", "i1", "purchase", 1.0, True, "s1", 60),
+            ("b:imp", "u1", "i1", "impression", 0.0, False, "s1", 300),
+            ("b:buy", "u1", "i1", "purchase", 2.0, False, "s1", 301),
+            # two decisions at the same instant: the outcome goes to one of them (the greater id), not to both
+            ("e1:imp", "u2", "i1", "impression", 0.0, True, "s2", 0),
+            ("e2:imp", "u2", "i1", "impression", 0.0, False, "s2", 0),
+            ("e:buy", "u2", "i1", "purchase", 1.0, True, "s2", 0),  # at the decision's instant: credited
+            # null times cannot be placed: a null-time decision gets 0, a null-time outcome goes to none
+            ("n:imp", "u3", "i1", "impression", 0.0, True, "s3", None),
+            ("n:buy", "u3", "i1", "purchase", 1.0, True, "s3", 9),
+            ("m:imp", "u4", "i1", "impression", 0.0, True, "s4", 0),
+            ("m:buy", "u4", "i1", "purchase", 1.0, True, "s4", None)]
+    events = spark.createDataFrame([r[:-1] + (at(r[-1]),) for r in rows], cols)
+
+    def y(window=None):
+        got = treatment_rows(events, outcome_event="purchase", attribution_window_s=window).toPandas()
+        assert got.event_id.is_unique
+        return got.set_index("event_id")["y"].to_dict()
+
+    assert y() == {"a:imp": 1.0, "b:imp": 2.0, "e1:imp": 0.0, "e2:imp": 1.0, "n:imp": 0.0, "m:imp": 0.0}
+    assert y(10) == {"a:imp": 0.0, "b:imp": 2.0, "e1:imp": 0.0, "e2:imp": 1.0, "n:imp": 0.0, "m:imp": 0.0}
+    with pytest.raises(ValueError, match="event_time"):  # no times: refused, not silently unattributed
+        treatment_rows(events.drop("event_time"), outcome_event="purchase")
+    assert treatment_rows(events.drop("event_time")).count() == 6  # the decision's own value needs no time

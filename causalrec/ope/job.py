@@ -16,10 +16,12 @@ Which log is the "logged policy":
 * rows with ``logged_propensity`` (OBD, simulator): the logging policy's own propensities;
   the unit is (context, position) with position-specific propensities. One row per logged
   decision, i.e. per ``impression`` event; its reward is the impression's ``value`` (OBD and the
-  simulator: the click, 0/1) or, with ``ope.reward_event``, the summed ``value`` of that
-  decision's events of the type (same user, item, slot and session; 0 without one). Click and
-  purchase events are outcomes, not decisions: the simulator also writes the propensity on them,
-  and counting them as rows would count a clicked decision 2-3 times (selection on the outcome).
+  simulator: the click, 0/1) or, with ``ope.reward_event``, the summed ``value`` of the events of
+  that type attributed to the decision (same user, item, slot and session, at or after it and
+  before the next such decision, within ``ope.attribution_window_s`` when set; 0 without one;
+  :mod:`causalrec.decisions`). Click and purchase events are outcomes, not decisions: the
+  simulator also writes the propensity on them, and counting them as rows would count a clicked
+  decision 2-3 times (selection on the outcome).
 * no logging propensities (Coat): the logged "policy" is the MNAR exposure. A rated pair is
   treated as a draw from ``pi_b(i | u) = p_ui / sum_j p_uj`` with ``p_ui`` from the
   ``exposure_propensity`` table (fallback: item popularity, flagged in the summary), and the
@@ -49,11 +51,12 @@ log = logging.getLogger(__name__)
 
 
 def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.0,
-                reward_event: Optional[str] = None):
+                reward_event: Optional[str] = None, attribution_window_s: Optional[float] = None):
     """events -> (rows, mode): row_id, user_id, item_id, stratum, slot, reward, pscore.
 
     ``mode`` is "logged_propensity" or "exposure" (see module docstring). ``reward_event``
-    (``ope.reward_event``; logged propensities only): None = the impression's own value.
+    (``ope.reward_event``; logged propensities only): None = the impression's own value;
+    ``attribution_window_s`` (``ope.attribution_window_s``): see :func:`causalrec.decisions.with_outcome`.
     """
     from pyspark.sql import functions as F
 
@@ -66,6 +69,7 @@ def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.
         F.coalesce(F.col("position"), F.lit(0)).cast("int").alias("slot"), session.alias("session"),
         "event_type", F.col("value").cast("double").alias("value"),
         F.col("logged_propensity").cast("double").alias("logged_propensity"),
+        *(["event_time"] if "event_time" in events.columns else []),
     )
     with_p = base.where(F.col("logged_propensity").isNotNull())
     if with_p.limit(1).count() > 0:
@@ -74,7 +78,7 @@ def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.
             raise ValueError(f"events: rows with logged_propensity but no {DECISION_EVENT!r} event among them; "
                              f"OPE counts one row per logged decision (impression)")
         decisions = with_outcome(decisions, base, reward_event, ["user_id", "item_id", "slot", "session"],
-                                 "ope.reward_event")
+                                 "ope.reward_event", decision_id="row_id", window_s=attribution_window_s)
         rows = decisions.select(
             "row_id", "user_id", "item_id", "stratum", "slot",
             F.col("outcome").alias("reward"), F.col("logged_propensity").alias("pscore"))
@@ -199,7 +203,8 @@ def run(ctx: Context) -> dict:
         events = store.read("events")
         ep = store.read("exposure_propensity") if store.exists("exposure_propensity") else None
     with ctx.step("ope: logged rows, reward model, policies"):
-        rows, mode = logged_rows(events, ep, cfg.training_set.positive_threshold, oc.reward_event)
+        rows, mode = logged_rows(events, ep, cfg.training_set.positive_threshold, oc.reward_event,
+                                 oc.attribution_window_s)
         rows = rows.persist()
         item_q = reward_model(rows).persist()
         strategies = list(dict.fromkeys(oc.strategies))
