@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 import numpy as np
 from scipy import stats as sps
+
+from causalrec.explain import ci_level
 
 SRM_P_THRESHOLD = 0.001
 
@@ -101,40 +103,74 @@ def srm_check(n_treatment: int, n_control: int, expected_treatment_share: float 
 # -------------------------------------------------------------------- Spark side
 
 
-def unit_outcomes(events, arm_column: str, start: Optional[str], covariate=None, metric_event: Optional[str] = None):
+def experiment_start(events, arm_column: str, start=None) -> datetime:
+    """The experiment start as a UTC datetime: ``start`` (ISO timestamp or datetime; without a zone,
+    UTC) or, when None, the time of the first arm-labelled event (one scalar aggregate)."""
+    from pyspark.sql import functions as F
+
+    if start is not None:
+        if not isinstance(start, datetime):
+            try:
+                start = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise ValueError(f"ope.abtest_start: {start!r} is not an ISO timestamp (e.g. 2024-01-10T00:00:00)") \
+                    from exc
+        return start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+    # epoch microseconds, not a collected timestamp (PySpark would read that in the driver's OS time zone)
+    first = events.where(F.col(arm_column).isNotNull()).agg(F.unix_micros(F.min("event_time"))).first()[0]
+    if first is None:
+        raise ValueError(f"A/B test: no event carries an arm in events.{arm_column}")
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(first))
+
+
+def unit_outcomes(events, arm_column: str, start, covariate=None, metric_event: Optional[str] = None):
     """events -> per-unit (user) frame: arm, y (mean outcome in the experiment window), x (pre-period covariate).
 
-    Experiment window: the arm-labelled events from ``start`` on; a user's arm is its label
-    there. ``start`` None = the time of the first arm-labelled event (the experiment start).
-    Pre-period covariate (CUPED, Deng et al. 2013): the user's mean outcome over ALL of its
-    events before ``start``, labelled or not (before the experiment there is no arm to label
-    them with), so it is measured before treatment and does not depend on the assignment; 0 for
-    users without pre-period events. A covariate measured inside the treated window would absorb
-    part of the effect (it is a mediator) and bias CUPED towards 0. ``covariate`` (user_id, x),
-    e.g. a user_features column, replaces it. Users seen in more than one arm are dropped
+    Experiment window: the arm-labelled events from ``start`` on (see :func:`experiment_start`);
+    a user's arm is its label there, and every user with such an event is a unit, whatever the
+    event's type. ``y``: the mean value of the user's window events, or with ``metric_event`` of
+    its window events of that type only; 0 for a unit without any (assigned, never converted:
+    dropping it would compare converters only and skew the arm sizes).
+    Pre-period covariate (CUPED, Deng et al. 2013): the user's mean outcome (the same events:
+    all, or those of ``metric_event``) over ALL of its events before ``start``, labelled or not
+    (before the experiment there is no arm to label them with), so it is measured before
+    treatment and does not depend on the assignment; 0 for users without pre-period events. A
+    covariate measured inside the treated window would absorb part of the effect (it is a
+    mediator) and bias CUPED towards 0. ``covariate`` (user_id, x), e.g. a user_features column
+    computed before the start, replaces it. Users seen in more than one arm are dropped
     (contaminated) and counted.
     """
     from pyspark.sql import functions as F
 
-    ev = events.where(F.col("event_type") == metric_event) if metric_event else events
-    ev = ev.withColumn("y", F.coalesce(F.col("value").cast("double"), F.lit(0.0)))
-    if start is None:
-        first = events.where(F.col(arm_column).isNotNull()).agg(F.min(F.col("event_time").cast("double"))).first()[0]
-        if first is None:
-            raise ValueError(f"A/B test: no event carries an arm in events.{arm_column}")
-        start_ts = F.lit(first).cast("timestamp")
-    else:
-        start_ts = F.lit(start).cast("timestamp")
+    start_ts = F.lit(experiment_start(events, arm_column, start)).cast("timestamp")
+    is_metric = (F.col("event_type") == metric_event) if metric_event else F.lit(True)
+    ev = events.withColumn("y", F.coalesce(F.col("value").cast("double"), F.lit(0.0)))
     post = ev.where(F.col(arm_column).isNotNull() & (F.col("event_time") >= start_ts))
-    pre = ev.where(F.col("event_time") < start_ts)
+    pre = ev.where((F.col("event_time") < start_ts) & is_metric)
+    # units and arms from every labelled window event; y from the metric events among them (avg skips nulls)
     arms = post.groupBy("user_id").agg(F.countDistinct(arm_column).alias("n_arms"), F.first(arm_column).alias("arm"),
-                                       F.avg("y").alias("y"))
+                                       F.avg(F.when(is_metric, F.col("y"))).alias("y"))
     contaminated = arms.where("n_arms > 1").count()
-    units = arms.where("n_arms = 1").drop("n_arms")
+    units = arms.where("n_arms = 1").drop("n_arms").withColumn("y", F.coalesce(F.col("y"), F.lit(0.0)))
     if covariate is None:
         covariate = pre.groupBy("user_id").agg(F.avg("y").alias("x"))
     units = units.join(covariate, "user_id", "left").withColumn("x", F.coalesce(F.col("x").cast("double"), F.lit(0.0)))
     return units, contaminated
+
+
+def covariate_as_of(user_features):
+    """The time user_features were computed as of (features.cutoff: only events strictly before it were
+    used), from its ``as_of`` column; None when the table does not record it."""
+    from pyspark.sql import functions as F
+
+    if "as_of" not in user_features.columns:
+        return None
+    t = user_features.agg(F.unix_micros(F.max("as_of"))).first()[0]
+    return None if t is None else datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(t))
+
+
+def _utc(t: datetime) -> str:
+    return t.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ") + " UTC"
 
 
 def arm_stats(units) -> dict:
@@ -160,7 +196,7 @@ def analyse(stats: dict, treatment: str, control: str, expected_share: float = 0
 def summary_line(r: dict, treatment: str, control: str, alpha: float) -> str:
     """One printed result: estimate ± the half-width of its (1 - alpha) interval, labelled with that level."""
     return (f"{r['method']:<14} {treatment} - {control}: {r['estimate']:+.5f} ± {r['ci_high'] - r['estimate']:.5f} "
-            f"({100 * (1 - alpha):g}% CI; p={r['p_value']:.3g}; variance reduction {r['variance_reduction']:.1%})")
+            f"({ci_level(alpha)} CI; p={r['p_value']:.3g}; variance reduction {r['variance_reduction']:.1%})")
 
 
 def run(ctx) -> dict:
@@ -178,8 +214,23 @@ def run(ctx) -> dict:
         if oc.abtest_covariate not in uf.columns:
             raise ValueError(f"user_features has no column {oc.abtest_covariate!r} (columns: {uf.columns})")
         covariate = uf.select("user_id", uf[oc.abtest_covariate].alias("x"))
+    start = experiment_start(events, arm_col, oc.abtest_start)
+    if covariate is not None:
+        # user_features are as of features.cutoff (default: after the last event): a covariate that saw
+        # the treated window absorbs part of the effect and biases CUPED towards 0
+        as_of = covariate_as_of(uf)
+        if as_of is None or as_of > start:
+            when = (f"do not record when they were computed (no as_of column), so they may postdate the "
+                    f"experiment start {_utc(start)}" if as_of is None else
+                    f"were computed as of {_utc(as_of)}, after the experiment start {_utc(start)}")
+            raise ValueError(
+                f"ope.abtest_covariate={oc.abtest_covariate!r}: user_features {when}; the covariate may then "
+                "include treated events and bias CUPED towards 0. Rebuild the features with "
+                f"features.cutoff at or before the start (causalrec features <config> --set "
+                f"features.cutoff={start.astimezone(timezone.utc).replace(tzinfo=None).isoformat()}), or drop "
+                "ope.abtest_covariate to use the pre-period covariate (every event of the user before the start)")
     with ctx.step("abtest: unit outcomes"):
-        units, contaminated = unit_outcomes(events, arm_col, oc.abtest_start, covariate, oc.abtest_metric_event)
+        units, contaminated = unit_outcomes(events, arm_col, start, covariate, oc.abtest_metric_event)
         stats = arm_stats(units)
     arms = sorted(stats)
     treatment = oc.abtest_treatment or (arms[-1] if len(arms) >= 2 else None)

@@ -2,10 +2,11 @@
 
 Three facts, each from a real quantity and stated with it:
 
-* the estimated lift from recommending (``uplift``), with its 95% interval when it has a
+* the estimated lift from recommending (``uplift``), with its ``1 - alpha`` interval when it has a
   standard error (``uplift_se``); without one, the item's average effect from ``uplift_effects``
   may be quoted beside it, as that, with its own point estimate and interval (an interval is
-  never attached to a number it was not computed for);
+  never attached to a number it was not computed for, nor labelled with a level it was not
+  computed at: ``alpha`` is the caller's ``ope.alpha``, the level uplift_effects are computed at);
 * the history items most responsible: cosine similarity of the item's text embedding
   to each of the user's recent items, naming the top one or two by title;
 * whether fairness re-ranking boosted it, and for which group.
@@ -16,20 +17,26 @@ Nothing is said that the numbers do not support: no interval without one, no
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Optional, Sequence
 
 import numpy as np
 
-Z95 = 1.959963984540054
+
+def ci_level(alpha: float) -> str:
+    """The level of a ``1 - alpha`` interval as printed in every label: 0.05 -> "95%", 0.1 -> "90%"."""
+    return f"{100 * (1 - alpha):g}%"
 
 
-def lift_interval(uplift: Optional[float], se: Optional[float] = None) -> Optional[tuple[float, float]]:
-    """95% normal interval of ``uplift`` from its own standard error; None without one (a per-item
-    interval belongs to the item's average effect, not to a model's per-pair uplift)."""
+def lift_interval(uplift: Optional[float], se: Optional[float] = None,
+                  alpha: float = 0.05) -> Optional[tuple[float, float]]:
+    """``1 - alpha`` normal interval of ``uplift`` from its own standard error; None without one (a
+    per-item interval belongs to the item's average effect, not to a model's per-pair uplift)."""
     if uplift is None or not _finite(uplift):
         return None
     if _finite(se) and se > 0:
-        return (uplift - Z95 * se, uplift + Z95 * se)
+        z = NormalDist().inv_cdf(1 - alpha / 2)
+        return (uplift - z * se, uplift + z * se)
     return None
 
 
@@ -60,20 +67,22 @@ def _signed(x: float, probability: bool) -> str:
     return f"{x * 100:+.1f}" if probability else f"{x:+.2f}"
 
 
-def _interval_text(interval: tuple[float, float], probability: bool) -> str:
+def _interval_text(interval: tuple[float, float], probability: bool, alpha: float) -> str:
     lo, hi = interval
-    s = f" (95% interval {_signed(lo, probability)} to {_signed(hi, probability)}"
+    s = f" ({ci_level(alpha)} interval {_signed(lo, probability)} to {_signed(hi, probability)}"
     return s + (", so the lift may be zero)" if lo <= 0 <= hi else ")")
 
 
 def explain(*, policy: str, rank: int, relevance: Optional[float], uplift: Optional[float],
             interval: Optional[tuple[float, float]], similar: Sequence[tuple[str, float]],
             boosted: bool, group: Optional[str] = None, attribute: str = "popularity_group",
-            probability: bool = True, item_effect: Optional[tuple[float, float, float]] = None) -> str:
+            probability: bool = True, item_effect: Optional[tuple[float, float, float]] = None,
+            alpha: float = 0.05) -> str:
     """One recommendation's explanation; every clause carries the number it rests on.
 
     ``interval`` belongs to ``uplift``; ``item_effect`` = (effect, ci_low, ci_high) is the item's
-    average effect over logged users, stated as its own clause.
+    average effect over logged users, stated as its own clause. Both intervals are ``1 - alpha``
+    intervals (uplift_effects: ``ope.alpha``; ``interval``: :func:`lift_interval` at that alpha).
     """
     parts = []
     if _finite(uplift):
@@ -83,7 +92,7 @@ def explain(*, policy: str, rank: int, relevance: Optional[float], uplift: Optio
         if uplift != 0:
             s += f" by {_amount(uplift, probability)}"
         if interval is not None:
-            s += _interval_text(interval, probability)
+            s += _interval_text(interval, probability, alpha)
         parts.append(s + ".")
     elif item_effect is None:
         parts.append("No estimate of the effect of recommending this is available.")
@@ -91,7 +100,7 @@ def explain(*, policy: str, rank: int, relevance: Optional[float], uplift: Optio
         eff, lo, hi = item_effect
         unit = "percentage points" if probability else "rating points"
         parts.append(f"Averaged over the users it was logged for, the item's effect of being recommended is "
-                     f"estimated at {_signed(eff, probability)} {unit}{_interval_text((lo, hi), probability)}.")
+                     f"estimated at {_signed(eff, probability)} {unit}{_interval_text((lo, hi), probability, alpha)}.")
     if similar:
         names = " and ".join(f"'{_short(t)}' (similarity {s:.2f})" for t, s in similar)
         parts.append(f"It is most similar to {names} from your recent history.")

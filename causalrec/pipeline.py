@@ -39,11 +39,12 @@ STAGE_SECTIONS = {
     "candidates": ("candidates", "training_set.positive_threshold", "features.history_length",
                    "propensity.clip_min", "train.model_path", "train.max_seq_len"),
     "score": ("scoring",),
-    "recommend": ("ranking", "training_set.positive_threshold", "features.history_length"),
+    "recommend": ("ranking", "training_set.positive_threshold", "features.history_length", "ope.alpha"),
     "ope": ("ope", "training_set.positive_threshold"),
     "evaluate": ("evaluation", "training_set.positive_threshold", "propensity.treatment_eps", "ranking.k",
-                 "scoring.batch_size", "train.task", "data.source"),
-    "report": ("evaluation", "data.source"),
+                 "ranking.fair_base_policy", "ranking.blend_weight", "scoring.batch_size", "train.task",
+                 "data.source"),
+    "report": ("evaluation", "data.source", "ope.alpha"),
 }
 
 

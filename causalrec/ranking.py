@@ -139,9 +139,19 @@ def gini(values) -> float:
     return float((n + 1 - 2 * (cum / cum[-1]).sum()) / n)
 
 
+def policy_top_k(rel: np.ndarray, upl: np.ndarray, ids: np.ndarray, policy: str, blend_weight: float, k: int):
+    """(scores, unconstrained top-``k`` positions, tie-break key) of one user's candidates under
+    ``policy``'s score (relevance / uplift / blend): the list a policy ranks, or fair re-ranking
+    starts from. Equal scores (no effect estimate, equal blends) go to the more relevant candidate,
+    then to the lower item id."""
+    score = policy_score(rel, upl, policy, blend_weight)
+    second = rel if policy != "relevance" else None
+    return score, top_k(score, k, ids, second), second
+
+
 def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fair_base: str,
               strength: float, targets: dict, attribute: str, emb: Optional[dict] = None,
-              titles: Optional[dict] = None, probability: bool = True) -> pd.DataFrame:
+              titles: Optional[dict] = None, probability: bool = True, alpha: float = 0.05) -> pd.DataFrame:
     """One user's candidates -> the policy's top-k (kind='policy') and the unconstrained
     top-k of its base score (kind='base', for the relevance cost and exposure before)."""
     pdf = pdf.reset_index(drop=True)
@@ -149,10 +159,7 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
     rel = pd.to_numeric(pdf["relevance"], errors="coerce").to_numpy("float64")
     upl = pd.to_numeric(pdf["uplift"], errors="coerce").to_numpy("float64")
     base_policy = fair_base if policy == "fair" else policy
-    base = policy_score(rel, upl, base_policy, blend_weight)
-    # equal base scores (no effect estimate, equal blends) go to the more relevant candidate
-    second = rel if base_policy != "relevance" else None
-    unconstrained = top_k(base, k, ids, second)
+    base, unconstrained, second = policy_top_k(rel, upl, ids, base_policy, blend_weight, k)
     grp = pdf["group"].astype(object).where(pdf["group"].notna(), "unknown").to_numpy() \
         if "group" in pdf.columns else np.full(len(pdf), "unknown", dtype=object)
     if policy == "fair":
@@ -175,7 +182,7 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
     rows = []
     for r, i in enumerate(picked, start=1):
         row = pdf.iloc[i]
-        interval = lift_interval(_f(upl[i]), _f(row.get("uplift_se")))
+        interval = lift_interval(_f(upl[i]), _f(row.get("uplift_se")), alpha)
         # the item-level estimate is a different quantity: quoted as such, with its own interval
         item = None if interval is not None else _item_estimate(row)
         sim = most_similar_history(emb.get(ids[i]) if emb else None, hist_vecs, hist_titles)
@@ -187,7 +194,7 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
             "explanation": explain(policy=policy, rank=r, relevance=_f(rel[i]), uplift=_f(upl[i]),
                                    interval=interval, similar=sim, boosted=bool(boosted[r - 1]),
                                    group=grp[i], attribute=attribute, probability=probability,
-                                   item_effect=item),
+                                   item_effect=item, alpha=alpha),
             "model_version": row["model_version"], "group": str(grp[i]), "kind": "policy",
         })
     for r, i in enumerate(baseline, start=1):
@@ -262,7 +269,7 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
     probability = rel_max is not None and rel_max <= 1.0
     kw = dict(policy=policy, k=cfg.k, blend_weight=cfg.blend_weight, fair_base=cfg.fair_base_policy,
               strength=cfg.fairness_strength, targets=targets, attribute=cfg.fairness_attribute,
-              emb=emb, titles=titles, probability=probability)
+              emb=emb, titles=titles, probability=probability, alpha=ctx.cfg.ope.alpha)
 
     def fn(pdf: pd.DataFrame) -> pd.DataFrame:
         return rank_user(pdf, **kw)

@@ -36,7 +36,8 @@ def collect_report_data(cfg) -> dict:
     """Everything the report shows, as plain JSON-able Python (tables are small results)."""
     from deltalake import DeltaTable
 
-    data: dict = {"title": cfg.evaluation.report_title, "dataset": cfg.data.source,
+    # alpha: the level ope_results and uplift_effects intervals are computed at (ope.alpha), for their labels
+    data: dict = {"title": cfg.evaluation.report_title, "dataset": cfg.data.source, "alpha": cfg.ope.alpha,
                   "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "tables": {}}
     for name in REPORT_TABLES:
         path = cfg.table_path(name)
@@ -63,6 +64,14 @@ def _plain(v):
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _level(data) -> str:
+    """The printed level of the OPE and uplift intervals: ``1 - alpha``, alpha = ope.alpha (default 0.05)."""
+    from causalrec.explain import ci_level
+
+    alpha = data.get("alpha")
+    return ci_level(alpha if _finite(alpha) else 0.05)
 
 
 # --------------------------------------------------------------------------- plotting
@@ -175,8 +184,10 @@ def _item_effects(data) -> tuple[list[dict], Optional[str]]:
 
 
 def _get(index, model, metric, k=None):
+    """The metric's value; None when there is no row or its value is not a finite number (NaN reads back as None)."""
     r = index.get((model, metric, k))
-    return None if r is None else r.get("value")
+    v = None if r is None else r.get("value")
+    return v if _finite(v) else None
 
 
 def summary_sentences(data) -> list[str]:
@@ -215,7 +226,7 @@ def summary_sentences(data) -> list[str]:
     if dr:
         est = "dr" if any(r["estimator"] == "dr" for r in dr) else dr[0]["estimator"]
         best = max((r for r in dr if r["estimator"] == est), key=lambda r: r["estimate"])
-        ci = (f" (95% CI {best['ci_low']:.4f} to {best['ci_high']:.4f})"
+        ci = (f" ({_level(data)} CI {best['ci_low']:.4f} to {best['ci_high']:.4f})"
               if _finite(best.get("ci_low")) and _finite(best.get("ci_high")) else "")
         out.append(f"Off-policy evaluation ({est.upper()}) ranks strategy '{best['policy']}' highest with an "
                    f"estimated reward of {best['estimate']:.4f}{ci}.")
@@ -229,9 +240,10 @@ def summary_sentences(data) -> list[str]:
                    "often, 1 = one item gets every slot).")
     else:
         lor = _curves(data).get("lorenz") or {}
-        if "relevance" in lor and "fair" in lor and _finite(lor["relevance"].get("gini")) and _finite(lor["fair"].get("gini")):
+        base = next((c for c in lor.values() if c.get("before_fair_reranking")), {})
+        if "fair" in lor and _finite(base.get("gini")) and _finite(lor["fair"].get("gini")):
             out.append(f"Fair re-ranking moves the Gini of position-discounted exposure across items from "
-                       f"{lor['relevance']['gini']:.3f} to {lor['fair']['gini']:.3f}.")
+                       f"{base['gini']:.3f} to {lor['fair']['gini']:.3f}.")
     for r in _metrics(data):
         if r["metric"] == "weight_ess" and _finite(r.get("value")):
             try:
@@ -246,8 +258,8 @@ def summary_sentences(data) -> list[str]:
     if eff:
         sig = [r for r in eff if _finite(r.get("ci_low")) and r["ci_low"] > 0]
         how = f" ({method.upper()} estimates)" if method else ""
-        out.append(f"{len(sig)} of {len(eff)} items have a recommendation effect whose 95% interval lies above "
-                   f"zero{how}.")
+        out.append(f"{len(sig)} of {len(eff)} items have a recommendation effect whose {_level(data)} interval lies "
+                   f"above zero{how}.")
     if not out:
         out.append("No results are available yet: run the pipeline stages listed in each section below.")
     return out
@@ -266,13 +278,13 @@ def section_models(data) -> str:
     for m in models:
         row = [m, fam.get(m) or "–"]
         for metric, k in cols:
-            r = idx.get((m, metric, k))
-            if r is None:
+            r, v = idx.get((m, metric, k)), _get(idx, m, metric, k)
+            if v is None:  # no row, or a NaN value: a dash in this cell, the table still renders
                 row.append("–")
             elif _finite(r.get("ci_low")) and _finite(r.get("ci_high")):
-                row.append(f"{r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]")
+                row.append(f"{v:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]")
             else:
-                row.append(f"{r['value']:.4f}")
+                row.append(f"{v:.4f}")
         rows.append(row)
     plt = _plt()
     top_k = max(ks) if ks else None
@@ -291,7 +303,7 @@ def section_models(data) -> str:
         ax.set_xticklabels(models, rotation=20, ha="right", fontsize=8)
         name = metric.upper() + (f"@{k}" if k else "")
         ax.set_ylabel(name + (" (rating points squared)" if metric == "mse" else " (0 to 1)"))
-        ax.set_title(f"{name} by model, {sl} (95% CI)")
+        ax.set_title(f"{name} by model, {sl} (95% CI)")  # evaluation metrics: 95% intervals (metrics.Z95)
     fig_html = _fig_html(fig, "model comparison bar chart",
                          f"Naive vs debiased vs causal models on slice '{sl}'. Grey = naive, blue = debiased, "
                          "orange = causal; error bars are 95% intervals.")
@@ -405,12 +417,13 @@ def section_ope(data) -> str:
     ax.set_xticklabels(policies, rotation=15)
     ax.set_xlabel("strategy (evaluated policy)")
     ax.set_ylabel("estimated reward per impression")
-    ax.set_title("Off-policy estimates with 95% intervals")
+    ax.set_title(f"Off-policy estimates with {_level(data)} intervals")
     ax.legend(fontsize=7, ncol=2)
     rows = [[r["policy"], r["estimator"], r["estimate"], r.get("ci_low"), r.get("ci_high"), r.get("interval_method") or "–",
              r.get("ess"), r.get("diff_to_baseline")] for r in sorted(ope, key=lambda r: (r["policy"], r["estimator"]))]
     return _fig_html(fig, "off-policy estimates", "Each point is one estimator's estimate of the strategy's reward; "
-                     "bars are 95% intervals. Estimators that agree give confidence; wide IPS bars mean extreme weights.") + \
+                     f"bars are {_level(data)} intervals. Estimators that agree give confidence; wide IPS bars mean "
+                     "extreme weights.") + \
         _table(["strategy", "estimator", "estimate", "CI low", "CI high", "interval", "ESS", "diff to baseline"], rows)
 
 
@@ -454,7 +467,7 @@ def section_uplift(data) -> str:
         axes[1].axhline(0, color="#999999", lw=1)
         axes[1].set_xlabel("item (top 20 by estimated effect)")
         axes[1].set_ylabel("effect of recommending (outcome probability)")
-        axes[1].set_title("Per-item effects with 95% intervals")
+        axes[1].set_title(f"Per-item effects with {_level(data)} intervals")
         parts.append(_fig_html(fig, "uplift per item", "Left: cumulative estimated incremental outcomes when items are "
                                "recommended in order of estimated effect. Right: the largest per-item effects."))
     if not parts:
@@ -469,10 +482,12 @@ def section_exposure(data) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     ax.plot([0, 100], [0, 100], ls="--", color="#999999", label="equal exposure")
-    order = sorted(lor, key=lambda p: (p != "relevance", p != "fair", p))
+    # "before": the list the fair re-ranker started from (ranking.fair_base_policy's top-K), as evaluate marks it
+    order = sorted(lor, key=lambda p: (not lor[p].get("before_fair_reranking"), p != "fair", p))
     for p in order:
         c = lor[p]
-        tag = " (before fair re-ranking)" if p == "relevance" else " (after fair re-ranking)" if p == "fair" else ""
+        tag = " (before fair re-ranking)" if c.get("before_fair_reranking") else \
+            " (after fair re-ranking)" if p == "fair" else ""
         g = c.get("gini")
         ax.plot([x * 100 for x in c["x"]], [y * 100 for y in c["y"]],
                 label=f"{p}{tag}" + (f", Gini {g:.3f}" if _finite(g) else ""))

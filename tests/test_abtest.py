@@ -92,3 +92,78 @@ def test_cuped_covariate_is_every_pre_experiment_event_of_the_user(spark, start)
     got = sorted((r["user_id"], r["arm"], r["y"], r["x"]) for r in units.collect())
     assert contaminated == 0
     assert got == [(u, "A" if u % 2 else "B", u + 1.0, float(u)) for u in range(1, 7)]
+
+
+def test_metric_event_counts_assigned_users_without_the_event_as_zero(spark):
+    """With ``metric_event`` every user with an arm-labelled event in the window is a unit; one who
+    never produced the metric event counts with y = 0 (it was dropped: 20 vs 40 units, diff 0)."""
+    from causalrec.abtest import analyse, arm_stats, unit_outcomes
+
+    t0 = dt.datetime(2024, 1, 10)
+    rows = []
+    for u in range(200):
+        arm = "B" if u % 2 else "A"
+        rows.append((f"u{u}", arm, "impression", None, t0))
+        if (u // 2) % 10 < (4 if arm == "B" else 2):  # purchase rate 20% (A) vs 40% (B)
+            rows.append((f"u{u}", arm, "purchase", 1.0, t0 + dt.timedelta(hours=1)))
+    rows.append(("u0", None, "purchase", 5.0, t0 - dt.timedelta(days=3)))  # pre-period: metric events only
+    rows.append(("u0", None, "impression", 7.0, t0 - dt.timedelta(days=2)))
+    ev = spark.createDataFrame(rows, "user_id string, policy string, event_type string, value double, "
+                                     "event_time timestamp")
+    units, contaminated = unit_outcomes(ev, "policy", "2024-01-01T12:00:00", None, metric_event="purchase")
+    st = arm_stats(units)
+    assert contaminated == 0 and {a: int(s.n) for a, s in st.items()} == {"A": 100, "B": 100}
+    res = analyse(st, "B", "A")
+    assert res["diff_in_means"]["estimate"] == pytest.approx(0.40 - 0.20)
+    assert st["A"].mean() == pytest.approx(0.2) and not res["srm"]["mismatch"]
+    # the start is explicit and before u0's pre-period: those events are in the window, unlabelled, so
+    # they count nowhere; with a later start the pre-period covariate is the metric events' mean
+    units, _ = unit_outcomes(ev, "policy", "2024-01-09", None, metric_event="purchase")
+    x = {r["user_id"]: r["x"] for r in units.where("user_id in ('u0', 'u1')").collect()}
+    assert x == {"u0": 5.0, "u1": 0.0}
+
+
+def _write_purchase_events(ctx, spark):
+    from causalrec.schemas import EVENTS, conform
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for u in range(400):
+        arm = "b" if u % 2 else "a"
+        skill = rng.normal()
+        for period, day in (("pre", 1), ("post", 20)):
+            y = max(0.0, 1 + skill + (0.3 if (arm == "b" and period == "post") else 0) + rng.normal(scale=0.3))
+            rows.append(dict(event_id=f"{u}{period}", user_id=f"u{u}", item_id="i", event_type="purchase",
+                             value=y, policy=arm if period == "post" else None,
+                             event_time=pd.Timestamp(2024, 1, day, tz="UTC"), event_date=dt.date(2024, 1, day),
+                             ingest_batch="t"))
+    ctx.store.write(conform(spark.createDataFrame(pd.DataFrame(rows)), EVENTS), "events", spec=EVENTS)
+    return pd.DataFrame(rows)
+
+
+def test_covariate_from_user_features_must_be_computed_before_the_experiment(ctx, spark):
+    """user_features are as of features.cutoff (default: after the last event), so a column of them can
+    average the treated window and bias CUPED towards 0: the stage refuses a covariate whose as-of
+    time is after the experiment start, and uses one computed at or before it."""
+    from causalrec.abtest import run
+
+    ev = _write_purchase_events(ctx, spark)
+    ctx.cfg.ope.abtest_start = "2024-01-10"
+    ctx.cfg.ope.abtest_covariate = "purchase_mean"
+
+    def features(as_of: str, window: pd.DataFrame):
+        uf = window.groupby("user_id", as_index=False)["value"].mean().rename(columns={"value": "purchase_mean"})
+        uf["as_of"] = pd.Timestamp(as_of, tz="UTC")
+        ctx.store.write(spark.createDataFrame(uf), "user_features", mode="overwrite", overwrite_schema=True)
+
+    features("2024-01-20T00:00:01", ev)  # the default cutoff: after the last event, the window included
+    with pytest.raises(ValueError) as err:
+        run(ctx)
+    msg = str(err.value)
+    assert "ope.abtest_covariate" in msg and "2024-01-20 00:00:01" in msg and "2024-01-10 00:00:00" in msg
+    assert "features.cutoff" in msg
+    assert not ctx.store.exists("abtest_results")
+    features("2024-01-10", ev[ev.event_time < pd.Timestamp("2024-01-10", tz="UTC")])  # as of the start
+    s = run(ctx)
+    res = ctx.store.read("abtest_results").toPandas().set_index("method")
+    assert s["variance_reduction"] > 0.5 and res.loc["cuped", "ci_low"] < 0.3 < res.loc["cuped", "ci_high"]

@@ -65,7 +65,9 @@ def realistic_data() -> dict:
                             "n": 5000, "log10": False},
         "weight_hist": {"edges": wedges, "counts": np.histogram(w, wedges)[0].astype(int).tolist(), "n": 5000,
                         "log10": True},
-        "lorenz": {"relevance": dict(lorenz(3.5), gini=0.71), "fair": dict(lorenz(1.8), gini=0.48)},
+        # evaluate marks the list the fair re-ranker started from (here ranking.fair_base_policy = relevance)
+        "lorenz": {"relevance": dict(lorenz(3.5), gini=0.71, before_fair_reranking=True),
+                   "fair": dict(lorenz(1.8), gini=0.48)},
         "qini": {"mf:uplift": {"x": qx, "y": [40 * math.sqrt(x) for x in qx], "random": [40 * x for x in qx],
                                "qini_coefficient": 0.012, "n": 2000}},
         "calibration": {"mf:naive (mnar_test)": {"bins": [{"mean_predicted": b / 10 + 0.05,
@@ -169,6 +171,88 @@ def test_the_two_ginis_have_distinct_names():
     assert any("Gini of position-discounted exposure across items from 0.710 to 0.480" in s
                for s in R.summary_sentences(data))
     assert not any("exposure Gini" in s for s in R.summary_sentences(data))
+
+
+def _capture_figures(monkeypatch) -> dict:
+    """alt text -> (axes titles, legend labels, caption) of every figure the report draws."""
+    figs = {}
+
+    def fig_html(fig, alt, caption):
+        figs[alt] = ([ax.get_title() for ax in fig.axes], [lab for ax in fig.axes
+                                                           for lab in ax.get_legend_handles_labels()[1]], caption)
+        R._plt().close(fig)
+        return f"<figure><figcaption>{caption}</figcaption></figure>"
+
+    monkeypatch.setattr(R, "_fig_html", fig_html)
+    return figs
+
+
+def test_interval_labels_follow_the_configured_alpha(monkeypatch, cfg):
+    """ope_results and uplift_effects intervals are computed at ope.alpha: with 0.10 they are 90% intervals
+    and every label says so (it said 95%). The evaluation metrics' intervals are 95% whatever ope.alpha is."""
+    from causalrec.explain import explain, lift_interval
+
+    figs = _capture_figures(monkeypatch)
+    data = dict(realistic_data(), alpha=0.10)
+    summary = R.summary_sentences(data)
+    assert any("'recommendations' highest" in s and "(90% CI " in s for s in summary), summary
+    assert any("items have a recommendation effect whose 90% interval lies above zero" in s for s in summary)
+    assert not any("95%" in s for s in summary), summary
+    page = R.render_report(data)
+    assert figs["off-policy estimates"][0] == ["Off-policy estimates with 90% intervals"]
+    assert "bars are 90% intervals" in figs["off-policy estimates"][2] and "bars are 90% intervals" in page
+    assert "Per-item effects with 90% intervals" in figs["uplift per item"][0]
+    assert all("(95% CI)" in t for t in figs["model comparison bar chart"][0])  # metrics: Z95
+    assert "95%" not in " ".join(R.summary_sentences(dict(realistic_data(), alpha=0.10)))
+    assert "(95% CI " in " ".join(R.summary_sentences(realistic_data()))  # no alpha recorded: 0.05
+    # collect_report_data records the level the report labels with
+    cfg.ope.alpha = 0.10
+    assert R.collect_report_data(cfg)["alpha"] == 0.10
+    # explanations: the item effect's interval comes from uplift_effects at ope.alpha, the lift's own at alpha
+    text = explain(policy="uplift", rank=1, relevance=0.3, uplift=None, interval=None, similar=[], boosted=False,
+                   item_effect=(0.03, 0.01, 0.05), alpha=0.10)
+    assert "(90% interval +1.0 to +5.0)" in text and "95%" not in text
+    lo, hi = lift_interval(0.03, 0.01, alpha=0.10)
+    assert (hi - lo) / 2 == pytest.approx(1.6448536 * 0.01)
+    text = explain(policy="uplift", rank=1, relevance=0.3, uplift=0.03, interval=(lo, hi), similar=[], boosted=False,
+                   alpha=0.10)
+    assert "(90% interval +1.4 to +4.6)" in text
+
+
+def test_a_nan_metric_is_a_dash_and_the_model_table_still_renders():
+    """A NaN metric reaches the report as None (_plain); its cell shows a dash instead of blanking the section."""
+    rows = [dict(model="mf:naive", metric="mse", k=None, slice="mcar_test", value=1.20, ci_low=1.1, ci_high=1.3,
+                 details_json='{"family": "naive"}'),
+            dict(model="mf:ips", metric="mse", k=None, slice="mcar_test", value=float("nan"), ci_low=float("nan"),
+                 ci_high=float("nan"), details_json='{"family": "debiased"}'),
+            dict(model="mf:ips", metric="mae", k=None, slice="mcar_test", value=float("nan"), ci_low=0.1, ci_high=0.2,
+                 details_json='{"family": "debiased"}')]
+    for plain in (True, False):  # as read back from Delta (None) and as a float NaN
+        data = {"tables": {"metrics": [{k: R._plain(v) if plain else v for k, v in r.items()} for r in rows]}}
+        html_text = R.section_models(data)
+        assert "1.2000 [1.1000, 1.3000]" in html_text
+        assert "<td>mf:ips</td><td>debiased</td><td>–</td><td>–</td>" in html_text
+        page = R.render_report(data)
+        assert "could not be drawn" not in page and "1.2000 [1.1000, 1.3000]" in page
+        assert not any("mf:ips" in s for s in R.summary_sentences(data))  # no comparison from a missing value
+
+
+def test_lorenz_before_label_names_the_list_the_fair_reranker_started_from(monkeypatch):
+    """The "before fair re-ranking" curve is the one evaluate marks (ranking.fair_base_policy's top-K, e.g.
+    blend), not whichever list is called relevance; the summary's fallback Gini uses the same curve."""
+    figs = _capture_figures(monkeypatch)
+    curve = {"x": [0, .5, 1], "y": [0, .2, 1]}
+    lor = {"relevance": dict(curve, gini=0.80), "blend": dict(curve, gini=0.62, before_fair_reranking=True),
+           "fair": dict(curve, gini=0.45)}
+    data = {"tables": {}, "evaluation": {"curves": {"lorenz": lor}}}
+    R.section_exposure(data)
+    assert figs["exposure lorenz curve"][1] == ["equal exposure", "blend (before fair re-ranking), Gini 0.620",
+                                                "fair (after fair re-ranking), Gini 0.450", "relevance, Gini 0.800"]
+    assert any("across items from 0.620 to 0.450" in s for s in R.summary_sentences(data))
+    del lor["blend"]  # a list not marked as the base is never called "before"
+    R.section_exposure(data)
+    assert not any("before" in s for s in figs["exposure lorenz curve"][1])
+    assert not any("Fair re-ranking moves" in s for s in R.summary_sentences(data))
 
 
 def test_render_report_names_the_stage_for_missing_inputs():

@@ -112,12 +112,25 @@ def score_with_checkpoint(examples: DataFrame, checkpoint_path: str, batch_size:
     return examples.select(*cols).mapInPandas(score, "example_id string, prediction double, uplift double")
 
 
-def test_predictions_from_scores(test: DataFrame, scores: DataFrame) -> tuple[DataFrame, float]:
-    """Join the latest model version's scores onto test pairs; returns (df, share of test pairs covered)."""
+SCORES_EMPTY = "scores table is empty"
+
+
+def latest_scores(scores: DataFrame) -> Optional[DataFrame]:
+    """The rows of the latest scored model version; None when the table holds no scored row."""
     latest = scores.agg(F.max("scored_at")).collect()[0][0]
+    if latest is None:
+        return None
     version = scores.where(F.col("scored_at") == latest).select("model_version").first()[0]
-    s = scores.where(F.col("model_version") == version).select(
-        "user_id", "item_id", F.col("relevance").alias("prediction"), F.col("uplift").alias("uplift"))
+    return scores.where(F.col("model_version") == version)
+
+
+def test_predictions_from_scores(test: DataFrame, scores: DataFrame) -> tuple[Optional[DataFrame], float]:
+    """Join the latest model version's scores onto test pairs; returns (df, share of test pairs covered),
+    (None, 0.0) when the scores table is empty."""
+    latest = latest_scores(scores)
+    if latest is None:
+        return None, 0.0
+    s = latest.select("user_id", "item_id", F.col("relevance").alias("prediction"), F.col("uplift").alias("uplift"))
     j = test.join(s, ["user_id", "item_id"], "inner")
     n_test = test.count()
     covered = j.count() / n_test if n_test else 0.0
@@ -190,8 +203,12 @@ def ground_truth_effects(gt: DataFrame) -> DataFrame:
 
 
 def evaluate_recommendations(rows: MetricRows, recs: DataFrame, k: int, n_catalog: Optional[int],
-                             groups: Optional[DataFrame], effects: dict, curves: dict) -> dict:
-    """Exposure, fairness and causal metrics of each recommendation policy."""
+                             groups: Optional[DataFrame], effects: dict, curves: dict,
+                             fair_base: Optional[str] = None) -> dict:
+    """Exposure, fairness and causal metrics of each recommendation policy.
+
+    ``fair_base``: the policy whose top-K the fair re-ranker started from; its Lorenz curve is
+    marked ``before_fair_reranking`` (the report labels it so)."""
     out = {}
     policies = [r[0] for r in recs.select("policy").distinct().collect()]
     for policy in sorted(policies):
@@ -203,6 +220,8 @@ def evaluate_recommendations(rows: MetricRows, recs: DataFrame, k: int, n_catalo
         if n_catalog:
             rows.add("catalog_coverage", M.catalog_coverage(r, n_catalog), model=model, slice_="recommendations", k=k)
         curves.setdefault("lorenz", {})[policy] = dict(M.lorenz_curve(exp, n_total=n_catalog), gini=g)
+        if policy == fair_base:
+            curves["lorenz"][policy]["before_fair_reranking"] = True
         if groups is not None:
             by = M.exposure_by_group(exp, groups)
             for grp, v in by.items():
@@ -216,13 +235,30 @@ def evaluate_recommendations(rows: MetricRows, recs: DataFrame, k: int, n_catalo
     return out
 
 
-def relevance_top_k(scores: DataFrame, k: int) -> DataFrame:
-    """Top-K by predicted relevance per user from the latest scored model version: the ranking that
-    fair, uplift and blend policies depart from."""
-    latest = scores.agg(F.max("scored_at")).collect()[0][0]
-    version = scores.where(F.col("scored_at") == latest).select("model_version").first()[0]
-    s = scores.where(F.col("model_version") == version)
-    return M.top_k(s, k, col_prediction="relevance").withColumn("policy", F.lit("relevance"))
+def policy_top_k(scores: DataFrame, k: int, policy: str, blend_weight: float = 0.5) -> Optional[DataFrame]:
+    """Each user's unconstrained top-K under ``policy``'s score from the latest scored model version,
+    as the recommend stage ranks it (:func:`causalrec.ranking.policy_top_k`): the list a policy departs from and ranking_summary's "before" (relevance for uplift and
+    blend, ``ranking.fair_base_policy`` for fair). Per user in pandas: candidate lists are bounded.
+    None when the scores table is empty."""
+    latest = latest_scores(scores)
+    if latest is None:
+        return None
+
+    def rank(pdf):
+        import numpy as np
+        import pandas as pd
+
+        from causalrec.ranking import policy_top_k
+
+        ids = pdf["item_id"].astype(str).to_numpy()
+        rel = pd.to_numeric(pdf["relevance"], errors="coerce").to_numpy("float64")
+        upl = pd.to_numeric(pdf["uplift"], errors="coerce").to_numpy("float64")
+        _, picked, _ = policy_top_k(rel, upl, ids, policy, blend_weight, k)
+        return pd.DataFrame({"user_id": pdf["user_id"].to_numpy()[picked], "item_id": ids[picked],
+                             "rank": np.arange(1, len(picked) + 1, dtype="int32"), "policy": policy})
+
+    return (latest.select(F.col("user_id").cast("string"), F.col("item_id").cast("string"), "relevance", "uplift")
+            .groupBy("user_id").applyInPandas(rank, "user_id string, item_id string, rank int, policy string"))
 
 
 def propensity_curves(store, avail: dict, clip: float, curves: dict, rows: MetricRows) -> None:
@@ -284,7 +320,9 @@ def run(ctx) -> dict:
                                "task": mc.get("task", cfg.train.task), "source": "checkpoint", "pred": pred})
         if test is not None and not models and avail["scores"]:
             pred, covered = test_predictions_from_scores(test, store.read("scores"))
-            if covered >= 0.5:
+            if pred is None:
+                missing["scores"] = SCORES_EMPTY
+            elif covered >= 0.5:
                 models.append({"model": "scores", "run_id": None, "objective": None, "family": None,
                                "task": cfg.train.task, "source": f"scores table ({covered:.0%} of test pairs)",
                                "pred": pred})
@@ -346,14 +384,21 @@ def run(ctx) -> dict:
     if avail["recommendations"]:
         with ctx.step("evaluate: recommendations (exposure, fairness, causal)"):
             recs = store.read("recommendations")
-            if avail["scores"] and not recs.where(F.col("policy") == "relevance").limit(1).count():
-                # the unconstrained ranking ("before" fair re-ranking) from the scores the policy re-ranked
-                recs = recs.unionByName(relevance_top_k(store.read("scores"), int(cfg.ranking.k)),
-                                        allowMissingColumns=True)
+            present = {r[0] for r in recs.select("policy").distinct().collect()}  # a handful of policies
+            fair_base = cfg.ranking.fair_base_policy if "fair" in present else None
+            # the unconstrained list each policy departs from, as ranking_summary's "before": the fair
+            # base policy's top-K for fair, the relevance top-K for uplift and blend
+            bases = sorted({fair_base if p == "fair" else "relevance" for p in present} - present)
+            for base in bases if avail["scores"] else []:
+                top = policy_top_k(store.read("scores"), int(cfg.ranking.k), base, cfg.ranking.blend_weight)
+                if top is None:
+                    missing["scores"] = SCORES_EMPTY
+                    break
+                recs = recs.unionByName(top, allowMissingColumns=True)
             recs = recs.persist()
             ctx.log_rows("recommendations", recs.count(), "in")
             rec_summary = evaluate_recommendations(rows, recs, int(cfg.ranking.k), n_catalog, item_groups, effects,
-                                                   curves)
+                                                   curves, fair_base)
             recs.unpersist()
 
     with ctx.step("evaluate: propensity distributions"):

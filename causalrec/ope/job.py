@@ -182,7 +182,9 @@ def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 
 
 
 def format_table(results, baseline, alpha: float = 0.05) -> str:
-    ci = f"{100 * (1 - alpha):g}% CI"  # the analytic interval's level (ope.alpha)
+    from causalrec.explain import ci_level
+
+    ci = f"{ci_level(alpha)} CI"  # the analytic interval's level (ope.alpha)
     lines = [f"{'policy':<18}{'estimator':<12}{'estimate':>10}{'std_err':>10}{ci:>22}{'ESS':>10}"
              f"{'max w':>9}{'diff vs ' + str(baseline):>26}"]
     for r in results:
