@@ -171,3 +171,21 @@ def test_ingest_up_to_date_when_nothing_changed_even_without_dimension_tables(pc
     f.write_text("a\n1\n2\n")
     assert _state(pctx, ing) == "stale"
     assert DeltaTable(pctx.cfg.table_path("events")).version() == 0
+
+
+@pytest.mark.parametrize("stage, table", [("propensity", "mcar_events"), ("propensity", "ground_truth"),
+                                          ("training_set", "mcar_events"), ("training_set", "users"),
+                                          ("training_set", "items")])
+@pytest.mark.parametrize("present", [True, False], ids=["rewritten", "appears"])
+def test_a_table_the_stage_reads_makes_it_stale_when_rewritten_or_new(pctx, stage, table, present):
+    """mcar_events and ground_truth are optional: a stage run without them is up to date until they
+    appear; a rewrite of one (a new MCAR sample alone) makes every stage reading it stale."""
+    st = ALL[stage]
+    for name in set(st.inputs) - {table}:
+        _table(pctx, name, 1)
+    if present:
+        _table(pctx, table, 1)
+    _run(pctx, st, 1)
+    assert _state(pctx, st) == "up to date"
+    _table(pctx, table, 2)
+    assert _state(pctx, st) == "stale"

@@ -214,19 +214,22 @@ def test_simulated_estimates_track_the_true_propensities(spark, ctx):
 
 def test_treatment_model_learns_one_example_per_decision(spark, ctx):
     """A recommended decision's click row carries its flag (as the simulator writes it); fitted on
-    every row, P(recommended) would count recommended decisions twice. Every row is still scored."""
+    every row, P(recommended) would count recommended decisions twice. Every row is still scored; the
+    weight diagnostics count decisions, as the fit does."""
     from causalrec.propensity.job import treatment_propensities
 
     events, uf, itf, truth = _simulated(spark, n_users=300, seed=4)
     clicks = (events.where("recommended").withColumn("event_id", F.concat("event_id", F.lit(":click")))
               .withColumn("event_type", F.lit("click")).withColumn("value", F.lit(1.0)))
     ctx.cfg.propensity.treatment_method = "logistic"
-    t, _ = treatment_propensities(events.unionByName(clicks), uf, itf, ctx.cfg)
+    t, rows = treatment_propensities(events.unionByName(clicks), uf, itf, ctx.cfg)
     assert t.count() == events.count() + clicks.count()
     imp = t.join(events.select("event_id"), "event_id")
     share, mean_p = imp.agg(F.avg("treated"), F.avg("treatment_propensity")).first()
     # counted twice, a share s of recommended decisions would be fitted as about 2s / (1 + s)
     assert mean_p == pytest.approx(share, abs=0.02), (mean_p, share)
+    n = {r["metric"]: r["n"] for r in rows if r["metric"] in ("ess", "mean_propensity", "overlap_coefficient")}
+    assert n == dict.fromkeys(n, events.count()) and len(n) == 3, n  # diagnosed over decisions, as fitted
 
 
 @pytest.mark.timeout(900)
@@ -442,3 +445,94 @@ def test_held_out_pairs_never_reach_the_propensity_fit(spark, tmp_path, split):
         assert set(o["treatment"]) == set(o["events"])
     for key in {k for k in same["exposure"] if k[2] == 0} & {k for k in shifted["exposure"] if k[2] == 0}:
         assert same["exposure"][key] == pytest.approx(shifted["exposure"][key], abs=1e-6), key
+
+
+def test_choice_model_survives_groups_too_small_for_its_holdout_and_validation_split(spark, ctx, caplog):
+    """A choice group whose rows all fall in the diagnostic holdout has nothing to fit: it is left out
+    with a warning (its rows get no propensity) instead of stopping the stage. A group too small for the
+    hashed validation tenth that picks the L2 strength takes the first grid value, said in the log,
+    instead of comparing losses of no rows."""
+    import logging
+
+    from test_features import make_events
+
+    from causalrec.propensity.job import _hash_fraction, treatment_propensities
+
+    hf = ctx.cfg.propensity.holdout_fraction
+    cand = spark.createDataFrame([(f"s{k}",) for k in range(200)], "event_id string").select(
+        "event_id", _hash_fraction([F.col("event_id")], "treatment-holdout").alias("h"),
+        ((F.abs(F.xxhash64(F.lit("choice-valid"), "event_id")) % 10) == 0).alias("v")).collect()
+    gone = [r["event_id"] for r in cand if r["h"] < hf][:1]  # its only row is in the diagnostic holdout
+    tiny = [r["event_id"] for r in cand if r["h"] >= hf and not r["v"]][:3]  # fitted, nothing to validate on
+    big = [(f"e{k}", f"u{k % 7}", f"i{k % 4}", f"2024-01-0{1 + k % 5} 0{k % 10}:00", "impression", k % 2, True)
+           for k in range(60)]
+    events = make_events(spark, big).withColumn("policy", F.lit("big")).unionByName(
+        make_events(spark, [(e, "u1", f"i{k % 2}", "2024-01-02 00:00", "impression", 0, True)
+                            for k, e in enumerate(tiny)]).withColumn("policy", F.lit("tiny"))).unionByName(
+        make_events(spark, [(e, "u2", "i0", "2024-01-03 00:00", "impression", 0, True)
+                            for e in gone]).withColumn("policy", F.lit("gone"))).withColumn("position", F.lit(1))
+    ctx.cfg.propensity.treatment_method = "choice"
+    ctx.cfg.propensity.choice_groups = ["policy"]
+    ctx.cfg.propensity.choice_reg_grid = [1e-4, 1e-3, 1e-2]
+    with caplog.at_level(logging.INFO, logger="causalrec.propensity"):
+        t, diag = treatment_propensities(events, None, None, ctx.cfg)
+    got = {r["event_id"]: r["treatment_propensity"] for r in t.collect()}
+    assert set(got) == {r[0] for r in big} | set(tiny)  # the 'gone' group's row gets no propensity
+    assert all(0 < p < 1 for p in got.values())
+    reg = {r["metric"]: r["value"] for r in diag if r["metric"].startswith("reg_param:")}
+    assert reg["reg_param:tiny"] == 1e-4 and "reg_param:gone" not in reg
+    text = caplog.text
+    assert "'gone'" in text and "holdout" in text
+    assert "tiny" in text and "no validation rows" in text
+
+
+def test_logged_treatment_diagnostics_count_each_decision_once(spark, ctx):
+    """A clicked decision's click row carries its flag and propensity (as the simulator writes it): the
+    written table scores it, but the weight diagnostics are over decisions, as the fit is."""
+    from test_features import make_events
+
+    from causalrec.propensity.job import treatment_propensities
+
+    dec = [(f"d{k}", f"u{k}", "i1", "2024-01-01 00:00", "impression", int(k < 2), k < 2, 0.2 if k < 2 else 0.8)
+           for k in range(10)]
+    clicks = [(f"d{k}:click", f"u{k}", "i1", "2024-01-01 00:01", "click", 1, True, 0.2) for k in range(2)]
+    ctx.cfg.propensity.treatment_method = "logged"
+    t, rows = treatment_propensities(make_events(spark, dec + clicks), None, None, ctx.cfg)
+    assert t.count() == 12  # every row keeps its propensity
+    got = {r["metric"]: (r["value"], r["n"]) for r in rows}
+    w = [1 / 0.2] * 2 + [1 / 0.8] * 8  # the logged action's probability: 0.2 for 2 treated, 0.8 for 8 controls
+    assert got["mean_propensity"] == (pytest.approx(0.68), 10)
+    assert got["ess_ratio"] == (pytest.approx(sum(w) ** 2 / sum(x * x for x in w) / 10), 10)
+    assert got["max_weight"] == (pytest.approx(5.0), 10)
+    assert got["overlap_coefficient"][1] == 10
+
+
+@pytest.mark.parametrize("method", ["exposure", "logistic", "choice"])
+def test_time_split_with_no_event_before_the_cutoff_says_so_before_fitting(spark, ctx, method):
+    """Coat has one synthetic timestamp: under training_set.split=time the cutoff equals every event's
+    time and nothing is before it. Each fit stops with a message naming the setting, the cutoff, how many
+    events are at or after it and what to use instead, not with MLlib's empty-summarizer error."""
+    from test_features import make_events, make_items, make_users
+
+    from causalrec.features.job import build_features
+    from causalrec.propensity.job import exposure_propensities, fit_scope, treatment_propensities
+
+    rows = [(f"e{k}", f"u{k % 6}", f"i{(k * 5) % 8}", "2016-01-01 00:00", "rating", 1 + k % 5,
+             method == "choice" or k % 3 == 0) for k in range(40)]
+    events = make_events(spark, rows).withColumn("position", F.lit(1))
+    users = make_users(spark, [(f"u{u}", [], "", "a") for u in range(6)])
+    items = make_items(spark, [(f"i{i}", [], "x", "t") for i in range(8)])
+    ctx.cfg.training_set.split = "time"
+    ctx.cfg.propensity.treatment_method = method if method != "exposure" else "logistic"
+    ctx.cfg.propensity.choice_groups = []
+    scope = fit_scope(events, ctx.cfg)
+    assert scope.cutoff is not None and scope.fit_events(events).count() == 0
+    ft = build_features(scope.fit_events(events), users, items, ctx.cfg, cutoff=scope.cutoff)
+    with pytest.raises(ValueError) as err:
+        if method == "exposure":
+            exposure_propensities(events, ft.users, ft.items, ctx.cfg, scope=scope)
+        else:
+            treatment_propensities(events, ft.users, ft.items, ctx.cfg, scope=scope)
+    msg = str(err.value)
+    assert "training_set.split=time" in msg and scope.cutoff.isoformat() in msg, msg
+    assert "40 events at or after it" in msg and "split=given" in msg and "random_user" in msg, msg

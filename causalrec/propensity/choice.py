@@ -111,7 +111,8 @@ class ItemChoiceTreatment:
         (a slot first used after a cutoff still encodes).
 
         With more than one value in ``reg_grid``, a hashed tenth of each group's rows scores
-        every strength by log-loss, and the winner is refitted on all rows.
+        every strength by log-loss, and the winner is refitted on all rows. A group too small for
+        that split (no row in the tenth, or none outside it) takes the first value, as the log says.
         """
         if not catalogues:
             raise ValueError("treatment propensity (choice): no event has recommended = true, so there is no "
@@ -125,11 +126,19 @@ class ItemChoiceTreatment:
             if len(self.reg_grid) > 1:
                 h = (F.abs(F.xxhash64(F.lit("choice-valid"), "event_id")) % 10) == 0
                 fit_rows, valid = rows.where(~h), rows.where(h)
-                losses = {r: self._log_loss(self._clf(r).fit(fit_rows), valid) for r in self.reg_grid}
-                reg = min(losses, key=losses.get)
-                self.chosen_reg_[g] = (reg, losses[reg])
-                log.info("treatment propensity (choice) %s: log-loss by reg_param %s -> %g", g,
-                         {k: round(v, 4) for k, v in losses.items()}, reg)
+                losses = None
+                if fit_rows.limit(1).count() and valid.limit(1).count():
+                    losses = {r: self._log_loss(self._clf(r).fit(fit_rows), valid) for r in self.reg_grid}
+                if losses is None or any(v is None for v in losses.values()):
+                    self.chosen_reg_[g] = (reg, None)
+                    log.info("treatment propensity (choice) %s: no validation rows to pick reg_param with (the "
+                             "group is too small for a hashed validation tenth beside its fit rows); using the "
+                             "first of propensity.choice_reg_grid, %g", g, reg)
+                else:
+                    reg = min(losses, key=losses.get)
+                    self.chosen_reg_[g] = (reg, losses[reg])
+                    log.info("treatment propensity (choice) %s: log-loss by reg_param %s -> %g", g,
+                             {k: round(v, 4) for k, v in losses.items()}, reg)
             self.models_[g] = (self._clf(reg).fit(rows), list(items))
             rows.unpersist()
         return self

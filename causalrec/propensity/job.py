@@ -111,6 +111,19 @@ class FitScope:
             return df.join(flag, ["user_id", "item_id"], "left").withColumn("_fit", F.coalesce("_fit", F.lit(True)))
         return df.withColumn("_fit", F.lit(True))
 
+    def require_fit_rows(self, fit_rows: DataFrame, events: DataFrame, what: str) -> None:
+        """Stop before fitting ``what`` when the time split leaves it nothing to learn from (``fit_rows``
+        empty): with tied timestamps (Coat's one synthetic time) the cutoff is every event's time, and
+        MLlib would fail later with an error that names none of this."""
+        if self.cutoff is None or fit_rows.limit(1).count():
+            return
+        later = events.where(F.col("event_time") >= cutoff_lit(self.cutoff)).count()
+        raise ValueError(
+            f"propensity ({what}): training_set.split=time puts the training cutoff at {self.cutoff.isoformat()} "
+            f"and nothing a model may learn from is before it ({later} events at or after it; tied timestamps, "
+            f"such as one time for the whole log, leave no earlier events). Use training_set.split=given or "
+            f"random_user, or training_set.valid_fraction / test_fraction that leave earlier events to fit on")
+
     def describe(self) -> Optional[str]:
         if self.cutoff is not None:
             return f"events before {self.cutoff.isoformat()}"
@@ -179,6 +192,11 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
     pc = cfg.propensity
     etype = label_event_type(events, cfg.training_set.label_event_type)
     obs = observed_pairs(scope.fit_events(events), etype).cache()
+    try:
+        scope.require_fit_rows(obs, events, "exposure")
+    except ValueError:
+        obs.unpersist()
+        raise
     n_users = user_features.count()
     n_items = item_features.count()
     universe = Universe(n_users, n_items, obs.count())
@@ -227,6 +245,15 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
     return ExposureResult(table=table, diagnostics=rows, universe=universe, scored=scored, cached=cached)
 
 
+def _one_row_per_decision(has_decisions: bool):
+    """The treatment model's examples, and the units its diagnostics count: one row per decision. A
+    decision's click and purchase rows carry its flag too, and would weight clicked decisions two or three
+    times (:mod:`causalrec.decisions`); a log with no decision rows keeps every row. Every row is scored."""
+    from causalrec.decisions import DECISION_EVENT
+
+    return (F.col("event_type") == DECISION_EVENT) if has_decisions else F.lit(True)
+
+
 def treatment_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
                            feature_groups: tuple = ("user_features", "item_features"),
                            scope: FitScope = FitScope()) -> tuple[Optional[DataFrame], list]:
@@ -245,9 +272,10 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
     method = pc.treatment_method
     if method == "choice":
         return choice_propensities(events, user_features, cfg, scope)
+    unit = _one_row_per_decision(has["decisions"] > 0)
     if method == "logged" and has["lp"] > 0:
         t = logged_treatment(events)
-        rows = _treatment_rows("logged", None, t, pc)
+        rows = _treatment_rows("logged", None, logged_treatment(events.where(unit)), pc)
         return t, rows
     if method == "logged":
         if has["k"] < 2:
@@ -258,27 +286,27 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         method = "logistic"
     df = with_vectors(events.where(F.col("recommended").isNotNull())
                       .select("event_id", "user_id", "item_id", "event_time",
-                              F.col("recommended").cast("int").alias("treated"), is_decision.alias("_decision")),
+                              F.col("recommended").cast("int").alias("treated"), unit.alias("_decision")),
                       user_features, item_features)
     df = scope.mark(df.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
-    # one example per decision: a decision's click and purchase rows carry its flag too, and would
-    # weight clicked decisions two or three times (causalrec.decisions); every event is still scored
-    if has["decisions"]:
-        df = df.withColumn("_fit", F.col("_fit") & F.col("_decision"))
+    df = df.withColumn("_fit", F.col("_fit") & F.col("_decision"))  # one example per decision
+    scope.require_fit_rows(df.where(F.col("_fit")), events, f"treatment, {method}")
     cols = tuple(GROUP_COLUMNS[g] for g in feature_groups)
     model = EstimatedTreatment(method, pc.treatment_eps, pc.reg_param, pc.max_iter, cols, cfg.project.seed)
     model.fit(df.where((F.col("_h") >= pc.holdout_fraction) & F.col("_fit")))
     scored = model.predict(df)
     held = scored.where((F.col("_h") < pc.holdout_fraction) & F.col("_fit"))
-    t = scored.drop("uvec", "ivec", "_h", "_fit", "_decision", "event_time")
-    return t, _treatment_rows(method, held, t, pc)
+    helpers = ("uvec", "ivec", "_h", "_fit", "_decision", "event_time")
+    t = scored.drop(*helpers)
+    return t, _treatment_rows(method, held, scored.where(F.col("_decision")).drop(*helpers), pc)
 
 
 def choice_propensities(events: DataFrame, user_features: DataFrame, cfg,
                         scope: FitScope = FitScope()) -> tuple[DataFrame, list]:
     """Slate logs (every row recommended): P(item chosen for its slot), fitted on (1 - holdout_fraction)
     of the rows ``scope`` lets a model learn from, diagnosed on the rest of them, scoring every row
-    (see :mod:`causalrec.propensity.choice`). With a cutoff the time buckets span the rows before it,
+    (see :mod:`causalrec.propensity.choice`); a group with none of those rows outside the holdout gets
+    no model and its rows no propensity (warned). With a cutoff the time buckets span the rows before it,
     so later rows fall in the last bucket fitted: the policy as last seen."""
     from causalrec.propensity import choice as C
 
@@ -287,14 +315,31 @@ def choice_propensities(events: DataFrame, user_features: DataFrame, cfg,
     if pc.choice_user_features:
         rows = with_vectors(rows, user_features)
     rows = scope.mark(rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout"))).cache()
+    try:
+        scope.require_fit_rows(rows.where(F.col("_fit")), events, "treatment, choice")
+    except ValueError:
+        rows.unpersist()
+        raise
     catalogues = C.catalogues_of(rows)  # every item a group logged, held-out ones too: each needs a class
-    if scope.restricted:
-        seen = {r[0] for r in rows.where(F.col("_fit")).select("choice_group").distinct().collect()}
-        if set(catalogues) - seen:
-            log.warning("treatment propensity (choice): groups %s log nothing a model may learn from (%s), so "
-                        "no model is fitted for them and their rows get no propensity",
-                        sorted(set(catalogues) - seen), scope.describe())
-        catalogues = {g: c for g, c in catalogues.items() if g in seen}
+    # a model per group with rows to fit on: a may-learn-from row outside the diagnostic holdout
+    train = F.col("_fit") & (F.col("_h") >= pc.holdout_fraction)
+    per_group = rows.groupBy("choice_group").agg(F.max(F.col("_fit").cast("int")).alias("fit"),
+                                                 F.max(train.cast("int")).alias("train")).collect()
+    unseen = sorted(r["choice_group"] for r in per_group if not r["fit"])
+    all_held = sorted(r["choice_group"] for r in per_group if r["fit"] and not r["train"])
+    if unseen:
+        log.warning("treatment propensity (choice): groups %s log nothing a model may learn from (%s), so "
+                    "no model is fitted for them and their rows get no propensity", unseen, scope.describe())
+    if all_held:
+        log.warning("treatment propensity (choice): groups %s have rows to learn from only in the diagnostic "
+                    "holdout (propensity.holdout_fraction=%g), so no model is fitted for them and their rows get "
+                    "no propensity", all_held, pc.holdout_fraction)
+    if catalogues and len(unseen) + len(all_held) == len(catalogues):
+        rows.unpersist()
+        raise ValueError(f"treatment propensity (choice): no choice group has a row to fit on outside the "
+                         f"diagnostic holdout (propensity.holdout_fraction={pc.holdout_fraction}); the log is "
+                         f"too small for the choice model")
+    catalogues = {g: c for g, c in catalogues.items() if g not in unseen and g not in all_held}
     model = C.ItemChoiceTreatment(pc.choice_eps, tuple(float(r) for r in pc.choice_reg_grid), pc.max_iter * 4,
                                   pc.choice_time_buckets, pc.choice_user_features)
     model.fit(rows.where((F.col("_h") >= pc.holdout_fraction) & F.col("_fit")), catalogues,
