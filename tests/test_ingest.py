@@ -135,6 +135,35 @@ def test_reingest_is_noop_and_conflicting_duplicate_is_quarantined(ctx, tmp_path
     assert list(log["rows_accepted"]) == [4, 0, 1]
 
 
+def test_concurrent_ingests_never_both_append_one_event_id(ctx, tmp_path, monkeypatch):
+    """Ingest B commits between ingest A's duplicate check and A's append: A must check again, not append blind."""
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+    from causalrec.storage import DeltaStore
+
+    a = _write_csv(tmp_path / "a.csv", ["e1,u1,i1,2024-01-01T10:00:00Z,click,1,,,,",
+                                        "e2,u1,i2,2024-01-01T11:00:00Z,click,1,,,,",
+                                        "e3,u2,i1,2024-01-01T12:00:00Z,click,1,,,,"])
+    b = _write_csv(tmp_path / "b.csv", ["e1,u1,i1,2024-01-01T10:00:00Z,click,1,,,,",  # the same as A's e1
+                                        "e2,u2,i2,2024-01-01T11:00:00Z,click,1,,,,"])  # e2 with other content
+    real_write, raced = DeltaStore.write, []
+
+    def write(self, df, name, *args, **kwargs):
+        if name == "events" and not raced:  # A's append: B lands first
+            raced.append(True)
+            ingest_events(ctx, read_events(ctx.spark, b, "csv"), source=b)
+        return real_write(self, df, name, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaStore, "write", write)
+    s = ingest_events(ctx, read_events(ctx.spark, a, "csv"), source=a)
+    ev = ctx.store.read("events").toPandas()
+    assert sorted(ev["event_id"]) == ["e1", "e2", "e3"]
+    assert ev.set_index("event_id").loc["e2", "user_id"] == "u2"  # B's e2 stays; A's differing one is quarantined
+    assert (s["rows_accepted"], s["rows_already_present"], s["reasons"]) == (1, 1, {"DUPLICATE_EXISTING": 1})
+    log = ctx.store.read("ingest_log").where("source = '%s'" % a).toPandas()
+    assert len(log) == 1 and log.iloc[0]["rows_read"] == 3 and log.iloc[0]["rows_accepted"] == 1
+
+
 @pytest.mark.parametrize("content, column", [
     ('{"event_id": "a", "user_id": "u", "item_id": "i", "event_time": true, "event_type": "click"}', "event_time"),
     ('{"event_id": "a", "user_id": "u", "event_time": "2024-01-01", "event_type": "click"}', "item_id"),
@@ -481,3 +510,66 @@ def test_times_are_read_as_utc_whatever_the_session_time_zone(ctx, tmp_path):
 
     assert got == {"e1": (utc(2024, 1, 2, 2), dt.date(2024, 1, 2)), "e2": (utc(2024, 1, 2, 2), dt.date(2024, 1, 2)),
                    "e3": (utc(2024, 1, 1, 20), dt.date(2024, 1, 1)), "e4": (utc(2024, 1, 2), dt.date(2024, 1, 2))}
+
+
+def test_csv_blank_lines_above_the_header_are_skipped_and_counted_in_the_lines(ctx, tmp_path):
+    """Blank and whitespace-only lines (tabs too) above a header are skipped, in a folder where only
+    some files have them; the quarantine detail names the file's own line, counting them."""
+    from causalrec.ingest import job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ok = "{},u1,i1,2024-01-01T00:00:00Z,click,1,,,,"
+    # a.csv: three blank lines, the header on line 4, a bad row on line 6; a blank line 8 below it
+    (folder / "a.csv").write_text("\n".join(["", "  ", "\t", HEADER, ok.format("a1"), "a2,u1,i1,BAD,click,1,,,,",
+                                             ok.format("a3"), "", "a4,u1,i1,BAD,click,1,,,,"]) + "\n")
+    (folder / "b.csv").write_text("\n".join([HEADER, "b1,u1,i1,BAD,click,1,,,,", ok.format("b2")]) + "\n")
+    ctx.cfg.data.source, ctx.cfg.data.path, ctx.cfg.data.format = "files", str(folder), "csv"
+    s = job.run(ctx)["tables"]["events"]
+    assert (s["rows_read"], s["rows_accepted"], s["rows_quarantined"]) == (6, 3, 3)
+    assert sorted(r.event_id for r in ctx.store.read("events").collect()) == ["a1", "a3", "b2"]
+    q = _quarantine_by_id(ctx)
+    assert (q["a2"].source, q["a2"].source_row) == (str(folder / "a.csv"), 1)
+    assert q["a2"].detail.endswith("(line 6)")
+    assert q["a4"].source_row == 3 and "(data row 4 after the header; its line is not known" in q["a4"].detail
+    assert q["b1"].source_row == 0 and q["b1"].detail.endswith("(line 2)")
+
+
+def test_csv_quoted_field_left_open_fails_before_any_write(ctx, tmp_path):
+    """An opening quote never closed would take in the lines below it as one field, to the end of the file
+    or, for the reader, to the next quote that is not doubled: the batch fails, naming the file and the
+    line the quote opens on, and no table changes. A file whose last record has a quoted line break (and
+    doubled quotes) that does close is read as before."""
+    from causalrec.ingest import job
+    from causalrec.ingest.sources import SourceError
+
+    first = tmp_path / "first.csv"
+    _write_csv(first, ["e0,u1,i1,2024-01-01T00:00:00Z,click,1,,,,"])
+    ctx.cfg.data.source, ctx.cfg.data.path, ctx.cfg.data.format = "files", str(first), "csv"
+    job.run(ctx)
+    versions = {t: ctx.store.version(t) for t in ("events", "events_quarantine", "ingest_log")}
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    row = "{},u1,i1,2024-01-01T00:00:00Z,click,1,,,,random,{}"
+    (folder / "good.csv").write_text(HEADER + ",context\n" + "\n".join([
+        row.format("g1", ""), row.format("g2", '"{""a"":\n1}"')]) + "\n")
+    ctx.cfg.data.path = str(folder)
+    for last, message in [("", r"before the end of the file, and every quote inside a quoted field doubled "
+                                r'\(""\); as it is, the field would take in every line below it'),
+                          ('"x"', r"followed by a delimiter or the line end, .* up to the quote on line 5")]:
+        (folder / "bad.csv").write_text(HEADER + ",context\n" + "\n".join([
+            row.format("e1", ""),  # line 2
+            row.format("e2", '"{""a"": 1'),  # line 3: the quote opens and is never closed
+            row.format("e3", ""),
+            row.format("e4", last)]) + "\n")
+        with pytest.raises(SourceError, match=r"CSV file .*/in/bad\.csv: the quoted field that opens on line 3 is "
+                                              r'never closed: expected a closing quote \("\) ' + message):
+            job.run(ctx)
+        assert {t: ctx.store.version(t) for t in versions} == versions
+    assert sorted(r.event_id for r in ctx.store.read("events").collect()) == ["e0"]
+
+    (folder / "bad.csv").unlink()
+    s = job.run(ctx)["tables"]["events"]
+    assert (s["rows_read"], s["rows_accepted"]) == (2, 2)
+    assert {r.event_id: r.context for r in ctx.store.read("events").collect()}["g2"] == '{"a":\n1}'

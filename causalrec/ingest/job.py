@@ -160,8 +160,9 @@ def _line_args(spark, flagged, fmt: str) -> dict:
     """``quarantined_rows`` arguments naming lines for a text input, read from the files with rejected rows.
 
     ``first_blank`` (file -> the first line where ``row + offset`` may be wrong) is the file's first
-    blank line or, for CSV (read multiLine), the line after the first record with a line break in
-    a field: the records below it start lower than their row says.
+    blank line below its first record or, for CSV (read multiLine), the line after the first record
+    with a line break in a field: the records below it start lower than their row says. ``lead``
+    (file -> blank lines above its first record, which the reader skipped) shifts every line.
     """
     from pyspark.sql import functions as F
 
@@ -177,12 +178,10 @@ def _line_args(spark, flagged, fmt: str) -> dict:
             .agg(F.max(F.col(REASON).isNotNull()).alias("bad"), F.min(F.when(spans, F.col(FILE_ROW))).alias("span"))
             .where("bad").collect())  # one row per file with a rejected row
     cut = {r[SOURCE_FILE]: int(r["span"]) + offset + 1 for r in rows if r["span"] is not None}
-    if fmt == "csv" and any("\n" in c or "\r" in c for c in flagged.columns):  # the header spans lines
-        cut = {r[SOURCE_FILE]: offset for r in rows}
-    first = first_blank_lines(spark, [r[SOURCE_FILE] for r in rows])
+    first, lead = first_blank_lines(spark, [r[SOURCE_FILE] for r in rows])
     for f, line in cut.items():
         first[f] = min(first.get(f, line), line)
-    return {"line_offset": offset, "first_blank": first}
+    return {"line_offset": offset, "first_blank": first, "lead": lead}
 
 
 def _require_table(store, name: str, key: str):

@@ -5,16 +5,22 @@ must name the file and the format that was expected, whatever Spark says underne
 CSV is read as text (every column a string) and parsed per row by
 :mod:`causalrec.ingest.validate`, so one unparseable cell quarantines one row instead
 of nulling it silently; every file's header must name the first file's columns in the
-same order (else :class:`SourceError`), and quoted fields may span lines. JSON lines keep
+same order (else :class:`SourceError`), blank lines above a header are skipped, and quoted
+fields may span lines, but one whose opening quote is never closed is a :class:`SourceError`
+(naming the file and the line where it opens), not a field taking in the lines below. JSON lines keep
 Spark's inferred types; a malformed line arrives as a row of nulls (plus ``_corrupt_record``)
 and is quarantined as ``NULL_ID`` with the raw line in its payload.
 """
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import os
 import re
+from functools import reduce
 from pathlib import Path
+from typing import Optional
 
 from causalrec.ingest.validate import CSV_RECORD, FILE_ROW, SOURCE_FILE, SOURCE_ROW
 
@@ -25,9 +31,25 @@ FORMATS = ("parquet", "csv", "jsonl", "delta")
 LINE_OFFSET = {"csv": 2, "jsonl": 1}
 
 # Spark's message when a CSV file's header differs from the schema (enforceSchema=false)
-_HEADER_MISMATCH = re.compile(r"(CSV header does not conform to the schema\.|Number of column in CSV header is not "
-                              r"equal to number of fields in the schema:)(.*?)\n\s*CSV file: (\S+)", re.S)
 _BLANK = "^[\\x00-\\x20]*$"  # a blank or whitespace-only line (Spark regex)
+
+# Where a CSV line leaves the reader (Spark's multiLine CSV: univocity, delimiter ``,``, quote ``"``,
+# escape ``"``, ``\`` escaping the escape, unescaped quotes read up to the delimiter), as Java regexes
+# over one line. A quoted field that closes on the line where it opens, at its first quote, just
+# before a delimiter or the line end, is read as it is (backslashes and all: the reader's fast path).
+# Otherwise, on every line of the field: ``""`` and backslashes before a quote make a literal quote,
+# another backslash is dropped, and any other quote ends the field (what follows it, up to the next
+# delimiter, belongs to the same field). Checked against Spark on random lines of ``a , " \ space tab``.
+_Q_FAST = r'[^"]++"(?=,|\z)'
+_Q_IN = r'(?:[^"\\]|""|\\++"|\\)*+'
+_Q_FIELD = r'(?>"(?>' + _Q_FAST + '|' + _Q_IN + r'"[^,]*+)|[^,"][^,]*+|)'
+_Q_OPENS = '(?:' + _Q_FIELD + ',)*+"(?!' + _Q_FAST + ')' + _Q_IN + r'\z'
+_OPENS_OUTSIDE = '^' + _Q_OPENS  # starting outside quotes, the line ends inside a quoted field
+_STAYS_INSIDE = '^' + _Q_IN + r'\z'  # starting inside one, the line does not close it
+_REOPENS_INSIDE = '^' + _Q_IN + r'"[^,]*+,' + _Q_OPENS  # ... closes it and opens another one left open
+# starting inside one, the quote that ends it is followed by neither a delimiter nor the line end
+# (blanks aside): the reader reads on to the next delimiter as part of the field
+_BAD_CLOSE_INSIDE = '^' + _Q_IN + r'"(?![\x01-\x20]*+(?:,|\z))'
 
 
 class SourceError(ValueError):
@@ -82,49 +104,47 @@ def read_events(spark, path: str, fmt: str, *, store=None):
 def _read_csv(spark, path: str):
     """CSV with every column a string, matched to the header by name and quoted line breaks kept.
 
-    Why: ``enforceSchema=false`` makes Spark check each file's header against the first file's
-    (with it on, a file with the columns in another order gets its values put in the wrong
-    columns); the mismatch surfaces at the first action as :func:`csv_header_error`.
-    ``multiLine`` keeps a quoted field with a line break in one record (line by line, the
+    Why: ``multiLine`` keeps a quoted field with a line break in one record (line by line, the
     record is cut in two); it reads each file in one task. A quote inside a quoted field may
     be doubled (RFC 4180: pandas, Excel, Python's csv) or escaped as ``\\"`` (Spark's writer);
     Spark's default escape alone misreads the doubled form. A row whose field count differs
     from the header keeps its raw text in ``CSV_RECORD`` (:mod:`~causalrec.ingest.validate`
     quarantines extra fields). Blank and whitespace-only lines are skipped, as line by line.
+    The files are read without Spark's header handling, which takes a blank line above the
+    header for the header (a whitespace-only one) and fails the file: each file's first record
+    left is its header, which :func:`number_rows` checks against the first file's (by name, in
+    order, as Spark's ``enforceSchema=false`` would: else a file with the columns in another
+    order gets its values put in the wrong columns) and drops, numbering the rows below it in
+    the same pass. That pass also fails on a quoted field whose opening quote is never closed.
+    Returns the numbered rows (``SOURCE_ROW`` / ``SOURCE_FILE`` / ``FILE_ROW``).
     """
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
 
-    def reader(multiline: str):
-        return (spark.read.option("header", "true").option("inferSchema", "false").option("mode", "PERMISSIVE")
+    def reader(multiline: str, header: str):
+        return (spark.read.option("header", header).option("inferSchema", "false").option("mode", "PERMISSIVE")
                 .option("multiLine", multiline).option("enforceSchema", "false")
                 .option("escape", '"').option("charToEscapeQuoteEscaping", "\\"))
 
-    # the header (the first file's first line, every column a string), found line by line: Spark's
-    # multiLine inference reads a file named e.g. ``events[1].csv`` as a glob and fails
-    plain = reader("false").csv(path)
-    if not plain.columns:
-        return plain
-    header = plain.schema
-    df = (reader("true").schema(StructType(header.fields + [StructField(CSV_RECORD, StringType())]))
+    # the header (the first file's first line that is not blank, every column a string), found line
+    # by line: Spark's multiLine inference reads a file named e.g. ``events[1].csv`` as a glob and
+    # fails, and its line-by-line inference takes a line of tabs for the header; Spark's CSV reader
+    # names the columns (``_c3`` for an empty name, a repeated name numbered)
+    top = spark.read.text(path).where(~F.col("value").rlike(_BLANK)).limit(1).collect()
+    if not top:
+        return spark.createDataFrame([], StructType([]))
+    header = (reader("false", "true").option("enforceSchema", "true")
+              .csv(spark.sparkContext.parallelize([top[0]["value"]], 1)).schema)
+    df = (reader("true", "false").schema(StructType(header.fields + [StructField(CSV_RECORD, StringType())]))
           .option("columnNameOfCorruptRecord", CSV_RECORD).csv(path))
     # a whitespace-only line is a one-field record under multiLine; naming the first column also
     # keeps Spark from refusing a count that would otherwise read only the corrupt-record column
     first, rec = F.col(f"`{header.fields[0].name}`"), F.col(CSV_RECORD)
-    return df.where(~F.coalesce(rec.rlike(_BLANK) & first.rlike(_BLANK), F.lit(False)))
+    df = df.where(~F.coalesce(rec.rlike(_BLANK) & first.rlike(_BLANK), F.lit(False)))
+    return number_rows(df, csv_header=header.fieldNames())
 
 
-def csv_header_error(exc):
-    """A :class:`SourceError` naming the file and its header for Spark's header mismatch, else None."""
-    m = _HEADER_MISMATCH.search(str(exc))
-    if m is None:
-        return None
-    found = " ".join(m.group(2).split())
-    return SourceError(f"CSV file {_display_path(m.group(3))}: its header does not match the expected columns "
-                       f"(those of the first file, in the same order): {found}")
-
-
-def number_rows(df):
+def number_rows(df, *, csv_header: Optional[list] = None):
     """Add ``SOURCE_ROW``: the 0-based position of each row in the source (partition order);
     for file inputs also ``SOURCE_FILE`` (the file) and ``FILE_ROW`` (0-based row within it).
 
@@ -133,25 +153,36 @@ def number_rows(df):
     line = row + 2). Runs one small job (row counts per partition and per file chunk, i.e.
     ``input_file_name``/``input_file_block_start``) and turns each row's
     ``monotonically_increasing_id`` into dense indexes from those offsets, so no row travels
-    to the driver and nothing is shuffled (the chunk table is broadcast).
+    to the driver and nothing is shuffled (the chunk table is broadcast). A DataFrame that
+    has ``SOURCE_ROW`` already (a CSV input: :func:`read_events` numbers it) is returned as it is.
+
+    ``csv_header``: ``df`` is a CSV read without its headers (:func:`_read_csv`), these are the
+    first file's column names. Each file's first record is then its header: the same job
+    fetches it, and it must name these columns in this order (else :class:`SourceError`); it
+    is dropped and the rows below it numbered from 0. The job also notes whether a file's last
+    record has a line break in a field, or any record in a field that starts with a quote (or
+    in its raw text, when its field count is off): only such files can hold a quoted field
+    whose opening quote is never closed (the reader puts the lines below it into it, to the end
+    of the file or to the next quote that is not doubled), and only they are read again, as
+    lines, to check (:func:`unclosed_quotes`; a :class:`SourceError` naming the line if so).
     """
     from pyspark.sql import functions as F
 
+    if SOURCE_ROW in df.columns:
+        return df
     x = (df.withColumn("__cr_pid", F.spark_partition_id())
          .withColumn("__cr_mid", F.monotonically_increasing_id())
          .withColumn("__cr_file", F.input_file_name())
          .withColumn("__cr_block", F.input_file_block_start()))
-    try:  # the first action on a freshly read input: a CSV header mismatch shows here
-        chunks = (x.groupBy("__cr_pid", "__cr_file", "__cr_block")
-                  .agg(F.count(F.lit(1)).alias("n"), F.min("__cr_mid").alias("first")).collect())
-    except Exception as exc:
-        err = csv_header_error(exc)
-        if err is None:
-            raise
-        raise err from None
+    aggs = [F.count(F.lit(1)).alias("n"), F.min("__cr_mid").alias("first")]
+    if csv_header is not None:
+        aggs += _csv_record_checks(df, csv_header)
+    chunks = x.groupBy("__cr_pid", "__cr_file", "__cr_block").agg(*aggs).collect()
     helpers = ("__cr_pid", "__cr_mid", "__cr_file", "__cr_block")
     if not chunks:
         return x.withColumn(SOURCE_ROW, F.lit(None).cast("long")).drop(*helpers)
+    if csv_header is not None:
+        return _number_csv(x, chunks, csv_header, helpers)
     per_pid: dict = {}
     for c in chunks:
         per_pid[int(c["__cr_pid"])] = per_pid.get(int(c["__cr_pid"]), 0) + int(c["n"])
@@ -171,6 +202,100 @@ def number_rows(df):
     x = x.join(F.broadcast(base), ["__cr_pid", "__cr_file", "__cr_block"], "left")
     x = x.withColumn(SOURCE_FILE, F.col("__cr_show")).withColumn(FILE_ROW, F.col("__cr_mid") + F.col("__cr_base"))
     return x.drop(*helpers, "__cr_show", "__cr_base")
+
+
+def _csv_record_checks(df, names: list) -> list:
+    """Aggregates per file chunk of a header-less CSV read: its first record as a header
+    (``head``: whether it names ``names`` in order, as Spark compares them, and its text for a
+    message, cut short), whether its last record holds a line break (``tail_break``) and whether
+    a record holds one in a field that starts with a quote or in its raw text (``quote_break``)."""
+    from pyspark.sql import functions as F
+
+    case_sensitive = str(df.sparkSession.conf.get("spark.sql.caseSensitive", "false")).lower() == "true"
+    cols = [F.col(f"`{n}`") for n in names]
+    rec = F.col(CSV_RECORD)
+    same = [(c if case_sensitive else F.lower(c)).eqNullSafe(F.lit(n if case_sensitive else n.lower()))
+            for c, n in zip(cols, names)]
+    head = F.struct(reduce(lambda a, b: a & b, same, rec.isNull()).alias("ok"),
+                    F.array(*[F.substring(c, 1, 200) for c in cols]).alias("names"),
+                    F.substring(rec, 1, 2000).alias("raw"))
+
+    def spans(c):
+        return F.coalesce(c.contains("\n") | c.contains("\r"), F.lit(False))
+
+    # a field read on past a quote not doubled keeps its opening quote; the raw text of a record with
+    # another number of fields (the field may be one too many) holds all of it
+    quoted = reduce(lambda a, b: a | b, [F.coalesce(c.startswith('"'), F.lit(False)) & spans(c) for c in cols],
+                    spans(rec))
+    return [F.min_by(head, "__cr_mid").alias("head"),
+            F.max_by(reduce(lambda a, b: a | b, [spans(c) for c in cols + [rec]]), "__cr_mid").alias("tail_break"),
+            F.max(quoted).alias("quote_break")]
+
+
+def _number_csv(x, chunks: list, names: list, helpers: tuple):
+    """:func:`number_rows` for a header-less CSV read: check each file (see there), drop its header."""
+    from pyspark.sql import functions as F
+
+    spark = x.sparkSession
+    by_file: dict = {}
+    for c in sorted(chunks, key=lambda c: (c["__cr_file"], c["__cr_block"])):
+        by_file.setdefault(c["__cr_file"], []).append(c)
+    # a quote left open takes in the lines below it: to the end of the file (the file's last record then
+    # spans lines) or to a quote not doubled (a field that spans lines then starts with a quote)
+    read_on = sorted(_display_path(f) for f, cs in by_file.items() if any(c["quote_break"] for c in cs))
+    suspects = sorted({_display_path(f) for f, cs in by_file.items() if cs[-1]["tail_break"]} | set(read_on))
+    opened = unclosed_quotes(spark, suspects, read_on=read_on) if suspects else {}
+    if opened:
+        f = min(opened)
+        line, end = opened[f]
+        if end is None:
+            where, what = "before the end of the file", "every line below it"
+        else:
+            where, what = "followed by a delimiter or the line end", f"the lines below it up to the quote on line {end}"
+        raise SourceError(f'CSV file {f}: the quoted field that opens on line {line} is never closed: expected a '
+                          f'closing quote (") {where}, and every quote inside a quoted field doubled (""); as it '
+                          f'is, the field would take in {what}')
+    for f, cs in sorted(by_file.items()):
+        problem = _header_problem(cs[0]["head"], names)
+        if problem:
+            raise SourceError(f"CSV file {_display_path(f)}: its header does not match the expected columns "
+                              f"(those of the first file, in the same order): {problem}")
+    # a file's first chunk starts with its header; a row's place in the source counts data rows only
+    heads = {id(cs[0]) for cs in by_file.values()}
+    src, total = {}, 0
+    for c in sorted(chunks, key=lambda c: (c["__cr_pid"], c["first"])):  # partition order
+        skip = 1 if id(c) in heads else 0
+        src[id(c)] = total - int(c["first"]) - skip
+        total += int(c["n"]) - skip
+    rows = []
+    for f, cs in by_file.items():
+        done = -1  # the header is row -1
+        for c in cs:
+            rows.append((int(c["__cr_pid"]), f, int(c["__cr_block"]), _display_path(f), done - int(c["first"]),
+                         src[id(c)]))
+            done += int(c["n"])
+    base = spark.createDataFrame(
+        rows, "__cr_pid int, __cr_file string, __cr_block long, __cr_show string, __cr_base long, __cr_src long")
+    x = x.join(F.broadcast(base), ["__cr_pid", "__cr_file", "__cr_block"], "left")
+    x = (x.withColumn(SOURCE_ROW, F.col("__cr_mid") + F.col("__cr_src"))
+         .withColumn(SOURCE_FILE, F.col("__cr_show"))
+         .withColumn(FILE_ROW, F.col("__cr_mid") + F.col("__cr_base")))
+    return x.where(F.col(FILE_ROW) >= 0).drop(*helpers, "__cr_show", "__cr_base", "__cr_src")
+
+
+def _header_problem(head, names: list) -> Optional[str]:
+    """Why a file's first record (``head`` of :func:`_csv_record_checks`) is not the expected header, or None."""
+    if head["ok"]:
+        return None
+    if head["raw"] is not None:  # another number of fields
+        found = next(csv.reader(io.StringIO(head["raw"])), [])
+        more = "" if len(head["raw"]) < 2000 else " or more"
+        return (f"Header length: {len(found)}{more}, schema size: {len(names)}. "
+                f"Header: {', '.join(found)[:500]}")
+    found = ["" if v is None else v for v in head["names"]]
+    i = next((k for k, (a, b) in enumerate(zip(found, names)) if a.lower() != b.lower()),
+             next((k for k, (a, b) in enumerate(zip(found, names)) if a != b), 0))
+    return f"Header: {', '.join(found)} Schema: {', '.join(names)} Expected: {names[i]} but found: {found[i]}"
 
 
 def row_index(partition_rows: dict, pid: str, mid: str):
@@ -201,19 +326,107 @@ def _display_path(uri: str) -> str:
     return unquote(u.path) if u.scheme == "file" else uri
 
 
-def first_blank_lines(spark, files: list) -> dict:
-    """``{file: 1-based number of its first blank line}`` for those of ``files`` that have one.
+def _literal_paths(files: list) -> list:
+    """The paths escaped: Spark reads ``[ ] { } * ?`` in a path as a glob pattern."""
+    return [re.sub(r"([\\\[\]{}*?])", r"\\\1", f) for f in files]
 
-    Why: Spark's CSV and JSON readers skip blank and whitespace-only lines (also before a CSV
-    header), so below the first such line ``row + LINE_OFFSET`` is no longer the line. Reads the
-    files as text (the same line splitting as those readers); one row per file comes back. The
-    paths are escaped: Spark reads ``[ ] { } * ?`` in a path as a glob pattern.
+
+def first_blank_lines(spark, files: list) -> tuple[dict, dict]:
+    """``({file: 1-based number of its first blank line below its first record}, {file: number of
+    blank lines above its first record (a CSV header, a JSON line)})`` for those of ``files`` that
+    have such lines.
+
+    Why: Spark's CSV and JSON readers skip blank and whitespace-only lines, so below the first
+    such line ``row + LINE_OFFSET`` is no longer the line. Those above the first record shift
+    every line of the file by their number (the second dict); the lines in the first are counted
+    without them (so that they compare with ``row + LINE_OFFSET``): add the second to get the
+    line in the file. Reads the files as text (the same line splitting as those readers);
+    one row per file comes back, and a second small job runs only for files with blank lines
+    above their first record.
     """
     from pyspark.sql import functions as F
 
     if not files:
+        return {}, {}
+    lines = number_rows(spark.read.text(_literal_paths(files)))
+    blank = F.col("value").rlike(_BLANK)
+    rows = (lines.groupBy(SOURCE_FILE)
+            .agg(F.min(F.when(~blank, F.col(FILE_ROW))).alias("top"),
+                 F.min(F.when(blank, F.col(FILE_ROW))).alias("first"))
+            .where("top IS NOT NULL AND first IS NOT NULL").collect())
+    out = {r[SOURCE_FILE]: int(r["first"]) + 1 for r in rows if r["first"] > r["top"]}
+    lead = {r[SOURCE_FILE]: int(r["top"]) for r in rows if r["first"] < r["top"]}
+    if lead:  # their first blank line below the first record
+        pairs = [F.lit(x) for f, n in sorted(lead.items()) for x in (f, n)]
+        top = F.element_at(F.create_map(*pairs), F.col(SOURCE_FILE))
+        below = (lines.where(F.col(SOURCE_FILE).isin(list(lead)) & blank & (F.col(FILE_ROW) > top))
+                 .groupBy(SOURCE_FILE).agg(F.min(FILE_ROW).alias("first")).collect())
+        out.update({r[SOURCE_FILE]: int(r["first"]) + 1 - lead[r[SOURCE_FILE]] for r in below})
+    return out, lead
+
+
+def unclosed_quotes(spark, files: list, *, read_on: list = ()) -> dict:
+    """``{file: (line, end)}`` for those of the CSV ``files`` with a quoted field that is never
+    closed: ``line`` (1-based) is where it opens; ``end`` is None where the file ends inside it
+    (the reader puts every line below it into it), else the line of the quote that the reader
+    takes for its end though a delimiter or the line end does not follow it (it puts the lines
+    in between into it, as it does with every quote inside a quoted field that is not doubled).
+    The latter are looked for in the files of ``read_on`` only; a file's first such field is given.
+
+    Spark work over the files' lines, no file content reaches the driver: each line with a quote
+    is classed by what it does to the reader's state (regexes above ``_OPENS_OUTSIDE``): keeps it
+    (no quote: left out), sets it (to inside or outside a quoted field, whatever it was) or flips
+    it. The state after a line is the one the last setting line above left, flipped once per
+    flipping line since: at the end of a file, two aggregates (the last setting line, then the
+    flips below it); at every line of a ``read_on`` file, a window over its quoted lines (a sort
+    of those). A field that stays open opens on the last line above that closes a quoted field
+    when read from inside one: every line between keeps the field open. One job numbers the
+    lines, one classes them, kept for the small jobs that follow.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if not files:
         return {}
-    lines = number_rows(spark.read.text([re.sub(r"([\\\[\]{}*?])", r"\\\1", f) for f in files]))
-    blank = lines.where(F.col("value").rlike(_BLANK))
-    rows = blank.groupBy(SOURCE_FILE).agg(F.min(FILE_ROW).alias("first")).collect()
-    return {r[SOURCE_FILE]: int(r["first"]) + 1 for r in rows}
+    lines = number_rows(spark.read.text(_literal_paths(files)))
+    v = F.col("value")
+    stays = v.rlike(_STAYS_INSIDE)
+    classed = (lines.where(v.contains('"'))
+               .select(F.col(SOURCE_FILE).alias("f"), F.col(FILE_ROW).alias("r"),
+                       v.rlike(_OPENS_OUTSIDE).alias("out"), (stays | v.rlike(_REOPENS_INSIDE)).alias("inside"),
+                       stays.alias("stays"),
+                       (F.col(SOURCE_FILE).isin(list(read_on)) & v.rlike(_BAD_CLOSE_INSIDE)).alias("bad"))
+               .persist(StorageLevel.MEMORY_AND_DISK))
+    sets = F.col("out") == F.col("inside")
+    flip = F.col("out") & ~F.col("inside")
+    try:
+        ends = (classed.groupBy("f")
+                .agg(F.max(F.when(sets, F.col("r") * 2 + F.col("out").cast("long"))).alias("set"),
+                     F.max(F.when(~F.col("stays"), F.col("r"))).alias("last_open"))
+                .collect())
+        set_at = {r["f"]: (-1 if r["set"] is None else int(r["set"]) // 2) for r in ends}
+        state = {r["f"]: (0 if r["set"] is None else int(r["set"]) % 2) for r in ends}
+        after = F.element_at(F.create_map(*[F.lit(x) for f, n in sorted(set_at.items()) for x in (f, n)]), F.col("f"))
+        for r in classed.where(flip & (F.col("r") > after)).groupBy("f").count().collect():
+            state[r["f"]] ^= int(r["count"]) % 2
+        bad = []
+        if read_on:
+            w = Window.partitionBy("f").orderBy("r")
+            upto = w.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+            x = classed.where(F.col("f").isin(list(read_on))).withColumn("k", F.sum(flip.cast("int")).over(upto))
+            last_set = F.last(F.when(sets, F.struct(F.col("k"), F.col("out").cast("int").alias("v"))),
+                              ignorenulls=True).over(upto)
+            state_after = (F.when(F.col("s").isNull(), F.col("k") % 2)
+                           .otherwise((F.col("s.v") + F.col("k") - F.col("s.k")) % 2))
+            x = x.withColumn("s", last_set).withColumn("after", state_after)
+            x = (x.withColumn("before", F.lag("after", 1, 0).over(w))
+                 .withColumn("opened", F.last(F.when(~F.col("stays"), F.col("r")), ignorenulls=True)
+                             .over(w.rowsBetween(Window.unboundedPreceding, -1))))
+            bad = (x.where((F.col("before") == 1) & F.col("bad") & F.col("opened").isNotNull())
+                   .groupBy("f").agg(F.min(F.struct(F.col("opened"), F.col("r"))).alias("at")).collect())
+    finally:
+        classed.unpersist()
+    out = {r["f"]: (int(r["last_open"]) + 1, None) for r in ends if state[r["f"]] and r["last_open"] is not None}
+    out.update({r["f"]: (int(r["at"]["opened"]) + 1, int(r["at"]["r"]) + 1) for r in bad})
+    return out

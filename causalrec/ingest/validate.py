@@ -418,23 +418,27 @@ def accepted_rows(flagged, batch_id: str):
     return ok.select(*cols)
 
 
-def line_note(line_offset: int, first_blank: Optional[dict] = None):
+def line_note(line_offset: int, first_blank: Optional[dict] = None, lead: Optional[dict] = None):
     """`` (line N)`` for the detail of a row read from a text file, so it can be opened in an editor.
 
     ``line_offset``: see :data:`causalrec.ingest.sources.LINE_OFFSET`; ``first_blank``: file ->
-    the first line from which ``row + line_offset`` may be wrong: its first blank line
-    (:func:`causalrec.ingest.sources.first_blank_lines`), which the reader skips, or the line after
-    the first record that spans lines. At or below it only the row is certain and the note says so.
+    the first line from which ``row + line_offset`` may be wrong: its first blank line below its
+    first record (:func:`causalrec.ingest.sources.first_blank_lines`), which the reader skips, or
+    the line after the first record that spans lines. At or below it only the row is certain and
+    the note says so. Blank lines above a file's first record (a CSV header), which the reader
+    skips too, are added to the line: ``lead`` (file -> their number).
     """
     from pyspark.sql import functions as F
 
     line = F.col(FILE_ROW) + F.lit(line_offset)
     pairs = [x for f, n in sorted((first_blank or {}).items()) for x in (F.lit(f), F.lit(n))]
     blank = F.element_at(F.create_map(*pairs), F.col(SOURCE_FILE)) if pairs else F.lit(None).cast("long")
+    shift = [x for f, n in sorted((lead or {}).items()) for x in (F.lit(f), F.lit(n))]
+    shown = line + F.coalesce(F.element_at(F.create_map(*shift), F.col(SOURCE_FILE)), F.lit(0)) if shift else line
     header = " after the header" if line_offset > 1 else ""
     return (
         F.when(F.col(FILE_ROW).isNull(), F.lit(""))
-        .when(blank.isNull() | (line < blank), F.concat(F.lit(" (line "), line.cast("string"), F.lit(")")))
+        .when(blank.isNull() | (line < blank), F.concat(F.lit(" (line "), shown.cast("string"), F.lit(")")))
         .otherwise(F.concat(F.lit(" (data row "), (F.col(FILE_ROW) + 1).cast("string"), F.lit(header),
                             F.lit("; its line is not known: a blank line or a quoted line break above it"
                                   " shifts the lines)")))
@@ -442,7 +446,8 @@ def line_note(line_offset: int, first_blank: Optional[dict] = None):
 
 
 def quarantined_rows(flagged, batch_id: str, source: str, quarantined_at: Optional[dt.datetime] = None,
-                     line_offset: Optional[int] = None, first_blank: Optional[dict] = None):
+                     line_offset: Optional[int] = None, first_blank: Optional[dict] = None,
+                     lead: Optional[dict] = None):
     """Rejected rows in the EVENTS_QUARANTINE contract, with the original row as JSON.
 
     With ``line_offset`` (text inputs) the detail ends with the row's line in its file
@@ -459,7 +464,7 @@ def quarantined_rows(flagged, batch_id: str, source: str, quarantined_at: Option
         src = F.coalesce(F.col(SOURCE_FILE), src)
         row = F.coalesce(F.col(FILE_ROW), row)
         if line_offset is not None:
-            detail = F.concat(detail, line_note(line_offset, first_blank))
+            detail = F.concat(detail, line_note(line_offset, first_blank, lead))
     out = bad.select(
         F.lit(batch_id).alias("ingest_batch"),
         src.alias("source"),
