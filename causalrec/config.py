@@ -141,6 +141,12 @@ class PropensityConfig:
     adjustment_set: Optional[list] = None  # feature groups; None = derived from causal_graph
 
 
+# feature groups a propensity model may adjust for (``propensity.adjustment_set``): the keys of
+# causalrec.propensity.job.GROUP_COLUMNS, kept here so loading a config imports no Spark code
+# (tests/test_config_cli.py checks the two agree)
+ADJUSTMENT_GROUPS = ("user_features", "item_features")
+
+
 @dataclass
 class TrainingSetConfig:
     split: Literal["given", "time", "random_user"] = "given"
@@ -355,7 +361,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected, and so are
+    decimal strings such as ``1e-3`` (YAML 1.1 reads those as strings)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -382,6 +389,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads a float without a dot (1e-3, 2E5) as a string: take the number it spells
+        # (digits, sign, dot and exponent only: no nan, inf or words)
+        if isinstance(value, str) and value.strip() and set(value.strip()) <= set("0123456789+-.eE"):
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -432,6 +446,17 @@ def _check_semantics(cfg: Config, where: str) -> None:
         bad("propensity.choice_time_buckets", "expected an integer >= 1")
     if not cfg.propensity.choice_reg_grid or any(float(r) < 0 for r in cfg.propensity.choice_reg_grid):
         bad("propensity.choice_reg_grid", "expected a non-empty list of L2 strengths >= 0")
+    # the exposure_method choices are the estimator registry's keys (tests/test_config_cli.py checks it)
+    exposure_methods = typing.get_args(typing.get_type_hints(PropensityConfig)["exposure_method"])
+    for m in cfg.propensity.compare_methods or []:
+        if m not in exposure_methods:
+            bad("propensity.compare_methods", f"{m!r} is not one of {list(exposure_methods)}")
+    for g in cfg.propensity.adjustment_set or []:
+        if g not in ADJUSTMENT_GROUPS:
+            bad("propensity.adjustment_set", f"{g!r} is not one of {list(ADJUSTMENT_GROUPS)}")
+    if not 0 <= cfg.propensity.holdout_fraction < 1:
+        bad("propensity.holdout_fraction", f"got {cfg.propensity.holdout_fraction}, expected a value in [0, 1) "
+                                           f"(the rest of the rows is what the propensity models are fitted on)")
     if cfg.train.num_workers < 1:
         bad("train.num_workers", f"got {cfg.train.num_workers}, expected >= 1")
     if cfg.training_set.files_per_split % cfg.train.num_workers != 0:
@@ -491,13 +516,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _apply_override(data: dict, path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
+    """Set ``value`` at ``path`` in the raw config mapping.
+
+    Once the path reaches a dict-typed field (``spark.conf``), the rest of the path, joined with dots,
+    is one key of that mapping: ``spark.conf.spark.sql.adaptive.enabled`` sets the Spark key
+    ``spark.sql.adaptive.enabled``, not nested sections.
+    """
+    node, cls = data, Config
+    for i, part in enumerate(path[:-1]):
+        tp = typing.get_type_hints(cls).get(part) if cls is not None else None
         if node.get(part) is None:  # `train:` with every key commented out loads as None: an empty section
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+        if tp is dict or dict in typing.get_args(tp):
+            node[".".join(path[i + 1:])] = value
+            return
+        cls = tp if dataclasses.is_dataclass(tp) else None
     node[path[-1]] = value
 
 

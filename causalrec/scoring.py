@@ -2,9 +2,9 @@
 
 Two steps, each on the engine that suits it:
 
-1. **Spark builds ``scoring_input``**: candidates joined with the id index
-   (user_idx/item_idx; -1 for cold ids), the user's history and text and the item's
-   text as the training set saw them, and a per-item uplift prior from
+1. **Spark builds ``scoring_input``**: candidates joined with the id index the model was
+   trained with (user_idx/item_idx; -1 for cold ids), the user's history and text and the
+   item's text in the training set's layout, and a per-item uplift prior from
    ``uplift_effects`` (item-level rows of one method, see :func:`item_uplift`). These are shuffle joins of a users x candidates table with
    dimension tables, which Spark plans well (broadcast for items); materialising
    the result in Delta makes the model step restartable without redoing joins, and
@@ -65,19 +65,25 @@ def item_uplift(uplift_effects):
     return ue.withColumn("_r", F.row_number().over(w)).where(F.col("_r") == 1).drop("_r")
 
 
-def build_scoring_input(spark, candidates, id_index=None, training_examples=None, users=None, items=None,
+def build_scoring_input(spark, candidates, id_index=None, user_features=None, users=None, items=None,
                         uplift_effects=None, feature_vectors: Optional[Callable] = None):
     """Candidates + everything the Featurizer needs, one row per (user, item) candidate.
 
-    Text and history come from ``training_examples`` (each user's latest row; each item's
-    text) so scoring sees the same inputs the model trained on; users/items tables fill
-    in ids the training set never saw. ``feature_vectors`` (DataFrame -> DataFrame with a
-    ``features`` column, e.g. :func:`causalrec.training_set.with_feature_vectors` bound to
+    ``id_index``: the one the model was trained with (:func:`trained_id_index`). History and
+    user text come from ``user_features`` (the user's recent items as of the features stage,
+    ``history_item_ids``, most recent first), built by the training set's own helpers
+    (:func:`causalrec.training_set.indexed_history`, :func:`~causalrec.training_set.with_history_columns`)
+    so scoring sees the layout the model trained on, but with the user's whole history: the
+    training set takes a train row's own item out of that row's history (a label proxy), which a
+    served candidate has no reason for. Users the features stage never saw get their ``users``
+    text and no history; item text comes from ``items``. ``feature_vectors`` (DataFrame -> DataFrame
+    with a ``features`` column, e.g. :func:`causalrec.training_set.with_feature_vectors` bound to
     the feature tables) gives each candidate pair the feature vector training used; without
     it ``features`` is null and a model trained with features sees zeros.
     """
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
+
+    from causalrec.training_set import indexed_history, with_history_columns
 
     df = candidates.select("user_id", "item_id")
     if id_index is not None:
@@ -87,29 +93,29 @@ def build_scoring_input(spark, candidates, id_index=None, training_examples=None
                                                                F.col("idx").alias("item_idx"))
         df = df.join(uidx, "user_id", "left").join(F.broadcast(iidx), "item_id", "left")
     else:
+        iidx = spark.createDataFrame([], "item_id string, item_idx int")
         df = df.withColumn("user_idx", F.lit(None).cast("int")).withColumn("item_idx", F.lit(None).cast("int"))
     df = df.fillna({"user_idx": -1, "item_idx": -1})
 
-    user_part = item_part = None
-    if training_examples is not None:
-        w = Window.partitionBy("user_id").orderBy(F.col("event_time").desc_nulls_last(), F.col("example_id").desc())
-        user_part = (training_examples.select("user_id", "example_id", "event_time", "history_item_idx", "user_text")
-                     .withColumn("_r", F.row_number().over(w)).filter(F.col("_r") == 1)
-                     .select("user_id", "history_item_idx", "user_text"))
-        item_part = (training_examples.filter(F.col("item_text").isNotNull())
-                     .groupBy("item_id").agg(F.first("item_text", ignorenulls=True).alias("item_text")))
-    if users is not None and "text" in users.columns:
-        ut = users.select("user_id", F.col("text").alias("user_text_dim"))
-        user_part = (ut.withColumn("history_item_idx", F.lit(None).cast("array<int>"))
-                     .withColumnRenamed("user_text_dim", "user_text") if user_part is None else
-                     user_part.join(ut, "user_id", "full")
-                     .select("user_id", "history_item_idx",
-                             F.coalesce("user_text", "user_text_dim").alias("user_text")))
+    item_part = None
     if items is not None and "text" in items.columns:
-        it = items.select("item_id", F.col("text").alias("item_text_dim"))
-        item_part = (it.withColumnRenamed("item_text_dim", "item_text") if item_part is None else
-                     item_part.join(it, "item_id", "full")
-                     .select("item_id", F.coalesce("item_text", "item_text_dim").alias("item_text")))
+        item_part = items.select("item_id", F.col("text").alias("item_text"))
+    user_dim = (users.select("user_id", F.col("text").alias("_u_text"))
+                if users is not None and "text" in users.columns else None)
+    user_part = None
+    if user_features is not None:
+        texts = item_part.withColumnRenamed("item_text", "text") if item_part is not None else \
+            spark.createDataFrame([], "item_id string, text string")
+        uf_text = F.col("text") if "text" in user_features.columns else F.lit(None).cast("string")
+        user_part = user_features.select("user_id", uf_text.alias("_uf_text")).join(
+            indexed_history(user_features, iidx, texts), "user_id", "left")
+        user_part = (user_part.join(user_dim, "user_id", "full") if user_dim is not None
+                     else user_part.withColumn("_u_text", F.lit(None).cast("string")))
+        user_part = with_history_columns(user_part, F.coalesce("_uf_text", "_u_text")).select(
+            "user_id", "history_item_idx", "user_text")
+    elif user_dim is not None:
+        user_part = user_dim.select("user_id", F.lit(None).cast("array<int>").alias("history_item_idx"),
+                                    F.col("_u_text").alias("user_text"))
     if user_part is not None:
         df = df.join(user_part, "user_id", "left")
     if item_part is not None:
@@ -285,8 +291,45 @@ def resolve_model(cfg) -> dict:
     return latest_train_run(cfg)
 
 
-def prepare_input(ctx) -> int:
-    """Spark step: write ``scoring_input``; returns its row count."""
+def trained_id_index(store, version: Optional[int], model: str = "the model"):
+    """``id_index`` as ``model`` was trained with it: at ``version`` (time travel) when recorded.
+
+    ``build_id_index`` numbers ids densely in sorted order, so a rebuilt index (new users or items)
+    shifts the indices and the current table would hand candidates other ids' embeddings. A
+    version that can no longer be read (vacuumed, table recreated) fails, naming both versions.
+    ``version`` None (a checkpoint from before the version was recorded): the current table, with a
+    warning.
+    """
+    current = store.version("id_index")
+    if version is None:
+        if current is not None:
+            log.warning("scoring: %s does not record the id_index version it was trained with (trained before "
+                        "causalrec recorded it); using the current id_index (version %s): if training_set ran "
+                        "since, ids map to other users' and items' embeddings. Retrain to record it", model, current)
+        return store.read("id_index") if current is not None else None
+    if version == current:
+        return store.read("id_index")
+    try:
+        df = store.read("id_index", version=version)
+        df.count()  # touches every file of that version: fail here, not halfway through scoring
+    except Exception as exc:
+        raise RuntimeError(
+            f"scoring: {model} was trained with id_index version {version}, but {store.path('id_index')} "
+            f"({'now at version ' + str(current) if current is not None else 'which no longer exists'}) "
+            f"cannot be read at that version ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); scoring with the current "
+            f"version would map ids to other users' and items' embeddings. Retrain on the current "
+            f"training_examples (causalrec train) or restore id_index version {version}") from exc
+    log.info("scoring: id_index is at version %s; using version %s, the one %s was trained with", current,
+             version, model)
+    return df
+
+
+def prepare_input(ctx, id_index_version: Optional[int] = None, model: str = "the model") -> int:
+    """Spark step: write ``scoring_input``; returns its row count.
+
+    ``id_index_version``: the id_index version the model was trained with (:func:`trained_id_index`).
+    """
     from pyspark.sql import functions as F
 
     store = ctx.store
@@ -302,8 +345,11 @@ def prepare_input(ctx) -> int:
         fv = lambda df: with_feature_vectors(df, ft, events, items, ctx.cfg)  # noqa: E731
     else:
         log.warning("scoring: no user_features/item_features tables with recorded names; pair features are null")
-    df = build_scoring_input(ctx.spark, cands, read("id_index"), read("training_examples"), read("users"),
-                             read("items"), read("uplift_effects"), feature_vectors=fv)
+    user_features = ft.users if ft is not None else read("user_features")
+    if user_features is None:
+        log.warning("scoring: no user_features table; candidates are scored without the users' history")
+    df = build_scoring_input(ctx.spark, cands, trained_id_index(store, id_index_version, model), user_features,
+                             read("users"), read("items"), read("uplift_effects"), feature_vectors=fv)
     store.write(df, "scoring_input", mode="overwrite", spec=SCORING_INPUT, overwrite_schema=True)
     # scores is checked against this count, so a duplicated input would pass unseen downstream
     dup = (store.read("scoring_input").groupBy("user_id", "item_id").count()
@@ -325,8 +371,15 @@ def run(ctx, loader: Optional[Callable] = None, model_version: Optional[str] = N
         model_version = model_version or str(run_row["model_version"])
     if not model_version:
         raise ValueError("scoring.run: a model_version is required with a custom loader")
+    # the id map the checkpoint was trained with (a custom loader of another kind: the current one)
+    idx_version, model = None, f"model {model_version}"
+    if isinstance(loader, CheckpointLoader):
+        from causalrec.train.checkpoint import trained_id_index_version
+
+        idx_version = trained_id_index_version(loader.checkpoint_path)
+        model = f"model {model_version} ({loader.checkpoint_path})"
     with ctx.step("score: build scoring_input (Spark)"):
-        n_in = prepare_input(ctx)
+        n_in = prepare_input(ctx, idx_version, model)
     ctx.log_rows("scoring_input", n_in, "in")
     prev = store.version("scores")
     ctx.ray()
@@ -344,5 +397,6 @@ def run(ctx, loader: Optional[Callable] = None, model_version: Optional[str] = N
         raise RuntimeError(f"scores has {n_out} rows but scoring_input has {n_in}: the write lost or duplicated "
                            f"rows; {kept}")
     return {"rows_in": {"scoring_input": n_in}, "rows_out": {"scores": n_out}, "model_version": model_version,
+            "id_index_version": idx_version if idx_version is not None else store.version("id_index"),
             "previous_version": prev, "version": store.version("scores"),
             "pairs_per_s": round(n_out / max(info["seconds"], 1e-9), 1), **info}

@@ -144,15 +144,22 @@ def check_propensity_split(store, cfg) -> None:
     (:class:`causalrec.propensity.job.FitScope`); under another split its models may have learned
     from this run's valid/test rows, and their weights would go into the training set unnoticed
     (``causalrec run`` reruns the stage when the settings change; a stage run on its own does not).
-    Tables written before the settings were recorded pass.
+    Both tables the training set reads are checked: the stage writes them in separate commits, so a
+    run that failed between them leaves one fitted under other settings than the other. Each table's
+    settings are those of its newest commit that records them (a later commit without causalrec
+    metadata, such as a compaction or a plain append, fitted nothing). Tables written before the
+    settings were recorded pass.
     """
-    recorded = next((m["split_settings"] for m in store.commit_metadata("exposure_propensity", 1)
-                     if "split_settings" in m), None)
     want = split_settings(cfg)
-    if recorded is not None and recorded != want:
+    for name in ("exposure_propensity", "treatment_propensity"):
+        if not store.exists(name):
+            continue
+        recorded = next((m["split_settings"] for m in store.commit_metadata(name) if "split_settings" in m), None)
+        if recorded is None or recorded == want:
+            continue
         diff = {k: (recorded.get(k), want[k]) for k in want if recorded.get(k) != want[k]}
         raise ValueError(
-            f"exposure_propensity ({store.path('exposure_propensity')}) was fitted under other training_set "
+            f"{name} ({store.path(name)}) was fitted under other training_set "
             f"settings than this run's: " + ", ".join(f"training_set.{k}: fitted {a!r}, now {b!r}"
                                                      for k, (a, b) in diff.items())
             + ". Rerun the propensity stage with these settings first (e.g. `causalrec run <config> --until "
@@ -342,6 +349,38 @@ def own_item_out_of_history(hist):
     return F.when(F.col("_own"), F.filter(hist, lambda s: s["item_idx"] != F.col("item_idx"))).otherwise(hist)
 
 
+def indexed_history(user_features: DataFrame, iidx: DataFrame, item_text: DataFrame) -> DataFrame:
+    """(user_id, ``_hist``): each user's ``history_item_ids`` (most recent first) as sorted structs
+    (pos, item_idx, t = the item's text, else its id); items without an index are left out.
+
+    ``iidx``: (item_id, item_idx); ``item_text``: (item_id, text). Users, not examples or candidates,
+    are exploded. The training set and scoring both build histories here, then
+    :func:`with_history_columns`, so a model is served the history layout it was trained on.
+    """
+    users_hist = user_features.select("user_id", F.posexplode("history_item_ids").alias("pos", "item_id"))
+    users_hist = users_hist.join(F.broadcast(iidx), "item_id").join(
+        F.broadcast(item_text.select("item_id", F.col("text").alias("_it"))), "item_id", "left")
+    return users_hist.groupBy("user_id").agg(F.sort_array(F.collect_list(
+        F.struct("pos", "item_idx", F.coalesce("_it", "item_id").alias("t")))).alias("_hist"))
+
+
+def with_history_columns(df: DataFrame, user_text, leave_own_item_out: bool = False) -> DataFrame:
+    """``df`` (with :func:`indexed_history`'s ``_hist``, null for users without one) plus ``history_item_idx`` and
+    ``user_text``: the ``user_text`` column, then "Recently: " and the texts of the five most recent items.
+
+    ``leave_own_item_out``: training rows flagged ``_own`` lose their own item (:func:`own_item_out_of_history`).
+    Serving never does: a candidate is scored with the user's whole recent history.
+    """
+    hist = F.coalesce("_hist", F.array().cast(df.schema["_hist"].dataType))
+    if leave_own_item_out:
+        hist = own_item_out_of_history(hist)
+    df = df.withColumn("history_item_idx", F.transform(hist, lambda s: s["item_idx"]))
+    recent = F.slice(F.transform(hist, lambda s: s["t"]), 1, 5)
+    df = df.withColumn("user_text", F.concat_ws(
+        ". ", user_text, F.when(F.size(recent) > 0, F.concat(F.lit("Recently: "), F.array_join(recent, "; ")))))
+    return df.drop("_hist")
+
+
 def build_id_index(spark, users: DataFrame, items: DataFrame, *event_frames: DataFrame) -> DataFrame:
     """(kind, id, idx): dense 0-based indices in id order (zipWithIndex: no single-partition window)."""
     def index(kind, ids):
@@ -453,20 +492,9 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     iidx = id_index.where(F.col("kind") == "item").select(F.col("id").alias("item_id"), F.col("idx").alias("item_idx"))
     ex = ex.join(uidx, "user_id").join(F.broadcast(iidx), "item_id")
 
-    # history as dense indices and as text, per user (users, not examples, are exploded)
-    users_hist = ft.users.select("user_id", F.posexplode("history_item_ids").alias("pos", "item_id"))
-    users_hist = users_hist.join(F.broadcast(iidx), "item_id").join(
-        F.broadcast(ft.items.select("item_id", F.col("text").alias("_it"))), "item_id", "left")
-    per_user = users_hist.groupBy("user_id").agg(F.sort_array(F.collect_list(
-        F.struct("pos", "item_idx", F.coalesce("_it", "item_id").alias("t")))).alias("_hist"))
-    ex = ex.join(per_user, "user_id", "left")
-    hist = own_item_out_of_history(F.coalesce("_hist", F.array().cast(per_user.schema["_hist"].dataType)))
-    ex = ex.withColumn("history_item_idx", F.transform(hist, lambda s: s["item_idx"]))
-    recent = F.slice(F.transform(hist, lambda s: s["t"]), 1, 5)
-    ex = ex.withColumn("user_text", F.concat_ws(
-        ". ", F.col("_utext"),
-        F.when(F.size(recent) > 0, F.concat(F.lit("Recently: "), F.array_join(recent, "; ")))))
-    ex = ex.drop("_hist", "_own")
+    # history as dense indices and as text, per user
+    ex = ex.join(indexed_history(ft.users, iidx, ft.items), "user_id", "left")
+    ex = with_history_columns(ex, F.col("_utext"), leave_own_item_out=True).drop("_own")
     return conform(ex, TRAINING_EXAMPLES)
 
 

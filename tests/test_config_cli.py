@@ -175,3 +175,62 @@ def test_spark_submit_master_and_conf_win_over_config(tmp_path):
     assert info["spark_shuffle_partitions"] == "3"
     assert info["launched_by_spark_submit"] is True
     assert info["delta_backend"] == "delta-rs"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("propensity.compare_methods=[popularty]",
+     r"propensity.compare_methods: 'popularty' is not one of \['popularity', 'naive_bayes', 'logistic'\]"),
+    ("propensity.adjustment_set=[user_feature]",
+     r"propensity.adjustment_set: 'user_feature' is not one of \['user_features', 'item_features'\]"),
+    ("propensity.holdout_fraction=1.0", r"propensity.holdout_fraction: got 1.0, expected a value in \[0, 1\)"),
+    ("propensity.holdout_fraction=-0.1", r"propensity.holdout_fraction: got -0.1, expected a value in \[0, 1\)"),
+])
+def test_propensity_typos_fail_at_load_naming_key_and_allowed_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_config_propensity_choices_match_the_registries():
+    """The config names the allowed exposure methods and feature groups without importing Spark code;
+    they must be the registries' keys."""
+    import typing
+
+    from causalrec.config import ADJUSTMENT_GROUPS, PropensityConfig
+    from causalrec.propensity.exposure import ESTIMATORS
+    from causalrec.propensity.job import GROUP_COLUMNS
+
+    assert set(typing.get_args(typing.get_type_hints(PropensityConfig)["exposure_method"])) == set(ESTIMATORS)
+    assert set(ADJUSTMENT_GROUPS) == set(GROUP_COLUMNS)
+
+
+def test_set_into_a_dict_field_keeps_the_dotted_rest_as_one_key():
+    """``spark.conf`` is a mapping of Spark keys that themselves contain dots: the rest of the path is one key,
+    not nested sections (which Spark would get as a key 'spark' with a dict's text)."""
+    cfg = load_config(REPO / "conf" / "cluster.yaml", ["spark.conf.spark.sql.adaptive.enabled=false",
+                                                       "spark.conf.spark.executor.memory=8g"])
+    assert cfg.spark.conf["spark.sql.adaptive.enabled"] is False
+    assert cfg.spark.conf["spark.executor.memory"] == "8g"
+    assert "spark" not in cfg.spark.conf
+    assert cfg.spark.conf["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"  # the file's keys stay
+    assert load_config(None, ["spark.conf.spark.ui.port=4050"]).spark.conf == {"spark.ui.port": 4050}
+
+
+@pytest.mark.parametrize("override,key,want", [
+    ("train.learning_rate=1e-3", "learning_rate", 1e-3),
+    ("train.encoder_lr=2e-5", "encoder_lr", 2e-5),
+    ("train.weight_decay=-1.5E+2", "weight_decay", -150.0),
+])
+def test_exponent_floats_are_accepted_from_set_and_yaml(tmp_path, override, key, want):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a float field takes it as the number it spells."""
+    assert getattr(load_config(None, [override]).train, key) == pytest.approx(want)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  {key}: {override.split('=', 1)[1]}\n")
+    got = getattr(load_config(f).train, key)
+    assert isinstance(got, float) and got == pytest.approx(want)
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=fast", "train.learning_rate=nan", "train.learning_rate=true",
+                                      "train.encoder_lr=1e-3x"])
+def test_float_fields_still_refuse_non_numbers(override):
+    with pytest.raises(ConfigError, match=r"train\.(learning_rate|encoder_lr): got .*expected float"):
+        load_config(None, [override])

@@ -46,7 +46,8 @@ def test_featurizer_maps_unknown_ids_pads_and_passes_targets():
 def test_featurizer_history_keeps_most_recent_and_drops_unknown(minilm):
     mc = {"model": "two_tower", "n_users": 3, "n_items": 5, "history_len": 3, "encoder_path": minilm, "max_seq_len": 8}
     b = Featurizer(mc)(rows())
-    assert b["history_item_idx"].tolist() == [[1, 2, 3], [-1, -1, -1], [-1, -1, -1], [2, -1, -1]]
+    # histories are stored most recent first: [0, 1, 2, 3] cut to 3 keeps 0, 1, 2 (the oldest, 3, goes)
+    assert b["history_item_idx"].tolist() == [[0, 1, 2], [-1, -1, -1], [-1, -1, -1], [2, -1, -1]]
     assert b["user_input_ids"].shape == (4, 8) and b["item_attention_mask"][2].sum() == 2  # [CLS][SEP] for null
 
 
@@ -368,3 +369,14 @@ def test_frozen_encoder_runs_in_eval_mode_so_the_cache_holds_clean_vectors(minil
     # a partly trainable encoder keeps its dropout in training
     partial = build_model({**mc, "freeze_layers": 2}).train()
     assert partial.encoder.training
+
+
+def test_ragged_history_truncation_keeps_the_most_recent_items():
+    """A checkpoint trained with history_len 2 served a features.history_length 4 history (most recent
+    first, as user_features.history_item_ids and training_examples hold it) sees the two most recent items."""
+    import numpy as np
+
+    from causalrec.models.featurize import _ragged
+
+    recent_first = [[7, 5, 3, 1], [4], None]
+    assert _ragged(recent_first, 2, np.int64, -1).tolist() == [[7, 5], [4, -1], [-1, -1]]

@@ -175,7 +175,8 @@ def test_ingest_up_to_date_when_nothing_changed_even_without_dimension_tables(pc
 
 @pytest.mark.parametrize("stage, table", [("propensity", "mcar_events"), ("propensity", "ground_truth"),
                                           ("training_set", "mcar_events"), ("training_set", "users"),
-                                          ("training_set", "items")])
+                                          ("training_set", "items"), ("score", "id_index"), ("score", "uplift_effects"),
+                                          ("score", "users")])
 @pytest.mark.parametrize("present", [True, False], ids=["rewritten", "appears"])
 def test_a_table_the_stage_reads_makes_it_stale_when_rewritten_or_new(pctx, stage, table, present):
     """mcar_events and ground_truth are optional: a stage run without them is up to date until they

@@ -241,3 +241,123 @@ def test_prepare_input_rejects_duplicated_candidates(ctx, spark):
                 "candidates", mode="overwrite", spec=CANDIDATES)
     with pytest.raises(RuntimeError, match="one row per candidate pair"):
         prepare_input(ctx)
+
+
+def test_scoring_serves_the_users_whole_history_not_a_training_rows(ctx, spark):
+    """A train row's history leaves out its own item (a label proxy); served candidates must not inherit
+    that: a user whose latest row is a train row is served every recent item, most recent first, and
+    its "Recently" text, built by the training set's helper from user_features, not from one example row."""
+    from test_features import make_events, make_items, make_users
+
+    from causalrec.features.job import run as features_run
+    from causalrec.schemas import EVENTS, EXPOSURE_PROPENSITY, TRAINING_EXAMPLES
+    from causalrec.scoring import prepare_input
+    from causalrec.training_set import build_id_index, build_training_examples
+
+    rows = [(f"e{u}_{d}", f"u{u}", f"i{(u * 5 + d) % 7}", f"2024-01-0{d + 1} {u:02d}:00", "rating", 1 + (u + d) % 5)
+            for u in range(10) for d in range(5)]
+    events = make_events(spark, rows)
+    items = make_items(spark, [(f"i{j}", [], "c", f"item text {j}") for j in range(7)])
+    users = make_users(spark, [(f"u{u}", [], f"user {u}", None) for u in range(10)])
+    cfg, store = ctx.cfg, ctx.store
+    cfg.training_set.split = "random_user"
+    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.2, 0.2
+    cfg.training_set.unobserved_per_observed = 0.0
+    for df, name, spec in ((events, "events", EVENTS), (users, "users", USERS), (items, "items", ITEMS)):
+        store.write(df, name, mode="overwrite", spec=spec)
+    features_run(ctx)
+    seen = [(r["user_id"], r["item_id"]) for r in events.select("user_id", "item_id").distinct().collect()]
+    exposure = spark.createDataFrame([(u, i, 1, None, 0.5, 0.5, "hand", 1.0) for u, i in seen],
+                                     EXPOSURE_PROPENSITY.spark_schema())
+    store.write(build_id_index(spark, users, items, events), "id_index", mode="overwrite", spec=ID_INDEX)
+    idx = store.read("id_index")
+    te = build_training_examples(events, users, items, exposure, None, idx, cfg)
+    store.write(te, "training_examples", mode="overwrite", spec=TRAINING_EXAMPLES)
+    te = store.read("training_examples").where("observed = 1").collect()
+    item_idx = {r["id"]: r["idx"] for r in idx.where("kind = 'item'").collect()}
+    train_users = sorted({r["user_id"] for r in te if r["split"] == "train"})
+    assert train_users and all(r["split"] == "train" for r in te if r["user_id"] in train_users)
+    store.write(spark.createDataFrame([(u, "i6", "popularity", ["popularity"], 1.0) for u in train_users],
+                                      "user_id string, item_id string, source string, sources array<string>, "
+                                      "source_score double"), "candidates", mode="overwrite", spec=CANDIDATES)
+    assert prepare_input(ctx) == len(train_users)
+
+    served = {r["user_id"]: r for r in store.read("scoring_input").collect()}
+    for u in train_users:
+        recent_first = [r["item_id"] for r in sorted(events.where(f"user_id = '{u}'").collect(),
+                                                      key=lambda r: r["event_time"], reverse=True)]
+        assert list(served[u]["history_item_idx"]) == [item_idx[i] for i in recent_first]
+        assert served[u]["user_text"] == (f"user {u[1:]}. Recently: "
+                                          + "; ".join(f"item text {i[1:]}" for i in recent_first))
+        # what the old path served: the latest train row's history, which lacks that row's own item
+        latest = max((r for r in te if r["user_id"] == u), key=lambda r: (r["event_time"], r["example_id"]))
+        assert item_idx[latest["item_id"]] not in latest["history_item_idx"]
+
+
+def test_scoring_reads_the_id_index_version_the_checkpoint_was_trained_with(ctx, spark, tmp_path, caplog,
+                                                                           monkeypatch):
+    """build_id_index numbers ids densely in sorted order: after a training_set rerun with a new user, u3
+    moves from row 1 to row 2. The checkpoint records the id_index version it was trained with, and scoring
+    reads that version (time travel) instead of whatever id_index is current; a version that cannot be read
+    fails naming both versions; a checkpoint without the record keeps the current index, with a warning."""
+    import logging
+    import os
+
+    import torch
+    from deltalake import DeltaTable
+
+    import causalrec.scoring as scoring
+    from causalrec.models import build_model
+    from causalrec.train.checkpoint import trained_id_index_version
+    from causalrec.training_set import build_id_index
+
+    store = ctx.store
+    items = spark.createDataFrame([("i1", None, "c", "t", None)], ITEMS.spark_schema())
+    users = lambda ids: spark.createDataFrame([(u, None, "", None) for u in ids], USERS.spark_schema())  # noqa: E731
+    v_old = store.write(build_id_index(spark, users(["u1", "u3"]), items), "id_index", mode="overwrite", spec=ID_INDEX)
+    v_new = store.write(build_id_index(spark, users(["u1", "u2", "u3"]), items), "id_index", mode="overwrite",
+                        spec=ID_INDEX)
+    assert (v_old, v_new) == (0, 1)
+    store.write(users(["u1", "u2", "u3"]), "users", mode="overwrite", spec=USERS)
+    store.write(spark.createDataFrame([(u, "i1", "popularity", ["popularity"], 1.0) for u in ("u1", "u2", "u3")],
+                                      "user_id string, item_id string, source string, sources array<string>, "
+                                      "source_score double"), "candidates", mode="overwrite", spec=CANDIDATES)
+    torch.manual_seed(0)
+    mc = {"model": "mf", "task": "rating", "n_users": 2, "n_items": 1, "dim": 4}
+    from causalrec.train.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(mc), mc, {"id_index_version": v_old})
+    old_ckpt = save_checkpoint(tmp_path / "old", build_model(mc), mc, {})
+    assert (trained_id_index_version(ckpt), trained_id_index_version(old_ckpt)) == (0, None)
+
+    def user_idx():
+        return {r["user_id"]: r["user_idx"] for r in store.read("scoring_input").collect()}
+
+    # run() passes the checkpoint's recorded version on to prepare_input
+    seen = {}
+
+    def fake_prepare(ctx_, version, model):
+        seen.update(version=version, model=model)
+        raise RuntimeError("stop after prepare_input")
+
+    monkeypatch.setattr(scoring, "prepare_input", fake_prepare)
+    with pytest.raises(RuntimeError, match="stop after prepare_input"):
+        scoring.run(ctx, loader=scoring.CheckpointLoader(ckpt), model_version="v1")
+    assert seen["version"] == 0 and ckpt in seen["model"]
+    monkeypatch.undo()
+
+    scoring.prepare_input(ctx, 0)
+    assert user_idx() == {"u1": 0, "u2": -1, "u3": 1}  # the trained rows; u2 is new to the model: unknown
+    # a checkpoint from before the record: today's behaviour (the current index), with a warning
+    with caplog.at_level(logging.WARNING, logger="causalrec.scoring"):
+        scoring.prepare_input(ctx, trained_id_index_version(old_ckpt))
+    assert user_idx() == {"u1": 0, "u2": 1, "u3": 2}
+    assert any("does not record the id_index version" in r.getMessage() for r in caplog.records)
+    # the trained version is gone (vacuumed): fail, naming both versions, instead of scoring with version 1
+    for uri in DeltaTable(store.path("id_index"), version=0).file_uris():
+        os.remove(uri.removeprefix("file://"))
+    with pytest.raises(RuntimeError, match=r"trained with id_index version 0, but .*id_index \(now at version 1\) "
+                                           r"cannot be read at that version"):
+        scoring.prepare_input(ctx, 0)
+    with pytest.raises(RuntimeError, match=r"trained with id_index version 5, but .*now at version 1"):
+        scoring.prepare_input(ctx, 5)

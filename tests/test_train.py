@@ -74,6 +74,15 @@ def test_mf_two_workers_loss_falls_and_resumes(ray_local, train_cfg):
 
     cfg = train_cfg
     write_examples(cfg, synthetic_examples())
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from causalrec.schemas import ID_INDEX
+
+    ids = pd.DataFrame({"kind": ["user"] * 30 + ["item"] * 40, "id": [f"u{k}" for k in range(30)] +
+                        [f"i{k}" for k in range(40)], "idx": list(range(30)) + list(range(40))})
+    write_deltalake(cfg.table_path("id_index"), pa.Table.from_pandas(ids, schema=ID_INDEX.arrow_schema(),
+                                                                     preserve_index=False))
     cfg.train.model, cfg.train.objective, cfg.train.epochs = "mf", "ips", 3
     tracking = f"sqlite:///{cfg.checkpoint_dir}/mlflow.db"  # a real MLflow tracking store
     Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
@@ -81,6 +90,7 @@ def test_mf_two_workers_loss_falls_and_resumes(ray_local, train_cfg):
     summary = run(Context(cfg))
     cfg.train.mlflow_tracking_uri = None
     assert summary["valid_mode"] == "mcar"  # the valid split is MCAR
+    assert summary["id_index_version"] == 0
     row = latest_train_run(cfg)
     epochs = _epochs(row)
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
@@ -102,6 +112,7 @@ def test_mf_two_workers_loss_falls_and_resumes(ray_local, train_cfg):
 
     model, mc, meta = load_checkpoint(row["checkpoint_path"])
     assert mc["model"] == "mf" and mc["n_users"] == 30 and meta["train_state"]["epoch"] >= 1
+    assert meta["id_index_version"] == 0  # what scoring reads id_index at
     assert type(model).__name__ == "MF"
 
     # resume from the last epoch's checkpoint: training continues at epoch 3, loss where it stopped
@@ -273,6 +284,7 @@ def test_table_stats_marks_the_ids_training_reaches(cfg):
                                                                      preserve_index=False))
     stats = table_stats(cfg)
     assert (stats["shape"]["n_users"], stats["shape"]["n_items"]) == (5, 6)
+    assert stats["id_index_version"] == 0  # the version the run's checkpoints record for scoring
     ips = known_ids(stats["known"], "ips")
     assert ips["user"].tolist() == [True, True, False, False, False]  # 2: unobserved only; 3: valid only
     assert ips["item"].tolist() == [True, True, False, True, False, False]
@@ -387,3 +399,69 @@ def test_epoch_rng_depends_on_seed_and_epoch_only():
     torch.manual_seed(epoch_seed(42, 3))
     assert torch.equal(torch.rand(8), straight)
     assert len({epoch_seed(s, e) for s in (42, 43) for e in range(5)}) == 10
+
+
+def test_no_validation_metric_never_stops_early():
+    """A NaN validation error (no labelled validation row) is no evidence of overfitting: it neither
+    improves nor counts as a bad epoch, in the state the Ray loop and fit_local share."""
+    from causalrec.train.loop_state import early_stopping_update, initial_state
+
+    state = initial_state()
+    assert [early_stopping_update(state, e, float("nan"), 2) for e in range(6)] == [False] * 6
+    assert (state["best_epoch"], state["bad_epochs"]) == (-1, 0)
+    # a real metric later still early-stops as before
+    assert [early_stopping_update(state, e, v, 2) for e, v in zip(range(6, 10), (1.0, 1.5, float("nan"), 2.0))] == \
+        [False, False, False, True]
+    assert state["best_epoch"] == 6
+
+
+def test_fit_local_without_labelled_validation_rows_trains_every_epoch():
+    """Validation rows without a label, or none at all: every epoch trains, none is 'stopped early',
+    and the returned weights are the epoch with the lowest train loss (what the Ray loop's checkpoint
+    ranking picks then: it reports the train loss as valid_metric)."""
+    import torch
+
+    from causalrec.models.featurize import Featurizer
+    from causalrec.train.local import featurize_frame, fit_local
+
+    df = synthetic_examples(n_users=10, n_items=12, n_train=120, n_valid=30)
+    train = df[(df["split"] == "train") & (df["observed"] == 1)].reset_index(drop=True)
+    unlabelled = df[df["split"] == "valid"].assign(observed=0, label=np.nan)
+    mc = {"model": "mf", "task": "rating", "n_users": 10, "n_items": 12, "dim": 4, "global_bias": 3.0}
+    for valid in (unlabelled, train.head(0), None):
+        fit = fit_local(mc, "ips", train, valid, epochs=6, batch_size=32, patience=2, lr=0.05)
+        hist = fit["history"]
+        assert len(hist) == 6 and all(np.isnan(h["valid_metric"]) for h in hist)
+        assert fit["best_epoch"] == -1
+        assert int(np.argmin([h["train_loss"] for h in hist])) == 5  # falling train loss: the last epoch
+    # a train loss that jumps about (lr 1): the weights are those of its lowest epoch, not the last
+    fit = fit_local(mc, "naive", train, None, epochs=6, batch_size=32, lr=1.0)
+    losses = [h["train_loss"] for h in fit["history"]]
+    best = int(np.argmin(losses))
+    assert best < 5 and losses[5] > losses[best]
+    upto = fit_local(mc, "naive", train, None, epochs=best + 1, batch_size=32, lr=1.0)  # same path, cut there
+    assert all(torch.equal(v, upto["model"].state_dict()[k]) for k, v in fit["model"].state_dict().items())
+    empty = featurize_frame(Featurizer(mc), train.head(0))
+    assert empty["user_idx"].shape == (0,) and empty["label"].dtype == torch.float32
+
+
+def test_every_checkpoint_records_the_id_index_version(monkeypatch, tmp_path):
+    """The Ray loop's checkpoints carry the id_index version the rows were indexed with (the job puts
+    table_stats' version into the loop config), so scoring can read the same id map back."""
+    import ray.train
+
+    from causalrec.models import build_model
+    from causalrec.train.checkpoint import trained_id_index_version
+    from causalrec.train.loop import _report
+    from causalrec.train.loop_state import initial_state
+
+    saved = {}
+
+    def fake_report(metrics, checkpoint=None, checkpoint_dir_name=None):
+        saved["version"] = trained_id_index_version(checkpoint.path)
+
+    monkeypatch.setattr(ray.train, "report", fake_report)
+    mc = {"model": "mf", "task": "rating", "n_users": 3, "n_items": 4, "dim": 2}
+    _report(0, {"epoch": 0}, initial_state(), rank=0, model=build_model(mc), mc=mc, optimizer=None,
+            config={"objective": "naive", "id_index_version": 7}, valid_mode="ips")
+    assert saved["version"] == 7

@@ -520,3 +520,30 @@ def test_training_set_refuses_propensities_fitted_under_another_split(ctx, spark
     assert "training_set.split: fitted 'given', now 'time'" in msg and "training_set.test_fraction: fitted 0.2, now 0.3" in msg
     assert "valid_fraction" not in msg and "Rerun the propensity stage" in msg
     assert not ctx.store.exists("training_examples") and not ctx.store.exists("id_index")
+
+
+def test_propensity_split_check_reads_both_tables_and_the_newest_commit_with_settings(ctx, spark):
+    """The propensity stage writes exposure_propensity, then treatment_propensity, in separate commits: a
+    run that fails between them leaves a new exposure table beside a treatment table fitted under another
+    split, which the guard refuses. A later commit without causalrec metadata (compaction, a plain append)
+    does not hide the settings the table's rows were fitted under."""
+    from causalrec.training_set import check_propensity_split, split_settings
+
+    table = spark.createDataFrame([("u1", "i1", 1, 0.5)], "user_id string, item_id string, observed int, p double")
+    given = {"split_settings": split_settings(ctx.cfg)}
+    ctx.cfg.training_set.split = "time"
+    time_ = {"split_settings": split_settings(ctx.cfg)}
+    for name in ("exposure_propensity", "treatment_propensity"):
+        ctx.store.write(table, name, "overwrite", metadata=given)
+    # `causalrec propensity --set training_set.split=time` writes exposure_propensity, then fails
+    ctx.store.write(table, "exposure_propensity", "overwrite", metadata=time_)
+    with pytest.raises(ValueError, match=r"treatment_propensity .*training_set.split: fitted 'given', now 'time'"):
+        check_propensity_split(ctx.store, ctx.cfg)
+    ctx.store.write(table, "treatment_propensity", "overwrite", metadata=time_)
+    check_propensity_split(ctx.store, ctx.cfg)  # both fitted under this split
+    # the exposure table refitted under split=given, then a commit that records no settings on top
+    ctx.store.write(table, "exposure_propensity", "overwrite", metadata=given)
+    ctx.store.write(table, "exposure_propensity", "append")
+    assert ctx.store.commit_metadata("exposure_propensity", 1) == []
+    with pytest.raises(ValueError, match=r"exposure_propensity .*training_set.split: fitted 'given', now 'time'"):
+        check_propensity_split(ctx.store, ctx.cfg)

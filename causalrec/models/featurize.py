@@ -42,7 +42,12 @@ def _ids(values, n: int) -> torch.Tensor:
 
 
 def _ragged(values, width: int, dtype, fill) -> np.ndarray:
-    """List column -> (rows, width) array, truncated/padded with ``fill``; nulls become all-``fill``."""
+    """List column -> (rows, width) array, truncated/padded with ``fill``; nulls become all-``fill``.
+
+    Truncation keeps the first ``width`` values: feature vectors keep their leading slots, and histories,
+    which the pipeline stores most recent first (``user_features.history_item_ids``), keep their most recent
+    items (a checkpoint's ``history_len`` may be shorter than the served ``features.history_length``).
+    """
     out = np.full((len(values), width), fill, dtype=dtype)
     if width == 0:
         return out
@@ -52,7 +57,7 @@ def _ragged(values, width: int, dtype, fill) -> np.ndarray:
         # nulls inside a list (pd.NA / None from Arrow) count as missing values
         arr = np.asarray([fill if (x is None or x is pd.NA) else x for x in v], dtype=dtype)
         if arr.size:
-            arr = arr[-width:] if dtype == np.int64 else arr[:width]  # history: most recent last
+            arr = arr[:width]
             out[r, : arr.size] = arr
     return out
 

@@ -21,6 +21,7 @@ META = "meta.json"
 OPTIMIZER = "optimizer.pt"
 ENCODER_CONFIG = "encoder_config.json"
 TOKENIZER_DIR = "tokenizer"
+ID_INDEX_VERSION = "id_index_version"  # meta.json: the id_index Delta version the rows were indexed with
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -118,6 +119,16 @@ def architecture_of(directory, model_config: dict) -> dict:
     if model_config.get("model") != "two_tower" or not (Path(directory) / MODEL_CONFIG).is_file():
         return model_config
     return {**model_config, "text_match": saved_model_config(directory)["text_match"]}
+
+
+def trained_id_index_version(directory) -> Optional[int]:
+    """The ``id_index`` Delta version recorded in the checkpoint's meta.json; None for a checkpoint
+    saved before the version was recorded (or outside the train stage)."""
+    meta = Path(str(directory)) / META
+    if not meta.is_file():
+        return None
+    v = json.loads(meta.read_text()).get(ID_INDEX_VERSION)
+    return None if v is None else int(v)
 
 
 def load_optimizer_state(directory, optimizer: torch.optim.Optimizer) -> bool:

@@ -74,7 +74,8 @@ def table_stats(cfg) -> dict:
     still get rows), else from the largest index in training_examples; also the feature width, the
     observed-label mean (the global bias the model starts from), the row counts per split and
     ``known``: which ids the train split's observed rows (``observed``) and all its rows (``all``)
-    hold, as bool masks per id (:func:`known_ids`).
+    hold, as bool masks per id (:func:`known_ids`); ``id_index_version``: the id_index Delta version read
+    (None without one), which the run's checkpoints record so scoring maps ids as training did.
     """
     import numpy as np
     import pyarrow.compute as pc
@@ -109,8 +110,11 @@ def table_stats(cfg) -> dict:
     head = ds.head(64, columns=["features"], filter=pads.field("split") == "train").column("features").to_pylist()
     n_features = max((len(f) for f in head if f is not None), default=0)
     idx_path = cfg.table_path("id_index")
+    id_index_version = None
     if DeltaTable.is_deltatable(idx_path):
-        t = DeltaTable(idx_path).to_pyarrow_table(columns=["kind", "idx"]).to_pandas()
+        idx_table = DeltaTable(idx_path)
+        id_index_version = int(idx_table.version())  # scoring reads the index at this version
+        t = idx_table.to_pyarrow_table(columns=["kind", "idx"]).to_pandas()
         n_users = int(t.loc[t["kind"] == "user", "idx"].max() + 1)
         n_items = int(t.loc[t["kind"] == "item", "idx"].max() + 1)
     else:
@@ -122,7 +126,7 @@ def table_stats(cfg) -> dict:
     known = {rows: {kind: _mask(ids.get(f"{kind}_idx"), size) for kind, size in (("user", n_users), ("item", n_items))}
              for rows, ids in seen.items()}
     return {"shape": {"n_users": n_users, "n_items": n_items, "n_features": n_features, "global_bias": float(mean)},
-            "rows": n, "valid_mcar_rows": n_valid_mcar, "known": known}
+            "rows": n, "valid_mcar_rows": n_valid_mcar, "known": known, "id_index_version": id_index_version}
 
 
 def _mark_ids(seen: dict, batch, rows=None) -> None:
@@ -241,6 +245,8 @@ def _run_one(ctx, objective: str | None) -> dict:
     mc = model_config_from(cfg, **shape)
     loop_config = loop_config_from(cfg, mc, valid_mode, objective)
     loop_config["known_ids"] = known_ids(stats["known"], loop_config["objective"])
+    # into every checkpoint's meta.json: scoring reads id_index at this version (causalrec.scoring.trained_id_index)
+    loop_config["id_index_version"] = stats["id_index_version"]
     tuned = None
     if cfg.train.tune_trials > 0 and objective is None:
         from causalrec.train.tune import tune_hyperparameters
@@ -295,7 +301,7 @@ def _run_one(ctx, objective: str | None) -> dict:
     _log_mlflow(cfg, run_id, hyper, metrics)
     return {"run_id": run_id, "checkpoint_path": best.path, "valid_mode": valid_mode, "train_rows": n_train,
             "valid_rows": n_valid, "best_epoch": row["best_epoch"], "best_valid_metric": _jsonable(
-                state.get("best_valid")), "epochs": len(history)}
+                state.get("best_valid")), "epochs": len(history), "id_index_version": stats["id_index_version"]}
 
 
 def best_checkpoint(result, state: dict):

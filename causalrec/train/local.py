@@ -33,7 +33,8 @@ def batches(tensors: dict, batch_size: int, order: Optional[np.ndarray] = None):
 
 
 def featurize_frame(featurizer: Featurizer, df: pd.DataFrame, chunk: int = 4096) -> dict:
-    parts = [featurizer(df.iloc[s:s + chunk]) for s in range(0, len(df), chunk)]
+    """``df`` as one dict of tensors, featurized in chunks; an empty frame gives an empty batch."""
+    parts = [featurizer(df.iloc[s:s + chunk]) for s in range(0, len(df), chunk)] or [featurizer(df)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -48,7 +49,10 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
 
     ``valid_fn(model) -> float`` (lower is better), when given, replaces that error as the
     per-epoch validation metric, e.g. minus a ranking metric on a held-out split; then
-    ``valid_df`` may be None. ``objective_options``: the objective's own settings
+    ``valid_df`` may be None. Without ``valid_fn``, a None or empty ``valid_df``, or one without a
+    labelled row, gives no validation error (NaN): training then runs every epoch and keeps the weights
+    of the epoch with the lowest train loss (:func:`causalrec.train.loop_state.early_stopping_update`).
+    ``objective_options``: the objective's own settings
     (:func:`causalrec.train.objectives.objective_options`). ``valid_clip``: the IPS clip of the
     validation metric (default ``clip``); fixed across Tune trials that search ``clip``, so they are
     ranked by one metric. ``known_ids``: the ids training reaches (:func:`causalrec.models.mf.set_known_ids`).
@@ -65,25 +69,33 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
     opt = make_optimizer(model, lr, weight_decay, encoder_lr)
     feat = Featurizer(model_config)
     train_t = featurize_frame(feat, train_df)
-    valid_t = featurize_frame(feat, valid_df) if valid_fn is None else None
+    has_valid = valid_fn is None and valid_df is not None and len(valid_df) > 0
+    valid_t = featurize_frame(feat, valid_df) if has_valid else None
     state = initial_state()
     best_state = copy.deepcopy(model.state_dict())
+    best_train_loss = math.inf  # the weights kept while no epoch had a validation error
     n = len(train_df)
     for epoch in range(epochs):
         t0 = time.perf_counter()
         losses = [train_step(model, obj, b, opt, device=dev)["loss"]
                   for b in batches(train_t, batch_size, rng.permutation(n))]
-        if valid_fn is None:
+        train_loss = float(np.mean(losses)) if losses else math.nan
+        if valid_fn is not None:
+            valid = float(valid_fn(model))
+        elif valid_t is None:
+            valid = math.nan  # no validation rows
+        else:
             totals = validation_totals(model, batches(valid_t, batch_size * 4), task, valid_mode, valid_clip,
                                        device=dev)
             valid = metric_from_totals(totals)
-        else:
-            valid = float(valid_fn(model))
         improved_before = state["best_epoch"]
         stop = early_stopping_update(state, epoch, valid, patience)
-        if state["best_epoch"] != improved_before or math.isnan(valid):
+        lowest_loss_so_far = state["best_epoch"] < 0 and train_loss < best_train_loss  # no validation error yet
+        if state["best_epoch"] != improved_before or lowest_loss_so_far:
             best_state = copy.deepcopy(model.state_dict())
-        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_metric": valid,
+        if lowest_loss_so_far:
+            best_train_loss = train_loss
+        rec = {"epoch": epoch, "train_loss": train_loss, "valid_metric": valid,
                "samples_per_s": n / max(time.perf_counter() - t0, 1e-9)}
         state["history"].append(rec)
         if report is not None:

@@ -21,7 +21,8 @@ saved state once, so the job still records it).
 ``config`` keys: model_config, objective, task, clip, valid_clip (the IPS clip of the
 validation metric; default ``clip``), epochs, batch_size, lr, encoder_lr, weight_decay,
 patience, valid_mode (ips | mcar | naive), bf16, prefetch_batches, torch_threads, seed,
-deterministic, resume_from, hyperparameters, known_ids (:func:`causalrec.models.mf.set_known_ids`).
+deterministic, resume_from, hyperparameters, known_ids (:func:`causalrec.models.mf.set_known_ids`),
+id_index_version (recorded in every checkpoint's meta.json for scoring).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from ray.data.collate_fn import PandasBatchCollateFn
 from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
 from causalrec.models.mf import known_buffer_names, set_known_ids
-from causalrec.train.checkpoint import architecture_of, load_optimizer_state, load_weights, save_checkpoint, unwrap
+from causalrec.train.checkpoint import (ID_INDEX_VERSION, architecture_of, load_optimizer_state, load_weights,
+                                        save_checkpoint, unwrap)
 from causalrec.train.loop_state import (checkpoint_name, early_stopping_update, epoch_seed, initial_state,
                                         resumed_in_new_run)
 from causalrec.train.objectives import build_objective, objective_options
@@ -194,7 +196,9 @@ def _report(epoch: int, metrics: dict, state: dict, *, rank: int, model, mc: dic
         return
     with tempfile.TemporaryDirectory() as tmp:
         meta = {"train_state": state, "hyperparameters": config.get("hyperparameters", {}),
-                "objective": config["objective"], "valid_mode": valid_mode, "metrics": metrics}
+                "objective": config["objective"], "valid_mode": valid_mode, "metrics": metrics,
+                # the id map the rows were indexed with: scoring reads id_index at this version
+                ID_INDEX_VERSION: config.get("id_index_version")}
         save_checkpoint(tmp, model, mc, meta, optimizer)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint_name(epoch))

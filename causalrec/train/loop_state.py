@@ -12,8 +12,18 @@ def initial_state() -> dict:
 
 
 def early_stopping_update(state: dict, epoch: int, valid: float, patience: int) -> bool:
-    """Record epoch ``epoch``'s validation error; True when training should stop."""
-    if not math.isnan(valid) and valid < state["best_valid"] - 1e-9:
+    """Record epoch ``epoch``'s validation error; True when training should stop.
+
+    A NaN error (no validation row had weight: no labelled or no validation rows at all) says
+    nothing about overfitting: the epoch neither becomes the best nor counts towards ``patience``.
+    While no epoch had a validation error, ``best_epoch`` stays -1 and the weights kept are those
+    of the epoch with the lowest train loss: the Ray loop then reports the train loss as its
+    ``valid_metric``, which Ray ranks the checkpoints by (:func:`causalrec.train.job.best_checkpoint`),
+    and :func:`causalrec.train.local.fit_local` keeps the same epoch's weights.
+    """
+    if math.isnan(valid):
+        return False
+    if valid < state["best_valid"] - 1e-9:
         state["best_valid"], state["best_epoch"], state["bad_epochs"] = valid, epoch, 0
         state["best_checkpoint"] = None  # this run's checkpoint of that epoch
     else:
