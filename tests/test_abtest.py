@@ -41,19 +41,7 @@ def test_srm_flags_a_broken_split_only():
 
 
 def test_abtest_stage_on_events(ctx, spark):
-    from causalrec.schemas import EVENTS, conform
-
-    rng = np.random.default_rng(3)
-    rows = []
-    for u in range(400):
-        arm = "b" if u % 2 else "a"
-        skill = rng.normal()
-        for period, day in (("pre", 1), ("post", 20)):
-            y = max(0.0, 1 + skill + (0.3 if (arm == "b" and period == "post") else 0) + rng.normal(scale=0.3))
-            rows.append(dict(event_id=f"{u}{period}", user_id=f"u{u}", item_id="i", event_type="purchase",
-                             value=y, policy=arm, event_time=pd.Timestamp(2024, 1, day, tz="UTC"),
-                             event_date=dt.date(2024, 1, day), ingest_batch="t"))
-    ctx.store.write(conform(spark.createDataFrame(pd.DataFrame(rows)), EVENTS), "events", spec=EVENTS)
+    _write_purchase_events(ctx, spark, label_pre=True)
     ctx.cfg.ope.abtest_start = "2024-01-10"
     from causalrec.abtest import run
 
@@ -123,7 +111,9 @@ def test_metric_event_counts_assigned_users_without_the_event_as_zero(spark):
     assert x == {"u0": 5.0, "u1": 0.0}
 
 
-def _write_purchase_events(ctx, spark):
+def _write_purchase_events(ctx, spark, label_pre: bool = False):
+    """400 users, one purchase before (day 1) and one after (day 20) the start; arm b adds 0.3 after.
+    ``label_pre``: the pre-period events carry the arm too."""
     from causalrec.schemas import EVENTS, conform
 
     rng = np.random.default_rng(3)
@@ -134,7 +124,7 @@ def _write_purchase_events(ctx, spark):
         for period, day in (("pre", 1), ("post", 20)):
             y = max(0.0, 1 + skill + (0.3 if (arm == "b" and period == "post") else 0) + rng.normal(scale=0.3))
             rows.append(dict(event_id=f"{u}{period}", user_id=f"u{u}", item_id="i", event_type="purchase",
-                             value=y, policy=arm if period == "post" else None,
+                             value=y, policy=arm if (period == "post" or label_pre) else None,
                              event_time=pd.Timestamp(2024, 1, day, tz="UTC"), event_date=dt.date(2024, 1, day),
                              ingest_batch="t"))
     ctx.store.write(conform(spark.createDataFrame(pd.DataFrame(rows)), EVENTS), "events", spec=EVENTS)
