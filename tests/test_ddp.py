@@ -68,6 +68,16 @@ def _worker(rank: int, port: int, queue) -> None:
         if rank == 0:
             queue.put(({k: v.numpy() for k, v in state.items()}, len(storages)))
     finally:
+        _close_group()
+
+
+def _close_group() -> None:
+    """Both ranks reach the barrier before either tears gloo down: a rank that destroys its group while
+    the other is still closing its side can abort in gloo's threads ("terminate called without an
+    active exception"), a crash at exit that would fail the test on a correct run."""
+    try:
+        torch.distributed.barrier()
+    finally:
         torch.distributed.destroy_process_group()
 
 
@@ -191,7 +201,7 @@ def _objectives_worker(rank: int, port: int, queue) -> None:
         if rank == 0:
             queue.put(results)
     finally:
-        torch.distributed.destroy_process_group()
+        _close_group()
 
 
 @pytest.mark.timeout(300)
