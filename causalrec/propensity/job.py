@@ -191,12 +191,9 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
     """
     pc = cfg.propensity
     etype = label_event_type(events, cfg.training_set.label_event_type)
-    obs = observed_pairs(scope.fit_events(events), etype).cache()
-    try:
-        scope.require_fit_rows(obs, events, "exposure")
-    except ValueError:
-        obs.unpersist()
-        raise
+    obs = observed_pairs(scope.fit_events(events), etype)
+    scope.require_fit_rows(obs, events, "exposure")  # before caching: a refusal leaves nothing cached
+    obs = obs.cache()
     n_users = user_features.count()
     n_items = item_features.count()
     universe = Universe(n_users, n_items, obs.count())
@@ -314,12 +311,9 @@ def choice_propensities(events: DataFrame, user_features: DataFrame, cfg,
     rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets, span_before=scope.cutoff)
     if pc.choice_user_features:
         rows = with_vectors(rows, user_features)
-    rows = scope.mark(rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout"))).cache()
-    try:
-        scope.require_fit_rows(rows.where(F.col("_fit")), events, "treatment, choice")
-    except ValueError:
-        rows.unpersist()
-        raise
+    rows = scope.mark(rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
+    scope.require_fit_rows(rows.where(F.col("_fit")), events, "treatment, choice")  # before caching, as above
+    rows = rows.cache()
     catalogues = C.catalogues_of(rows)  # every item a group logged, held-out ones too: each needs a class
     # a model per group with rows to fit on: a may-learn-from row outside the diagnostic holdout
     train = F.col("_fit") & (F.col("_h") >= pc.holdout_fraction)
