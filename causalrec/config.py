@@ -272,9 +272,14 @@ class OPEConfig:
     # value (the click); an event type (e.g. "purchase") = that type's summed value, same user/item/session
     uplift_outcome_event: Optional[str] = None
     # both outcome events above (reward_event, uplift_outcome_event) go to the latest decision of the
-    # same user/item/session (OPE: and slot) at or before them; with this set, only if at most this
-    # many seconds after it (None = no window; causalrec/decisions.py)
+    # same keys at or before them; with this set, only if at most this many seconds after it
+    # (None = no window; causalrec/decisions.py)
     attribution_window_s: Optional[float] = None
+    # the keys: "session" = same user, item and session (OPE: and slot), so an outcome in another
+    # session counts for no decision; "user" = same user and item in any session and slot (a purchase
+    # the next day in a new session goes to the latest impression before it; the outcome's position
+    # is ignored, the decision keeps its slot). Pair "user" with attribution_window_s to bound the age
+    attribution_scope: Literal["session", "user"] = "session"
     uplift_min_rows: int = 30  # per-item / per-segment cells with fewer treated or fewer control rows are not reported
     uplift_refutation_sample: float = 0.2  # share of rows used by the refutation checks
 

@@ -10,11 +10,24 @@ click, 0/1) or the summed ``value`` of a named event type attributed to it (:fun
 
 Attribution of an outcome event to a decision (both stages, one rule):
 
-* same keys (user, item, session; OPE also the slot) and a time at or after the decision's: an
-  outcome that happened before the decision was not caused by it;
+* same keys and a time at or after the decision's: an outcome that happened before the decision
+  was not caused by it. The keys follow ``ope.attribution_scope``:
+
+  - ``session`` (the default): same user, item and session; OPE also the slot (the outcome's
+    ``position``, null read as 0), so an outcome in another session is credited to no decision;
+  - ``user``: same user and item, in any session and any slot. The slot is a position in one
+    session's list and means nothing in another session, and an outcome such as a purchase
+    seldom carries one: the outcome's own position is ignored, and the decision it is credited
+    to keeps its slot (OPE's unit is still the decision at its position). A purchase the next day
+    in a new session goes to the latest impression of that item to that user before it;
+
 * of several decisions with those keys, only the latest at or before the outcome gets it (no
   outcome counts for two decisions; decisions at the same instant: the greatest ``decision_id``);
+  under ``user`` scope that is the latest in any session, so a later impression in a new session
+  takes the outcome over an earlier one;
 * with ``ope.attribution_window_s``, only within that many seconds after the decision (inclusive).
+  Without a window ``user`` scope still credits each outcome to one decision only, the latest
+  before it however old (last touch); set a window (e.g. 7 days) to credit none past that age.
 
 A row whose ``event_time`` is null cannot be placed in time: a null-time outcome is credited to no
 decision and a null-time decision gets outcome 0 (the events contract declares the column non-null,
@@ -27,13 +40,18 @@ from typing import Optional, Sequence
 
 DECISION_EVENT = "impression"
 TIME_COLUMN = "event_time"
+# ope.attribution_scope's values (causalrec.config.OPEConfig's Literal lists the same)
+ATTRIBUTION_SCOPES = ("session", "user")
 
 
 def with_outcome(decisions, events, outcome_event: Optional[str], keys: Sequence[str], setting: str, *,
-                 decision_id: str, window_s: Optional[float] = None):
+                 decision_id: str, window_s: Optional[float] = None, scope: str = "session",
+                 session_keys: Sequence[str] = ()):
     """``decisions`` plus ``outcome``: the decision's own value, or (``outcome_event``) the summed value
     of that type's ``events`` attributed to it by the module's rule (0 when it has none).
 
+    ``keys`` are matched in every scope (user, item); ``session_keys`` only in ``scope`` "session"
+    (the session; OPE also the slot), ``scope`` being ``ope.attribution_scope``;
     ``setting`` names the config key in the error raised when no event has that type;
     ``decision_id`` is a column of ``decisions`` that orders decisions at the same instant;
     ``window_s`` is ``ope.attribution_window_s`` (None: no window).
@@ -51,6 +69,9 @@ def with_outcome(decisions, events, outcome_event: Optional[str], keys: Sequence
         return decisions.withColumn("outcome", value)
     if window_s is not None and not 0 < window_s < float("inf"):
         raise ValueError(f"ope.attribution_window_s={window_s!r}: expected a finite number of seconds > 0")
+    if scope not in ATTRIBUTION_SCOPES:
+        raise ValueError(f"ope.attribution_scope={scope!r}: expected one of {', '.join(map(repr, ATTRIBUTION_SCOPES))}")
+    keys = [*keys, *session_keys] if scope == "session" else list(keys)
     for name, df in (("decisions", decisions), ("events", events)):
         if TIME_COLUMN not in df.columns:
             raise ValueError(f"{setting}={outcome_event!r}: the {name} have no {TIME_COLUMN!r} column; "

@@ -147,15 +147,16 @@ def refute(y, t, e, cell, *, seed: int = 0, n_subsets: int = 5, subset_share: fl
 
 
 def treatment_rows(events, treatment_propensity=None, outcome_event: Optional[str] = None, eps: float = 0.01,
-                   attribution_window_s: Optional[float] = None):
+                   attribution_window_s: Optional[float] = None, attribution_scope: str = "session"):
     """events -> rows: event_id, user_id, item_id, t, y, e (propensity clipped to [eps, 1-eps]).
 
     One row per treatment decision (:mod:`causalrec.decisions`): the impressions with a
     ``recommended`` flag, or every flagged row of a log without impressions (one row per
     decision). ``y``: the decision's own value (the click), or with ``outcome_event``
     (``ope.uplift_outcome_event``, e.g. ``purchase``) the summed value of that type's events
-    attributed to the decision: same user, item and session, at or after it and before the next
-    such decision, within ``attribution_window_s`` (``ope.attribution_window_s``) when set
+    attributed to the decision: same user, item and session (``attribution_scope`` "user",
+    ``ope.attribution_scope``: same user and item in any session), at or after it and before the
+    next such decision, within ``attribution_window_s`` (``ope.attribution_window_s``) when set
     (:func:`causalrec.decisions.with_outcome`). Without a ``treatment_propensity`` table, e = the
     item's share of recommended decisions (a propensity that adjusts for the item only; flagged by
     the caller).
@@ -170,8 +171,9 @@ def treatment_rows(events, treatment_propensity=None, outcome_event: Optional[st
     decisions = flagged.where(F.col("event_type") == DECISION_EVENT)
     if decisions.limit(1).count() == 0:
         decisions = flagged
-    decisions = with_outcome(decisions, events, outcome_event, ["user_id", "item_id", "_session"],
-                             "ope.uplift_outcome_event", decision_id="event_id", window_s=attribution_window_s)
+    decisions = with_outcome(decisions, events, outcome_event, ["user_id", "item_id"], "ope.uplift_outcome_event",
+                             decision_id="event_id", window_s=attribution_window_s, scope=attribution_scope,
+                             session_keys=["_session"])
     rows = decisions.select("event_id", "user_id", "item_id", F.col("recommended").cast("double").alias("t"),
                             F.col("outcome").alias("y"))
     if treatment_propensity is not None:
@@ -244,7 +246,7 @@ def run(ctx) -> dict:
     tp = store.read("treatment_propensity") if store.exists("treatment_propensity") else None
     with ctx.step("uplift: rows and scores"):
         rows = treatment_rows(events, tp, oc.uplift_outcome_event, cfg.propensity.treatment_eps,
-                              oc.attribution_window_s)
+                              oc.attribution_window_s, oc.attribution_scope)
         if store.exists("users") and "segment" in store.read("users").columns:
             seg = store.read("users").select("user_id", F.coalesce(F.col("segment"), F.lit("unknown")).alias("segment"))
             rows = rows.join(seg, "user_id", "left").fillna({"segment": "unknown"})

@@ -81,6 +81,23 @@ def test_attribution_window_must_be_positive_seconds(tmp_path, value):
     assert load_config(REPO / "conf" / "local.yaml").ope.attribution_window_s is None  # default: no window
 
 
+@pytest.mark.parametrize("value", ["global", "User", "null", "1"])
+def test_attribution_scope_must_be_session_or_user(tmp_path, value):
+    import typing
+
+    from causalrec.config import OPEConfig
+    from causalrec.decisions import ATTRIBUTION_SCOPES
+
+    f = tmp_path / "c.yaml"
+    f.write_text(f"ope:\n  attribution_scope: {value}\n")
+    with pytest.raises(ConfigError, match=r"ope.attribution_scope: got .*, expected one of 'session', 'user'"):
+        load_config(f)
+    f.write_text("ope:\n  attribution_scope: user\n")
+    assert load_config(f).ope.attribution_scope == "user"
+    assert load_config(REPO / "conf" / "local.yaml").ope.attribution_scope == "session"  # default: today's rule
+    assert typing.get_args(typing.get_type_hints(OPEConfig)["attribution_scope"]) == ATTRIBUTION_SCOPES
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0, 1.5])
 def test_abtest_expected_share_must_leave_room_for_both_arms(tmp_path, share):
     f = tmp_path / "c.yaml"

@@ -170,6 +170,43 @@ def test_reward_event_goes_to_the_latest_decision_at_or_before_it_within_the_win
     assert sorted(r["reward"] for r in rows.collect()) == [0.0, 0.0, 1.0]
 
 
+def test_reward_event_across_sessions_follows_attribution_scope(spark):
+    """ope.attribution_scope: "session" (the default) credits a purchase in another session to no
+    impression; "user" credits it to the latest impression of the user and item in any session and
+    slot (a purchase carries no position: slot 0), within ope.attribution_window_s when set."""
+    from causalrec.ope.job import logged_rows
+
+    day0 = pd.Timestamp("2024-01-01 12:00", tz="UTC")
+    h = 3600
+    ev = [("p0", "u1", "i1", "purchase", -24 * h, 8.0, None, "s0"),  # before any decision: credited to none
+          ("A", "u1", "i1", "impression", 0, 0.0, 2, "s1"),
+          ("D", "u1", "i2", "impression", 0, 0.0, 1, "s1"),  # another item: no purchase of i1 is its
+          ("pA", "u1", "i1", "purchase", 22 * h, 1.0, None, "s2"),  # next day, new session, no position
+          ("B", "u1", "i1", "impression", 48 * h, 0.0, 1, "s3"),
+          ("pB", "u1", "i1", "purchase", 48 * h + 60, 2.0, 1, "s3"),  # B's own session and slot
+          ("pX", "u1", "i1", "purchase", 49 * h, 4.0, None, "s9"),  # later B (s3) takes it over A (s1)
+          ("C", "u1", "i1", "impression", 72 * h, 0.0, 3, "s4"),
+          ("pC", "u1", "i1", "purchase", 95 * h, 16.0, None, "s5")]
+    events = _events(spark, [dict(event_id=e, user_id=u, item_id=i, event_type=t, value=v, position=pos,
+                                  event_time=day0 + pd.Timedelta(seconds=s), logged_propensity=0.5,
+                                  policy="logging", session_id=sess) for e, u, i, t, s, v, pos, sess in ev])
+    row_ids = {r["h"]: r["event_id"] for r in events.selectExpr("event_id", "xxhash64(event_id) AS h").collect()}
+
+    def rewards(scope, window=None):
+        rows, _ = logged_rows(events, reward_event="purchase", attribution_window_s=window, attribution_scope=scope)
+        got = {row_ids[r["row_id"]]: (r["reward"], r["slot"]) for r in rows.collect()}
+        assert len(got) == 4
+        assert {k: s for k, (_, s) in got.items()} == {"A": 2, "B": 1, "C": 3, "D": 1}  # decisions keep their slot
+        return {k: r for k, (r, _) in got.items()}
+
+    assert rewards("session") == {"A": 0.0, "B": 2.0, "C": 0.0, "D": 0.0}
+    assert rewards("user") == {"A": 1.0, "B": 6.0, "C": 16.0, "D": 0.0}  # no window: the latest before it, any age
+    assert rewards("user", 12 * h) == {"A": 0.0, "B": 6.0, "C": 0.0, "D": 0.0}  # pA 22 h, pC 23 h after: too late
+    assert rewards("user", 23 * h) == {"A": 1.0, "B": 6.0, "C": 16.0, "D": 0.0}  # inclusive
+    with pytest.raises(ValueError, match=r"ope.attribution_scope='global': expected one of 'session', 'user'"):
+        logged_rows(events, reward_event="purchase", attribution_scope="global")
+
+
 def test_bootstrap_rows_say_how_many_replicates_were_dropped(spark):
     from causalrec.estimators.base import EstimateResult
     from causalrec.ope.job import results_frame

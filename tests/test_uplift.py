@@ -205,3 +205,37 @@ def test_outcome_event_attribution_by_time_ties_nulls_and_window(spark):
     with pytest.raises(ValueError, match="event_time"):  # no times: refused, not silently unattributed
         treatment_rows(events.drop("event_time"), outcome_event="purchase")
     assert treatment_rows(events.drop("event_time")).count() == 6  # the decision's own value needs no time
+
+
+def test_outcome_event_in_another_session_counts_only_with_user_scope(spark):
+    """ope.attribution_scope "user": a purchase the next day in a new session goes to the latest decision
+    of the user and item before it, in any session; "session" (the default) credits it to none."""
+    import datetime as dt
+
+    from causalrec.uplift import treatment_rows
+
+    t0 = dt.datetime(2024, 1, 1, 12)
+    h = 3600
+    cols = "event_id string, user_id string, item_id string, event_type string, value double, recommended boolean, " \
+           "session_id string, event_time timestamp"
+    rows = [("z:buy", "u1", "i1", "purchase", 8.0, None, "s0", -24 * h),  # before every decision: nobody's
+            ("a:imp", "u1", "i1", "impression", 0.0, True, "s1", 0),
+            ("a:buy", "u1", "i1", "purchase", 1.0, None, "s2", 20 * h),  # next day, new session
+            ("b:imp", "u1", "i1", "impression", 0.0, False, "s3", 48 * h),
+            ("b:buy", "u1", "i1", "purchase", 4.0, None, "s3", 48 * h + 10),  # b's own session
+            ("c:buy", "u1", "i1", "purchase", 2.0, None, "s4", 49 * h),  # b, the later decision, takes it over a
+            ("d:imp", "u2", "i1", "impression", 0.0, True, "s1", 0)]  # another user: none of u1's purchases
+    events = spark.createDataFrame([r[:-1] + (t0 + dt.timedelta(seconds=r[-1]),) for r in rows], cols)
+
+    def y(scope, window=None):
+        got = treatment_rows(events, outcome_event="purchase", attribution_window_s=window,
+                             attribution_scope=scope).toPandas()
+        assert got.event_id.is_unique
+        return got.set_index("event_id")["y"].to_dict()
+
+    assert y("session") == {"a:imp": 0.0, "b:imp": 4.0, "d:imp": 0.0}
+    assert y("user") == {"a:imp": 1.0, "b:imp": 6.0, "d:imp": 0.0}
+    assert y("user", h) == {"a:imp": 0.0, "b:imp": 6.0, "d:imp": 0.0}  # inclusive: c:buy is 1 h after b
+    assert y("user", 600) == {"a:imp": 0.0, "b:imp": 4.0, "d:imp": 0.0}
+    with pytest.raises(ValueError, match="ope.attribution_scope='item'"):
+        treatment_rows(events, outcome_event="purchase", attribution_scope="item")

@@ -17,7 +17,8 @@ Which log is the "logged policy":
   the unit is (context, position) with position-specific propensities. One row per logged
   decision, i.e. per ``impression`` event; its reward is the impression's ``value`` (OBD and the
   simulator: the click, 0/1) or, with ``ope.reward_event``, the summed ``value`` of the events of
-  that type attributed to the decision (same user, item, slot and session, at or after it and
+  that type attributed to the decision (same user, item, slot and session - with
+  ``ope.attribution_scope: user``, same user and item in any session and slot - at or after it and
   before the next such decision, within ``ope.attribution_window_s`` when set; 0 without one;
   :mod:`causalrec.decisions`). Click and purchase events are outcomes, not decisions: the
   simulator also writes the propensity on them, and counting them as rows would count a clicked
@@ -51,12 +52,15 @@ log = logging.getLogger(__name__)
 
 
 def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.0,
-                reward_event: Optional[str] = None, attribution_window_s: Optional[float] = None):
+                reward_event: Optional[str] = None, attribution_window_s: Optional[float] = None,
+                attribution_scope: str = "session"):
     """events -> (rows, mode): row_id, user_id, item_id, stratum, slot, reward, pscore.
 
     ``mode`` is "logged_propensity" or "exposure" (see module docstring). ``reward_event``
     (``ope.reward_event``; logged propensities only): None = the impression's own value;
-    ``attribution_window_s`` (``ope.attribution_window_s``): see :func:`causalrec.decisions.with_outcome`.
+    ``attribution_window_s`` (``ope.attribution_window_s``) and ``attribution_scope``
+    (``ope.attribution_scope``: "session" matches user, item, slot and session; "user" user and item
+    only): see :func:`causalrec.decisions.with_outcome`.
     """
     from pyspark.sql import functions as F
 
@@ -77,8 +81,9 @@ def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.
         if decisions.limit(1).count() == 0:
             raise ValueError(f"events: rows with logged_propensity but no {DECISION_EVENT!r} event among them; "
                              f"OPE counts one row per logged decision (impression)")
-        decisions = with_outcome(decisions, base, reward_event, ["user_id", "item_id", "slot", "session"],
-                                 "ope.reward_event", decision_id="row_id", window_s=attribution_window_s)
+        decisions = with_outcome(decisions, base, reward_event, ["user_id", "item_id"], "ope.reward_event",
+                                 decision_id="row_id", window_s=attribution_window_s, scope=attribution_scope,
+                                 session_keys=["slot", "session"])
         rows = decisions.select(
             "row_id", "user_id", "item_id", "stratum", "slot",
             F.col("outcome").alias("reward"), F.col("logged_propensity").alias("pscore"))
@@ -206,7 +211,7 @@ def run(ctx: Context) -> dict:
         ep = store.read("exposure_propensity") if store.exists("exposure_propensity") else None
     with ctx.step("ope: logged rows, reward model, policies"):
         rows, mode = logged_rows(events, ep, cfg.training_set.positive_threshold, oc.reward_event,
-                                 oc.attribution_window_s)
+                                 oc.attribution_window_s, oc.attribution_scope)
         rows = rows.persist()
         item_q = reward_model(rows).persist()
         strategies = list(dict.fromkeys(oc.strategies))
