@@ -523,3 +523,102 @@ def test_history_entries_of_either_engine_say_which_rows_they_replaced():
          "some"),
     ]
     assert [_replaced_rows(h) for h, _ in spark_style] == [want for _, want in spark_style]
+
+
+@pytest.fixture(params=["log", "snapshots"])
+def log_reader(request, monkeypatch):
+    """Key lineage read from the commits' JSON files (a local table) or from snapshots (object stores)."""
+    if request.param == "snapshots":
+        import causalrec.storage.store as store_module
+
+        def gone(*_):
+            raise FileNotFoundError("forced")
+
+        monkeypatch.setattr(store_module, "_commit_file_actions", gone)
+    return request.param
+
+
+def test_a_keyed_append_stays_applied_while_compacted_or_rewritten_files_hold_its_rows(spark, store, log_reader):
+    """Compaction and a conditional delete move the keyed commit's rows into files they add: the key
+    follows its rows there, so a rerun never writes its surviving rows twice (README: known gaps)."""
+    schema = "p string, x long"
+    keyed = spark.createDataFrame([("a", 1), ("b", 2), ("b", 5)], schema).coalesce(1)
+
+    def rows():
+        return sorted((r.p, r.x) for r in store.read("t").collect())
+
+    assert store.write(keyed, "t", partition_by=["p"], idempotency_key="k") == 0
+    store.write(spark.createDataFrame([("a", 10), ("b", 20)], schema).coalesce(1), "t")
+    assert store.optimize("t")["numFilesRemoved"] == 4  # every file of the keyed commit is compacted away
+    store.write(spark.createDataFrame([("a", 3)], schema), "t", "overwrite", replace_where=[("p", "=", "a")])
+    assert store.has_commit_key("t", "k")  # its rows in p=b are in the compacted file
+    assert store.write(keyed, "t", idempotency_key="k") is None
+    assert rows() == [("a", 3), ("b", 2), ("b", 5), ("b", 20)]
+    # a conditional delete rewrites the compacted file: its survivors (b, 5) land in a file it adds
+    DeltaTable(store.path("t")).delete("x = 2")
+    assert store.has_commit_key("t", "k") and store.write(keyed, "t", idempotency_key="k") is None
+    assert rows() == [("a", 3), ("b", 5), ("b", 20)]
+    # once no file that may hold its rows is left, it is applied again (once)
+    store.write(spark.createDataFrame([("b", 4)], schema), "t", "overwrite", replace_where=[("p", "=", "b")])
+    assert not store.has_commit_key("t", "k")
+    assert store.write(keyed, "t", idempotency_key="k") == 6
+    assert rows() == [("a", 1), ("a", 3), ("b", 2), ("b", 4), ("b", 5)]
+    assert store.write(keyed, "t", idempotency_key="k") is None
+
+
+def test_a_conditional_delete_that_rewrites_a_keyed_file_keeps_the_key_applied(spark, store):
+    """Delta rewrites a file a conditional delete hits into a new file with its other rows: those are
+    still the keyed commit's rows, so a rerun must not write them again."""
+    keyed = spark.createDataFrame([(1,), (2,), (3,)], "id long").coalesce(1)
+    assert store.write(keyed, "t", idempotency_key="k") == 0
+    store.write(spark.createDataFrame([(7,)], "id long"), "t")
+    DeltaTable(store.path("t")).delete("id = 1")  # the keyed file is removed, (2, 3) re-added in a new one
+    assert store.has_commit_key("t", "k")
+    assert store.write(keyed, "t", idempotency_key="k") is None
+    assert sorted(r.id for r in store.read("t").collect()) == [2, 3, 7]
+    DeltaTable(store.path("t")).delete("id < 4")  # now none of its rows is left
+    assert not store.has_commit_key("t", "k")
+    assert store.write(keyed, "t", idempotency_key="k") == 4
+    assert sorted(r.id for r in store.read("t").collect()) == [1, 2, 3, 7]
+
+
+def test_key_lineage_follows_rewrites_of_either_engine():
+    """delta-spark's log: OPTIMIZE removes with dataChange=false, a DELETE may re-add the same file with
+    a deletion vector, a replaceWhere on a data column rewrites the rows it keeps, one on partition
+    columns only adds new rows."""
+    from causalrec.storage.store import _lineage_remains, _partition_key
+
+    a, b = _partition_key({"p": "a"}), _partition_key({"p": "b"})
+
+    def remains(*commits):  # each: (history entry, added {path: pv}, removed {path: (pv, dataChange)})
+        log = {0: ({"k1": (a, True), "k2": (b, True)}, {})}
+        later = []
+        for v, (h, added, removed) in enumerate(commits, start=1):
+            log[v] = ({f: (pv, True) for f, pv in added.items()}, removed)
+            later.append({**h, "version": v})
+        return _lineage_remains(0, later, log.__getitem__, lambda: ["p"])
+
+    def write(predicate):
+        return {"operation": "WRITE", "operationParameters": {"mode": "Overwrite", "predicate": predicate}}
+
+    optimize = {"operation": "OPTIMIZE", "operationParameters": {"predicate": "[]"}}
+    compact = (optimize, {"c1": a, "c2": b}, {"k1": (a, False), "k2": (b, False), "o1": (a, False)})
+    drop_a = (write('["(p = \'a\')"]'), {"n1": a}, {"c1": (a, True)})
+    drop_b = (write('["(`p` = \'b\')"]'), {"n2": b}, {"c2": (b, True)})
+    assert remains(compact, drop_a)
+    assert not remains(compact, drop_a, drop_b)
+    # a replaceWhere on a data column keeps the partition's other rows in the file it adds
+    assert remains(compact, drop_a, (write('["((p = \'b\') AND (x > 1))"]'), {"n2": b}, {"c2": (b, True)}))
+    # a DELETE writing a deletion vector: the same file, removed and added again
+    dv_delete = ({"operation": "DELETE", "operationParameters": {"predicate": '["(x = 1)"]'}},
+                 {"c2": b}, {"c2": (b, True)})
+    assert remains(compact, drop_a, dv_delete)
+    assert remains(compact, drop_a, ({"operation": "SOME NEW OPERATION"}, {"c2": b}, {"c2": (b, True)}))
+    # an unrecognised rewrite with dataChange=false only rearranges rows (e.g. REORG ... APPLY (PURGE))
+    purge = ({"operation": "SOME NEW REWRITE"}, {"c3": b}, {"c2": (b, False)})
+    assert remains(compact, drop_a, purge) and not remains(compact, drop_a, purge,
+                                                          (write("p = 'b'"), {"n2": b}, {"c3": (b, True)}))
+    # rows never change partition: a rewrite's file in another partition does not hold them
+    delete_mixed = ({"operation": "DELETE", "operationParameters": {"predicate": '["(x < 3)"]'}},
+                    {"d1": a}, {"c2": (b, True), "o2": (a, True)})
+    assert not remains(compact, drop_a, delete_mixed)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 from typing import Optional, Sequence
+from urllib.parse import unquote
 
 from causalrec.schemas import TableSpec, conform, validate_columns
 from causalrec.storage.delta_rs_commit import (
@@ -344,8 +346,10 @@ class DeltaStore:
         Why the second half: after an overwrite / delete / restore the keyed commit's rows may be
         gone, and skipping its rerun would report rows the table no longer holds. After a
         replacement of part of the table (a partition overwrite, a conditional delete) the key
-        stays applied while any file the keyed commit added is still in the table: re-applying it
-        would write its surviving rows twice. Walks the history newest first.
+        stays applied while any file that may hold the keyed commit's rows is still in the table
+        (one it added, or one that compaction or a row-level rewrite put its rows in, see
+        :meth:`_key_rows_may_remain`): re-applying it would write its surviving rows twice.
+        Walks the history newest first.
         """
         return self._key_applied(name, key)
 
@@ -353,25 +357,51 @@ class DeltaStore:
         if not self.exists(name):
             return False
         partly_replaced = False
+        since = []  # the history entries after the keyed commit, newest first
         for h in self.history(name):
             if (_commit_meta(h) or {}).get("write_key") == key:
-                return not partly_replaced or self._added_files_remain(name, int(h["version"]))
+                return not partly_replaced or self._key_rows_may_remain(name, int(h["version"]), since[::-1])
             replaced = _replaced_rows(h)
             if replaced == "all":
                 return False
             partly_replaced = partly_replaced or replaced == "some"
+            since.append(h)
         # the keyed commit is older than the retained history (log cleanup), and nothing since replaced it
         return not partly_replaced and self._dt(name).transaction_version(key) is not None
 
-    def _added_files_remain(self, name: str, version: int) -> bool:
-        """Whether any data file that commit ``version`` added is still in the latest snapshot.
+    def _key_rows_may_remain(self, name: str, version: int, later: list) -> bool:
+        """Whether the latest snapshot holds a data file that may hold rows commit ``version`` added.
 
-        Compaction rewrites files without changing rows, so a keyed commit whose files were all
-        compacted and then partly overwritten counts as replaced (README: known gaps)."""
+        Follows that commit's files through ``later`` (the history entries after it, oldest first):
+        a file a commit removes is gone, but a commit that carries the rows of the files it removes
+        into files it adds (compaction; a conditional delete, update or merge, which rewrite a file's
+        other rows; see :func:`_carries_rows_over`) passes the lineage on to every file it adds in a
+        partition where it removed one of them (rows never change partition). A file removed and
+        added again by one commit (a deletion vector, new statistics) stays. Reads the log from
+        ``version`` on: the commits' JSON files on a local table, else the snapshots around each
+        commit that may remove files (delta-rs, which both backends read the log with here).
+        """
+        table = self.path(name)
+        log_dir = os.path.join(table, "_delta_log")
+        if "://" not in table and os.path.isdir(log_dir):
+            try:
+                return _lineage_remains(version, later, lambda v: _commit_file_actions(log_dir, v),
+                                        lambda: self.partition_columns(name))
+            except FileNotFoundError:  # a commit file is gone (log cleanup): read the snapshots instead
+                pass
+        snapshots: dict = {}
+
         def files(v):
-            return set(self._dt(name, v).file_uris()) if v >= 0 else set()
+            if v not in snapshots:
+                snapshots[v] = _snapshot_files(self._dt(name, v)) if v >= 0 else {}
+            return snapshots[v]
 
-        return bool((files(version) - files(version - 1)) & files(self._dt(name).version()))
+        def actions(v):
+            before, after = files(v - 1), files(v)
+            return ({p: (pv, True) for p, pv in after.items() if p not in before},
+                    {p: (pv, True) for p, pv in before.items() if p not in after})
+
+        return _lineage_remains(version, later, actions, lambda: self.partition_columns(name))
 
     def _next_key_version(self, name: str, key: str) -> int:
         """The Delta txn version a new commit of ``key`` carries (commits are refused at or below the recorded one).
@@ -464,6 +494,125 @@ def _replaced_rows(h: dict) -> Optional[str]:
     if str(params.get("mode", "")).lower() == "overwrite":
         return "some" if conditional else "all"
     return None
+
+
+def _partition_key(values) -> tuple:
+    return tuple(sorted((str(k), None if v is None else str(v)) for k, v in (values or {}).items()))
+
+
+def _commit_file_actions(log_dir: str, version: int) -> tuple[dict, dict]:
+    """The files one commit adds and removes: ``{path: (partition key, dataChange)}`` each, from its JSON."""
+    added, removed = {}, {}
+    with open(os.path.join(log_dir, f"{version:020d}.json")) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            action = json.loads(line)
+            for kind, into in (("add", added), ("remove", removed)):
+                f = action.get(kind)
+                if f:
+                    into[unquote(f["path"])] = (_partition_key(f.get("partitionValues")),
+                                                f.get("dataChange", True) is not False)
+    return added, removed
+
+
+def _snapshot_files(dt) -> dict:
+    """``{path: partition key}`` of one snapshot's data files."""
+    import pyarrow as pa
+
+    t = pa.table(dt.get_add_actions(flatten=False))
+    parts = t.column("partition").to_pylist() if "partition" in t.column_names else [None] * t.num_rows
+    return dict(zip(t.column("path").to_pylist(), map(_partition_key, parts)))
+
+
+def _lineage_remains(version: int, later: list, actions, partition_columns) -> bool:
+    """See ``DeltaStore._key_rows_may_remain``: ``actions(v)`` gives commit ``v``'s (added, removed) files."""
+    live = {p: pv for p, (pv, _) in actions(version)[0].items()}
+    parts = None
+    for h in later:
+        if not _may_remove_files(h):
+            continue
+        added, removed = actions(int(h["version"]))
+        gone = {p: live.pop(p) for p in removed if p in live}
+        if not gone:
+            continue
+        rearranged = not any(removed[p][1] for p in gone)  # dataChange false: the rows are all still there
+        carried = rearranged
+        if not carried:
+            if parts is None and _needs_partition_columns(h):
+                parts = set(c.lower() for c in partition_columns())
+            carried = _carries_rows_over(h, parts or set())
+        if carried:
+            where = set(gone.values())
+            live.update({p: pv for p, (pv, _) in added.items() if pv in where})
+        else:
+            live.update({p: pv for p, pv in gone.items() if p in added})  # re-added as it was
+        if not live:
+            return False
+    return bool(live)
+
+
+def _may_remove_files(h: dict) -> bool:
+    """False for a history entry that certainly removes no file (an append)."""
+    if h.get("causalrecWriteMode") == "append":  # ours, also a schema-evolving append logged as an overwrite
+        return False
+    op = str(h.get("operation") or "").upper()
+    params = h.get("operationParameters") or {}
+    mode = str(params.get("mode") or params.get("outputMode") or "").lower()
+    return not (op in ("WRITE", "STREAMING UPDATE") and mode == "append")
+
+
+def _needs_partition_columns(h: dict) -> bool:
+    return not h.get("causalrecWriteMode") and str(h.get("operation") or "").upper() == "WRITE"
+
+
+def _carries_rows_over(h: dict, partition_columns: set) -> bool:
+    """Whether a commit may put rows of the files it removes into files it adds.
+
+    Compaction (OPTIMIZE, REORG) moves them all; a DELETE, UPDATE or MERGE rewrites a file it hits
+    into a new one with the rows it keeps (delta-rs always; delta-spark unless it writes a deletion
+    vector); so does an overwrite whose condition reads a data column (delta-spark ``replaceWhere``,
+    delta-rs ``predicate``). An overwrite of whole partitions (its condition names partition columns
+    only; ours on delta-rs, recorded as ``causalrecReplaceWhere``) adds new rows only.
+    """
+    if h.get("causalrecWriteMode"):  # ours on delta-rs: appends, whole-table and whole-partition overwrites
+        return False
+    op = str(h.get("operation") or "").upper()
+    if "OPTIMIZE" in op or "MERGE" in op or op in ("DELETE", "UPDATE", "REORG"):
+        return True
+    if op == "WRITE":
+        predicate = str((h.get("operationParameters") or {}).get("predicate") or "").strip()
+        if predicate in ("", "[]"):
+            return False
+        return not _predicate_columns(predicate) <= partition_columns
+    return False
+
+
+_SQL_WORDS = {"and", "or", "not", "in", "is", "null", "true", "false", "like", "between", "date", "timestamp",
+              "timestamp_ntz", "interval", "cast", "as", "escape"}
+
+
+def _predicate_columns(predicate: str) -> set:
+    """The (lower-cased) column names an overwrite's SQL condition reads, as delta-spark
+    (a JSON list of SQL strings) or delta-rs (a SQL string) log it. Any word that is not a SQL
+    keyword, a function name or inside a string literal counts as a column: an unknown word
+    makes the condition read a data column, which keeps a key applied (never duplicates it)."""
+    text = predicate
+    try:
+        parsed = json.loads(predicate)
+        if isinstance(parsed, list):
+            text = " AND ".join(map(str, parsed))
+    except ValueError:
+        pass
+    text = re.sub(r"'(?:[^'\\]|''|\\.)*'", " ", text)  # string literals
+    cols = set()
+    for quoted in re.findall(r'`((?:[^`]|``)+)`|"((?:[^"]|"")+)"', text):  # quoted identifiers
+        cols.add((quoted[0].replace("``", "`") or quoted[1].replace('""', '"')).lower())
+    text = re.sub(r'`(?:[^`]|``)+`|"(?:[^"]|"")+"', " ", text)
+    for word, call in re.findall(r"(?<![\w.])([A-Za-z_]\w*)\s*(\()?", text):
+        if not call and word.lower() not in _SQL_WORDS:
+            cols.add(word.lower())
+    return cols
 
 
 def _arrow_schema_of(dt):
