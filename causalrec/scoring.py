@@ -291,21 +291,22 @@ def resolve_model(cfg) -> dict:
     return latest_train_run(cfg)
 
 
-def trained_id_index(store, version: Optional[int], model: str = "the model"):
+def trained_id_index(store, version: Optional[int], model: str = "the model", stage: str = "scoring"):
     """``id_index`` as ``model`` was trained with it: at ``version`` (time travel) when recorded.
 
     ``build_id_index`` numbers ids densely in sorted order, so a rebuilt index (new users or items)
     shifts the indices and the current table would hand candidates other ids' embeddings. A
     version that can no longer be read (vacuumed, table recreated) fails, naming both versions.
     ``version`` None (a checkpoint from before the version was recorded): the current table, with a
-    warning.
+    warning. ``stage``: who asks, for the messages (scoring; evaluation maps test rows through it too).
     """
     current = store.version("id_index")
     if version is None:
         if current is not None:
-            log.warning("scoring: %s does not record the id_index version it was trained with (trained before "
+            log.warning("%s: %s does not record the id_index version it was trained with (trained before "
                         "causalrec recorded it); using the current id_index (version %s): if training_set ran "
-                        "since, ids map to other users' and items' embeddings. Retrain to record it", model, current)
+                        "since, ids map to other users' and items' embeddings. Retrain to record it", stage, model,
+                        current)
         return store.read("id_index") if current is not None else None
     if version == current:
         return store.read("id_index")
@@ -314,13 +315,13 @@ def trained_id_index(store, version: Optional[int], model: str = "the model"):
         df.count()  # touches every file of that version: fail here, not halfway through scoring
     except Exception as exc:
         raise RuntimeError(
-            f"scoring: {model} was trained with id_index version {version}, but {store.path('id_index')} "
+            f"{stage}: {model} was trained with id_index version {version}, but {store.path('id_index')} "
             f"({'now at version ' + str(current) if current is not None else 'which no longer exists'}) "
             f"cannot be read at that version ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); scoring with the current "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); {stage} with the current "
             f"version would map ids to other users' and items' embeddings. Retrain on the current "
             f"training_examples (causalrec train) or restore id_index version {version}") from exc
-    log.info("scoring: id_index is at version %s; using version %s, the one %s was trained with", current,
+    log.info("%s: id_index is at version %s; using version %s, the one %s was trained with", stage, current,
              version, model)
     return df
 

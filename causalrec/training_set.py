@@ -21,11 +21,12 @@ valid/test label: for the time split they are built only from events before the 
 end; otherwise without any event of a valid/test pair (:func:`feature_events`: a held-out
 impression's click row is its label too). A train row's own label is left out of its
 user's and item's label statistics (:func:`leave_own_label_out`; impression labels: its whole
-exposure out of their counts and rates, :func:`own_exposure_counts`) and its item out of the
-user's history (:func:`own_item_out_of_history`). A (user, item) pair that
-is in test is never in train or valid, and under ``random_user`` a held-out user has no
-train rows. Observed=0 rows are the propensity stage's sampled unobserved pairs (train
-only), carrying their exposure propensity, for doubly-robust joint learning.
+exposure out of their counts and rates, the user's top-attribute share and the item's popularity
+rank, :func:`own_exposure_counts`) and its item out of the user's history
+(:func:`own_item_out_of_history`). A (user, item) pair that is in test is never in train or
+valid, and under ``random_user`` a held-out user has no train rows. Observed=0 rows are the
+propensity stage's sampled unobserved pairs (train only), carrying their exposure propensity,
+for doubly-robust joint learning.
 """
 from __future__ import annotations
 
@@ -218,7 +219,8 @@ def loo_columns(ft=None):
     return tuple(user), tuple(item)
 
 
-def own_exposure_counts(events: DataFrame, cutoff, event_types, windows_days) -> DataFrame:
+def own_exposure_counts(events: DataFrame, cutoff, event_types, windows_days, items: DataFrame | None = None,
+                        item_features: DataFrame | None = None) -> DataFrame:
     """(example_id, ``_own_counts`` struct of ``u_<c>``, ``i_<c>``): per impression among ``events`` before ``cutoff``, how much
     its exposure adds to each user count ``c`` and item count ``c`` of the feature tables.
 
@@ -230,6 +232,10 @@ def own_exposure_counts(events: DataFrame, cutoff, event_types, windows_days) ->
     user's ``n_distinct_items`` drop by one only when the pair has no other row; ``n_clicks`` counts
     max(clicked impressions, click rows) per pair; ``n_exposures`` counts a pair's impressions, or its rows
     once none is left. ``example_id`` is the impression's event id.
+
+    Given ``items``, the struct also holds ``u_loo_top_attribute_share`` (:func:`_loo_top_attribute_share`);
+    given ``item_features`` (the item feature table of these events and cutoff), ``i_loo_popularity_pct``
+    (:func:`_loo_popularity_pct`): not what the exposure adds but the feature's value without it.
     """
     from causalrec.features.common import events_before, is_interaction, safe_name
     from causalrec.features.user import activity_columns
@@ -276,7 +282,72 @@ def own_exposure_counts(events: DataFrame, cutoff, event_types, windows_days) ->
     # through every combination once the table is joined to the examples
     fields = [v.cast("double").alias(f"u_{k}") for k, v in user.items()] + [
         v.cast("double").alias(f"i_{k}") for k, v in item.items()]
+    if items is not None:
+        own = _loo_top_attribute_share(own, events, items, cutoff, o("inter"))
+        fields.append(F.col("_loo_tas").cast("double").alias("u_loo_top_attribute_share"))
+    if item_features is not None:
+        own = _loo_popularity_pct(own, item_features, o("inter"), item["n_exposures"])
+        fields.append(F.col("_loo_pct").cast("double").alias("i_loo_popularity_pct"))
     return own.select("example_id", F.struct(*fields).alias("_own_counts"))
+
+
+def _loo_top_attribute_share(own: DataFrame, events: DataFrame, items: DataFrame, cutoff, own_inter) -> DataFrame:
+    """``own`` (user_id, item_id per exposure) plus ``_loo_tas``: the user's ``top_attribute_share`` without the
+    exposure's ``own_inter`` interaction rows.
+
+    :func:`~causalrec.features.user.user_top_attributes` divides the largest n_ut (the user's interactions
+    with items carrying token t) by n_u (all their interactions). The exposure's interactions are in n_u and
+    in n_ut of every token of its item, so without them the share is max_t(n_ut - own * [t of the item]) /
+    (n_u - own), and the top token may change (ties are harmless: only the count is used). An item has at
+    most M tokens, so that max is over the user's M + 1 largest tokens: one of them is not the item's and
+    bounds every token left out. 0 where nothing is left, as the vector has it for a user without tokens.
+    """
+    from causalrec.features.common import item_tokens
+
+    toks = F.broadcast(item_tokens(items).groupBy("item_id").agg(F.collect_set("token").alias("_toks")))
+    m = toks.agg(F.coalesce(F.max(F.size("_toks")), F.lit(0)).alias("_m"))
+    w = Window.partitionBy("user_id").orderBy(F.col("n_ut").desc(), F.col("token"))
+    top = (user_attribute_counts(events, items, cutoff).withColumn("_r", F.row_number().over(w))
+           .crossJoin(F.broadcast(m)).where(F.col("_r") <= F.col("_m") + 1)
+           .groupBy("user_id").agg(F.collect_list(F.struct("token", "n_ut")).alias("_top"), F.max("n_u").alias("_n_u")))
+    own = own.join(top, "user_id", "left").join(toks, "item_id", "left")
+    k = own_inter.cast("long")
+    item_toks = F.coalesce(F.col("_toks"), F.array().cast("array<string>"))
+    top_left = F.aggregate(F.coalesce(F.col("_top"), F.array().cast(top.schema["_top"].dataType)), F.lit(0).cast("long"),
+                           lambda acc, s: F.greatest(acc, s["n_ut"] - k * F.array_contains(item_toks, s["token"]).cast("long")))
+    n_left = F.col("_n_u") - k
+    share = F.when(F.col("_top").isNotNull() & (n_left > 0), top_left / n_left).otherwise(F.lit(0.0))
+    return own.withColumn("_loo_tas", share).drop("_top", "_n_u", "_toks")
+
+
+def _loo_popularity_pct(own: DataFrame, item_features: DataFrame, d_inter, d_exp) -> DataFrame:
+    """``own`` (item_id per exposure) plus ``_loo_pct``: the item's ``popularity_pct`` without the exposure's
+    ``d_inter`` interactions and ``d_exp`` exposures.
+
+    :func:`~causalrec.features.item.item_features` ranks items by (n_interactions desc, n_exposures desc,
+    item_id), rank 1 first, and divides by the number of items. The other items keep their counts, so the
+    item's new rank is 1 + the items other than itself ahead of its reduced counts: one sort of the item
+    table with one query point per (item, reduced counts), each counting the item rows before it (the item's
+    own row, with its full counts, comes out of that count when it is ahead).
+    """
+    base = item_features.select("item_id", F.col("n_interactions").cast("long").alias("_ni"),
+                                F.col("n_exposures").cast("long").alias("_ne"))
+    own = own.join(F.broadcast(base), "item_id", "left").withColumn("_qi", F.col("_ni") - d_inter.cast("long")) \
+        .withColumn("_qe", F.col("_ne") - d_exp.cast("long"))
+    q = own.where(F.col("_ni").isNotNull()).select("item_id", "_qi", "_qe", F.col("_ni").alias("_oi"),
+                                                   F.col("_ne").alias("_oe")).distinct()
+    pts = base.select("item_id", F.col("_ni").alias("_qi"), F.col("_ne").alias("_qe"), F.lit(None).cast("long").alias("_oi"),
+                      F.lit(None).cast("long").alias("_oe"), F.lit(0).alias("_q"))
+    pts = pts.unionByName(q.withColumn("_q", F.lit(1)))
+    # item rows before query rows at equal keys: the only such item row is the query's own item
+    order = Window.orderBy(F.col("_qi").desc(), F.col("_qe").desc(), F.col("item_id"), F.col("_q"))
+    pts = pts.withColumn("_ahead", F.sum(1 - F.col("_q")).over(order.rowsBetween(Window.unboundedPreceding,
+                                                                                 Window.currentRow)))
+    pts = pts.withColumn("_n", F.sum(1 - F.col("_q")).over(Window.partitionBy()))
+    self_ahead = ((F.col("_oi") > F.col("_qi")) | ((F.col("_oi") == F.col("_qi")) & (F.col("_oe") >= F.col("_qe")))).cast("long")
+    pct = pts.where(F.col("_q") == 1).select("item_id", "_qi", "_qe",
+                                             ((F.col("_ahead") - self_ahead + 1) / F.col("_n")).alias("_loo_pct"))
+    return own.join(pct, ["item_id", "_qi", "_qe"], "left").drop("_ni", "_ne", "_qi", "_qe")
 
 
 def leave_own_label_out(ex: DataFrame, ft, etype: str, prior_strength: float, own) -> DataFrame:
@@ -293,12 +364,13 @@ def leave_own_label_out(ex: DataFrame, ft, etype: str, prior_strength: float, ow
     Impression labels: the row's whole exposure (:func:`own_exposure_counts`, carried on ``ex`` as
     ``_own_counts``) comes out of every ``log1p_n_*`` count slot of its user and item (its click is in the
     user's click and interaction counts and the item's ``n_clicks``: n_clicks = 1 exactly when the
-    label is 1 for an item shown once) and of the item's smoothed click and purchase rates. Left in,
-    as exactness would need per-event data the tables do not keep: the user's ``recency_years`` (the
-    exposure's time, not its outcome, at a seconds' scale), ``top_attribute_share`` and the item's
-    ``popularity_pct`` (a share and a rank over all items that the own click can reorder; both weak);
-    ``n_distinct_items`` is a HyperLogLog estimate, so it loses the exact change (0 or 1), not an exact
-    recount. The pair features already leave the row's item out of the user's profile.
+    label is 1 for an item shown once) and of the item's smoothed click and purchase rates; ``n_distinct_items``
+    is an exact count, so it loses exactly 0 or 1. Where ``_own_counts`` carries them, the user's
+    ``top_attribute_share`` and the item's ``popularity_pct`` are replaced by their values without the
+    exposure (:func:`_loo_top_attribute_share`, :func:`_loo_popularity_pct`): the own click is in the top
+    token's count and the item's interaction count, and can change which token is top and the item's rank.
+    Left in: the user's ``recency_years`` (the exposure's time, not its outcome, at a seconds' scale). The
+    pair features already leave the row's item out of the user's profile.
     """
     nu, un, itn = len(ft.user_names), ft.user_names, ft.item_names
     k = float(prior_strength)
@@ -321,6 +393,11 @@ def leave_own_label_out(ex: DataFrame, ft, etype: str, prior_strength: float, ow
             for c in _count_slots(names):
                 left = F.greatest(F.col(f"_l{side}_c")[c].cast("double") - o(f"{side}_{c}"), F.lit(0.0))
                 slots[base + names.index(f"log1p_{c}")] = F.log1p(left)
+        fields = ex.schema["_own_counts"].dataType.names
+        for pos, f in ((un.index("top_attribute_share") if "top_attribute_share" in un else None, "u_loo_top_attribute_share"),
+                       (nu + itn.index("popularity_pct") if "popularity_pct" in itn else None, "i_loo_popularity_pct")):
+            if pos is not None and f in fields:
+                slots[pos] = F.coalesce(o(f), F.element_at(F.col("features"), pos + 1).cast("double"))
     stats = [c for c in ex.columns if c.startswith(("_lu_", "_li_", "_own_counts"))]
     if not slots:
         return ex.drop(*stats)
@@ -481,7 +558,8 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     # features: user vector ++ item vector ++ pair vector, all as of the cutoff
     loo_user, loo_item = loo_columns(ft)
     if etype == "impression":  # what each train row's own exposure adds to the counts
-        own_counts = own_exposure_counts(feat_events, ft.cutoff, list(cfg.data.event_types), cfg.features.windows_days)
+        own_counts = own_exposure_counts(feat_events, ft.cutoff, list(cfg.data.event_types), cfg.features.windows_days,
+                                         items=items, item_features=ft.items)
         ex = ex.join(own_counts, "example_id", "left")
     ex = with_feature_vectors(ex, ft, feat_events, items, cfg,
                               user_cols=("history_item_ids", F.col("text").alias("_utext"), *loo_user),
@@ -496,6 +574,22 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     ex = ex.join(indexed_history(ft.users, iidx, ft.items), "user_id", "left")
     ex = with_history_columns(ex, F.col("_utext"), leave_own_item_out=True).drop("_own")
     return conform(ex, TRAINING_EXAMPLES)
+
+
+ID_INDEX_VERSION = "id_index_version"  # training_examples commit metadata: the id_index version its rows use
+
+
+def recorded_id_index_version(commit_metadata) -> int | None:
+    """The ``id_index`` version ``training_examples``' rows were indexed with, as :func:`run` records it in
+    the commit that writes them; ``commit_metadata``: the table's causalrec commit metadata, newest first
+    (``DeltaStore.commit_metadata``). The newest commit that records one counts (a later compaction
+    re-indexes nothing). None for a table written before the version was recorded.
+
+    Why not the current ``id_index`` version: the stage writes ``id_index`` and ``training_examples`` in two
+    commits, so a run that failed between them leaves an ``id_index`` one version ahead of the rows.
+    """
+    v = next((m[ID_INDEX_VERSION] for m in commit_metadata if m.get(ID_INDEX_VERSION) is not None), None)
+    return None if v is None else int(v)
 
 
 def files_layout(df: DataFrame, files_per_split: int) -> DataFrame:
@@ -532,16 +626,22 @@ def run(ctx) -> dict:
                 ctx.log_rows(t, store.row_count(t), "in")
     with ctx.step("training_set: id_index"):
         frames = [events] + ([mcar] if mcar is not None else [])
-        store.write(build_id_index(spark, users, items, *frames), "id_index", "overwrite", spec=ID_INDEX,
-                    overwrite_schema=True)
-        id_index = store.read("id_index")
-        ctx.log_rows("id_index", store.row_count("id_index"))
+        idx_version = store.write(build_id_index(spark, users, items, *frames), "id_index", "overwrite",
+                                  spec=ID_INDEX, overwrite_schema=True)
+        if idx_version is None:
+            idx_version = store.version("id_index")
+        # exactly the version just written (not whatever is current when Spark reads it), which the
+        # training_examples commit records
+        id_index = store.read("id_index", version=idx_version)
+        ctx.log_rows("id_index", store.row_count("id_index", idx_version))
     with ctx.step("training_set: build + load"):
         ex = build_training_examples(events, users, items, exposure, treatment, id_index, cfg, mcar)
         store.write(files_layout(ex, cfg.training_set.files_per_split), "training_examples", "overwrite",
-                    spec=TRAINING_EXAMPLES, overwrite_schema=True, rows_per_file=1 << 40)
+                    spec=TRAINING_EXAMPLES, overwrite_schema=True, rows_per_file=1 << 40,
+                    metadata={ID_INDEX_VERSION: int(idx_version)})
     counts = {r["split"]: r["count"] for r in store.read("training_examples").groupBy("split").count().collect()}
     for s, n in sorted(counts.items()):
         ctx.log_rows(f"training_examples[{s}]", n)
     return {"training_examples": counts, "split": cfg.training_set.split,
-            "files_per_split": cfg.training_set.files_per_split, "id_index": store.row_count("id_index")}
+            "files_per_split": cfg.training_set.files_per_split, "id_index": store.row_count("id_index", idx_version),
+            "id_index_version": int(idx_version)}

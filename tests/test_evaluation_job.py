@@ -93,3 +93,79 @@ def test_lorenz_before_fair_reranking_is_the_list_the_reranker_started_from(ctx,
     R.section_exposure({"tables": {"ranking_summary": [summary.to_dict()]}, "evaluation": {"curves": {"lorenz": lor}}})
     before = [s for s in captured["exposure lorenz curve"] if "before fair re-ranking" in s]
     assert before == [f"blend (before fair re-ranking), Gini {summary['gini_before']:.3f}"]
+
+
+def test_evaluate_scores_test_rows_with_the_ids_the_checkpoint_was_trained_with(ctx, tmp_path, monkeypatch):
+    """build_id_index numbers ids densely in sorted order: a training_set rerun after training (new user u2,
+    new item i2) moves u3 from row 1 to 2 and i3 from row 1 to 2. The test rows carry the new indices;
+    the checkpoint records the id_index version it was trained with (0), and evaluate maps the rows' ids
+    through that version, as scoring does: u2 and i2 are unseen (-1), history items the model never saw
+    drop out. Without it u2 would be scored with u3's embedding and u3 with the unknown row. A trained
+    version that can no longer be read fails naming both versions."""
+    import os
+
+    import torch
+    from deltalake import DeltaTable
+
+    from causalrec import schemas as S
+    from causalrec.evaluation import job
+    from causalrec.models import build_model
+    from causalrec.models.featurize import Featurizer
+    from causalrec.train.checkpoint import load_checkpoint, save_checkpoint
+    from causalrec.training_set import build_id_index
+
+    spark, store = ctx.spark, ctx.store
+    users = lambda ids: spark.createDataFrame([(u, None, "", None) for u in ids], S.USERS.spark_schema())  # noqa: E731
+    items = lambda ids: spark.createDataFrame([(i, None, "c", i, None) for i in ids], S.ITEMS.spark_schema())  # noqa
+    assert store.write(build_id_index(spark, users(["u1", "u3"]), items(["i1", "i3"])), "id_index", "overwrite",
+                       spec=S.ID_INDEX) == 0
+    torch.manual_seed(0)
+    mc = {"model": "mf", "task": "rating", "n_users": 2, "n_items": 2, "dim": 4}
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(mc), mc, {"id_index_version": 0})
+    # training_set reruns with more data: id_index version 1, and training_examples indexed with it
+    assert store.write(build_id_index(spark, users(["u1", "u2", "u3"]), items(["i1", "i2", "i3"])), "id_index",
+                       "overwrite", spec=S.ID_INDEX) == 1
+    new = {"u1": 0, "u2": 1, "u3": 2, "i1": 0, "i2": 1, "i3": 2}
+    pairs = [("u1", "i3"), ("u2", "i1"), ("u3", "i2")]
+    te = pd.DataFrame([{"example_id": f"e{k}", "split": "test", "user_id": u, "item_id": i, "user_idx": new[u],
+                        "item_idx": new[i], "observed": 1, "label": 4.0, "outcome": 1.0, "is_mcar": True,
+                        "exposure_propensity": 1.0, "history_item_idx": [2, 1, 0]}  # i3, i2, i1
+                       for k, (u, i) in enumerate(pairs)])
+    store.write(spark.createDataFrame(te), "training_examples", mode="overwrite", spec=S.TRAINING_EXAMPLES,
+                metadata={"id_index_version": 1})
+    run = {"run_id": "r1", "model": "mf", "objective": "naive", "model_version": "r1", "checkpoint_path": ckpt,
+           "created_at": pd.Timestamp("2026-01-01", tz="UTC")}
+    store.write(spark.createDataFrame(pd.DataFrame([run])), "train_runs", mode="overwrite", spec=S.TRAIN_RUNS)
+
+    fed, preds = [], {}
+    score = job.score_with_checkpoint
+
+    def spy_score(examples, path, batch_size=1024):
+        fed.extend(examples.collect())
+        return score(examples, path, batch_size)
+
+    def capture(rows, pred, model, *a, **k):  # the predictions, without the metric library's Spark jobs
+        preds.update({r["example_id"]: r["prediction"] for r in pred.collect()})
+        rows.add("captured", 1.0, model=model, slice_="test")
+
+    monkeypatch.setattr(job, "score_with_checkpoint", spy_score)
+    monkeypatch.setattr(job, "evaluate_predictions", capture)
+    out = job.run(ctx)
+    assert out["models"] == ["mf:naive"]
+    got = {r["example_id"]: (r["user_idx"], r["item_idx"], list(r["history_item_idx"])) for r in fed}
+    # version 0 numbers u1, u3 and i1, i3; u2 and i2 came later: unseen, and i2 leaves the history
+    assert got == {"e0": (0, 1, [1, 0]), "e1": (-1, 0, [1, 0]), "e2": (1, -1, [1, 0])}
+    model, mc, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        want = model(Featurizer(mc)(pd.DataFrame({"user_idx": [0, -1, 1], "item_idx": [1, 0, -1]})))["relevance"]
+    assert [preds[f"e{k}"] for k in range(3)] == pytest.approx(want.numpy().tolist(), abs=1e-6)
+    with open(out["json"]) as f:
+        (m,) = json.load(f)["models"]
+    assert (m["id_index_version"], m["test_rows_id_index_version"], m["reindexed"]) == (0, 1, True)
+
+    # the trained version is gone (vacuumed): that model is not evaluated, with the reason
+    for uri in DeltaTable(store.path("id_index"), version=0).file_uris():
+        os.remove(uri.removeprefix("file://"))
+    with pytest.raises(RuntimeError, match=r"evaluation: .* trained with id_index version 0, but .*id_index "
+                                           r"\(now at version 1\) cannot be read at that version"):
+        job.checkpoint_test_rows(store, store.read("training_examples"), ckpt, 1, "model mf:naive")

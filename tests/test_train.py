@@ -294,6 +294,45 @@ def test_table_stats_marks_the_ids_training_reaches(cfg):
     assert dr["imputation_item"].tolist() == ips["item"].tolist()
 
 
+def test_table_stats_takes_the_id_index_version_the_rows_record(cfg):
+    """training_set records in the training_examples commit the id_index version the rows were indexed
+    with; a run that failed after writing the next id_index leaves the current id_index one version ahead.
+    table_stats (and so every checkpoint's meta.json) takes the recorded version and sizes the model from
+    that index, not from the current one; a version that can no longer be read fails naming both."""
+    import os
+
+    import pyarrow as pa
+    from deltalake import CommitProperties, DeltaTable, write_deltalake
+
+    from causalrec.schemas import ID_INDEX
+    from causalrec.train.job import table_stats
+
+    base = synthetic_examples(n_users=2, n_items=1, n_train=1, n_valid=0).iloc[0].to_dict()
+    df = pd.DataFrame([{**base, "example_id": f"e{u}", "user_id": f"u{u}", "user_idx": u, "item_idx": 0}
+                       for u in range(2)])
+    table = pa.Table.from_pandas(df[TRAINING_EXAMPLES.names], schema=TRAINING_EXAMPLES.arrow_schema(),
+                                 preserve_index=False)
+
+    def index(users):
+        ids = pd.DataFrame({"kind": ["user"] * len(users) + ["item"], "id": users + ["i0"],
+                            "idx": list(range(len(users))) + [0]})
+        write_deltalake(cfg.table_path("id_index"), pa.Table.from_pandas(ids, schema=ID_INDEX.arrow_schema(),
+                                                                         preserve_index=False), mode="overwrite")
+
+    index(["u0", "u1"])  # version 0: what the rows are indexed with
+    write_deltalake(cfg.table_path("training_examples"), table, partition_by=["split"],
+                    commit_properties=CommitProperties(custom_metadata={"causalrec": json.dumps(
+                        {"id_index_version": 0})}))
+    index(["u0", "u1", "u2", "u3"])  # version 1: the rerun that failed before writing training_examples
+    stats = table_stats(cfg)
+    assert stats["id_index_version"] == 0
+    assert (stats["shape"]["n_users"], stats["shape"]["n_items"]) == (2, 1)
+    for uri in DeltaTable(cfg.table_path("id_index"), version=0).file_uris():
+        os.remove(uri.removeprefix("file://"))  # vacuumed
+    with pytest.raises(RuntimeError, match=r"indexed with id_index version 0, but .*now at version 1"):
+        table_stats(cfg)
+
+
 def test_fit_local_scores_items_without_training_rows_from_the_unknown_row():
     """An id_index item that has no training row scores exactly like an unseen (-1) item."""
     from causalrec.train.local import fit_local, predict_frame

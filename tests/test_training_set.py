@@ -503,6 +503,65 @@ def test_train_rows_leave_their_own_exposure_out_of_the_count_features(spark):
     assert len({len(r["features"]) for r in te}) == 1
 
 
+def test_training_examples_record_the_id_index_version_they_were_indexed_with(ctx, spark, monkeypatch):
+    """The stage writes id_index, then training_examples, in two commits. The training_examples commit
+    records the id_index version its rows were indexed with, so a rerun that fails between the two
+    (here: with a new user u2, who shifts u3 from index 1 to 2) leaves the pair readable as it was:
+    train takes the recorded version (table_stats -> every checkpoint's meta.json), not the current one,
+    which is one commit ahead of the rows. A run that completes records its own version."""
+    import causalrec.training_set as T
+    from causalrec.schemas import EXPOSURE_PROPENSITY, conform
+    from causalrec.train.job import table_stats
+
+    store = ctx.store
+    items = make_items(spark, [("i1", [], "c", "item 1")])
+    store.write(make_events(spark, [("e1", "u1", "i1", "2024-01-01 10:00", "rating", 4)]), "events", spec=EVENTS)
+    store.write(items, "items", spec=ITEMS)
+    store.write(spark.createDataFrame([("u1", "i1", 1, None, 0.5, 0.5, "hand", 1.0)],
+                                      EXPOSURE_PROPENSITY.spark_schema()), "exposure_propensity")
+
+    def users(ids):
+        store.write(make_users(spark, [(u, [], u, None) for u in ids]), "users", "overwrite", spec=USERS)
+
+    def one_row_per_user(events, users_, items_, exposure, treatment, id_index, cfg, mcar=None):
+        # a stand-in for the real build: one test row per user, indexed with the id_index it is given
+        u = id_index.where("kind = 'user'").select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
+        return conform(u.select(F.concat(F.lit("e_"), "user_id").alias("example_id"), F.lit("test").alias("split"),
+                                "user_id", F.lit("i1").alias("item_id"), "user_idx", F.lit(0).alias("item_idx"),
+                                F.lit(1).alias("observed"), F.lit(4.0).alias("label"),
+                                F.lit(1.0).alias("exposure_propensity"), F.lit(False).alias("is_mcar")),
+                       TRAINING_EXAMPLES)
+
+    def recorded():
+        return T.recorded_id_index_version(store.commit_metadata("training_examples"))
+
+    monkeypatch.setattr(T, "build_training_examples", one_row_per_user)
+    ctx.cfg.training_set.files_per_split = 1
+    users(["u1", "u3"])
+    assert T.run(ctx)["id_index_version"] == 0
+    assert recorded() == 0 and store.version("id_index") == 0
+
+    def fail(*a, **k):
+        raise RuntimeError("killed between id_index and training_examples")
+
+    users(["u1", "u2", "u3"])
+    monkeypatch.setattr(T, "build_training_examples", fail)
+    with pytest.raises(RuntimeError, match="killed between"):
+        T.run(ctx)
+    assert store.version("id_index") == 1  # the new index committed; the rows did not
+    rows = {r["user_id"]: r["user_idx"] for r in store.read("training_examples").collect()}
+    assert rows == {"u1": 0, "u3": 1}  # still id_index version 0's numbering
+    assert recorded() == 0
+    assert table_stats(ctx.cfg)["id_index_version"] == 0  # what the checkpoints will record
+    assert table_stats(ctx.cfg)["shape"]["n_users"] == 2
+
+    monkeypatch.setattr(T, "build_training_examples", one_row_per_user)  # the rerun completes
+    assert T.run(ctx)["id_index_version"] == 2
+    assert recorded() == 2 and table_stats(ctx.cfg)["id_index_version"] == 2
+    assert {r["user_id"]: r["user_idx"] for r in store.read("training_examples").collect()} == {
+        "u1": 0, "u2": 1, "u3": 2}
+
+
 def test_training_set_refuses_propensities_fitted_under_another_split(ctx, spark):
     """The propensity stage records the split settings its models learned under; a training set
     built with other ones (a stage run on its own with another --set) stops with a message naming
@@ -547,3 +606,127 @@ def test_propensity_split_check_reads_both_tables_and_the_newest_commit_with_set
     assert ctx.store.commit_metadata("exposure_propensity", 1) == []
     with pytest.raises(ValueError, match=r"exposure_propensity .*training_set.split: fitted 'given', now 'time'"):
         check_propensity_split(ctx.store, ctx.cfg)
+
+
+def _top_share_and_pct(log, tokens, all_items):
+    """(user -> top_attribute_share, item -> popularity_pct) recomputed from ``log`` by hand: the largest count of
+    the user's interactions with items carrying one token over all their interactions (0 without tokens), and
+    the item's rank by (interactions desc, exposures desc, item_id) over the number of items."""
+    n_u, n_ut = {}, {}
+    for _, u, i, _, et, v in log:
+        if et != "impression" or v > 0:
+            n_u[u] = n_u.get(u, 0) + 1
+            for t in tokens.get(i, ()):
+                n_ut[(u, t)] = n_ut.get((u, t), 0) + 1
+    share = {u: max((c for (uu, _), c in n_ut.items() if uu == u), default=0) / n for u, n in n_u.items()}
+    _, ic, _ = _counts_from_log(log, dt.datetime.max, [])
+    order = sorted(all_items, key=lambda i: (-ic.get(i, {}).get("n_interactions", 0),
+                                             -ic.get(i, {}).get("n_exposures", 0), i))
+    return share, {i: (n + 1) / len(order) for n, i in enumerate(order)}
+
+
+def test_train_rows_leave_their_own_exposure_out_of_top_attribute_share_and_popularity_pct(spark):
+    """Impression labels, time split: a train row's user ``top_attribute_share`` and item ``popularity_pct``
+    are those of the log without its own exposure; valid and test rows see the whole train log. Before, the
+    own click stayed in both: u9 clicked ``red`` three times (the last one its train row) and ``blue`` twice,
+    so its share read 3/5 where the other four clicks give 2/4 (``red`` and ``blue`` tied on top); ``hot``
+    (4 clicked impressions) ranked 5th of 10 items, where without its last one (a train row) it has 3
+    interactions and 3 exposures: behind ``warm`` (3 interactions, 5 exposures), still ahead of ``red``
+    (3, 3: tie broken by item id), so 6th: pct 6/10, not 5/10."""
+    from causalrec.config import Config
+
+    rows = _impression_log()
+    rows += [(f"r{n}", "u9", "red" if n in (0, 2, 4) else "blue", f"2024-01-0{1 + n} 09:00", "impression", 1.0)
+             for n in range(5)]
+    # hot: 4 clicked impressions (the last by u8, in train); warm: 3 clicked and 2 unclicked
+    rows += [(f"h{n}", f"u{6 + n % 2}", "hot", f"2024-01-0{1 + n} 10:00", "impression", 1.0) for n in range(3)]
+    rows += [("h3", "u8", "hot", "2024-01-05 11:00", "impression", 1.0)]
+    rows += [(f"w{n}", "u7", "warm", f"2024-01-0{1 + n} 12:00", "impression", float(n < 3)) for n in range(5)]
+    rows += [(f"x{n}", "u6", "i0", f"2024-01-0{6 + n} 08:00", "impression", float(n % 2)) for n in range(3)]
+    tokens = {"i0": ["color:red", "size:s", "category:a"], "i1": ["color:red", "category:b"],
+              "i2": ["color:blue", "size:s"], "i3": ["color:blue", "category:b"], "solo": [],
+              "red": ["color:red"], "blue": ["color:blue"], "hot": ["size:l"], "warm": ["size:l"]}
+    item_rows = [(i, [t for t in ts if not t.startswith("category:")],
+                  next((t[len("category:"):] for t in ts if t.startswith("category:")), None), "") for i, ts in tokens.items()]
+    events = make_events(spark, rows)
+    items = make_items(spark, item_rows + [("unseen", ["size:l"], None, "")])
+    users = make_users(spark, [(f"u{u}", [], "", None) for u in range(10)])
+    cfg = Config()
+    cfg.training_set.split = "time"
+    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.2, 0.1
+    cfg.training_set.label_event_type = "impression"
+    cfg.training_set.unobserved_per_observed = 0.0
+    cfg.features.windows_days = [30]
+    te = _examples(spark, events, users, items, cfg).where("observed = 1").collect()
+    cutoff = min(r["event_time"] for r in te if r["split"] != "train").replace(tzinfo=None)
+    held = {r["example_id"] for r in te if r["split"] != "train"}
+    log = [(e, u, i, dt.datetime.fromisoformat(t), et, v) for e, u, i, t, et, v in rows]
+    log = sorted((r for r in log if r[3] < cutoff and r[0] not in held), key=lambda r: (r[3], r[4] != "impression", r[0]))
+    all_items = set(tokens) | {"unseen"}
+    full_share, full_pct = _top_share_and_pct(log, tokens, all_items)
+
+    def without_exposure(eid):
+        pos = next(n for n, r in enumerate(log) if r[0] == eid)
+        u, i = log[pos][1], log[pos][2]
+        gone = {eid}
+        for r in log[pos + 1:]:
+            if (r[1], r[2]) == (u, i):
+                if r[4] == "impression":
+                    break
+                gone.add(r[0])
+        return [r for r in log if r[0] not in gone]
+
+    s_share, s_pct = _slot(cfg, "user", "top_attribute_share"), _slot(cfg, "item", "popularity_pct")
+    changed, by_id = {"share": 0, "pct": 0}, {}
+    for r in te:
+        by_id[r["example_id"]] = r
+        own = r["split"] == "train"
+        share, pct = _top_share_and_pct(without_exposure(r["example_id"]), tokens, all_items) if own else (full_share, full_pct)
+        want_share, want_pct = share.get(r["user_id"], 0.0), pct[r["item_id"]]
+        assert r["features"][s_share] == pytest.approx(want_share, abs=1e-6), (r["example_id"], r["split"])
+        assert r["features"][s_pct] == pytest.approx(want_pct, abs=1e-6), (r["example_id"], r["split"])
+        changed["share"] += own and want_share != pytest.approx(full_share.get(r["user_id"], 0.0), abs=1e-6)
+        changed["pct"] += own and want_pct != pytest.approx(full_pct[r["item_id"]], abs=1e-6)
+    assert changed["share"] > 3 and changed["pct"] > 3, changed
+    # the two rows the docstring walks through
+    assert by_id["r4"]["split"] == "train" and full_share["u9"] == pytest.approx(3 / 5)
+    assert by_id["r4"]["features"][s_share] == pytest.approx(2 / 4, abs=1e-6)
+    assert by_id["h3"]["split"] == "train" and full_pct["hot"] == pytest.approx(5 / 10)
+    assert by_id["h3"]["features"][s_pct] == pytest.approx(6 / 10, abs=1e-6)
+
+
+def test_own_exposure_counts_top_share_and_rank_without_the_exposure(spark):
+    """The values :func:`own_exposure_counts` hands the training set for its two non-count slots. u1 clicked
+    A (tokens x, y) three times, B (z) three times and C (w) once: its share is 3/7 (x, y and z tied). Without
+    A's last click x and y fall to 2, z keeps 3: 3/6, which only a look past the user's top M = 2 tokens
+    (x, y by name) finds. A and B (3 interactions, 4 exposures with u2's unclicked ones) rank 1 and 2 by id of
+    4 items; without that click A falls behind B (pct 2/4), and so it does without u2's unclicked exposure
+    (an exposure breaks ties); C without its one exposure ties unseen D at (0, 0) and stays 3rd by id."""
+    from causalrec.config import Config
+    from causalrec.features.job import build_features
+    from causalrec.training_set import own_exposure_counts
+
+    rows = [(f"{i.lower()}{d}", "u1", i, f"2024-01-0{d} 10:00", "impression", 1.0) for i in "AB" for d in (1, 2, 3)]
+    rows += [("c1", "u1", "C", "2024-01-04 10:00", "impression", 1.0), ("d0", "u2", "A", "2024-01-04 11:00", "impression", 0.0),
+             ("e0", "u2", "B", "2024-01-04 11:00", "impression", 0.0)]
+    events = make_events(spark, rows)
+    items = make_items(spark, [("A", ["x", "y"], None, ""), ("B", ["z"], None, ""), ("C", ["w"], None, ""),
+                               ("D", ["w"], None, "")])
+    users = make_users(spark, [("u1", [], "", None), ("u2", [], "", None)])
+    cfg = Config()
+    cut = "2024-01-10T00:00:00"
+    ft = build_features(events, users, items, cfg, cutoff=cut)
+    full = {r["item_id"]: r["popularity_pct"] for r in ft.items.collect()}
+    assert full == {"A": 0.25, "B": 0.5, "C": 0.75, "D": 1.0}
+    assert {r["user_id"]: r["top_attribute_share"] for r in ft.users.collect()}["u1"] == pytest.approx(3 / 7)
+    own = {r["example_id"]: r["_own_counts"] for r in own_exposure_counts(
+        events, cut, ["impression"], [7], items=items, item_features=ft.items).collect()}
+    assert own["a3"]["u_loo_top_attribute_share"] == pytest.approx(3 / 6)
+    assert own["b3"]["u_loo_top_attribute_share"] == pytest.approx(3 / 6)  # z and x, y all at 3 of 6
+    assert own["c1"]["u_loo_top_attribute_share"] == pytest.approx(3 / 6)
+    assert own["d0"]["u_loo_top_attribute_share"] == 0.0  # u2 never clicked: no tokens, as in the vector
+    assert own["a3"]["i_loo_popularity_pct"] == pytest.approx(2 / 4)
+    assert own["b3"]["i_loo_popularity_pct"] == pytest.approx(2 / 4)
+    assert own["c1"]["i_loo_popularity_pct"] == pytest.approx(3 / 4)
+    assert own["d0"]["i_loo_popularity_pct"] == pytest.approx(2 / 4)  # A at (3, 3) behind B at (3, 4)
+    assert own["e0"]["i_loo_popularity_pct"] == pytest.approx(2 / 4)  # B at (3, 3): still behind A

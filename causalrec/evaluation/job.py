@@ -72,6 +72,91 @@ def train_runs_to_evaluate(store, objectives: list) -> list[dict]:
     return list(latest.values())
 
 
+def examples_id_index_version(store) -> Optional[int]:
+    """The ``id_index`` version ``training_examples``' rows were indexed with, as training_set recorded it in
+    their commit (:func:`causalrec.training_set.recorded_id_index_version`). A table written before the
+    version was recorded: the current ``id_index`` version (the one the stage wrote beside it), or None
+    without an ``id_index``."""
+    from causalrec.training_set import recorded_id_index_version
+
+    recorded = recorded_id_index_version(store.commit_metadata("training_examples"))
+    return recorded if recorded is not None else store.version("id_index")
+
+
+def reindex_examples(examples: DataFrame, id_index: DataFrame, indexed_with: DataFrame) -> DataFrame:
+    """``examples`` with ``user_idx``, ``item_idx`` and ``history_item_idx`` as ``id_index`` numbers the ids.
+
+    ``indexed_with``: the id_index ``examples`` were built with (it maps their history indices back to
+    item ids). Ids ``id_index`` lacks are unseen, as scoring serves them
+    (:func:`causalrec.scoring.build_scoring_input`): user_idx / item_idx -1, and history items without
+    an index left out (:func:`causalrec.training_set.indexed_history`).
+    """
+    def side(df, kind, id_col, idx_col):
+        return df.where(F.col("kind") == kind).select(F.col("id").alias(id_col), F.col("idx").alias(idx_col))
+
+    users, items = side(id_index, "user", "user_id", "_new_u"), side(id_index, "item", "item_id", "_new_i")
+    # history: old index -> item id -> new index; items the new index lacks drop out (inner join)
+    old_to_new = side(indexed_with, "item", "item_id", "_old_h").join(
+        side(id_index, "item", "item_id", "_new_h"), "item_id").select("_old_h", "_new_h")
+    hist = (examples.select("example_id", F.posexplode("history_item_idx").alias("_pos", "_old_h"))
+            .join(F.broadcast(old_to_new), "_old_h")
+            .groupBy("example_id").agg(F.sort_array(F.collect_list(F.struct("_pos", "_new_h"))).alias("_h")))
+    out = (examples.join(users, "user_id", "left").join(F.broadcast(items), "item_id", "left")
+           .join(hist, "example_id", "left"))
+    new_hist = F.coalesce(F.transform("_h", lambda s: s["_new_h"]), F.array().cast("array<int>"))
+    out = (out.withColumn("user_idx", F.coalesce("_new_u", F.lit(-1)).cast("int"))
+           .withColumn("item_idx", F.coalesce("_new_i", F.lit(-1)).cast("int"))
+           .withColumn("history_item_idx", F.when(F.col("history_item_idx").isNull(), F.lit(None))
+                       .otherwise(new_hist).cast("array<int>")))
+    return out.select(*examples.columns)
+
+
+def checkpoint_test_rows(store, test: DataFrame, checkpoint_path: str, rows_version: Optional[int],
+                         model: str) -> tuple[DataFrame, dict]:
+    """(``test`` indexed as the checkpoint was trained, provenance for the summary).
+
+    The checkpoint's meta.json records the ``id_index`` version its rows were indexed with;
+    ``rows_version`` is the one the current ``training_examples`` were (:func:`examples_id_index_version`).
+    They differ when training_set ran again after training (new users or items shift the dense
+    indices): the test rows' indices would then feed the model other ids' embeddings, so their ids are
+    mapped through the trained version (:func:`causalrec.scoring.trained_id_index`, as scoring does;
+    ids new since training are unseen). A trained version that can no longer be read raises
+    RuntimeError naming both versions.
+    """
+    from causalrec.scoring import trained_id_index
+    from causalrec.train.checkpoint import trained_id_index_version
+
+    trained = trained_id_index_version(checkpoint_path)
+    info = {"id_index_version": trained, "test_rows_id_index_version": rows_version, "reindexed": False}
+    if trained is None:
+        if rows_version is not None:
+            log.warning("evaluation: %s does not record the id_index version it was trained with (trained before "
+                        "causalrec recorded it); scoring its test rows with their own indices (id_index version "
+                        "%s): if training_set ran since training, ids map to other users' and items' embeddings. "
+                        "Retrain to record it", model, rows_version)
+        return test, info
+    if trained == rows_version:
+        return test, info
+    if rows_version is None:
+        raise RuntimeError(f"evaluation: {model} was trained with id_index version {trained}, but "
+                           f"{store.path('id_index')} does not exist, so the test rows' indices cannot be mapped "
+                           "to the trained ones. Rerun training_set and train")
+    log.warning("evaluation: %s was trained with id_index version %s, but training_examples were rebuilt since "
+                "(indexed with version %s): its test rows' ids are mapped through version %s; ids new since "
+                "training are scored as unseen", model, trained, rows_version, trained)
+    trained_idx = trained_id_index(store, trained, model, stage="evaluation")
+    try:
+        rows_idx = store.read("id_index", version=rows_version)
+        rows_idx.count()  # fail here, not inside the scoring tasks
+    except Exception as exc:
+        raise RuntimeError(
+            f"evaluation: training_examples were indexed with id_index version {rows_version}, which "
+            f"{store.path('id_index')} (now at version {store.version('id_index')}) cannot be read at "
+            f"({type(exc).__name__}), so their history indices cannot be mapped to the ones {model} was trained "
+            f"with (id_index version {trained}). Rerun training_set") from exc
+    return reindex_examples(test, trained_idx, rows_idx), dict(info, reindexed=True)
+
+
 # --------------------------------------------------------------------------- transforms
 
 
@@ -304,6 +389,7 @@ def run(ctx) -> dict:
             test = te.where((F.col("split") == "test") & (F.col("observed") == 1)).persist()
             ctx.log_rows("training_examples[test]", test.count(), "in")
         if test is not None and avail["train_runs"]:
+            rows_version = examples_id_index_version(store)
             for run_row in train_runs_to_evaluate(store, cfg.evaluation.models):
                 name = f"{run_row['model']}:{run_row['objective']}"
                 try:
@@ -313,11 +399,19 @@ def run(ctx) -> dict:
                 except (FileNotFoundError, OSError) as exc:
                     missing[f"checkpoint {name}"] = str(exc)
                     continue
-                scored = score_with_checkpoint(test, run_row["checkpoint_path"], cfg.scoring.batch_size)
+                try:  # the ids as this checkpoint's embedding rows number them
+                    inp, ids = checkpoint_test_rows(store, test, run_row["checkpoint_path"], rows_version,
+                                                    f"model {name} ({run_row['checkpoint_path']})")
+                except RuntimeError as exc:
+                    log.error("%s", exc)
+                    missing[f"checkpoint {name}"] = str(exc)
+                    continue
+                scored = score_with_checkpoint(inp, run_row["checkpoint_path"], cfg.scoring.batch_size)
                 pred = test.join(scored, "example_id", "inner")
                 models.append({"model": name, "run_id": run_row["run_id"], "objective": run_row["objective"],
                                "family": OBJECTIVE_FAMILY.get(run_row["objective"], run_row["objective"]),
-                               "task": mc.get("task", cfg.train.task), "source": "checkpoint", "pred": pred})
+                               "task": mc.get("task", cfg.train.task), "source": "checkpoint", **ids,
+                               "pred": pred})
         if test is not None and not models and avail["scores"]:
             pred, covered = test_predictions_from_scores(test, store.read("scores"))
             if pred is None:

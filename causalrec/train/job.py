@@ -74,8 +74,11 @@ def table_stats(cfg) -> dict:
     still get rows), else from the largest index in training_examples; also the feature width, the
     observed-label mean (the global bias the model starts from), the row counts per split and
     ``known``: which ids the train split's observed rows (``observed``) and all its rows (``all``)
-    hold, as bool masks per id (:func:`known_ids`); ``id_index_version``: the id_index Delta version read
-    (None without one), which the run's checkpoints record so scoring maps ids as training did.
+    hold, as bool masks per id (:func:`known_ids`); ``id_index_version``: the id_index Delta version the rows
+    were indexed with, as training_set recorded it in the training_examples commit (not the current
+    id_index version, which a training_set run that failed after writing id_index has moved on), read
+    at that version (None without an id_index); the run's checkpoints record it so scoring and
+    evaluation map ids as training did.
     """
     import numpy as np
     import pyarrow.compute as pc
@@ -110,11 +113,20 @@ def table_stats(cfg) -> dict:
     head = ds.head(64, columns=["features"], filter=pads.field("split") == "train").column("features").to_pylist()
     n_features = max((len(f) for f in head if f is not None), default=0)
     idx_path = cfg.table_path("id_index")
-    id_index_version = None
+    id_index_version = examples_id_index_version(dt)
     if DeltaTable.is_deltatable(idx_path):
-        idx_table = DeltaTable(idx_path)
-        id_index_version = int(idx_table.version())  # scoring reads the index at this version
-        t = idx_table.to_pyarrow_table(columns=["kind", "idx"]).to_pandas()
+        if id_index_version is None:  # training_examples from before the version was recorded
+            id_index_version = int(DeltaTable(idx_path).version())
+            log.warning("train: %s does not record the id_index version its rows were indexed with (written "
+                        "before causalrec recorded it); assuming the current id_index (version %s). Rerun "
+                        "training_set to record it", cfg.table_path("training_examples"), id_index_version)
+        try:  # scoring and evaluation read the index at this version: the one the rows were indexed with
+            t = DeltaTable(idx_path, version=id_index_version).to_pyarrow_table(columns=["kind", "idx"]).to_pandas()
+        except Exception as exc:
+            raise RuntimeError(
+                f"train: {cfg.table_path('training_examples')} was indexed with id_index version "
+                f"{id_index_version}, but {idx_path} (now at version {DeltaTable(idx_path).version()}) cannot be "
+                f"read at that version ({type(exc).__name__}); rerun training_set so the two match") from exc
         n_users = int(t.loc[t["kind"] == "user", "idx"].max() + 1)
         n_items = int(t.loc[t["kind"] == "item", "idx"].max() + 1)
     else:
@@ -127,6 +139,15 @@ def table_stats(cfg) -> dict:
              for rows, ids in seen.items()}
     return {"shape": {"n_users": n_users, "n_items": n_items, "n_features": n_features, "global_bias": float(mean)},
             "rows": n, "valid_mcar_rows": n_valid_mcar, "known": known, "id_index_version": id_index_version}
+
+
+def examples_id_index_version(dt) -> int | None:
+    """The id_index version training_set recorded in ``dt``'s (training_examples') commit metadata
+    (:func:`causalrec.training_set.recorded_id_index_version`); None when none records it."""
+    from causalrec.storage.store import _commit_meta
+    from causalrec.training_set import recorded_id_index_version
+
+    return recorded_id_index_version(m for m in map(_commit_meta, dt.history()) if m is not None)
 
 
 def _mark_ids(seen: dict, batch, rows=None) -> None:
