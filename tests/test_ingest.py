@@ -556,7 +556,8 @@ def test_csv_quoted_field_left_open_fails_before_any_write(ctx, tmp_path):
         row.format("g1", ""), row.format("g2", '"{""a"":\n1}"')]) + "\n")
     ctx.cfg.data.path = str(folder)
     for last, message in [("", r"before the end of the file, and every quote inside a quoted field doubled "
-                                r'\(""\); as it is, the field would take in every line below it'),
+                                r'\(""\); as it is, the field would take in everything from that quote to the end '
+                                r"of the file"),
                           ('"x"', r"followed by a delimiter or the line end, .* up to the quote on line 5")]:
         (folder / "bad.csv").write_text(HEADER + ",context\n" + "\n".join([
             row.format("e1", ""),  # line 2
@@ -573,3 +574,42 @@ def test_csv_quoted_field_left_open_fails_before_any_write(ctx, tmp_path):
     s = job.run(ctx)["tables"]["events"]
     assert (s["rows_read"], s["rows_accepted"]) == (2, 2)
     assert {r.event_id: r.context for r in ctx.store.read("events").collect()}["g2"] == '{"a":\n1}'
+
+
+def test_csv_quote_left_open_on_the_last_line_fails_before_any_write_without_a_final_line_break(ctx, tmp_path):
+    """A file need not end with a line break; a quote that opens on its last line then takes in no line
+    break, so the record shows no sign of it, and the batch fails all the same, naming the file and the
+    line, wherever Spark's reader ends the file inside the field: ``"a \\"`` too (a quote that ends the
+    file cannot take the reader's fast path, and ``\\"`` is a literal quote; with a line break after
+    it, that quote closes the field, backslash kept, and the file is read). So does a quote left open
+    in a field past the header's on a last line that the file's line break ends (the raw text the
+    reader keeps of a row with extra fields leaves that line break out). Files whose quotes close,
+    doubled and backslash-escaped quotes inside, are read, with or without a final line break."""
+    from causalrec.ingest import job
+    from causalrec.ingest.sources import SourceError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    row = "{},u1,i1,2024-01-01T00:00:00Z,click,1,,,,{},{}"
+    top = HEADER + ",context\n" + row.format("g0", "random", "") + "\n"
+    (folder / "a.csv").write_text(top.replace("g0", "a0") + row.format("a1", "random", "x"))  # no quote, no break
+    (folder / "b.csv").write_text(top.replace("g0", "b0") + row.format("b1", '"p, q"', r'"say ""hi"" \"there\""'))
+    (folder / "c.csv").write_text(top.replace("g0", "c0") + row.format("c1", "random", r'"a \"') + "\n")
+    ctx.cfg.data.source, ctx.cfg.data.path, ctx.cfg.data.format = "files", str(folder), "csv"
+    for last, end in [(row.format("e2", "random", '"{""a"": 1'), ""),
+                      (row.format("e2", "random", r'"a \"'), ""),
+                      (row.format("e2", "random", "x") + ',"extra', "\n")]:
+        (folder / "bad.csv").write_text(top.replace("g0", "e1") + last + end)  # line 3
+        with pytest.raises(SourceError, match=r"CSV file .*/in/bad\.csv: the quoted field that opens on line 3 is "
+                                              r'never closed: expected a closing quote \("\) before the end of '
+                                              r"the file.*everything from that quote to the end of the file"):
+            job.run(ctx)
+        for t in ("events", "events_quarantine", "ingest_log"):
+            assert not ctx.store.exists(t)
+
+    (folder / "bad.csv").unlink()
+    s = job.run(ctx)["tables"]["events"]
+    assert (s["rows_read"], s["rows_accepted"]) == (6, 6)
+    ev = {r.event_id: r for r in ctx.store.read("events").collect()}
+    assert (ev["a1"].context, ev["b1"].policy, ev["b1"].context) == ("x", "p, q", 'say "hi" "there"')
+    assert ev["c1"].context == "a \\"

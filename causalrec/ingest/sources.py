@@ -36,17 +36,30 @@ _BLANK = "^[\\x00-\\x20]*$"  # a blank or whitespace-only line (Spark regex)
 # Where a CSV line leaves the reader (Spark's multiLine CSV: univocity, delimiter ``,``, quote ``"``,
 # escape ``"``, ``\`` escaping the escape, unescaped quotes read up to the delimiter), as Java regexes
 # over one line. A quoted field that closes on the line where it opens, at its first quote, just
-# before a delimiter or the line end, is read as it is (backslashes and all: the reader's fast path).
+# before a delimiter or the line break, is read as it is (backslashes and all: the reader's fast path,
+# which looks at the character after that quote, so a quote that ends the file takes the other path).
 # Otherwise, on every line of the field: ``""`` and backslashes before a quote make a literal quote,
 # another backslash is dropped, and any other quote ends the field (what follows it, up to the next
-# delimiter, belongs to the same field). Checked against Spark on random lines of ``a , " \ space tab``.
+# delimiter, belongs to the same field). Checked against Spark's reader on random files by
+# tests/test_csv_quotes.py. Not modelled: the fast path also gives up where the field reaches the end
+# of the reader's input buffer (univocity's, up to 1M characters at a time), so in a larger file a
+# field closed by a quote after a backslash (``"a\"``) may stay open for the reader there.
 _Q_FAST = r'[^"]++"(?=,|\z)'
+_Q_FAST_AT_EOF = r'[^"]++"(?=,)'  # on the last line of a file that has no line break after it
 _Q_IN = r'(?:[^"\\]|""|\\++"|\\)*+'
-_Q_FIELD = r'(?>"(?>' + _Q_FAST + '|' + _Q_IN + r'"[^,]*+)|[^,"][^,]*+|)'
-_Q_OPENS = '(?:' + _Q_FIELD + ',)*+"(?!' + _Q_FAST + ')' + _Q_IN + r'\z'
-_OPENS_OUTSIDE = '^' + _Q_OPENS  # starting outside quotes, the line ends inside a quoted field
+
+
+def _opening_patterns(fast: str) -> tuple[str, str]:
+    field = r'(?>"(?>' + fast + '|' + _Q_IN + r'"[^,]*+)|[^,"][^,]*+|)'
+    opens = '(?:' + field + ',)*+"(?!' + fast + ')' + _Q_IN + r'\z'
+    # starting outside quotes, the line ends inside a quoted field; starting inside one, it closes it
+    # and opens another one left open
+    return '^' + opens, '^' + _Q_IN + r'"[^,]*+,' + opens
+
+
+_OPENS_OUTSIDE, _REOPENS_INSIDE = _opening_patterns(_Q_FAST)
+_OPENS_OUTSIDE_AT_EOF, _REOPENS_INSIDE_AT_EOF = _opening_patterns(_Q_FAST_AT_EOF)
 _STAYS_INSIDE = '^' + _Q_IN + r'\z'  # starting inside one, the line does not close it
-_REOPENS_INSIDE = '^' + _Q_IN + r'"[^,]*+,' + _Q_OPENS  # ... closes it and opens another one left open
 # starting inside one, the quote that ends it is followed by neither a delimiter nor the line end
 # (blanks aside): the reader reads on to the next delimiter as part of the field
 _BAD_CLOSE_INSIDE = '^' + _Q_IN + r'"(?![\x01-\x20]*+(?:,|\z))'
@@ -101,6 +114,14 @@ def read_events(spark, path: str, fmt: str, *, store=None):
     return df
 
 
+def csv_reader(spark, multiline: str = "true", header: str = "false"):
+    """The DataFrameReader with the CSV options that :func:`_read_csv` reads with (the quote model
+    above and tests/test_csv_quotes.py assume these)."""
+    return (spark.read.option("header", header).option("inferSchema", "false").option("mode", "PERMISSIVE")
+            .option("multiLine", multiline).option("enforceSchema", "false")
+            .option("escape", '"').option("charToEscapeQuoteEscaping", "\\"))
+
+
 def _read_csv(spark, path: str):
     """CSV with every column a string, matched to the header by name and quoted line breaks kept.
 
@@ -121,11 +142,6 @@ def _read_csv(spark, path: str):
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
 
-    def reader(multiline: str, header: str):
-        return (spark.read.option("header", header).option("inferSchema", "false").option("mode", "PERMISSIVE")
-                .option("multiLine", multiline).option("enforceSchema", "false")
-                .option("escape", '"').option("charToEscapeQuoteEscaping", "\\"))
-
     # the header (the first file's first line that is not blank, every column a string), found line
     # by line: Spark's multiLine inference reads a file named e.g. ``events[1].csv`` as a glob and
     # fails, and its line-by-line inference takes a line of tabs for the header; Spark's CSV reader
@@ -133,9 +149,9 @@ def _read_csv(spark, path: str):
     top = spark.read.text(path).where(~F.col("value").rlike(_BLANK)).limit(1).collect()
     if not top:
         return spark.createDataFrame([], StructType([]))
-    header = (reader("false", "true").option("enforceSchema", "true")
+    header = (csv_reader(spark, "false", "true").option("enforceSchema", "true")
               .csv(spark.sparkContext.parallelize([top[0]["value"]], 1)).schema)
-    df = (reader("true", "false").schema(StructType(header.fields + [StructField(CSV_RECORD, StringType())]))
+    df = (csv_reader(spark, "true", "false").schema(StructType(header.fields + [StructField(CSV_RECORD, StringType())]))
           .option("columnNameOfCorruptRecord", CSV_RECORD).csv(path))
     # a whitespace-only line is a one-field record under multiLine; naming the first column also
     # keeps Spark from refusing a count that would otherwise read only the corrupt-record column
@@ -144,7 +160,7 @@ def _read_csv(spark, path: str):
     return number_rows(df, csv_header=header.fieldNames())
 
 
-def number_rows(df, *, csv_header: Optional[list] = None):
+def number_rows(df, *, csv_header: Optional[list] = None, last_row: Optional[str] = None):
     """Add ``SOURCE_ROW``: the 0-based position of each row in the source (partition order);
     for file inputs also ``SOURCE_FILE`` (the file) and ``FILE_ROW`` (0-based row within it).
 
@@ -164,7 +180,12 @@ def number_rows(df, *, csv_header: Optional[list] = None):
     in its raw text, when its field count is off): only such files can hold a quoted field
     whose opening quote is never closed (the reader puts the lines below it into it, to the end
     of the file or to the next quote that is not doubled), and only they are read again, as
-    lines, to check (:func:`unclosed_quotes`; a :class:`SourceError` naming the line if so).
+    lines, to check (:func:`unclosed_quotes`; a :class:`SourceError` naming the line if so). So are
+    the files whose last byte is no line break (:func:`_without_final_line_break`): a quote left open
+    on their last line takes in no line break, so their records show no sign of it.
+
+    ``last_row`` (file inputs, not with ``csv_header``): the name of a boolean column to add, true on
+    the last row of each file.
     """
     from pyspark.sql import functions as F
 
@@ -197,18 +218,23 @@ def number_rows(df, *, csv_header: Optional[list] = None):
         seen[c["__cr_file"]] = done + int(c["n"])
         rows.append((int(c["__cr_pid"]), c["__cr_file"], int(c["__cr_block"]), _display_path(c["__cr_file"]),
                      done - int(c["first"])))
+    rows = [r + (seen[r[1]],) for r in rows]
     base = df.sparkSession.createDataFrame(
-        rows, "__cr_pid int, __cr_file string, __cr_block long, __cr_show string, __cr_base long")
+        rows, "__cr_pid int, __cr_file string, __cr_block long, __cr_show string, __cr_base long, __cr_n long")
     x = x.join(F.broadcast(base), ["__cr_pid", "__cr_file", "__cr_block"], "left")
     x = x.withColumn(SOURCE_FILE, F.col("__cr_show")).withColumn(FILE_ROW, F.col("__cr_mid") + F.col("__cr_base"))
-    return x.drop(*helpers, "__cr_show", "__cr_base")
+    if last_row:
+        x = x.withColumn(last_row, F.col(FILE_ROW) == F.col("__cr_n") - 1)
+    return x.drop(*helpers, "__cr_show", "__cr_base", "__cr_n")
 
 
 def _csv_record_checks(df, names: list) -> list:
     """Aggregates per file chunk of a header-less CSV read: its first record as a header
     (``head``: whether it names ``names`` in order, as Spark compares them, and its text for a
-    message, cut short), whether its last record holds a line break (``tail_break``) and whether
-    a record holds one in a field that starts with a quote or in its raw text (``quote_break``)."""
+    message, cut short), whether its last record may end inside a quoted field (``tail_break``: a
+    line break in a field, or a quote in its raw text, which leaves out the file's last line break)
+    and whether a record holds a line break in a field that starts with a quote or in its raw text
+    (``quote_break``)."""
     from pyspark.sql import functions as F
 
     case_sensitive = str(df.sparkSession.conf.get("spark.sql.caseSensitive", "false")).lower() == "true"
@@ -227,8 +253,11 @@ def _csv_record_checks(df, names: list) -> list:
     # another number of fields (the field may be one too many) holds all of it
     quoted = reduce(lambda a, b: a | b, [F.coalesce(c.startswith('"'), F.lit(False)) & spans(c) for c in cols],
                     spans(rec))
+    # a quote left open on the last line takes in the file's last line break only (if any): in a field
+    # past the header's (a record with another number of fields), the raw text is all there is of it
+    tail = reduce(lambda a, b: a | b, [spans(c) for c in cols + [rec]], F.coalesce(rec.contains('"'), F.lit(False)))
     return [F.min_by(head, "__cr_mid").alias("head"),
-            F.max_by(reduce(lambda a, b: a | b, [spans(c) for c in cols + [rec]]), "__cr_mid").alias("tail_break"),
+            F.max_by(tail, "__cr_mid").alias("tail_break"),
             F.max(quoted).alias("quote_break")]
 
 
@@ -241,15 +270,21 @@ def _number_csv(x, chunks: list, names: list, helpers: tuple):
     for c in sorted(chunks, key=lambda c: (c["__cr_file"], c["__cr_block"])):
         by_file.setdefault(c["__cr_file"], []).append(c)
     # a quote left open takes in the lines below it: to the end of the file (the file's last record then
-    # spans lines) or to a quote not doubled (a field that spans lines then starts with a quote)
+    # spans lines, unless the quote opens on a last line that no line break ends) or to a quote not
+    # doubled (a field that spans lines then starts with a quote)
     read_on = sorted(_display_path(f) for f, cs in by_file.items() if any(c["quote_break"] for c in cs))
-    suspects = sorted({_display_path(f) for f, cs in by_file.items() if cs[-1]["tail_break"]} | set(read_on))
-    opened = unclosed_quotes(spark, suspects, read_on=read_on) if suspects else {}
+    ending, unknown = _without_final_line_break(spark, sorted(by_file))
+    suspects = sorted({_display_path(f) for f, cs in by_file.items() if cs[-1]["tail_break"]} | set(read_on)
+                      | {_display_path(f) for f in ending | unknown})
+    # (a compressed file is read as if its text ended with a line break: only a field closed by a quote
+    # after a backslash at its very end would read otherwise)
+    opened = (unclosed_quotes(spark, suspects, read_on=read_on, no_final_break=[_display_path(f) for f in ending])
+              if suspects else {})
     if opened:
         f = min(opened)
         line, end = opened[f]
         if end is None:
-            where, what = "before the end of the file", "every line below it"
+            where, what = "before the end of the file", "everything from that quote to the end of the file"
         else:
             where, what = "followed by a delimiter or the line end", f"the lines below it up to the quote on line {end}"
         raise SourceError(f'CSV file {f}: the quoted field that opens on line {line} is never closed: expected a '
@@ -365,13 +400,63 @@ def first_blank_lines(spark, files: list) -> tuple[dict, dict]:
     return out, lead
 
 
-def unclosed_quotes(spark, files: list, *, read_on: list = ()) -> dict:
+def _without_final_line_break(spark, files: list) -> tuple[set, set]:
+    """``(ending, unknown)``: those of ``files`` (as ``input_file_name`` gives them, or local paths)
+    whose last byte is not a line break, and those compressed (a codec's last byte says nothing of
+    the text's: the caller reads them again as lines, to be safe).
+
+    Why: a quoted field left open on the last line of a file with no line break after it takes in
+    no line break, so its record shows no sign of it (the reader takes the value as it stands).
+    Reads one byte per file on the driver: a local file directly, another through Hadoop's file
+    system (what the reader uses); compressed: a name ending as one of Hadoop's codecs'.
+    """
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    codecs = tuple(str(jvm.org.apache.hadoop.util.ReflectionUtils.newInstance(c, conf).getDefaultExtension())
+                   for c in jvm.org.apache.hadoop.io.compress.CompressionCodecFactory.getCodecClasses(conf))
+    ending, unknown = set(), set()
+    for f in files:
+        name = _display_path(f)
+        if codecs and name.endswith(codecs):
+            unknown.add(f)
+            continue
+        last = None
+        if "://" not in name:  # a local file
+            try:
+                with open(name, "rb") as fh:
+                    size = fh.seek(0, os.SEEK_END)
+                    if size:
+                        fh.seek(size - 1)
+                        last = fh.read(1)[0]
+            except OSError:  # not seen from the driver: the executors read it
+                unknown.add(f)
+                continue
+        else:
+            path = jvm.org.apache.hadoop.fs.Path(jvm.java.net.URI(f))
+            fs = path.getFileSystem(conf)
+            size = fs.getFileStatus(path).getLen()
+            if size:
+                stream = fs.open(path)
+                try:
+                    stream.seek(size - 1)
+                    last = stream.read()
+                finally:
+                    stream.close()
+        if last is not None and last not in (10, 13):  # \n, \r
+            ending.add(f)
+    return ending, unknown
+
+
+def unclosed_quotes(spark, files: list, *, read_on: list = (), no_final_break: Optional[list] = None) -> dict:
     """``{file: (line, end)}`` for those of the CSV ``files`` with a quoted field that is never
     closed: ``line`` (1-based) is where it opens; ``end`` is None where the file ends inside it
     (the reader puts every line below it into it), else the line of the quote that the reader
     takes for its end though a delimiter or the line end does not follow it (it puts the lines
     in between into it, as it does with every quote inside a quoted field that is not doubled).
     The latter are looked for in the files of ``read_on`` only; a file's first such field is given.
+    ``no_final_break``: those of ``files`` whose last line has no line break after it (None: find
+    them, :func:`_without_final_line_break`), where the reader's fast path cannot close a quoted field
+    at the end of that line.
 
     Spark work over the files' lines, no file content reaches the driver: each line with a quote
     is classed by what it does to the reader's state (regexes above ``_OPENS_OUTSIDE``): keeps it
@@ -389,12 +474,20 @@ def unclosed_quotes(spark, files: list, *, read_on: list = ()) -> dict:
 
     if not files:
         return {}
-    lines = number_rows(spark.read.text(_literal_paths(files)))
+    if no_final_break is None:
+        no_final_break = sorted(_without_final_line_break(spark, files)[0])
+    lines = number_rows(spark.read.text(_literal_paths(files)), last_row="__cr_last")
     v = F.col("value")
+    at_eof = F.col("__cr_last") & F.col(SOURCE_FILE).isin(list(no_final_break))
+
+    def matches(pattern: str, at_end: str):
+        return F.when(at_eof, v.rlike(at_end)).otherwise(v.rlike(pattern)) if no_final_break else v.rlike(pattern)
+
     stays = v.rlike(_STAYS_INSIDE)
     classed = (lines.where(v.contains('"'))
                .select(F.col(SOURCE_FILE).alias("f"), F.col(FILE_ROW).alias("r"),
-                       v.rlike(_OPENS_OUTSIDE).alias("out"), (stays | v.rlike(_REOPENS_INSIDE)).alias("inside"),
+                       matches(_OPENS_OUTSIDE, _OPENS_OUTSIDE_AT_EOF).alias("out"),
+                       (stays | matches(_REOPENS_INSIDE, _REOPENS_INSIDE_AT_EOF)).alias("inside"),
                        stays.alias("stays"),
                        (F.col(SOURCE_FILE).isin(list(read_on)) & v.rlike(_BAD_CLOSE_INSIDE)).alias("bad"))
                .persist(StorageLevel.MEMORY_AND_DISK))
