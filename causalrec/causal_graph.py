@@ -56,19 +56,31 @@ def graph_from_config(cfg: Config) -> nx.DiGraph:
     return build_graph(cfg.causal_graph.edges)
 
 
+def is_latent(node: str) -> bool:
+    """``unobserved_*`` nodes are latent: the graph may name them, no table holds them."""
+    return node.startswith("unobserved")
+
+
+def _require_in_graph(g: nx.DiGraph, nodes) -> None:
+    missing = sorted(set(nodes) - set(g))
+    if missing:
+        which = "node" if len(missing) == 1 else "nodes"
+        raise CausalGraphError(
+            f"{which} {', '.join(map(repr, missing))} not in the causal graph (nodes: {sorted(g)}); the back-door "
+            "criterion is only defined for nodes of the graph: add their edges to causal_graph.edges")
+
+
 def backdoor_adjustment_set(g: nx.DiGraph, treatment: str, outcome: str) -> list[str]:
     """A minimal set satisfying the back-door criterion for (treatment -> outcome), sorted.
 
     Nodes named ``unobserved_*`` are latent: they may be in the graph but never in the set.
     """
-    for node in (treatment, outcome):
-        if node not in g:
-            raise CausalGraphError(f"node {node!r} is not in the causal graph (nodes: {sorted(g)})")
+    _require_in_graph(g, (treatment, outcome))
     if treatment == outcome:
         raise CausalGraphError("treatment and outcome must differ")
     backdoor = g.copy()
     backdoor.remove_edges_from(list(g.out_edges(treatment)))
-    allowed = {v for v in g if not v.startswith("unobserved")} - nx.descendants(g, treatment) - {treatment, outcome}
+    allowed = {v for v in g if not is_latent(v)} - nx.descendants(g, treatment) - {treatment, outcome}
     z = nx.find_minimal_d_separator(backdoor, {treatment}, {outcome}, restricted=allowed)
     if z is None:
         raise CausalGraphError(
@@ -78,8 +90,17 @@ def backdoor_adjustment_set(g: nx.DiGraph, treatment: str, outcome: str) -> list
 
 
 def is_valid_adjustment_set(g: nx.DiGraph, treatment: str, outcome: str, z) -> bool:
-    """Back-door check of a given set (e.g. one a user proposes)."""
+    """Back-door check of a given set (e.g. one a user proposes).
+
+    False when ``z`` holds a latent (``unobserved_*``) node, which cannot be adjusted for, or a
+    descendant of the treatment, or does not block every back-door path. Raises
+    :class:`CausalGraphError` when the treatment, the outcome or a member of ``z`` is not a node
+    of ``g``: the graph says nothing about it, so the criterion cannot be checked.
+    """
     z = set(z)
+    _require_in_graph(g, {treatment, outcome} | z)
+    if any(is_latent(v) for v in z):
+        return False
     if z & (nx.descendants(g, treatment) | {treatment, outcome}):
         return False
     backdoor = g.copy()

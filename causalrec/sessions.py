@@ -1,7 +1,9 @@
 """One factory for the SparkSession and one for Ray.
 
 Spark: when the job was started by ``spark-submit`` (or the platform), the master
-and every config it set win; we only fill in what is unset. Locally we default to
+and every config it set win; we only fill in what is unset, and what a running session
+cannot take (static configs such as ``spark.sql.extensions``) is logged with the --conf
+flags to pass (:func:`fill_conf_gaps`). Locally we default to
 ``local[*]`` with loopback networking and the running interpreter for the Python
 workers, so the Delta data source is importable by them.
 
@@ -58,17 +60,78 @@ def get_spark(cfg: Config | None = None):
             builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     if submitted:
-        # Only fill gaps: never override what spark-submit or the platform set.
-        conf = spark.conf
-        if conf.get("spark.sql.session.timeZone", None) != "UTC":
-            log.info("spark.sql.session.timeZone is %s (causalrec stores UTC timestamps)",
-                     conf.get("spark.sql.session.timeZone", None))
-        for key, value in cfg.spark.conf.items():
-            if conf.get(key, None) is None:
-                conf.set(key, str(value))
+        tz = spark.conf.get("spark.sql.session.timeZone")  # without a default: the effective value
+        if tz != "UTC":
+            log.info("spark.sql.session.timeZone is %s (causalrec stores UTC timestamps)", tz)
+        fill_conf_gaps(spark, cfg)
     spark.sparkContext.setLogLevel("WARN")
     _quiet_item_scale_window_warning(spark)
     return spark
+
+
+_EXTENSIONS = "spark.sql.extensions"
+_SESSION_CATALOG = "spark.sql.catalog.spark_catalog"
+
+
+def _cannot_modify(exc: Exception) -> bool:
+    """Spark refused a runtime set: a static SQL config or a core config (CANNOT_MODIFY_[STATIC_]CONFIG)."""
+    cond = getattr(exc, "getCondition", None) or getattr(exc, "getErrorClass", None)
+    try:
+        cond = cond() if cond else None
+    except Exception:  # noqa: BLE001 - fall back to the message
+        cond = None
+    return str(cond or "").startswith("CANNOT_MODIFY") or "CANNOT_MODIFY" in str(exc)
+
+
+def fill_conf_gaps(spark, cfg: Config) -> list:
+    """Under spark-submit: set each ``cfg.spark.conf`` key the submitter left unset; returns the keys not set.
+
+    Never overrides what spark-submit or the platform set. Static and core configs (e.g.
+    ``spark.sql.extensions``) are fixed when the session starts, so they are logged with the
+    --conf flags to pass instead of failing the job. ``spark.sql.catalog.spark_catalog`` is left
+    alone while the session lacks the extensions the config pairs it with: Delta's catalog
+    needs Delta's extension, and a catalog class that is not on the classpath would fail every query.
+    """
+    conf = spark.conf
+    gaps = {k: str(v) for k, v in cfg.spark.conf.items() if conf.get(k, None) is None}
+    wanted_ext = [e.strip() for e in str(cfg.spark.conf.get(_EXTENSIONS, "")).split(",") if e.strip()]
+    have_ext = {e.strip() for e in str(conf.get(_EXTENSIONS, None) or "").split(",")}
+    ext_missing = [e for e in wanted_ext if e not in have_ext]
+    not_set = []
+    for key, value in gaps.items():
+        if key == _SESSION_CATALOG and ext_missing:
+            not_set.append(key)
+            continue
+        try:
+            conf.set(key, value)
+        except Exception as exc:  # noqa: BLE001 - only Spark's "cannot modify" refusals are expected
+            if not _cannot_modify(exc):
+                raise
+            not_set.append(key)
+    if not_set:
+        flags = " ".join(f"--conf {k}={gaps[k]}" for k in not_set)
+        msg = (f"spark.conf: {', '.join(not_set)} can only be set when the Spark session starts, and spark-submit "
+               f"started it without them; pass them to spark-submit: {flags}")
+        if any("delta" in gaps[k].lower() for k in not_set):
+            msg += "; " + _delta_consequence(spark, cfg)
+        log.warning(msg)
+    return not_set
+
+
+def _delta_consequence(spark, cfg: Config) -> str:
+    """What the Delta layer does without Delta's SQL extension and catalog (DeltaStore's backend choice)."""
+    from causalrec.storage.store import detect_backend
+
+    if detect_backend(spark, cfg.storage.backend) == "delta-rs":
+        if cfg.storage.backend == "delta-rs":
+            return "storage.backend is delta-rs, which needs neither: the Delta tables are unaffected"
+        return ("delta-spark is not on Spark's classpath, so causalrec reads and writes the Delta tables through "
+                "delta-rs, which needs neither (to use delta-spark, also pass --packages "
+                "io.delta:delta-spark_2.13:<version>)")
+    return ("delta-spark is on Spark's classpath and storage.backend selects it, but delta-spark needs its "
+            "extension and catalog: Delta operations can fail with 'This Delta operation requires the SparkSession "
+            "to be configured with the DeltaSparkSessionExtension and the DeltaCatalog' (or set "
+            "storage.backend: delta-rs)")
 
 
 def _quiet_item_scale_window_warning(spark) -> None:

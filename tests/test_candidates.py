@@ -144,3 +144,56 @@ def test_popularity_and_affinity_give_n_unconsumed_items_to_heavy_users(spark):
     aff = affinity_source(positives, items, pop, 2, consumed).collect()
     assert sorted(r["item_id"] for r in aff if r["user_id"] == "u1") == ["i4", "i5"]
     assert sorted(r["item_id"] for r in aff if r["user_id"] == "u2") == ["i0", "i2"]
+
+
+def _tiny_encoder(folder, seed):
+    """A 1-layer BERT with the bundled tokenizer, saved as a Hugging Face folder."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from causalrec.item_embeddings import default_encoder_path
+
+    folder.mkdir(parents=True)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(default_encoder_path()) / f, folder / f)
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=64)).save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_item_embeddings_are_keyed_on_encoder_content(ctx, spark, tmp_path):
+    """Two encoders saved in same-named folders do not share cached embeddings; a table written
+    with the old key (the bare folder name) is re-encoded once; the same files elsewhere key alike."""
+    import shutil
+
+    from pyspark.sql import functions as F
+
+    from causalrec.item_embeddings import encoder_key, ensure_item_embeddings, item_text
+    from causalrec.schemas import ITEM_EMBEDDINGS
+
+    a = _tiny_encoder(tmp_path / "run-1" / "encoder", 0)
+    b = _tiny_encoder(tmp_path / "run-2" / "encoder", 1)
+    items = spark.createDataFrame([("A", ["x"], "cat", "a red shoe", 1.0), ("B", ["y"], "cat", "a blue hat", 1.0)],
+                                  ITEMS.spark_schema())
+    store = ctx.store
+    old = (item_text(items).withColumn("text_hash", F.substring(F.sha1("text"), 1, 16))
+           .select("item_id", F.array(F.lit(0.1).cast("float")).alias("embedding"), "text_hash",
+                   F.lit("encoder").alias("encoder")))
+    store.write(old, "item_embeddings", spec=ITEM_EMBEDDINGS)
+    ctx.cfg.train.model_path = a
+    assert ensure_item_embeddings(ctx, items)["encoded"] == 2  # old-format key: re-encoded once
+    vec = lambda: {r["item_id"]: r["embedding"] for r in store.read("item_embeddings").collect()}  # noqa: E731
+    va = vec()
+    assert {len(v) for v in va.values()} == {8}
+    assert ensure_item_embeddings(ctx, items)["encoded"] == 0
+    ctx.cfg.train.model_path = b  # another encoder, same folder name
+    assert ensure_item_embeddings(ctx, items)["encoded"] == 2
+    assert vec()["A"] != va["A"]
+    keys = {r["encoder"] for r in store.read("item_embeddings").collect()}
+    assert keys == {encoder_key(b, ctx.cfg.train.max_seq_len)}
+    shutil.copytree(b, tmp_path / "elsewhere" / "encoder")
+    assert encoder_key(str(tmp_path / "elsewhere" / "encoder"), 64) == encoder_key(b, 64) != encoder_key(a, 64)

@@ -52,3 +52,17 @@ def test_bad_graphs_fail_with_clear_errors():
         build_graph(["exposure outcome"])
     with pytest.raises(CausalGraphError, match="not in the causal graph"):
         backdoor_adjustment_set(build_graph(["exposure -> outcome"]), "recommended", "outcome")
+
+
+def test_is_valid_adjustment_set_rejects_latent_and_absent_nodes():
+    g = build_graph(["unobserved_preference -> recommended", "unobserved_preference -> outcome",
+                     "recommended -> outcome"])
+    # a latent confounder would block the path, but no table holds it: backdoor_adjustment_set never picks it
+    assert not is_valid_adjustment_set(g, "recommended", "outcome", ["unobserved_preference"])
+    g2 = build_graph(Config().causal_graph.edges)
+    assert "time" not in g2
+    # a known node the declared graph does not contain: a clear error, not networkx's NodeNotFound
+    with pytest.raises(CausalGraphError, match="'time' not in the causal graph"):
+        is_valid_adjustment_set(g2, "recommended", "outcome", ["user_features", "item_features", "time"])
+    with pytest.raises(CausalGraphError, match="not in the causal graph"):
+        is_valid_adjustment_set(g2, "time", "outcome", ["user_features"])

@@ -174,10 +174,15 @@ def test_console_script_and_job_entry_point():
 
 
 def test_spark_submit_master_and_conf_win_over_config(tmp_path):
-    """jobs/*.py under spark-submit keep the submitter's master and confs (config says local[*], 8)."""
+    """jobs/*.py under spark-submit keep the submitter's master and confs (config says local[*], 8).
+
+    The config's spark.conf holds conf/cluster.yaml's Delta keys, static configs the submitter did not
+    pass: the job warns with the --conf flags to pass instead of failing on the running session."""
     spark_submit = Path(sys.executable).parent / "spark-submit"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"storage:\n  root: {tmp_path / 'tables'}\nspark:\n  shuffle_partitions: 8\n")
+    cfg.write_text(f"storage:\n  root: {tmp_path / 'tables'}\nspark:\n  shuffle_partitions: 8\n  conf:\n"
+                   "    spark.sql.extensions: io.delta.sql.DeltaSparkSessionExtension\n"
+                   "    spark.sql.catalog.spark_catalog: org.apache.spark.sql.delta.catalog.DeltaCatalog\n")
     res = subprocess.run(
         [str(spark_submit), "--master", "local[1]", "--conf", "spark.sql.shuffle.partitions=3",
          "--conf", "spark.ui.enabled=false", str(REPO / "jobs" / "doctor.py"), "--config", str(cfg)],
@@ -192,6 +197,37 @@ def test_spark_submit_master_and_conf_win_over_config(tmp_path):
     assert info["spark_shuffle_partitions"] == "3"
     assert info["launched_by_spark_submit"] is True
     assert info["delta_backend"] == "delta-rs"
+    # spark-submit merges the Python driver's stderr (the log) into stdout
+    assert "--conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension" in res.stdout
+    assert "through delta-rs" in res.stdout
+
+
+def test_conf_gaps_a_running_session_cannot_take_are_reported_not_set(spark, caplog):
+    """fill_conf_gaps (get_spark under spark-submit) sets the unset keys it can; a static key is reported,
+    and Delta's catalog is not swapped in without Delta's extension (without Delta's classes on the
+    classpath every query would fail: 'Cannot find catalog plugin class')."""
+    from causalrec.config import Config
+    from causalrec.sessions import fill_conf_gaps
+
+    ext, cat = "spark.sql.extensions", "spark.sql.catalog.spark_catalog"
+    cfg = Config()
+    cfg.spark.conf = {ext: "io.delta.sql.DeltaSparkSessionExtension",
+                      cat: "org.apache.spark.sql.delta.catalog.DeltaCatalog", "spark.causalrec.test.gap": "filled"}
+    assert spark.conf.get(ext, None) is None and spark.conf.get(cat, None) is None
+    try:
+        with caplog.at_level("WARNING", logger="causalrec.sessions"):
+            assert fill_conf_gaps(spark, cfg) == [ext, cat]
+        assert spark.conf.get("spark.causalrec.test.gap") == "filled"
+        assert spark.conf.get(cat, None) is None
+        assert spark.range(3).count() == 3
+        assert ("--conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension --conf "
+                "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog") in caplog.text
+        assert "delta-spark is not on Spark's classpath, so causalrec reads and writes the Delta tables through " \
+               "delta-rs" in caplog.text
+    finally:
+        for key in ("spark.causalrec.test.gap", cat):
+            if spark.conf.get(key, None) is not None:
+                spark.conf.unset(key)
 
 
 @pytest.mark.parametrize("override,match", [

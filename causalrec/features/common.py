@@ -10,25 +10,29 @@ from pyspark.sql import functions as F
 Cutoff = Union[str, dt.datetime]
 
 
-def cutoff_lit(cutoff: Cutoff) -> Column:
-    """A timestamp literal for ``cutoff`` (ISO string, read as UTC, or a datetime)."""
+def parse_cutoff(cutoff: Cutoff, what: str = "cutoff") -> dt.datetime:
+    """An aware datetime for ``cutoff``: an ISO string or a naive datetime is read as UTC."""
     if isinstance(cutoff, dt.datetime):
-        if cutoff.tzinfo is None:
-            cutoff = cutoff.replace(tzinfo=dt.timezone.utc)
-        return F.lit(cutoff).cast("timestamp")
-    return F.lit(str(cutoff)).cast("timestamp")
+        return cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=dt.timezone.utc)
+    try:
+        parsed = dt.datetime.fromisoformat(str(cutoff).replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"{what}: {cutoff!r} is not an ISO timestamp (e.g. 2024-01-31T00:00:00)") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def cutoff_lit(cutoff: Cutoff) -> Column:
+    """A timestamp literal for ``cutoff`` (ISO string or naive datetime, read as UTC, or an aware datetime).
+
+    Strings are parsed here, not cast by Spark, which would read them in spark.sql.session.timeZone.
+    """
+    return F.lit(parse_cutoff(cutoff)).cast("timestamp")
 
 
 def resolve_cutoff(events: DataFrame, cutoff: Optional[Cutoff]) -> dt.datetime:
     """The configured cutoff, or just after the last event (one scalar aggregate, no event collect)."""
     if cutoff is not None:
-        if isinstance(cutoff, dt.datetime):
-            return cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=dt.timezone.utc)
-        try:
-            parsed = dt.datetime.fromisoformat(str(cutoff).replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise ValueError(f"features.cutoff: {cutoff!r} is not an ISO timestamp (e.g. 2024-01-31T00:00:00)") from exc
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+        return parse_cutoff(cutoff, "features.cutoff")
     # epoch microseconds, not a collected timestamp: PySpark turns those into naive datetimes in the
     # driver's OS time zone, whatever spark.sql.session.timeZone says
     last = events.agg(F.unix_micros(F.max("event_time")).alias("t")).collect()[0]["t"]

@@ -96,6 +96,8 @@ def item_features(events: DataFrame, items: DataFrame, cutoff: Cutoff, *, window
     ]
     df = df.fillna(0, subset=count_cols)
     k = float(prior_strength)
+    # rating_mean is null for every item when the data has no ratings (OBD, the simulator): there is no
+    # global mean to shrink toward; the column is nullable like the user table's, the vector slot is 0
     df = (
         df.withColumn("click_rate", smoothed_rate("n_clicks", "n_exposures", F.col("g_ctr"), k))
         .withColumn("purchase_rate", smoothed_rate("n_purchases", "n_exposures", F.col("g_cvr"), k))

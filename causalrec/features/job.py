@@ -1,7 +1,10 @@
 """Features stage: events + users + items -> user_features, item_features (as of features.cutoff).
 
 Extract (read the Delta tables), transform (the pure functions in user.py/item.py),
-load (overwrite both tables atomically; feature names go into the commit metadata).
+load (overwrite each table in its own Delta commit; feature names and the cutoff ``as_of`` go
+into the commit metadata). Delta commits are atomic per table, not across the two: a failed or
+concurrent second write leaves them at different cutoffs, which :func:`stored_feature_tables`
+detects and refuses.
 """
 from __future__ import annotations
 
@@ -87,15 +90,29 @@ def feature_names(store, table: str) -> list:
     return list(_feature_metadata(store, table).get("feature_names", []))
 
 
+class FeatureCutoffMismatch(RuntimeError):
+    """user_features and item_features were written at different cutoffs."""
+
+
 def stored_feature_tables(store):
     """The features stage's tables as :class:`FeatureTables` (as of their recorded cutoff), or None.
 
     Serving reuses them instead of recomputing user and item features for every scoring run.
+    None when a table is missing or its latest commit records no feature names or cutoff. The
+    stage writes the two tables in two commits, so a failed or concurrent second write can leave
+    them at different cutoffs: that raises :class:`FeatureCutoffMismatch` naming both, rather than
+    serving user features of one cutoff next to item features of another.
     """
     if not (store.exists("user_features") and store.exists("item_features")):
         return None
     um, im = _feature_metadata(store, "user_features"), _feature_metadata(store, "item_features")
-    if not um or not im or "as_of" not in um:
+    if not um or not im or "as_of" not in um or "as_of" not in im:
         return None
+    u_cut, i_cut = resolve_cutoff(None, um["as_of"]), resolve_cutoff(None, im["as_of"])
+    if u_cut != i_cut:
+        raise FeatureCutoffMismatch(
+            f"user_features is as of {u_cut.isoformat()} but item_features is as of {i_cut.isoformat()} "
+            "(the features stage writes them in two commits; the second failed or another run wrote in "
+            "between): rerun the features stage (causalrec features) so both share one cutoff")
     return FeatureTables(store.read("user_features"), store.read("item_features"), list(um["feature_names"]),
-                         list(im["feature_names"]), resolve_cutoff(None, um["as_of"]))
+                         list(im["feature_names"]), u_cut)
