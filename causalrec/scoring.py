@@ -66,7 +66,8 @@ def item_uplift(uplift_effects):
 
 
 def build_scoring_input(spark, candidates, id_index=None, user_features=None, users=None, items=None,
-                        uplift_effects=None, feature_vectors: Optional[Callable] = None):
+                        uplift_effects=None, feature_vectors: Optional[Callable] = None,
+                        history_length: Optional[int] = None):
     """Candidates + everything the Featurizer needs, one row per (user, item) candidate.
 
     ``id_index``: the one the model was trained with (:func:`trained_id_index`). History and
@@ -79,7 +80,8 @@ def build_scoring_input(spark, candidates, id_index=None, user_features=None, us
     text and no history; item text comes from ``items``. ``feature_vectors`` (DataFrame -> DataFrame
     with a ``features`` column, e.g. :func:`causalrec.training_set.with_feature_vectors` bound to
     the feature tables) gives each candidate pair the feature vector training used; without
-    it ``features`` is null and a model trained with features sees zeros.
+    it ``features`` is null and a model trained with features sees zeros. ``history_length``
+    (``features.history_length``): histories are cut to it, as the training set cuts a train row's.
     """
     from pyspark.sql import functions as F
 
@@ -111,7 +113,8 @@ def build_scoring_input(spark, candidates, id_index=None, user_features=None, us
             indexed_history(user_features, iidx, texts), "user_id", "left")
         user_part = (user_part.join(user_dim, "user_id", "full") if user_dim is not None
                      else user_part.withColumn("_u_text", F.lit(None).cast("string")))
-        user_part = with_history_columns(user_part, F.coalesce("_uf_text", "_u_text")).select(
+        user_part = with_history_columns(user_part, F.coalesce("_uf_text", "_u_text"),
+                                         history_length=history_length).select(
             "user_id", "history_item_idx", "user_text")
     elif user_dim is not None:
         user_part = user_dim.select("user_id", F.lit(None).cast("array<int>").alias("history_item_idx"),
@@ -326,10 +329,16 @@ def trained_id_index(store, version: Optional[int], model: str = "the model", st
     return df
 
 
-def prepare_input(ctx, id_index_version: Optional[int] = None, model: str = "the model") -> int:
+def prepare_input(ctx, id_index_version: Optional[int] = None, model: str = "the model",
+                  feature_names: Optional[list] = None) -> int:
     """Spark step: write ``scoring_input``; returns its row count.
 
     ``id_index_version``: the id_index version the model was trained with (:func:`trained_id_index`).
+    ``feature_names``: the feature layout it was trained with (checkpoint meta.json,
+    :func:`causalrec.train.checkpoint.trained_feature_names`): the served vectors, built from the stored
+    feature tables in their own layout (the attribute one-hots follow the users/items tables at the last
+    features run), are mapped onto it by name (:func:`causalrec.training_set.align_features`). None: served
+    as built (a checkpoint from before the layout was recorded).
     """
     from pyspark.sql import functions as F
 
@@ -337,20 +346,25 @@ def prepare_input(ctx, id_index_version: Optional[int] = None, model: str = "the
     read = lambda n: store.read(n) if store.exists(n) else None  # noqa: E731
     cands = store.read("candidates")
     from causalrec.features.job import stored_feature_tables
-    from causalrec.training_set import with_feature_vectors
+    from causalrec.training_set import align_features, feature_layout, with_feature_vectors
 
     ft = stored_feature_tables(store)
     fv = None
     if ft is not None and store.exists("events") and store.exists("items"):
         events, items = store.read("events"), store.read("items")
-        fv = lambda df: with_feature_vectors(df, ft, events, items, ctx.cfg)  # noqa: E731
+        served = feature_layout(ft)
+
+        def fv(df):
+            df = with_feature_vectors(df, ft, events, items, ctx.cfg)
+            return df if feature_names is None else align_features(df, served, feature_names, model=model)
     else:
         log.warning("scoring: no user_features/item_features tables with recorded names; pair features are null")
     user_features = ft.users if ft is not None else read("user_features")
     if user_features is None:
         log.warning("scoring: no user_features table; candidates are scored without the users' history")
     df = build_scoring_input(ctx.spark, cands, trained_id_index(store, id_index_version, model), user_features,
-                             read("users"), read("items"), read("uplift_effects"), feature_vectors=fv)
+                             read("users"), read("items"), read("uplift_effects"), feature_vectors=fv,
+                             history_length=ctx.cfg.features.history_length)
     store.write(df, "scoring_input", mode="overwrite", spec=SCORING_INPUT, overwrite_schema=True)
     # scores is checked against this count, so a duplicated input would pass unseen downstream
     dup = (store.read("scoring_input").groupBy("user_id", "item_id").count()
@@ -373,14 +387,21 @@ def run(ctx, loader: Optional[Callable] = None, model_version: Optional[str] = N
     if not model_version:
         raise ValueError("scoring.run: a model_version is required with a custom loader")
     # the id map the checkpoint was trained with (a custom loader of another kind: the current one)
-    idx_version, model = None, f"model {model_version}"
+    idx_version, model, names = None, f"model {model_version}", None
     if isinstance(loader, CheckpointLoader):
-        from causalrec.train.checkpoint import trained_id_index_version
+        from causalrec.train.checkpoint import trained_feature_names, trained_id_index_version
 
         idx_version = trained_id_index_version(loader.checkpoint_path)
         model = f"model {model_version} ({loader.checkpoint_path})"
+        # and the feature layout it was trained with: served vectors are mapped onto it by name
+        names = trained_feature_names(loader.checkpoint_path)
+        if names is None:
+            log.warning("scoring: %s does not record the feature layout it was trained with (trained before "
+                        "causalrec recorded it); serving the stored feature tables' vectors as they are: if the "
+                        "attribute vocabulary changed since training, the model reads other features in its "
+                        "slots. Retrain to record it", model)
     with ctx.step("score: build scoring_input (Spark)"):
-        n_in = prepare_input(ctx, idx_version, model)
+        n_in = prepare_input(ctx, idx_version, model, names)
     ctx.log_rows("scoring_input", n_in, "in")
     prev = store.version("scores")
     ctx.ray()

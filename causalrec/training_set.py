@@ -39,7 +39,7 @@ from causalrec.features.common import cutoff_lit
 from causalrec.features.common import item_tokens  # noqa: F401  (re-exported for callers)
 from causalrec.features.job import build_features
 from causalrec.features.pair import PAIR_FEATURE_NAMES, item_cooccurrence, pair_features
-from causalrec.features.user import user_attribute_counts, user_item_counts
+from causalrec.features.user import user_attribute_counts, user_history, user_item_counts
 from causalrec.propensity.exposure import label_event_type
 from causalrec.schemas import ID_INDEX, TRAINING_EXAMPLES, conform
 
@@ -302,8 +302,6 @@ def _loo_top_attribute_share(own: DataFrame, events: DataFrame, items: DataFrame
     most M tokens, so that max is over the user's M + 1 largest tokens: one of them is not the item's and
     bounds every token left out. 0 where nothing is left, as the vector has it for a user without tokens.
     """
-    from causalrec.features.common import item_tokens
-
     toks = F.broadcast(item_tokens(items).groupBy("item_id").agg(F.collect_set("token").alias("_toks")))
     m = toks.agg(F.coalesce(F.max(F.size("_toks")), F.lit(0)).alias("_m"))
     w = Window.partitionBy("user_id").orderBy(F.col("n_ut").desc(), F.col("token"))
@@ -441,16 +439,22 @@ def indexed_history(user_features: DataFrame, iidx: DataFrame, item_text: DataFr
         F.struct("pos", "item_idx", F.coalesce("_it", "item_id").alias("t")))).alias("_hist"))
 
 
-def with_history_columns(df: DataFrame, user_text, leave_own_item_out: bool = False) -> DataFrame:
+def with_history_columns(df: DataFrame, user_text, leave_own_item_out: bool = False,
+                         history_length: int | None = None) -> DataFrame:
     """``df`` (with :func:`indexed_history`'s ``_hist``, null for users without one) plus ``history_item_idx`` and
     ``user_text``: the ``user_text`` column, then "Recently: " and the texts of the five most recent items.
 
     ``leave_own_item_out``: training rows flagged ``_own`` lose their own item (:func:`own_item_out_of_history`).
     Serving never does: a candidate is scored with the user's whole recent history.
+    ``history_length``: the history is cut to that many items *after* the own item is left out, so a train
+    row and a served candidate both see the user's ``history_length`` most recent distinct items other than
+    the pair's own (the training set passes histories one item longer for this).
     """
     hist = F.coalesce("_hist", F.array().cast(df.schema["_hist"].dataType))
     if leave_own_item_out:
         hist = own_item_out_of_history(hist)
+    if history_length is not None:
+        hist = F.slice(hist, 1, int(history_length))
     df = df.withColumn("history_item_idx", F.transform(hist, lambda s: s["item_idx"]))
     recent = F.slice(F.transform(hist, lambda s: s["t"]), 1, 5)
     df = df.withColumn("user_text", F.concat_ws(
@@ -501,7 +505,9 @@ def with_feature_vectors(pairs: DataFrame, ft, events: DataFrame, items: DataFra
 
 def build_training_examples(events: DataFrame, users: DataFrame, items: DataFrame, exposure: DataFrame,
                             treatment: DataFrame | None, id_index: DataFrame, cfg,
-                            mcar: DataFrame | None = None) -> DataFrame:
+                            mcar: DataFrame | None = None, return_layout: bool = False):
+    """The ``training_examples`` rows; ``return_layout``: ``(rows, feature_layout)``, the names of the
+    ``features`` slots (:func:`feature_layout`), which :func:`run` records in the table's commit."""
     ts = cfg.training_set
     etype = label_event_type(events, ts.label_event_type)
     labelled, cutoff = labelled_rows(events, cfg, mcar, etype)
@@ -570,10 +576,70 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
     iidx = id_index.where(F.col("kind") == "item").select(F.col("id").alias("item_id"), F.col("idx").alias("item_idx"))
     ex = ex.join(uidx, "user_id").join(F.broadcast(iidx), "item_id")
 
-    # history as dense indices and as text, per user
-    ex = ex.join(indexed_history(ft.users, iidx, ft.items), "user_id", "left")
-    ex = with_history_columns(ex, F.col("_utext"), leave_own_item_out=True).drop("_own")
-    return conform(ex, TRAINING_EXAMPLES)
+    # history as dense indices and as text, per user: the distinct recent items (user_history, as the
+    # features stage builds them for serving) one longer than history_length, so a train row that leaves
+    # its own item out still has history_length items, as a served candidate has
+    hl = int(cfg.features.history_length)
+    hist = user_history(feat_events, ft.cutoff, hl + 1)
+    ex = ex.join(indexed_history(hist, iidx, ft.items), "user_id", "left")
+    ex = with_history_columns(ex, F.col("_utext"), leave_own_item_out=True, history_length=hl).drop("_own")
+    ex = conform(ex, TRAINING_EXAMPLES)
+    return (ex, feature_layout(ft)) if return_layout else ex
+
+
+FEATURE_NAMES = "feature_names"  # training_examples commit metadata: the names of the ``features`` slots, in order
+
+
+def feature_layout(ft) -> list[str]:
+    """The names of :func:`with_feature_vectors`' ``features`` slots, in order: ``user:<name>`` for the
+    user vector, ``item:<name>`` for the item vector, ``pair:<name>`` for the pair vector.
+
+    The attribute one-hots come from the users/items tables as they are when features are built, so a
+    new attribute token moves every later slot: training records this list (training_examples commit,
+    then each checkpoint's meta.json) and scoring maps served vectors onto it by name
+    (:func:`align_features`).
+    """
+    return ([f"user:{n}" for n in ft.user_names] + [f"item:{n}" for n in ft.item_names]
+            + [f"pair:{n}" for n in PAIR_FEATURE_NAMES])
+
+
+def recorded_feature_names(commit_metadata) -> list[str] | None:
+    """The ``features`` layout ``training_examples`` were built with (:func:`feature_layout`), from the table's
+    causalrec commit metadata, newest first; None for a table written before the layout was recorded."""
+    v = next((m[FEATURE_NAMES] for m in commit_metadata if m.get(FEATURE_NAMES) is not None), None)
+    return None if v is None else [str(n) for n in v]
+
+
+def feature_index(served: list, trained: list) -> list[int]:
+    """For each trained slot, its position in the ``served`` layout, -1 where the served layout lacks it."""
+    pos = {}
+    for i, n in enumerate(served):
+        pos.setdefault(n, i)
+    return [pos.get(n, -1) for n in trained]
+
+
+def align_features(df: DataFrame, served: list, trained: list, col: str = "features", what: str = "scoring",
+                   model: str = "the model") -> DataFrame:
+    """``df`` with its ``col`` vectors (in the ``served`` layout) rearranged into the ``trained`` layout, by name.
+
+    A slot the model was trained with that the served layout lacks (an attribute token no longer in the
+    users/items tables) is 0, as for an absent attribute; served slots the model never saw (new tokens) are
+    dropped. One Spark expression over a precomputed index array; a no-op when the layouts are the same.
+    """
+    served, trained = list(served), list(trained)
+    if served == trained:
+        return df
+    idx = feature_index(served, trained)
+    missing = [n for n, i in zip(trained, idx) if i < 0]
+    new = sorted(set(served) - set(trained))
+    log.warning("%s: the feature layout differs from the one %s was trained with (%d slots served, %d trained): "
+                "mapping by name; %d trained slot(s) absent now are 0 (%s), %d new slot(s) dropped (%s)", what, model,
+                len(served), len(trained), len(missing), ", ".join(missing[:5]) + ("..." if len(missing) > 5 else ""),
+                len(new), ", ".join(new[:5]) + ("..." if len(new) > 5 else ""))
+    zero = F.lit(0.0).cast("float")
+    mapped = F.transform(F.array(*[F.lit(int(i)) for i in idx]).cast("array<int>"),
+                         lambda i: F.when(i >= 0, F.coalesce(F.get(F.col(col), i).cast("float"), zero)).otherwise(zero))
+    return df.withColumn(col, F.when(F.col(col).isNull(), F.lit(None).cast("array<float>")).otherwise(mapped))
 
 
 ID_INDEX_VERSION = "id_index_version"  # training_examples commit metadata: the id_index version its rows use
@@ -635,10 +701,12 @@ def run(ctx) -> dict:
         id_index = store.read("id_index", version=idx_version)
         ctx.log_rows("id_index", store.row_count("id_index", idx_version))
     with ctx.step("training_set: build + load"):
-        ex = build_training_examples(events, users, items, exposure, treatment, id_index, cfg, mcar)
+        ex, layout = build_training_examples(events, users, items, exposure, treatment, id_index, cfg, mcar,
+                                             return_layout=True)
+        # the id map and the feature layout the rows use: train copies both into its checkpoints' meta.json
         store.write(files_layout(ex, cfg.training_set.files_per_split), "training_examples", "overwrite",
                     spec=TRAINING_EXAMPLES, overwrite_schema=True, rows_per_file=1 << 40,
-                    metadata={ID_INDEX_VERSION: int(idx_version)})
+                    metadata={ID_INDEX_VERSION: int(idx_version), FEATURE_NAMES: layout})
     counts = {r["split"]: r["count"] for r in store.read("training_examples").groupBy("split").count().collect()}
     for s, n in sorted(counts.items()):
         ctx.log_rows(f"training_examples[{s}]", n)

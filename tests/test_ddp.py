@@ -19,7 +19,8 @@ import torch
 
 from causalrec.models import build_model
 from causalrec.train.objectives import OBJECTIVES, build_objective, needs_imputation, needs_uplift
-from causalrec.train.step import DDP_OPTIONS, make_optimizer, train_step
+from causalrec.train.step import (DDP_OPTIONS, all_reduce_sum, make_optimizer, metric_from_totals, train_step,
+                                  validation_totals)
 
 MC = {"model": "mf", "task": "rating", "n_users": 50, "n_items": 40, "dim": 8, "global_bias": 3.0}
 STEPS, BATCH = 4, 64
@@ -198,6 +199,13 @@ def _objectives_worker(rank: int, port: int, queue) -> None:
             loss = torch.tensor(results[name]["losses"], dtype=torch.float64)
             torch.distributed.all_reduce(loss)
             results[name]["mean_loss"] = (loss / 2).tolist()
+        # the uplift objective's validation sums (relevance + causal terms) summed over the two parts
+        # the way the loop does it (all_reduce_sum): exactly the whole batches' totals
+        mc, task, _ = objective_setup("uplift")
+        torch.manual_seed(0)
+        vt = validation_totals(build_model(mc), [part(step, b) for step, b in enumerate(mixed_batches(task))], task,
+                               "ips", 0.05, uplift=True)
+        results["uplift_validation"] = all_reduce_sum(vt, torch.device("cpu")).tolist()
         if rank == 0:
             queue.put(results)
     finally:
@@ -218,6 +226,11 @@ def test_ddp_is_exact_for_every_objective_when_the_workers_normalisers_differ():
         torch.manual_seed(0)
         single[name] = train_objective(name, build_model(objective_setup(name)[0]))
     ddp = _spawn(_objectives_worker)
+    mc, task, _ = objective_setup("uplift")
+    torch.manual_seed(0)
+    whole = validation_totals(build_model(mc), mixed_batches(task), task, "ips", 0.05, uplift=True)
+    np.testing.assert_allclose(ddp.pop("uplift_validation"), whole.numpy(), rtol=1e-9)
+    assert whole[1] > 0 and whole[-1] > 0 and np.isfinite(metric_from_totals(whole))
     assert set(ddp) == set(OBJECTIVES)
     wrong = []
     for name in OBJECTIVES:
@@ -234,3 +247,38 @@ def test_ddp_is_exact_for_every_objective_when_the_workers_normalisers_differ():
             wrong.append(" ".join(str(e).strip().splitlines()[:2]))
         assert max(float(np.abs(g).max()) for g in one["grads"][0]) > 1e-3  # the objective has a gradient
     assert not wrong, "\n".join(wrong)
+
+
+def test_all_reduce_sum_reduces_on_the_training_device(monkeypatch):
+    """The loop's epoch totals are built on CPU, but a GPU worker's process group is nccl, which has a
+    backend for CUDA tensors only ("No backend type associated with device type cpu"). all_reduce_sum
+    hands the collective a copy on the training device; here a stand-in group of 2 and the meta device
+    play the GPU worker's group and device (tests/test_train.py checks the loop calls it with its
+    device). The objectives' own collective (global_denominators) reduces normalisers computed from
+    the batch, which train_step has already moved to the training device: checked the same way."""
+    import torch.distributed as dist
+
+    from causalrec.train.objectives import global_denominators
+
+    seen = []
+
+    def all_reduce(tensor, op=None):
+        assert op in (None, dist.ReduceOp.SUM)
+        seen.append(tensor.device)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    meta = torch.device("meta")
+    totals = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)  # as the loop builds them: on CPU
+    out = all_reduce_sum(totals, meta)
+    assert seen == [meta] and out.device == meta and out.dtype == torch.float64
+    seen.clear()
+    (n,), k = global_denominators(torch.ones(4, device=meta).sum())
+    assert seen == [meta] and n.device == meta and k == 2
+    monkeypatch.undo()
+    # single process: a copy on the device, no collective
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("all_reduce in a single process"))
+    out = all_reduce_sum(totals, torch.device("cpu"))
+    assert torch.equal(out, totals) and out.data_ptr() != totals.data_ptr()

@@ -169,3 +169,22 @@ def test_evaluate_scores_test_rows_with_the_ids_the_checkpoint_was_trained_with(
     with pytest.raises(RuntimeError, match=r"evaluation: .* trained with id_index version 0, but .*id_index "
                                            r"\(now at version 1\) cannot be read at that version"):
         job.checkpoint_test_rows(store, store.read("training_examples"), ckpt, 1, "model mf:naive")
+
+
+def test_evaluation_maps_rebuilt_test_rows_onto_the_trained_feature_layout(spark, tmp_path):
+    """training_examples rebuilt after training (a new attribute token shifts the one-hot slots) hold their
+    features in a new layout: evaluation maps them onto the checkpoint's recorded layout by name, as scoring
+    does; a checkpoint (or table) without the record keeps the rows as they are."""
+    from causalrec.evaluation.job import checkpoint_features
+    from causalrec.models import build_model
+    from causalrec.train.checkpoint import save_checkpoint
+
+    trained = ["user:n", "item:attr=red", "item:attr=wool", "pair:cooc"]
+    rows_layout = ["user:n", "item:attr=linen", "item:attr=red", "item:attr=wool", "pair:cooc"]
+    test = spark.createDataFrame([("e1", [0.5, 1.0, 0.0, 1.0, 0.25])], "example_id string, features array<float>")
+    mc = {"model": "mf", "task": "rating", "n_users": 1, "n_items": 1, "dim": 2, "n_features": 4}
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(mc), mc, {"feature_names": trained})
+    old = save_checkpoint(tmp_path / "old", build_model(mc), mc, {})
+    assert checkpoint_features(test, rows_layout, ckpt, "m").first()["features"] == [0.5, 0.0, 1.0, 0.25]
+    assert checkpoint_features(test, rows_layout, old, "m").first()["features"] == [0.5, 1.0, 0.0, 1.0, 0.25]
+    assert checkpoint_features(test, None, ckpt, "m").first()["features"] == [0.5, 1.0, 0.0, 1.0, 0.25]

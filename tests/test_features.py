@@ -91,7 +91,8 @@ def test_counts_rates_and_history_on_hand_made_log(spark):
     assert u["u1"]["rating_var"] == pytest.approx(2.0 / 3.0)
     assert u["u1"]["history_item_ids"] == ["i3", "i2"]  # most recent first, bounded to 2
     # unclicked impression is not an interaction: u2's history is the purchase and the clicked impression
-    assert u["u2"]["history_item_ids"] == ["i1", "i1"]  # e6 purchase (Jan 8), then e4 clicked impression
+    # e6 purchase (Jan 8) and e4 clicked impression are one item: one entry, at its latest interaction
+    assert u["u2"]["history_item_ids"] == ["i1"]
     assert "i2" not in u["u2"]["history_item_ids"]
     assert u["u1"]["recency_days"] == pytest.approx((14 / 24), abs=1e-6)
     assert u["u1"]["top_category"] == "shoes"
@@ -109,6 +110,19 @@ def test_counts_rates_and_history_on_hand_made_log(spark):
     assert it["i1"]["rating_mean"] == pytest.approx((7 + 2 * 3.5) / (2 + 2))
     assert it["i1"]["text"] == "red shoes" and it["i1"]["attributes"] == ["color:red"]
     assert len(it["i1"]["feature_vector"]) == len(ft.item_names)
+
+
+def test_n_distinct_items_is_exact(spark):
+    """``n_distinct_items`` counts a user's distinct items exactly (repeat rows once): the HyperLogLog
+    estimate it used to be read 19 for these 20 items, so the training set could not take a train row's
+    own item out of it exactly (one less when the row's pair has no other event)."""
+    from causalrec.features.user import user_activity
+
+    rows = [(f"e{k}", "u1", f"i{k}", f"2024-01-0{1 + k % 9} 10:00", "impression", float(k % 2)) for k in range(20)]
+    rows += [("r1", "u1", "i3", "2024-01-09 11:00", "click", 1.0), ("r2", "u2", "i3", "2024-01-09 11:00", "rating", 4)]
+    got = {r["user_id"]: r["n_distinct_items"]
+           for r in user_activity(make_events(spark, rows), "2024-01-10T00:00:00", ["impression"], [7]).collect()}
+    assert got == {"u1": 20, "u2": 1}
 
 
 def _item_counts(spark, rows):
@@ -245,3 +259,88 @@ def test_features_stage_writes_tables(ctx, spark):
     groups = {r["item_id"]: r["popularity_group"] for r in ctx.store.read("item_features").collect()}
     assert set(groups.values()) <= {"head", "mid", "tail"}
     assert len(feature_names(ctx.store, "user_features")) == len(ctx.store.read("user_features").first()["feature_vector"])
+
+
+def test_string_cutoff_is_read_as_utc_whatever_the_session_time_zone(spark):
+    """cutoff_lit/events_before parse an ISO string as UTC, not in spark.sql.session.timeZone
+    (a cluster default under spark-submit may be another zone)."""
+    from causalrec.features.common import events_before
+
+    events = make_events(spark, [("e1", "u1", "i1", "2024-01-31 02:00", "click", 1.0)])  # 02:00 UTC
+    old = spark.conf.get("spark.sql.session.timeZone")
+    try:
+        spark.conf.set("spark.sql.session.timeZone", "America/New_York")
+        assert events_before(events, "2024-01-31T00:00:00").count() == 0
+        assert events_before(events, "2024-01-31T02:00:00.000001").count() == 1
+        same = spark.range(1).select(cutoff_lit("2024-01-31T00:00:00") == cutoff_lit(dt.datetime(2024, 1, 31, tzinfo=UTC)))
+        assert same.first()[0] is True
+    finally:
+        spark.conf.set("spark.sql.session.timeZone", old)
+    with pytest.raises(ValueError, match="not an ISO timestamp"):
+        cutoff_lit("yesterday")
+
+
+def test_item_features_without_ratings_honour_the_declared_nullability(spark):
+    """OBD and the simulator log no ratings: rating_mean has no global mean to shrink toward and is
+    null (declared nullable, as the user table's), 0 in the vector; every non-null column is filled."""
+    from causalrec.features.item import item_feature_names, item_features
+    from causalrec.features.job import conform_with_extras
+    from causalrec.schemas import ITEM_FEATURES
+
+    events = make_events(spark, [("e1", "u1", "i1", "2024-01-02 10:00", "impression", 1),
+                                 ("e2", "u1", "i2", "2024-01-03 10:00", "impression", 0)])
+    items = make_items(spark, [("i1", ["color:red"], "shoes", "red shoes"), ("i2", [], None, None),
+                               ("i3", None, None, None)])
+    cut = "2024-01-10T00:00:00"
+    itf = item_features(events, items, cut, windows_days=[7], prior_strength=2.0, popularity_groups=[0.2, 0.6],
+                        attribute_vocab=["color:red"]).withColumn("as_of", cutoff_lit(cut))
+    rows = conform_with_extras(itf, ITEM_FEATURES).collect()
+    assert len(rows) == 3
+    required = [c.name for c in ITEM_FEATURES.columns if not c.nullable]
+    assert [(r["item_id"], c) for r in rows for c in required if r[c] is None] == []
+    slot = item_feature_names([7], ["color:red"]).index("rating_mean")
+    assert {(r["rating_mean"], r["feature_vector"][slot]) for r in rows} == {(None, 0.0)}
+
+
+def test_stored_feature_tables_refuse_tables_at_different_cutoffs():
+    """The features stage writes user_features and item_features in two commits: serving must not pair
+    user features of one cutoff with item features of another (a failed or concurrent second write)."""
+    from causalrec.features.job import FeatureCutoffMismatch, stored_feature_tables
+
+    class Store:
+        def __init__(self, u_as_of, i_as_of):
+            self.meta = {"user_features": [{"feature_names": ["a"], "as_of": u_as_of}],
+                         "item_features": [{"feature_names": ["b"], "as_of": i_as_of}]}
+
+        def exists(self, t):
+            return True
+
+        def commit_metadata(self, t, n=None):
+            return self.meta[t]
+
+        def read(self, t):
+            return t
+
+    with pytest.raises(FeatureCutoffMismatch, match=r"user_features is as of 2024-02-01T00:00:00\+00:00 but "
+                                                    r"item_features is as of 2024-01-01T00:00:00\+00:00"):
+        stored_feature_tables(Store("2024-02-01T00:00:00+00:00", "2024-01-01T00:00:00+00:00"))
+    ft = stored_feature_tables(Store("2024-02-01T00:00:00+00:00", "2024-02-01T00:00:00Z"))  # same instant
+    assert (ft.users, ft.items, ft.cutoff) == ("user_features", "item_features", dt.datetime(2024, 2, 1, tzinfo=UTC))
+
+
+def test_user_history_holds_distinct_items_at_their_latest_interaction(spark):
+    """One exposure logs up to three interaction rows (a clicked impression, its click 5 s later, a
+    purchase 60 s later) and a repeat click repeats the item: the history ranks items, not rows, so
+    ``history_length`` distinct items fit, each placed at its latest interaction."""
+    from causalrec.features.user import user_history
+
+    rows = []
+    for k, it in enumerate(["A", "B", "C", "D", "E"]):
+        rows += [(f"e{k}i", "u1", it, f"2024-01-1{k} 12:00:00", "impression", 1),
+                 (f"e{k}c", "u1", it, f"2024-01-1{k} 12:00:05", "click", 1),
+                 (f"e{k}p", "u1", it, f"2024-01-1{k} 12:01:00", "purchase", 1)]
+    rows += [("r1", "u1", "B", "2024-01-16 09:00", "click", 1),  # a repeat click moves B to the front
+             ("r2", "u1", "B", "2024-01-17 09:00", "click", 1),
+             ("n1", "u1", "F", "2024-01-18 09:00", "impression", 0)]  # not an interaction
+    hist = user_history(make_events(spark, rows), "2024-01-31T00:00:00", 4).collect()
+    assert [r["history_item_ids"] for r in hist] == [["B", "E", "D", "C"]]

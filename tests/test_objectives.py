@@ -175,6 +175,76 @@ def test_validation_sums_modes():
         validation_sums(out, batch, "rating", "bogus")
 
 
+def test_dr_joint_learning_ignores_the_propensity_of_unobserved_rows():
+    """A sampled unobserved row may have no exposure propensity (NaN): DR-JL uses 1/p only on observed
+    rows, so its loss, parts and gradients are those with any value there (before, 0 * NaN made them NaN)."""
+    out, batch = rating_batch()  # row 1 is unobserved
+    g = torch.tensor([1.5, 2.5, 2.0, 0.5], requires_grad=True)
+    out["imputation"] = out["imputation_logit"] = g
+    obj = DRJointLearning("rating", clip=0.01)
+    ref = obj(out, batch)
+    parts = obj(out, dict(batch, exposure_propensity=torch.tensor([0.5, NAN, 0.005, 1.0])))
+    for k, v in ref.items():
+        assert parts[k].item() == pytest.approx(v.item(), rel=1e-6), k
+    grads = torch.autograd.grad(parts["loss"], [out["logit"], g])
+    ref_grads = torch.autograd.grad(ref["loss"], [out["logit"], g])
+    for a, b in zip(grads, ref_grads):
+        assert torch.isfinite(a).all() and torch.allclose(a, b)
+
+
+def _uplift_validation_rows():
+    """The uplift test's four rows plus two observed rows without a treatment flag / propensity."""
+    y1_logit = torch.tensor([0.0, 2.0, 5.0, 5.0, 1.0, -1.0])
+    y0_logit = torch.tensor([9.0, 9.0, 0.0, -1.0, 3.0, 2.0])
+    out = {"logit": torch.zeros(6), "y1_logit": y1_logit, "y0_logit": y0_logit,
+           "uplift": torch.sigmoid(y1_logit) - torch.sigmoid(y0_logit)}
+    batch = {"outcome": torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]),
+             "treated": torch.tensor([1.0, 1.0, 0.0, 0.0, NAN, 1.0]),
+             "treatment_propensity": torch.tensor([0.5, 0.25, 0.5, 0.8, 0.5, NAN]), "observed": torch.ones(6),
+             "exposure_propensity": torch.ones(6), "is_mcar": torch.ones(6)}
+    return out, batch
+
+
+def test_uplift_validation_scores_the_uplift_heads_like_the_objective():
+    """objective=uplift: the validation sums add the objective's causal terms on the validation rows, the
+    arm-wise IPW errors of y1 / y0 and the transformed-outcome error of the uplift, over the rows with a
+    treatment flag and propensity; the relevance error alone (the old metric, every mode) could not tell a
+    model from one with swapped heads (every effect's sign flipped)."""
+    from causalrec.train.step import metric_from_totals, validation_parts
+
+    out, batch = _uplift_validation_rows()
+    four = {k: v[:4] for k, v in batch.items()}
+    obj = UpliftIPW("click", clip=0.01, relevance_weight=1.0, transformed_outcome_weight=1.0)(
+        {k: v[:4] for k, v in out.items()}, four)
+    sums = validation_sums(out, batch, "click", "ips", clip=0.01, uplift=True)
+    assert sums.dtype == torch.float64 and sums.shape == (9,)
+    parts = validation_parts(sums)
+    assert parts["relevance"] == pytest.approx(math.log(2), rel=1e-6)  # all six rows, logit 0
+    assert int(sums[2]) == 6 and int(sums[-1]) == 4  # the two rows without t or e: relevance only
+    assert parts["y1"] == pytest.approx(obj["loss_y1"].item(), rel=1e-6)
+    assert parts["y0"] == pytest.approx(obj["loss_y0"].item(), rel=1e-6)
+    assert parts["transformed_outcome"] == pytest.approx(obj["loss_transformed_outcome"].item(), rel=1e-6)
+    assert metric_from_totals(sums) == pytest.approx(sum(parts.values()), rel=1e-12)
+    # sums over rows: any split of the rows (batches, DDP workers) adds up to the whole
+    halves = [validation_sums({k: v[r] for k, v in out.items()}, {k: v[r] for k, v in batch.items()}, "click",
+                              "ips", clip=0.01, uplift=True) for r in (slice(0, 3), slice(3, 6))]
+    assert torch.allclose(halves[0] + halves[1], sums, rtol=1e-12, atol=0)
+    # swapped heads: the relevance error (every mode) is blind to them, the uplift validation is not
+    swapped = dict(out, y1_logit=out["y0_logit"], y0_logit=out["y1_logit"], uplift=-out["uplift"])
+    for mode in ("ips", "mcar", "naive"):
+        assert metric_from_totals(validation_sums(swapped, batch, "click", mode)) == pytest.approx(
+            metric_from_totals(validation_sums(out, batch, "click", mode)))
+        assert metric_from_totals(validation_sums(swapped, batch, "click", mode, uplift=True)) > \
+            metric_from_totals(validation_sums(out, batch, "click", mode, uplift=True)) + 1.0
+    # validation rows without the treatment columns: no causal row, the relevance error alone
+    bare = {k: v for k, v in batch.items() if k not in ("treated", "treatment_propensity")}
+    sums = validation_sums(out, bare, "click", "ips", uplift=True)
+    assert sums[3:].tolist() == [0.0] * 6
+    assert metric_from_totals(sums) == pytest.approx(math.log(2), rel=1e-6)
+    with pytest.raises(KeyError, match="uplift=True"):
+        validation_sums({"logit": out["logit"]}, batch, "click", "ips", uplift=True)
+
+
 def test_build_objective_by_name():
     assert isinstance(build_objective("snips", "click", 0.05), SNIPS)
     assert build_objective("ips", clip=0.05).clip == 0.05

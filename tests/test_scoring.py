@@ -336,7 +336,7 @@ def test_scoring_reads_the_id_index_version_the_checkpoint_was_trained_with(ctx,
     # run() passes the checkpoint's recorded version on to prepare_input
     seen = {}
 
-    def fake_prepare(ctx_, version, model):
+    def fake_prepare(ctx_, version, model, feature_names=None):
         seen.update(version=version, model=model)
         raise RuntimeError("stop after prepare_input")
 
@@ -361,3 +361,144 @@ def test_scoring_reads_the_id_index_version_the_checkpoint_was_trained_with(ctx,
         scoring.prepare_input(ctx, 0)
     with pytest.raises(RuntimeError, match=r"trained with id_index version 5, but .*now at version 1"):
         scoring.prepare_input(ctx, 5)
+
+
+def test_train_and_serve_histories_follow_one_rule(ctx, spark):
+    """Training rows and served candidates build histories the same way: the user's distinct recent items
+    (one entry per item, at its latest interaction: each user rates their last item twice), a train row's
+    own item left out before the cut to ``features.history_length``. Rows ranked instead of items served
+    [last, last] and trained on one item fewer than served."""
+    from test_features import make_events, make_items, make_users
+
+    from causalrec.features.job import run as features_run
+    from causalrec.schemas import EVENTS, EXPOSURE_PROPENSITY
+    from causalrec.scoring import prepare_input
+    from causalrec.training_set import build_id_index, build_training_examples
+
+    rows = [(f"e{u}_{d}", f"u{u}", f"i{(u * 5 + d) % 7}", f"2024-01-0{d + 1} {u:02d}:00", "rating", 1 + (u + d) % 5)
+            for u in range(10) for d in range(5)]
+    rows += [(f"r{u}", f"u{u}", f"i{(u * 5 + 4) % 7}", f"2024-01-05 {u:02d}:30", "rating", 4) for u in range(10)]
+    events = make_events(spark, rows)
+    items = make_items(spark, [(f"i{j}", [], "c", f"item text {j}") for j in range(7)])
+    users = make_users(spark, [(f"u{u}", [], f"user {u}", None) for u in range(10)])
+    cfg, store = ctx.cfg, ctx.store
+    cfg.features.history_length = 2
+    cfg.training_set.split = "random_user"
+    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.2, 0.2
+    cfg.training_set.unobserved_per_observed = 0.0
+    for df, name, spec in ((events, "events", EVENTS), (users, "users", USERS), (items, "items", ITEMS)):
+        store.write(df, name, mode="overwrite", spec=spec)
+    features_run(ctx)
+    seen = [(r["user_id"], r["item_id"]) for r in events.select("user_id", "item_id").distinct().collect()]
+    exposure = spark.createDataFrame([(u, i, 1, None, 0.5, 0.5, "hand", 1.0) for u, i in seen],
+                                     EXPOSURE_PROPENSITY.spark_schema())
+    idx = build_id_index(spark, users, items, events)
+    store.write(idx, "id_index", mode="overwrite", spec=ID_INDEX)
+    te = build_training_examples(events, users, items, exposure, None, store.read("id_index"), cfg)
+    te = [r for r in te.where("observed = 1 and split = 'train'").collect()]
+    item_idx = {r["id"]: r["idx"] for r in idx.where("kind = 'item'").collect()}
+    train_users = sorted({r["user_id"] for r in te})
+    store.write(spark.createDataFrame([(u, "i6", "popularity", ["popularity"], 1.0) for u in train_users],
+                                      "user_id string, item_id string, source string, sources array<string>, "
+                                      "source_score double"), "candidates", mode="overwrite", spec=CANDIDATES)
+    assert prepare_input(ctx) == len(train_users)
+    served = {r["user_id"]: r for r in store.read("scoring_input").collect()}
+    for u in train_users:
+        last = {}
+        for r in events.where(f"user_id = '{u}'").collect():
+            last[r["item_id"]] = max(r["event_time"], last.get(r["item_id"], r["event_time"]))
+        distinct = sorted(last, key=last.get, reverse=True)
+        assert list(served[u]["history_item_idx"]) == [item_idx[i] for i in distinct[:2]]
+        assert served[u]["user_text"].endswith("Recently: " + "; ".join(f"item text {i[1:]}" for i in distinct[:2]))
+        for r in (r for r in te if r["user_id"] == u):
+            others = [i for i in distinct if i != r["item_id"]]
+            assert list(r["history_item_idx"]) == [item_idx[i] for i in others[:2]]
+
+
+def test_scoring_maps_served_features_onto_the_trained_layout_by_name(ctx, spark, tmp_path, caplog,
+                                                                       monkeypatch):
+    """The attribute one-hots follow the items table at each features run: one new item with a new token
+    (color:amber) moves every later slot (attr=color:red from slot k to k+1). A checkpoint records the
+    layout it was trained with and scoring maps the served vectors onto it by name: the model reads
+    attr=color:red where it learnt it; the new token's slot is dropped; a trained slot the serving layout
+    lacks is 0. Without the record the vectors are served as built, with a warning."""
+    import logging
+
+    from test_features import make_items, small_world
+
+    import causalrec.scoring as scoring
+    from causalrec.features.job import run as features_run
+    from causalrec.features.job import stored_feature_tables
+    from causalrec.models import build_model
+    from causalrec.schemas import EVENTS
+    from causalrec.train.checkpoint import save_checkpoint, trained_feature_names
+    from causalrec.training_set import align_features, feature_layout
+
+    events, users, items = small_world(spark)
+    store = ctx.store
+    store.write(events, "events", mode="overwrite", spec=EVENTS)
+    store.write(users, "users", mode="overwrite", spec=USERS)
+    store.write(items, "items", mode="overwrite", spec=ITEMS)
+    ctx.cfg.features.cutoff = "2024-01-10T00:00:00"
+    ctx.cfg.features.windows_days = [3, 30]
+    features_run(ctx)
+    trained = feature_layout(stored_feature_tables(store))
+    cands = [("u1", "i1"), ("u1", "i4"), ("u2", "i2"), ("u3", "i3")]
+    store.write(spark.createDataFrame([(u, i, "popularity", ["popularity"], 1.0) for u, i in cands],
+                                      "user_id string, item_id string, source string, sources array<string>, "
+                                      "source_score double"), "candidates", mode="overwrite", spec=CANDIDATES)
+
+    def features():
+        return {(r["user_id"], r["item_id"]): list(r["features"]) for r in store.read("scoring_input").collect()}
+
+    scoring.prepare_input(ctx, None, "m", trained)
+    at_training = features()  # the layouts agree: served as built
+    assert all(len(v) == len(trained) for v in at_training.values())
+
+    # the weekly model keeps serving while the daily features run sees a new item with a new token
+    store.write(items.unionByName(make_items(spark, [("i6", ["color:amber"], "hats", "amber hat")])), "items",
+                mode="overwrite", spec=ITEMS)
+    features_run(ctx)
+    served = feature_layout(stored_feature_tables(store))
+    red = trained.index("item:attr=color:red")
+    assert len(served) == len(trained) + 1 and served.index("item:attr=color:red") == red + 1
+    scoring.prepare_input(ctx)  # today's behaviour without a recorded layout: slot `red` holds another token
+    assert features()[("u1", "i1")][red] == 0.0 and at_training[("u1", "i1")][red] == 1.0
+
+    mc = {"model": "mf", "task": "rating", "n_users": 3, "n_items": 5, "dim": 4, "n_features": len(trained)}
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(mc), mc, {"id_index_version": None,
+                                                                    "feature_names": trained})
+    assert trained_feature_names(ckpt) == trained
+    scoring.prepare_input(ctx, None, "m", trained_feature_names(ckpt))
+    now = features()
+    attr = [k for k, n in enumerate(trained) if ":attr=" in n]
+    assert len(attr) >= 5
+    for pair, v in now.items():
+        assert len(v) == len(trained)
+        assert [v[k] for k in attr] == [at_training[pair][k] for k in attr], pair
+    assert now[("u1", "i1")][red] == 1.0
+
+    # a trained slot the served layout lacks is 0; a served slot the model never saw is dropped
+    gone = trained[:red] + ["item:attr=color:gone"] + trained[red:]
+    df = spark.createDataFrame([([1.0, 2.0, 3.0],), (None,)], "features array<float>")
+    out = [r["features"] for r in align_features(df, ["a", "b", "c"], ["c", "x", "a"]).collect()]
+    assert out == [[3.0, 0.0, 1.0], None]
+    scoring.prepare_input(ctx, None, "m", gone)
+    assert [v[red] for v in features().values()] == [0.0] * len(cands)
+
+    # a checkpoint from before the record: served as built, with a warning
+    old = save_checkpoint(tmp_path / "old", build_model(mc), mc, {})
+    assert trained_feature_names(old) is None
+    seen = {}
+
+    def fake_prepare(ctx_, version, model, feature_names=None):
+        seen.update(names=feature_names)
+        raise RuntimeError("stop after prepare_input")
+
+    monkeypatch.setattr(scoring, "prepare_input", fake_prepare)
+    for path in (ckpt, old):
+        with caplog.at_level(logging.WARNING, logger="causalrec.scoring"), \
+                pytest.raises(RuntimeError, match="stop after prepare_input"):
+            scoring.run(ctx, loader=scoring.CheckpointLoader(path), model_version="v1")
+        assert seen["names"] == (trained if path == ckpt else None)
+    assert any("does not record the feature layout" in r.getMessage() for r in caplog.records)

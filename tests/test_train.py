@@ -504,3 +504,194 @@ def test_every_checkpoint_records_the_id_index_version(monkeypatch, tmp_path):
     _report(0, {"epoch": 0}, initial_state(), rank=0, model=build_model(mc), mc=mc, optimizer=None,
             config={"objective": "naive", "id_index_version": 7}, valid_mode="ips")
     assert saved["version"] == 7
+
+
+def test_checkpoints_record_the_feature_layout_the_rows_were_built_with(cfg, monkeypatch, caplog):
+    """training_set records the names of the ``features`` slots in the training_examples commit; table_stats
+    reads them (and every checkpoint's meta.json records them), so scoring can map served vectors onto the
+    trained layout by name. A table without the record (or whose record does not match its rows' width)
+    gives None, with a warning."""
+    import logging
+
+    import pyarrow as pa
+    import ray.train
+    from deltalake import CommitProperties, write_deltalake
+
+    from causalrec.models import build_model
+    from causalrec.train.checkpoint import trained_feature_names
+    from causalrec.train.job import table_stats
+    from causalrec.train.loop import _report
+    from causalrec.train.loop_state import initial_state
+
+    df = synthetic_examples(n_users=2, n_items=2, n_train=4, n_valid=0)  # features: 2 slots
+    table = pa.Table.from_pandas(df[TRAINING_EXAMPLES.names], schema=TRAINING_EXAMPLES.arrow_schema(),
+                                 preserve_index=False)
+
+    def write(meta):
+        props = CommitProperties(custom_metadata={"causalrec": json.dumps(meta)}) if meta is not None else None
+        write_deltalake(cfg.table_path("training_examples"), table, partition_by=["split"], mode="overwrite",
+                        commit_properties=props)
+
+    write(None)
+    with caplog.at_level(logging.WARNING, logger="causalrec.train.job"):
+        assert table_stats(cfg)["feature_names"] is None
+    assert any("does not record its feature layout" in r.getMessage() for r in caplog.records)
+    write({"id_index_version": 0, "feature_names": ["user:a", "item:b", "pair:c"]})  # 3 names, 2 slots
+    assert table_stats(cfg)["feature_names"] is None
+    names = ["user:attr=red", "item:attr=wool"]
+    write({"id_index_version": 0, "feature_names": names})
+    stats = table_stats(cfg)
+    assert stats["feature_names"] == names and stats["shape"]["n_features"] == 2
+
+    saved = {}
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, checkpoint_dir_name=None:
+                        saved.update(names=trained_feature_names(checkpoint.path)))
+    mc = {"model": "mf", "task": "rating", "n_users": 3, "n_items": 4, "dim": 2, "n_features": 2}
+    _report(0, {"epoch": 0}, initial_state(), rank=0, model=build_model(mc), mc=mc, optimizer=None,
+            config={"objective": "naive", "feature_names": stats["feature_names"]}, valid_mode="ips")
+    assert saved["names"] == names
+
+
+# --------------------------------------------------------------------------- the Ray loop in-process
+
+
+class _FakeShard:
+    """A Ray Data shard stand-in: yields the collated rows in the order ``local_shuffle_seed`` shuffles
+    them (like Ray's local shuffle, from ``np.random.default_rng(seed)``) and records every call."""
+
+    def __init__(self, df: pd.DataFrame, calls: list):
+        self.df, self.calls = df.reset_index(drop=True), calls
+
+    def iter_torch_batches(self, *, batch_size, collate_fn, local_shuffle_seed=None, **kwargs):
+        self.calls.append({"local_shuffle_seed": local_shuffle_seed, **kwargs})
+        order = np.arange(len(self.df))
+        if local_shuffle_seed is not None:
+            order = np.random.default_rng(local_shuffle_seed).permutation(order)
+        for s in range(0, len(order), batch_size):
+            yield collate_fn(self.df.iloc[order[s:s + batch_size]])
+
+
+def run_loop_in_process(monkeypatch, tmp_path, config: dict, df: pd.DataFrame, world: int = 1) -> dict:
+    """``train_loop_per_worker(config)`` as rank 0 of ``world`` workers, without Ray: fake context, shards
+    (:class:`_FakeShard`), ``prepare_model`` (identity) and ``report`` (each epoch's metrics and a copy
+    of its checkpoint folder). With ``world > 1`` torch.distributed is a stand-in group whose all-reduce
+    doubles every tensor (two identical workers) and records the tensors' devices."""
+    import shutil
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    import causalrec.train.loop as loop
+
+    rec = {"metrics": [], "checkpoints": [], "train_calls": [], "collective_devices": []}
+    shards = {"train": _FakeShard(df[df["split"] == "train"], rec["train_calls"]),
+              "valid": _FakeShard(df[df["split"] == "valid"], [])}
+
+    class Ctx:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return world
+
+    def report(metrics, checkpoint=None, checkpoint_dir_name=None):
+        rec["metrics"].append(dict(metrics))
+        if checkpoint is not None:
+            dest = tmp_path / f"{len(rec['checkpoints'])}-{checkpoint_dir_name}"
+            shutil.copytree(checkpoint.path, dest)
+            rec["checkpoints"].append(str(dest))
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: Ctx())
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shards[name])
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **kwargs: model)
+    if world > 1:
+        import torch.distributed as dist
+
+        def all_reduce(tensor, op=None):
+            rec["collective_devices"].append(tensor.device)
+            tensor.mul_(2)
+
+        monkeypatch.setattr(dist, "is_available", lambda: True)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: world)
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    threads = torch.get_num_threads()
+    try:
+        loop.train_loop_per_worker(config)
+    finally:  # the loop's process-wide settings
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    return rec
+
+
+def _loop_config(df: pd.DataFrame, **kw) -> dict:
+    mc = {"model": "mf", "task": "rating", "n_users": 30, "n_items": 40, "dim": 4, "global_bias": 3.0}
+    return {"model_config": mc, "objective": "naive", "epochs": 3, "batch_size": 32, "lr": 0.05,
+            "valid_mode": "naive", "seed": 42, "torch_threads": 1, **kw}
+
+
+def test_loop_shuffle_seeds_are_distinct_across_seeds_and_survive_a_resume(monkeypatch, tmp_path):
+    """Each epoch's local shuffle comes from (seed, epoch) like the torch draws: seed 42's epoch e+1 does
+    not replay seed 43's epoch e (seed + epoch did), and a run resumed from epoch 0's checkpoint
+    shuffles epochs 1 and 2 exactly as the uninterrupted run."""
+    df = synthetic_examples(n_train=96, n_valid=32)
+    runs = {s: run_loop_in_process(monkeypatch, tmp_path / f"s{s}", _loop_config(df, seed=s), df) for s in (42, 43)}
+    seeds = {s: [c["local_shuffle_seed"] for c in r["train_calls"]] for s, r in runs.items()}
+    assert all(len(v) == 3 and len(set(v)) == 3 for v in seeds.values())
+    assert not set(seeds[42]) & set(seeds[43]), seeds
+    resumed = run_loop_in_process(monkeypatch, tmp_path / "resumed",
+                                  _loop_config(df, resume_from=runs[42]["checkpoints"][0]), df)
+    assert [c["local_shuffle_seed"] for c in resumed["train_calls"]] == seeds[42][1:]
+    assert [m["train_loss"] for m in resumed["metrics"]] == pytest.approx(
+        [m["train_loss"] for m in runs[42]["metrics"][1:]], rel=1e-6)
+
+
+def test_loop_reduces_its_epoch_totals_on_the_training_device(monkeypatch, tmp_path):
+    """Under DDP the loop sums its epoch totals (train loss, steps, rows and the validation sums) in one
+    collective through step.all_reduce_sum on the worker's training device (``get_device()``), which
+    moves them there (a GPU worker's nccl group takes CUDA tensors only,
+    tests/test_ddp.py::test_all_reduce_sum_reduces_on_the_training_device); before, the loop all-reduced
+    its CPU tensors directly."""
+    import torch
+
+    import causalrec.train.loop as loop
+    from causalrec.train.step import all_reduce_sum
+
+    seen = []
+
+    def spy(t, device):
+        seen.append((t.shape[0], device))
+        return all_reduce_sum(t, device)
+
+    monkeypatch.setattr(loop, "all_reduce_sum", spy, raising=False)
+    df = synthetic_examples(n_train=96, n_valid=32)
+    single = run_loop_in_process(monkeypatch, tmp_path / "one", _loop_config(df, epochs=2), df)
+    two = run_loop_in_process(monkeypatch, tmp_path / "two", _loop_config(df, epochs=2), df, world=2)
+    assert seen == [(3 + 3, torch.device("cpu"))] * 2  # one fused call per epoch: 3 train + 3 validation sums
+    assert set(two["collective_devices"]) == {torch.device("cpu")}
+    # two identical workers: the same mean loss and validation error, twice the rows
+    for a, b in zip(single["metrics"], two["metrics"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["valid_metric"] == pytest.approx(a["valid_metric"], rel=1e-6)
+        assert (b["train_rows"], b["valid_rows"]) == (2 * a["train_rows"], 2 * a["valid_rows"])
+
+
+def test_loop_validates_the_uplift_heads_for_the_uplift_objective(monkeypatch, tmp_path, capsys):
+    """train.objective=uplift: the per-epoch valid_metric (early stopping, best checkpoint, Tune) adds the
+    uplift heads' causal errors (IPW y1 / y0 errors and the transformed-outcome error) to the relevance
+    error, names each part in the metrics and says so in valid_metric_source and the epoch log line."""
+    df = synthetic_examples(n_train=96, n_valid=40)
+    cfg = _loop_config(df, objective="uplift", valid_mode="ips", epochs=2)
+    cfg["model_config"] = {**cfg["model_config"], "task": "click", "global_bias": 0.0, "uplift": True}
+    rec = run_loop_in_process(monkeypatch, tmp_path, cfg, df)
+    for m in rec["metrics"]:
+        assert "transformed-outcome" in m["valid_metric_source"] and m["valid_metric_source"].startswith("ips")
+        parts = [m.get(f"valid_{k}", np.nan) for k in ("relevance", "y1", "y0", "transformed_outcome")]
+        assert all(np.isfinite(parts)) and m["valid_metric"] == pytest.approx(sum(parts), rel=1e-9)
+        assert m["valid_causal_rows"] == 40  # every validation row: observed, treated flag, propensity 0.5
+    out = capsys.readouterr().out
+    assert "valid(ips+uplift)=" in out and "transformed_outcome=" in out

@@ -523,14 +523,15 @@ def test_training_examples_record_the_id_index_version_they_were_indexed_with(ct
     def users(ids):
         store.write(make_users(spark, [(u, [], u, None) for u in ids]), "users", "overwrite", spec=USERS)
 
-    def one_row_per_user(events, users_, items_, exposure, treatment, id_index, cfg, mcar=None):
+    def one_row_per_user(events, users_, items_, exposure, treatment, id_index, cfg, mcar=None, return_layout=False):
         # a stand-in for the real build: one test row per user, indexed with the id_index it is given
         u = id_index.where("kind = 'user'").select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
-        return conform(u.select(F.concat(F.lit("e_"), "user_id").alias("example_id"), F.lit("test").alias("split"),
+        rows = conform(u.select(F.concat(F.lit("e_"), "user_id").alias("example_id"), F.lit("test").alias("split"),
                                 "user_id", F.lit("i1").alias("item_id"), "user_idx", F.lit(0).alias("item_idx"),
                                 F.lit(1).alias("observed"), F.lit(4.0).alias("label"),
                                 F.lit(1.0).alias("exposure_propensity"), F.lit(False).alias("is_mcar")),
                        TRAINING_EXAMPLES)
+        return (rows, ["user:a", "item:b"]) if return_layout else rows
 
     def recorded():
         return T.recorded_id_index_version(store.commit_metadata("training_examples"))
@@ -540,6 +541,8 @@ def test_training_examples_record_the_id_index_version_they_were_indexed_with(ct
     users(["u1", "u3"])
     assert T.run(ctx)["id_index_version"] == 0
     assert recorded() == 0 and store.version("id_index") == 0
+    # and the names of the features slots, which train copies into the checkpoints for scoring
+    assert T.recorded_feature_names(store.commit_metadata("training_examples")) == ["user:a", "item:b"]
 
     def fail(*a, **k):
         raise RuntimeError("killed between id_index and training_examples")
@@ -730,3 +733,64 @@ def test_own_exposure_counts_top_share_and_rank_without_the_exposure(spark):
     assert own["c1"]["i_loo_popularity_pct"] == pytest.approx(3 / 4)
     assert own["d0"]["i_loo_popularity_pct"] == pytest.approx(2 / 4)  # A at (3, 3) behind B at (3, 4)
     assert own["e0"]["i_loo_popularity_pct"] == pytest.approx(2 / 4)  # B at (3, 3): still behind A
+
+
+def test_training_histories_are_distinct_items_cut_after_the_own_item_leaves(spark):
+    """A train row's history follows the serving rule: the user's distinct recent items (one entry per item,
+    at its latest interaction; here u's last item is rated twice), its own item left out, *then* cut to
+    ``features.history_length``, so it holds as many items as a served candidate's; valid/test rows keep
+    the user's first ``history_length`` distinct train items."""
+    from causalrec.config import Config
+
+    rows = [(f"e{u}_{d}", f"u{u}", f"i{(u * 5 + d) % 7}", f"2024-01-0{d + 1} {u:02d}:00", "rating", 1 + (u + d) % 5)
+            for u in range(10) for d in range(5)]
+    rows += [(f"r{u}", f"u{u}", f"i{(u * 5 + 2) % 7}", f"2024-01-03 {u:02d}:30", "rating", 4) for u in range(10)]
+    events = make_events(spark, rows)
+    items = make_items(spark, [(f"i{j}", [], "c", f"item text {j}") for j in range(7)])
+    users = make_users(spark, [(f"u{u}", [], "", None) for u in range(10)])
+    cfg = Config()
+    cfg.features.history_length = 2
+    cfg.training_set.split = "time"
+    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.2, 0.2
+    cfg.training_set.unobserved_per_observed = 0.0
+    te = _examples(spark, events, users, items, cfg).where("observed = 1").collect()
+    idx = {r["item_id"]: r["item_idx"] for r in te}
+    last = {}  # (user, item) -> latest train event time: the feature events
+    for r in te:
+        if r["split"] == "train":
+            last[(r["user_id"], r["item_id"])] = max(r["event_time"], last.get((r["user_id"], r["item_id"]), r["event_time"]))
+    recent = {}
+    for (u, i), t in sorted(last.items(), key=lambda kv: kv[1], reverse=True):
+        recent.setdefault(u, []).append(i)
+    n_cut = 0
+    for r in te:
+        distinct = recent.get(r["user_id"], [])
+        others = [i for i in distinct if i != r["item_id"]] if r["split"] == "train" else distinct
+        assert list(r["history_item_idx"]) == [idx[i] for i in others[:2]], (r["example_id"], distinct)
+        n_cut += r["split"] == "train" and len(distinct) > 2 and r["item_id"] in distinct[:2]
+        text = r["user_text"] or ""
+        assert text.endswith("Recently: " + "; ".join(f"item text {i[1:]}" for i in others[:2])) or not others
+    assert n_cut > 5  # rows whose own item was among the first two: the third item fills its place
+
+
+def test_feature_layout_names_every_slot_of_the_features_vector(spark):
+    """build_training_examples' layout (what the training_examples commit records) has one unique name per
+    ``features`` slot, in order: user vector, item vector, pair vector."""
+    from causalrec.config import Config
+    from causalrec.training_set import build_id_index, build_training_examples
+
+    events = make_events(spark, [("e1", "u1", "i1", "2024-01-01 10:00", "rating", 4),
+                                 ("e2", "u2", "i2", "2024-01-02 10:00", "rating", 2)])
+    items = make_items(spark, [("i1", ["color:red"], "c", "a"), ("i2", ["color:blue"], "c", "b")])
+    users = make_users(spark, [("u1", ["gender:women"], "", None), ("u2", [], "", None)])
+    from causalrec.schemas import EXPOSURE_PROPENSITY
+
+    exposure = spark.createDataFrame([("u1", "i1", 1, None, 0.5, 0.5, "hand", 1.0),
+                                      ("u2", "i2", 1, None, 0.5, 0.5, "hand", 1.0)], EXPOSURE_PROPENSITY.spark_schema())
+    cfg = Config()
+    cfg.training_set.split = "random_user"
+    cfg.training_set.unobserved_per_observed = 0.0
+    ex, layout = build_training_examples(events, users, items, exposure, None, build_id_index(spark, users, items, events),
+                                         cfg, return_layout=True)
+    assert len(set(layout)) == len(layout) == len(ex.first()["features"])
+    assert "user:attr=gender:women" in layout and "item:attr=color:red" in layout and layout[-1].startswith("pair:")

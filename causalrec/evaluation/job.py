@@ -157,6 +157,24 @@ def checkpoint_test_rows(store, test: DataFrame, checkpoint_path: str, rows_vers
     return reindex_examples(test, trained_idx, rows_idx), dict(info, reindexed=True)
 
 
+def checkpoint_features(test: DataFrame, rows_names: Optional[list], checkpoint_path: str, model: str) -> DataFrame:
+    """``test``'s ``features`` in the layout the checkpoint was trained with, mapped by name.
+
+    ``rows_names``: the layout training_examples were built with (their commit metadata,
+    :func:`causalrec.training_set.recorded_feature_names`). training_set rebuilds the attribute one-hots
+    from the current users/items tables, so rows rebuilt after training may hold other features in the
+    model's slots; they are mapped as scoring maps served vectors (:func:`causalrec.training_set.align_features`).
+    Either layout unrecorded: the rows as they are.
+    """
+    from causalrec.train.checkpoint import trained_feature_names
+    from causalrec.training_set import align_features
+
+    trained = trained_feature_names(checkpoint_path)
+    if trained is None or rows_names is None or "features" not in test.columns:
+        return test
+    return align_features(test, rows_names, trained, what="evaluation", model=model)
+
+
 # --------------------------------------------------------------------------- transforms
 
 
@@ -390,6 +408,9 @@ def run(ctx) -> dict:
             ctx.log_rows("training_examples[test]", test.count(), "in")
         if test is not None and avail["train_runs"]:
             rows_version = examples_id_index_version(store)
+            from causalrec.training_set import recorded_feature_names
+
+            rows_names = recorded_feature_names(store.commit_metadata("training_examples"))
             for run_row in train_runs_to_evaluate(store, cfg.evaluation.models):
                 name = f"{run_row['model']}:{run_row['objective']}"
                 try:
@@ -406,6 +427,8 @@ def run(ctx) -> dict:
                     log.error("%s", exc)
                     missing[f"checkpoint {name}"] = str(exc)
                     continue
+                inp = checkpoint_features(inp, rows_names, run_row["checkpoint_path"],
+                                          f"model {name} ({run_row['checkpoint_path']})")
                 scored = score_with_checkpoint(inp, run_row["checkpoint_path"], cfg.scoring.batch_size)
                 pred = test.join(scored, "example_id", "inner")
                 models.append({"model": name, "run_id": run_row["run_id"], "objective": run_row["objective"],

@@ -3,7 +3,8 @@ attribute/category affinities and the bounded history of recent items.
 
 One ``groupBy(user_id)`` with conditional sums computes every count/window in a single
 pass over the events (its one exact distinct count, ``n_distinct_items``, makes Spark aggregate
-per (user, item) first, then per user); the history uses a window bounded to ``history_length`` rows.
+per (user, item) first, then per user); the history reduces the events to one row per (user, item)
+(its latest interaction), then keeps a window bounded to ``history_length`` of them.
 """
 from __future__ import annotations
 
@@ -51,10 +52,20 @@ def user_activity(events: DataFrame, cutoff: Cutoff, event_types: Sequence[str],
 
 
 def user_history(events: DataFrame, cutoff: Cutoff, history_length: int) -> DataFrame:
-    """(user_id, history_item_ids): the last ``history_length`` interacted items, most recent first."""
+    """(user_id, history_item_ids): the last ``history_length`` distinct interacted items, most recent first.
+
+    One entry per (user, item), placed at its latest interaction (event_time, then event_id for ties):
+    one exposure logs several interaction rows (a clicked impression, its click, a purchase) and a repeat
+    click repeats the item, so ranking rows would fill the history with copies of the same few items.
+    The training set and scoring both take their histories from here (the training set one item longer,
+    so a train row that leaves its own item out still holds ``history_length``:
+    :func:`causalrec.training_set.with_history_columns`).
+    """
     ev = events_before(events, cutoff).where(is_interaction())
-    w = Window.partitionBy("user_id").orderBy(F.col("event_time").desc(), F.col("event_id").desc())
-    recent = ev.select("user_id", "item_id", "event_time", "event_id").withColumn("_rn", F.row_number().over(w))
+    last = ev.groupBy("user_id", "item_id").agg(F.max(F.struct("event_time", "event_id")).alias("_last"))
+    w = Window.partitionBy("user_id").orderBy(F.col("_last.event_time").desc(), F.col("_last.event_id").desc(),
+                                              F.col("item_id"))
+    recent = last.withColumn("_rn", F.row_number().over(w))
     recent = recent.where(F.col("_rn") <= int(history_length))
     return recent.groupBy("user_id").agg(
         F.transform(F.sort_array(F.collect_list(F.struct("_rn", "item_id"))), lambda s: s["item_id"]).alias(

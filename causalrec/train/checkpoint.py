@@ -22,6 +22,7 @@ OPTIMIZER = "optimizer.pt"
 ENCODER_CONFIG = "encoder_config.json"
 TOKENIZER_DIR = "tokenizer"
 ID_INDEX_VERSION = "id_index_version"  # meta.json: the id_index Delta version the rows were indexed with
+FEATURE_NAMES = "feature_names"  # meta.json: the names of the ``features`` slots the model was trained with
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -129,6 +130,17 @@ def trained_id_index_version(directory) -> Optional[int]:
         return None
     v = json.loads(meta.read_text()).get(ID_INDEX_VERSION)
     return None if v is None else int(v)
+
+
+def trained_feature_names(directory) -> Optional[list]:
+    """The ``features`` layout (slot names in order, :func:`causalrec.training_set.feature_layout`) recorded in
+    the checkpoint's meta.json; None for a checkpoint saved before the layout was recorded (or outside the
+    train stage). Scoring and evaluation map served vectors onto it by name."""
+    meta = Path(str(directory)) / META
+    if not meta.is_file():
+        return None
+    names = json.loads(meta.read_text()).get(FEATURE_NAMES)
+    return None if names is None else [str(n) for n in names]
 
 
 def load_optimizer_state(directory, optimizer: torch.optim.Optimizer) -> bool:

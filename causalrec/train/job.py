@@ -112,6 +112,16 @@ def table_stats(cfg) -> dict:
                 n_valid_mcar += int(pc.sum(pc.and_(obs, pc.fill_null(b.column("is_mcar"), False))).as_py() or 0)
     head = ds.head(64, columns=["features"], filter=pads.field("split") == "train").column("features").to_pylist()
     n_features = max((len(f) for f in head if f is not None), default=0)
+    feature_names = examples_feature_names(dt)
+    if feature_names is not None and len(feature_names) != n_features:
+        log.warning("train: %s records %d feature names but its rows hold %d features; the checkpoints will not "
+                    "record the layout (scoring then cannot map served features by name). Rerun training_set",
+                    cfg.table_path("training_examples"), len(feature_names), n_features)
+        feature_names = None
+    elif feature_names is None and n_features:
+        log.warning("train: %s does not record its feature layout (written before causalrec recorded it); "
+                    "scoring will assume the served feature vectors keep the trained slots. Rerun training_set "
+                    "to record it", cfg.table_path("training_examples"))
     idx_path = cfg.table_path("id_index")
     id_index_version = examples_id_index_version(dt)
     if DeltaTable.is_deltatable(idx_path):
@@ -138,7 +148,8 @@ def table_stats(cfg) -> dict:
     known = {rows: {kind: _mask(ids.get(f"{kind}_idx"), size) for kind, size in (("user", n_users), ("item", n_items))}
              for rows, ids in seen.items()}
     return {"shape": {"n_users": n_users, "n_items": n_items, "n_features": n_features, "global_bias": float(mean)},
-            "rows": n, "valid_mcar_rows": n_valid_mcar, "known": known, "id_index_version": id_index_version}
+            "rows": n, "valid_mcar_rows": n_valid_mcar, "known": known, "id_index_version": id_index_version,
+            "feature_names": feature_names}
 
 
 def examples_id_index_version(dt) -> int | None:
@@ -148,6 +159,15 @@ def examples_id_index_version(dt) -> int | None:
     from causalrec.training_set import recorded_id_index_version
 
     return recorded_id_index_version(m for m in map(_commit_meta, dt.history()) if m is not None)
+
+
+def examples_feature_names(dt) -> list | None:
+    """The ``features`` layout training_set recorded in ``dt``'s (training_examples') commit metadata
+    (:func:`causalrec.training_set.recorded_feature_names`); None when none records it."""
+    from causalrec.storage.store import _commit_meta
+    from causalrec.training_set import recorded_feature_names
+
+    return recorded_feature_names(m for m in map(_commit_meta, dt.history()) if m is not None)
 
 
 def _mark_ids(seen: dict, batch, rows=None) -> None:
@@ -268,6 +288,8 @@ def _run_one(ctx, objective: str | None) -> dict:
     loop_config["known_ids"] = known_ids(stats["known"], loop_config["objective"])
     # into every checkpoint's meta.json: scoring reads id_index at this version (causalrec.scoring.trained_id_index)
     loop_config["id_index_version"] = stats["id_index_version"]
+    # and the names of the feature slots: scoring maps served vectors onto them (causalrec.training_set.align_features)
+    loop_config["feature_names"] = stats["feature_names"]
     tuned = None
     if cfg.train.tune_trials > 0 and objective is None:
         from causalrec.train.tune import tune_hyperparameters

@@ -20,7 +20,7 @@ from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
 from causalrec.models.mf import set_known_ids
 from causalrec.train.loop_state import early_stopping_update, initial_state
-from causalrec.train.objectives import build_objective
+from causalrec.train.objectives import build_objective, needs_uplift
 from causalrec.train.step import make_optimizer, metric_from_totals, train_step, validation_totals
 
 
@@ -55,7 +55,9 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
     ``objective_options``: the objective's own settings
     (:func:`causalrec.train.objectives.objective_options`). ``valid_clip``: the IPS clip of the
     validation metric (default ``clip``); fixed across Tune trials that search ``clip``, so they are
-    ranked by one metric. ``known_ids``: the ids training reaches (:func:`causalrec.models.mf.set_known_ids`).
+    ranked by one metric. With ``objective="uplift"`` the error adds the uplift heads' causal terms
+    (:func:`causalrec.train.objectives.uplift_validation_sums`). ``known_ids``: the ids training reaches
+    (:func:`causalrec.models.mf.set_known_ids`).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -86,7 +88,7 @@ def fit_local(model_config: dict, objective: str, train_df: pd.DataFrame, valid_
             valid = math.nan  # no validation rows
         else:
             totals = validation_totals(model, batches(valid_t, batch_size * 4), task, valid_mode, valid_clip,
-                                       device=dev)
+                                       device=dev, uplift=needs_uplift(objective))
             valid = metric_from_totals(totals)
         improved_before = state["best_epoch"]
         stop = early_stopping_update(state, epoch, valid, patience)

@@ -9,8 +9,10 @@ every worker and would hang otherwise), featurizes in Ray's prefetch threads
 (``iter_torch_batches(collate_fn=..., prefetch_batches=...)``, pinned memory on
 GPU), trains the DDP-wrapped model (``prepare_model``; each step follows the
 gradient of the union of the workers' batches, whatever each one holds) with bf16
-autocast on GPU, then computes the *unbiased* validation error on its validation shard and
-all-reduces the sums, so every worker takes the same early-stopping decision.
+autocast on GPU, then computes the *unbiased* validation error on its validation shard (for
+``objective=uplift`` plus the uplift heads' causal error, :func:`causalrec.train.objectives.validation_sums`)
+and all-reduces the sums on the training device (nccl takes CUDA tensors only), so every worker takes
+the same early-stopping decision.
 Every epoch rank 0 saves a checkpoint (weights, optimizer, model config, epoch
 state) and all workers ``ray.train.report`` the metrics; a restarted run
 (``FailureConfig``) or an explicit ``resume_from`` continues from the next epoch
@@ -22,7 +24,8 @@ saved state once, so the job still records it).
 validation metric; default ``clip``), epochs, batch_size, lr, encoder_lr, weight_decay,
 patience, valid_mode (ips | mcar | naive), bf16, prefetch_batches, torch_threads, seed,
 deterministic, resume_from, hyperparameters, known_ids (:func:`causalrec.models.mf.set_known_ids`),
-id_index_version (recorded in every checkpoint's meta.json for scoring).
+id_index_version and feature_names (the ``features`` layout; both recorded in every checkpoint's
+meta.json for scoring).
 """
 from __future__ import annotations
 
@@ -38,12 +41,13 @@ from ray.data.collate_fn import PandasBatchCollateFn
 from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
 from causalrec.models.mf import known_buffer_names, set_known_ids
-from causalrec.train.checkpoint import (ID_INDEX_VERSION, architecture_of, load_optimizer_state, load_weights,
-                                        save_checkpoint, unwrap)
+from causalrec.train.checkpoint import (FEATURE_NAMES, ID_INDEX_VERSION, architecture_of, load_optimizer_state,
+                                        load_weights, save_checkpoint, unwrap)
 from causalrec.train.loop_state import (checkpoint_name, early_stopping_update, epoch_seed, initial_state,
                                         resumed_in_new_run)
-from causalrec.train.objectives import build_objective, objective_options
-from causalrec.train.step import DDP_OPTIONS, make_optimizer, metric_from_totals, train_step, validation_totals
+from causalrec.train.objectives import build_objective, needs_uplift, objective_options
+from causalrec.train.step import (DDP_OPTIONS, all_reduce_sum, make_optimizer, metric_from_totals, train_step,
+                                  validation_label, validation_parts, validation_totals)
 
 
 class FeaturizeCollate(PandasBatchCollateFn):
@@ -125,6 +129,8 @@ def train_loop_per_worker(config: dict) -> None:
     epochs = int(config.get("epochs", 1))
     patience = int(config.get("patience", 0))
     valid_clip = float(config["valid_clip"] if config.get("valid_clip") is not None else config.get("clip", 0.01))
+    uplift = needs_uplift(config["objective"])  # validate the uplift heads too (objectives.uplift_validation_sums)
+    valid_label = validation_label(valid_mode, uplift)
     report = dict(rank=rank, model=model, mc=mc, optimizer=optimizer, config=config, valid_mode=valid_mode)
 
     finished = state["stopped_early"] or state["epoch"] >= epochs
@@ -147,7 +153,10 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in train_shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
                                                     prefetch_batches=prefetch, pin_memory=on_gpu,
                                                     local_shuffle_buffer_size=batch_size * 4,
-                                                    local_shuffle_seed=int(config.get("seed", 42)) + epoch):
+                                                    # from (seed, epoch) like the torch draws: a resumed
+                                                    # run shuffles as an uninterrupted one, and seeds 42
+                                                    # and 43 share no epoch's order (seed + epoch did)
+                                                    local_shuffle_seed=epoch_seed(seed, epoch)):
             wait += time.perf_counter() - t_fetch
             parts = train_step(model, objective, batch, optimizer, device=device, bf16=bf16)
             # under DDP a worker's loss is its share of the union batch's loss times the world
@@ -160,26 +169,30 @@ def train_loop_per_worker(config: dict) -> None:
         sums = torch.tensor([total, steps, rows], dtype=torch.float64)
         vt = validation_totals(unwrap(model), valid_shard.iter_torch_batches(
             batch_size=batch_size * 4, collate_fn=collate, prefetch_batches=prefetch, pin_memory=on_gpu),
-            task, valid_mode, valid_clip, device=device, bf16=bf16)
+            task, valid_mode, valid_clip, device=device, bf16=bf16, uplift=uplift)
+        # one collective for both, on the training device (a GPU worker's nccl group takes CUDA tensors only)
         if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(vt)
+            reduced = all_reduce_sum(torch.cat([sums, vt]), device).cpu()
+            sums, vt = reduced[:3], reduced[3:]
         train_loss = float(sums[0] / max(sums[1], 1))
-        valid = metric_from_totals(vt)
+        valid, valid_parts = metric_from_totals(vt), validation_parts(vt)
         stop = early_stopping_update(state, epoch, valid, patience)
         state["epoch"] = epoch + 1
         state["stopped_early"] = stop and epoch + 1 < epochs
         metrics = {
             "epoch": epoch, "train_loss": train_loss, "valid_metric": valid if not math.isnan(valid) else train_loss,
-            "valid_metric_source": f"{valid_mode}" if not math.isnan(valid) else "train_loss (no validation rows)",
-            "valid_rows": int(vt[2]), "train_rows": int(sums[2]), "best_valid": state["best_valid"],
+            "valid_metric_source": valid_label if not math.isnan(valid) else "train_loss (no validation rows)",
+            **{f"valid_{k}": v for k, v in valid_parts.items()},
+            "valid_rows": int(vt[2]), **({"valid_causal_rows": int(vt[-1])} if uplift else {}),
+            "train_rows": int(sums[2]), "best_valid": state["best_valid"],
             "best_epoch": state["best_epoch"], "samples_per_s": float(sums[2]) / max(train_time, 1e-9) / 1.0,
             "input_wait_share": wait / max(train_time, 1e-9), "stopped_early": state["stopped_early"],
         }
         state["history"].append({k: metrics[k] for k in ("epoch", "train_loss", "valid_metric", "valid_rows")})
         if rank == 0:
             print(f"[train] epoch {epoch + 1}/{epochs} train_loss={train_loss:.4f} "
-                  f"valid({valid_mode})={valid:.4f} best_epoch={state['best_epoch'] + 1} "
+                  f"valid({valid_mode}{'+uplift' if uplift else ''})={valid:.4f} "
+                  f"[{' '.join(f'{k}={v:.4f}' for k, v in valid_parts.items())}] best_epoch={state['best_epoch'] + 1} "
                   f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
         _report(epoch, metrics, state, **report)
         if stop:
@@ -198,7 +211,9 @@ def _report(epoch: int, metrics: dict, state: dict, *, rank: int, model, mc: dic
         meta = {"train_state": state, "hyperparameters": config.get("hyperparameters", {}),
                 "objective": config["objective"], "valid_mode": valid_mode, "metrics": metrics,
                 # the id map the rows were indexed with: scoring reads id_index at this version
-                ID_INDEX_VERSION: config.get("id_index_version")}
+                ID_INDEX_VERSION: config.get("id_index_version"),
+                # the names of the feature slots: scoring maps served vectors onto them by name
+                FEATURE_NAMES: config.get("feature_names")}
         save_checkpoint(tmp, model, mc, meta, optimizer)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint_name(epoch))

@@ -202,7 +202,9 @@ class DRJointLearning:
         y = target_of(batch, self.task)
         o = observed_mask(batch, y)
         of = o.float()
-        w = inverse_propensity(batch["exposure_propensity"], self.clip)
+        # zeroed off the observed rows, as in IPS / SNIPS: a sampled unobserved row may have no
+        # propensity (NaN), and 0 * NaN in the ``o * ... * w`` terms below would make the loss NaN
+        w = _masked(inverse_propensity(batch["exposure_propensity"], self.clip), o)
         pred = out["logit"]
         g = out["imputation"].float()
         y0 = torch.nan_to_num(y)
@@ -236,6 +238,9 @@ class UpliftIPW:
     regressed on the unbiased per-row effect ``Y* = Y (T/e - (1-T)/(1-e))``, whose expectation
     given x is the effect itself (Athey & Imbens 2015); Sato et al. use this identity to
     evaluate and learn uplift from logged data. The relevance head gets the exposure-IPS loss.
+    Model selection (early stopping, the best checkpoint, Ray Tune) scores the same causal terms on the
+    validation rows, ``L_1 + L_0`` and the transformed-outcome error, on top of the relevance head's
+    validation error (:func:`validation_sums` with ``uplift=True``).
     """
 
     task: str = "click"
@@ -318,12 +323,25 @@ def trains_on_unobserved(name: str) -> bool:
 # --------------------------------------------------------------------------- unbiased validation
 
 
-def validation_sums(out: dict, batch: dict, task: str, mode: str, clip: float = 0.01) -> torch.Tensor:
-    """``[sum w l, sum w, rows]`` for one batch; ``metric = sum w l / sum w`` after summing over batches/workers.
+UPLIFT_VALIDATION_PARTS = ("y1", "y0", "transformed_outcome")
+
+
+def validation_sums(out: dict, batch: dict, task: str, mode: str, clip: float = 0.01,
+                    uplift: bool = False) -> torch.Tensor:
+    """Additive sums for one batch; the metric is a function of their totals over batches and workers.
+
+    ``[sum w l, sum w, rows]``: the relevance head's (``logit``) error, ``metric = sum w l / sum w``:
 
     ``mode="mcar"``: plain mean error over the random-exposure rows (``is_mcar``): unbiased by design.
     ``mode="ips"``: self-normalised IPS estimate of the error over all pairs from the logged rows.
     ``mode="naive"``: plain mean over observed rows (biased; for comparison only).
+
+    ``uplift=True`` (``train.objective=uplift``) appends the causal terms of :func:`uplift_validation_sums`,
+    which score the heads the uplift ranking uses (``y1``, ``y0``, ``uplift``); the relevance error
+    alone would rank a model with swapped heads (every effect's sign flipped) equal to the right one.
+    Every entry is a sum over rows (float64), so summing the vectors over batches and DDP workers
+    (one all-reduce) gives exactly the union's totals; :func:`causalrec.train.step.validation_parts`
+    turns them into the reported errors.
     """
     y = target_of(batch, task)
     m = observed_mask(batch, y)
@@ -339,4 +357,43 @@ def validation_sums(out: dict, batch: dict, task: str, mode: str, clip: float = 
     else:
         raise ValueError(f"validation metric mode {mode!r}; expected mcar, ips or naive")
     l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), task), m)
-    return torch.stack([(w * l).sum().double(), w.sum().double(), m.sum().double()])
+    rel = torch.stack([x.double().sum() for x in (w * l, w, m)])  # row values summed in float64
+    if not uplift:
+        return rel
+    return torch.cat([rel, uplift_validation_sums(out, batch, task, clip)])
+
+
+def uplift_validation_sums(out: dict, batch: dict, task: str, clip: float = 0.01) -> torch.Tensor:
+    """The uplift objective's causal terms on validation rows, as sums (see :class:`UpliftIPW`).
+
+    ``[sum w1 l(y1, y), sum w1, sum w0 l(y0, y), sum w0, sum (uplift - Y*)^2, causal rows]`` with
+    ``w1 = T/e``, ``w0 = (1-T)/(1-e)``, ``e`` the treatment propensity clipped to ``[clip, 1-clip]``
+    as in training, and ``Y* = y (T/e - (1-T)/(1-e))`` the transformed outcome (Athey & Imbens 2015).
+    The ratios are the self-normalised IPW error of each potential-outcome head over the whole
+    population (``L_1``, ``L_0`` of the objective) and the transformed-outcome error of the predicted
+    effect: ``E[(tau_hat - Y*)^2 | x] = (tau_hat - tau)^2 + Var(Y* | x)``, so on fixed validation rows
+    (and a fixed ``clip``) it ranks models by their effect's squared error, unbiasedly where the
+    propensities are right. Rows: observed, labelled, with ``treated`` and ``treatment_propensity``
+    (a row missing either, or a batch without the columns, adds nothing).
+    """
+    for k in ("y1_logit", "y0_logit", "uplift"):
+        if k not in out:
+            raise KeyError("uplift validation needs a model built with uplift=True (outputs y1, y0, uplift)")
+    y = target_of(batch, task)
+    m = observed_mask(batch, y)
+    if "treated" in batch and "treatment_propensity" in batch:
+        t_raw, e_raw = batch["treated"].float(), batch["treatment_propensity"].float()
+        m = m & ~torch.isnan(t_raw) & ~torch.isnan(e_raw)
+    else:
+        t_raw = e_raw = torch.full_like(y, float("nan"))
+        m = torch.zeros_like(m)
+    e = torch.nan_to_num(e_raw, nan=0.5).clamp(clip, 1.0 - clip)
+    t = torch.nan_to_num(t_raw)
+    yv = torch.nan_to_num(y)
+    w1 = _masked(t / e, m)
+    w0 = _masked((1.0 - t) / (1.0 - e), m)
+    l1 = _masked(pointwise_loss(out["y1_logit"], yv, task), m)
+    l0 = _masked(pointwise_loss(out["y0_logit"], yv, task), m)
+    y_star = yv * (t / e - (1.0 - t) / (1.0 - e))
+    to = _masked((out["uplift"].float() - y_star) ** 2, m)
+    return torch.stack([x.double().sum() for x in (w1 * l1, w1, w0 * l0, w0, to, m)])

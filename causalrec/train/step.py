@@ -8,11 +8,12 @@ only torch and causalrec.train.objectives.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from causalrec.train.objectives import validation_sums
+from causalrec.train.objectives import UPLIFT_VALIDATION_PARTS, data_parallel_world, validation_sums
 
 
 def to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> dict:
@@ -96,18 +97,63 @@ def train_step(model: torch.nn.Module, objective: Callable, batch: dict, optimiz
 
 @torch.no_grad()
 def validation_totals(model: torch.nn.Module, batches: Iterable[dict], task: str, mode: str, clip: float,
-                      *, device: torch.device = torch.device("cpu"), bf16: bool = False) -> torch.Tensor:
-    """Sum :func:`validation_sums` over batches: ``[sum w l, sum w, rows]`` (all-reduce these across workers)."""
+                      *, device: torch.device = torch.device("cpu"), bf16: bool = False,
+                      uplift: bool = False) -> torch.Tensor:
+    """Sum :func:`validation_sums` over batches (float64, on CPU): ``[sum w l, sum w, rows]``, plus the
+    uplift objective's causal sums with ``uplift=True``. Sum these over workers (:func:`all_reduce_sum`)
+    before :func:`metric_from_totals`."""
     model.eval()
-    total = torch.zeros(3, dtype=torch.float64)
+    total = torch.zeros(3 + (2 * len(UPLIFT_VALIDATION_PARTS) if uplift else 0), dtype=torch.float64)
     for batch in batches:
         batch = to_device(batch, device)
         with autocast_for(device, bf16):
             out = model(batch)
-        total += validation_sums(out, batch, task, mode, clip).cpu()
+        total += validation_sums(out, batch, task, mode, clip, uplift=uplift).cpu()
     return total
 
 
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` summed over the default process group, returned on ``device``: the worker's training device.
+
+    Why on the training device: Ray Train gives GPU workers a ``nccl`` group, whose collectives take
+    CUDA tensors only (a CPU tensor fails with "No backend type associated with device type cpu");
+    gloo (CPU workers) takes CPU tensors. The tensor is copied to ``device`` and reduced there; the
+    caller moves the result where it needs it. Without a process group (or a group of one) it is
+    only copied to ``device``.
+    """
+    x = t.to(device, copy=True)
+    if data_parallel_world() > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
+    return x
+
+
+def validation_label(mode: str, uplift: bool = False) -> str:
+    """What the validation metric measures, for logs and ``valid_metric_source``."""
+    if not uplift:
+        return mode
+    return (f"{mode} relevance error + uplift causal error (IPW errors of y1 and y0 + transformed-outcome error "
+            "of the predicted uplift)")
+
+
+def validation_parts(total: torch.Tensor) -> dict:
+    """The named errors in validation totals: ``relevance`` (the relevance head's error in the validation
+    mode) and, for the uplift objective, ``y1`` / ``y0`` (each potential-outcome head's self-normalised
+    IPW error) and ``transformed_outcome`` (the predicted uplift's squared error against the transformed
+    outcome); NaN where no validation row had weight."""
+    total = total.detach().cpu().double()
+
+    def ratio(num: int) -> float:
+        return float(total[num] / total[num + 1]) if float(total[num + 1]) > 0 else float("nan")
+
+    parts = {"relevance": ratio(0)}
+    if len(total) > 3:
+        for k, name in enumerate(UPLIFT_VALIDATION_PARTS):
+            parts[name] = ratio(3 + 2 * k)
+    return parts
+
+
 def metric_from_totals(total: torch.Tensor) -> float:
-    """The unbiased validation error (lower is better); NaN when no validation row had weight."""
-    return float(total[0] / total[1]) if float(total[1]) > 0 else float("nan")
+    """The unbiased validation error (lower is better): the sum of :func:`validation_parts` that have
+    rows (the relevance error alone unless the objective is uplift); NaN when none had weight."""
+    vals = [v for v in validation_parts(total).values() if not math.isnan(v)]
+    return float(sum(vals)) if vals else float("nan")
