@@ -2,7 +2,10 @@
 
 A stage is up to date when its latest successful run used the same config sections
 and the same versions of its input tables (and, for ingest, the same input files) as
-now, and its outputs are still at the versions that run left them at.
+now, and its outputs are still at the versions that run left them at. A table's version
+is recorded with the table's Delta id (a table deleted and written again starts at
+version 0 again, with another id), and the inputs recorded are those taken before the
+stage ran (an input rewritten while it ran makes it stale, not up to date).
 That one rule gives both behaviours users expect: a second ``causalrec run`` is
 quick, and after a crash the rerun starts at the first stage that did not finish
 (everything before it is up to date). Run records go to the ``_pipeline_runs``
@@ -38,7 +41,7 @@ STAGE_SECTIONS = {
     "train": ("train", "features.history_length"),
     "candidates": ("candidates", "training_set.positive_threshold", "features.history_length",
                    "propensity.clip_min", "train.model_path", "train.max_seq_len"),
-    "score": ("scoring",),
+    "score": ("scoring", "features.history_length"),
     "recommend": ("ranking", "training_set.positive_threshold", "features.history_length", "ope.alpha"),
     "ope": ("ope", "training_set.positive_threshold"),
     "evaluate": ("evaluation", "training_set.positive_threshold", "propensity.treatment_eps", "ranking.k",
@@ -48,13 +51,21 @@ STAGE_SECTIONS = {
 }
 
 
-def _table_version(ctx: Context, name: str) -> Optional[int]:
+def _table_version(ctx: Context, name: str) -> Optional[str]:
+    """A table's state as run records hold it: ``"<version>@<Delta table id>"``, None when there is no table.
+
+    Why the id (``metaData.id``, set when a table is created): a table deleted and written again
+    restarts at version 0, so the version alone would match a run that read the old table. Records
+    written before the id was added hold bare versions: they match nothing now, so each stage is
+    stale once (rerun), never wrongly up to date.
+    """
     from deltalake import DeltaTable
 
     path = ctx.cfg.table_path(name)
     if not DeltaTable.is_deltatable(path):
         return None
-    return DeltaTable(path).version()
+    dt = DeltaTable(path)
+    return f"{dt.version()}@{dt.metadata().id}"
 
 
 def _config_value(cfg: dict, key: str):
@@ -67,25 +78,38 @@ def input_files(ctx: Context, stage: Stage) -> dict:
 
     Why: a rewritten input file changes no table version, so without this the ingest would
     stay 'up to date' on old data. Path, size and mtime of each file (a folder: every file
-    under it); object-store URIs are not listed (use --force after changing them).
+    under it; a glob pattern, as ingest's reader accepts: every match, sorted, a matching
+    folder with every file under it); object-store URIs are not listed (use --force after
+    changing them).
     """
+    import glob
     import os
 
     path = ctx.cfg.data.path
     if stage.name != "ingest" or ctx.cfg.data.source == "simulator" or not path or "://" in path:
         return {}
-    if not os.path.exists(path):
+    if any(ch in path for ch in "*?["):  # a glob (causalrec.ingest.sources._exists): hash every match
+        roots = sorted(set(glob.glob(path)) | ({path} if os.path.exists(path) else set()))
+    else:
+        roots = [path] if os.path.exists(path) else []
+    if not roots:
         return {path: None}
-    found = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
     listing = []
-    for f in found:
-        st = os.stat(f)
-        listing.append((os.path.relpath(f, path), st.st_size, st.st_mtime_ns))
+    for top in roots:
+        found = [top] if os.path.isfile(top) else sorted(
+            os.path.join(root, f) for root, _, names in os.walk(top) for f in names)
+        for f in found:
+            try:
+                st = os.stat(f)
+            except FileNotFoundError:  # removed while listed: the next fingerprint sees it gone
+                continue
+            name = os.path.relpath(f, path) if top == path else os.path.abspath(f)
+            listing.append((name, st.st_size, st.st_mtime_ns))
     return {path: hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}
 
 
-def fingerprint(ctx: Context, stage: Stage) -> tuple[str, dict]:
+def _what_it_reads(ctx: Context, stage: Stage) -> dict:
+    """The config sections, input table states and (ingest) input files a stage's output depends on."""
     cfg = ctx.cfg.to_dict()
     sections = {s: _config_value(cfg, s) for s in STAGE_SECTIONS.get(stage.name, ())}
     sections["seed"] = cfg["project"]["seed"]
@@ -94,8 +118,16 @@ def fingerprint(ctx: Context, stage: Stage) -> tuple[str, dict]:
     files = input_files(ctx, stage)
     if files:
         blob["files"] = files
-    digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return digest, inputs
+    return blob
+
+
+def _digest(blob: dict) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(ctx: Context, stage: Stage) -> tuple[str, dict]:
+    blob = _what_it_reads(ctx, stage)
+    return _digest(blob), blob["inputs"]
 
 
 def _runs(ctx: Context) -> list[dict]:
@@ -199,7 +231,10 @@ def run_pipeline(ctx: Context, from_stage: Optional[str] = None, until_stage: Op
             log.info("stage %-13s up to date, skipped (use --force or --from %s to rerun)", stage.name, stage.name)
             results[stage.name] = {"status": "skipped (up to date)", **_brief(last)}
             continue
-        _, inputs = fingerprint(ctx, stage)
+        # what the stage is about to read: the run record holds this, not the state after the run, so an
+        # input another process rewrites while the stage runs leaves the stage stale (it read the old one)
+        read = _what_it_reads(ctx, stage)
+        fp, inputs = _digest(read), read["inputs"]
         started = time.time()
         log.info("=" * 20 + " stage %d/%d: %s " + "=" * 20, i + 1, len(PIPELINE), stage.name)
         try:
@@ -211,9 +246,11 @@ def run_pipeline(ctx: Context, from_stage: Optional[str] = None, until_stage: Op
             raise
         finally:
             _release_ray()
-        # fingerprint again: a stage may legitimately bump its own inputs' versions (e.g. ingest)
-        fp_after, inputs_after = fingerprint(ctx, stage)
-        _record(ctx, stage, fp_after, "success", started, summary, inputs_after)
+        own = [name for name in stage.inputs if name in stage.outputs]
+        if own:  # a table the stage reads and rewrites: the next run reads the version this run left
+            read["inputs"].update({name: _table_version(ctx, name) for name in own})
+            fp, inputs = _digest(read), read["inputs"]
+        _record(ctx, stage, fp, "success", started, summary, inputs)
         runs = _runs(ctx)
         results[stage.name] = {"status": "ran", **_brief(summary)}
     total = round(time.time() - t_start, 1)

@@ -349,14 +349,15 @@ def prepare_input(ctx, id_index_version: Optional[int] = None, model: str = "the
     from causalrec.training_set import align_features, feature_layout, with_feature_vectors
 
     ft = stored_feature_tables(store)
-    fv = None
+    fv = None  # the feature-vector builder, when the stored tables allow one
     if ft is not None and store.exists("events") and store.exists("items"):
         events, items = store.read("events"), store.read("items")
         served = feature_layout(ft)
 
-        def fv(df):
+        def vectors(df):
             df = with_feature_vectors(df, ft, events, items, ctx.cfg)
             return df if feature_names is None else align_features(df, served, feature_names, model=model)
+        fv = vectors
     else:
         log.warning("scoring: no user_features/item_features tables with recorded names; pair features are null")
     user_features = ft.users if ft is not None else read("user_features")

@@ -378,6 +378,17 @@ def effect_scale(truth) -> float:
 # --------------------------------------------------------------------------- events
 
 
+def start_seconds(start_date: str) -> int:
+    """``simulator.start_date`` as Unix seconds: a given UTC offset is honoured, a naive date/time is UTC
+    (as ``data.earliest_time`` / ``latest_time`` are read)."""
+    try:
+        t = dt.datetime.fromisoformat(str(start_date).replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"simulator.start_date: {start_date!r} is not an ISO date/time") from None
+    t = t.astimezone(dt.timezone.utc) if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp())
+
+
 def _events_from(x, sc, seed: int, *, slice_name: str, policy: str, exposure_propensity: float | None = None):
     """Explode treated/observed pairs into impression / click / purchase events.
 
@@ -392,7 +403,7 @@ def _events_from(x, sc, seed: int, *, slice_name: str, policy: str, exposure_pro
     x = x.withColumn("Y", F.when(F.col("treated"), F.col("y1")).otherwise(F.col("y0")))
     x = x.withColumn("C", ((F.col("Y") > 0) | (uniform(seed, f"{slice_name}:c", *uk)
                                                < F.lit(0.05) * (F.lit(1.0) + F.col("treated").cast("double")))))
-    start = int(dt.datetime.fromisoformat(sc.start_date).replace(tzinfo=dt.timezone.utc).timestamp())
+    start = start_seconds(sc.start_date)
     secs = F.floor(uniform(seed, f"{slice_name}:time", *uk) * F.lit(sc.n_days * 86400 - 120)).cast("long")
     x = x.withColumn("t0", F.lit(start) + secs)
     pos = (F.floor(uniform(seed, f"{slice_name}:pos", *uk) * sc.n_positions) + 1).cast("int")

@@ -684,7 +684,7 @@ def run(ctx) -> dict:
     with ctx.step("training_set: extract"):
         check_propensity_split(store, cfg)
         events, users, items = store.read("events"), store.read("users"), store.read("items")
-        mcar = store.read("mcar_events") if store.exists("mcar_events") else None
+        mcar = store.read("mcar_events") if store.has_rows("mcar_events") else None
         exposure = store.read("exposure_propensity")
         treatment = store.read("treatment_propensity") if store.exists("treatment_propensity") else None
         for t in ("events", "mcar_events", "exposure_propensity", "treatment_propensity"):

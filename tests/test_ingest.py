@@ -613,3 +613,70 @@ def test_csv_quote_left_open_on_the_last_line_fails_before_any_write_without_a_f
     ev = {r.event_id: r for r in ctx.store.read("events").collect()}
     assert (ev["a1"].context, ev["b1"].policy, ev["b1"].context) == ("x", "p, q", 'say "hi" "there"')
     assert ev["c1"].context == "a \\"
+
+
+def _loaded(sp, events, mcar=None):
+    from causalrec.loaders import LoadedData
+
+    schema = "event_id string, user_id string, item_id string, event_time string, event_type string"
+    return LoadedData(name="t", events=sp.createDataFrame(events, schema),
+                      mcar_events=sp.createDataFrame(mcar, schema) if mcar is not None else None,
+                      users=sp.createDataFrame([("u1",), ("u2",)], "user_id string"),
+                      items=sp.createDataFrame([("i1",), ("i2",)], "item_id string"))
+
+
+def test_loader_rerun_replaces_events_and_same_data_is_a_noop(ctx):
+    """A loader/simulator rebuilds the whole data set: a rerun with other output leaves exactly the new rows
+    (one overwrite commit per table), a rerun with the same output commits nothing and quarantines nothing twice."""
+    from causalrec.ingest.job import write_loaded
+
+    sp, st = ctx.spark, ctx.store
+    ev = lambda i, u="u1", t="click": (f"e{i}", u, "i1", f"2024-01-0{i}T00:00:00Z", t)  # noqa: E731
+    first = _loaded(sp, [ev(1), ev(2), ev(3), ev(9, t="like")], mcar=[ev(5), ev(6)])
+    out = write_loaded(ctx, first, source="t")
+    assert out["tables"]["events"]["rows_accepted"] == 3 and out["tables"]["events"]["rows_quarantined"] == 1
+    tables = ("events", "mcar_events", "users", "items", "events_quarantine", "dimension_quarantine")
+    versions = {t: st.version(t) for t in tables}
+
+    again = write_loaded(ctx, first, source="t")  # same config, same data: no new version anywhere
+    assert {t: st.version(t) for t in tables} == versions
+    e = again["tables"]["events"]
+    assert (e["rows_read"], e["rows_accepted"], e["rows_already_present"], e["rows_quarantined"]) == (4, 0, 3, 1)
+    assert again["tables"]["mcar_events"]["rows_already_present"] == 2
+    assert st.read("events_quarantine").count() == 1
+
+    # other config: fewer events, one changed; the old rows must not stay (they did with the old append)
+    second = _loaded(sp, [ev(1), ev(4, u="u2")], mcar=[ev(6)])
+    out = write_loaded(ctx, second, source="t")
+    assert sorted(r.event_id for r in st.read("events").collect()) == ["e1", "e4"]
+    assert sorted(r.event_id for r in st.read("mcar_events").collect()) == ["e6"]
+    assert st.version("events") == versions["events"] + 1  # one atomic commit
+    assert st.version("mcar_events") == versions["mcar_events"] + 1
+    assert out["tables"]["events"]["rows_accepted"] == 2 and out["tables"]["events"]["rows_already_present"] == 0
+    assert {r.ingest_batch for r in st.read("events").collect()} == {out["tables"]["events"]["ingest_batch"]}
+
+    # every row of a new data set rejected: the table is emptied, not left with the previous data set
+    write_loaded(ctx, _loaded(sp, [ev(7, t="like")]), source="t")
+    assert st.read("events").count() == 0
+
+
+def test_loader_rerun_empties_a_table_the_source_no_longer_produces(ctx):
+    """Switching a root's source (Coat -> OBD) or turning the simulator's MCAR slice off: the earlier
+    mcar_events are not part of the new data set, so they are emptied in one commit (not left for
+    propensity / training_set to mix in), readers take the empty table as absent, and a rerun writes nothing."""
+    from causalrec.ingest.job import write_loaded
+
+    sp, st = ctx.spark, ctx.store
+    ev = lambda i: (f"e{i}", "u1", "i1", f"2024-01-0{i}T00:00:00Z", "click")  # noqa: E731
+    write_loaded(ctx, _loaded(sp, [ev(1)], mcar=[ev(5), ev(6)]), source="t")
+    assert st.has_rows("mcar_events")
+    v = st.version("mcar_events")
+
+    out = write_loaded(ctx, _loaded(sp, [ev(1), ev(2)]), source="t")
+    assert out["tables"]["mcar_events"]["emptied"] is True
+    assert st.read("mcar_events").count() == 0 and st.version("mcar_events") == v + 1
+    assert st.exists("mcar_events") and not st.has_rows("mcar_events")
+    assert not st.has_rows("ground_truth")  # never written: absent, nothing created
+
+    write_loaded(ctx, _loaded(sp, [ev(1), ev(2)]), source="t")
+    assert st.version("mcar_events") == v + 1  # already empty: no new version, downstream stays up to date

@@ -128,3 +128,19 @@ def test_full_ingest_of_obd_and_amazon(ctx, source, folder, counts):
     for table, n in counts.items():
         assert ctx.store.row_count(table) == n
     assert out["tables"]["events"]["rows_quarantined"] == 0
+
+
+def test_malformed_id_map_and_item_context_raise_data_file_error(tmp_path):
+    """pandas parse errors in Amazon's id maps and OBD's item_context.csv name the file (DataFileError)."""
+    from causalrec.loaders import DataFileError
+    from causalrec.loaders.amazon import _read_map
+    from causalrec.loaders.obd import _read_items
+
+    imap = tmp_path / "Scientific.item2index"
+    imap.write_text("B000A\t0\nB000B\n")  # second line lacks its index
+    with pytest.raises(DataFileError, match=r"Scientific\.item2index: cannot be read"):
+        _read_map(imap, 2, "item ASIN -> index")
+    ctx_csv = tmp_path / "item_context.csv"
+    ctx_csv.write_bytes(b'"unterminated\n0,1\n')
+    with pytest.raises(DataFileError, match=r"item_context\.csv: cannot be read as CSV"):
+        _read_items(ctx_csv, "men")

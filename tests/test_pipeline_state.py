@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import re
 import time
@@ -190,3 +191,106 @@ def test_a_table_the_stage_reads_makes_it_stale_when_rewritten_or_new(pctx, stag
     assert _state(pctx, st) == "up to date"
     _table(pctx, table, 2)
     assert _state(pctx, st) == "stale"
+
+
+def test_ingest_of_a_glob_tracks_the_matching_files(pctx, tmp_path):
+    """A glob data.path (ingest's reader accepts it): a new matching file or a rewritten one makes ingest stale."""
+    ing = ALL["ingest"]
+    d = tmp_path / "daily"
+    d.mkdir()
+    (d / "a.csv").write_text("a\n1\n")
+    (d / "notes.txt").write_text("x")
+    pctx.cfg.data.source, pctx.cfg.data.format, pctx.cfg.data.path = "files", "csv", str(d / "*.csv")
+    first = P.fingerprint(pctx, ing)[0]
+    assert P.fingerprint(pctx, ing)[0] == first
+    (d / "notes.txt").write_text("not matched")
+    assert P.fingerprint(pctx, ing)[0] == first
+    (d / "b.csv").write_text("a\n2\n")
+    second = P.fingerprint(pctx, ing)[0]
+    assert second != first
+    (d / "a.csv").write_text("a\n1\n3\n")
+    assert P.fingerprint(pctx, ing)[0] != second
+    pctx.cfg.data.path = str(tmp_path / "none-*.csv")
+    assert P.input_files(pctx, ing) == {pctx.cfg.data.path: None}
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """run_pipeline with stand-in stages: ``impl[name](ctx)`` runs for stage ``name``."""
+    import causalrec.cli
+    from causalrec.stages import Stage
+
+    impl = {}
+    monkeypatch.setattr(Stage, "load", lambda self: None)
+    monkeypatch.setattr(causalrec.cli, "run_stage", lambda ctx, name: impl[name](ctx) or {"stage": name})
+    return impl
+
+
+def _ingest_writes_events(ctx, value=1):
+    for t in ALL["ingest"].outputs:
+        _table(ctx, t, value)
+
+
+def test_an_input_rewritten_while_the_stage_runs_leaves_it_stale(pctx, fake_stages):
+    """features reads events v0; another process appends v1 before features finishes: the run record
+    must say v0, so the next `causalrec run` reruns features."""
+    def features(ctx):
+        _table(ctx, "events", 2, mode="append")  # a concurrent `causalrec ingest` of new files
+        for t in ALL["features"].outputs:
+            _table(ctx, t, 1)
+
+    fake_stages.update(ingest=_ingest_writes_events, features=features)
+    P.run_pipeline(pctx, until_stage="features")
+    assert _state(pctx, ALL["ingest"]) == "stale"  # its output was rewritten outside its run
+    assert _state(pctx, ALL["features"]) == "stale"
+    recorded = [r for r in P._runs(pctx) if r["stage"] == "features"][0]
+    assert json.loads(recorded["input_versions"])["events"].startswith("0@")
+
+
+def test_a_stage_that_rewrites_a_table_it_reads_records_the_version_it_left(pctx, fake_stages, monkeypatch):
+    """No pipeline stage does this today; if one does, its own rewrite must not make it stale."""
+    from causalrec.stages import Stage
+
+    assert not any(set(s.inputs) & set(s.outputs) for s in PIPELINE)
+    own = Stage("compact", "x:y", "reads and rewrites t", inputs=("t", "u"), outputs=("t",))
+    monkeypatch.setattr(P, "PIPELINE", (own,))
+    _table(pctx, "t", 1)
+    _table(pctx, "u", 1)
+    fake_stages["compact"] = lambda ctx: _table(ctx, "t", 2)
+    P.run_pipeline(pctx)
+    assert _state(pctx, own) == "up to date"
+    _table(pctx, "u", 2)
+    assert _state(pctx, own) == "stale"
+
+
+def test_a_deleted_and_rebuilt_input_table_makes_the_stage_stale(pctx):
+    """A table written again from nothing restarts at version 0: its Delta id tells it from the old one."""
+    import shutil
+
+    rec = _recommend_ran_at_k10(pctx)
+    assert DeltaTable(pctx.cfg.table_path("scores")).version() == 0
+    shutil.rmtree(pctx.cfg.table_path("scores"))
+    _table(pctx, "scores", 2)
+    assert DeltaTable(pctx.cfg.table_path("scores")).version() == 0
+    assert _state(pctx, rec) == "stale"
+    # an output deleted and rebuilt outside the pipeline too
+    _run(pctx, rec, 10)
+    shutil.rmtree(pctx.cfg.table_path("recommendations"))
+    _table(pctx, "recommendations", 10)
+    assert _state(pctx, rec) == "stale"
+
+
+def test_run_records_from_before_table_ids_make_a_stage_stale_once(pctx, monkeypatch):
+    """Records holding bare versions (written before the table id was recorded) do not crash the status:
+    they match nothing, so the stage reruns once and is up to date after."""
+    rec = ALL["recommend"]
+    for name in rec.inputs:
+        _table(pctx, name, 1)
+    with monkeypatch.context() as m:  # the old fingerprint: the version number alone
+        m.setattr(P, "_table_version", lambda ctx, name: DeltaTable(ctx.cfg.table_path(name)).version()
+                  if DeltaTable.is_deltatable(ctx.cfg.table_path(name)) else None)
+        _run(pctx, rec, 10)
+        assert _state(pctx, rec) == "up to date"
+    assert _state(pctx, rec) == "stale"
+    _run(pctx, rec, 10)
+    assert _state(pctx, rec) == "up to date"

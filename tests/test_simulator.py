@@ -137,3 +137,31 @@ def test_simulate_stage_writes_tables_and_is_idempotent(ctx):
     again = simulator.run(ctx)
     assert again["tables"]["events"]["rows_already_present"] == n
     assert ctx.store.row_count("events") == n
+
+
+@pytest.mark.parametrize("start, expected", [
+    ("2024-01-01", "2024-01-01T00:00:00+00:00"),  # naive: UTC
+    ("2024-01-01T00:00:00Z", "2024-01-01T00:00:00+00:00"),
+    ("2024-01-01T00:00:00+05:00", "2023-12-31T19:00:00+00:00"),  # the offset is honoured, not dropped
+])
+def test_start_date_offset_is_converted_to_utc(start, expected):
+    import datetime as dt
+
+    from causalrec.simulator import start_seconds
+
+    assert start_seconds(start) == int(dt.datetime.fromisoformat(expected).timestamp())
+
+
+def test_events_start_at_the_offset_start_date_in_utc(spark):
+    """start_date 00:00+05:00 is 19:00 UTC the day before: the same event times as that naive (UTC) start."""
+    from causalrec.simulator import _events_from
+
+    x = spark.createDataFrame([(u, i, f"u{u}", f"i{i}", 0.5, 1.0, 0.0) for u in range(3) for i in range(3)],
+                              "user_idx long, item_idx long, user_id string, item_id string, pi double, "
+                              "y1 double, y0 double")
+
+    def times(start):
+        ev = _events_from(x, _cfg(start_date=start, n_days=1), 5, slice_name="logged", policy="p")
+        return sorted((r.event_id, r.event_time) for r in ev.select("event_id", "event_time").collect())
+
+    assert times("2024-01-01T00:00:00+05:00") == times("2023-12-31T19:00:00")

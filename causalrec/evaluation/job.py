@@ -58,7 +58,8 @@ class MetricRows:
 
 
 def available_tables(store) -> dict[str, bool]:
-    return {t: store.exists(t) for t in OPTIONAL_TABLES}
+    # an ingest empties a table its source no longer produces (ground_truth): empty reads as absent
+    return {t: store.has_rows(t) if t == "ground_truth" else store.exists(t) for t in OPTIONAL_TABLES}
 
 
 def train_runs_to_evaluate(store, objectives: list) -> list[dict]:

@@ -6,17 +6,29 @@ loaders, :mod:`causalrec.loaders`), ``simulator`` (:mod:`causalrec.simulator`) o
 Transform: every event row goes through :mod:`causalrec.ingest.validate`.
 Load: through ``ctx.store`` only, one atomic Delta commit per table write:
 
-* ``events`` (and ``mcar_events``): append the accepted rows. Rows already in the
-  table with the same content are skipped and counted (``rows_already_present``), so a
-  rerun adds nothing; the write also carries an idempotency key derived from the rows it
-  appends (not from the input), so a retried commit is never applied twice while a rerun
-  whose rules now accept more rows still writes those. The append commits only on the table
-  version the duplicate check read (``DeltaStore.write(expected_version=...)``): when another
-  ingest committed in between, the batch is validated again against the new version (up to
-  ``CONCURRENT_INGEST_ATTEMPTS`` times), so concurrent ingests never both append one event_id.
-* ``events_quarantine``: append the rejected rows (keyed by the batch and those rows).
-* ``users``, ``items``, ``ground_truth``: dimension/truth tables, overwritten (idempotent)
-  with the rows :mod:`causalrec.ingest.dimensions` accepts: exact copies collapse to one
+* ``events`` (and ``mcar_events``) from the ``files`` source: append the accepted rows
+  (user files arrive over time). Rows already in the table with the same content are skipped
+  and counted (``rows_already_present``), so a rerun adds nothing; the write also carries an
+  idempotency key derived from the rows it appends (not from the input), so a retried commit
+  is never applied twice while a rerun whose rules now accept more rows still writes those.
+  The append commits only on the table version the duplicate check read
+  (``DeltaStore.write(expected_version=...)``): when another ingest committed in between, the
+  batch is validated again against the new version (up to ``CONCURRENT_INGEST_ATTEMPTS``
+  times), so concurrent ingests never both append one event_id.
+* ``events`` / ``mcar_events`` from a loader (coat, obd, amazon) or the simulator, which
+  rebuild the whole data set every run (:func:`write_loaded`): replaced, one overwrite commit
+  each, by exactly the rows this run accepts (validated against nothing but this batch), so
+  rows an earlier config produced and this one does not never stay. The commit records a
+  content key (the batch id and the accepted rows' fingerprint, :func:`content_key`); when
+  the table's latest commit already carries this run's key (a rerun with the same config and
+  data) nothing is written - no new table version, so downstream stages stay up to date -
+  and the rows count as already present. The overwrite commits only on the version read
+  (same retry as above).
+* ``events_quarantine``: append the rejected rows (keyed by the batch and those rows, so a
+  rerun adds nothing; rows a replaced batch rejected stay, under that batch's id).
+* ``users``, ``items``, ``ground_truth``: dimension/truth tables, overwritten with the rows
+  :mod:`causalrec.ingest.dimensions` accepts (skipped, like the replaced events, when the
+  table's latest commit carries this run's content key): exact copies collapse to one
   (counted), rows with a null/empty key or a key shared by differing rows go to
   ``dimension_quarantine`` (keyed like events_quarantine, so a rerun adds nothing).
 * ``ingest_log``: one row per table written per run, events and dimension tables alike:
@@ -67,13 +79,35 @@ def batch_id_for(prefix: str, fingerprint: str) -> str:
     return f"{prefix}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
 
 
+def content_key(table: str, spec, batch: str, written_fingerprint: str = "") -> str:
+    """The key a replacing write records (commit metadata ``content_key``): equal keys, equal table content.
+
+    ``batch`` is derived from every row read and the rules; ``written_fingerprint`` (the rows written,
+    which also depend on the users/items tables the rules check against) pins the rows that passed;
+    ``spec`` (the table's declared schema) the columns they are written with.
+    """
+    return batch_id_for(f"{table}-content", f"{batch}|{written_fingerprint}|{spec.spark_schema().simpleString()}")
+
+
+def _holds_content(store, table: str, key: str) -> bool:
+    """Whether ``table``'s latest commit is a replacing write with content key ``key`` (so the table holds
+    exactly those rows). Any later commit - an append, a delete, a compaction - makes this False: the
+    table is then rewritten once, never left with rows the key does not describe."""
+    if not store.exists(table):
+        return False
+    latest = store.commit_metadata(table, limit=1)
+    return bool(latest) and latest[0].get("content_key") == key
+
+
 def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_prefix: str = "batch",
-                  users=None, items=None, rules=None, fmt: str = "") -> dict:
+                  users=None, items=None, rules=None, fmt: str = "", replace: bool = False) -> dict:
     """Validate ``raw`` and write it to ``table`` / ``events_quarantine`` / ``ingest_log``.
 
     Fails before writing anything when the input schema is unusable. ``fmt``: the file format
     ``raw`` was read in (:func:`causalrec.ingest.sources.read_events`); for csv / jsonl the
-    quarantine detail names each rejected row's line.
+    quarantine detail names each rejected row's line. ``replace``: ``raw`` is the whole data set
+    (a loader or the simulator): ``table`` becomes exactly its accepted rows (one overwrite commit,
+    none when the table already holds them); else the accepted rows not yet in ``table`` are appended.
     """
     from causalrec.ingest.sources import number_rows
 
@@ -91,7 +125,8 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
     numbered = number_rows(raw)
     for attempt in range(1, CONCURRENT_INGEST_ATTEMPTS + 1):
         try:
-            s, batch = _validate_and_write(ctx, numbered, table, rules, users, items, source, batch_prefix, fmt)
+            s, batch = _validate_and_write(ctx, numbered, table, rules, users, items, source, batch_prefix, fmt,
+                                           replace)
             break
         except ConcurrentWriteError as exc:  # every write of an attempt is keyed: a retry repeats none
             if attempt == CONCURRENT_INGEST_ATTEMPTS:
@@ -116,16 +151,19 @@ def ingest_events(ctx, raw, *, table: str = "events", source: str = "", batch_pr
     }
 
 
-def _validate_and_write(ctx, numbered, table, rules, users, items, source, batch_prefix, fmt):
+def _validate_and_write(ctx, numbered, table, rules, users, items, source, batch_prefix, fmt, replace=False):
     """One attempt: flag the rows against one version of ``table``, append the accepted ones on that
     version (or raise :class:`ConcurrentWriteError`: two ingests racing with one event_id cannot both
-    append it), then quarantine the rejected ones. Returns (summary, batch id)."""
+    append it), then quarantine the rejected ones. Returns (summary, batch id).
+
+    ``replace``: the rows are flagged against this batch alone and replace the table (overwrite on the
+    version read), unless its latest commit already holds them (:func:`_holds_content`)."""
     from pyspark import StorageLevel
     from causalrec.ingest.validate import row_hash, typed_columns
 
     store = ctx.store
     read_version = store.version(table)
-    existing = store.read(table, version=read_version) if read_version is not None else None
+    existing = store.read(table, version=read_version) if read_version is not None and not replace else None
     flagged = flag_rows(numbered, rules, users=users, items=items, existing=existing)
     flagged = flagged.withColumn(FINGERPRINT, row_hash(typed_columns(flagged)))
     flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
@@ -136,7 +174,18 @@ def _validate_and_write(ctx, numbered, table, rules, users, items, source, batch
             lines = _line_args(ctx.spark, flagged, fmt) if s.rows_quarantined else {}
         batch = batch_id_for(batch_prefix, f"{table}|{source}|{s.fingerprint}|{rules_fingerprint(rules)}")
         fl = flagged.drop(FINGERPRINT)
-        if s.rows_accepted:
+        if replace:
+            key = content_key(table, EVENT_SPECS[table], batch, s.accepted_fingerprint)
+            if _holds_content(store, table, key):  # same data set as the table holds: no new version
+                log.info("%s already holds exactly this batch (%s); not rewritten", table, batch)
+                s.rows_already_present, s.rows_accepted = s.rows_accepted, 0
+            else:
+                with ctx.step(f"write {table}"):
+                    # the whole data set: rows an earlier config produced and this one does not must go
+                    store.write(accepted_rows(fl, batch), table, "overwrite", spec=EVENT_SPECS[table],
+                                metadata={"ingest_batch": batch, "content_key": key},
+                                expected_version=-1 if read_version is None else read_version)
+        elif s.rows_accepted:
             with ctx.step(f"write {table}"):
                 # keyed by the rows appended: the same rows are never appended twice, other rows always are
                 store.write(accepted_rows(fl, batch), table, "append", spec=EVENT_SPECS[table],
@@ -228,7 +277,12 @@ def write_dimension(ctx, flagged, s: DimensionSummary, name: str, *, source: str
     store = ctx.store
     started = dt.datetime.now(dt.timezone.utc)
     batch = batch_id_for(batch_prefix, f"{name}|{source}|{s.fingerprint}")
-    store.write(kept_rows(flagged, name), name, "overwrite", spec=SPECS[name], metadata={"ingest_batch": batch})
+    key = content_key(name, SPECS[name], batch)  # the kept rows are a function of the rows read (order aside)
+    if _holds_content(store, name, key):  # same rows as the table holds: no new version for downstream stages
+        log.info("%s already holds exactly this batch (%s); not rewritten", name, batch)
+    else:
+        store.write(kept_rows(flagged, name), name, "overwrite", spec=SPECS[name],
+                    metadata={"ingest_batch": batch, "content_key": key})
     if s.rows_quarantined:
         log.warning("%s: %d row(s) quarantined in dimension_quarantine (%s); %d written",
                     name, s.rows_quarantined, ", ".join(f"{k}={v}" for k, v in s.reasons.items()), s.rows_written)
@@ -276,9 +330,34 @@ def write_loaded(ctx, data, *, source: str) -> dict:
         raw = getattr(data, table)
         if raw is None:
             continue
+        # a loader / the simulator rebuilds the whole data set: the tables become exactly what it produced
         out["tables"][table] = ingest_events(
-            ctx, raw, table=table, source=data.sources.get(table, source), batch_prefix=f"{source}-{table}")
+            ctx, raw, table=table, source=data.sources.get(table, source), batch_prefix=f"{source}-{table}",
+            replace=True)
+    for table in ("mcar_events", "ground_truth"):
+        if getattr(data, table, None) is None:
+            out["tables"].update(_empty_unproduced(ctx, table, source))
     return out
+
+
+def _empty_unproduced(ctx, table: str, source: str) -> dict:
+    """Empty ``table`` (one overwrite with no rows) when this source produces none but an earlier ingest left rows.
+
+    A loader or the simulator rebuilds the whole data set, so a table it does not produce (Coat's MCAR
+    ratings after switching the root to OBD; the simulator's MCAR slice after turning it off) is not part
+    of it: left in place, propensity, training_set and evaluate would mix another data set into this one.
+    Readers take an empty table as absent (``DeltaStore.has_rows``). Already empty: nothing is written, so a
+    rerun leaves downstream stages up to date.
+    """
+    store = ctx.store
+    if not store.has_rows(table):
+        return {}
+    spec = MCAR_EVENTS if table == "mcar_events" else SPECS[table]
+    with ctx.step(f"empty {table}"):
+        store.write(ctx.spark.createDataFrame([], spec.spark_schema()), table, "overwrite", spec=spec,
+                    metadata={"ingest_batch": f"{source}-{table}-none"})
+    log.warning("%s produces no %s: emptied %s (it held rows of an earlier ingest)", source, table, store.path(table))
+    return {table: {"rows_written": 0, "emptied": True}}
 
 
 def run(ctx) -> dict:

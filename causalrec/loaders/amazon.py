@@ -50,7 +50,10 @@ def _read_tsv(path: Path, header: list, what: str) -> pd.DataFrame:
 
 def _read_map(path: Path, n: int, what: str) -> dict:
     require_file(path, f"{n} lines '<id>\\t<index>' ({what})")
-    df = pd.read_csv(path, sep="\t", header=None, names=["id", "idx"], dtype={"id": str, "idx": int})
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, names=["id", "idx"], dtype={"id": str, "idx": int})
+    except Exception as exc:
+        raise DataFileError(f"{path}: cannot be read as lines '<id>\\t<index>' ({what}): {exc}") from None
     if len(df) != n or sorted(df["idx"]) != list(range(n)):
         raise DataFileError(f"{path}: {len(df)} rows, expected {n} ids with indices 0..{n - 1}")
     return dict(zip(df["idx"], df["id"]))

@@ -76,7 +76,10 @@ def _read_log(path: Path, campaign: str) -> pd.DataFrame:
 
 def _read_items(path: Path, campaign: str) -> pd.DataFrame:
     require_file(path, f"{N_ITEMS[campaign]} item rows with item_feature_0..3")
-    df = pd.read_csv(path, index_col=0)
+    try:
+        df = pd.read_csv(path, index_col=0)
+    except Exception as exc:
+        raise DataFileError(f"{path}: cannot be read as CSV: {exc}") from None
     need = ["item_id", "item_feature_0", "item_feature_1", "item_feature_2", "item_feature_3"]
     missing = [c for c in need if c not in df.columns]
     if missing:

@@ -394,8 +394,8 @@ def run(ctx) -> dict:
     cached = []
     with ctx.step("propensity: extract"):
         events = store.read("events")
-        mcar = store.read("mcar_events") if store.exists("mcar_events") else None
-        truth = store.read("ground_truth") if store.exists("ground_truth") else None
+        mcar = store.read("mcar_events") if store.has_rows("mcar_events") else None
+        truth = store.read("ground_truth") if store.has_rows("ground_truth") else None
         ctx.log_rows("events", store.row_count("events"), "in")
         scope = fit_scope(events, cfg, mcar)
         if not scope.restricted:  # nothing held out: the features stage's tables are the ones to learn from

@@ -446,6 +446,11 @@ class DeltaStore:
             retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False
         )
 
+    def has_rows(self, name: str) -> bool:
+        """Whether the table exists and holds a row (an ingest empties a table its source no longer
+        produces, e.g. ``mcar_events``: its readers take it as absent)."""
+        return self.exists(name) and self.row_count(name) > 0
+
     def row_count(self, name: str, version: Optional[int] = None) -> int:
         """From the log's file statistics when present: no data scan."""
         if self.backend == "delta-rs":
