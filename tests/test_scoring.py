@@ -158,20 +158,12 @@ def test_scoring_input_carries_the_training_feature_layout(ctx, spark):
     Guards train/serve skew: a model trained with features must not be served nulls or a
     vector in another order. attr_match is checked by hand on the small world of test_features.
     """
-    from test_features import small_world
-
     from causalrec.features.job import run as features_run
     from causalrec.features.pair import PAIR_FEATURE_NAMES
-    from causalrec.schemas import EVENTS
     from causalrec.scoring import prepare_input
 
-    events, users, items = small_world(spark)
     store = ctx.store
-    store.write(events, "events", mode="overwrite", spec=EVENTS)
-    store.write(users, "users", mode="overwrite", spec=USERS)
-    store.write(items, "items", mode="overwrite", spec=ITEMS)
-    ctx.cfg.features.cutoff = "2024-01-10T00:00:00"
-    ctx.cfg.features.windows_days = [3, 30]
+    events, users, items = _small_world_written(ctx, spark)
     ctx.cfg.features.history_length = 2
     features_run(ctx)
     cands = [("u1", "i4"), ("u1", "i1"), ("u9", "i2")]
@@ -243,19 +235,31 @@ def test_prepare_input_rejects_duplicated_candidates(ctx, spark):
         prepare_input(ctx)
 
 
-def test_scoring_serves_the_users_whole_history_not_a_training_rows(ctx, spark):
-    """A train row's history leaves out its own item (a label proxy); served candidates must not inherit
-    that: a user whose latest row is a train row is served every recent item, most recent first, and
-    its "Recently" text, built by the training set's helper from user_features, not from one example row."""
+def _small_world_written(ctx, spark):
+    """test_features' small world written to the store, with its cutoff and windows set: (events, users, items)."""
+    from test_features import small_world
+
+    from causalrec.schemas import EVENTS
+
+    events, users, items = small_world(spark)
+    for df, name, spec in ((events, "events", EVENTS), (users, "users", USERS), (items, "items", ITEMS)):
+        ctx.store.write(df, name, mode="overwrite", spec=spec)
+    ctx.cfg.features.cutoff = "2024-01-10T00:00:00"
+    ctx.cfg.features.windows_days = [3, 30]
+    return events, users, items
+
+
+def _history_world(ctx, spark, extra_rows=()):
+    """Ten users rating five of seven items on five days (plus ``extra_rows``), written with their feature
+    tables and id_index: (events, id_index as written, training_examples built on a random_user split)."""
     from test_features import make_events, make_items, make_users
 
     from causalrec.features.job import run as features_run
-    from causalrec.schemas import EVENTS, EXPOSURE_PROPENSITY, TRAINING_EXAMPLES
-    from causalrec.scoring import prepare_input
+    from causalrec.schemas import EVENTS, EXPOSURE_PROPENSITY
     from causalrec.training_set import build_id_index, build_training_examples
 
     rows = [(f"e{u}_{d}", f"u{u}", f"i{(u * 5 + d) % 7}", f"2024-01-0{d + 1} {u:02d}:00", "rating", 1 + (u + d) % 5)
-            for u in range(10) for d in range(5)]
+            for u in range(10) for d in range(5)] + list(extra_rows)
     events = make_events(spark, rows)
     items = make_items(spark, [(f"i{j}", [], "c", f"item text {j}") for j in range(7)])
     users = make_users(spark, [(f"u{u}", [], f"user {u}", None) for u in range(10)])
@@ -271,15 +275,31 @@ def test_scoring_serves_the_users_whole_history_not_a_training_rows(ctx, spark):
                                      EXPOSURE_PROPENSITY.spark_schema())
     store.write(build_id_index(spark, users, items, events), "id_index", mode="overwrite", spec=ID_INDEX)
     idx = store.read("id_index")
-    te = build_training_examples(events, users, items, exposure, None, idx, cfg)
+    return events, idx, build_training_examples(events, users, items, exposure, None, idx, cfg)
+
+
+def _popular_candidates(spark, store, users):
+    """One popularity candidate (item i6) per user in ``users``."""
+    store.write(spark.createDataFrame([(u, "i6", "popularity", ["popularity"], 1.0) for u in users],
+                                      "user_id string, item_id string, source string, sources array<string>, "
+                                      "source_score double"), "candidates", mode="overwrite", spec=CANDIDATES)
+
+
+def test_scoring_serves_the_users_whole_history_not_a_training_rows(ctx, spark):
+    """A train row's history leaves out its own item (a label proxy); served candidates must not inherit
+    that: a user whose latest row is a train row is served every recent item, most recent first, and
+    its "Recently" text, built by the training set's helper from user_features, not from one example row."""
+    from causalrec.schemas import TRAINING_EXAMPLES
+    from causalrec.scoring import prepare_input
+
+    store = ctx.store
+    events, idx, te = _history_world(ctx, spark)
     store.write(te, "training_examples", mode="overwrite", spec=TRAINING_EXAMPLES)
     te = store.read("training_examples").where("observed = 1").collect()
     item_idx = {r["id"]: r["idx"] for r in idx.where("kind = 'item'").collect()}
     train_users = sorted({r["user_id"] for r in te if r["split"] == "train"})
     assert train_users and all(r["split"] == "train" for r in te if r["user_id"] in train_users)
-    store.write(spark.createDataFrame([(u, "i6", "popularity", ["popularity"], 1.0) for u in train_users],
-                                      "user_id string, item_id string, source string, sources array<string>, "
-                                      "source_score double"), "candidates", mode="overwrite", spec=CANDIDATES)
+    _popular_candidates(spark, store, train_users)
     assert prepare_input(ctx) == len(train_users)
 
     served = {r["user_id"]: r for r in store.read("scoring_input").collect()}
@@ -368,39 +388,16 @@ def test_train_and_serve_histories_follow_one_rule(ctx, spark):
     (one entry per item, at its latest interaction: each user rates their last item twice), a train row's
     own item left out before the cut to ``features.history_length``. Rows ranked instead of items served
     [last, last] and trained on one item fewer than served."""
-    from test_features import make_events, make_items, make_users
-
-    from causalrec.features.job import run as features_run
-    from causalrec.schemas import EVENTS, EXPOSURE_PROPENSITY
     from causalrec.scoring import prepare_input
-    from causalrec.training_set import build_id_index, build_training_examples
 
-    rows = [(f"e{u}_{d}", f"u{u}", f"i{(u * 5 + d) % 7}", f"2024-01-0{d + 1} {u:02d}:00", "rating", 1 + (u + d) % 5)
-            for u in range(10) for d in range(5)]
-    rows += [(f"r{u}", f"u{u}", f"i{(u * 5 + 4) % 7}", f"2024-01-05 {u:02d}:30", "rating", 4) for u in range(10)]
-    events = make_events(spark, rows)
-    items = make_items(spark, [(f"i{j}", [], "c", f"item text {j}") for j in range(7)])
-    users = make_users(spark, [(f"u{u}", [], f"user {u}", None) for u in range(10)])
-    cfg, store = ctx.cfg, ctx.store
-    cfg.features.history_length = 2
-    cfg.training_set.split = "random_user"
-    cfg.training_set.test_fraction, cfg.training_set.valid_fraction = 0.2, 0.2
-    cfg.training_set.unobserved_per_observed = 0.0
-    for df, name, spec in ((events, "events", EVENTS), (users, "users", USERS), (items, "items", ITEMS)):
-        store.write(df, name, mode="overwrite", spec=spec)
-    features_run(ctx)
-    seen = [(r["user_id"], r["item_id"]) for r in events.select("user_id", "item_id").distinct().collect()]
-    exposure = spark.createDataFrame([(u, i, 1, None, 0.5, 0.5, "hand", 1.0) for u, i in seen],
-                                     EXPOSURE_PROPENSITY.spark_schema())
-    idx = build_id_index(spark, users, items, events)
-    store.write(idx, "id_index", mode="overwrite", spec=ID_INDEX)
-    te = build_training_examples(events, users, items, exposure, None, store.read("id_index"), cfg)
+    store = ctx.store
+    ctx.cfg.features.history_length = 2
+    repeats = [(f"r{u}", f"u{u}", f"i{(u * 5 + 4) % 7}", f"2024-01-05 {u:02d}:30", "rating", 4) for u in range(10)]
+    events, idx, te = _history_world(ctx, spark, repeats)
     te = [r for r in te.where("observed = 1 and split = 'train'").collect()]
     item_idx = {r["id"]: r["idx"] for r in idx.where("kind = 'item'").collect()}
     train_users = sorted({r["user_id"] for r in te})
-    store.write(spark.createDataFrame([(u, "i6", "popularity", ["popularity"], 1.0) for u in train_users],
-                                      "user_id string, item_id string, source string, sources array<string>, "
-                                      "source_score double"), "candidates", mode="overwrite", spec=CANDIDATES)
+    _popular_candidates(spark, store, train_users)
     assert prepare_input(ctx) == len(train_users)
     served = {r["user_id"]: r for r in store.read("scoring_input").collect()}
     for u in train_users:
@@ -424,23 +421,17 @@ def test_scoring_maps_served_features_onto_the_trained_layout_by_name(ctx, spark
     lacks is 0. Without the record the vectors are served as built, with a warning."""
     import logging
 
-    from test_features import make_items, small_world
+    from test_features import make_items
 
     import causalrec.scoring as scoring
     from causalrec.features.job import run as features_run
     from causalrec.features.job import stored_feature_tables
     from causalrec.models import build_model
-    from causalrec.schemas import EVENTS
     from causalrec.train.checkpoint import save_checkpoint, trained_feature_names
     from causalrec.training_set import align_features, feature_layout
 
-    events, users, items = small_world(spark)
     store = ctx.store
-    store.write(events, "events", mode="overwrite", spec=EVENTS)
-    store.write(users, "users", mode="overwrite", spec=USERS)
-    store.write(items, "items", mode="overwrite", spec=ITEMS)
-    ctx.cfg.features.cutoff = "2024-01-10T00:00:00"
-    ctx.cfg.features.windows_days = [3, 30]
+    events, users, items = _small_world_written(ctx, spark)
     features_run(ctx)
     trained = feature_layout(stored_feature_tables(store))
     cands = [("u1", "i1"), ("u1", "i4"), ("u2", "i2"), ("u3", "i3")]

@@ -382,6 +382,19 @@ def _impression_log():
     return rows
 
 
+def _without_exposure(log, eid):
+    """The time-ordered ``log`` less the impression ``eid`` and its pair's rows up to the pair's next impression."""
+    pos = next(n for n, r in enumerate(log) if r[0] == eid)
+    u, i = log[pos][1], log[pos][2]
+    gone = {eid}
+    for r in log[pos + 1:]:
+        if (r[1], r[2]) == (u, i):
+            if r[4] == "impression":
+                break
+            gone.add(r[0])
+    return [r for r in log if r[0] not in gone]
+
+
 def _counts_from_log(rows, cutoff, windows):
     """The user and item count features (raw counts) and global rates, recomputed from ``rows`` by hand."""
     def in_w(t, w):
@@ -461,16 +474,7 @@ def test_train_rows_leave_their_own_exposure_out_of_the_count_features(spark):
     _, _, (g_ctr, g_cvr) = _counts_from_log(log, cutoff, cfg.features.windows_days)
 
     def without_exposure(eid):
-        """The log less the impression ``eid`` and its pair's rows up to the pair's next impression."""
-        pos = next(n for n, r in enumerate(log) if r[0] == eid)
-        u, i = log[pos][1], log[pos][2]
-        gone = {eid}
-        for r in log[pos + 1:]:
-            if (r[1], r[2]) == (u, i):
-                if r[4] == "impression":
-                    break
-                gone.add(r[0])
-        return [r for r in log if r[0] not in gone]
+        return _without_exposure(log, eid)
 
     user_slots = ["n_events", "n_interactions", "n_distinct_items", "n_impression", "n_click", "n_purchase",
                   "n_click_2d", "n_impression_2d", "n_click_30d"]
@@ -669,15 +673,7 @@ def test_train_rows_leave_their_own_exposure_out_of_top_attribute_share_and_popu
     full_share, full_pct = _top_share_and_pct(log, tokens, all_items)
 
     def without_exposure(eid):
-        pos = next(n for n, r in enumerate(log) if r[0] == eid)
-        u, i = log[pos][1], log[pos][2]
-        gone = {eid}
-        for r in log[pos + 1:]:
-            if (r[1], r[2]) == (u, i):
-                if r[4] == "impression":
-                    break
-                gone.add(r[0])
-        return [r for r in log if r[0] not in gone]
+        return _without_exposure(log, eid)
 
     s_share, s_pct = _slot(cfg, "user", "top_attribute_share"), _slot(cfg, "item", "popularity_pct")
     changed, by_id = {"share": 0, "pct": 0}, {}
