@@ -27,7 +27,7 @@ def spark():
     from causalrec.sessions import get_spark
 
     cfg = Config()
-    cfg.spark.driver_memory = "3g"  # the whole suite shares this session (cached tables, MLlib fits)
+    cfg.spark.driver_memory = "4g"  # the whole suite shares this session (cached tables, MLlib fits; 3g ran dry once under load)
     cfg.spark.shuffle_partitions = 4
     cfg.spark.conf = {"spark.ui.showConsoleProgress": "false", "spark.default.parallelism": "4"}
     s = get_spark(cfg)
