@@ -606,8 +606,14 @@ def feature_layout(ft) -> list[str]:
 def recorded_feature_names(commit_metadata) -> list[str] | None:
     """The ``features`` layout ``training_examples`` were built with (:func:`feature_layout`), from the table's
     causalrec commit metadata, newest first; None for a table written before the layout was recorded."""
-    v = next((m[FEATURE_NAMES] for m in commit_metadata if m.get(FEATURE_NAMES) is not None), None)
+    v = newest_recorded(commit_metadata, FEATURE_NAMES)
     return None if v is None else [str(n) for n in v]
+
+
+def newest_recorded(commit_metadata, key: str):
+    """``key``'s value in the newest commit metadata (newest first) that records it; None when none does
+    (a later commit that records nothing, e.g. a compaction, changes no rows)."""
+    return next((m[key] for m in commit_metadata if m.get(key) is not None), None)
 
 
 def feature_index(served: list, trained: list) -> list[int]:
@@ -654,7 +660,7 @@ def recorded_id_index_version(commit_metadata) -> int | None:
     Why not the current ``id_index`` version: the stage writes ``id_index`` and ``training_examples`` in two
     commits, so a run that failed between them leaves an ``id_index`` one version ahead of the rows.
     """
-    v = next((m[ID_INDEX_VERSION] for m in commit_metadata if m.get(ID_INDEX_VERSION) is not None), None)
+    v = newest_recorded(commit_metadata, ID_INDEX_VERSION)
     return None if v is None else int(v)
 
 

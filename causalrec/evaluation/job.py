@@ -73,15 +73,17 @@ def train_runs_to_evaluate(store, objectives: list) -> list[dict]:
     return list(latest.values())
 
 
-def examples_id_index_version(store) -> Optional[int]:
-    """The ``id_index`` version ``training_examples``' rows were indexed with, as training_set recorded it in
-    their commit (:func:`causalrec.training_set.recorded_id_index_version`). A table written before the
-    version was recorded: the current ``id_index`` version (the one the stage wrote beside it), or None
-    without an ``id_index``."""
-    from causalrec.training_set import recorded_id_index_version
+def examples_layout(store) -> tuple[Optional[int], Optional[list]]:
+    """(``id_index`` version, ``features`` slot names) ``training_examples``' rows were built with, as
+    training_set recorded them in their commit (:func:`causalrec.training_set.recorded_id_index_version`,
+    :func:`~causalrec.training_set.recorded_feature_names`). A table written before the version was
+    recorded: the current ``id_index`` version (the one the stage wrote beside it), or None without an
+    ``id_index``; names None when unrecorded."""
+    from causalrec.training_set import recorded_feature_names, recorded_id_index_version
 
-    recorded = recorded_id_index_version(store.commit_metadata("training_examples"))
-    return recorded if recorded is not None else store.version("id_index")
+    recorded = store.commit_metadata("training_examples")
+    version = recorded_id_index_version(recorded)
+    return (version if version is not None else store.version("id_index")), recorded_feature_names(recorded)
 
 
 def reindex_examples(examples: DataFrame, id_index: DataFrame, indexed_with: DataFrame) -> DataFrame:
@@ -117,7 +119,7 @@ def checkpoint_test_rows(store, test: DataFrame, checkpoint_path: str, rows_vers
     """(``test`` indexed as the checkpoint was trained, provenance for the summary).
 
     The checkpoint's meta.json records the ``id_index`` version its rows were indexed with;
-    ``rows_version`` is the one the current ``training_examples`` were (:func:`examples_id_index_version`).
+    ``rows_version`` is the one the current ``training_examples`` were (:func:`examples_layout`).
     They differ when training_set ran again after training (new users or items shift the dense
     indices): the test rows' indices would then feed the model other ids' embeddings, so their ids are
     mapped through the trained version (:func:`causalrec.scoring.trained_id_index`, as scoring does;
@@ -408,10 +410,7 @@ def run(ctx) -> dict:
             test = te.where((F.col("split") == "test") & (F.col("observed") == 1)).persist()
             ctx.log_rows("training_examples[test]", test.count(), "in")
         if test is not None and avail["train_runs"]:
-            rows_version = examples_id_index_version(store)
-            from causalrec.training_set import recorded_feature_names
-
-            rows_names = recorded_feature_names(store.commit_metadata("training_examples"))
+            rows_version, rows_names = examples_layout(store)
             for run_row in train_runs_to_evaluate(store, cfg.evaluation.models):
                 name = f"{run_row['model']}:{run_row['objective']}"
                 try:

@@ -352,7 +352,7 @@ def _empty_unproduced(ctx, table: str, source: str) -> dict:
     store = ctx.store
     if not store.has_rows(table):
         return {}
-    spec = MCAR_EVENTS if table == "mcar_events" else SPECS[table]
+    spec = {**EVENT_SPECS, **SPECS}[table]
     with ctx.step(f"empty {table}"):
         store.write(ctx.spark.createDataFrame([], spec.spark_schema()), table, "overwrite", spec=spec,
                     metadata={"ingest_batch": f"{source}-{table}-none"})

@@ -338,7 +338,7 @@ class DeltaStore:
 
     def commit_metadata(self, name: str, limit: Optional[int] = None) -> list[dict]:
         """The causalrec metadata dicts (``write(..., metadata=...)``) of the table's commits, newest first."""
-        return [m for m in map(_commit_meta, self.history(name, limit)) if m is not None]
+        return commit_metadata_of(self.history(name, limit))
 
     def has_commit_key(self, name: str, key: str) -> bool:
         """Whether the write keyed ``key`` is applied: committed, and its rows not replaced since.
@@ -461,6 +461,12 @@ class DeltaStore:
             if "num_records" in actions.column_names:
                 return int(pc.sum(actions.column("num_records")).as_py() or 0)
         return self.read(name, version).count()
+
+
+def commit_metadata_of(history) -> list[dict]:
+    """The causalrec metadata dicts in history entries (either engine's, e.g. a delta-rs
+    ``DeltaTable.history()`` read without a Spark session), in their order."""
+    return [m for m in map(_commit_meta, history) if m is not None]
 
 
 def _commit_meta(h: dict) -> Optional[dict]:

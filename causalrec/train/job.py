@@ -85,6 +85,9 @@ def table_stats(cfg) -> dict:
     import pyarrow.dataset as pads
     from deltalake import DeltaTable
 
+    from causalrec.storage.store import commit_metadata_of
+    from causalrec.training_set import recorded_feature_names, recorded_id_index_version
+
     dt = DeltaTable(cfg.table_path("training_examples"))
     ds = dt.to_pyarrow_dataset()
     label = "label" if cfg.train.task == "rating" else "outcome"
@@ -112,7 +115,8 @@ def table_stats(cfg) -> dict:
                 n_valid_mcar += int(pc.sum(pc.and_(obs, pc.fill_null(b.column("is_mcar"), False))).as_py() or 0)
     head = ds.head(64, columns=["features"], filter=pads.field("split") == "train").column("features").to_pylist()
     n_features = max((len(f) for f in head if f is not None), default=0)
-    feature_names = examples_feature_names(dt)
+    recorded = commit_metadata_of(dt.history())  # training_set's records in the training_examples commits
+    feature_names = recorded_feature_names(recorded)
     if feature_names is not None and len(feature_names) != n_features:
         log.warning("train: %s records %d feature names but its rows hold %d features; the checkpoints will not "
                     "record the layout (scoring then cannot map served features by name). Rerun training_set",
@@ -123,7 +127,7 @@ def table_stats(cfg) -> dict:
                     "scoring will assume the served feature vectors keep the trained slots. Rerun training_set "
                     "to record it", cfg.table_path("training_examples"))
     idx_path = cfg.table_path("id_index")
-    id_index_version = examples_id_index_version(dt)
+    id_index_version = recorded_id_index_version(recorded)
     if DeltaTable.is_deltatable(idx_path):
         if id_index_version is None:  # training_examples from before the version was recorded
             id_index_version = int(DeltaTable(idx_path).version())
@@ -150,24 +154,6 @@ def table_stats(cfg) -> dict:
     return {"shape": {"n_users": n_users, "n_items": n_items, "n_features": n_features, "global_bias": float(mean)},
             "rows": n, "valid_mcar_rows": n_valid_mcar, "known": known, "id_index_version": id_index_version,
             "feature_names": feature_names}
-
-
-def examples_id_index_version(dt) -> int | None:
-    """The id_index version training_set recorded in ``dt``'s (training_examples') commit metadata
-    (:func:`causalrec.training_set.recorded_id_index_version`); None when none records it."""
-    from causalrec.storage.store import _commit_meta
-    from causalrec.training_set import recorded_id_index_version
-
-    return recorded_id_index_version(m for m in map(_commit_meta, dt.history()) if m is not None)
-
-
-def examples_feature_names(dt) -> list | None:
-    """The ``features`` layout training_set recorded in ``dt``'s (training_examples') commit metadata
-    (:func:`causalrec.training_set.recorded_feature_names`); None when none records it."""
-    from causalrec.storage.store import _commit_meta
-    from causalrec.training_set import recorded_feature_names
-
-    return recorded_feature_names(m for m in map(_commit_meta, dt.history()) if m is not None)
 
 
 def _mark_ids(seen: dict, batch, rows=None) -> None:
