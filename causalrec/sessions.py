@@ -24,6 +24,9 @@ from causalrec.config import Config
 log = logging.getLogger(__name__)
 
 
+LOCAL_PAGE_SIZE = "4m"  # spark.buffer.pageSize of a local session (cfg.spark.conf overrides it)
+
+
 def _launched_by_spark_submit() -> bool:
     # spark-submit exports these to the Python driver process.
     return "SPARK_SUBMIT_OPTS" in os.environ or os.environ.get("PYSPARK_GATEWAY_PORT") is not None
@@ -56,6 +59,11 @@ def get_spark(cfg: Config | None = None):
         builder = builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
         builder = builder.config("spark.python.worker.reuse", "true")
         builder = builder.config("spark.sql.ansi.enabled", "false")
+        # Tungsten's default page is up to 64 MB, and each sort, hash aggregate and window of a task
+        # holds at least one page while the task runs. training_set's plans chain dozens of them
+        # in one task (sort-merge joins on user_id need no shuffle between them), so a 4 GB local
+        # driver ran out of execution memory on a few hundred rows. Small pages cost nothing here.
+        builder = builder.config("spark.buffer.pageSize", LOCAL_PAGE_SIZE)
         for key, value in cfg.spark.conf.items():
             builder = builder.config(key, str(value))
     spark = builder.getOrCreate()

@@ -230,6 +230,16 @@ def test_conf_gaps_a_running_session_cannot_take_are_reported_not_set(spark, cap
                 spark.conf.unset(key)
 
 
+def test_a_local_session_takes_small_tungsten_pages(spark):
+    """get_spark's local session sets spark.buffer.pageSize to LOCAL_PAGE_SIZE: with Spark's 64 MB pages,
+    training_set's chained sorts and aggregates ran a 4 GB driver's execution memory dry on the suite's
+    few-hundred-row impression logs (UNABLE_TO_ACQUIRE_MEMORY, seen on CI)."""
+    from causalrec.sessions import LOCAL_PAGE_SIZE
+
+    assert LOCAL_PAGE_SIZE == "4m"
+    assert spark.sparkContext._jvm.org.apache.spark.SparkEnv.get().memoryManager().pageSizeBytes() == 4 * 1024 * 1024
+
+
 @pytest.mark.parametrize("override,match", [
     ("propensity.compare_methods=[popularty]",
      r"propensity.compare_methods: 'popularty' is not one of \['popularity', 'naive_bayes', 'logistic'\]"),
