@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 import types
 import typing
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+log = logging.getLogger(__name__)
+MIN_BOOTSTRAP_BUCKETS = 100  # ope.bootstrap_buckets: the fewest hashed buckets a bucketed bootstrap may use
 
 
 class ConfigError(ValueError):
@@ -496,6 +500,16 @@ def _check_semantics(cfg: Config, where: str) -> None:
         bad("ranking.k", "expected >= 1")
     if not 0 <= cfg.ranking.fairness_strength <= 1:
         bad("ranking.fairness_strength", "expected a value in [0, 1]")
+    if not 0 < cfg.ope.alpha < 1:  # a z of alpha / 2: 0.95 for "95%" gave intervals 30 times too narrow
+        bad("ope.alpha", f"got {cfg.ope.alpha}, expected the miss rate in (0, 1): 0.05 for 95% intervals")
+    if cfg.ope.alpha > 0.5:
+        log.warning("%s: ope.alpha is %s: intervals at %.0f%% confidence (0.05 gives 95%%)", where, cfg.ope.alpha,
+                    100 * (1 - cfg.ope.alpha))
+    g = cfg.ope.bootstrap_buckets
+    if g != 0 and g < MIN_BOOTSTRAP_BUCKETS:
+        bad("ope.bootstrap_buckets", f"got {g}, expected 0 (a Poisson weight per row) or at least "
+            f"{MIN_BOOTSTRAP_BUCKETS}: each bucket is one resampling unit, and with few the interval is noise "
+            "(1 gives a zero-width one; conf/cluster.yaml uses 4096)")
     if not 0 < cfg.ope.abtest_expected_share < 1:  # the sample-ratio check divides by both arms' shares
         bad("ope.abtest_expected_share", f"got {cfg.ope.abtest_expected_share}, expected a value in (0, 1)")
     w = cfg.ope.attribution_window_s

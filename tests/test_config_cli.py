@@ -253,6 +253,27 @@ def test_propensity_typos_fail_at_load_naming_key_and_allowed_values(override, m
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override,match", [
+    ("ope.alpha=1.5", r"ope.alpha: got 1.5, expected the miss rate in \(0, 1\)"),
+    ("ope.alpha=0", r"ope.alpha: got 0(\.0)?, expected the miss rate in \(0, 1\)"),
+    ("ope.bootstrap_buckets=1", r"ope.bootstrap_buckets: got 1, expected 0 \(a Poisson weight per row\) or at least 100"),
+    ("ope.bootstrap_buckets=2", r"ope.bootstrap_buckets: got 2, expected 0"),
+])
+def test_ope_interval_settings_that_make_no_interval_fail_at_load(override, match):
+    """alpha 1.5 gave ci_low > ci_high and one bootstrap bucket a zero-width interval, both written
+    to ope_results as if real."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_ope_alpha_above_one_half_loads_with_a_warning(caplog):
+    """0.95 is a legal miss rate but almost always meant as the confidence level: say so."""
+    with caplog.at_level("WARNING", logger="causalrec.config"):
+        assert load_config(None, ["ope.alpha=0.95"]).ope.alpha == 0.95
+    assert "ope.alpha is 0.95: intervals at 5% confidence" in caplog.text
+    assert load_config(None, ["ope.bootstrap_buckets=100"]).ope.bootstrap_buckets == 100
+
+
 def test_config_propensity_choices_match_the_registries():
     """The config names the allowed exposure methods and feature groups without importing Spark code;
     they must be the registries' keys."""

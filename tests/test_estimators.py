@@ -480,3 +480,17 @@ def test_95pct_intervals_cover_93_to_97pct_over_200_seeds():
             hits[r.estimator] += r.ci_low <= truth <= r.ci_high
     for name, h in hits.items():
         assert 0.93 <= h / 200 <= 0.97, (name, h / 200)
+
+
+def test_one_bootstrap_bucket_is_refused_and_a_tiny_pscore_does_not_crash_the_ratio_estimators():
+    """One bucket makes every replicate the point estimate (a zero-width "bootstrap" interval), so
+    build_plan refuses it. A legal pscore of 1e-160 gives a weight mean past 1e154: the ratio
+    estimators' delta-method gradient squared it as a Python float and raised OverflowError, failing
+    every estimator and policy of the call; it now overflows to inf like the rest of the arithmetic."""
+    data, _ = synthetic_log(40, 8)
+    with pytest.raises(ValueError, match="boot_buckets is 1; expected 0 .* or a bucket count >= 2"):
+        evaluate(data, [IPS()], n_boot=10, boot_buckets=1)
+    r, pi_e, p = np.array([1.0, 0.0, 1.0]), np.array([1.0, 0.5, 0.5]), np.array([1e-160, 0.5, 0.5])
+    with np.errstate(over="ignore", invalid="ignore"):
+        res = SNIPS().estimate_interval(r, p, pi_e)
+    assert res.estimate == pytest.approx(1.0)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from causalrec.config import MIN_BOOTSTRAP_BUCKETS
 from causalrec.estimators.base import (
     PI_E,
     PSCORE,
@@ -95,7 +96,7 @@ class Form:
                 return {k: float("nan") for k in self.names()}
             g[self.num] = g.get(self.num, 0.0) + 1.0 / d
             if self.den:
-                g[self.den] = g.get(self.den, 0.0) - mean(self.num) / d**2
+                g[self.den] = g.get(self.den, 0.0) - mean(self.num) / d / d  # d**2 raises OverflowError past 1e154
         return g
 
 
@@ -518,8 +519,12 @@ def _kept(v: np.ndarray) -> tuple[Optional[np.ndarray], int]:
 def build_plan(estimators, policies: dict, baseline: Optional[str], n_boot: int, seed: int,
                boot_buckets: int = 0) -> Plan:
     """Terms per (policy, estimator); cross-products only where a covariance is needed."""
-    if boot_buckets < 0:
-        raise ValueError(f"boot_buckets is {boot_buckets}; expected 0 (a weight per row) or a positive bucket count")
+    if boot_buckets < 0 or boot_buckets == 1:
+        raise ValueError(f"boot_buckets is {boot_buckets}; expected 0 (a weight per row) or a bucket count >= 2 "
+                         "(with one bucket every replicate is the point estimate)")
+    if n_boot and 1 < boot_buckets < MIN_BOOTSTRAP_BUCKETS:
+        log.warning("boot_buckets is %d: each bucket is one resampling unit, so the bootstrap interval rests on "
+                    "%d units (use hundreds or more)", boot_buckets, boot_buckets)
     plan = Plan(policies=dict(policies), n_boot=int(n_boot), seed=int(seed), boot_buckets=int(boot_buckets))
     def form_names(est, pol):
         return sorted({k for f in est.candidate_forms(pol + "|") for k in f.names()})
