@@ -262,6 +262,10 @@ class OPEConfig:
     # reward of a logged decision (impression): None = the impression's value (OBD, simulator: the
     # click); an event type (e.g. "purchase") = the summed value of that decision's events of the type
     reward_event: Optional[str] = None
+    # what events.logged_propensity is: "action" = the logging policy's probability of the shown item
+    # at its slot (OBD), the strategies' action space; "treatment" = of a recommend-or-not decision
+    # (the simulator), which OPE over items cannot use: the exposure propensities are pi_b instead
+    logged_propensity: Literal["action", "treatment"] = "action"
     # A/B test analysis (causalrec abtest): arms are the values of events.<abtest_arm_column>
     abtest_arm_column: str = "policy"
     abtest_treatment: Optional[str] = None  # default: the last arm in sort order

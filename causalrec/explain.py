@@ -77,30 +77,34 @@ def explain(*, policy: str, rank: int, relevance: Optional[float], uplift: Optio
             interval: Optional[tuple[float, float]], similar: Sequence[tuple[str, float]],
             boosted: bool, group: Optional[str] = None, attribute: str = "popularity_group",
             probability: bool = True, item_effect: Optional[tuple[float, float, float]] = None,
-            alpha: float = 0.05) -> str:
+            alpha: float = 0.05, uplift_probability: Optional[bool] = None) -> str:
     """One recommendation's explanation; every clause carries the number it rests on.
 
     ``interval`` belongs to ``uplift``; ``item_effect`` = (effect, ci_low, ci_high) is the item's
     average effect over logged users, stated as its own clause. Both intervals are ``1 - alpha``
     intervals (uplift_effects: ``ope.alpha``; ``interval``: :func:`lift_interval` at that alpha).
+    Units: ``probability`` is the relevance's (the model task's: a click probability or a rating);
+    ``uplift_probability`` the lift's (default: the relevance's; the uplift_effects prior is a change
+    in outcome probability whatever the model), and ``item_effect``, from uplift_effects, is always
+    a change in outcome probability.
     """
     parts = []
+    up_prob = probability if uplift_probability is None else uplift_probability
     if _finite(uplift):
         verb = "raise" if uplift > 0 else ("lower" if uplift < 0 else "not change")
-        what = "the chance you respond" if probability else "your rating"
+        what = "the chance you respond" if up_prob else "your rating"
         s = f"Recommending this is estimated to {verb} {what}"
         if uplift != 0:
-            s += f" by {_amount(uplift, probability)}"
+            s += f" by {_amount(uplift, up_prob)}"
         if interval is not None:
-            s += _interval_text(interval, probability, alpha)
+            s += _interval_text(interval, up_prob, alpha)
         parts.append(s + ".")
     elif item_effect is None:
         parts.append("No estimate of the effect of recommending this is available.")
     if item_effect is not None:
         eff, lo, hi = item_effect
-        unit = "percentage points" if probability else "rating points"
         parts.append(f"Averaged over the users it was logged for, the item's effect of being recommended is "
-                     f"estimated at {_signed(eff, probability)} {unit}{_interval_text((lo, hi), probability, alpha)}.")
+                     f"estimated at {_signed(eff, True)} percentage points{_interval_text((lo, hi), True, alpha)}.")
     if similar:
         names = " and ".join(f"'{_short(t)}' (similarity {s:.2f})" for t, s in similar)
         parts.append(f"It is most similar to {names} from your recent history.")

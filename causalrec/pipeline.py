@@ -42,7 +42,8 @@ STAGE_SECTIONS = {
     "candidates": ("candidates", "training_set.positive_threshold", "features.history_length",
                    "propensity.clip_min", "train.model_path", "train.max_seq_len"),
     "score": ("scoring", "features.history_length"),
-    "recommend": ("ranking", "training_set.positive_threshold", "features.history_length", "ope.alpha"),
+    # train.task / objective: the explanations' units when a model version has no readable train run
+    "recommend": ("ranking", "features.history_length", "ope.alpha", "train.task", "train.objective"),
     "ope": ("ope", "training_set.positive_threshold"),
     "evaluate": ("evaluation", "training_set.positive_threshold", "propensity.treatment_eps", "ranking.k",
                  "ranking.fair_base_policy", "ranking.blend_weight", "scoring.batch_size", "train.task",

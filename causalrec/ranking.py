@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -149,11 +149,34 @@ def policy_top_k(rel: np.ndarray, upl: np.ndarray, ids: np.ndarray, policy: str,
     return score, top_k(score, k, ids, second), second
 
 
+class Units(NamedTuple):
+    """Whether an explanation states a number as a probability (percent, percentage points) or on the
+    rating scale: ``relevance`` on the model task's scale, ``uplift`` on the scale of where it came from
+    (:func:`units_of`). The item's average effect from ``uplift_effects`` is always a probability change."""
+    relevance: bool
+    uplift: bool
+
+
+PROBABILITY_UNITS = Units(relevance=True, uplift=True)
+
+
+def units_of(task: str, uplift_head: bool) -> Units:
+    """The units of a model's scores: relevance on its task's scale (click: a probability, rating: rating
+    points); uplift on that scale when the model's own heads estimated it, else scores.uplift is the
+    ``uplift_effects`` prior (:class:`causalrec.scoring.ScoreBatch`): a change in click/purchase probability."""
+    click = task == "click"
+    return Units(relevance=click, uplift=click if uplift_head else True)
+
+
 def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fair_base: str,
               strength: float, targets: dict, attribute: str, emb: Optional[dict] = None,
-              titles: Optional[dict] = None, probability: bool = True, alpha: float = 0.05) -> pd.DataFrame:
+              titles: Optional[dict] = None, units: Optional[dict] = None, alpha: float = 0.05) -> pd.DataFrame:
     """One user's candidates -> the policy's top-k (kind='policy') and the unconstrained
-    top-k of its base score (kind='base', for the relevance cost and exposure before)."""
+    top-k of its base score (kind='base', for the relevance cost and exposure before).
+
+    ``pdf.history`` (the user's list, on every row): the items the model was served (:func:`load_history`), the
+    only ones an explanation may name. ``units``: model_version -> :class:`Units` (:func:`explanation_units`); a version
+    not in it is explained in probability units."""
     pdf = pdf.reset_index(drop=True)
     ids = pdf["item_id"].astype(str).to_numpy()
     rel = pd.to_numeric(pdf["relevance"], errors="coerce").to_numpy("float64")
@@ -171,13 +194,9 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
     baseline = unconstrained if policy == "fair" else top_k(rel, k, ids)
     hist = pdf["history"].iloc[0] if "history" in pdf.columns else None
     hist = list(hist) if hist is not None else []
-    hist_vecs = None
-    hist_titles: list = []
-    if emb and hist:
-        known = [h for h in hist if h in emb]
-        if known:
-            hist_vecs = np.stack([emb[h] for h in known])
-            hist_titles = [(titles or {}).get(h) or h for h in known]
+    hist_ids = [h for h in hist if h in emb] if emb else []
+    hist_vecs = np.stack([emb[h] for h in hist_ids]) if hist_ids else None
+    hist_titles = [(titles or {}).get(h) or h for h in hist_ids]
     score_out = base
     rows = []
     for r, i in enumerate(picked, start=1):
@@ -185,7 +204,11 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
         interval = lift_interval(_f(upl[i]), _f(row.get("uplift_se")), alpha)
         # the item-level estimate is a different quantity: quoted as such, with its own interval
         item = None if interval is not None else _item_estimate(row)
-        sim = most_similar_history(emb.get(ids[i]) if emb else None, hist_vecs, hist_titles)
+        # a consumed item can be recommended again (candidates.exclude_consumed=False): never "similar to" itself
+        others = [j for j, h in enumerate(hist_ids) if h != ids[i]]
+        unit = (units or {}).get(row["model_version"], PROBABILITY_UNITS)
+        sim = most_similar_history(emb.get(ids[i]) if emb else None, hist_vecs[others] if others else None,
+                                   [hist_titles[j] for j in others])
         rows.append({
             "user_id": row["user_id"], "item_id": ids[i], "rank": r,
             "score": float(score_out[i]) if np.isfinite(score_out[i]) else float("nan"),
@@ -193,8 +216,8 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
             "policy": policy, "fairness_boosted": bool(boosted[r - 1]),
             "explanation": explain(policy=policy, rank=r, relevance=_f(rel[i]), uplift=_f(upl[i]),
                                    interval=interval, similar=sim, boosted=bool(boosted[r - 1]),
-                                   group=grp[i], attribute=attribute, probability=probability,
-                                   item_effect=item, alpha=alpha),
+                                   group=grp[i], attribute=attribute, probability=unit.relevance,
+                                   uplift_probability=unit.uplift, item_effect=item, alpha=alpha),
             "model_version": row["model_version"], "group": str(grp[i]), "kind": "policy",
         })
     for r, i in enumerate(baseline, start=1):
@@ -234,7 +257,8 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
 
     ``groups``: (item_id, group); ``uplift_effects``: the uplift stage's table (one item-level row
     per item is used, see :func:`causalrec.scoring.item_uplift`);
-    ``history``: (user_id, history array<string>, most recent first).
+    ``history``: (user_id, history array<string>, most recent first): what the model was served
+    (:func:`load_history`).
     Returns (result DataFrame with kind policy/base, targets, group_sizes).
     """
     from pyspark.sql import functions as F
@@ -265,11 +289,11 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
         df = df.join(history, "user_id", "left")
     targets = group_targets(group_sizes, cfg.fairness_target)
     emb, titles = _item_side(ctx)
-    rel_max = scores.agg(F.max("relevance")).first()[0]
-    probability = rel_max is not None and rel_max <= 1.0
+    versions = [r[0] for r in scores.select("model_version").distinct().collect()]  # one per scoring run
+    units = explanation_units(ctx, versions)
     kw = dict(policy=policy, k=cfg.k, blend_weight=cfg.blend_weight, fair_base=cfg.fair_base_policy,
               strength=cfg.fairness_strength, targets=targets, attribute=cfg.fairness_attribute,
-              emb=emb, titles=titles, probability=probability, alpha=ctx.cfg.ope.alpha)
+              emb=emb, titles=titles, units=units, alpha=ctx.cfg.ope.alpha)
 
     def fn(pdf: pd.DataFrame) -> pd.DataFrame:
         return rank_user(pdf, **kw)
@@ -290,6 +314,49 @@ def check_effects_available(scores, policy: str, fair_base: str) -> None:
         name = "ranking.policy='uplift'" if policy == "uplift" else "ranking.fair_base_policy='uplift'"
         raise ValueError(f"{name} but scores.uplift is null for every candidate "
                          "(train with an uplift head or run the uplift stage)")
+
+
+def explanation_units(ctx, model_versions: Sequence[str]) -> dict:
+    """model_version -> :class:`Units` of the scores it wrote, from the model config of its train run.
+
+    Not from the size of the numbers: a rating regression can predict below 1 and one user's score above 1
+    says nothing about another's. A version without a train run or a readable checkpoint (a custom scoring
+    loader, a removed checkpoint) falls back to ``train.task`` and ``train.objective``, with a warning.
+    """
+    from causalrec.train.objectives import needs_uplift
+
+    configs = trained_model_configs(ctx.store, model_versions)
+    task, objective = ctx.cfg.train.task, ctx.cfg.train.objective
+    out = {}
+    for v in model_versions:
+        mc = configs.get(v)
+        if mc is None:
+            log.warning("recommend: no train run with a readable checkpoint wrote model_version %r; explaining "
+                        "its scores in the units of train.task=%r, train.objective=%r", v, task, objective)
+            out[v] = units_of(task, needs_uplift(objective))
+        else:
+            out[v] = units_of(mc.get("task", task), bool(mc.get("uplift")))
+    return out
+
+
+def trained_model_configs(store, model_versions: Sequence[str]) -> dict:
+    """model_version -> the model config saved with the checkpoint of the train run that has that version
+    (the train stage writes its run_id as the version); versions without a run or a readable checkpoint are
+    left out."""
+    if not model_versions or not store.exists("train_runs"):
+        return {}
+    from causalrec.train.checkpoint import saved_model_config
+
+    runs = store.read_arrow("train_runs", columns=["model_version", "checkpoint_path"]).to_pandas()
+    out = {}
+    for v, path in zip(runs["model_version"], runs["checkpoint_path"]):
+        if v not in model_versions:
+            continue
+        try:
+            out[v] = saved_model_config(path)
+        except (OSError, ValueError) as exc:
+            log.warning("recommend: cannot read the model config of model_version %r at %s (%s)", v, path, exc)
+    return out
 
 
 def _item_side(ctx):
@@ -355,18 +422,19 @@ def load_groups(store, attribute: str):
 
 
 def load_history(ctx):
-    """Each user's recent positive items (most recent first), for explanations."""
+    """(user_id, history): each user's history as scoring served it to the model, most recent first.
+
+    Scoring feeds the model ``user_features.history_item_ids`` cut to ``features.history_length`` (the latest
+    interactions of any kind before the features cutoff, :func:`causalrec.scoring.prepare_input`); an
+    explanation built from any other list (positive events only, events after the cutoff) would name items
+    the model never saw. None without user_features: then no history item is named."""
     from pyspark.sql import functions as F
 
-    from causalrec.candidates import positive_events, recent_history
-
     store = ctx.store
-    if not store.exists("events"):
+    if not store.exists("user_features"):
         return None
-    pos = positive_events(store.read("events"), ctx.cfg.training_set.positive_threshold)
-    h = recent_history(pos, ctx.cfg.features.history_length)
-    return h.groupBy("user_id").agg(
-        F.transform(F.sort_array(F.collect_list(F.struct("recency", "item_id"))), lambda s: s["item_id"]).alias("history"))
+    return store.read("user_features").select(
+        "user_id", F.slice("history_item_ids", 1, int(ctx.cfg.features.history_length)).alias("history"))
 
 
 def run(ctx) -> dict:

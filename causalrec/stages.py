@@ -66,10 +66,13 @@ PIPELINE: tuple[Stage, ...] = (
           engine="ray"),
     Stage("recommend", "causalrec.ranking:run",
           "top-K recommendations by relevance, causal effect, blend or fair exposure, with explanations",
-          inputs=("scores", "item_features"), outputs=("recommendations",)),
+          # user_features: the served histories explanations cite; train_runs: the models' units
+          inputs=("scores", "item_features", "items", "user_features", "train_runs",
+                  "uplift_effects"), outputs=("recommendations",)),
     Stage("ope", "causalrec.ope.job:run",
           "off-policy evaluation of strategies with every estimator and intervals",
-          inputs=("events", "recommendations"), outputs=("ope_results",)),
+          # exposure_propensity: pi_b of a log without action propensities (Coat, the simulator)
+          inputs=("events", "recommendations", "scores", "exposure_propensity"), outputs=("ope_results",)),
     Stage("evaluate", "causalrec.evaluation.job:run",
           "unbiased, causal, fairness and ranking metrics",
           inputs=("training_examples", "id_index", "train_runs", "recommendations", "scores"),

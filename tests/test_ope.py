@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,6 +139,92 @@ def test_logged_rows_are_one_per_decision_with_its_reward(spark):
                                                                                       ("u2", 0.0, 0.5)]
     with pytest.raises(ValueError, match="reward_event='add_to_cart'"):
         logged_rows(events, reward_event="add_to_cart")
+
+
+def _treatment_logged(spark):
+    """A simulator-shaped log: one impression per observed pair, its logged_propensity the recommend-or-not
+    coin (pi if recommended, with a position; 1 - pi if not, no position), u1/i1 clicked and purchased
+    (same session and slot), u2/i1 clicked; and the exposure table of those pairs."""
+    ev = [("u1", "i1", "impression", 1.0, 2, 0.8), ("u1", "i1", "click", 1.0, 2, 0.8),
+          ("u1", "i1", "purchase", 1.0, 2, 0.8), ("u1", "i2", "impression", 0.0, None, 0.7),
+          ("u2", "i1", "impression", 1.0, None, 0.4), ("u2", "i3", "impression", 0.0, 1, 0.9)]
+    events = _events(spark, [dict(event_id=f"sim:0:{u}:{i}:{t}", user_id=u, item_id=i, event_type=t, value=v,
+                                  position=pos, recommended=pos is not None, logged_propensity=lp, policy="softmax",
+                                  session_id=f"s{u}") for u, i, t, v, pos, lp in ev])
+    # sum_j p_uj: u1 0.4, u2 0.8
+    ep = spark.createDataFrame([("u1", "i1", 0.1), ("u1", "i2", 0.3), ("u2", "i1", 0.6), ("u2", "i3", 0.2)],
+                               "user_id string, item_id string, exposure_propensity double")
+    return events, ep
+
+
+def test_treatment_propensities_leave_pi_b_to_the_exposure_table(spark):
+    """ope.logged_propensity: treatment - the events' propensity is a recommend-or-not coin, not
+    pi_b(item): OPE used it as pscore (0.8 / 0.7 / 0.4 / 0.9 here), dividing a pi_e over items by it.
+    pi_b(i | u) = p_ui / sum_j p_uj from exposure_propensity; one row per impression, slot 0."""
+    from causalrec.ope.job import logged_rows
+
+    events, ep = _treatment_logged(spark)
+
+    def got(rows):
+        return sorted((r["user_id"], r["item_id"], r["slot"], r["reward"], round(r["pscore"], 12))
+                      for r in rows.collect())
+
+    rows, mode = logged_rows(events, ep, logged_propensity="treatment")
+    assert mode == "exposure_on_impressions"
+    assert got(rows) == [("u1", "i1", 0, 1.0, 0.25), ("u1", "i2", 0, 0.0, 0.75),
+                         ("u2", "i1", 0, 1.0, 0.75), ("u2", "i3", 0, 0.0, 0.25)]
+    # ope.reward_event: attributed on the logged slot and session (u1/i1's purchase is in slot 2)
+    rows, _ = logged_rows(events, ep, reward_event="purchase", logged_propensity="treatment")
+    assert [r[3] for r in got(rows)] == [1.0, 0.0, 0.0, 0.0]
+    # no exposure table: the fallback is the item's share of the impressions (i1 2 of 4)
+    rows, mode = logged_rows(events, logged_propensity="treatment")
+    assert mode == "exposure_item_popularity_on_impressions"
+    assert [(r[1], r[4]) for r in got(rows)] == [("i1", 0.5), ("i2", 0.25), ("i1", 0.5), ("i3", 0.25)]
+    with pytest.raises(ValueError, match="no propensity for user 'u2' item 'i3'; the table must cover every "
+                                         "logged pair"):
+        logged_rows(events, ep.where("item_id != 'i3'"), logged_propensity="treatment")
+    # the default ("action", OBD) keeps reading the events' propensity as pi_b of the shown item at its slot
+    rows, mode = logged_rows(events, ep)
+    assert mode == "logged_propensity"
+    assert got(rows) == [("u1", "i1", 2, 1.0, 0.8), ("u1", "i2", 0, 0.0, 0.7),
+                         ("u2", "i1", 0, 1.0, 0.4), ("u2", "i3", 1, 0.0, 0.9)]
+    with pytest.raises(ValueError, match=r"ope.logged_propensity='item': expected one of 'action', 'treatment'"):
+        logged_rows(events, ep, logged_propensity="item")
+
+
+def test_ope_job_under_treatment_propensities_names_its_mode(ctx, spark, capsys):
+    events, ep = _treatment_logged(spark)
+    ctx.store.write(events, "events", spec=EVENTS)
+    ctx.store.write(ep, "exposure_propensity")
+    ctx.cfg.ope.logged_propensity = "treatment"
+    ctx.cfg.ope.strategies = ["random"]
+    ctx.cfg.ope.estimators = ["ips"]
+    ctx.cfg.ope.bootstrap_replicates = 0
+    from causalrec.ope.job import run
+
+    s = run(ctx)
+    assert s["mode"] == "exposure_on_impressions" and s["logged_propensity"] == "treatment" and s["rows_in"] == 4
+    assert "logged policy: exposure_on_impressions (ope.logged_propensity: treatment)" in capsys.readouterr().out
+    # random = 1/3 over {i1, i2, i3}; IPS = mean((1/3) / pscore * click) = (4/3 + 4/9) / 4
+    ips = ctx.store.read("ope_results").toPandas().set_index(["policy", "estimator"]).loc[("random", "ips")]
+    assert ips.estimate == pytest.approx(4 / 9, rel=1e-12)
+
+
+def test_logged_propensity_kind_is_checked_at_load(tmp_path):
+    import typing
+
+    from causalrec.config import ConfigError, OPEConfig, load_config
+    from causalrec.ope.job import LOGGED_PROPENSITY_KINDS
+
+    f = tmp_path / "c.yaml"
+    f.write_text("ope:\n  logged_propensity: propensity\n")
+    with pytest.raises(ConfigError, match=r"ope.logged_propensity: got 'propensity', expected one of 'action', "
+                                          r"'treatment'"):
+        load_config(f)
+    assert load_config().ope.logged_propensity == "action"  # default: OBD's item propensities
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    assert load_config(conf / "simulated.yaml").ope.logged_propensity == "treatment"
+    assert typing.get_args(typing.get_type_hints(OPEConfig)["logged_propensity"]) == LOGGED_PROPENSITY_KINDS
 
 
 def test_reward_event_goes_to_the_latest_decision_at_or_before_it_within_the_window(spark):

@@ -184,10 +184,8 @@ def test_fair_reranking_reduces_gini_at_reported_cost(ctx, spark, sim_world):
 
 
 def test_explanations_carry_the_numbers(ctx, spark):
-    import datetime as dt
-
     from causalrec.ranking import run
-    from causalrec.schemas import EVENTS, ITEM_EMBEDDINGS, ITEMS, SCORES
+    from causalrec.schemas import ITEM_EMBEDDINGS, ITEMS, SCORES
 
     store = ctx.store
     titles = {"a": "red wool coat", "b": "blue denim jacket", "c": "red wool scarf", "d": "green rain boots"}
@@ -196,16 +194,15 @@ def test_explanations_carry_the_numbers(ctx, spark):
                                       ITEMS.spark_schema()), "items", mode="overwrite", spec=ITEMS)
     store.write(spark.createDataFrame([(i, [float(v) for v in vec[i]], None, "test") for i in titles],
                                       ITEM_EMBEDDINGS.spark_schema()), "item_embeddings", mode="overwrite")
-    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-    ev = [("e1", "u", "a", t0, t0.date(), "rating", 5.0, None, None, None, None, None, None, "b"),
-          ("e2", "u", "b", t0 + dt.timedelta(hours=1), t0.date(), "rating", 5.0, None, None, None, None, None, None,
-           "b")]
-    store.write(spark.createDataFrame(ev, EVENTS.spark_schema()), "events", mode="overwrite", spec=EVENTS)
+    # the history the model was served (most recent first), as the features stage writes it
+    store.write(spark.createDataFrame([("u", ["b", "a"])], "user_id string, history_item_ids array<string>"),
+                "user_features", mode="overwrite")
     ts = pd.Timestamp("2024-01-02", tz="UTC")
     sc = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["c", "d"], "relevance": [0.42, 0.30],
                        "uplift": [0.031, -0.012], "uplift_se": [0.008, None], "model_version": "m1",
                        "scored_at": ts})
     store.write(spark.createDataFrame(sc[SCORES.names]), "scores", mode="overwrite", spec=SCORES)
+    ctx.cfg.train.task = "click"  # m1 has no train run: its units are the configured task's
     ctx.cfg.ranking.policy = "uplift"
     ctx.cfg.ranking.k = 2
     run(ctx)
@@ -288,3 +285,111 @@ def test_explanation_quotes_an_interval_only_for_its_own_number(se):
         assert quoted == [(-3.0, -5.0, -1.0)]
     else:
         assert quoted == [(20.0, 18.0, 22.0)] and "item's effect" not in text
+
+
+def _train_runs(spark, store, folder, model_configs: dict) -> None:
+    """train_runs rows (model_version -> model config) whose checkpoints hold only the model config:
+    all the recommend stage reads of them."""
+    import datetime as dt
+
+    from causalrec.schemas import TRAIN_RUNS
+    from causalrec.train.checkpoint import MODEL_CONFIG
+
+    now = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    rows = []
+    for version, mc in model_configs.items():
+        ckpt = folder / version
+        ckpt.mkdir(parents=True)
+        (ckpt / MODEL_CONFIG).write_text(json.dumps(mc))
+        rows.append((version, mc["model"], "uplift" if mc["uplift"] else "ips", version, str(ckpt), None, None, None,
+                     now))
+    store.write(spark.createDataFrame(rows, TRAIN_RUNS.spark_schema()), "train_runs", mode="overwrite", spec=TRAIN_RUNS)
+
+
+def test_explanation_units_follow_the_model_task_and_the_uplift_source(ctx, spark, tmp_path):
+    """Units were guessed from max(relevance) over every user: one rating above 1 anywhere turned every
+    probability into "rating points", and the uplift_effects prior (a change in click probability) was
+    quoted in rating points whenever relevance was a rating."""
+    from test_scoring import _uplift_effects
+
+    from causalrec.ranking import rank_all
+
+    _train_runs(spark, ctx.store, tmp_path / "ckpt", {
+        "rating_prior": {"model": "mf", "task": "rating", "uplift": False},  # uplift comes from the prior
+        "rating_head": {"model": "mf", "task": "rating", "uplift": True},  # its own heads: rating points
+        "click": {"model": "mf", "task": "click", "uplift": False},
+    })
+    scores = spark.createDataFrame([
+        ("u_rating_low", "a", 0.80, 0.05, 0.01, "rating_prior"),  # a rating regression can predict below 1
+        ("u_head", "a", 4.20, 0.30, None, "rating_head"),
+        ("u_click", "b", 0.70, 0.02, 0.01, "click"),
+        ("u_custom", "b", 0.60, 0.02, 0.01, "custom_loader"),  # no train run: train.task / train.objective
+    ], "user_id string, item_id string, relevance double, uplift double, uplift_se double, model_version string")
+    ctx.cfg.train.task = "click"  # the checkpoints' own task wins over the config for the trained versions
+    ctx.cfg.ranking.policy = "uplift"
+    ctx.cfg.ranking.k = 1
+    res, _, _ = rank_all(ctx, scores, None, _uplift_effects(spark, ["a", "b"]), None)
+    text = res.where("kind = 'policy'").toPandas().set_index("user_id")["explanation"]
+    low = text["u_rating_low"]
+    assert "Predicted rating 0.80;" in low, low
+    assert "raise the chance you respond by 5.0 percentage points (95% interval +3.0 to +7.0)" in low, low
+    head = text["u_head"]
+    assert "raise your rating by 0.30 rating points." in head and "Predicted rating 4.20;" in head, head
+    # the item's average effect beside it comes from uplift_effects: a probability change, whatever the task
+    assert "item's effect of being recommended is estimated at +3.0 percentage points (95% interval +1.0 to +5.0)" \
+        in head, head
+    for user, rel in (("u_click", "70.0%"), ("u_custom", "60.0%")):
+        assert f"Predicted response probability {rel};" in text[user], text[user]
+        assert "raise the chance you respond by 2.0 percentage points" in text[user], text[user]
+    assert "rating points" not in low + text["u_click"] + text["u_custom"]
+
+
+def test_explanation_history_is_the_history_the_model_was_served(ctx, spark):
+    """The explanation named the user's last liked items from all events, while scoring fed the model
+    user_features.history_item_ids cut to features.history_length (interactions of any kind): it could
+    cite an item the model never saw."""
+    from causalrec.features.user import user_history
+    from causalrec.ranking import load_history, rank_all
+
+    store = ctx.store
+    t = lambda day: pd.Timestamp(f"2024-01-{day:02d}", tz="UTC")  # noqa: E731
+    # liked A long ago, then rated B and C low: the model's two-item window is (C, B)
+    events = spark.createDataFrame(pd.DataFrame(
+        [("e1", "u", "A", t(1), "rating", 5.0), ("e2", "u", "B", t(2), "rating", 1.0),
+         ("e3", "u", "C", t(3), "rating", 2.0)],
+        columns=["event_id", "user_id", "item_id", "event_time", "event_type", "value"]))
+    store.write(events, "events", mode="overwrite")
+    ctx.cfg.training_set.positive_threshold = 4.0
+    # the features stage ran with a longer window than scoring now serves (history_length 3 -> 2)
+    store.write(user_history(events, "2024-02-01", 3), "user_features", mode="overwrite")
+    ctx.cfg.features.history_length = 2
+    hist = load_history(ctx).toPandas().set_index("user_id")["history"]
+    assert list(hist["u"]) == ["C", "B"]
+    titles = {"A": "Alpha jacket", "B": "Beta boots", "C": "Gamma hat", "D": "Delta coat"}
+    vec = {"A": [1, 0, 0], "B": [0, 1, 0], "C": [0, 0, 1], "D": [0.95, 0, 0.31]}  # D: close to A, near C
+    store.write(spark.createDataFrame(pd.DataFrame({"item_id": list(titles), "text": list(titles.values())})),
+                "items", mode="overwrite")
+    store.write(spark.createDataFrame([(i, [float(v) for v in vec[i]]) for i in vec],
+                                      "item_id string, embedding array<float>"), "item_embeddings", mode="overwrite")
+    scores = spark.createDataFrame([("u", "D", 0.8, 0.05, 0.01, "m1")], "user_id string, item_id string, "
+                                   "relevance double, uplift double, uplift_se double, model_version string")
+    ctx.cfg.ranking.policy, ctx.cfg.ranking.k = "relevance", 1
+    res, _, _ = rank_all(ctx, scores, None, None, load_history(ctx))
+    text = res.where("kind = 'policy'").first()["explanation"]
+    assert "most similar to 'Gamma hat' (similarity 0.31) from your recent history" in text, text
+    assert "Alpha jacket" not in text, text
+
+
+def test_explanation_never_says_an_item_is_similar_to_itself():
+    """With candidates.exclude_consumed=False a consumed item is recommended again; it is in the history
+    and was named as the history item "most similar" to itself (similarity 1.00)."""
+    from causalrec.ranking import rank_user
+
+    emb = {"d": np.array([0.95, 0.0, 0.31]), "a": np.array([1.0, 0.0, 0.0])}
+    pdf = pd.DataFrame({"user_id": ["u"], "item_id": ["d"], "relevance": [0.9], "uplift": [0.04],
+                        "uplift_se": [0.01], "model_version": ["m"], "history": [["d", "a"]]})
+    out = rank_user(pdf, policy="relevance", k=1, blend_weight=0.5, fair_base="relevance", strength=0.0,
+                    targets={}, attribute="popularity_group", emb=emb, titles={"d": "Delta coat", "a": "Alpha jacket"})
+    text = out.loc[out.kind == "policy", "explanation"].item()
+    assert "most similar to 'Alpha jacket' (similarity 0.95) from your recent history" in text, text
+    assert "Delta coat" not in text, text

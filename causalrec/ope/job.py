@@ -11,9 +11,10 @@ Extract -> transform -> load:
   paired differences to ``ope.baseline``);
 * load: ``ope_results`` (overwritten: a rerun never duplicates) and a printed table.
 
-Which log is the "logged policy":
+Which log is the "logged policy" (``ope.logged_propensity`` says what the events' propensity is):
 
-* rows with ``logged_propensity`` (OBD, simulator): the logging policy's own propensities;
+* ``action`` (the default; OBD): rows with ``logged_propensity`` carry the logging policy's own
+  probability of showing that item at that slot, the action space of the strategies' pi_e;
   the unit is (context, position) with position-specific propensities. One row per logged
   decision, i.e. per ``impression`` event; its reward is the impression's ``value`` (OBD and the
   simulator: the click, 0/1) or, with ``ope.reward_event``, the summed ``value`` of the events of
@@ -23,13 +24,18 @@ Which log is the "logged policy":
   :mod:`causalrec.decisions`). Click and purchase events are outcomes, not decisions: the
   simulator also writes the propensity on them, and counting them as rows would count a clicked
   decision 2-3 times (selection on the outcome).
+* ``treatment`` (the simulator): ``logged_propensity`` is the probability of the logged
+  recommend-or-not coin (pi if recommended, else 1 - pi), not of the item being shown, so dividing
+  a pi_e over items by it would mix two action spaces. The log is read as in the next case; a log
+  without ratings gives one row per impression, with the reward of the ``action`` case.
 * no logging propensities (Coat): the logged "policy" is the MNAR exposure. A rated pair is
   treated as a draw from ``pi_b(i | u) = p_ui / sum_j p_uj`` with ``p_ui`` from the
   ``exposure_propensity`` table (fallback: item popularity, flagged in the summary), and the
   reward is ``rating >= training_set.positive_threshold``. The estimate then reads: the share of
   the strategy's recommendations the user would rate >= threshold, averaged over users as they
   appear in the log - valid if ratings are missing at random given the exposure propensities
-  (Schnabel et al. 2016).
+  (Schnabel et al. 2016). Impressions (``treatment``) get the same pscore; their slot is 0 as for
+  ratings, since pi_b has no slot.
 """
 from __future__ import annotations
 
@@ -51,19 +57,36 @@ log = logging.getLogger(__name__)
 # -------------------------------------------------------------------- transforms
 
 
+LOGGED_PROPENSITY_KINDS = ("action", "treatment")  # ope.logged_propensity: what the events' propensity is
+
+
+def _with_reward(decisions, events, reward_event, attribution_window_s, attribution_scope):
+    """decisions -> the same rows with ``reward``: the decision's own value, or its attributed
+    ``reward_event`` outcome (attributed on the logged slot and session)."""
+    return with_outcome(decisions, events, reward_event, ["user_id", "item_id"], "ope.reward_event",
+                        decision_id="row_id", window_s=attribution_window_s, scope=attribution_scope,
+                        session_keys=["slot", "session"]).withColumnRenamed("outcome", "reward")
+
+
 def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.0,
                 reward_event: Optional[str] = None, attribution_window_s: Optional[float] = None,
-                attribution_scope: str = "session"):
+                attribution_scope: str = "session", logged_propensity: str = "action"):
     """events -> (rows, mode): row_id, user_id, item_id, stratum, slot, reward, pscore.
 
-    ``mode`` is "logged_propensity" or "exposure" (see module docstring). ``reward_event``
-    (``ope.reward_event``; logged propensities only): None = the impression's own value;
+    ``mode`` names the logged policy: "logged_propensity", "exposure" / "exposure_item_popularity"
+    (ratings), or those with "_on_impressions" (see module docstring). ``logged_propensity``
+    (``ope.logged_propensity``): "action" = the events' propensity is pi_b of the shown item;
+    "treatment" = a recommend-or-not probability, so it is ignored. ``reward_event``
+    (``ope.reward_event``; impressions only): None = the impression's own value;
     ``attribution_window_s`` (``ope.attribution_window_s``) and ``attribution_scope``
     (``ope.attribution_scope``: "session" matches user, item, slot and session; "user" user and item
     only): see :func:`causalrec.decisions.with_outcome`.
     """
     from pyspark.sql import functions as F
 
+    if logged_propensity not in LOGGED_PROPENSITY_KINDS:
+        raise ValueError(f"ope.logged_propensity={logged_propensity!r}: expected one of "
+                         f"{', '.join(map(repr, LOGGED_PROPENSITY_KINDS))}")
     stratum = F.coalesce(F.get_json_object(F.col("context"), "$.campaign"), F.lit("all")) \
         if "context" in events.columns else F.lit("all")
     session = F.coalesce(F.col("session_id"), F.lit("")) if "session_id" in events.columns else F.lit("")
@@ -75,44 +98,50 @@ def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.
         F.col("logged_propensity").cast("double").alias("logged_propensity"),
         *(["event_time"] if "event_time" in events.columns else []),
     )
+    cols = ["row_id", "user_id", "item_id", "stratum", "slot", "reward"]
     with_p = base.where(F.col("logged_propensity").isNotNull())
-    if with_p.limit(1).count() > 0:
+    if logged_propensity == "action" and with_p.limit(1).count() > 0:
         decisions = with_p.where(F.col("event_type") == DECISION_EVENT)
         if decisions.limit(1).count() == 0:
             raise ValueError(f"events: rows with logged_propensity but no {DECISION_EVENT!r} event among them; "
                              f"OPE counts one row per logged decision (impression)")
-        decisions = with_outcome(decisions, base, reward_event, ["user_id", "item_id"], "ope.reward_event",
-                                 decision_id="row_id", window_s=attribution_window_s, scope=attribution_scope,
-                                 session_keys=["slot", "session"])
-        rows = decisions.select(
-            "row_id", "user_id", "item_id", "stratum", "slot",
-            F.col("outcome").alias("reward"), F.col("logged_propensity").alias("pscore"))
+        rows = _with_reward(decisions, base, reward_event, attribution_window_s, attribution_scope).select(
+            *cols, F.col("logged_propensity").alias("pscore"))
         bad = rows.where((F.col("pscore") <= 0) | (F.col("pscore") > 1)).limit(1).collect()
         if bad:
             raise ValueError(f"events: logged_propensity {bad[0]['pscore']!r} for row_id {bad[0]['row_id']} "
                              f"is outside (0, 1]")
         return rows, "logged_propensity"
-    ratings = base.where(F.col("event_type") == "rating").withColumn("slot", F.lit(0))
-    if ratings.limit(1).count() == 0:
+    ratings = base.where(F.col("event_type") == "rating")
+    impressions = base.where(F.col("event_type") == DECISION_EVENT)
+    if ratings.limit(1).count() > 0:
+        units, unit_name, suffix = ratings.withColumn(
+            "reward", (F.col("value") >= F.lit(positive_threshold)).cast("double")), "rated", ""
+    elif logged_propensity == "treatment" and impressions.limit(1).count() > 0:
+        units, unit_name, suffix = _with_reward(impressions, base, reward_event, attribution_window_s,
+                                                attribution_scope), "logged", "_on_impressions"
+    elif logged_propensity == "treatment":
+        raise ValueError(f"events: no rating and no {DECISION_EVENT!r} events; OPE with "
+                         f"ope.logged_propensity=treatment needs one of them")
+    else:
         raise ValueError("events: no rows with logged_propensity and no rating events; OPE needs one of them")
+    units = units.withColumn("slot", F.lit(0))  # pi_b(i | u) has no slot
     if exposure_propensity is not None:
         ep = exposure_propensity.select("user_id", "item_id", F.col("exposure_propensity").cast("double").alias("p"))
         tot = ep.groupBy("user_id").agg(F.sum("p").alias("p_tot"))
         pb = ep.join(tot, "user_id").select("user_id", "item_id", (F.col("p") / F.col("p_tot")).alias("pscore"))
         mode = "exposure"
     else:
-        n_ratings = ratings.count()
-        pb = ratings.groupBy("item_id").agg((F.count("*") / F.lit(n_ratings)).alias("pscore"))
+        n_units = units.count()
+        pb = units.groupBy("item_id").agg((F.count("*") / F.lit(n_units)).alias("pscore"))
         mode = "exposure_item_popularity"
     keys = ["user_id", "item_id"] if exposure_propensity is not None else ["item_id"]
-    rows = ratings.join(pb, keys, "left").select(
-        "row_id", "user_id", "item_id", "stratum", "slot",
-        (F.col("value") >= F.lit(positive_threshold)).cast("double").alias("reward"), "pscore")
+    rows = units.join(pb, keys, "left").select(*cols, "pscore")
     missing = rows.where(F.col("pscore").isNull()).limit(1).collect()
     if missing:
         raise ValueError(f"exposure_propensity: no propensity for user {missing[0]['user_id']!r} item "
-                         f"{missing[0]['item_id']!r}; the table must cover every rated pair")
-    return rows, mode
+                         f"{missing[0]['item_id']!r}; the table must cover every {unit_name} pair")
+    return rows, mode + suffix
 
 
 def reward_model(rows, prior_strength: float = 10.0):
@@ -211,7 +240,7 @@ def run(ctx: Context) -> dict:
         ep = store.read("exposure_propensity") if store.exists("exposure_propensity") else None
     with ctx.step("ope: logged rows, reward model, policies"):
         rows, mode = logged_rows(events, ep, cfg.training_set.positive_threshold, oc.reward_event,
-                                 oc.attribution_window_s, oc.attribution_scope)
+                                 oc.attribution_window_s, oc.attribution_scope, oc.logged_propensity)
         rows = rows.persist()
         item_q = reward_model(rows).persist()
         strategies = list(dict.fromkeys(oc.strategies))
@@ -232,11 +261,13 @@ def run(ctx: Context) -> dict:
         out = results_frame(ctx.spark, results, run_id, oc.bootstrap_replicates, oc.bootstrap_buckets)
         store.write(out, "ope_results", mode="overwrite", spec=OPE_RESULTS, overwrite_schema=True)
         ctx.log_rows("ope_results", out.count())
+    print(f"logged policy: {mode} (ope.logged_propensity: {oc.logged_propensity})")
     print(format_table(results, baseline, oc.alpha))
     rows.unpersist()
     item_q.unpersist()
     return {
-        "run_id": run_id, "mode": mode, "rows_in": n, "policies": list(pols), "skipped": skipped,
+        "run_id": run_id, "mode": mode, "logged_propensity": oc.logged_propensity, "rows_in": n,
+        "policies": list(pols), "skipped": skipped,
         "baseline": baseline, "estimators": [e.estimator_name for e in estimators],
         "rows_out": len(results) * (2 if oc.bootstrap_replicates else 1),
         "estimates": {f"{r.policy}/{r.estimator}": round(r.estimate, 6) for r in results},
