@@ -192,6 +192,9 @@ class TrainConfig:
     freeze_layers: int = 0  # freeze the encoder's embeddings + this many lowest layers (-1: all)
     encoder_lr: Optional[float] = None  # learning rate of the pre-trained encoder (None: min(learning_rate, 5e-5))
     id_dropout: float = 0.1  # text models: share of ids replaced by the unknown row (cold-start training)
+    # text models: feed each numeric feature as a z-score under the train split's moments (one Ray Data
+    # pass before training; causalrec.models.feature_scaling); false feeds the raw values
+    standardize_features: bool = True
     # two-tower: add text_scale * cos(user text, item text) on the encoder's own vectors to the logit
     # None: on for task=click (implicit feedback: the zero-shot similarity is the signal, and cold
     # items need it), off for rating regression (how much a user likes what they chose to rate)

@@ -252,13 +252,14 @@ OUT_SCHEMA = ("user_id string, item_id string, rank int, score double, relevance
 # --------------------------------------------------------------------------- Spark job
 
 
-def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, policy: Optional[str] = None):
+def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, policy: Optional[str] = None,
+             versions: Optional[Sequence[str]] = None):
     """Spark: join the per-user inputs and run :func:`rank_user` per user via applyInPandas.
 
     ``groups``: (item_id, group); ``uplift_effects``: the uplift stage's table (one item-level row
     per item is used, see :func:`causalrec.scoring.item_uplift`);
     ``history``: (user_id, history array<string>, most recent first): what the model was served
-    (:func:`load_history`).
+    (:func:`load_history`); ``versions``: the scores' distinct model versions, when the caller has them.
     Returns (result DataFrame with kind policy/base, targets, group_sizes).
     """
     from pyspark.sql import functions as F
@@ -289,7 +290,8 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
         df = df.join(history, "user_id", "left")
     targets = group_targets(group_sizes, cfg.fairness_target)
     emb, titles = _item_side(ctx)
-    versions = [r[0] for r in scores.select("model_version").distinct().collect()]  # one per scoring run
+    if versions is None:
+        versions = model_versions(scores)
     units = explanation_units(ctx, versions)
     kw = dict(policy=policy, k=cfg.k, blend_weight=cfg.blend_weight, fair_base=cfg.fair_base_policy,
               strength=cfg.fairness_strength, targets=targets, attribute=cfg.fairness_attribute,
@@ -299,6 +301,11 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
         return rank_user(pdf, **kw)
 
     return df.groupBy("user_id").applyInPandas(fn, OUT_SCHEMA), targets, group_sizes
+
+
+def model_versions(scores) -> list:
+    """The scores' distinct model versions (one per scoring run)."""
+    return [r[0] for r in scores.select("model_version").distinct().collect()]
 
 
 def check_effects_available(scores, policy: str, fair_base: str) -> None:
@@ -339,19 +346,22 @@ def explanation_units(ctx, model_versions: Sequence[str]) -> dict:
     return out
 
 
-def trained_model_configs(store, model_versions: Sequence[str]) -> dict:
-    """model_version -> the model config saved with the checkpoint of the train run that has that version
-    (the train stage writes its run_id as the version); versions without a run or a readable checkpoint are
-    left out."""
+def trained_checkpoints(store, model_versions: Sequence[str]) -> dict:
+    """model_version -> the checkpoint path of the train run that has that version (the train stage writes its
+    run_id as the version); versions without a run are left out."""
     if not model_versions or not store.exists("train_runs"):
         return {}
+    runs = store.read_arrow("train_runs", columns=["model_version", "checkpoint_path"]).to_pandas()
+    return {v: path for v, path in zip(runs["model_version"], runs["checkpoint_path"]) if v in model_versions}
+
+
+def trained_model_configs(store, model_versions: Sequence[str]) -> dict:
+    """model_version -> the model config saved with its train run's checkpoint (:func:`trained_checkpoints`);
+    versions without a run or a readable checkpoint are left out."""
     from causalrec.train.checkpoint import saved_model_config
 
-    runs = store.read_arrow("train_runs", columns=["model_version", "checkpoint_path"]).to_pandas()
     out = {}
-    for v, path in zip(runs["model_version"], runs["checkpoint_path"]):
-        if v not in model_versions:
-            continue
+    for v, path in trained_checkpoints(store, model_versions).items():
         try:
             out[v] = saved_model_config(path)
         except (OSError, ValueError) as exc:
@@ -421,20 +431,56 @@ def load_groups(store, attribute: str):
     return None
 
 
-def load_history(ctx):
+def load_history(ctx, indexed_items=None):
     """(user_id, history): each user's history as scoring served it to the model, most recent first.
 
-    Scoring feeds the model ``user_features.history_item_ids`` cut to ``features.history_length`` (the latest
-    interactions of any kind before the features cutoff, :func:`causalrec.scoring.prepare_input`); an
-    explanation built from any other list (positive events only, events after the cutoff) would name items
-    the model never saw. None without user_features: then no history item is named."""
+    Scoring feeds the model ``user_features.history_item_ids`` (the latest interactions of any kind before the
+    features cutoff) less the items its id_index lacks, cut to ``features.history_length``
+    (:func:`causalrec.training_set.indexed_history`, :func:`causalrec.scoring.prepare_input`); an explanation
+    built from any other list (positive events only, events after the cutoff, items the model has no row
+    for) would name items the model never saw. ``indexed_items`` (item_id): the items of the model's id_index
+    (:func:`served_history_items`); None keeps every item. None without user_features: then no history item
+    is named."""
     from pyspark.sql import functions as F
 
     store = ctx.store
     if not store.exists("user_features"):
         return None
-    return store.read("user_features").select(
-        "user_id", F.slice("history_item_ids", 1, int(ctx.cfg.features.history_length)).alias("history"))
+    n = int(ctx.cfg.features.history_length)
+    uf = store.read("user_features")
+    if indexed_items is None:
+        return uf.select("user_id", F.slice("history_item_ids", 1, n).alias("history"))
+    hist = uf.select("user_id", F.posexplode("history_item_ids").alias("pos", "item_id")).join(
+        F.broadcast(indexed_items.select("item_id")), "item_id")
+    return hist.groupBy("user_id").agg(F.slice(F.transform(
+        F.sort_array(F.collect_list(F.struct("pos", "item_id"))), lambda s: s["item_id"]), 1, n).alias("history"))
+
+
+def served_history_items(ctx, model_versions: Sequence[str]):
+    """(item_id): the items of the id_index the scores' model was trained with (the version its checkpoint
+    records, :func:`causalrec.scoring.trained_id_index`), which are the history items scoring can serve it.
+    Scores of several model versions, of one without a train run, or of one whose id_index version can no
+    longer be read: the current id_index (explanations only; the scores stand). None without an id_index
+    (scores written outside the pipeline's training): every history item may be cited."""
+    from pyspark.sql import functions as F
+
+    from causalrec.scoring import trained_id_index
+    from causalrec.train.checkpoint import trained_id_index_version
+
+    store = ctx.store
+    if not store.exists("id_index"):
+        return None
+    paths = trained_checkpoints(store, model_versions)
+    idx = None
+    if len(model_versions) == 1 and len(paths) == 1:
+        v, path = next(iter(paths.items()))
+        try:
+            idx = trained_id_index(store, trained_id_index_version(path), model=v, stage="recommend")
+        except RuntimeError as exc:
+            log.warning("recommend: %s; explanations cite history items of the current id_index", exc)
+    if idx is None:
+        idx = store.read("id_index")
+    return idx.where(F.col("kind") == "item").select(F.col("id").alias("item_id"))
 
 
 def run(ctx) -> dict:
@@ -448,10 +494,11 @@ def run(ctx) -> dict:
         scores = store.read("scores")
         groups = load_groups(store, cfg.ranking.fairness_attribute)
         ue = store.read("uplift_effects") if store.exists("uplift_effects") else None
-        history = load_history(ctx)
+        versions = model_versions(scores)
+        history = load_history(ctx, served_history_items(ctx, versions))
         n_items = store.row_count("items") if store.exists("items") else None
     with ctx.step(f"recommend: rank ({cfg.ranking.policy})"):
-        result, targets, sizes = rank_all(ctx, scores, groups, ue, history)
+        result, targets, sizes = rank_all(ctx, scores, groups, ue, history, versions=versions)
         result = result.localCheckpoint(eager=True)  # summary and write read the same ranking
     with ctx.step("recommend: load"):
         recs = result.filter(F.col("kind") == "policy")

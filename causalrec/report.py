@@ -421,9 +421,11 @@ def section_ope(data) -> str:
     ax.legend(fontsize=7, ncol=2)
     rows = [[r["policy"], r["estimator"], r["estimate"], r.get("ci_low"), r.get("ci_high"), r.get("interval_method") or "–",
              r.get("ess"), r.get("diff_to_baseline")] for r in sorted(ope, key=lambda r: (r["policy"], r["estimator"]))]
+    logged = sorted({r["logged_policy"] for r in ope if r.get("logged_policy")})
+    pi_b = f" The logging policy's probabilities (pi_b) came from: {', '.join(logged)}." if logged else ""
     return _fig_html(fig, "off-policy estimates", "Each point is one estimator's estimate of the strategy's reward; "
                      f"bars are {_level(data)} intervals. Estimators that agree give confidence; wide IPS bars mean "
-                     "extreme weights.") + \
+                     f"extreme weights.{pi_b}") + \
         _table(["strategy", "estimator", "estimate", "CI low", "CI high", "interval", "ESS", "diff to baseline"], rows)
 
 

@@ -384,6 +384,8 @@ OPE_RESULTS = TableSpec(
         ("ci_low", "double", True, ""),
         ("ci_high", "double", True, ""),
         ("interval_method", "string", True, "analytic or bootstrap"),
+        ("logged_policy", "string", True, "where pi_b came from: logged_propensity (the events' action "
+                                          "probability) or exposure[_item_popularity][_on_impressions]"),
         ("ess", "double", True, "effective sample size of the weights"),
         ("max_weight", "double", True, ""),
         ("n", "long", True, ""),

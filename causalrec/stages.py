@@ -66,8 +66,8 @@ PIPELINE: tuple[Stage, ...] = (
           engine="ray"),
     Stage("recommend", "causalrec.ranking:run",
           "top-K recommendations by relevance, causal effect, blend or fair exposure, with explanations",
-          # user_features: the served histories explanations cite; train_runs: the models' units
-          inputs=("scores", "item_features", "items", "user_features", "train_runs",
+          # user_features and id_index: the served histories explanations cite; train_runs: the models' units
+          inputs=("scores", "item_features", "items", "user_features", "id_index", "train_runs",
                   "uplift_effects"), outputs=("recommendations",)),
     Stage("ope", "causalrec.ope.job:run",
           "off-policy evaluation of strategies with every estimator and intervals",

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from causalrec.config import load_config  # noqa: E402
+from causalrec.models.feature_scaling import frame_feature_scaling  # noqa: E402
 from causalrec.train.job import TRAIN_COLUMNS, model_config_from  # noqa: E402
 from causalrec.train.local import fit_local, predict_frame  # noqa: E402
 from causalrec.train.objectives import objective_options  # noqa: E402
@@ -179,6 +180,8 @@ def main(argv=None) -> dict:
              "n_features": n_features, "global_bias": float(obs["label"].mean())}
     print(f"train rows {len(train)} (observed {len(obs)}), valid {len(valid)}, MCAR test {len(test)}; {shape}",
           flush=True)
+    if cfg.train.standardize_features and n_features:  # the text models' z-scores, as the train stage takes them
+        shape["feature_scaling"] = frame_feature_scaling(train, n_features)
     cfg.train.task = "rating"
     threshold = cfg.training_set.positive_threshold
     # AdamW's decoupled decay (biases exempt) is the L2 regulariser; Coat's 7k ratings need a strong one

@@ -46,6 +46,7 @@ def test_ope_job_on_uniformly_logged_impressions(ctx, spark):
     assert summary["skipped"] == {"recommendations": "no recommendations table"}
     res = ctx.store.read("ope_results").toPandas()
     assert set(res.columns) == set(OPE_RESULTS.names)
+    assert (res.logged_policy == "logged_propensity").all()  # the table says what pi_b was
     assert len(res) == 2 * 2 * 8  # 2 policies x 8 estimators x (analytic, bootstrap)
     a = res[res.interval_method == "analytic"].set_index(["policy", "estimator"])
     mean_click = np.mean([r["value"] for r in rows])
@@ -99,7 +100,7 @@ def test_ope_job_on_ratings_uses_exposure_propensities(ctx, spark):
     s = run(ctx)
     assert s["mode"] == "exposure" and s["policies"] == ["random", "recommendations"]
     res = ctx.store.read("ope_results").toPandas().set_index(["policy", "estimator"])
-    assert len(res) == 6 and (res.interval_method == "analytic").all()
+    assert len(res) == 6 and (res.interval_method == "analytic").all() and (res.logged_policy == "exposure").all()
     # pscore = p_ui / sum_j p_uj; a random policy's weight is (1/10) / pscore -> known max weight
     assert res.loc[("random", "ips"), "max_weight"] == pytest.approx((1 / 10) / (0.2 / sum(0.2 + 0.06 * i for i in range(10))))
     # the random policy's IPS and its interval, by hand: w = (1/10) / pscore, reward = rating >= 4

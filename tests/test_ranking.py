@@ -380,6 +380,38 @@ def test_explanation_history_is_the_history_the_model_was_served(ctx, spark):
     assert "Alpha jacket" not in text, text
 
 
+def test_explanation_history_leaves_out_items_the_models_id_index_lacks(ctx, spark, tmp_path):
+    """Scoring serves the history less the items the model's id_index (at its trained version) has no row for,
+    then cuts it to features.history_length: the explanation's history is that list, so an unindexed item is
+    never cited and the next indexed one takes its place."""
+    import json
+
+    from causalrec.ranking import load_history, served_history_items
+
+    store = ctx.store
+    store.write(spark.createDataFrame([("u", ["C", "X", "B", "A"]), ("v", ["X"])],
+                                      "user_id string, history_item_ids array<string>"), "user_features")
+    ids = lambda items: spark.createDataFrame([("item", i, n) for n, i in enumerate(items)] + [("user", "u", 0)],  # noqa: E731
+                                              "kind string, id string, idx int")
+    store.write(ids(["A", "B", "C"]), "id_index", mode="overwrite")  # version 0: what the model was trained with
+    store.write(ids(["A", "B", "C", "X"]), "id_index", mode="overwrite")  # X indexed since
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"id_index_version": 0}))
+    store.write(spark.createDataFrame([("m1", str(ckpt))], "model_version string, checkpoint_path string"),
+                "train_runs", mode="overwrite")
+    ctx.cfg.features.history_length = 2
+    served = served_history_items(ctx, ["m1"])
+    assert sorted(r["item_id"] for r in served.collect()) == ["A", "B", "C"]
+    hist = {r["user_id"]: list(r["history"]) for r in load_history(ctx, served).collect()}
+    assert hist == {"u": ["C", "B"]}  # X left out, B moves up; v has no indexed history item
+    # a version without a train run, or whose id_index version is gone: the current id_index (the scores stand)
+    assert sorted(r["item_id"] for r in served_history_items(ctx, ["other"]).collect()) == ["A", "B", "C", "X"]
+    assert list(load_history(ctx).where("user_id = 'u'").first()["history"]) == ["C", "X"]
+    (ckpt / "meta.json").write_text(json.dumps({"id_index_version": 7}))
+    assert sorted(r["item_id"] for r in served_history_items(ctx, ["m1"]).collect()) == ["A", "B", "C", "X"]
+
+
 def test_explanation_never_says_an_item_is_similar_to_itself():
     """With candidates.exclude_consumed=False a consumed item is recommended again; it is in the history
     and was named as the history item "most similar" to itself (similarity 1.00)."""

@@ -84,7 +84,7 @@ def realistic_data() -> dict:
             v = base + jitter
             ope.append({"run_id": "ope1", "policy": policy, "estimator": est, "estimate": v, "std_err": 0.0004,
                         "ci_low": v - 0.0008, "ci_high": v + 0.0008, "interval_method": "bootstrap", "ess": 3000.0,
-                        "max_weight": 12.0, "n": 10000, "diff_to_baseline": v - 0.004})
+                        "max_weight": 12.0, "n": 10000, "diff_to_baseline": v - 0.004, "logged_policy": "exposure"})
     runs = []
     for obj in ("naive", "ips", "uplift"):
         epochs = [{"epoch": e, "train_loss": 1.5 / (e + 1) + 0.8, "valid_metric": 1.3 / (e + 1) + 1.0}
@@ -201,6 +201,7 @@ def test_interval_labels_follow_the_configured_alpha(monkeypatch, cfg):
     page = R.render_report(data)
     assert figs["off-policy estimates"][0] == ["Off-policy estimates with 90% intervals"]
     assert "bars are 90% intervals" in figs["off-policy estimates"][2] and "bars are 90% intervals" in page
+    assert "probabilities (pi_b) came from: exposure." in figs["off-policy estimates"][2]
     assert "Per-item effects with 90% intervals" in figs["uplift per item"][0]
     assert all("(95% CI)" in t for t in figs["model comparison bar chart"][0])  # metrics: Z95
     assert "95%" not in " ".join(R.summary_sentences(dict(realistic_data(), alpha=0.10)))

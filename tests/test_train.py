@@ -154,7 +154,8 @@ def test_minilm_two_tower_two_workers(ray_local, train_cfg):
     from causalrec.train.job import latest_train_run, run
 
     cfg = train_cfg
-    write_examples(cfg, synthetic_examples(n_train=240, n_valid=64))
+    df = synthetic_examples(n_train=240, n_valid=64)
+    write_examples(cfg, df)
     cfg.train.model, cfg.train.objective, cfg.train.epochs = "two_tower", "snips", 2
     cfg.train.max_seq_len, cfg.train.freeze_layers, cfg.train.learning_rate = 16, 5, 0.02
     cfg.train.batch_size = 40
@@ -166,6 +167,11 @@ def test_minilm_two_tower_two_workers(ray_local, train_cfg):
     model, mc, _ = load_checkpoint(row["checkpoint_path"])
     assert mc["model"] == "two_tower" and mc["max_seq_len"] == 16
     assert "tokenizer" in mc["tokenizer_path"]  # the checkpoint carries its tokenizer
+    # it standardises its features with the train split's moments (the valid rows' differ), read by Ray Data
+    train_features = np.array(df.loc[df["split"] == "train", "features"].tolist())
+    np.testing.assert_allclose(mc["feature_mean"], train_features.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(mc["feature_std"], train_features.std(axis=0), rtol=1e-9)
+    assert model.feature_scale is not None
 
 
 def test_fit_local_early_stops_on_a_custom_valid_fn():

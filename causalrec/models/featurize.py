@@ -68,6 +68,12 @@ def _texts(batch: pd.DataFrame, col: str) -> list[str]:
     return ["" if (t is None or (isinstance(t, float) and np.isnan(t))) else str(t) for t in batch[col].tolist()]
 
 
+
+def feature_matrix(values, width: int) -> np.ndarray:
+    """A ``features`` list column as the model is fed it: (rows, width) float32, nulls and NaNs as 0,
+    vectors padded or cut to ``width`` (also what :mod:`causalrec.models.feature_scaling` takes moments of)."""
+    return np.nan_to_num(_ragged(values, width, np.float32, 0.0))
+
 class Featurizer:
     """``Featurizer(model_config)(pandas_batch) -> dict[str, Tensor]``."""
 
@@ -114,7 +120,7 @@ class Featurizer:
         }
         if self.n_features:
             col = batch["features"].tolist() if "features" in batch.columns else [None] * len(batch)
-            out["features"] = torch.from_numpy(np.nan_to_num(_ragged(col, self.n_features, np.float32, 0.0)))
+            out["features"] = torch.from_numpy(feature_matrix(col, self.n_features))
         if self.history_len:
             col = batch["history_item_idx"].tolist() if "history_item_idx" in batch.columns else [None] * len(batch)
             h = _ragged(col, self.history_len, np.int64, -1)

@@ -127,6 +127,8 @@ def set_known_ids(model: nn.Module, known: Optional[dict]) -> None:
                                  known.get("imputation_item", known["item"]))
 
 
-def known_buffer_names(model: nn.Module) -> list[str]:
-    """The known-id masks' state-dict names: constant while training, so DDP need not broadcast them."""
-    return [name for name, _ in model.named_buffers() if name.endswith(("user_known", "item_known"))]
+def constant_buffer_names(model: nn.Module) -> list[str]:
+    """The buffers constant while training, so DDP need not broadcast them: the known-id masks and a text
+    model's feature moments (:class:`causalrec.models.feature_scaling.FeatureStandardizer`)."""
+    return [name for name, _ in model.named_buffers()
+            if name.endswith(("user_known", "item_known", "feature_scale.mean", "feature_scale.std"))]

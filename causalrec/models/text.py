@@ -2,7 +2,8 @@
 
 Why text: ids say nothing about an item nobody has interacted with yet; its title
 and description do. Both forms below combine the encoder's view of the text with
-id embeddings (which memorise what text cannot) and numeric features, and both
+id embeddings (which memorise what text cannot) and numeric features (standardised:
+:mod:`causalrec.models.feature_scaling`), and both
 map unseen ids (-1, and ids with a row that training never reached, see
 :func:`causalrec.models.mf.set_known_ids`) to a learned *unknown* row, trained by
 randomly dropping ids (``id_dropout``), so cold items are scored from text alone.
@@ -32,6 +33,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from causalrec.models.feature_scaling import FeatureStandardizer
 from causalrec.models.heads import Heads
 from causalrec.models.mf import IdEmbeddings, ImputationMF
 
@@ -189,6 +191,8 @@ class _TextBase(nn.Module):
         self.ids = IdEmbeddings(self.n_users, self.n_items, self.dim)
         self.global_bias = nn.Parameter(torch.tensor(float(mc.get("global_bias", 0.0))))
         self.features = nn.Linear(self.n_features, self.dim) if self.n_features else None
+        # z-scores under the train split's moments when the config records them (feature_scaling.py)
+        self.feature_scale = FeatureStandardizer.from_config(mc, self.n_features) if self.n_features else None
         self.imputation = (ImputationMF(self.n_users, self.n_items, max(4, self.dim // 2), mc.get("task", "rating"),
                                         float(mc.get("global_bias", 0.0))) if mc.get("imputation") else None)
 
@@ -241,6 +245,8 @@ class _TextBase(nn.Module):
         f = batch.get("features")
         if f is None:
             f = torch.zeros(like.shape[0], self.n_features, device=like.device)
+        if self.feature_scale is not None:
+            f = self.feature_scale(f)
         return self.features(f.to(self.features.weight.dtype))
 
 

@@ -116,10 +116,18 @@ def saved_model_config(directory) -> dict:
 def architecture_of(directory, model_config: dict) -> dict:
     """``model_config`` with the architecture flags a saved checkpoint was built with (for resuming):
     resuming an old two-tower under a config that turns the text-match path on would fail the strict
-    weight load, so the checkpoint's own setting wins."""
-    if model_config.get("model") != "two_tower" or not (Path(directory) / MODEL_CONFIG).is_file():
+    weight load, so the checkpoint's own setting wins. So does a text model's feature standardisation
+    (its moments, or none): the weights learnt on those inputs, not on the moments of the data resumed on."""
+    if model_config.get("model") not in ("two_tower", "cross_encoder") or not (Path(directory) / MODEL_CONFIG).is_file():
         return model_config
-    return {**model_config, "text_match": saved_model_config(directory)["text_match"]}
+    from causalrec.models.feature_scaling import SCALING_KEYS
+
+    saved = saved_model_config(directory)
+    out = {k: v for k, v in model_config.items() if k not in SCALING_KEYS}
+    out.update({k: saved[k] for k in SCALING_KEYS if k in saved})
+    if model_config["model"] == "two_tower":
+        out["text_match"] = saved["text_match"]
+    return out
 
 
 def trained_id_index_version(directory) -> Optional[int]:

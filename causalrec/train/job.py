@@ -23,8 +23,12 @@ TRAIN_COLUMNS = ["split", "user_idx", "item_idx", "observed", "label", "outcome"
 
 
 def model_config_from(cfg, n_users: int, n_items: int, n_features: int, global_bias: float = 0.0,
-                      objective: str | None = None) -> dict:
-    """The model config the trainer, the checkpoint and the scorer share."""
+                      objective: str | None = None, feature_scaling: dict | None = None) -> dict:
+    """The model config the trainer, the checkpoint and the scorer share.
+
+    ``feature_scaling``: the train split's feature moments (:mod:`causalrec.models.feature_scaling`),
+    recorded for the text models, which standardise their features with them.
+    """
     from causalrec.train.objectives import needs_imputation, needs_uplift
 
     t = cfg.train
@@ -42,6 +46,8 @@ def model_config_from(cfg, n_users: int, n_items: int, n_features: int, global_b
             "history_len": int(cfg.features.history_length), "freeze_layers": -1 if t.freeze_encoder else int(t.freeze_layers),
             "id_dropout": float(t.id_dropout),
         })
+        if feature_scaling:
+            mc.update(feature_scaling)
         if t.model == "two_tower":
             if t.text_match is not None:  # else the model's default (on for task=click)
                 mc["text_match"] = bool(t.text_match)
@@ -240,36 +246,52 @@ def run(ctx) -> dict:
 
     The main run is written last, so the latest ``train_runs`` row (what scoring uses) is it.
     """
+    data = read_training_data(ctx)
     baselines = []
     for objective in ctx.cfg.train.baseline_objectives:
         if objective == ctx.cfg.train.objective:
             continue
-        baselines.append(_run_one(ctx, objective)["run_id"])
-    summary = _run_one(ctx, None)
+        baselines.append(_run_one(ctx, data, objective)["run_id"])
+    summary = _run_one(ctx, data, None)
     if baselines:
         summary["baseline_runs"] = baselines
     return summary
 
 
-def _run_one(ctx, objective: str | None) -> dict:
+def read_training_data(ctx) -> dict:
+    """The splits as Ray Datasets, the table's shape (:func:`table_stats`) and, for a text model with
+    ``train.standardize_features``, the train split's feature moments: read once for every objective."""
     cfg = ctx.cfg
-    ctx.ray()  # starts (or joins) Ray before the trainer is built
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from causalrec.train.loop import train_loop_per_worker
-
+    ctx.ray()  # starts (or joins) Ray before the datasets are built
     with ctx.step("train: read training_examples"):
         train_ds, valid_ds = load_splits(cfg)
         stats = table_stats(cfg)
-        shape = stats["shape"]
-        valid_mode = resolve_valid_mode(cfg, stats["valid_mcar_rows"])
         n_train, n_valid = stats["rows"]["train"], stats["rows"]["valid"]
         if n_train == 0:
             raise ValueError(f"training_examples at {cfg.table_path('training_examples')} has no split='train' rows")
         ctx.log_rows("training_examples[train]", n_train, "in")
         ctx.log_rows("training_examples[valid]", n_valid, "in")
-    mc = model_config_from(cfg, **shape)
+    scaling = {}
+    n_features = stats["shape"]["n_features"]
+    if cfg.train.standardize_features and n_features and cfg.train.model in ("two_tower", "cross_encoder"):
+        from causalrec.models.feature_scaling import dataset_feature_scaling
+
+        with ctx.step(f"train: moments of {n_features} features"):
+            scaling = dataset_feature_scaling(train_ds, n_features)
+    return {"train": train_ds, "valid": valid_ds, "stats": stats, "feature_scaling": scaling}
+
+
+def _run_one(ctx, data: dict, objective: str | None) -> dict:
+    cfg = ctx.cfg
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from causalrec.train.loop import train_loop_per_worker
+
+    train_ds, valid_ds, stats = data["train"], data["valid"], data["stats"]
+    valid_mode = resolve_valid_mode(cfg, stats["valid_mcar_rows"])
+    n_train, n_valid = stats["rows"]["train"], stats["rows"]["valid"]
+    mc = model_config_from(cfg, **stats["shape"], feature_scaling=data["feature_scaling"])
     loop_config = loop_config_from(cfg, mc, valid_mode, objective)
     loop_config["known_ids"] = known_ids(stats["known"], loop_config["objective"])
     # into every checkpoint's meta.json: scoring reads id_index at this version (causalrec.scoring.trained_id_index)

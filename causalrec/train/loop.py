@@ -40,7 +40,7 @@ from ray.data.collate_fn import PandasBatchCollateFn
 
 from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
-from causalrec.models.mf import known_buffer_names, set_known_ids
+from causalrec.models.mf import constant_buffer_names, set_known_ids
 from causalrec.train.checkpoint import (FEATURE_NAMES, ID_INDEX_VERSION, architecture_of, load_optimizer_state,
                                         load_weights, save_checkpoint, unwrap)
 from causalrec.train.loop_state import (checkpoint_name, early_stopping_update, epoch_seed, initial_state,
@@ -110,9 +110,9 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] resuming from {resume_dir} at epoch {state['epoch']}", flush=True)
     set_known_ids(model, config.get("known_ids"))
-    # every worker sets the same masks and they never change: no per-step broadcast
+    # every worker sets the same masks and moments and they never change: no per-step broadcast
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, known_buffer_names(model))
+        model, constant_buffer_names(model))
 
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(DDP_OPTIONS))
     optimizer = make_optimizer(model, float(config.get("lr", 0.01)), float(config.get("weight_decay", 0.0)),
