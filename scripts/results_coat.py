@@ -151,7 +151,9 @@ def main(argv=None) -> dict:
                     help="weight decays tried for DR-JL (its imputed term regularises too, so it needs less)")
     ap.add_argument("--dr-label-fit", type=float, nargs="+", default=[0.0, 1.0],
                     help="DR-JL label-fit weights tried (train.dr_label_fit_weight; 0 = the paper's objective)")
-    ap.add_argument("--text-wd", type=float, nargs="+", default=[3.0], help="weight decays tried for the text model")
+    ap.add_argument("--text-wd", type=float, nargs="+", default=[1.0, 3.0], help="weight decays tried for the text model")
+    ap.add_argument("--text-lr", type=float, nargs="+", default=[0.003, 0.01],
+                    help="learning rates tried for the text model")
     ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3, 4],
                     help="extra training seeds: the MF rows are refit (selection included) with each, and the "
                          "JSON gets every metric's mean and spread over project.seed and these")
@@ -222,8 +224,9 @@ def main(argv=None) -> dict:
 
         def fit_text(objective: str, seed: int | None = None) -> dict:
             train_rows = train if objective == "dr_jl" else obs
-            tgrid = ([{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.text_wd] if objective != "dr_jl"
-                     else with_label_fit([{"lr": 0.01, "wd": wd, "dim": 32} for wd in args.dr_wd]))
+            tgrid = ([{"lr": lr, "wd": wd, "dim": 32} for lr in args.text_lr for wd in args.text_wd]
+                     if objective != "dr_jl" else
+                     with_label_fit([{"lr": lr, "wd": wd, "dim": 32} for lr in args.text_lr for wd in args.dr_wd]))
             return select_and_fit(cfg, "two_tower", objective, tgrid, train_rows, valid, shape, args.text_epochs,
                                   256, text_over, valid_mode=valid_mode, seed=seed)
 
