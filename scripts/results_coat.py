@@ -224,9 +224,10 @@ def main(argv=None) -> dict:
 
         def fit_text(objective: str, seed: int | None = None) -> dict:
             train_rows = train if objective == "dr_jl" else obs
-            tgrid = ([{"lr": lr, "wd": wd, "dim": 32} for lr in args.text_lr for wd in args.text_wd]
-                     if objective != "dr_jl" else
-                     with_label_fit([{"lr": lr, "wd": wd, "dim": 32} for lr in args.text_lr for wd in args.dr_wd]))
+            wds = args.dr_wd if objective == "dr_jl" else args.text_wd
+            tgrid = [{"lr": lr, "wd": wd, "dim": 32} for lr in args.text_lr for wd in wds]
+            if objective == "dr_jl":
+                tgrid = with_label_fit(tgrid)
             return select_and_fit(cfg, "two_tower", objective, tgrid, train_rows, valid, shape, args.text_epochs,
                                   256, text_over, valid_mode=valid_mode, seed=seed)
 

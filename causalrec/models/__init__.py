@@ -10,7 +10,8 @@ with ``uplift=True`` also ``y1``, ``y0`` and ``uplift = y1 - y0``; with
 (rating | click), ``n_users``, ``n_items``, ``dim``, ``n_features``, ``uplift``,
 ``imputation``, ``global_bias``; text models also ``encoder_path``,
 ``max_seq_len``, ``history_len``, ``freeze_layers``, ``id_dropout``,
-``random_init``, ``encoder_config``, ``tokenizer_path``; the two-tower also
+``random_init``, ``encoder_config``, ``tokenizer_path``, ``feature_mean`` / ``feature_std``
+(:mod:`causalrec.models.feature_scaling`); the two-tower also
 ``text_match`` and ``text_match_init`` (:class:`causalrec.models.text.TwoTower`).
 """
 from __future__ import annotations

@@ -68,11 +68,11 @@ def _texts(batch: pd.DataFrame, col: str) -> list[str]:
     return ["" if (t is None or (isinstance(t, float) and np.isnan(t))) else str(t) for t in batch[col].tolist()]
 
 
-
 def feature_matrix(values, width: int) -> np.ndarray:
     """A ``features`` list column as the model is fed it: (rows, width) float32, nulls and NaNs as 0,
     vectors padded or cut to ``width`` (also what :mod:`causalrec.models.feature_scaling` takes moments of)."""
     return np.nan_to_num(_ragged(values, width, np.float32, 0.0))
+
 
 class Featurizer:
     """``Featurizer(model_config)(pandas_batch) -> dict[str, Tensor]``."""

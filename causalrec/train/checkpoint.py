@@ -118,9 +118,11 @@ def architecture_of(directory, model_config: dict) -> dict:
     resuming an old two-tower under a config that turns the text-match path on would fail the strict
     weight load, so the checkpoint's own setting wins. So does a text model's feature standardisation
     (its moments, or none): the weights learnt on those inputs, not on the moments of the data resumed on."""
-    if model_config.get("model") not in ("two_tower", "cross_encoder") or not (Path(directory) / MODEL_CONFIG).is_file():
-        return model_config
+    from causalrec.models import TEXT_MODELS
     from causalrec.models.feature_scaling import SCALING_KEYS
+
+    if model_config.get("model") not in TEXT_MODELS or not (Path(directory) / MODEL_CONFIG).is_file():
+        return model_config
 
     saved = saved_model_config(directory)
     out = {k: v for k, v in model_config.items() if k not in SCALING_KEYS}

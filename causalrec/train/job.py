@@ -29,6 +29,7 @@ def model_config_from(cfg, n_users: int, n_items: int, n_features: int, global_b
     ``feature_scaling``: the train split's feature moments (:mod:`causalrec.models.feature_scaling`),
     recorded for the text models, which standardise their features with them.
     """
+    from causalrec.models import TEXT_MODELS
     from causalrec.train.objectives import needs_imputation, needs_uplift
 
     t = cfg.train
@@ -38,7 +39,7 @@ def model_config_from(cfg, n_users: int, n_items: int, n_features: int, global_b
         "n_features": int(n_features), "dim": int(t.embedding_dim), "global_bias": float(global_bias),
         "uplift": needs_uplift(objective), "imputation": needs_imputation(objective),
     }
-    if t.model in ("two_tower", "cross_encoder"):
+    if t.model in TEXT_MODELS:
         from causalrec.models.text import default_encoder_path
 
         mc.update({
@@ -271,9 +272,11 @@ def read_training_data(ctx) -> dict:
             raise ValueError(f"training_examples at {cfg.table_path('training_examples')} has no split='train' rows")
         ctx.log_rows("training_examples[train]", n_train, "in")
         ctx.log_rows("training_examples[valid]", n_valid, "in")
+    from causalrec.models import TEXT_MODELS
+
     scaling = {}
     n_features = stats["shape"]["n_features"]
-    if cfg.train.standardize_features and n_features and cfg.train.model in ("two_tower", "cross_encoder"):
+    if cfg.train.standardize_features and n_features and cfg.train.model in TEXT_MODELS:
         from causalrec.models.feature_scaling import dataset_feature_scaling
 
         with ctx.step(f"train: moments of {n_features} features"):
