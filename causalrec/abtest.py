@@ -1,9 +1,11 @@
 """A/B test analysis: difference in means, CUPED, and a sample-ratio-mismatch check.
 
-Why sufficient statistics: per arm we need only n, sum y, sum y^2, sum x, sum x^2, sum xy
-(y = the unit's outcome in the experiment window, x = its pre-period covariate). One Spark
-``groupBy(arm)`` computes them over any number of units; the pure functions below turn
-them into estimates, so the same code serves numpy tests and the Spark stage.
+Why sufficient statistics: per arm we need only n, the means of y and x and their centred
+second moments (y = the unit's outcome in the experiment window, x = its pre-period covariate).
+One Spark ``groupBy(arm)`` computes them over any number of units with Spark's numerically
+stable moment aggregates (raw sums of squares would cancel when the spread is tiny next to the
+mean); the pure functions below turn them into estimates, so the same code serves numpy tests
+and the Spark stage.
 
 * Difference in means with a Welch (unequal-variance) CLT interval.
 * CUPED (Deng, Xu, Kohavi & Walker 2013): ``y_adj = y - theta (x - mean(x))`` with the pooled
@@ -32,24 +34,27 @@ SRM_P_THRESHOLD = 0.001
 
 @dataclass
 class ArmStats:
+    """One arm's moments: n, means, and centred sums of products (cyy = sum (y - my)^2, ...)."""
+
     n: float
-    sy: float
-    syy: float
-    sx: float = 0.0
-    sxx: float = 0.0
-    sxy: float = 0.0
+    my: float
+    cyy: float
+    mx: float = 0.0
+    cxx: float = 0.0
+    cxy: float = 0.0
 
     @classmethod
     def from_arrays(cls, y, x=None) -> "ArmStats":
         y = np.asarray(y, dtype=float)
         x = np.zeros_like(y) if x is None else np.asarray(x, dtype=float)
-        return cls(float(len(y)), y.sum(), (y * y).sum(), x.sum(), (x * x).sum(), (x * y).sum())
+        dy, dx = y - y.mean(), x - x.mean()
+        return cls(float(len(y)), float(y.mean()), float(dy @ dy), float(x.mean()), float(dx @ dx), float(dx @ dy))
 
     def mean(self) -> float:
-        return self.sy / self.n
+        return self.my
 
     def var(self) -> float:
-        return max(self.syy / self.n - self.mean() ** 2, 0.0) * self.n / (self.n - 1)
+        return max(self.cyy, 0.0) / (self.n - 1)
 
 
 def _interval(est: float, se: float, alpha: float) -> dict:
@@ -69,20 +74,27 @@ def diff_in_means(t: ArmStats, c: ArmStats, alpha: float = 0.05) -> dict:
     return out
 
 
+def _constant(var: float, mean: float) -> bool:
+    """A variance indistinguishable from rounding noise at this mean (a constant covariate)."""
+    return var <= (1e-12 * abs(mean)) ** 2
+
+
 def cuped(t: ArmStats, c: ArmStats, alpha: float = 0.05) -> dict:
-    """CUPED-adjusted difference; ``theta`` pooled over both arms, covariate centred at its pooled mean."""
+    """CUPED-adjusted difference; ``theta`` pooled over both arms, covariate centred at its pooled mean.
+
+    Pooled moments combine the arms' centred ones (Chan, Golub & LeVeque), so nothing cancels; a
+    constant covariate gives ``theta = 0`` (the plain difference), not a ratio of rounding noise.
+    """
     n = t.n + c.n
-    mx = (t.sx + c.sx) / n
-    my = (t.sy + c.sy) / n
-    cov = (t.sxy + c.sxy) / n - mx * my
-    varx = (t.sxx + c.sxx) / n - mx * mx
-    theta = cov / varx if varx > 0 else 0.0
+    mx = (t.n * t.mx + c.n * c.mx) / n
+    between = t.n * c.n / n
+    cxx = t.cxx + c.cxx + between * (t.mx - c.mx) ** 2
+    cxy = t.cxy + c.cxy + between * (t.mx - c.mx) * (t.my - c.my)
+    theta = 0.0 if _constant(cxx / n, mx) else cxy / cxx
 
     def adjusted(a: ArmStats) -> ArmStats:
-        # y' = y - theta (x - mx): sums follow from the raw sums
-        sy = a.sy - theta * (a.sx - a.n * mx)
-        syy = (a.syy - 2 * theta * (a.sxy - mx * a.sy) + theta**2 * (a.sxx - 2 * mx * a.sx + a.n * mx * mx))
-        return ArmStats(a.n, sy, syy)
+        # y' = y - theta (x - mx): its arm mean and centred square follow from the arm's moments
+        return ArmStats(a.n, a.my - theta * (a.mx - mx), a.cyy - 2 * theta * a.cxy + theta ** 2 * a.cxx)
 
     ta, ca = adjusted(t), adjusted(c)
     out = diff_in_means(ta, ca, alpha)
@@ -154,7 +166,10 @@ def unit_outcomes(events, arm_column: str, start, covariate=None, metric_event: 
     units = arms.where("n_arms = 1").drop("n_arms").withColumn("y", F.coalesce(F.col("y"), F.lit(0.0)))
     if covariate is None:
         covariate = pre.groupBy("user_id").agg(F.avg("y").alias("x"))
-    units = units.join(covariate, "user_id", "left").withColumn("x", F.coalesce(F.col("x").cast("double"), F.lit(0.0)))
+    # a missing or NaN covariate reads 0: any fixed pre-period value keeps CUPED unbiased, NaN would void it
+    x = F.col("x").cast("double")
+    units = units.join(covariate, "user_id", "left").withColumn(
+        "x", F.coalesce(F.nanvl(x, F.lit(None).cast("double")), F.lit(0.0)))
     return units, contaminated
 
 
@@ -174,14 +189,14 @@ def _utc(t: datetime) -> str:
 
 
 def arm_stats(units) -> dict:
-    """One groupBy: sufficient statistics per arm."""
+    """One groupBy: sufficient statistics per arm (Spark's moment aggregates are merge-stable)."""
     from pyspark.sql import functions as F
 
     rows = units.groupBy("arm").agg(
-        F.count("*").alias("n"), F.sum("y").alias("sy"), F.sum(F.col("y") * F.col("y")).alias("syy"),
-        F.sum("x").alias("sx"), F.sum(F.col("x") * F.col("x")).alias("sxx"),
-        F.sum(F.col("x") * F.col("y")).alias("sxy")).collect()
-    return {r["arm"]: ArmStats(float(r["n"]), r["sy"], r["syy"], r["sx"], r["sxx"], r["sxy"]) for r in rows}
+        F.count("*").alias("n"), F.avg("y").alias("my"), F.var_pop("y").alias("vy"),
+        F.avg("x").alias("mx"), F.var_pop("x").alias("vx"), F.covar_pop("x", "y").alias("cxy")).collect()
+    return {r["arm"]: ArmStats(float(r["n"]), r["my"], r["vy"] * r["n"], r["mx"], r["vx"] * r["n"], r["cxy"] * r["n"])
+            for r in rows}
 
 
 def analyse(stats: dict, treatment: str, control: str, expected_share: float = 0.5, alpha: float = 0.05) -> dict:

@@ -169,7 +169,9 @@ def text_neighbours(item_ids: list, emb, targets: Optional[set], neighbours: int
     """Per-item top text neighbours by cosine similarity of embeddings: (src, dst, sim).
 
     Items are few (thousands), so the item x item similarity is a blocked matrix product
-    on the driver; ``targets`` restricts destinations (e.g. to cold items)."""
+    on the driver; ``targets`` restricts destinations (e.g. to cold items). Equal similarities
+    (items with the same text) go to the lower item id, so the result does not depend on the
+    embedding table's row order."""
     import numpy as np
     import pandas as pd
 
@@ -180,6 +182,7 @@ def text_neighbours(item_ids: list, emb, targets: Optional[set], neighbours: int
     if not tmask.any():
         return spark.createDataFrame([], "src string, dst string, sim double")
     t_idx = np.flatnonzero(tmask)
+    t_idx = t_idx[np.argsort(ids[t_idx].astype(str), kind="stable")]  # column order = id order, for ties
     k = min(neighbours, len(t_idx))
     rows_src, rows_dst, rows_sim = [], [], []
     for s in range(0, len(ids), 1024):
@@ -189,9 +192,10 @@ def text_neighbours(item_ids: list, emb, targets: Optional[set], neighbours: int
             if self_hit.size:
                 sims[r, self_hit] = -np.inf
         kk = min(k, sims.shape[1])
-        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        kth = -np.partition(-sims, kk - 1, axis=1)[:, kk - 1]  # each row's kk-th largest similarity
         for r in range(sims.shape[0]):
-            for c in top[r]:
+            above = np.flatnonzero(sims[r] > kth[r])
+            for c in np.concatenate([above, np.flatnonzero(sims[r] == kth[r])[:kk - len(above)]]):
                 if np.isfinite(sims[r, c]):
                     rows_src.append(ids[s + r])
                     rows_dst.append(ids[t_idx[c]])
@@ -202,8 +206,9 @@ def text_neighbours(item_ids: list, emb, targets: Optional[set], neighbours: int
 
 def merge_sources(per_source: dict, max_candidates: int) -> DataFrame:
     """Union the sources; per (user, item) record every source and the one that ranked it
-    highest (best within-source rank, ties by source order); keep ``max_candidates`` per user
-    preferring items several sources agree on."""
+    highest (best within-source rank, ties by source order); keep ``max_candidates`` per user by
+    that best rank, a round robin over the sources so none crowds the others out, and among
+    items of equal rank those more sources agree on first."""
     parts = []
     for order, (name, df) in enumerate(per_source.items()):
         w = Window.partitionBy("user_id").orderBy(F.col("score").desc(), F.col("item_id"))

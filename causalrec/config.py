@@ -519,6 +519,9 @@ def _check_semantics(cfg: Config, where: str) -> None:
             "(1 gives a zero-width one; conf/cluster.yaml uses 4096)")
     if not 0 < cfg.ope.abtest_expected_share < 1:  # the sample-ratio check divides by both arms' shares
         bad("ope.abtest_expected_share", f"got {cfg.ope.abtest_expected_share}, expected a value in (0, 1)")
+    if cfg.ope.uplift_min_rows < 2:  # below 2 an arm may be missing or have no standard error
+        bad("ope.uplift_min_rows", f"got {cfg.ope.uplift_min_rows}, expected an integer >= 2: each reported "
+            "item or segment effect needs that many treated and that many control rows")
     w = cfg.ope.attribution_window_s
     if w is not None and not 0 < w < float("inf"):  # also refuses nan
         bad("ope.attribution_window_s", f"got {w}, expected a finite number of seconds > 0 (null: no window)")

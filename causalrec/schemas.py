@@ -363,7 +363,8 @@ RECOMMENDATIONS = TableSpec(
         ("user_id", "string", False, ""),
         ("item_id", "string", False, ""),
         ("rank", "int", False, "1-based"),
-        ("score", "double", False, "the ranking score of the chosen policy"),
+        ("score", "double", False, "the ranking score of the chosen policy (fair: of its base policy; "
+                                   "rank, not score, gives the re-ranked order)"),
         ("relevance", "double", True, ""),
         ("uplift", "double", True, ""),
         ("policy", "string", False, "relevance / uplift / blend / fair"),

@@ -58,24 +58,29 @@ PIPELINE: tuple[Stage, ...] = (
           inputs=("training_examples",), outputs=("train_runs",), engine="ray"),
     Stage("candidates", "causalrec.candidates:run",
           "bounded candidate sets per user from several sources",
-          inputs=("events", "item_features", "exposure_propensity"), outputs=("candidates",)),
+          inputs=("events", "items", "users", "item_features", "exposure_propensity"),
+          outputs=("candidates", "item_embeddings")),
     Stage("score", "causalrec.scoring:run",
           "score candidates with the trained checkpoint on Ray Data",
           inputs=("candidates", "train_runs", "events", "user_features", "item_features", "id_index", "users", "items",
-                  "uplift_effects"), outputs=("scores",),
+                  "uplift_effects"), outputs=("scoring_input", "scores"),
           engine="ray"),
     Stage("recommend", "causalrec.ranking:run",
           "top-K recommendations by relevance, causal effect, blend or fair exposure, with explanations",
-          # user_features and id_index: the served histories explanations cite; train_runs: the models' units
+          # user_features and id_index: the served histories explanations cite; train_runs: the models' units;
+          # item_embeddings: the text similarity that names the history item behind a recommendation
           inputs=("scores", "item_features", "items", "user_features", "id_index", "train_runs",
-                  "uplift_effects"), outputs=("recommendations",)),
+                  "uplift_effects", "item_embeddings"), outputs=("recommendations",)),
     Stage("ope", "causalrec.ope.job:run",
           "off-policy evaluation of strategies with every estimator and intervals",
           # exposure_propensity: pi_b of a log without action propensities (Coat, the simulator)
           inputs=("events", "recommendations", "scores", "exposure_propensity"), outputs=("ope_results",)),
     Stage("evaluate", "causalrec.evaluation.job:run",
           "unbiased, causal, fairness and ranking metrics",
-          inputs=("training_examples", "id_index", "train_runs", "recommendations", "scores"),
+          # exposure / treatment propensities: the unbiased and causal metrics' weights; users: the fairness
+          # groups; items, item_features: catalogue coverage and popularity groups; ground_truth (simulator)
+          inputs=("training_examples", "id_index", "train_runs", "recommendations", "scores", "exposure_propensity",
+                  "treatment_propensity", "users", "items", "item_features", "ground_truth"),
           outputs=("metrics",)),
     Stage("report", "causalrec.report:run",
           "single-file HTML report with plots plus a JSON of every number",
@@ -95,7 +100,7 @@ EXTRA: tuple[Stage, ...] = (
           inputs=("events", "user_features"), outputs=("abtest_results",)),
     Stage("uplift", "causalrec.uplift:run",
           "causal effect of recommending: average, per item and per segment, with refutations",
-          inputs=("events", "treatment_propensity"), outputs=("uplift_effects",)),
+          inputs=("events", "treatment_propensity", "users"), outputs=("uplift_effects",)),
 )
 
 ALL: dict[str, Stage] = {s.name: s for s in PIPELINE + EXTRA}

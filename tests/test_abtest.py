@@ -34,6 +34,54 @@ def test_cuped_keeps_the_effect_and_reduces_variance_by_about_corr_squared():
     assert adj["estimate"] == pytest.approx(ya[arm == 1].mean() - ya[arm == 0].mean(), abs=1e-9)
 
 
+def test_moments_do_not_cancel_when_the_spread_is_tiny_next_to_the_mean():
+    """Raw sums of squares lost every digit here: SE 0.0 for y = 1e8 + N(0, 1), theta off by 4%."""
+    rng = np.random.default_rng(1)
+    t, c = 1e8 + rng.normal(size=400), 1e8 + rng.normal(size=500)
+    r = diff_in_means(ArmStats.from_arrays(t), ArmStats.from_arrays(c))
+    assert r["std_err"] == pytest.approx(np.sqrt(t.var(ddof=1) / 400 + c.var(ddof=1) / 500), rel=1e-6)
+    x = 1e4 + rng.normal(scale=1e-3, size=900)
+    y = 5.0 + 112.0 * (x - 1e4) + rng.normal(scale=1e-3, size=900)
+    adj = cuped(ArmStats.from_arrays(y[:400], x[:400]), ArmStats.from_arrays(y[400:], x[400:]))
+    assert adj["theta"] == pytest.approx(np.cov(y, x, bias=True)[0, 1] / x.var(), rel=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, 0.3, 7.7])
+def test_constant_covariate_leaves_the_plain_difference(value):
+    """A constant x carries no information: theta 0, CUPED = difference in means (theta was -8 at 0.1)."""
+    t, c = np.array([1.0, 2, 3, 4]), np.array([0.0, 1, 1, 2, 1])
+    T, C = ArmStats.from_arrays(t, np.full(4, value)), ArmStats.from_arrays(c, np.full(5, value))
+    adj, raw = cuped(T, C), diff_in_means(T, C)
+    assert adj["theta"] == 0.0
+    assert (adj["estimate"], adj["std_err"]) == pytest.approx((raw["estimate"], raw["std_err"]))
+
+
+def test_arm_stats_in_spark_equal_numpy_and_nan_covariate_reads_zero(spark):
+    from causalrec.abtest import arm_stats, unit_outcomes
+
+    rng = np.random.default_rng(5)
+    t0 = dt.datetime(2024, 1, 10)
+    rows, cov = [], []
+    for u in range(60):
+        arm = "B" if u % 2 else "A"
+        y = 1e6 + rng.normal()
+        rows.append((u, arm, "purchase", float(y), t0))
+        cov.append((u, float("nan") if u == 3 else float(rng.normal())))
+    ev = spark.createDataFrame(rows, "user_id int, policy string, event_type string, value double, event_time timestamp")
+    covariate = spark.createDataFrame(cov, "user_id int, x double")
+    units, _ = unit_outcomes(ev, "policy", "2024-01-01", covariate)
+    pdf = units.toPandas()
+    assert pdf.loc[pdf.user_id == 3, "x"].item() == 0.0
+    st = arm_stats(units)
+    for arm in ("A", "B"):
+        g = pdf[pdf.arm == arm]
+        ref = ArmStats.from_arrays(g.y.to_numpy(), g.x.to_numpy())
+        got = st[arm]
+        assert (got.n, got.my, got.mx) == pytest.approx((ref.n, ref.my, ref.mx), rel=1e-12)
+        assert (got.cyy, got.cxx, got.cxy) == pytest.approx((ref.cyy, ref.cxx, ref.cxy), rel=1e-6)
+    assert np.isfinite(cuped(st["B"], st["A"])["estimate"])
+
+
 def test_srm_flags_a_broken_split_only():
     assert not srm_check(5050, 4950)["mismatch"]
     bad = srm_check(5300, 4700)

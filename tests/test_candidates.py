@@ -125,6 +125,22 @@ def test_merge_sources_records_best_source(spark):
     assert got["x"]["source"] == "popularity"
 
 
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4], [0, 4, 3, 2, 1], [0, 2, 4, 1, 3]])
+def test_text_neighbours_break_equal_similarities_by_item_id(spark, order):
+    """Items with the same text have the same embedding; which of them are a source's neighbours must
+    not follow the embedding table's row order (it changes whenever the table is rewritten)."""
+    import numpy as np
+
+    from causalrec.candidates import text_neighbours
+
+    ids = np.array(["s", "c1", "c2", "c3", "c4"], dtype=object)
+    emb = np.array([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8]])
+    got = text_neighbours(list(ids[order]), emb[order], {"c1", "c2", "c3", "c4"}, 2, spark).toPandas()
+    assert sorted(got.loc[got.src == "s", "dst"]) == ["c1", "c2"]
+    assert sorted(got.loc[got.src == "c3", "dst"]) == ["c1", "c2"]  # never itself, ties by id
+    assert got.sim.to_numpy() == pytest.approx(np.where(got.src == "s", 0.6, 1.0))
+
+
 def test_popularity_and_affinity_give_n_unconsumed_items_to_heavy_users(spark):
     """A user who consumed the head of the list still gets ``n`` candidates from further down it."""
     from pyspark.sql import functions as F

@@ -70,14 +70,20 @@ def test_choice_model_settings_are_checked(tmp_path, yaml_text, key):
         load_config(f)
 
 
-@pytest.mark.parametrize("value", ["0", "-5", ".nan", ".inf"])
-def test_attribution_window_must_be_positive_seconds(tmp_path, value):
+@pytest.mark.parametrize("key, bad, good, expected", [
+    *[("attribution_window_s", v, "30", "expected a finite number of seconds > 0") for v in ("0", "-5", ".nan", ".inf")],
+    *[("uplift_min_rows", v, "2", "expected an integer >= 2") for v in ("0", "1", "-3")],
+])
+def test_ope_numbers_out_of_range_are_refused(tmp_path, key, bad, good, expected):
     f = tmp_path / "c.yaml"
-    f.write_text(f"ope:\n  attribution_window_s: {value}\n")
-    with pytest.raises(ConfigError, match=r"ope.attribution_window_s: got .*, expected a finite number of seconds > 0"):
+    f.write_text(f"ope:\n  {key}: {bad}\n")
+    with pytest.raises(ConfigError, match=rf"ope.{key}: got .*, {expected}"):
         load_config(f)
-    f.write_text("ope:\n  attribution_window_s: 30\n")
-    assert load_config(f).ope.attribution_window_s == 30.0
+    f.write_text(f"ope:\n  {key}: {good}\n")
+    assert getattr(load_config(f).ope, key) == float(good)
+
+
+def test_attribution_window_defaults_to_none():
     assert load_config(REPO / "conf" / "local.yaml").ope.attribution_window_s is None  # default: no window
 
 

@@ -142,6 +142,21 @@ def test_logged_rows_are_one_per_decision_with_its_reward(spark):
         logged_rows(events, reward_event="add_to_cart")
 
 
+def test_decisions_without_a_logged_propensity_are_counted_in_a_warning(spark, caplog):
+    """They cannot be weighted and are left out; that must not pass silently."""
+    from causalrec.ope.job import logged_rows
+
+    ev = [("sim:0:1:1:impression", "u1", 0.5), ("sim:0:2:1:impression", "u2", None),
+          ("sim:0:3:1:impression", "u3", None)]
+    events = _events(spark, [dict(event_id=e, user_id=u, item_id="i1", event_type="impression", value=1.0,
+                                  position=1, logged_propensity=p, policy="logging", session_id=u)
+                             for e, u, p in ev])
+    with caplog.at_level("WARNING", logger="causalrec.ope.job"):
+        rows, mode = logged_rows(events)
+    assert mode == "logged_propensity" and rows.count() == 1
+    assert "2 'impression' events have no logged_propensity and are left out" in caplog.text
+
+
 def _treatment_logged(spark):
     """A simulator-shaped log: one impression per observed pair, its logged_propensity the recommend-or-not
     coin (pi if recommended, with a position; 1 - pi if not, no position), u1/i1 clicked and purchased

@@ -137,6 +137,21 @@ def test_stage_sections_cover_every_config_read(stage):
     assert not missing, f"STAGE_SECTIONS[{stage.name!r}] lacks {sorted(missing)}"
 
 
+_TABLE_READ = re.compile(r"""store\.(?:read|read_arrow|exists)\(\s*["']([a-z_]+)["']""")
+
+
+@pytest.mark.parametrize("stage", [s for s in ALL.values() if s.inputs or s.outputs], ids=lambda s: s.name)
+def test_stage_inputs_cover_every_table_it_reads(stage):
+    """A table a stage reads but does not declare is left out of its fingerprint: rewriting it (new item
+    text, new user segments, a new propensity model) left candidates, evaluate and uplift "up to date"."""
+    try:
+        stage.load()
+    except Exception:  # pragma: no cover
+        pytest.skip(f"stage {stage.name} is not importable")
+    read = {m.group(1) for text in _stage_sources(stage) for m in _TABLE_READ.finditer(text)}
+    assert not read - set(stage.inputs) - set(stage.outputs) - {P.RUNS_TABLE}, stage.name
+
+
 def test_ingest_of_files_tracks_the_input_files(pctx, tmp_path):
     ing = ALL["ingest"]
     pctx.cfg.data.source, pctx.cfg.data.format = "files", "csv"

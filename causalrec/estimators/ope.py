@@ -393,7 +393,7 @@ class _TunedDR(BaseOffPolicyEstimator):
         if self.tuning_method == "slope":
             return self.slope_choice(stats, ns)
         scores = self.mse_scores(stats, ns)
-        # ties -> the larger lambda (less bias), as obp sorts lambdas in reverse
+        # ties -> the larger lambda (less bias; obp keeps the first in its list): same estimate either way
         return min(sorted(scores, reverse=True), key=lambda l: scores[l])
 
     def form(self, stats, ns):

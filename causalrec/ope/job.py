@@ -105,6 +105,10 @@ def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.
         if decisions.limit(1).count() == 0:
             raise ValueError(f"events: rows with logged_propensity but no {DECISION_EVENT!r} event among them; "
                              f"OPE counts one row per logged decision (impression)")
+        missing = base.where((F.col("event_type") == DECISION_EVENT) & F.col("logged_propensity").isNull()).count()
+        if missing:  # pi_b unknown: they cannot be weighted, and the estimate covers only the others
+            log.warning("ope: %d %r events have no logged_propensity and are left out; the policy values "
+                        "describe only the decisions logged with one", missing, DECISION_EVENT)
         rows = _with_reward(decisions, base, reward_event, attribution_window_s, attribution_scope).select(
             *cols, F.col("logged_propensity").alias("pscore"))
         bad = rows.where((F.col("pscore") <= 0) | (F.col("pscore") > 1)).limit(1).collect()
