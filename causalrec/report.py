@@ -302,12 +302,28 @@ def section_models(data) -> str:
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels(models, rotation=20, ha="right", fontsize=8)
         name = metric.upper() + (f"@{k}" if k else "")
-        ax.set_ylabel(name + (" (rating points squared)" if metric == "mse" else " (0 to 1)"))
+        ax.set_ylabel(name + (_mse_unit([idx.get((m, metric, k)) for m in models]) if metric == "mse" else " (0 to 1)"))
         ax.set_title(f"{name} by model, {sl} (95% CI)")  # evaluation metrics: 95% intervals (metrics.Z95)
     fig_html = _fig_html(fig, "model comparison bar chart",
                          f"Naive vs debiased vs causal models on slice '{sl}'. Grey = naive, blue = debiased, "
                          "orange = causal; error bars are 95% intervals.")
     return fig_html + _table(head, rows)
+
+
+def _mse_unit(rows: list) -> str:
+    """A rating model's MSE is in rating points squared; a click model's (target ``outcome``, a 0/1
+    label against a probability) is the Brier score."""
+    targets = set()
+    for r in rows:
+        try:
+            targets.add(json.loads((r or {}).get("details_json") or "{}").get("target"))
+        except ValueError:
+            targets.add(None)
+    if targets == {"outcome"}:
+        return " (squared error on the probability scale)"
+    if targets == {"label"}:
+        return " (rating points squared)"
+    return " (squared error in each model's unit)"
 
 
 def _histogram_axes(plt, hist: dict, colour: str):

@@ -188,3 +188,32 @@ def test_evaluation_maps_rebuilt_test_rows_onto_the_trained_feature_layout(spark
     assert checkpoint_features(test, rows_layout, ckpt, "m").first()["features"] == [0.5, 0.0, 1.0, 0.25]
     assert checkpoint_features(test, rows_layout, old, "m").first()["features"] == [0.5, 1.0, 0.0, 1.0, 0.25]
     assert checkpoint_features(test, None, ckpt, "m").first()["features"] == [0.5, 1.0, 0.0, 1.0, 0.25]
+
+
+def test_ips_rating_error_on_the_test_split_speaks_for_every_pair(spark):
+    """The test split holds a share f of the observed pairs while exposure_propensity is the chance of being
+    observed at all: divided by users x items alone, the IPS MSE came out f times too small (0.25 here)."""
+    import numpy as np
+
+    from causalrec.evaluation import metrics as M
+    from causalrec.evaluation.job import ips_population
+
+    rng = np.random.default_rng(7)
+    n_u, n_i = 100, 100
+    u, i = np.divmod(np.arange(n_u * n_i), n_i)
+    p = rng.uniform(0.2, 0.9, n_u * n_i)
+    label = rng.integers(0, 3, n_u * n_i).astype(float)  # prediction 0: squared error label^2, mean 5/3
+    observed = rng.random(n_u * n_i) < p
+    split = np.where(rng.random(n_u * n_i) < 0.25, "test", np.where(rng.random(n_u * n_i) < 0.1, "valid", "train"))
+    te = spark.createDataFrame(pd.DataFrame({
+        "user_id": [f"u{x}" for x in u], "item_id": [f"i{x}" for x in i], "observed": observed.astype(int),
+        "is_mcar": False, "split": split, "label": label, "prediction": 0.0, "exposure_propensity": p}))
+    n = ips_population(te)
+    f = ((split == "test") & observed).sum() / observed.sum()
+    assert n == pytest.approx(n_u * n_i * f)
+    test = te.where("split = 'test' AND observed = 1")
+    mse = M.rating_metrics(test, col_rating="label", col_propensity="exposure_propensity", weighting="ips",
+                           population_size=n)["mse"]
+    truth = float(np.mean(label ** 2))
+    assert mse.ci_low < truth < mse.ci_high and mse.value == pytest.approx(truth, rel=0.1)
+    assert ips_population(te.where("split != 'test'")) is None  # no observed test rows: nothing to speak for

@@ -101,6 +101,23 @@ def test_weighted_auc_matches_sklearn_sample_weight(spark):
         assert a.value == pytest.approx(roc_auc_score(y, s, sample_weight=1 / p), abs=1e-10)
 
 
+def test_nan_predictions_and_null_propensities_are_missing_not_extreme(spark):
+    """NaN sorted above every score (AUC 0.5 instead of 1 below) and fell into calibration's top bin as
+    p = 1; a null propensity became greatest(null, clip) = clip, a 1e6 weight that ran SNIPS."""
+    nan = float("nan")
+    df = spark.createDataFrame([("a", "x", 0.0, nan), ("b", "x", 1.0, 0.9), ("c", "x", 0.0, 0.1), ("d", "x", 1.0, 0.2)],
+                               "user_id string, item_id string, y double, prediction double")  # NaN, not null
+    assert M.auc(df, col_label="y").value == pytest.approx(1.0)
+    cal = M.calibration(df, col_label="y")
+    assert cal["n"] == 3 and cal["brier"] == pytest.approx((0.01 + 0.64 + 0.01) / 3)
+    err = sdf(spark, pd.DataFrame({"user_id": ["a", "b"], "item_id": ["x", "x"], "rating": [1.0, 0.0],
+                                   "prediction": [0.0, 0.0], "p": [None, 0.5]}))
+    assert M.rating_metrics(err, col_propensity="p", weighting="snips")["mse"].value == pytest.approx(0.0)
+    assert M.rating_metrics(err)["mse"].value == pytest.approx(0.5)  # unweighted, the row counts
+    with pytest.raises(ValueError, match="n_total=2 is smaller than the 3 rows"):
+        M.lorenz_curve(sdf(spark, pd.DataFrame({"exposure": [1.0, 2.0, 3.0]})), n_total=2)
+
+
 def test_auc_prefix_sums_cross_partitions(spark):
     # enough distinct scores that the range partitioner uses every partition
     y = np.array([0, 1] * 500)

@@ -220,6 +220,17 @@ def test_interval_labels_follow_the_configured_alpha(monkeypatch, cfg):
     assert "(90% interval +1.4 to +4.6)" in text
 
 
+def test_mse_axis_names_the_unit_of_the_models_target():
+    """A click model's MSE (0/1 outcome against a probability) was labelled 'rating points squared'."""
+    from causalrec.report import _mse_unit
+
+    click, rating = {"details_json": '{"target": "outcome"}'}, {"details_json": '{"target": "label"}'}
+    assert _mse_unit([click, click]) == " (squared error on the probability scale)"
+    assert _mse_unit([rating, None]) == " (squared error in each model's unit)"
+    assert _mse_unit([rating]) == " (rating points squared)"
+    assert "each model" in _mse_unit([click, rating])
+
+
 def test_a_nan_metric_is_a_dash_and_the_model_table_still_renders():
     """A NaN metric reaches the report as None (_plain); its cell shows a dash instead of blanking the section."""
     rows = [dict(model="mf:naive", metric="mse", k=None, slice="mcar_test", value=1.20, ci_low=1.1, ci_high=1.3,

@@ -212,6 +212,23 @@ def test_tune_apply_params_updates_the_loop_config():
     assert apply_params(lc, {"dr_label_fit_weight": 0.5})["dr_label_fit_weight"] == 0.5
 
 
+@pytest.mark.parametrize("main, baseline", [("naive", "dr_jl"), ("dr_jl", "naive"), ("uplift", "naive"),
+                                            ("ips", "uplift")])
+def test_a_baseline_run_builds_the_model_its_own_objective_needs(cfg, main, baseline):
+    """Baselines were built for the main objective: naive beside dr_jl carried an imputation model no loss
+    used (DDP's reduction fails on it), and dr_jl beside naive had none (its first step raised)."""
+    from causalrec.train.job import run_config
+    from causalrec.train.objectives import needs_imputation, needs_uplift
+
+    cfg.train.model, cfg.train.objective = "mf", main
+    shape = dict(n_users=10, n_items=12, n_features=3)
+    for objective in (None, baseline):
+        lc = run_config(cfg, shape, None, "ips", objective)
+        mc = lc["model_config"]
+        assert lc["objective"] == (objective or main)
+        assert (mc["imputation"], mc["uplift"]) == (needs_imputation(lc["objective"]), needs_uplift(lc["objective"]))
+
+
 def test_dr_label_fit_weight_reaches_the_objective_from_the_config(cfg):
     """train.dr_label_fit_weight -> loop config -> the objective the Ray loop and fit_local build."""
     from causalrec.train.job import loop_config_from

@@ -243,12 +243,32 @@ def test_predictions_from_scores(test: DataFrame, scores: DataFrame) -> tuple[Op
     return j, covered
 
 
+def ips_population(examples: DataFrame) -> Optional[float]:
+    """The number of user-item pairs an IPS rating metric over the observed MNAR test rows speaks for.
+
+    ``exposure_propensity`` is the chance a pair was observed anywhere in the log, but the test split
+    holds only a share ``f`` of the observed pairs, so ``sum_test err / p`` estimates ``f`` times the
+    sum over all pairs: with ``N = users x items`` alone (Schnabel et al. 2016, eq. 7, for a test set
+    that is the whole log) the IPS errors came out ``f`` times too small. Returns
+    ``users x items x f``, ``f`` = the test split's share of the observed MNAR rows (None without
+    any). One aggregation over ``training_examples``.
+    """
+    obs = (F.col("observed") == 1) & ~F.col("is_mcar")
+    r = examples.agg(F.countDistinct("user_id").alias("u"), F.countDistinct("item_id").alias("i"),
+                     F.count(F.when(obs, 1)).alias("n_obs"),
+                     F.count(F.when(obs & (F.col("split") == "test"), 1)).alias("n_test")).first()
+    if not r["n_obs"] or not r["n_test"]:
+        return None
+    return float(r["u"]) * float(r["i"]) * r["n_test"] / r["n_obs"]
+
+
 def evaluate_predictions(rows: MetricRows, pred: DataFrame, model: str, ks: list, threshold: float, task: str,
-                         clip: float, calib_bins: int, curves: dict, details: dict) -> Optional[DataFrame]:
+                         clip: float, calib_bins: int, curves: dict, details: dict,
+                         ips_n: Optional[float] = None) -> Optional[DataFrame]:
     """Rating, AUC and ranking metrics of one model's test predictions on every slice.
 
-    Returns the per-user ranking metrics of the primary slice (MCAR when there is
-    one) for the user-group gap.
+    ``ips_n``: the population the IPS rating metrics divide by (:func:`ips_population`). Returns the
+    per-user ranking metrics of the primary slice (MCAR when there is one) for the user-group gap.
     """
     pred = pred.persist()
     per_user_primary = None
@@ -263,8 +283,10 @@ def evaluate_predictions(rows: MetricRows, pred: DataFrame, model: str, ks: list
             sl = name if weighting == "none" else f"{name}_{weighting}"
             kw = dict(col_propensity="exposure_propensity" if weighting != "none" else None, weighting=weighting,
                       clip=clip)
-            det = dict(details, weighting=weighting, target=target)
-            rm = M.rating_metrics(d, col_rating=target, col_prediction="prediction", **kw)
+            det = dict(details, weighting=weighting, target=target,
+                       **({"ips_population": ips_n} if weighting == "ips" and ips_n else {}))
+            rm = M.rating_metrics(d, col_rating=target, col_prediction="prediction",
+                                  population_size=ips_n if weighting == "ips" else None, **kw)
             rows.add_all(rm, model=model, slice_=sl, details=det)
             if d.where(F.col("outcome").isNotNull()).limit(1).count():
                 rows.add("auc", M.auc(d, col_label="outcome", col_prediction="prediction", **kw), model=model,
@@ -448,11 +470,12 @@ def run(ctx) -> dict:
                                                "could be loaded: run the train stage")
 
     with ctx.step("evaluate: model metrics"):
+        ips_n = ips_population(te) if models else None
         for m in models:
             details = {"run_id": m["run_id"], "objective": m["objective"], "family": m["family"],
                        "source": m["source"]}
             pu = evaluate_predictions(rows, m["pred"], m["model"], ks, threshold, m["task"], clip,
-                                      cfg.evaluation.calibration_bins, curves, details)
+                                      cfg.evaluation.calibration_bins, curves, details, ips_n)
             if pu is not None:
                 per_user_by_model[m["model"]] = pu
 

@@ -17,6 +17,9 @@ Debiasing vocabulary used throughout (``weighting=``):
 * ``"snips"`` - self-normalised IPS: the same weights divided by their sum, which
   trades a little bias for much lower variance (Swaminathan & Joachims 2015).
 
+A null or NaN label, prediction or (when weighting) propensity makes a row missing: it is left
+out of that metric, never read as a top score or a maximal weight.
+
 Causal metrics follow Sato et al. 2020 ("Unbiased Learning for the Causal Effect
 of Recommendation"): the value of a ranking is the causal effect of the items it
 recommends, not the outcomes that would have happened anyway.
@@ -57,6 +60,17 @@ def _weight_expr(col_propensity: Optional[str], weighting: str, clip: float):
         return F.lit(1.0)
     p = F.col(col_propensity).cast("double")
     return F.lit(1.0) / F.greatest(p, F.lit(float(clip)))
+
+
+def _usable(df: DataFrame, *cols: Optional[str]) -> DataFrame:
+    """Rows where every named column is a number: null or NaN is missing, never a score or weight
+    (Spark orders NaN above every number, and ``greatest(null, clip)`` is ``clip``: a 1/clip weight)."""
+    cond = F.lit(True)
+    for c in cols:
+        if c:
+            x = F.col(c)
+            cond = cond & x.isNotNull() & ~F.isnan(x.cast("double"))
+    return df.where(cond)
 
 
 def _interval(mean: Optional[float], sd: Optional[float], n: Optional[float]) -> tuple:
@@ -153,7 +167,7 @@ def rating_metrics(
     _check_columns(df, "rating_metrics", col_rating, col_prediction, col_propensity)
     _check_weighting(weighting, col_propensity)
     err = F.col(col_prediction).cast("double") - F.col(col_rating).cast("double")
-    d = df.where(F.col(col_rating).isNotNull() & F.col(col_prediction).isNotNull()).select(
+    d = _usable(df, col_rating, col_prediction, col_propensity if weighting != "none" else None).select(
         (err * err).alias("se"), F.abs(err).alias("ae"), _weight_expr(col_propensity, weighting, clip).alias("w"),
         *( [F.col(col_user), F.col(col_item)] if weighting == "ips" and population_size is None else [] ),
     )
@@ -226,7 +240,7 @@ def auc(
     _check_weighting(weighting, col_propensity)
     w = _weight_expr(col_propensity, weighting, clip)
     y = F.col(col_label).cast("double")
-    d = df.where(F.col(col_label).isNotNull() & F.col(col_prediction).isNotNull())
+    d = _usable(df, col_label, col_prediction, col_propensity if weighting != "none" else None)
     by_score = d.groupBy(F.col(col_prediction).cast("double").alias("_s")).agg(
         F.sum(F.when(y > 0, w).otherwise(0.0)).alias("pos"),
         F.sum(F.when(y > 0, 0.0).otherwise(w)).alias("neg"),
@@ -304,7 +318,7 @@ def ranking_metrics_by_user(
 
     rating = F.col(col_rating).cast("double")
     rel = F.lit(1.0) if relevance_threshold is None else F.when(rating >= relevance_threshold, 1.0).otherwise(0.0)
-    truth = rating_true.where(F.col(col_rating).isNotNull()).select(
+    truth = _usable(rating_true, col_rating, col_propensity if weighting != "none" else None).select(
         F.col(col_user).alias("u"),
         F.col(col_item).alias("i"),
         rel.alias("rel"),
@@ -530,6 +544,8 @@ def lorenz_curve(df: DataFrame, col_value: str = "exposure", n_total: Optional[i
     import numpy as np
 
     vals = np.array([float(r[0]) for r in df.select(col_value).where(F.col(col_value).isNotNull()).collect()])
+    if n_total is not None and n_total < len(vals):
+        raise ValueError(f"lorenz_curve: n_total={n_total} is smaller than the {len(vals)} rows given")
     n = int(n_total) if n_total is not None else len(vals)
     if n > len(vals):
         vals = np.concatenate([np.zeros(n - len(vals)), vals])
@@ -609,7 +625,7 @@ def calibration(
     _check_columns(df, "calibration", col_label, col_prediction)
     p = F.least(F.greatest(F.col(col_prediction).cast("double"), F.lit(0.0)), F.lit(1.0))
     b = F.least(F.floor(p * n_bins).cast("int"), F.lit(n_bins - 1))
-    d = df.where(F.col(col_label).isNotNull() & F.col(col_prediction).isNotNull())
+    d = _usable(df, col_label, col_prediction)
     rows = (
         d.groupBy(b.alias("bin"))
         .agg(F.count(F.lit(1)).alias("n"), F.avg(p).alias("conf"), F.avg(F.col(col_label).cast("double")).alias("acc"),

@@ -74,6 +74,14 @@ def loop_config_from(cfg, model_config: dict, valid_mode: str, objective: str | 
     }
 
 
+def run_config(cfg, shape: dict, feature_scaling: dict | None, valid_mode: str, objective: str | None = None) -> dict:
+    """One training run's loop config, its model built for that run's own objective: a baseline
+    (``train.baseline_objectives``) needs or lacks the imputation and uplift heads as its loss does
+    (an unused head breaks DDP's gradient reduction; a missing one fails DR-JL's first step)."""
+    mc = model_config_from(cfg, **shape, objective=objective, feature_scaling=feature_scaling)
+    return loop_config_from(cfg, mc, valid_mode, objective)
+
+
 def table_stats(cfg) -> dict:
     """Shape of the training data, streamed from the Delta files' two int columns (constant memory).
 
@@ -294,8 +302,7 @@ def _run_one(ctx, data: dict, objective: str | None) -> dict:
     train_ds, valid_ds, stats = data["train"], data["valid"], data["stats"]
     valid_mode = resolve_valid_mode(cfg, stats["valid_mcar_rows"])
     n_train, n_valid = stats["rows"]["train"], stats["rows"]["valid"]
-    mc = model_config_from(cfg, **stats["shape"], feature_scaling=data["feature_scaling"])
-    loop_config = loop_config_from(cfg, mc, valid_mode, objective)
+    loop_config = run_config(cfg, stats["shape"], data["feature_scaling"], valid_mode, objective)
     loop_config["known_ids"] = known_ids(stats["known"], loop_config["objective"])
     # into every checkpoint's meta.json: scoring reads id_index at this version (causalrec.scoring.trained_id_index)
     loop_config["id_index_version"] = stats["id_index_version"]
