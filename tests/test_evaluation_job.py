@@ -217,3 +217,17 @@ def test_ips_rating_error_on_the_test_split_speaks_for_every_pair(spark):
     truth = float(np.mean(label ** 2))
     assert mse.ci_low < truth < mse.ci_high and mse.value == pytest.approx(truth, rel=0.1)
     assert ips_population(te.where("split != 'test'")) is None  # no observed test rows: nothing to speak for
+
+
+def test_logged_effects_come_from_the_test_split_only(spark):
+    """Effects estimated from every split graded a ranking on the outcomes its model was fitted to."""
+    from causalrec.evaluation.job import held_out_effects
+
+    rows = [("train", "u1", "i1", 1, 1.0, 0.5), ("train", "u1", "i1", 0, 0.0, 0.5),
+            ("test", "u1", "i1", 1, 0.0, 0.5), ("test", "u1", "i1", 0, 1.0, 0.5),
+            ("train", "u2", "i2", 1, 1.0, 0.5)]
+    te = spark.createDataFrame(rows, "split string, user_id string, item_id string, treated int, outcome double, "
+                                     "treatment_propensity double")
+    got = {(r["user_id"], r["item_id"]): r["effect"] for r in held_out_effects(te, 0.01).collect()}
+    assert got == {("u1", "i1"): pytest.approx((0.0 / 0.5 - 1.0 / 0.5) / 2)}  # test rows: -1; all rows: 0
+    assert held_out_effects(te.where("split = 'train'"), 0.01) is None

@@ -99,6 +99,15 @@ def test_weighted_auc_matches_sklearn_sample_weight(spark):
     for weighting in ("ips", "snips"):
         a = M.auc(df, col_propensity="p", weighting=weighting)
         assert a.value == pytest.approx(roc_auc_score(y, s, sample_weight=1 / p), abs=1e-10)
+    # the interval counts each class by its effective size (sum w)^2 / sum w^2, not its rows
+    w = 1 / p
+    e_pos, e_neg = w[y == 1].sum() ** 2 / (w[y == 1] ** 2).sum(), w[y == 0].sum() ** 2 / (w[y == 0] ** 2).sum()
+    v = a.value
+    q1, q2 = v / (2 - v), 2 * v * v / (1 + v)
+    half = M.Z95 * math.sqrt((v * (1 - v) + (e_pos - 1) * (q1 - v * v) + (e_neg - 1) * (q2 - v * v)) / (e_pos * e_neg))
+    assert (a.ci_low, a.ci_high) == pytest.approx((v - half, v + half))
+    plain = M.auc(df)  # equal weights: the effective sizes are the counts
+    assert plain.ci_high - plain.ci_low < a.ci_high - a.ci_low
 
 
 def test_nan_predictions_and_null_propensities_are_missing_not_extreme(spark):

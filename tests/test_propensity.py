@@ -3,6 +3,8 @@ logged treatment propensities unchanged (OBD-like), estimated ones calibrated, a
 simulated data against the truth."""
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from pyspark.sql import functions as F
 
@@ -281,6 +283,46 @@ def test_slate_log_without_logged_propensities_falls_back_to_the_choice_model(sp
     got = t.agg(F.min("treatment_propensity"), F.max("treatment_propensity"), F.count(F.lit(1))).first()
     assert got[2] == 120 and 0.2 < got[0] <= got[1] < 0.3, got
     assert {r["source"] for r in t.select("source").distinct().collect()} == {"choice"}
+
+
+def test_self_normalised_exposure_weights_sum_to_the_number_of_pairs(spark):
+    """Sparse data: raw propensities sit below clip_min, so the rescaled ones were clipped straight back
+    and sum 1/p stayed 10,000 (the unnormalised value) instead of 100 x 1000."""
+    from causalrec.propensity.exposure import PopularityExposure, Universe
+
+    pairs = spark.createDataFrame([(f"u{k % 100}", f"i{(k * 7) % 50}", 1) for k in range(200)],
+                                  "user_id string, item_id string, observed int").distinct()
+    uni = Universe(100, 1000, pairs.count())
+    est = PopularityExposure(clip_min=0.01, self_normalize=True, power=0.5).fit(pairs, uni)
+    p = est.fix_scale(pairs, uni).predict(pairs, uni)
+    total, top = p.agg(F.sum(1 / F.col("exposure_propensity")), F.max("exposure_propensity")).first()
+    assert top < 1 and total == pytest.approx(uni.n_pairs, rel=1e-9)
+    assert est.scale_ < 1
+
+
+def test_choice_model_learns_one_example_per_decision(spark, ctx):
+    """A and B are each chosen for half the decisions; A's are all clicked, and its click rows carry the
+    decision's flag and slot. Fitted on every row, P(A) came out 0.66 and P(B) 0.34."""
+    from test_features import make_events
+
+    from causalrec.propensity.job import treatment_propensities
+
+    rows = []
+    for k in range(200):
+        it, t = ("A" if k % 2 == 0 else "B"), dt.datetime(2024, 1, 1) + dt.timedelta(minutes=10 * k)
+        rows.append((f"e{k}", f"u{k % 5}", it, t.strftime("%Y-%m-%d %H:%M"), "impression", int(it == "A"), True))
+        if it == "A":
+            rows.append((f"c{k}", f"u{k % 5}", it, (t + dt.timedelta(minutes=1)).strftime("%Y-%m-%d %H:%M"),
+                         "click", 1, True))
+    events = make_events(spark, rows).withColumn("position", F.lit(1))
+    pc = ctx.cfg.propensity
+    pc.treatment_method, pc.choice_reg_grid, pc.choice_time_buckets, pc.choice_groups = "choice", [1e-4], 1, []
+    t, diag = treatment_propensities(events, None, None, ctx.cfg)
+    p = {r["item_id"]: r["p"] for r in t.groupBy("item_id").agg(F.avg("treatment_propensity").alias("p")).collect()}
+    assert p == pytest.approx({"A": 0.5, "B": 0.5}, abs=0.03)
+    assert t.count() == 300  # every row is still scored
+    uw = next(r for r in diag if r["metric"] == "uniform_weight_mean")
+    assert uw["value"] == pytest.approx(1.0, abs=0.05) and uw["n"] < 200 * ctx.cfg.propensity.holdout_fraction * 2
 
 
 def _time_log(spark, later: str):

@@ -325,6 +325,17 @@ def user_groups(users: DataFrame, attribute: str) -> Optional[DataFrame]:
     return g if g.limit(1).count() else None
 
 
+def held_out_effects(examples: DataFrame, clip: float) -> Optional[DataFrame]:
+    """Per-pair IPS effects of recommending (:func:`metrics.ips_effect_estimates`) from the test split's
+    logged rows only: the models were fitted to the train split's outcomes, and effects estimated from
+    those rows too would grade a ranking partly on its own training data. None without such rows."""
+    logged = examples.where((F.col("split") == "test") & F.col("treated").isNotNull() & F.col("outcome").isNotNull()
+                            & F.col("treatment_propensity").isNotNull())
+    if not logged.limit(1).count():
+        return None
+    return M.ips_effect_estimates(logged, clip=clip)
+
+
 def ground_truth_effects(gt: DataFrame) -> DataFrame:
     eff = F.coalesce(F.col("p_y1") - F.col("p_y0"), F.col("y1") - F.col("y0"))
     return gt.select("user_id", "item_id", eff.alias("effect")).where(F.col("effect").isNotNull())
@@ -495,12 +506,12 @@ def run(ctx) -> dict:
     if avail["ground_truth"]:
         effects["ground_truth"] = ground_truth_effects(store.read("ground_truth"))
     if avail["training_examples"]:
-        logged = store.read("training_examples").where(
-            F.col("treated").isNotNull() & F.col("outcome").isNotNull() & F.col("treatment_propensity").isNotNull())
-        if logged.limit(1).count():
-            effects["ips_logged"] = M.ips_effect_estimates(logged, clip=cfg.propensity.treatment_eps)
+        held_out = held_out_effects(store.read("training_examples"), cfg.propensity.treatment_eps)
+        if held_out is not None:
+            effects["ips_logged"] = held_out
     if not effects:
-        missing["causal effects"] = "no ground_truth table and no logged treatment/outcome/propensity"
+        missing["causal effects"] = "no ground_truth table and no test-split rows with logged treatment, outcome " \
+                                    "and treatment propensity"
 
     # causal metrics of each model's own test ranking, when effects are known
     for m in models:

@@ -234,7 +234,8 @@ def auc(
     ``ips``/``snips`` each row carries weight ``1/p`` (the ratio makes both the same:
     a weighted AUC is self-normalised). Scores are aggregated per distinct value and
     the running sum of negatives uses range partitioning (:func:`_prefix_sums`), so
-    no single task sees all rows. The interval is Hanley & McNeil (1982).
+    no single task sees all rows. The interval is Hanley & McNeil (1982), with each class's
+    effective sample size ``(sum w)^2 / sum w^2`` for its count when rows are weighted.
     """
     _check_columns(df, "auc", col_label, col_prediction, col_propensity)
     _check_weighting(weighting, col_propensity)
@@ -246,6 +247,8 @@ def auc(
         F.sum(F.when(y > 0, 0.0).otherwise(w)).alias("neg"),
         F.sum(F.when(y > 0, 1).otherwise(0)).alias("npos"),
         F.sum(F.when(y > 0, 0).otherwise(1)).alias("nneg"),
+        F.sum(F.when(y > 0, w * w).otherwise(0.0)).alias("pos2"),
+        F.sum(F.when(y > 0, 0.0).otherwise(w * w)).alias("neg2"),
     )
     with _prefix_sums(by_score, "_s", ["neg"]) as cum:
         r = cum.agg(
@@ -254,14 +257,19 @@ def auc(
             F.sum("neg").alias("N"),
             F.sum("npos").alias("np"),
             F.sum("nneg").alias("nn"),
+            F.sum("pos2").alias("P2"),
+            F.sum("neg2").alias("N2"),
         ).collect()[0]
     P, N = float(r["P"] or 0.0), float(r["N"] or 0.0)
     n_pos, n_neg = int(r["np"] or 0), int(r["nn"] or 0)
     if P <= 0 or N <= 0:
         return MetricValue(None, n=n_pos + n_neg)
     a = float(r["num"]) / (P * N)
+    # weighted rows count by Kish's effective size (sum w)^2 / sum w^2: uneven IPS weights carry less
+    # information than their row count, and the interval must widen with them (equal weights: n)
+    e_pos, e_neg = P * P / float(r["P2"]), N * N / float(r["N2"])
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / max(n_pos * n_neg, 1)
+    var = (a * (1 - a) + (e_pos - 1) * (q1 - a * a) + (e_neg - 1) * (q2 - a * a)) / max(e_pos * e_neg, 1)
     half = Z95 * math.sqrt(max(var, 0.0))
     return MetricValue(a, max(0.0, a - half), min(1.0, a + half), n_pos + n_neg)
 

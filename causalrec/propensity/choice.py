@@ -54,7 +54,7 @@ def choice_rows(events: DataFrame, group_keys, time_buckets: int, span_before=No
     coefficient was fitted for. A group with no row before it takes its span from all its rows.
     """
     df = events.where(F.col("recommended") == F.lit(True)).select(
-        "event_id", "user_id", "item_id", "event_time", "logged_propensity",
+        "event_id", "user_id", "item_id", "event_time", "event_type", "logged_propensity",
         group_expression(group_keys).alias("choice_group"),
         F.coalesce(F.col("position"), F.lit(0)).cast("int").alias("position"))
     early = F.lit(True) if span_before is None else F.col("event_time") < cutoff_lit(span_before)

@@ -16,7 +16,10 @@ observed pair by 1 / P(O_ui = 1). The estimators share one interface
 
 Clipping: p -> max(p, clip_min), which bounds every inverse weight by 1/clip_min.
 Self-normalisation (optional): p is rescaled so that sum over observed pairs of 1/p
-equals the number of user-item pairs, the SNIPS normalisation of the weights.
+equals the number of user-item pairs, the SNIPS normalisation of the weights. The factor
+multiplies the clipped p and only the cap at 1 is applied again (exact unless some p reach
+it), so the smallest propensity is then ``clip_min x factor``: clipping at ``clip_min`` again
+undid the rescaling on sparse data, where many p sit at the clip.
 
 ``pairs`` columns: user_id, item_id, observed (1/0), value (rating/outcome or null),
 weight (inverse sampling probability; 1 for observed), plus ``uvec``/``ivec``
@@ -92,7 +95,7 @@ class ExposureEstimator(ABC):
         if self.self_normalize and self.scale_ > 0:
             df = df.withColumn(
                 "exposure_propensity",
-                F.least(F.greatest(F.col("exposure_propensity") * F.lit(self.scale_), F.lit(self.clip_min)), F.lit(1.0)),
+                F.least(F.col("exposure_propensity") * F.lit(self.scale_), F.lit(1.0)),
             )
         return df.withColumn("method", F.lit(self.name))
 

@@ -305,13 +305,17 @@ def choice_propensities(events: DataFrame, user_features: DataFrame, cfg,
     (see :mod:`causalrec.propensity.choice`); a group with none of those rows outside the holdout gets
     no model and its rows no propensity (warned). With a cutoff the time buckets span the rows before it,
     so later rows fall in the last bucket fitted: the policy as last seen."""
+    from causalrec.decisions import DECISION_EVENT
     from causalrec.propensity import choice as C
 
     pc = cfg.propensity
     rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets, span_before=scope.cutoff)
     if pc.choice_user_features:
         rows = with_vectors(rows, user_features)
+    has_decisions = rows.where(F.col("event_type") == DECISION_EVENT).limit(1).count() > 0
     rows = scope.mark(rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
+    # fit and diagnose on one row per decision (a clicked decision's click row is not another choice)
+    rows = rows.withColumn("_fit", F.col("_fit") & _one_row_per_decision(has_decisions))
     scope.require_fit_rows(rows.where(F.col("_fit")), events, "treatment, choice")  # before caching, as above
     rows = rows.cache()
     catalogues = C.catalogues_of(rows)  # every item a group logged, held-out ones too: each needs a class
