@@ -460,8 +460,12 @@ def section_uplift(data) -> str:
         ax.set_ylabel("incremental outcomes (count)")
         ax.set_title("Qini curve")
         ax.legend(fontsize=7)
+        weighted = all(q.get("propensity_weighted") for q in qini.values())
         parts.append(_fig_html(fig, "qini curve", "Qini curve: incremental positive outcomes gained by recommending to the pairs "
-                               "with the highest predicted effect first; the dashed line is random targeting."))
+                               "with the highest predicted effect first; the dashed line is random targeting." +
+                               (" Treated and control outcomes are weighted by the inverse of the logged treatment "
+                                "propensity, so a policy's targeting is not credited to the model." if weighted else
+                                " The arms are compared unweighted (no treatment propensity was logged or estimated).")))
     ue, _method = _item_effects(data)
     if ue:
         ue = sorted(ue, key=lambda r: -r["effect"])

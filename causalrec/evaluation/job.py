@@ -264,10 +264,11 @@ def ips_population(examples: DataFrame) -> Optional[float]:
 
 def evaluate_predictions(rows: MetricRows, pred: DataFrame, model: str, ks: list, threshold: float, task: str,
                          clip: float, calib_bins: int, curves: dict, details: dict,
-                         ips_n: Optional[float] = None) -> Optional[DataFrame]:
+                         ips_n: Optional[float] = None, clip_treatment: float = 0.01) -> Optional[DataFrame]:
     """Rating, AUC and ranking metrics of one model's test predictions on every slice.
 
-    ``ips_n``: the population the IPS rating metrics divide by (:func:`ips_population`). Returns the
+    ``ips_n``: the population the IPS rating metrics divide by (:func:`ips_population`);
+    ``clip_treatment``: the treatment propensity clip of the Qini curve's arm weights. Returns the
     per-user ranking metrics of the primary slice (MCAR when there is one) for the user-group gap.
     """
     pred = pred.persist()
@@ -307,10 +308,14 @@ def evaluate_predictions(rows: MetricRows, pred: DataFrame, model: str, ks: list
     has_uplift = pred.where(F.col("uplift").isNotNull() & ~F.isnan("uplift") & F.col("treated").isNotNull()
                             & F.col("outcome").isNotNull()).limit(1).count()
     if has_uplift:
-        q = M.qini_curve(pred.where(~F.isnan("uplift")), col_uplift="uplift", col_treatment="treated",
-                         col_outcome="outcome")
-        rows.add("qini_coefficient", q["qini_coefficient"], model=model, slice_="test", details=details)
-        curves.setdefault("qini", {})[model] = q
+        # the logged treatment was a policy's choice: its propensity weighs the arms (see qini_curve)
+        weighted = "treatment_propensity" in pred.columns and \
+            pred.where(F.col("treatment_propensity").isNotNull()).limit(1).count() > 0
+        q = M.qini_curve(pred, col_uplift="uplift", col_treatment="treated", col_outcome="outcome",
+                         col_propensity="treatment_propensity" if weighted else None, clip=clip_treatment)
+        rows.add("qini_coefficient", q["qini_coefficient"], model=model, slice_="test",
+                 details=dict(details, propensity_weighted=weighted))
+        curves.setdefault("qini", {})[model] = dict(q, propensity_weighted=weighted)
     return per_user_primary
 
 
@@ -486,7 +491,8 @@ def run(ctx) -> dict:
             details = {"run_id": m["run_id"], "objective": m["objective"], "family": m["family"],
                        "source": m["source"]}
             pu = evaluate_predictions(rows, m["pred"], m["model"], ks, threshold, m["task"], clip,
-                                      cfg.evaluation.calibration_bins, curves, details, ips_n)
+                                      cfg.evaluation.calibration_bins, curves, details, ips_n,
+                                      cfg.propensity.treatment_eps)
             if pu is not None:
                 per_user_by_model[m["model"]] = pu
 

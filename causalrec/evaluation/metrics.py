@@ -683,10 +683,16 @@ def histogram(df: DataFrame, col: str, bins: int = 30, lo: Optional[float] = Non
 
 def qini_curve(
     df: DataFrame, col_uplift: str = "uplift", col_treatment: str = "treated", col_outcome: str = "outcome",
-    points: int = 20,
+    points: int = 20, col_propensity: Optional[str] = None, clip: float = 0.01,
 ) -> dict:
     """Qini curve (Radcliffe 2007): target rows in decreasing predicted uplift; at each
     fraction ``phi`` the incremental outcomes ``Y_T(phi) - Y_C(phi) N_T(phi) / N_C(phi)``.
+
+    ``col_propensity`` (the logged treatment probability ``e``): for a log whose treatment was not
+    randomised, the arm means are inverse-propensity weighted (``1/e`` treated, ``1/(1-e)`` control,
+    ``e`` clipped to ``[clip, 1 - clip]``; Hajek means), and the curve is ``N_T(phi)`` times their
+    difference: raw arm means credit the ranking with whatever made the policy treat a row.
+    With a constant ``e`` this is the unweighted curve; rows without ``e`` are left out.
 
     Rows are bucketed into ``points`` quantile groups of predicted uplift in Spark
     (``percent_rank`` is avoided: it is a single-partition window), and the curve is
@@ -694,8 +700,8 @@ def qini_curve(
     (incremental outcomes), the random-targeting line and the Qini coefficient
     (area between them, normalised by the number of rows).
     """
-    _check_columns(df, "qini_curve", col_uplift, col_treatment, col_outcome)
-    d = df.where(F.col(col_uplift).isNotNull() & F.col(col_treatment).isNotNull() & F.col(col_outcome).isNotNull())
+    _check_columns(df, "qini_curve", col_uplift, col_treatment, col_outcome, col_propensity)
+    d = _usable(df, col_uplift, col_treatment, col_outcome, col_propensity)
     qs = d.approxQuantile(col_uplift, [i / points for i in range(1, points)], 0.001)
     if not qs:
         return {"x": [], "y": [], "random": [], "qini_coefficient": None, "n": 0}
@@ -704,19 +710,27 @@ def qini_curve(
         bucket = bucket + F.when(F.col(col_uplift) > q, 1).otherwise(0)
     z = F.col(col_treatment).cast("double")
     y = F.col(col_outcome).cast("double")
+    if col_propensity:
+        e = F.least(F.greatest(F.col(col_propensity).cast("double"), F.lit(clip)), F.lit(1.0 - clip))
+        wt, wc = z / e, (1 - z) / (1 - e)
+    else:
+        wt, wc = z, 1 - z
     rows = d.groupBy(bucket.alias("b")).agg(
-        F.count(F.lit(1)).alias("n"), F.sum(z).alias("nt"), F.sum(z * y).alias("yt"),
-        F.sum((1 - z) * y).alias("yc"),
+        F.count(F.lit(1)).alias("n"), F.sum(z).alias("nt"), F.sum(wt).alias("wt"), F.sum(wc).alias("wc"),
+        F.sum(wt * y).alias("yt"), F.sum(wc * y).alias("yc"),
     ).collect()
     rows = sorted(rows, key=lambda r: -r["b"])  # highest predicted uplift first
     n_all = sum(int(r["n"]) for r in rows)
     xs, ys = [0.0], [0.0]
-    n = nt = yt = yc = 0.0
+    n = nt = st = sc = yt = yc = 0.0
     for r in rows:
-        n += r["n"]; nt += r["nt"] or 0.0; yt += r["yt"] or 0.0; yc += r["yc"] or 0.0  # noqa: E702
-        nc = n - nt
+        n += r["n"]; nt += r["nt"] or 0.0; st += r["wt"] or 0.0; sc += r["wc"] or 0.0  # noqa: E702
+        yt += r["yt"] or 0.0; yc += r["yc"] or 0.0  # noqa: E702
         xs.append(n / n_all)
-        ys.append(yt - yc * (nt / nc) if nc > 0 else yt)
+        if st > 0 and sc > 0:
+            ys.append(nt * (yt / st - yc / sc))
+        else:  # no control row yet: every treated outcome counts
+            ys.append(nt * yt / st if st > 0 else 0.0)
     total = ys[-1]
     rand = [total * x for x in xs]
     area = sum((xs[i] - xs[i - 1]) * ((ys[i] - rand[i]) + (ys[i - 1] - rand[i - 1])) / 2 for i in range(1, len(xs)))
