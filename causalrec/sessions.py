@@ -28,8 +28,9 @@ LOCAL_PAGE_SIZE = "4m"  # spark.buffer.pageSize of a local session (cfg.spark.co
 
 
 def _launched_by_spark_submit() -> bool:
-    # spark-submit exports these to the Python driver process.
-    return "SPARK_SUBMIT_OPTS" in os.environ or os.environ.get("PYSPARK_GATEWAY_PORT") is not None
+    # spark-submit's PythonRunner hands the driver its JVM through this variable. (SPARK_SUBMIT_OPTS is
+    # an input users export for spark-submit's JVM, not a sign that spark-submit started this process.)
+    return os.environ.get("PYSPARK_GATEWAY_PORT") is not None
 
 
 def get_spark(cfg: Config | None = None):
@@ -92,7 +93,8 @@ def _cannot_modify(exc: Exception) -> bool:
 
 
 def fill_conf_gaps(spark, cfg: Config) -> list:
-    """Under spark-submit: set each ``cfg.spark.conf`` key the submitter left unset; returns the keys not set.
+    """Under spark-submit: set each ``cfg.spark.conf`` key the submitter left unset, and
+    ``spark.sql.shuffle.partitions`` from ``spark.shuffle_partitions``; returns the keys not set.
 
     Never overrides what spark-submit or the platform set. Static and core configs (e.g.
     ``spark.sql.extensions``) are fixed when the session starts, so they are logged with the
@@ -101,7 +103,8 @@ def fill_conf_gaps(spark, cfg: Config) -> list:
     needs Delta's extension, and a catalog class that is not on the classpath would fail every query.
     """
     conf = spark.conf
-    gaps = {k: str(v) for k, v in cfg.spark.conf.items() if conf.get(k, None) is None}
+    wanted = {"spark.sql.shuffle.partitions": cfg.spark.shuffle_partitions, **cfg.spark.conf}
+    gaps = {k: str(v) for k, v in wanted.items() if conf.get(k, None) is None}
     wanted_ext = [e.strip() for e in str(cfg.spark.conf.get(_EXTENSIONS, "")).split(",") if e.strip()]
     have_ext = {e.strip() for e in str(conf.get(_EXTENSIONS, None) or "").split(",")}
     ext_missing = [e for e in wanted_ext if e not in have_ext]

@@ -38,8 +38,8 @@ class StageNotBuilt(RuntimeError):
 PIPELINE: tuple[Stage, ...] = (
     Stage("ingest", "causalrec.ingest.job:run",
           "load the configured data set (Coat, OBD, Amazon, simulator or files) into validated Delta tables",
-          inputs=(), outputs=("events", "users", "items", "events_quarantine", "dimension_quarantine",
-                              "ingest_log")),
+          inputs=(), outputs=("events", "users", "items", "mcar_events", "ground_truth", "events_quarantine",
+                              "dimension_quarantine", "ingest_log")),
     Stage("features", "causalrec.features.job:run",
           "point-in-time user, item and user-item feature tables",
           inputs=("events", "users", "items"), outputs=("user_features", "item_features")),
@@ -70,7 +70,7 @@ PIPELINE: tuple[Stage, ...] = (
           # user_features and id_index: the served histories explanations cite; train_runs: the models' units;
           # item_embeddings: the text similarity that names the history item behind a recommendation
           inputs=("scores", "item_features", "items", "user_features", "id_index", "train_runs",
-                  "uplift_effects", "item_embeddings"), outputs=("recommendations",)),
+                  "uplift_effects", "item_embeddings"), outputs=("recommendations", "ranking_summary")),
     Stage("ope", "causalrec.ope.job:run",
           "off-policy evaluation of strategies with every estimator and intervals",
           # exposure_propensity: pi_b of a log without action propensities (Coat, the simulator)
@@ -84,7 +84,8 @@ PIPELINE: tuple[Stage, ...] = (
           outputs=("metrics",)),
     Stage("report", "causalrec.report:run",
           "single-file HTML report with plots plus a JSON of every number",
-          inputs=("metrics", "ope_results"), outputs=(), engine="local"),
+          inputs=("metrics", "ope_results", "train_runs", "propensity_diagnostics", "ranking_summary",
+                  "uplift_effects"), outputs=(), engine="local"),
 )
 
 EXTRA: tuple[Stage, ...] = (

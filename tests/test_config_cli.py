@@ -215,14 +215,19 @@ def test_conf_gaps_a_running_session_cannot_take_are_reported_not_set(spark, cap
     from causalrec.config import Config
     from causalrec.sessions import fill_conf_gaps
 
-    ext, cat = "spark.sql.extensions", "spark.sql.catalog.spark_catalog"
+    ext, cat, shuffle = "spark.sql.extensions", "spark.sql.catalog.spark_catalog", "spark.sql.shuffle.partitions"
     cfg = Config()
     cfg.spark.conf = {ext: "io.delta.sql.DeltaSparkSessionExtension",
                       cat: "org.apache.spark.sql.delta.catalog.DeltaCatalog", "spark.causalrec.test.gap": "filled"}
+    cfg.spark.shuffle_partitions = 7
     assert spark.conf.get(ext, None) is None and spark.conf.get(cat, None) is None
+    before = spark.conf.get(shuffle)
     try:
+        assert fill_conf_gaps(spark, cfg) == [ext, cat] and spark.conf.get(shuffle) == before  # the session's wins
+        spark.conf.unset(shuffle)  # as spark-submit leaves it without --conf: spark.shuffle_partitions fills it
         with caplog.at_level("WARNING", logger="causalrec.sessions"):
             assert fill_conf_gaps(spark, cfg) == [ext, cat]
+        assert spark.conf.get(shuffle) == "7"
         assert spark.conf.get("spark.causalrec.test.gap") == "filled"
         assert spark.conf.get(cat, None) is None
         assert spark.range(3).count() == 3
@@ -231,9 +236,21 @@ def test_conf_gaps_a_running_session_cannot_take_are_reported_not_set(spark, cap
         assert "delta-spark is not on Spark's classpath, so causalrec reads and writes the Delta tables through " \
                "delta-rs" in caplog.text
     finally:
+        spark.conf.set(shuffle, before)
         for key in ("spark.causalrec.test.gap", cat):
             if spark.conf.get(key, None) is not None:
                 spark.conf.unset(key)
+
+
+def test_spark_submit_opts_alone_is_not_a_spark_submit_launch(monkeypatch):
+    """A user's exported SPARK_SUBMIT_OPTS made a plain local run drop its whole local session setup."""
+    from causalrec.sessions import _launched_by_spark_submit
+
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    monkeypatch.setenv("SPARK_SUBMIT_OPTS", "-Dfoo=bar")
+    assert not _launched_by_spark_submit()
+    monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "40123")
+    assert _launched_by_spark_submit()
 
 
 def test_a_local_session_takes_small_tungsten_pages(spark):
@@ -324,3 +341,20 @@ def test_exponent_floats_are_accepted_from_set_and_yaml(tmp_path, override, key,
 def test_float_fields_still_refuse_non_numbers(override):
     with pytest.raises(ConfigError, match=r"train\.(learning_rate|encoder_lr): got .*expected float"):
         load_config(None, [override])
+
+
+def test_readme_ray_job_runtime_env_installs_the_pinned_requirements(monkeypatch):
+    """The documented `ray job submit --runtime-env-json`: a nested `-r requirements.txt` in its pip list
+    was resolved against Ray's own requirements file and failed; a path is read on the submitting side."""
+    import json
+    import re
+
+    from ray.runtime_env import RuntimeEnv
+
+    text = (REPO / "README.md").read_text()
+    env_json = re.search(r"--runtime-env-json '([^']+)'", text).group(1)
+    monkeypatch.chdir(REPO)  # ray job submit runs from the repository root, as the README's command does
+    packages = RuntimeEnv(**json.loads(env_json))["pip"]["packages"]
+    pins = [ln.strip() for ln in (REPO / "requirements.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    assert set(pins) <= set(packages) and not any(p.startswith("-r") for p in packages)

@@ -138,6 +138,7 @@ def test_stage_sections_cover_every_config_read(stage):
 
 
 _TABLE_READ = re.compile(r"""store\.(?:read|read_arrow|exists)\(\s*["']([a-z_]+)["']""")
+_TABLE_WRITE = re.compile(r"""store\.write\(.*?,\s*["']([a-z_]+)["']""")
 
 
 @pytest.mark.parametrize("stage", [s for s in ALL.values() if s.inputs or s.outputs], ids=lambda s: s.name)
@@ -148,8 +149,24 @@ def test_stage_inputs_cover_every_table_it_reads(stage):
         stage.load()
     except Exception:  # pragma: no cover
         pytest.skip(f"stage {stage.name} is not importable")
-    read = {m.group(1) for text in _stage_sources(stage) for m in _TABLE_READ.finditer(text)}
+    sources = _stage_sources(stage)
+    read = {m.group(1) for text in sources for m in _TABLE_READ.finditer(text)}
+    if stage.name == "report":
+        from causalrec.report import REPORT_TABLES
+
+        read |= set(REPORT_TABLES)
     assert not read - set(stage.inputs) - set(stage.outputs) - {P.RUNS_TABLE}, stage.name
+    # and every table it writes is an output: rewritten outside a run, it must make the stage stale
+    written = {m.group(1) for text in sources for m in _TABLE_WRITE.finditer(text)} - {"overwrite", "append"}
+    assert written <= set(stage.outputs), (stage.name, written - set(stage.outputs))
+
+
+def test_ingest_declares_every_table_a_loader_or_the_simulator_writes():
+    """Its writes name the table through a variable; a deleted mcar_events left ingest up to date."""
+    from causalrec.ingest.job import EVENT_SPECS, SPECS
+
+    assert set(EVENT_SPECS) | set(SPECS) | {"events_quarantine", "dimension_quarantine", "ingest_log"} <= \
+        set(ALL["ingest"].outputs)
 
 
 def test_ingest_of_files_tracks_the_input_files(pctx, tmp_path):
