@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in PIPELINE + EXTRA:
         p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
         _add_common(p)
-        p.add_argument("--force", action="store_true", help="rerun even if outputs are up to date")
+        # a stage command always runs its stage (only `run` skips up-to-date stages); the flag stays
+        # accepted so scripts written for `run` keep working
+        p.add_argument("--force", action="store_true",
+                       help="no effect: a single-stage command always runs its stage (`run` skips up-to-date ones)")
     return parser
 
 

@@ -78,15 +78,15 @@ class DataConfig:
     format: Literal["parquet", "csv", "jsonl", "delta"] = "parquet"
     rating_min: float = 1.0
     rating_max: float = 5.0
-    event_types: list = field(
+    event_types: list[str] = field(
         default_factory=lambda: ["impression", "click", "purchase", "rating", "view", "add_to_cart"]
     )
     require_known_users: bool = False
     require_known_items: bool = False
     earliest_time: str = "2000-01-01"
     latest_time: str = "2100-01-01"
-    obd_campaigns: list = field(default_factory=lambda: ["all", "men", "women"])
-    obd_policies: list = field(default_factory=lambda: ["random", "bts"])
+    obd_campaigns: list[str] = field(default_factory=lambda: ["all", "men", "women"])
+    obd_policies: list[str] = field(default_factory=lambda: ["random", "bts"])
 
 
 @dataclass
@@ -116,10 +116,10 @@ class SimulatorConfig:
 @dataclass
 class FeaturesConfig:
     cutoff: Optional[str] = None  # ISO timestamp; None = after the last event
-    windows_days: list = field(default_factory=lambda: [7, 30, 365])
+    windows_days: list[int] = field(default_factory=lambda: [7, 30, 365])
     history_length: int = 20
     smoothing_prior_strength: float = 10.0
-    popularity_groups: list = field(default_factory=lambda: [0.2, 0.5])  # head = top 20%, mid = next 30%
+    popularity_groups: list[float] = field(default_factory=lambda: [0.2, 0.5])  # head = top 20%, mid = next 30%
     max_attribute_features: int = 256  # one-hot attribute tokens in feature_vector (most frequent first)
 
 
@@ -132,17 +132,17 @@ class PropensityConfig:
     treatment_method: Literal["logged", "logistic", "gbt", "choice"] = "logged"
     treatment_eps: float = 0.01
     # choice: P(item chosen for a slot) of a slate policy, one multinomial model per group
-    choice_groups: list = field(default_factory=lambda: ["policy", "context.campaign"])  # column / context.<key>
+    choice_groups: list[str] = field(default_factory=lambda: ["policy", "context.campaign"])  # column / context.<key>
     choice_time_buckets: int = 48  # one-hot time buckets over each group's span (a learning policy drifts)
-    choice_reg_grid: list = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])  # picked by held-out log-loss
+    choice_reg_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])  # picked by held-out log-loss
     choice_user_features: bool = False  # add the user feature vector to the choice model
     choice_eps: float = 0.001  # clip floor for choice probabilities (they are ~1/catalogue size)
     calibration_bins: int = 10
     holdout_fraction: float = 0.2  # pairs held out for calibration diagnostics
     reg_param: float = 0.01  # MLlib LR L2 strength
     max_iter: int = 25  # MLlib LR / GBT iterations
-    compare_methods: list = field(default_factory=list)  # extra exposure methods to diagnose beside exposure_method
-    adjustment_set: Optional[list] = None  # feature groups; None = derived from causal_graph
+    compare_methods: list[str] = field(default_factory=list)  # extra exposure methods to diagnose beside exposure_method
+    adjustment_set: Optional[list[str]] = None  # feature groups; None = derived from causal_graph
 
 
 # feature groups a propensity model may adjust for (``propensity.adjustment_set``): the keys of
@@ -168,7 +168,7 @@ class TrainConfig:
     model: Literal["mf", "two_tower", "cross_encoder"] = "mf"
     objective: Literal["naive", "ips", "snips", "dr_jl", "uplift"] = "ips"
     # also trained (before the main objective) so evaluation/report compare naive vs debiased
-    baseline_objectives: list = field(default_factory=list)
+    baseline_objectives: list[str] = field(default_factory=list)
     task: Literal["rating", "click"] = "rating"
     model_path: Optional[str] = None  # local HF encoder folder; None = bundled all-MiniLM-L6-v2
     embedding_dim: int = 32
@@ -218,7 +218,7 @@ class CandidatesConfig:
     per_source: int = 50
     max_candidates: int = 100
     exclude_consumed: bool = True
-    sources: list = field(default_factory=lambda: ["popularity", "cooccurrence", "affinity", "text"])
+    sources: list[str] = field(default_factory=lambda: ["popularity", "cooccurrence", "affinity", "text"])
     neighbours_per_item: int = 50  # co-occurrence / text neighbours kept per item
     cold_item_max_events: int = 5  # items with at most this many positive events get text candidates
     text_cold_only: bool = True  # text source proposes only cold items (False: any text neighbour)
@@ -246,10 +246,10 @@ class RankingConfig:
 
 @dataclass
 class OPEConfig:
-    estimators: list = field(
+    estimators: list[str] = field(
         default_factory=lambda: ["ips", "clipped_ips", "snips", "dm", "dr", "sndr", "switch_dr", "dr_os"]
     )
-    strategies: list = field(default_factory=lambda: ["random", "popular", "recommendations"])
+    strategies: list[str] = field(default_factory=lambda: ["random", "popular", "recommendations"])
     baseline: str = "random"
     bootstrap_replicates: int = 200
     # 0: a Poisson weight per row (exact, B weights per row); G > 0: rows hashed into G buckets that
@@ -257,8 +257,8 @@ class OPEConfig:
     bootstrap_buckets: int = 0
     alpha: float = 0.05
     clip_max_weight: float = 100.0
-    switch_dr_lambdas: list = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, float("inf")])
-    dr_os_lambdas: list = field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0, float("inf")])
+    switch_dr_lambdas: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, float("inf")])
+    dr_os_lambdas: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0, float("inf")])
     # how Switch-DR and DRos pick lambda from their grid: "slope" (SLOPE++, obp's default) or
     # "mse" (estimated variance + squared bias upper bound)
     tuning_method: Literal["mse", "slope"] = "slope"
@@ -297,20 +297,20 @@ class OPEConfig:
 
 @dataclass
 class EvaluationConfig:
-    k: list = field(default_factory=lambda: [5, 10])
+    k: list[int] = field(default_factory=lambda: [5, 10])
     report_title: str = "causalrec report"
     relevance_threshold: Optional[float] = None  # rating >= this is relevant; None = training_set.positive_threshold
     user_group_attribute: str = "segment"  # users.segment, or an attribute name such as "gender" ('gender:women')
     calibration_bins: int = 10
     propensity_clip: float = 0.01  # floor on propensities in IPS/SNIPS-weighted metrics
-    models: list = field(default_factory=list)  # objectives to evaluate from train_runs; empty = latest run of each
+    models: list[str] = field(default_factory=list)  # objectives to evaluate from train_runs; empty = latest run of each
 
 
 @dataclass
 class CausalGraphConfig:
     """Assumed causal graph: edges as "parent -> child" strings; node names are feature groups."""
 
-    edges: list = field(
+    edges: list[str] = field(
         default_factory=lambda: [
             "user_features -> exposure",
             "item_features -> exposure",
@@ -373,6 +373,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -384,6 +386,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    if origin is list:  # list[float] etc.: each element as its type (YAML reads 1e-3 as a string)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+        (elem,) = typing.get_args(tp)
+        return [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -488,6 +495,18 @@ def _check_semantics(cfg: Config, where: str) -> None:
     for key in ("valid_fraction", "mcar_valid_fraction", "test_fraction"):
         if not 0 <= getattr(cfg.training_set, key) < 1:
             bad(f"training_set.{key}", f"got {getattr(cfg.training_set, key)}, expected a value in [0, 1)")
+    ts = cfg.training_set
+    if ts.split != "given" and ts.valid_fraction + ts.test_fraction >= 1:
+        bad("training_set.test_fraction", f"valid_fraction + test_fraction = {ts.valid_fraction + ts.test_fraction:g}, "
+            f"expected < 1 with split={ts.split!r}: the rest of the labelled events is the train split")
+    for key, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
+                       ("scoring.batch_size", cfg.scoring.batch_size)):
+        if value < 1:
+            bad(key, f"got {value}, expected an integer >= 1")
+    if not cfg.evaluation.k or any(k < 1 for k in cfg.evaluation.k):
+        bad("evaluation.k", f"got {cfg.evaluation.k}, expected a non-empty list of cut-offs >= 1")
+    if cfg.ope.baseline not in cfg.ope.strategies:  # the diff_to_baseline columns would silently stay empty
+        bad("ope.baseline", f"got {cfg.ope.baseline!r}, expected one of ope.strategies {cfg.ope.strategies}")
     if cfg.data.rating_min >= cfg.data.rating_max:
         bad("data.rating_min", "must be below data.rating_max")
     if not cfg.data.event_types:

@@ -47,8 +47,8 @@ STAGE_SECTIONS = {
     "ope": ("ope", "training_set.positive_threshold"),
     "evaluate": ("evaluation", "training_set.positive_threshold", "propensity.treatment_eps", "ranking.k",
                  "ranking.fair_base_policy", "ranking.blend_weight", "scoring.batch_size", "train.task",
-                 "data.source"),
-    "report": ("evaluation", "data.source", "ope.alpha"),
+                 "data.source", "storage.reports_dir"),
+    "report": ("evaluation", "data.source", "ope.alpha", "storage.reports_dir"),
 }
 
 
@@ -196,14 +196,22 @@ def stage_state(ctx: Context, stage: Stage, runs: list[dict]) -> tuple[str, str,
 
 
 def pipeline_status(ctx: Context) -> dict:
+    """Each stage's state as ``run`` would find it: a stage whose own record is up to date but which
+    reads a table an earlier stage will rewrite is "stale (upstream: <tables>)", as ``run`` reruns it."""
     runs = _runs(ctx)
     out = {}
+    rewritten: set = set()  # the outputs of the stages a run would rerun before this one
     for stage in PIPELINE:
         try:
             stage.load()
             state = stage_state(ctx, stage, runs)[0]
         except StageNotBuilt:
             state = "not built yet"
+        upstream = sorted(set(stage.inputs) & rewritten)
+        if state == "up to date" and upstream:
+            state = f"stale (upstream: {', '.join(upstream)})"
+        if state != "up to date":
+            rewritten |= set(stage.outputs)
         out[stage.name] = state
         print(f"{stage.name:14s} {state}")
     return {"stages": out}

@@ -263,6 +263,31 @@ def test_a_local_session_takes_small_tungsten_pages(spark):
     assert spark.sparkContext._jvm.org.apache.spark.SparkEnv.get().memoryManager().pageSizeBytes() == 4 * 1024 * 1024
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (["training_set.split=time", "training_set.valid_fraction=0.6", "training_set.test_fraction=0.6"],
+     r"training_set.test_fraction: valid_fraction \+ test_fraction = 1.2, expected < 1 with split='time'"),
+    (["propensity.choice_reg_grid=[abc]"], r"propensity.choice_reg_grid\[0\]: got 'abc' \(str\), expected float"),
+    (["evaluation.k=[0, 5]"], r"evaluation.k: got \[0, 5\], expected a non-empty list of cut-offs >= 1"),
+    (["evaluation.k=[a]"], r"evaluation.k\[0\]: got 'a' \(str\), expected int"),
+    (["train.epochs=0"], r"train.epochs: got 0, expected an integer >= 1"),
+    (["scoring.batch_size=0"], r"scoring.batch_size: got 0, expected an integer >= 1"),
+    (["ope.baseline=popularity"], r"ope.baseline: got 'popularity', expected one of ope.strategies"),
+])
+def test_values_that_failed_later_without_naming_the_key_fail_at_load(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_list_elements_take_their_type(tmp_path):
+    """YAML 1.1 reads 2e-1 as a string: popularity_groups [2e-1, 0.5] reached the features stage as
+    ['2e-1', 0.5] and failed there on '<' between str and float."""
+    f = tmp_path / "c.yaml"
+    f.write_text("features:\n  popularity_groups: [2e-1, 0.5]\nope:\n  switch_dr_lambdas: [1, 1e3, .inf]\n")
+    cfg = load_config(f)
+    assert cfg.features.popularity_groups == [0.2, 0.5]
+    assert cfg.ope.switch_dr_lambdas == [1.0, 1000.0, float("inf")]
+
+
 @pytest.mark.parametrize("override,match", [
     ("propensity.compare_methods=[popularty]",
      r"propensity.compare_methods: 'popularty' is not one of \['popularity', 'naive_bayes', 'logistic'\]"),

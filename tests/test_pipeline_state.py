@@ -78,6 +78,8 @@ def test_an_output_rewritten_outside_the_pipeline_makes_the_stage_stale(pctx):
     ("propensity", "training_set.mcar_valid_fraction", 0.5),
     ("propensity", "training_set.label_event_type", "click"),
     ("features", "data.event_types", ["click"]),
+    ("report", "storage.reports_dir", "/elsewhere"),  # a run skipped report and printed the old report's path
+    ("evaluate", "storage.reports_dir", "/elsewhere"),
 ])
 def test_config_read_from_another_section_changes_the_fingerprint(pctx, stage, key, value):
     before = P.fingerprint(pctx, ALL[stage])[0]
@@ -261,6 +263,25 @@ def fake_stages(monkeypatch):
 def _ingest_writes_events(ctx, value=1):
     for t in ALL["ingest"].outputs:
         _table(ctx, t, value)
+
+
+def test_status_shows_what_run_would_rerun_downstream(pctx, fake_stages, monkeypatch, capsys):
+    """b and c are up to date on their own records, but a is stale and rewrites t1, which b reads:
+    status said "up to date" for them while `run` reran all three."""
+    from causalrec.stages import Stage
+
+    chain = (Stage("a", "x:y", "", inputs=("t0",), outputs=("t1",)), Stage("b", "x:y", "", inputs=("t1",), outputs=("t2",)),
+             Stage("c", "x:y", "", inputs=("t2",), outputs=("t3",)), Stage("d", "x:y", "", inputs=("t9",), outputs=()))
+    monkeypatch.setattr(P, "PIPELINE", chain)
+    monkeypatch.setattr(P, "STAGE_SECTIONS", {s.name: () for s in chain})
+    for t in ("t0", "t9"):
+        _table(pctx, t, 1)
+    for st in chain:
+        _run(pctx, st, 1)
+    assert set(P.pipeline_status(pctx)["stages"].values()) == {"up to date"}
+    _table(pctx, "t0", 2)
+    assert P.pipeline_status(pctx)["stages"] == {"a": "stale", "b": "stale (upstream: t1)",
+                                                 "c": "stale (upstream: t2)", "d": "up to date"}
 
 
 def test_an_input_rewritten_while_the_stage_runs_leaves_it_stale(pctx, fake_stages):

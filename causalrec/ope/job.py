@@ -253,6 +253,9 @@ def run(ctx: Context) -> dict:
         if not pols:
             raise ValueError(f"ope: none of the strategies {strategies} could be built ({skipped})")
         baseline = oc.baseline if oc.baseline in pols else None
+        if baseline is None:
+            log.warning("ope: the baseline strategy %r could not be built (%s): no differences to a baseline are "
+                        "reported", oc.baseline, skipped.get(oc.baseline, "not among the strategies"))
     estimators = make_estimators(oc.estimators, clip_max_weight=oc.clip_max_weight,
                                  switch_lambdas=oc.switch_dr_lambdas, dr_os_lambdas=oc.dr_os_lambdas,
                                  tuning_method=oc.tuning_method)
