@@ -7,7 +7,7 @@ construct objects, so a config can never execute code).
 
 Overrides come from the command line as ``--set section.key=value`` where the
 value is parsed as a YAML scalar/flow value (``--set train.epochs=3``,
-``--set train.objectives=[naive,ips]``).
+``--set train.baseline_objectives=[naive,ips]``).
 """
 from __future__ import annotations
 

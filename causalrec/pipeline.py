@@ -140,6 +140,22 @@ def _runs(ctx: Context) -> list[dict]:
     return DeltaTable(path).to_pyarrow_table().to_pylist()
 
 
+SUMMARY_MAX_CHARS = 100_000
+
+
+def _summary_json(summary: dict) -> str:
+    """The run record's summary as JSON, always parseable: one too long for the record keeps its
+    scalar fields (a cut JSON string would make every later status and run fail to read it)."""
+    text = json.dumps(summary, default=str)
+    if len(text) <= SUMMARY_MAX_CHARS:
+        return text
+    small = {k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    small["summary_truncated"] = f"{len(text)} characters; only the scalar fields are kept"
+    small_text = json.dumps(small, default=str)
+    return small_text if len(small_text) <= SUMMARY_MAX_CHARS else \
+        json.dumps({"summary_truncated": f"{len(text)} characters"})
+
+
 def _record(ctx: Context, stage: Stage, fp: str, status: str, started: float, summary: dict, inputs: dict) -> None:
     import pyarrow as pa
     from deltalake import write_deltalake
@@ -153,7 +169,7 @@ def _record(ctx: Context, stage: Stage, fp: str, status: str, started: float, su
         "seconds": round(time.time() - started, 2),
         "input_versions": json.dumps(inputs, sort_keys=True),
         "output_versions": json.dumps({o: _table_version(ctx, o) for o in stage.outputs}, sort_keys=True),
-        "summary": json.dumps(summary, default=str)[:100_000],
+        "summary": _summary_json(summary),
     }
     schema = pa.schema([
         ("stage", pa.string()), ("fingerprint", pa.string()), ("status", pa.string()),
@@ -223,6 +239,9 @@ def run_pipeline(ctx: Context, from_stage: Optional[str] = None, until_stage: Op
     names = [s.name for s in PIPELINE]
     force_from = names.index(from_stage) if from_stage else (0 if ctx.force else len(names))
     stop_at = names.index(until_stage) if until_stage else len(names) - 1
+    if from_stage and force_from > stop_at:
+        raise ValueError(f"--from {from_stage} comes after --until {until_stage} in the pipeline "
+                         f"({' -> '.join(names)}): no stage would rerun")
     t_start = time.time()
     results = {}
     missing = []

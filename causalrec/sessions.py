@@ -69,10 +69,10 @@ def get_spark(cfg: Config | None = None):
             builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     if submitted:
-        tz = spark.conf.get("spark.sql.session.timeZone")  # without a default: the effective value
-        if tz != "UTC":
-            log.info("spark.sql.session.timeZone is %s (causalrec stores UTC timestamps)", tz)
         fill_conf_gaps(spark, cfg)
+        tz = spark.conf.get("spark.sql.session.timeZone")  # without a default: the effective value
+        if tz != "UTC":  # the submitter chose it
+            log.info("spark.sql.session.timeZone is %s (causalrec stores UTC timestamps)", tz)
     spark.sparkContext.setLogLevel("WARN")
     _quiet_item_scale_window_warning(spark)
     return spark
@@ -95,6 +95,9 @@ def _cannot_modify(exc: Exception) -> bool:
 def fill_conf_gaps(spark, cfg: Config) -> list:
     """Under spark-submit: set each ``cfg.spark.conf`` key the submitter left unset, and
     ``spark.sql.shuffle.partitions`` from ``spark.shuffle_partitions``; returns the keys not set.
+    Also, where unset, the two SQL settings every local run and test uses: ANSI mode off (Spark 4
+    turns it on, and the stages are written and tested without it) and the UTC session time zone
+    (causalrec stores UTC timestamps, and partition values are written in UTC).
 
     Never overrides what spark-submit or the platform set. Static and core configs (e.g.
     ``spark.sql.extensions``) are fixed when the session starts, so they are logged with the
@@ -103,7 +106,8 @@ def fill_conf_gaps(spark, cfg: Config) -> list:
     needs Delta's extension, and a catalog class that is not on the classpath would fail every query.
     """
     conf = spark.conf
-    wanted = {"spark.sql.shuffle.partitions": cfg.spark.shuffle_partitions, **cfg.spark.conf}
+    wanted = {"spark.sql.shuffle.partitions": cfg.spark.shuffle_partitions, "spark.sql.ansi.enabled": "false",
+              "spark.sql.session.timeZone": "UTC", **cfg.spark.conf}
     gaps = {k: str(v) for k, v in wanted.items() if conf.get(k, None) is None}
     wanted_ext = [e.strip() for e in str(cfg.spark.conf.get(_EXTENSIONS, "")).split(",") if e.strip()]
     have_ext = {e.strip() for e in str(conf.get(_EXTENSIONS, None) or "").split(",")}

@@ -1,7 +1,7 @@
 """Job entry point for the 'run' stage.
 
-    spark-submit jobs/run.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/run.py --config conf/cluster.yaml
+    spark-submit jobs/pipeline.py --config conf/local.yaml [--set key=value ...]
+    ray job submit --working-dir . -- python jobs/pipeline.py --config conf/cluster.yaml
 """
 import sys
 

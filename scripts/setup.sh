@@ -14,8 +14,11 @@ fi
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else 1)' \
   || { echo "causalrec needs Python >= 3.11 (found $("$PY" --version 2>&1))" >&2; exit 1; }
 command -v java >/dev/null 2>&1 || { echo "Spark needs a Java 17+ runtime on PATH (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+jv="$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\)[."].*/\1/p' | head -1)"
+[ -z "$jv" ] || [ "$jv" -ge 17 ] || { echo "Spark 4 needs Java 17+; java on PATH is version $jv (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-runtime="$(cat requirements.txt setup.py | sha256sum | cut -c1-16)"
+# the stamp covers setup.sh too: it pins the bundled model's and the obp oracle's packages itself
+runtime="$(cat requirements.txt setup.py scripts/setup.sh | sha256sum | cut -c1-16)"
 dev="$(sha256sum requirements-dev.txt | cut -c1-16)"
 stamp=.venv/.causalrec-installed
 have="$(cat "$stamp" 2>/dev/null || true)"

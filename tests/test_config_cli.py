@@ -224,10 +224,13 @@ def test_conf_gaps_a_running_session_cannot_take_are_reported_not_set(spark, cap
     before = spark.conf.get(shuffle)
     try:
         assert fill_conf_gaps(spark, cfg) == [ext, cat] and spark.conf.get(shuffle) == before  # the session's wins
-        spark.conf.unset(shuffle)  # as spark-submit leaves it without --conf: spark.shuffle_partitions fills it
+        # as spark-submit leaves them without --conf: spark.shuffle_partitions and the local SQL settings fill them
+        for key in (shuffle, "spark.sql.ansi.enabled", "spark.sql.session.timeZone"):
+            spark.conf.unset(key)
         with caplog.at_level("WARNING", logger="causalrec.sessions"):
             assert fill_conf_gaps(spark, cfg) == [ext, cat]
         assert spark.conf.get(shuffle) == "7"
+        assert (spark.conf.get("spark.sql.ansi.enabled"), spark.conf.get("spark.sql.session.timeZone")) == ("false", "UTC")
         assert spark.conf.get("spark.causalrec.test.gap") == "filled"
         assert spark.conf.get(cat, None) is None
         assert spark.range(3).count() == 3
@@ -237,6 +240,8 @@ def test_conf_gaps_a_running_session_cannot_take_are_reported_not_set(spark, cap
                "delta-rs" in caplog.text
     finally:
         spark.conf.set(shuffle, before)
+        spark.conf.set("spark.sql.ansi.enabled", "false")
+        spark.conf.set("spark.sql.session.timeZone", "UTC")
         for key in ("spark.causalrec.test.gap", cat):
             if spark.conf.get(key, None) is not None:
                 spark.conf.unset(key)

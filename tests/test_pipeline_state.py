@@ -284,6 +284,22 @@ def test_status_shows_what_run_would_rerun_downstream(pctx, fake_stages, monkeyp
                                                  "c": "stale (upstream: t2)", "d": "up to date"}
 
 
+def test_a_huge_summary_is_recorded_as_json_that_status_can_read(pctx):
+    """Cut at 100k characters, the summary was invalid JSON, and every later status and run failed on it."""
+    st = ALL["report"]
+    for name in st.inputs:
+        _table(pctx, name, 1)
+    fp, inputs = P.fingerprint(pctx, st)
+    P._record(pctx, st, fp, "success", time.time(), {"rows_out": 3, "every_row": ["x" * 100] * 2000}, inputs)
+    state, _, summary = P.stage_state(pctx, st, P._runs(pctx))
+    assert state == "up to date" and summary["rows_out"] == 3 and "summary_truncated" in summary
+
+
+def test_from_after_until_is_refused(pctx):
+    with pytest.raises(ValueError, match="--from report comes after --until features"):
+        P.run_pipeline(pctx, from_stage="report", until_stage="features")
+
+
 def test_an_input_rewritten_while_the_stage_runs_leaves_it_stale(pctx, fake_stages):
     """features reads events v0; another process appends v1 before features finishes: the run record
     must say v0, so the next `causalrec run` reruns features."""
