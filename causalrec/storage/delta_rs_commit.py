@@ -16,6 +16,11 @@ version (``_key_version``, default 1) lets a key be applied again once its rows 
 that version or above. ``_exact_version`` (the store's ``expected_version``) commits with no retry
 (``max_commit_retries=0``): at exactly ``read_version + 1``, or not at all.
 
+Partitioning: a commit's files must carry values for exactly the table's partition columns, which the
+schema must hold. An overwrite with ``_overwrite_schema`` (and no ``replace_where``) takes the write's
+partition columns, like delta-spark's overwriteSchema (see :func:`_replace_table`). A partition overwrite
+(``replace_where``) may only add files inside the partitions it replaces (:func:`check_files_inside`).
+
 Every commit's commitInfo also records ``causalrecWriteMode`` (the caller's mode: delta-rs logs a
 schema-evolving append as an overwrite), ``causalrecReplaceWhere`` for a partition overwrite and ``causalrecWriteId`` (so :func:`landed_commit` can
 tell whether a write whose job failed had in fact committed).
@@ -155,6 +160,7 @@ def commit_files(
         return None
 
     if read_version < 0:
+        check_partitioning(path, partition_by or [], arrow_schema, files)
         try:
             create_table_with_add_actions(
                 path,
@@ -184,9 +190,12 @@ def commit_files(
     if key and (dt.transaction_version(key) or 0) >= key_version:  # committed before this write was planned
         raise WriteAlreadyApplied(f"Delta table {path} already holds write {key}; this one was not applied")
     table_schema = table_arrow_schema(dt)
+    table_parts = list(dt.metadata().partition_columns)
     new_fields = []
     if overwrite and overwrite_schema and replace_where is None:
+        # a rewrite of the whole table takes the write's schema and partitioning (delta-spark's overwriteSchema)
         schema_for_commit = arrow_schema
+        parts = list(partition_by or [])
     else:
         new_fields = check_schema(table_schema, arrow_schema, path)
         if new_fields and not allow_evolution:
@@ -196,35 +205,43 @@ def commit_files(
             )
         # new columns go into this same commit (see the module docstring), never a commit of their own
         schema_for_commit = pa.schema(list(table_schema) + [f.with_nullable(True) for f in new_fields])
-    table_parts = list(dt.metadata().partition_columns)
-    if partition_by and list(partition_by) != table_parts:
-        raise DeltaWriteError(
-            f"Delta table {path} is partitioned by {table_parts}, not {list(partition_by)}"
-        )
+        if partition_by and list(partition_by) != table_parts:
+            raise DeltaWriteError(
+                f"Delta table {path} is partitioned by {table_parts}, not {list(partition_by)}"
+            )
+        parts = table_parts
+    check_partitioning(path, parts, schema_for_commit, files)
     mode = "overwrite" if overwrite else "append"
     filters = None
     if replace_where:
         if not overwrite:
             raise DeltaWriteError("replace_where needs mode='overwrite'")
-        filters = [tuple(c) for c in replace_where]
-        for col, _, _ in filters:
+        for col, _, _ in replace_where:
             if col not in table_parts:
                 raise DeltaWriteError(
                     f"Delta table {path}: replace_where column {col!r} is not a partition column "
                     f"({table_parts}); the offline backend replaces whole partitions"
                 )
+        check_files_inside(path, files, replace_where, table_schema)
+        # delta-rs takes partition values in Delta's string form only
+        filters = [(col, op, [_partition_string(v) for v in value] if _is_list_op(op) else _partition_string(value))
+                   for col, op, value in replace_where]
     if new_fields and not overwrite:
         # an append that adds columns: an overwrite whose filter ("<column> IN ()") matches no file
         mode, filters = "overwrite", [((table_parts or table_schema.names)[0], "in", [])]
     try:
-        dt.create_write_transaction(
-            actions,
-            mode=mode,
-            schema=schema_for_commit,
-            partition_by=table_parts or None,
-            partition_filters=filters,
-            commit_properties=props,
-        )
+        if parts != table_parts:
+            _replace_table(dt, path, read_version, actions, delta_schema, parts, custom, key, key_version,
+                           storage_options, exact)
+        else:
+            dt.create_write_transaction(
+                actions,
+                mode=mode,
+                schema=schema_for_commit,
+                partition_by=table_parts or None,
+                partition_filters=filters,
+                commit_properties=props,
+            )
     except CommitFailedError as exc:
         done = applied_by_another_writer()
         if done:
@@ -236,6 +253,156 @@ def commit_files(
             f"(planned on version {read_version}): {exc}"
         ) from exc
     return _version_after_commit(path, storage_options)
+
+
+def _replace_table(dt, path, read_version, actions, delta_schema, parts, custom, key, key_version,
+                   storage_options, exact) -> None:
+    """Commit a whole-table overwrite that changes the partition columns.
+
+    Why not ``create_write_transaction``: it keeps the table's partition columns, so its add actions
+    would not match them (a table delta-rs cannot open). A replace writes the new metaData action,
+    removes every file and adds the new ones in one commit; the table's name, description and
+    configuration (hence protocol) are kept. It commits on the latest version, so the table must
+    still be at ``read_version`` (a commit since is refused like a conflicting one) and no retry
+    may rebase it. It gets a new table id.
+    """
+    from deltalake import DeltaTable
+    from deltalake.transaction import CommitProperties, Transaction, create_table_with_add_actions
+
+    current = DeltaTable(path, storage_options=storage_options).version()
+    if current != read_version:
+        if exact:
+            raise ConcurrentWriteError(moved_message(path, read_version, current))
+        raise ConcurrentWriteError(
+            f"Delta table {path}: a concurrent commit (now version {current}) conflicts with this overwrite "
+            f"that re-partitions the table (planned on version {read_version}); nothing was written, retry it"
+        )
+    meta = dt.metadata()
+    create_table_with_add_actions(
+        path,
+        delta_schema,
+        actions,
+        mode="overwrite",
+        partition_by=parts or None,
+        name=meta.name,
+        description=meta.description,
+        configuration=meta.configuration,
+        storage_options=storage_options,
+        commit_properties=CommitProperties(custom_metadata=custom, max_commit_retries=0,
+                                           app_transactions=[Transaction(key, key_version)] if key else None),
+    )
+
+
+def check_partitioning(path: str, parts: list, schema: pa.Schema, files: list) -> None:
+    """Refuse partition columns the schema lacks, and files whose partition values name other columns."""
+    missing = [c for c in parts if c not in schema.names]
+    if missing:
+        raise DeltaWriteError(
+            f"Delta table {path}: partition column(s) {missing} are not in the data being written "
+            f"(columns {schema.names})"
+        )
+    for f in files:
+        if set(f["partition_values"] or {}) != set(parts):
+            raise DeltaWriteError(
+                f"Delta table {path}: file {f['path']} has partition values for {sorted(f['partition_values'] or {})}, "
+                f"but the table is partitioned by {parts}"
+            )
+
+
+def _is_list_op(op) -> bool:
+    return str(op).lower() in ("in", "not in")
+
+
+def _partition_string(value):
+    from causalrec.storage.delta_rs_source import partition_value_string
+
+    return partition_value_string(value)
+
+
+def _typed(value, t: pa.DataType):
+    """A partition value (Delta's string form or a caller's value) as a Python value of the column's type,
+    so that ``10 >= 9`` on an int column holds (as strings it does not); the string when it does not parse."""
+    import datetime as _dt
+    from decimal import Decimal, InvalidOperation
+
+    s = _partition_string(value)
+    if s is None:
+        return None
+    try:
+        if pa.types.is_boolean(t):
+            return {"true": True, "false": False}.get(s.lower(), s)
+        if pa.types.is_integer(t):
+            return int(s)
+        if pa.types.is_floating(t):
+            return float(s)
+        if pa.types.is_decimal(t):
+            return Decimal(s)
+        if pa.types.is_date(t):
+            return _dt.date.fromisoformat(s)
+        if pa.types.is_timestamp(t):
+            v = _dt.datetime.fromisoformat(s)
+            return v.astimezone(_dt.timezone.utc).replace(tzinfo=None) if v.tzinfo is not None else v
+    except (ValueError, InvalidOperation):
+        pass
+    return s
+
+
+_COMPARE = {
+    "=": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def _condition_holds(actual, op: str, wanted) -> bool:
+    """SQL semantics: a null partition value satisfies no condition."""
+    if actual is None:
+        return False
+    if _is_list_op(op):
+        inside = any(w is not None and _equal(actual, w) for w in wanted)
+        return inside if op.lower() == "in" else not inside
+    if wanted is None:
+        return False
+    try:
+        return _COMPARE[op](actual, wanted)
+    except TypeError:  # a value that did not parse as the column's type: compare the string forms
+        return _COMPARE[op](str(actual), str(wanted))
+
+
+def _equal(a, b) -> bool:
+    try:
+        return a == b if type(a) is type(b) else str(a) == str(b)
+    except TypeError:
+        return False
+
+
+def check_files_inside(path: str, files: list, replace_where, table_schema: pa.Schema) -> None:
+    """Refuse a partition overwrite that writes rows outside the partitions it replaces.
+
+    Why: those rows would land in partitions the overwrite leaves in place, beside their old rows
+    (delta-spark refuses such data too). Runs before the commit: a refused write leaves the table unchanged.
+    """
+    types = {f.name: f.type for f in table_schema}
+    for col, op, value in replace_where:
+        if op not in _COMPARE and not _is_list_op(op):
+            raise DeltaWriteError(
+                f"Delta table {path}: replace_where operator {op!r} on {col!r} is not one of "
+                f"{sorted(_COMPARE) + ['in', 'not in']}"
+            )
+    for f in files:
+        pv = f["partition_values"] or {}
+        for col, op, value in replace_where:
+            t = types.get(col, pa.string())
+            wanted = [_typed(v, t) for v in value] if _is_list_op(op) else _typed(value, t)
+            if not _condition_holds(_typed(pv.get(col), t), op.lower() if _is_list_op(op) else op, wanted):
+                raise DeltaWriteError(
+                    f"Delta table {path}: the data being written has rows in partition {col}={pv.get(col)!r}, "
+                    f"outside replace_where {[list(c) for c in replace_where]}; a partition overwrite may only "
+                    f"write rows inside the partitions it replaces (nothing was written)"
+                )
 
 
 def _version_after_commit(path: str, storage_options=None) -> int | None:

@@ -267,8 +267,10 @@ class DeltaRsWriter(DataSourceArrowWriter):
         pq.write_table(table, tmp, compression="snappy")
         try:
             os.replace(tmp, full)
-        except FileNotFoundError:  # swept by abort() while being written
-            return False
+        except FileNotFoundError:
+            if os.path.exists(self._marker()):  # swept by abort() while being written
+                return False
+            raise  # anything else (a path pyarrow wrote but os cannot rename) must not lose the rows
         if os.path.exists(self._marker()):
             _remove(full)
             return False

@@ -21,7 +21,7 @@ import os
 import re
 import uuid
 from typing import Optional, Sequence
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 from causalrec.schemas import TableSpec, conform, validate_columns
 from causalrec.storage.delta_rs_commit import (
@@ -80,9 +80,11 @@ class DeltaStore:
 
     def __init__(self, spark, root: str, backend: str = "auto", storage_options: Optional[dict] = None):
         self.spark = spark
-        self.root = root.rstrip("/")
         self.storage_options = storage_options or {}
         self.backend = detect_backend(spark, backend)
+        # delta-rs's writer renames files with os calls: a file:// root is its local path (delta-spark keeps
+        # the URI, which on a cluster means the local disk rather than the default file system)
+        self.root = (_local_path(root) if self.backend == "delta-rs" else root).rstrip("/")
         log.info("delta backend: %s (root %s)", self.backend, self.root)
         if self.backend == "delta-rs":
             from causalrec.storage.delta_rs_source import DeltaRsDataSource
@@ -92,7 +94,7 @@ class DeltaStore:
     # ------------------------------------------------------------------ paths
     def path(self, name: str) -> str:
         if "://" in name or name.startswith("/"):
-            return name
+            return _local_path(name) if self.backend == "delta-rs" else name
         return f"{self.root}/{name}"
 
     def _dt(self, name: str, version: Optional[int] = None):
@@ -145,6 +147,14 @@ class DeltaStore:
         if mode not in ("append", "overwrite"):
             raise ValueError(f"write mode must be 'append' or 'overwrite', got {mode!r}")
         path = self.path(name)
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", path)  # two letters or more: not a drive letter
+        if self.backend == "delta-rs" and scheme:
+            raise DeltaWriteError(
+                f"Delta table {path}: the offline delta-rs writer writes and renames files with local file "
+                f"operations, so it needs a local (or mounted) path, not a {scheme.group(1)}: URI; "
+                f"object stores are written by delta-spark (storage.backend: delta-spark, on a cluster with "
+                f"Delta's jars). Nothing was written"
+            )
         if spec is not None:
             df = conform(df, spec)
             validate_columns(df, spec, source=f"write to {path}")
@@ -251,6 +261,12 @@ class DeltaStore:
                         f"Delta table {path}: the data being written has new column(s) "
                         f"{[f.name for f in new]}; pass merge_schema=True to add them"
                     )
+        missing = [c for c in partition_by if c not in df.columns]
+        if missing:  # fail fast, before any task writes a file (commit_files checks it again)
+            raise DeltaWriteError(
+                f"Delta table {path}: partition column(s) {missing} are not in the data being written "
+                f"(columns {df.columns})"
+            )
         # Python data sources are looked up through the JVM thread's *active* session, which a
         # new Python thread (pinned to a new JVM thread) does not have: set it.
         jvm = getattr(self.spark, "_jvm", None)
@@ -357,14 +373,16 @@ class DeltaStore:
         if not self.exists(name):
             return False
         partly_replaced = False
+        restored = False  # a later RESTORE may have put back files that an older overwrite removed
         since = []  # the history entries after the keyed commit, newest first
         for h in self.history(name):
             if (_commit_meta(h) or {}).get("write_key") == key:
                 return not partly_replaced or self._key_rows_may_remain(name, int(h["version"]), since[::-1])
             replaced = _replaced_rows(h)
-            if replaced == "all":
+            if replaced == "all" and not restored:
                 return False
-            partly_replaced = partly_replaced or replaced == "some"
+            partly_replaced = partly_replaced or replaced is not None
+            restored = restored or _is_restore(h)
             since.append(h)
         # the keyed commit is older than the retained history (log cleanup), and nothing since replaced it
         return not partly_replaced and self._dt(name).transaction_version(key) is not None
@@ -452,15 +470,27 @@ class DeltaStore:
         return self.exists(name) and self.row_count(name) > 0
 
     def row_count(self, name: str, version: Optional[int] = None) -> int:
-        """From the log's file statistics when present: no data scan."""
+        """From the log's file statistics when every file has them (no data scan); else an exact count
+        (a file committed without statistics has a null numRecords, which a sum would take as 0)."""
         if self.backend == "delta-rs":
             import pyarrow as pa
             import pyarrow.compute as pc
 
             actions = pa.table(self._dt(name, version).get_add_actions(flatten=True))
-            if "num_records" in actions.column_names:
+            if "num_records" in actions.column_names and actions.column("num_records").null_count == 0:
                 return int(pc.sum(actions.column("num_records")).as_py() or 0)
         return self.read(name, version).count()
+
+
+def _local_path(uri: str) -> str:
+    """A ``file:`` URI as the local path it names; any other path or URI unchanged."""
+    if not uri.lower().startswith("file:"):
+        return uri
+    parsed = urlparse(uri)
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"Delta root {uri}: a file:// URI must name a local path (file:///path), not host "
+                         f"{parsed.netloc!r}")
+    return unquote(parsed.path)
 
 
 def commit_metadata_of(history) -> list[dict]:
@@ -480,8 +510,12 @@ def _commit_meta(h: dict) -> Optional[dict]:
 
 
 def _replaced_rows(h: dict) -> Optional[str]:
-    """Which earlier rows a history entry may have removed: ``"all"`` (an overwrite, truncate, restore,
-    replace, unconditional delete), ``"some"`` (a partition overwrite, a conditional delete) or None.
+    """Which earlier rows a history entry may have removed: ``"all"`` (an overwrite, truncate, replace,
+    unconditional delete), ``"some"`` (a partition overwrite, a conditional delete, a restore) or None.
+
+    A RESTORE counts as ``"some"``: it removes and adds back whole files, and the version it restores may
+    still hold the keyed commit's files, so the file lineage (:meth:`DeltaStore._key_rows_may_remain`)
+    decides from its add and remove actions.
 
     Operation names as delta-rs and delta-spark write them (WRITE with mode Overwrite, with a
     ``predicate`` for a partition overwrite; DELETE; TRUNCATE; RESTORE; CREATE OR REPLACE TABLE /
@@ -496,7 +530,9 @@ def _replaced_rows(h: dict) -> Optional[str]:
     op = str(h.get("operation") or "").upper()
     params = h.get("operationParameters") or {}
     conditional = str(params.get("predicate") or "").strip() not in ("", "[]")
-    if op in ("TRUNCATE", "RESTORE") or "REPLACE" in op:
+    if op == "RESTORE":
+        return "some"
+    if op == "TRUNCATE" or "REPLACE" in op:
         return "all"
     if op == "DELETE":
         return "some" if conditional else "all"
@@ -537,16 +573,25 @@ def _snapshot_files(dt) -> dict:
 
 
 def _lineage_remains(version: int, later: list, actions, partition_columns) -> bool:
-    """See ``DeltaStore._key_rows_may_remain``: ``actions(v)`` gives commit ``v``'s (added, removed) files."""
+    """See ``DeltaStore._key_rows_may_remain``: ``actions(v)`` gives commit ``v``'s (added, removed) files.
+
+    A data file never changes, so one of the lineage that a later commit adds back (a RESTORE) holds
+    its rows again: removed files are kept as ``dead`` until no RESTORE follows.
+    """
     live = {p: pv for p, (pv, _) in actions(version)[0].items()}
+    dead: dict = {}
+    last_restore = max((i for i, h in enumerate(later) if _is_restore(h)), default=-1)
     parts = None
-    for h in later:
+    for i, h in enumerate(later):
         if not _may_remove_files(h):
             continue
         added, removed = actions(int(h["version"]))
+        live.update({p: dead.pop(p) for p in added if p in dead})
         gone = {p: live.pop(p) for p in removed if p in live}
         if not gone:
             continue
+        if i < last_restore:
+            dead.update(gone)
         rearranged = not any(removed[p][1] for p in gone)  # dataChange false: the rows are all still there
         carried = rearranged
         if not carried:
@@ -558,9 +603,13 @@ def _lineage_remains(version: int, later: list, actions, partition_columns) -> b
             live.update({p: pv for p, (pv, _) in added.items() if pv in where})
         else:
             live.update({p: pv for p, pv in gone.items() if p in added})  # re-added as it was
-        if not live:
+        if not live and i >= last_restore:
             return False
     return bool(live)
+
+
+def _is_restore(h: dict) -> bool:
+    return str(h.get("operation") or "").upper() == "RESTORE"
 
 
 def _may_remove_files(h: dict) -> bool:
