@@ -138,9 +138,18 @@ def softmax_offset(rate: float, temperature: float) -> float:
     w = w / w.sum()
 
     def mean(c):
-        return float((w / (1 + np.exp(-(x - c) / temperature))).sum())
+        with np.errstate(over="ignore"):  # exp overflows to inf far from the rate: the sigmoid is then 0
+            return float((w / (1 + np.exp(-(x - c) / temperature))).sum())
 
+    # mean(c) falls from ~1 to ~0 as c grows; the offset scales with T, so widen until it is bracketed
     lo, hi = -20.0, 20.0
+    while mean(hi) > rate and hi < 1e9:
+        hi *= 2
+    while mean(lo) < rate and lo > -1e9:
+        lo *= 2
+    if not mean(hi) <= rate <= mean(lo):
+        raise ValueError(f"simulator: no softmax offset gives a recommend rate of {rate} at temperature "
+                         f"{temperature} (reachable: {mean(hi):.3g} to {mean(lo):.3g})")
     for _ in range(100):
         mid = (lo + hi) / 2
         if mean(mid) > rate:

@@ -66,3 +66,17 @@ def test_is_valid_adjustment_set_rejects_latent_and_absent_nodes():
         is_valid_adjustment_set(g2, "recommended", "outcome", ["user_features", "item_features", "time"])
     with pytest.raises(CausalGraphError, match="not in the causal graph"):
         is_valid_adjustment_set(g2, "time", "outcome", ["user_features"])
+
+
+def test_propensity_models_say_which_back_door_nodes_they_cannot_adjust_for(caplog):
+    """The exposure set holds 'recommended', which the propensity models have no feature columns for:
+    it was dropped in silence while the tables' metadata claimed the back-door criterion."""
+    from causalrec.propensity.job import adjustment_set as model_set
+
+    cfg = Config()
+    with caplog.at_level("WARNING", logger="causalrec.propensity.job"):
+        groups, source = model_set(cfg, "exposure")
+    assert groups == ["item_features", "user_features"]
+    assert source == "causal_graph back-door criterion without recommended (no feature columns)"
+    assert "may leave a back-door path open" in caplog.text
+    assert model_set(cfg, "recommended") == (["item_features", "user_features"], "causal_graph back-door criterion")

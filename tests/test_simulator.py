@@ -165,3 +165,17 @@ def test_events_start_at_the_offset_start_date_in_utc(spark):
         return sorted((r.event_id, r.event_time) for r in ev.select("event_id", "event_time").collect())
 
     assert times("2024-01-01T00:00:00+05:00") == times("2023-12-31T19:00:00")
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.3])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 20.0, 100.0])
+def test_softmax_offset_reaches_the_recommend_rate_at_any_temperature(rate, temperature):
+    """The bisection was fixed to [-20, 20]: at T = 20 a 0.1 rate came out 0.27 with no error."""
+    import numpy as np
+    from scipy.special import expit
+
+    from causalrec.simulator import softmax_offset
+
+    c = softmax_offset(rate, temperature)
+    x, w = np.polynomial.hermite_e.hermegauss(80)
+    assert float((w / w.sum() * expit((x - c) / temperature)).sum()) == pytest.approx(rate, abs=1e-6)

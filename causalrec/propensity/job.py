@@ -49,10 +49,19 @@ def adjustment_set(cfg, treatment: str) -> tuple[list, str]:
         return list(cfg.propensity.adjustment_set), "config"
     from causalrec.causal_graph import adjustment_set as backdoor_set
 
-    groups = [g for g in backdoor_set(cfg, treatment, "outcome") if g in GROUP_COLUMNS]
+    backdoor = backdoor_set(cfg, treatment, "outcome")
+    groups = [g for g in backdoor if g in GROUP_COLUMNS]
+    # the models take feature groups only: a back-door node with no feature columns cannot be adjusted for,
+    # and the set without it may not block every back-door path, so say so rather than claim the criterion
+    dropped = [g for g in backdoor if g not in GROUP_COLUMNS]
+    if dropped:
+        log.warning("propensity (%s): the causal graph's back-door set %s includes %s, which the propensity models "
+                    "have no feature columns for; adjusting for %s only, which may leave a back-door path open",
+                    treatment, backdoor, dropped, groups or ["user_features", "item_features"])
+    note = f" without {', '.join(dropped)} (no feature columns)" if dropped else ""
     if groups:
-        return groups, "causal_graph back-door criterion"
-    return ["user_features", "item_features"], "default (user+item features)"
+        return groups, "causal_graph back-door criterion" + note
+    return ["user_features", "item_features"], "default (user+item features)" + note
 
 
 @dataclass
