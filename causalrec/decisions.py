@@ -14,7 +14,9 @@ Attribution of an outcome event to a decision (both stages, one rule):
   was not caused by it. The keys follow ``ope.attribution_scope``:
 
   - ``session`` (the default): same user, item and session; OPE also the slot (the outcome's
-    ``position``, null read as 0), so an outcome in another session is credited to no decision;
+    ``position``), so an outcome in another session is credited to no decision. An outcome with no
+    position (a purchase seldom has one) takes the slot of the latest decision on that item in its
+    session at or before it: it used to read as slot 0 and so matched no impression shown in a slot;
   - ``user``: same user and item, in any session and any slot. The slot is a position in one
     session's list and means nothing in another session, and an outcome such as a purchase
     seldom carries one: the outcome's own position is ignored, and the decision it is credited
@@ -46,7 +48,7 @@ ATTRIBUTION_SCOPES = ("session", "user")
 
 def with_outcome(decisions, events, outcome_event: Optional[str], keys: Sequence[str], setting: str, *,
                  decision_id: str, window_s: Optional[float] = None, scope: str = "session",
-                 session_keys: Sequence[str] = ()):
+                 session_keys: Sequence[str] = (), fill_keys: Sequence[str] = ()):
     """``decisions`` plus ``outcome``: the decision's own value, or (``outcome_event``) the summed value
     of that type's ``events`` attributed to it by the module's rule (0 when it has none).
 
@@ -54,7 +56,9 @@ def with_outcome(decisions, events, outcome_event: Optional[str], keys: Sequence
     (the session; OPE also the slot), ``scope`` being ``ope.attribution_scope``;
     ``setting`` names the config key in the error raised when no event has that type;
     ``decision_id`` is a column of ``decisions`` that orders decisions at the same instant;
-    ``window_s`` is ``ope.attribution_window_s`` (None: no window).
+    ``window_s`` is ``ope.attribution_window_s`` (None: no window); ``fill_keys`` (among
+    ``session_keys``) may be null on an outcome, which then takes the value of the latest decision
+    at or before it on the other keys (OPE's slot).
 
     One shuffle by ``keys``: decisions and outcome events are unioned, ordered by time within their
     keys (a decision before an outcome at the same instant), each decision opens a group that holds
@@ -81,15 +85,22 @@ def with_outcome(decisions, events, outcome_event: Optional[str], keys: Sequence
         raise ValueError(f"{setting}={outcome_event!r}: the events hold no event of that type")
 
     at = F.unix_micros(F.col(TIME_COLUMN).cast("timestamp"))  # exact integer microseconds
-    placeable = reduce(lambda a, b: a & b, [F.col(k).isNotNull() for k in keys], at.isNotNull())
+    fill = [k for k in fill_keys if k in keys]
+    placeable = reduce(lambda a, b: a & b, [F.col(k).isNotNull() for k in keys if k not in fill], at.isNotNull())
     helpers = ["_wo_at", "_wo_dec", "_wo_v", "_wo_grp"]
     both = decisions.withColumn("_wo_at", at).withColumn("_wo_dec", F.lit(1)).withColumn(
         "_wo_v", F.lit(None).cast("double")).unionByName(
         outcomes.where(placeable).select(*keys, at.alias("_wo_at"), F.lit(0).alias("_wo_dec"), value.alias("_wo_v")),
         allowMissingColumns=True)
-    upto = Window.partitionBy(*keys).orderBy(
-        F.col("_wo_at").asc_nulls_first(), F.col("_wo_dec").desc(), F.col(decision_id).asc_nulls_last()
-    ).rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    order = [F.col("_wo_at").asc_nulls_first(), F.col("_wo_dec").desc(), F.col(decision_id).asc_nulls_last()]
+    if fill:  # an outcome without the key takes the latest decision's at or before it (one more window)
+        before = Window.partitionBy(*[k for k in keys if k not in fill]).orderBy(*order).rowsBetween(
+            Window.unboundedPreceding, Window.currentRow)
+        for k in fill:
+            latest = F.last(F.when(F.col("_wo_dec") == 1, F.col(k)), ignorenulls=True).over(before)
+            both = both.withColumn(k, F.when(F.col("_wo_dec") == 0, F.coalesce(F.col(k), latest)).otherwise(F.col(k)))
+        both = both.where(reduce(lambda a, b: a & b, [F.col(k).isNotNull() for k in fill]) | (F.col("_wo_dec") == 1))
+    upto = Window.partitionBy(*keys).orderBy(*order).rowsBetween(Window.unboundedPreceding, Window.currentRow)
     group = Window.partitionBy(*keys, "_wo_grp")
     decided_at = F.max(F.when(F.col("_wo_dec") == 1, F.col("_wo_at"))).over(group)  # null for a null-time decision
     credited = (F.col("_wo_dec") == 0) & (F.col("_wo_at") >= decided_at)

@@ -142,6 +142,24 @@ def test_logged_rows_are_one_per_decision_with_its_reward(spark):
         logged_rows(events, reward_event="add_to_cart")
 
 
+def test_a_purchase_without_a_position_goes_to_the_sessions_impression_of_its_item(spark):
+    """Real logs seldom give a purchase a slot: read as slot 0, it matched no impression shown in slot 2
+    and every reward_event outcome of such a log was 0. An explicit position still has to match."""
+    from causalrec.ope.job import logged_rows
+
+    t0 = pd.Timestamp("2024-01-01 10:00", tz="UTC")
+    ev = [("imp1", "u1", "impression", 0.0, 2, t0), ("imp2", "u1", "impression", 0.0, 1, t0 + pd.Timedelta("1s")),
+          ("buy1", "u1", "purchase", 1.0, None, t0 + pd.Timedelta("60s")),
+          ("imp3", "u2", "impression", 0.0, 3, t0), ("buy3", "u2", "purchase", 1.0, 1, t0 + pd.Timedelta("60s"))]
+    events = _events(spark, [dict(event_id=e, user_id=u, item_id="i1", event_type=t, value=v, position=pos,
+                                  logged_propensity=0.5, policy="logging", session_id=u, event_time=ts)
+                             for e, u, t, v, pos, ts in ev])
+    rows, _ = logged_rows(events, reward_event="purchase")
+    got = sorted((r["user_id"], r["slot"], r["reward"]) for r in rows.collect())
+    # u1: the latest impression of i1 before the purchase (slot 1) takes it; u2's purchase names slot 1: none
+    assert got == [("u1", 1, 1.0), ("u1", 2, 0.0), ("u2", 3, 0.0)]
+
+
 def test_decisions_without_a_logged_propensity_are_counted_in_a_warning(spark, caplog):
     """They cannot be weighted and are left out; that must not pass silently."""
     from causalrec.ope.job import logged_rows

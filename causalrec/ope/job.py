@@ -62,10 +62,14 @@ LOGGED_PROPENSITY_KINDS = ("action", "treatment")  # ope.logged_propensity: what
 
 def _with_reward(decisions, events, reward_event, attribution_window_s, attribution_scope):
     """decisions -> the same rows with ``reward``: the decision's own value, or its attributed
-    ``reward_event`` outcome (attributed on the logged slot and session)."""
-    return with_outcome(decisions, events, reward_event, ["user_id", "item_id"], "ope.reward_event",
+    ``reward_event`` outcome (attributed on the logged slot and session; an outcome without a
+    position, such as a purchase, on the session's latest decision of its item)."""
+    from pyspark.sql import functions as F
+
+    outcomes = events.withColumn("slot", F.col("position").cast("int"))  # null stays null: no slot given
+    return with_outcome(decisions, outcomes, reward_event, ["user_id", "item_id"], "ope.reward_event",
                         decision_id="row_id", window_s=attribution_window_s, scope=attribution_scope,
-                        session_keys=["slot", "session"]).withColumnRenamed("outcome", "reward")
+                        session_keys=["slot", "session"], fill_keys=["slot"]).withColumnRenamed("outcome", "reward")
 
 
 def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.0,
@@ -93,7 +97,7 @@ def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.
     base = events.select(
         F.xxhash64("event_id").alias("row_id"), "user_id", "item_id",
         stratum.alias("stratum"),
-        F.coalesce(F.col("position"), F.lit(0)).cast("int").alias("slot"), session.alias("session"),
+        F.coalesce(F.col("position"), F.lit(0)).cast("int").alias("slot"), "position", session.alias("session"),
         "event_type", F.col("value").cast("double").alias("value"),
         F.col("logged_propensity").cast("double").alias("logged_propensity"),
         *(["event_time"] if "event_time" in events.columns else []),
