@@ -111,17 +111,21 @@ def test_reingest_after_a_delete_appends_the_deleted_rows_again(ctx, tmp_path, m
     day = "2024-01-01T1{}:00:00Z"  # one event_date partition, so the delete rewrites the second batch's file
     path = _write_csv(tmp_path / "b1.csv", [f"a{k},u1,i1,{day.format(k)},click,1,,,," for k in (1, 2)])
     other = _write_csv(tmp_path / "b2.csv", [f"b{k},u2,i1,{day.format(k)},click,1,,,," for k in (1, 2)])
+    keys, applied = [], set()  # the keys the events appends were committed with; those read as applied
+    real = type(ctx.store).write
+
+    def lineage(store, df, table, *args, idempotency_key=None, **kw):
+        if table == "events":
+            if idempotency_key in applied:
+                return None  # what DeltaStore.write returns for a key it finds applied
+            keys.append(idempotency_key)
+        return real(store, df, table, *args, idempotency_key=idempotency_key, **kw)
+
+    monkeypatch.setattr(type(ctx.store), "write", lineage)
     assert ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path)["rows_accepted"] == 2
     assert ingest_events(ctx, read_events(ctx.spark, other, "csv"), source=other)["rows_accepted"] == 2
     DeltaTable(ctx.store.path("events")).delete("event_id in ('a1', 'a2', 'b1')")
-    real_write = type(ctx.store).write
-
-    def lineage_says_applied(store, df, table, *args, idempotency_key=None, **kw):
-        if table == "events" and idempotency_key:
-            return None  # what DeltaStore.write returns for a key it finds applied
-        return real_write(store, df, table, *args, idempotency_key=idempotency_key, **kw)
-
-    monkeypatch.setattr(type(ctx.store), "write", lineage_says_applied)
+    applied.update(keys)  # the delete rewrote b2's file: lineage may keep every earlier key applied
     again = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path)
     assert again["rows_accepted"] == 2 and again["rows_already_present"] == 0
     assert sorted(r.event_id for r in ctx.store.read("events").collect()) == ["a1", "a2", "b2"]

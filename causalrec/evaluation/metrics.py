@@ -348,7 +348,7 @@ def ranking_metrics_by_user(
         truth = truth.withColumn("v", F.lit(1.0))
 
     ranked = (
-        rating_pred.where(F.col(col_prediction).isNotNull() & ~F.isnan(F.col(col_prediction)))
+        _usable(rating_pred, col_prediction)
         .groupBy(F.col(col_user).alias("u"), F.col(col_item).alias("i"))
         .agg(F.max(F.col(col_prediction).cast("double")).alias("s"))
         .withColumn("rank", F.row_number().over(Window.partitionBy("u").orderBy(F.desc("s"), F.asc("i"))))
@@ -659,7 +659,7 @@ def histogram(df: DataFrame, col: str, bins: int = 30, lo: Optional[float] = Non
     """Equal-width histogram computed in Spark (edges, counts); ``log`` bins log10 of the value."""
     _check_columns(df, "histogram", col)
     x = F.col(col).cast("double")
-    d = df.where(x.isNotNull() & (~F.isnan(x)))
+    d = _usable(df, col)
     if log:
         d = d.where(x > 0)
         x = F.log10(x)

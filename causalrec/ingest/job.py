@@ -187,19 +187,13 @@ def _validate_and_write(ctx, numbered, table, rules, users, items, source, batch
                                 expected_version=-1 if read_version is None else read_version)
         elif s.rows_accepted:
             with ctx.step(f"write {table}"):
-                # keyed by the rows appended: the same rows are never appended twice, other rows always are
-                expected = -1 if read_version is None else read_version
-                written = store.write(accepted_rows(fl, batch), table, "append", spec=EVENT_SPECS[table],
-                                      idempotency_key=batch_id_for(f"{table}-rows", s.accepted_fingerprint),
-                                      metadata={"ingest_batch": batch}, expected_version=expected)
-                if written is None:
-                    # the key is applied, yet these rows are not in the table we read: a delete or rewrite
-                    # removed them since (keys are tracked per file). The row check above and the expected
-                    # version already rule out a duplicate, so append them again rather than drop them.
-                    log.warning("%s: rows of an earlier identical batch were removed since; appending them again",
-                                table)
-                    store.write(accepted_rows(fl, batch), table, "append", spec=EVENT_SPECS[table],
-                                metadata={"ingest_batch": batch}, expected_version=expected)
+                # keyed by the rows appended and the version they were checked against: the same rows are
+                # never appended twice on one version, and rows a delete removed since (keys are tracked per
+                # file, so an old key may still read as applied) are appended again on the new one
+                store.write(accepted_rows(fl, batch), table, "append", spec=EVENT_SPECS[table],
+                            idempotency_key=batch_id_for(f"{table}-rows@{read_version}", s.accepted_fingerprint),
+                            metadata={"ingest_batch": batch},
+                            expected_version=-1 if read_version is None else read_version)
         if s.rows_quarantined:
             with ctx.step("write events_quarantine"):
                 store.write(quarantined_rows(fl, batch, source or table, **lines), "events_quarantine", "append",

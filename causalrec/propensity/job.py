@@ -277,7 +277,7 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         return None, []
     method = pc.treatment_method
     if method == "choice":
-        return choice_propensities(events, user_features, cfg, scope)
+        return choice_propensities(events, user_features, cfg, scope, has["decisions"] > 0)
     unit = _one_row_per_decision(has["decisions"] > 0)
     if method == "logged" and has["lp"] > 0:
         t = logged_treatment(events)
@@ -287,7 +287,7 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         if has["k"] < 2:
             log.info("treatment_method=logged but the events carry no logged propensity and every row is a "
                      "recommendation: estimating the slot choice probability (method choice)")
-            return choice_propensities(events, user_features, cfg, scope)
+            return choice_propensities(events, user_features, cfg, scope, has["decisions"] > 0)
         log.info("treatment_method=logged but the events carry no logged propensity: estimating with logistic")
         method = "logistic"
     df = with_vectors(events.where(F.col("recommended").isNotNull())
@@ -307,21 +307,20 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
     return t, _treatment_rows(method, held, scored.where(F.col("_decision")).drop(*helpers), pc)
 
 
-def choice_propensities(events: DataFrame, user_features: DataFrame, cfg,
-                        scope: FitScope = FitScope()) -> tuple[DataFrame, list]:
+def choice_propensities(events: DataFrame, user_features: DataFrame, cfg, scope: FitScope = FitScope(),
+                        has_decisions: bool = True) -> tuple[DataFrame, list]:
     """Slate logs (every row recommended): P(item chosen for its slot), fitted on (1 - holdout_fraction)
     of the rows ``scope`` lets a model learn from, diagnosed on the rest of them, scoring every row
     (see :mod:`causalrec.propensity.choice`); a group with none of those rows outside the holdout gets
     no model and its rows no propensity (warned). With a cutoff the time buckets span the rows before it,
-    so later rows fall in the last bucket fitted: the policy as last seen."""
-    from causalrec.decisions import DECISION_EVENT
+    so later rows fall in the last bucket fitted: the policy as last seen. ``has_decisions``: the log has
+    decision rows (:func:`_one_row_per_decision`), as :func:`treatment_propensities` counted."""
     from causalrec.propensity import choice as C
 
     pc = cfg.propensity
     rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets, span_before=scope.cutoff)
     if pc.choice_user_features:
         rows = with_vectors(rows, user_features)
-    has_decisions = rows.where(F.col("event_type") == DECISION_EVENT).limit(1).count() > 0
     rows = scope.mark(rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
     # fit and diagnose on one row per decision (a clicked decision's click row is not another choice)
     rows = rows.withColumn("_fit", F.col("_fit") & _one_row_per_decision(has_decisions))
