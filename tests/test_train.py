@@ -212,6 +212,22 @@ def test_tune_apply_params_updates_the_loop_config():
     assert apply_params(lc, {"dr_label_fit_weight": 0.5})["dr_label_fit_weight"] == 0.5
 
 
+def test_tune_records_the_validation_error_a_trial_was_chosen_on():
+    """get_best_result(scope="all") picks a trial by its best epoch, but Result.metrics is its last
+    report: a trial reporting 1.0 then 3.0 was recorded as 3.0, worse than a trial not chosen."""
+    from types import SimpleNamespace
+
+    from causalrec.train.tune import best_reported
+
+    chosen = SimpleNamespace(metrics={"valid_metric": 3.0, "training_iteration": 2},
+                             metrics_dataframe=pd.DataFrame({"valid_metric": [1.0, 3.0]}))
+    assert best_reported(chosen) == 1.0
+    # a trial with no per-epoch frame (or only NaN in it) falls back to its last report
+    assert best_reported(SimpleNamespace(metrics={"valid_metric": 2.0}, metrics_dataframe=None)) == 2.0
+    assert best_reported(SimpleNamespace(metrics={"valid_metric": 2.0},
+                                         metrics_dataframe=pd.DataFrame({"valid_metric": [np.nan]}))) == 2.0
+
+
 @pytest.mark.parametrize("main, baseline", [("naive", "dr_jl"), ("dr_jl", "naive"), ("uplift", "naive"),
                                             ("ips", "uplift")])
 def test_a_baseline_run_builds_the_model_its_own_objective_needs(cfg, main, baseline):
@@ -594,7 +610,8 @@ class _FakeShard:
             yield collate_fn(self.df.iloc[order[s:s + batch_size]])
 
 
-def run_loop_in_process(monkeypatch, tmp_path, config: dict, df: pd.DataFrame, world: int = 1) -> dict:
+def run_loop_in_process(monkeypatch, tmp_path, config: dict, df: pd.DataFrame, world: int = 1,
+                        device: str = "cpu") -> dict:
     """``train_loop_per_worker(config)`` as rank 0 of ``world`` workers, without Ray: fake context, shards
     (:class:`_FakeShard`), ``prepare_model`` (identity) and ``report`` (each epoch's metrics and a copy
     of its checkpoint folder). With ``world > 1`` torch.distributed is a stand-in group whose all-reduce
@@ -629,7 +646,7 @@ def run_loop_in_process(monkeypatch, tmp_path, config: dict, df: pd.DataFrame, w
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shards[name])
     monkeypatch.setattr(ray.train, "report", report)
-    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device(device))
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **kwargs: model)
     if world > 1:
         import torch.distributed as dist
@@ -673,6 +690,26 @@ def test_loop_shuffle_seeds_are_distinct_across_seeds_and_survive_a_resume(monke
         [m["train_loss"] for m in runs[42]["metrics"][1:]], rel=1e-6)
 
 
+def test_a_run_whose_patience_ran_out_on_its_last_epoch_stays_stopped_when_resumed_longer(monkeypatch, tmp_path):
+    """Patience can run out on the last configured epoch, where ``stopped_early`` stays False (there was
+    no epoch left to skip). A resume with more epochs must stop there too, as the uninterrupted run with
+    those epochs did; it used to train on."""
+    df = synthetic_examples(n_train=96, n_valid=32)
+    base = _loop_config(df, objective="ips", valid_mode="ips", patience=1, lr=0.3)
+    straight = run_loop_in_process(monkeypatch, tmp_path / "straight", {**base, "epochs": 8}, df)
+    stopped_after = straight["metrics"][-1]["epoch"]
+    assert straight["metrics"][-1]["stopped_early"] and stopped_after < 7  # this setting overfits at once
+    short = run_loop_in_process(monkeypatch, tmp_path / "short", {**base, "epochs": stopped_after + 1}, df)
+    state = json.loads((Path(short["checkpoints"][-1]) / "meta.json").read_text())["train_state"]
+    assert state["bad_epochs"] >= 1 and not state["stopped_early"]
+    resumed = run_loop_in_process(monkeypatch, tmp_path / "resumed",
+                                  {**base, "epochs": 8, "resume_from": short["checkpoints"][-1]}, df)
+    assert resumed["train_calls"] == []  # nothing trained
+    assert [m["epoch"] for m in resumed["metrics"]] == [stopped_after]  # the saved state, reported once
+    assert resumed["metrics"][0]["stopped_early"] and resumed["metrics"][0]["best_epoch"] == straight[
+        "metrics"][-1]["best_epoch"]
+
+
 def test_loop_reduces_its_epoch_totals_on_the_training_device(monkeypatch, tmp_path):
     """Under DDP the loop sums its epoch totals (train loss, steps, rows and the validation sums) in one
     collective through step.all_reduce_sum on the worker's training device (``get_device()``), which
@@ -693,8 +730,9 @@ def test_loop_reduces_its_epoch_totals_on_the_training_device(monkeypatch, tmp_p
     monkeypatch.setattr(loop, "all_reduce_sum", spy, raising=False)
     df = synthetic_examples(n_train=96, n_valid=32)
     single = run_loop_in_process(monkeypatch, tmp_path / "one", _loop_config(df, epochs=2), df)
-    two = run_loop_in_process(monkeypatch, tmp_path / "two", _loop_config(df, epochs=2), df, world=2)
-    assert seen == [(3 + 3, torch.device("cpu"))] * 2  # one fused call per epoch: 3 train + 3 validation sums
+    # the training device is "cpu:0", which differs from a plain torch.device("cpu") a loop could hard-code
+    two = run_loop_in_process(monkeypatch, tmp_path / "two", _loop_config(df, epochs=2), df, world=2, device="cpu:0")
+    assert seen == [(3 + 3, torch.device("cpu:0"))] * 2  # one fused call per epoch: 3 train + 3 validation sums
     assert set(two["collective_devices"]) == {torch.device("cpu")}
     # two identical workers: the same mean loss and validation error, twice the rows
     for a, b in zip(single["metrics"], two["metrics"]):

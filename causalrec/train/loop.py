@@ -133,6 +133,10 @@ def train_loop_per_worker(config: dict) -> None:
     valid_label = validation_label(valid_mode, uplift)
     report = dict(rank=rank, model=model, mc=mc, optimizer=optimizer, config=config, valid_mode=valid_mode)
 
+    # patience can run out on the last configured epoch (stopped_early stays False there): a resume
+    # with more epochs must stop too, as the uninterrupted run with those epochs did
+    if patience > 0 and state["bad_epochs"] >= patience and state["epoch"] < epochs:
+        state["stopped_early"] = True
     finished = state["stopped_early"] or state["epoch"] >= epochs
     if resume_dir and checkpoint is None and state["history"] and finished:
         last = state["history"][-1]

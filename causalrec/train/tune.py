@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,20 @@ def tune_hyperparameters(cfg, loop_config: dict, train_ds, valid_ds) -> dict:
     results = tuner.fit()
     best = results.get_best_result(metric="valid_metric", mode="min", scope="all")
     chosen = dict(best.config)
-    log.info("tune: best valid_metric %.4f with %s over %d trials", best.metrics["valid_metric"], chosen, len(results))
-    trials = [{"config": r.config, "valid_metric": (r.metrics or {}).get("valid_metric"),
+    best_valid = best_reported(best)
+    log.info("tune: best valid_metric %.4f with %s over %d trials", best_valid, chosen, len(results))
+    trials = [{"config": r.config, "valid_metric": best_reported(r),
                "epochs": (r.metrics or {}).get("training_iteration")} for r in results]
-    return {"best": {**chosen, "valid_metric": best.metrics["valid_metric"]}, "trials": trials,
+    return {"best": {**chosen, "valid_metric": best_valid}, "trials": trials,
             "loop_config": apply_params(loop_config, chosen)}
+
+
+def best_reported(result) -> Optional[float]:
+    """The lowest ``valid_metric`` a trial reported over its epochs: what ``scope="all"`` chose it on.
+
+    ``result.metrics`` is the trial's last report, which can be worse than trials not chosen.
+    """
+    df = result.metrics_dataframe
+    if df is not None and "valid_metric" in df and df["valid_metric"].notna().any():
+        return float(df["valid_metric"].min())
+    return (result.metrics or {}).get("valid_metric")
