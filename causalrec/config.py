@@ -525,7 +525,9 @@ def _check_semantics(cfg: Config, where: str) -> None:
     if cfg.ranking.k < 1:
         bad("ranking.k", "expected >= 1")
     if not 0 <= cfg.ranking.fairness_strength <= 1:
-        bad("ranking.fairness_strength", "expected a value in [0, 1]")
+        bad("ranking.fairness_strength", f"got {cfg.ranking.fairness_strength}, expected a value in [0, 1]")
+    if not 0 <= cfg.ranking.blend_weight <= 1:  # above 1 the blend rewards low relevance, below 0 low effects
+        bad("ranking.blend_weight", f"got {cfg.ranking.blend_weight}, expected a value in [0, 1]")
     if not 0 < cfg.ope.alpha < 1:  # a z of alpha / 2: 0.95 for "95%" gave intervals 30 times too narrow
         bad("ope.alpha", f"got {cfg.ope.alpha}, expected the miss rate in (0, 1): 0.05 for 95% intervals")
     if cfg.ope.alpha > 0.5:

@@ -55,11 +55,31 @@ def minmax(x) -> np.ndarray:
     return out
 
 
+def effect_scale(x) -> np.ndarray:
+    """Effects scaled to [0, 1] within the list, a missing estimate read as no effect (0).
+
+    All known: :func:`minmax`. With some missing, the scale spans 0 as well and a missing one
+    sits at 0's place: below every known positive effect, above every known harmful one. (Min-max
+    alone put a missing effect level with the list's lowest known one, and a lone known effect at
+    0.5 whatever its sign.)"""
+    a = np.asarray(x, dtype="float64")
+    ok = np.isfinite(a)
+    if ok.all() or not ok.any():
+        return minmax(a)
+    lo, hi = min(a[ok].min(), 0.0), max(a[ok].max(), 0.0)
+    if hi == lo:  # every known effect is 0: nothing tells the candidates apart
+        return np.full(a.shape, 0.5)
+    return (np.where(ok, a, 0.0) - lo) / (hi - lo)
+
+
 def policy_score(relevance, uplift, policy: str, blend_weight: float = 0.5) -> np.ndarray:
     """The ranking score of one user's candidates under ``policy`` (fair -> its base).
 
-    ``uplift``: a candidate without an effect estimate scores -inf (ranked last, by relevance
-    among themselves; :func:`rank_all` refuses the policy when no candidate has one)."""
+    ``uplift``: ranks by the estimate alone, so a candidate without one scores -inf (ranked after
+    every estimated one, by relevance among themselves; :func:`rank_all` refuses the policy when
+    no candidate has one). ``blend``: relevance and effect each min-max scaled within the list
+    and mixed by ``blend_weight``; a missing effect counts as none (:func:`effect_scale`), so
+    relevance still places the candidate."""
     rel = np.asarray(relevance, dtype="float64")
     upl = np.asarray(uplift, dtype="float64")
     if policy == "relevance":
@@ -67,7 +87,7 @@ def policy_score(relevance, uplift, policy: str, blend_weight: float = 0.5) -> n
     if policy == "uplift":
         return np.where(np.isfinite(upl), upl, -np.inf)
     if policy == "blend":
-        return (1 - blend_weight) * minmax(rel) + blend_weight * minmax(upl)
+        return (1 - blend_weight) * minmax(rel) + blend_weight * effect_scale(upl)
     raise ValueError(f"ranking policy {policy!r}; expected one of {POLICIES}")
 
 
@@ -203,7 +223,7 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
         row = pdf.iloc[i]
         interval = lift_interval(_f(upl[i]), _f(row.get("uplift_se")), alpha)
         # the item-level estimate is a different quantity: quoted as such, with its own interval
-        item = None if interval is not None else _item_estimate(row)
+        item = None if interval is not None else _item_estimate(row, alpha)
         # a consumed item can be recommended again (candidates.exclude_consumed=False): never "similar to" itself
         others = [j for j, h in enumerate(hist_ids) if h != ids[i]]
         unit = (units or {}).get(row["model_version"], PROBABILITY_UNITS)
@@ -228,10 +248,11 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
     return pd.DataFrame(rows, columns=OUT_COLUMNS)
 
 
-def _item_estimate(row) -> Optional[tuple[float, float, float]]:
-    """(effect, ci_low, ci_high) of the item's average effect from uplift_effects, when all are known."""
-    est = tuple(_f(row.get(c)) for c in ("item_effect", "item_ci_low", "item_ci_high"))
-    return est if all(v is not None for v in est) else None
+def _item_estimate(row, alpha: float) -> Optional[tuple[float, float, float]]:
+    """(effect, ci_low, ci_high) of the item's average effect from uplift_effects, at level ``1 - alpha``
+    (the normal interval the uplift stage computes, from the item's se), when effect and se are known."""
+    interval = lift_interval(_f(row.get("item_effect")), _f(row.get("item_se")), alpha)
+    return None if interval is None else (_f(row.get("item_effect")), *interval)
 
 
 def _f(x) -> Optional[float]:
@@ -282,9 +303,10 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
     if uplift_effects is not None:
         from causalrec.scoring import item_uplift
 
+        # the item's se, not its stored bounds: those are at the ope.alpha of the uplift run, which
+        # need not be this run's (the explanation labels the interval with this run's level)
         ue = item_uplift(uplift_effects).select("item_id", F.col("effect").alias("item_effect"),
-                                                F.col("ci_low").alias("item_ci_low"),
-                                                F.col("ci_high").alias("item_ci_high"))
+                                                F.col("se").alias("item_se"))
         df = df.join(F.broadcast(ue), "item_id", "left")
     if history is not None:
         df = df.join(history, "user_id", "left")
@@ -309,18 +331,24 @@ def model_versions(scores) -> list:
 
 
 def check_effects_available(scores, policy: str, fair_base: str) -> None:
-    """Refuse an effect-ranked policy when no score has an effect estimate: a configuration error
-    (no uplift head, no uplift stage), checked once here. A user whose candidates lack
-    estimates is not an error: those candidates rank last, by relevance."""
+    """Refuse the uplift policy (or a fair re-ranking on it) when no score has an effect estimate:
+    a configuration error (no uplift head, no uplift stage), checked once here; warn for the blend,
+    which then ranks by relevance alone. A user whose candidates lack estimates is not an error:
+    :func:`policy_score` says where those candidates rank."""
     from pyspark.sql import functions as F
 
-    if "uplift" not in (policy, fair_base if policy == "fair" else None):
+    base = fair_base if policy == "fair" else policy
+    if base not in ("uplift", "blend"):
         return
     known = F.col("uplift").isNotNull() & ~F.isnan(F.col("uplift"))
-    if not scores.where(known).limit(1).collect():
-        name = "ranking.policy='uplift'" if policy == "uplift" else "ranking.fair_base_policy='uplift'"
+    if scores.where(known).limit(1).collect():
+        return
+    name = f"ranking.policy={policy!r}" if policy == base else f"ranking.fair_base_policy={base!r}"
+    if base == "uplift":
         raise ValueError(f"{name} but scores.uplift is null for every candidate "
                          "(train with an uplift head or run the uplift stage)")
+    log.warning("%s but scores.uplift is null for every candidate: the blend ranks by relevance alone "
+                "(train with an uplift head or run the uplift stage)", name)
 
 
 def explanation_units(ctx, model_versions: Sequence[str]) -> dict:

@@ -306,6 +306,14 @@ def test_propensity_typos_fail_at_load_naming_key_and_allowed_values(override, m
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override", ["ranking.blend_weight=1.5", "ranking.blend_weight=-0.5"])
+def test_a_blend_weight_outside_0_1_fails_at_load(override):
+    """Above 1 the blend's relevance weight 1 - w turns negative and ranks the least relevant first."""
+    with pytest.raises(ConfigError, match=r"ranking.blend_weight: got -?[0-9.]+, expected a value in \[0, 1\]"):
+        load_config(None, [override])
+    assert load_config(None, ["ranking.blend_weight=1.0"]).ranking.blend_weight == 1.0
+
+
 @pytest.mark.parametrize("override,match", [
     ("ope.alpha=1.5", r"ope.alpha: got 1.5, expected the miss rate in \(0, 1\)"),
     ("ope.alpha=0", r"ope.alpha: got 0(\.0)?, expected the miss rate in \(0, 1\)"),

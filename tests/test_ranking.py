@@ -52,6 +52,29 @@ def test_policy_score_blend_and_uplift():
     np.testing.assert_array_equal(top_k(policy_score(rel4, up, "uplift"), 4, list("abcd"), rel4), [3, 1, 2, 0])
 
 
+def test_blend_reads_a_missing_effect_as_no_effect():
+    """Min-max alone put a missing effect level with the user's lowest known one (a known harmful item
+    beat an unknown one of equal relevance) and a lone known effect at 0.5 whatever its sign."""
+    from causalrec.ranking import effect_scale
+
+    ids = list("ABC")
+    rel = np.array([0.5, 0.5])
+    # A harmful, B unknown, equal relevance: B first
+    assert list(top_k(policy_score(rel, np.array([-0.2, np.nan]), "blend", 0.5), 2, ids[:2], rel)) == [1, 0]
+    # A known positive beats B unknown at equal relevance
+    assert list(top_k(policy_score(rel, np.array([0.2, np.nan]), "blend", 0.5), 2, ids[:2], rel)) == [0, 1]
+    # weight 1: A +0.30 > C +0.10 > B unknown, whatever the relevance says
+    rel3 = np.array([0.1, 0.9, 0.5])
+    sc = policy_score(rel3, np.array([0.3, np.nan, 0.1]), "blend", 1.0)
+    assert list(top_k(sc, 3, ids, rel3)) == [0, 2, 1]
+    np.testing.assert_allclose(effect_scale([0.3, np.nan, 0.1]), [1.0, 0.0, 1 / 3])
+    np.testing.assert_allclose(effect_scale([-0.4, np.nan, 0.1]), [0.0, 0.8, 1.0])  # unknown at 0's place
+    np.testing.assert_allclose(effect_scale([0.0, np.nan]), [0.5, 0.5])
+    # all known or none known: plain min-max, as before
+    np.testing.assert_allclose(effect_scale([0.3, 0.1, 0.2]), minmax([0.3, 0.1, 0.2]))
+    np.testing.assert_allclose(effect_scale([np.nan, np.nan]), [0.0, 0.0])
+
+
 def test_fair_rerank_ties_go_to_the_better_item_and_unknown_scores_stay_last():
     # strength 1: every item of a group has the same adjusted score; the best of the group must win
     base, groups, ids = np.array([0.9, 0.1, 0.8, 0.2]), ["head", "head", "tail", "tail"], ["z", "a", "y", "b"]
@@ -270,9 +293,8 @@ def test_explanation_quotes_an_interval_only_for_its_own_number(se):
     from causalrec.ranking import rank_user
 
     pdf = pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "relevance": [0.4], "uplift": [0.20], "uplift_se": [se],
-                        "model_version": ["m"], "item_effect": [-0.03], "item_ci_low": [-0.05],
-                        "item_ci_high": [-0.01]})
-    pdf = pdf.assign(ci_low=pdf["item_ci_low"], ci_high=pdf["item_ci_high"])  # as the item interval was joined before
+                        "model_version": ["m"], "item_effect": [-0.03], "item_se": [0.02 / 1.959964]})
+    pdf = pdf.assign(ci_low=-0.05, ci_high=-0.01)  # as the item interval was joined before
     out = rank_user(pdf, policy="uplift", k=1, blend_weight=0.5, fair_base="relevance", strength=0.5, targets={},
                     attribute="popularity_group")
     text = out.loc[out.kind == "policy", "explanation"].item()
@@ -342,6 +364,12 @@ def test_explanation_units_follow_the_model_task_and_the_uplift_source(ctx, spar
         assert f"Predicted response probability {rel};" in text[user], text[user]
         assert "raise the chance you respond by 2.0 percentage points" in text[user], text[user]
     assert "rating points" not in low + text["u_click"] + text["u_custom"]
+    # uplift_effects keeps the bounds of its own run's ope.alpha (0.05 here); at this run's 0.10 the item's
+    # interval is rebuilt from its se, not quoted at 95% under a "90%" label
+    ctx.cfg.ope.alpha = 0.10
+    res, _, _ = rank_all(ctx, scores, None, _uplift_effects(spark, ["a", "b"]), None)
+    head = res.where("kind = 'policy' AND user_id = 'u_head'").toPandas()["explanation"].item()
+    assert "estimated at +3.0 percentage points (90% interval +1.4 to +4.6)" in head, head
 
 
 def test_explanation_history_is_the_history_the_model_was_served(ctx, spark):
