@@ -35,6 +35,7 @@ import logging
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from causalrec.features.cold import COLD_ITEM_VECTOR, cold_item_frame, cold_user_vector, float_array
 from causalrec.features.common import cutoff_lit
 from causalrec.features.common import item_tokens  # noqa: F401  (re-exported for callers)
 from causalrec.features.job import build_features
@@ -484,7 +485,8 @@ def with_feature_vectors(pairs: DataFrame, ft, events: DataFrame, items: DataFra
     train-split events only; scoring: all events). Training examples and scoring candidates
     both go through here, so a model is served the feature layout it was trained on.
     ``user_cols``/``item_cols``: further columns of ``ft.users``/``ft.items`` to carry along
-    in the same joins. Users or items without features get zeros, as in training.
+    in the same joins. Users or items without a feature row get the tables' no-activity vector
+    (:mod:`causalrec.features.cold`), the same in training and serving.
     """
     cut = ft.cutoff
     # the user feature table already holds each user's recent items as of the cutoff: no second pass over events
@@ -492,15 +494,16 @@ def with_feature_vectors(pairs: DataFrame, ft, events: DataFrame, items: DataFra
     pf = pair_features(pairs, attr_counts=user_attribute_counts(events, items, cut),
                        ui_counts=user_item_counts(events, cut), items=items, history=hist,
                        cooc=item_cooccurrence(hist))
-    zeros = lambda n: F.array_repeat(F.lit(0.0).cast("float"), n)  # noqa: E731
+    cold_item = cold_item_frame(ft.items, ft.item_names, cfg.features.smoothing_prior_strength)
     uf = ft.users.select("user_id", F.col("feature_vector").alias("_uv"), *user_cols)
     itf = ft.items.select("item_id", F.col("feature_vector").alias("_iv"), *item_cols)
     out = (pairs.join(uf, "user_id", "left").join(F.broadcast(itf), "item_id", "left")
-           .join(pf.select("user_id", "item_id", "pair_vector"), ["user_id", "item_id"], "left"))
-    out = out.withColumn("features", F.concat(F.coalesce("_uv", zeros(len(ft.user_names))),
-                                              F.coalesce("_iv", zeros(len(ft.item_names))),
-                                              F.coalesce("pair_vector", zeros(len(PAIR_FEATURE_NAMES)))))
-    return out.drop("_uv", "_iv", "pair_vector")
+           .join(pf.select("user_id", "item_id", "pair_vector"), ["user_id", "item_id"], "left")
+           .crossJoin(F.broadcast(cold_item)))
+    out = out.withColumn("features", F.concat(F.coalesce("_uv", float_array(cold_user_vector(ft.user_names))),
+                                              F.coalesce("_iv", COLD_ITEM_VECTOR),
+                                              F.coalesce("pair_vector", float_array([0.0] * len(PAIR_FEATURE_NAMES)))))
+    return out.drop("_uv", "_iv", "pair_vector", COLD_ITEM_VECTOR)
 
 
 def build_training_examples(events: DataFrame, users: DataFrame, items: DataFrame, exposure: DataFrame,

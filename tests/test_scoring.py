@@ -184,8 +184,12 @@ def test_scoring_input_carries_the_training_feature_layout(ctx, spark):
     assert got[("u1", "i4")][nu + ni] == pytest.approx(1 / 6, rel=1e-5)
     # i1 = red shoes, left out of u1's own profile: red 1 of 2, shoes 1 of 2 -> 0.5
     assert got[("u1", "i1")][nu + ni] == pytest.approx(0.5, rel=1e-5)
-    # an unknown user gets the zero user vector training used for missing users
-    assert got[("u9", "i2")][:nu] == [0.0] * nu
+    # an unknown user gets the no-activity user vector training gives a user without a feature row:
+    # recency at its 10-year cap, every count and statistic 0
+    from causalrec.features.job import feature_names
+
+    names = feature_names(store, "user_features")
+    assert got[("u9", "i2")][:nu] == [10.0 if n == "recency_years" else 0.0 for n in names]
     np.testing.assert_allclose(got[("u9", "i2")][nu:nu + ni], itf["i2"], rtol=1e-6)
 
 
@@ -198,11 +202,11 @@ def _uplift_effects(spark, items, ips=0.05, dr=0.03):
     now = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
     rows = []
     for m, e in (("ips", ips), ("dr", dr)):
-        rows.append(("r", "overall", None, None, m, 0.01, 0.005, 0.0, 0.02, 100, 50, "{}", now))
+        rows.append(("r", "overall", None, None, m, 0.01, 0.005, 0.0, 0.02, 100, 50, "{}", now, 0.05))
         for j, it in enumerate(items):
             rows.append(("r", "item", it, None, m, e + j / 100, 0.01, e + j / 100 - 0.02, e + j / 100 + 0.02,
-                         10, 5, None, now))
-        rows.append(("r", "segment", None, "s1", m, 0.02, 0.01, 0.0, 0.04, 50, 25, None, now))
+                         10, 5, None, now, 0.05))
+        rows.append(("r", "segment", None, "s1", m, 0.02, 0.01, 0.0, 0.04, 50, 25, None, now, 0.05))
     return spark.createDataFrame(rows, UPLIFT_EFFECTS.spark_schema())
 
 

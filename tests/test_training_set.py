@@ -144,14 +144,14 @@ def test_hand_made_impressions_time_and_user_splits(ctx, request, spark, split):
     run_stages(ctx)
     te = ctx.store.read("training_examples")
     obs = te.where("observed = 1")
-    assert obs.count() + 0 <= 96 and obs.where("split = 'test'").count() > 0
+    assert obs.count() <= 96 and obs.where("split = 'test'").count() > 0
     # logged treatment propensities pass through to the examples
     assert obs.where("treatment_propensity != 0.5 or treatment_propensity is null").count() == 0
     assert obs.where("outcome is null or treated is null").count() == 0
     if split == "time":
-        last_train = obs.where("split = 'train'").agg(F.max("event_time")).first()[0]
-        first_test = obs.where("split = 'test'").agg(F.min("event_time")).first()[0]
-        assert last_train < first_test
+        span = {r["split"]: (r["lo"], r["hi"]) for r in obs.groupBy("split").agg(
+            F.min("event_time").alias("lo"), F.max("event_time").alias("hi")).collect()}
+        assert span["train"][1] < span["valid"][0] and span["valid"][1] < span["test"][0], span
     else:
         # every row of a user, sampled unobserved ones too, is in the user's split
         by_user = te.groupBy("user_id").agg(F.countDistinct("split").alias("k"))
@@ -197,7 +197,7 @@ def test_simulated_training_examples_read_by_ray(ctx, request):
     # time split of the logged rows: nothing in train happens after the earliest test event
     t = obs.where("not is_mcar").groupBy("split").agg(F.min("event_time").alias("lo"), F.max("event_time").alias("hi"))
     span = {r["split"]: (r["lo"], r["hi"]) for r in t.collect()}
-    assert span["train"][1] <= span["test"][0]
+    assert span["train"][1] <= span["valid"][0] and span["valid"][1] <= span["test"][0], span
     assert files_per_split(ctx.store) == {"train": 2, "valid": 2, "test": 2}
     ds = check_ray_schema(request, ctx.store)
     assert ds.count() == te.count()
@@ -790,3 +790,41 @@ def test_feature_layout_names_every_slot_of_the_features_vector(spark):
                                          cfg, return_layout=True)
     assert len(set(layout)) == len(layout) == len(ex.first()["features"])
     assert "user:attr=gender:women" in layout and "item:attr=color:red" in layout and layout[-1].startswith("pair:")
+
+
+def test_ids_without_a_feature_row_get_the_tables_no_activity_vector(spark):
+    """A user or item with no feature row (not in its dimension table, no visible event: an unknown or
+    held-out id, or a new one at serving) got an all-zero vector, while a listed one without activity
+    gets the tables' own encoding: recency at the 10-year cap, the global smoothed rates, the tail's
+    popularity share. Zeros read as "active at the cutoff" and "more popular than the top item"."""
+    from causalrec.config import Config
+    from causalrec.features.job import build_features
+    from causalrec.propensity.job import with_vectors
+    from causalrec.training_set import with_feature_vectors
+
+    cfg = Config()
+    cfg.features.windows_days = [7]
+    cfg.features.smoothing_prior_strength = 2.0
+    events = make_events(spark, [
+        ("e1", "u1", "i1", "2024-01-01 10:00", "impression", 1), ("e2", "u1", "i1", "2024-01-01 10:01", "click", 1),
+        ("e3", "u1", "i2", "2024-01-02 10:00", "impression", 0), ("e4", "u2", "i1", "2024-01-03 10:00", "impression", 0),
+        ("e5", "u2", "i2", "2024-01-03 11:00", "rating", 4), ("e6", "u1", "i1", "2024-01-04 11:00", "rating", 1),
+    ])
+    items = make_items(spark, [("i1", [], "c", "x"), ("i2", [], "c", "y"), ("i3", [], "c", "z")])  # i3: no events
+    users = make_users(spark, [("u1", [], "", None), ("u2", [], "", None), ("u3", [], "", None)])  # u3: no events
+    ft = build_features(events, users, items, cfg, cutoff="2024-01-10T00:00:00")
+    # listed without activity (u3, i3) against unknown to both the tables and the events (u9, i9)
+    pairs = spark.createDataFrame([("u3", "i3"), ("u9", "i9")], "user_id string, item_id string")
+    got = {r["user_id"]: list(r["features"]) for r in with_feature_vectors(pairs, ft, events, items, cfg).collect()}
+    nu, ni = len(ft.user_names), len(ft.item_names)
+    assert got["u9"][:nu + ni] == pytest.approx(got["u3"][:nu + ni], abs=1e-6)
+    user, item = dict(zip(ft.user_names, got["u9"][:nu])), dict(zip(ft.item_names, got["u9"][nu:nu + ni]))
+    assert user["recency_years"] == 10.0
+    # at zero trials the global rates: 1 click in 4 exposures (3 impressions and u2's rating of i2, which
+    # had no impression row), rating mean (4 + 1) / 2; the tail's popularity share
+    assert (item["click_rate"], item["rating_mean"], item["popularity_pct"]) == pytest.approx((1 / 4, 2.5, 1.0), abs=1e-6)
+    # the propensity stage's vectors: the same defaults, given by the same tables
+    cold = ft.cold_vectors(cfg.features.smoothing_prior_strength)
+    vec = {r["user_id"]: (list(r["uvec"]), list(r["ivec"])) for r in with_vectors(pairs, ft.users, ft.items, cold).collect()}
+    assert vec["u9"][0] == pytest.approx(vec["u3"][0], abs=1e-6) and vec["u9"][1] == pytest.approx(vec["u3"][1], abs=1e-6)
+    assert vec["u9"][0] == pytest.approx(got["u9"][:nu], abs=1e-6)

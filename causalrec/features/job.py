@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from causalrec.features.cold import cold_item_vector, cold_user_vector
 from causalrec.features.common import cutoff_lit, resolve_cutoff
 from causalrec.features.item import attribute_vocab, item_feature_names, item_features
 from causalrec.features.user import user_feature_names, user_features
@@ -29,6 +30,12 @@ class FeatureTables:
     user_names: list
     item_names: list
     cutoff: object
+
+    def cold_vectors(self, prior_strength: float) -> tuple[list, list]:
+        """(user, item) vectors for ids without a row: the tables' own no-activity encoding
+        (:mod:`causalrec.features.cold`); ``prior_strength``: ``features.smoothing_prior_strength``."""
+        return (cold_user_vector(self.user_names),
+                cold_item_vector(self.items, self.item_names, prior_strength))
 
 
 def build_features(events: DataFrame, users: DataFrame, items: DataFrame, cfg, cutoff=None) -> FeatureTables:

@@ -26,6 +26,7 @@ from typing import Optional
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from causalrec.features.cold import float_array
 from causalrec.features.common import cutoff_lit
 from causalrec.propensity import diagnostics as D
 from causalrec.propensity.exposure import (
@@ -153,17 +154,23 @@ def fit_scope(events: DataFrame, cfg, mcar: Optional[DataFrame] = None) -> FitSc
     return FitScope(held_pairs=held_log_pairs(labelled))
 
 
-def with_vectors(df: DataFrame, user_features: DataFrame, item_features: Optional[DataFrame] = None) -> DataFrame:
+def with_vectors(df: DataFrame, user_features: DataFrame, item_features: Optional[DataFrame] = None,
+                 cold: Optional[tuple] = None) -> DataFrame:
     """``df`` plus ``uvec`` (and ``ivec`` when ``item_features`` is given). A user or item the feature
-    tables lack (first seen after a cutoff) gets zeros, as in training examples, rather than losing
-    its propensity."""
-    for table, key, col in ((user_features, "user_id", "uvec"), (item_features, "item_id", "ivec")):
+    tables lack (first seen after a cutoff, or every event held out) keeps its propensity: it gets
+    ``cold`` = (user vector, item vector), the tables' no-activity encoding as training examples give
+    it (:meth:`causalrec.features.job.FeatureTables.cold_vectors`), or zeros where that is not known."""
+    for j, (table, key, col) in enumerate(((user_features, "user_id", "uvec"), (item_features, "item_id", "ivec"))):
         if table is None:
             continue
-        width = table.select(F.max(F.size("feature_vector"))).first()[0] or 0
+        if cold is not None:
+            default = float_array(cold[j])
+        else:
+            width = table.select(F.max(F.size("feature_vector"))).first()[0] or 0
+            default = F.array_repeat(F.lit(0.0).cast("float"), width)
         vec = table.select(key, F.col("feature_vector").alias(col))
         df = df.join(F.broadcast(vec) if key == "item_id" else vec, key, "left").withColumn(
-            col, F.coalesce(col, F.array_repeat(F.lit(0.0).cast("float"), width)))
+            col, F.coalesce(col, default))
     return df
 
 
@@ -189,7 +196,7 @@ def mcar_for_propensity(mcar: DataFrame, cfg) -> DataFrame:
 def exposure_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
                           mcar: Optional[DataFrame] = None, methods: Optional[list] = None,
                           feature_groups: tuple = ("user_features", "item_features"),
-                          scope: FitScope = FitScope()) -> ExposureResult:
+                          scope: FitScope = FitScope(), cold: Optional[tuple] = None) -> ExposureResult:
     """Fit each method on (1 - holdout_fraction) of the pairs; diagnose on the held-out pairs; score all.
 
     With a restricted ``scope`` (see :class:`FitScope`) the pairs fitted on, their sampled
@@ -214,10 +221,10 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
         later = observed_pairs(events, etype).join(obs.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
         # a sampled pair observed only in the other events is that observation in the table, not a second row
         neg_now = neg.join(later.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
-    pairs = with_vectors(obs.unionByName(neg), user_features, item_features).withColumn("_h", h).cache()
+    pairs = with_vectors(obs.unionByName(neg), user_features, item_features, cold).withColumn("_h", h).cache()
     table_pairs, cached = pairs, [pairs]
     if later is not None:
-        table_pairs = with_vectors(obs.unionByName(later).unionByName(neg_now), user_features, item_features)
+        table_pairs = with_vectors(obs.unionByName(later).unionByName(neg_now), user_features, item_features, cold)
         table_pairs = table_pairs.withColumn("_h", h).cache()
         cached.append(table_pairs)
     fit_part = pairs.where(F.col("_h") >= pc.holdout_fraction)
@@ -262,7 +269,8 @@ def _one_row_per_decision(has_decisions: bool):
 
 def treatment_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
                            feature_groups: tuple = ("user_features", "item_features"),
-                           scope: FitScope = FitScope()) -> tuple[Optional[DataFrame], list]:
+                           scope: FitScope = FitScope(), cold: Optional[tuple] = None
+                           ) -> tuple[Optional[DataFrame], list]:
     """Logged propensities unchanged when present (and method 'logged'); else MLlib LR/GBT fitted on
     (1 - holdout_fraction) of the events ``scope`` lets a model learn from, diagnosed on the rest of
     them, and scoring every event, clipped."""
@@ -277,7 +285,7 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         return None, []
     method = pc.treatment_method
     if method == "choice":
-        return choice_propensities(events, user_features, cfg, scope, has["decisions"] > 0)
+        return choice_propensities(events, user_features, cfg, scope, has["decisions"] > 0, cold)
     unit = _one_row_per_decision(has["decisions"] > 0)
     if method == "logged" and has["lp"] > 0:
         t = logged_treatment(events)
@@ -287,13 +295,13 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
         if has["k"] < 2:
             log.info("treatment_method=logged but the events carry no logged propensity and every row is a "
                      "recommendation: estimating the slot choice probability (method choice)")
-            return choice_propensities(events, user_features, cfg, scope, has["decisions"] > 0)
+            return choice_propensities(events, user_features, cfg, scope, has["decisions"] > 0, cold)
         log.info("treatment_method=logged but the events carry no logged propensity: estimating with logistic")
         method = "logistic"
     df = with_vectors(events.where(F.col("recommended").isNotNull())
                       .select("event_id", "user_id", "item_id", "event_time",
                               F.col("recommended").cast("int").alias("treated"), unit.alias("_decision")),
-                      user_features, item_features)
+                      user_features, item_features, cold)
     df = scope.mark(df.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
     df = df.withColumn("_fit", F.col("_fit") & F.col("_decision"))  # one example per decision
     scope.require_fit_rows(df.where(F.col("_fit")), events, f"treatment, {method}")
@@ -308,7 +316,7 @@ def treatment_propensities(events: DataFrame, user_features: DataFrame, item_fea
 
 
 def choice_propensities(events: DataFrame, user_features: DataFrame, cfg, scope: FitScope = FitScope(),
-                        has_decisions: bool = True) -> tuple[DataFrame, list]:
+                        has_decisions: bool = True, cold: Optional[tuple] = None) -> tuple[DataFrame, list]:
     """Slate logs (every row recommended): P(item chosen for its slot), fitted on (1 - holdout_fraction)
     of the rows ``scope`` lets a model learn from, diagnosed on the rest of them, scoring every row
     (see :mod:`causalrec.propensity.choice`); a group with none of those rows outside the holdout gets
@@ -320,7 +328,7 @@ def choice_propensities(events: DataFrame, user_features: DataFrame, cfg, scope:
     pc = cfg.propensity
     rows = C.choice_rows(events, pc.choice_groups, pc.choice_time_buckets, span_before=scope.cutoff)
     if pc.choice_user_features:
-        rows = with_vectors(rows, user_features)
+        rows = with_vectors(rows, user_features, cold=cold)
     rows = scope.mark(rows.withColumn("_h", _hash_fraction([F.col("event_id")], "treatment-holdout")))
     # fit and diagnose on one row per decision (a clicked decision's click row is not another choice)
     rows = rows.withColumn("_fit", F.col("_fit") & _one_row_per_decision(has_decisions))
@@ -422,13 +430,21 @@ def run(ctx) -> dict:
                                 cutoff=scope.cutoff)
             uf, itf = ft.users.cache(), ft.items.cache()
             cached += [uf, itf]
+            ft.users, ft.items = uf, itf
+    else:
+        from causalrec.features.job import stored_feature_tables
+
+        ft = stored_feature_tables(store)  # None without recorded names: ids without a row get zeros
+    # ids without a feature row (e.g. every event held out) get the tables' no-activity vector
+    cold = ft.cold_vectors(cfg.features.smoothing_prior_strength) if ft is not None else None
     exp_groups, exp_src = adjustment_set(cfg, "exposure")
     trt_groups, trt_src = adjustment_set(cfg, "recommended")
     with ctx.step("propensity: exposure"):
         er = exposure_propensities(events, uf, itf, cfg, mcar, methods=None, feature_groups=tuple(exp_groups),
-                                   scope=scope)
+                                   scope=scope, cold=cold)
     with ctx.step("propensity: treatment"):
-        tdf, trows = treatment_propensities(events, uf, itf, cfg, feature_groups=tuple(trt_groups), scope=scope)
+        tdf, trows = treatment_propensities(events, uf, itf, cfg, feature_groups=tuple(trt_groups), scope=scope,
+                                            cold=cold)
     rows = er.diagnostics + trows
     if truth is not None:
         with ctx.step("propensity: versus ground truth"):
