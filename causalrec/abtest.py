@@ -18,6 +18,7 @@ and the Spark stage.
 """
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import numpy as np
 from scipy import stats as sps
 
 from causalrec.explain import ci_level
+
+log = logging.getLogger(__name__)
 
 SRM_P_THRESHOLD = 0.001
 
@@ -208,6 +211,32 @@ def analyse(stats: dict, treatment: str, control: str, expected_share: float = 0
             "srm": srm_check(int(t.n), int(c.n), expected_share), "n_treatment": int(t.n), "n_control": int(c.n)}
 
 
+def pick_arms(arms: list, treatment: Optional[str], control: Optional[str], arm_col: str = "policy") -> tuple[str, str]:
+    """(treatment, control) of ``arms`` (sorted): the configured ones; an unset one is the only other
+    arm; with neither set and exactly two arms, the last and the first in sort order. More arms than
+    that must be named: picking two of them silently would drop the rest from the analysis."""
+    where = "ope.abtest_treatment / ope.abtest_control"
+    missing = [a for a in (treatment, control) if a and a not in arms]
+    if missing:
+        raise ValueError(f"A/B test: {where} name {missing}, which events.{arm_col} does not have; its arms: {arms}")
+    if treatment and control:
+        if treatment == control:
+            raise ValueError(f"A/B test: {where} are both {treatment!r}; name two different arms of {arms}")
+        return treatment, control
+    if treatment or control:
+        given = treatment or control
+        rest = [a for a in arms if a != given]
+        if len(rest) != 1:
+            unset = "ope.abtest_control" if treatment else "ope.abtest_treatment"
+            raise ValueError(f"A/B test: {given!r} is set, and events.{arm_col} has "
+                             f"{'no other arm' if not rest else f'{len(rest)} other arms {rest}'}: set {unset}")
+        return (given, rest[0]) if treatment else (rest[0], given)
+    if len(arms) != 2:
+        raise ValueError(f"A/B test needs two arms in events.{arm_col}; found {arms}"
+                         + (f": set {where} to pick two" if len(arms) > 2 else ""))
+    return arms[-1], arms[0]
+
+
 def summary_line(r: dict, treatment: str, control: str, alpha: float) -> str:
     """One printed result: estimate ± the half-width of its (1 - alpha) interval, labelled with that level."""
     return (f"{r['method']:<14} {treatment} - {control}: {r['estimate']:+.5f} ± {r['ci_high'] - r['estimate']:.5f} "
@@ -247,11 +276,11 @@ def run(ctx) -> dict:
     with ctx.step("abtest: unit outcomes"):
         units, contaminated = unit_outcomes(events, arm_col, start, covariate, oc.abtest_metric_event)
         stats = arm_stats(units)
-    arms = sorted(stats)
-    treatment = oc.abtest_treatment or (arms[-1] if len(arms) >= 2 else None)
-    control = oc.abtest_control or (arms[0] if len(arms) >= 2 else None)
-    if treatment is None or control is None or treatment == control:
-        raise ValueError(f"A/B test needs two arms in events.{arm_col}; found {arms}")
+    treatment, control = pick_arms(sorted(stats), oc.abtest_treatment, oc.abtest_control, arm_col)
+    others = {a: int(stats[a].n) for a in stats if a not in (treatment, control)}
+    if others:
+        log.warning("abtest: comparing %r with %r; other arms in events.%s left out: %s", treatment, control,
+                    arm_col, ", ".join(f"{a} ({n} units)" for a, n in sorted(others.items())))
     res = analyse(stats, treatment, control, oc.abtest_expected_share, oc.alpha)
     run_id = uuid.uuid4().hex[:12]
     now = datetime.now(timezone.utc)

@@ -66,12 +66,27 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _level(data) -> str:
-    """The printed level of the OPE and uplift intervals: ``1 - alpha``, alpha = ope.alpha (default 0.05)."""
+def _level(data, rows=None) -> str:
+    """The printed level of the OPE and uplift intervals: ``1 - alpha``, alpha = ope.alpha (default 0.05).
+
+    ``rows``: uplift_effects rows, which record the alpha of the uplift run that computed them (a side
+    stage: ``ope.alpha`` may have changed since); their own level wins when they all agree on one."""
     from causalrec.explain import ci_level
 
     alpha = data.get("alpha")
+    own = {r.get("alpha") for r in rows or []}
+    if len(own) == 1 and _finite(next(iter(own))):
+        alpha = next(iter(own))
     return ci_level(alpha if _finite(alpha) else 0.05)
+
+
+def _latest(rows, keys: tuple) -> list[dict]:
+    """The newest row (``created_at``) per ``keys``, in that order. Tables every run appends to
+    (ranking_summary, train_runs) keep older runs' rows: shown as they are, they read as current."""
+    latest: dict = {}
+    for r in sorted(rows or [], key=lambda r: str(r.get("created_at") or "")):
+        latest[tuple(r.get(k) for k in keys)] = r
+    return sorted(latest.values(), key=lambda r: str(r.get("created_at") or ""))
 
 
 # --------------------------------------------------------------------------- plotting
@@ -230,7 +245,7 @@ def summary_sentences(data) -> list[str]:
               if _finite(best.get("ci_low")) and _finite(best.get("ci_high")) else "")
         out.append(f"Off-policy evaluation ({est.upper()}) ranks strategy '{best['policy']}' highest with an "
                    f"estimated reward of {best['estimate']:.4f}{ci}.")
-    rs = data.get("tables", {}).get("ranking_summary") or []
+    rs = _latest(data.get("tables", {}).get("ranking_summary"), ("policy", "k"))
     fair = [r for r in rs if r.get("policy") == "fair" and _finite(r.get("gini_before")) and _finite(r.get("gini_after"))]
     if fair:
         r = fair[-1]
@@ -258,7 +273,7 @@ def summary_sentences(data) -> list[str]:
     if eff:
         sig = [r for r in eff if _finite(r.get("ci_low")) and r["ci_low"] > 0]
         how = f" ({method.upper()} estimates)" if method else ""
-        out.append(f"{len(sig)} of {len(eff)} items have a recommendation effect whose {_level(data)} interval lies "
+        out.append(f"{len(sig)} of {len(eff)} items have a recommendation effect whose {_level(data, eff)} interval lies "
                    f"above zero{how}.")
     if not out:
         out.append("No results are available yet: run the pipeline stages listed in each section below.")
@@ -298,9 +313,12 @@ def section_models(data) -> str:
                [max(h - v, 0.0) if _finite(h) and _finite(v) else 0 for v, h in zip(vals, hi)]]
         colors = ["#888888" if fam.get(m) == "naive" else "#2b7bba" if fam.get(m) == "debiased" else "#d9822b"
                   for m in models]
-        ax.bar(range(len(models)), [v if _finite(v) else 0 for v in vals], yerr=err, color=colors, capsize=4)
+        # a missing value gets no bar (a bar of 0 reads as a perfect MSE) and says so under its name
+        ax.bar(range(len(models)), [v if _finite(v) else float("nan") for v in vals], yerr=err, color=colors,
+               capsize=4)
         ax.set_xticks(range(len(models)))
-        ax.set_xticklabels(models, rotation=20, ha="right", fontsize=8)
+        ax.set_xticklabels([m if _finite(v) else f"{m}\n(no value)" for m, v in zip(models, vals)],
+                           rotation=20, ha="right", fontsize=8)
         name = metric.upper() + (f"@{k}" if k else "")
         ax.set_ylabel(name + (_mse_unit([idx.get((m, metric, k)) for m in models]) if metric == "mse" else " (0 to 1)"))
         ax.set_title(f"{name} by model, {sl} (95% CI)")  # evaluation metrics: 95% intervals (metrics.Z95)
@@ -399,7 +417,7 @@ def section_propensity(data) -> str:
         ax.set_title("Inverse-propensity weight distribution")
         ess = [r for r in _metrics(data) if r["metric"] == "weight_ess"]
         cap = "Heavy right tails (weights far above 1) dominate IPS estimates; clipping trades that variance for bias."
-        if ess:
+        if ess and _finite(ess[0].get("value")):  # NaN reads back as None
             cap += f" Effective sample size of the weights: {ess[0]['value']:.0f}."
         parts.append(_fig_html(fig, "inverse weight distribution", cap))
     else:
@@ -489,7 +507,7 @@ def section_uplift(data) -> str:
         axes[1].axhline(0, color="#999999", lw=1)
         axes[1].set_xlabel("item (top 20 by estimated effect)")
         axes[1].set_ylabel("effect of recommending (outcome probability)")
-        axes[1].set_title(f"Per-item effects with {_level(data)} intervals")
+        axes[1].set_title(f"Per-item effects with {_level(data, ue)} intervals")
         parts.append(_fig_html(fig, "uplift per item", "Left: cumulative estimated incremental outcomes when items are "
                                "recommended in order of estimated effect. Right: the largest per-item effects."))
     if not parts:
@@ -525,13 +543,13 @@ def section_exposure(data) -> str:
                                                      or r["metric"].startswith("exposure_share:")):
             name = "Gini of position-discounted exposure" if r["metric"] == "exposure_gini" else r["metric"]
             rows.append([r["model"][7:], name, r.get("k"), r["value"]])
-    rs = data.get("tables", {}).get("ranking_summary") or []
+    rs = _latest(data.get("tables", {}).get("ranking_summary"), ("policy", "k"))
     if rs:
         # ranking_summary's Gini is of plain slot counts; the Lorenz curve's (exposure_gini) is position-discounted
         out += _table(["policy", "K", "Gini of recommendation counts before", "Gini of recommendation counts after",
-                       "relevance cost", "boosted"],
+                       "relevance cost", "boosted", "model version", "run at"],
                       [[r.get("policy"), r.get("k"), r.get("gini_before"), r.get("gini_after"), r.get("relevance_cost"),
-                        r.get("n_boosted")] for r in rs])
+                        r.get("n_boosted"), r.get("model_version"), r.get("created_at")] for r in rs])
     if rows:
         out += _table(["policy", "metric", "K", "value"], sorted(rows, key=lambda r: (r[0], r[1])))
     return out
@@ -548,7 +566,8 @@ def _epochs(run: dict) -> list[dict]:
 
 
 def section_training(data) -> str:
-    runs = [r for r in data.get("tables", {}).get("train_runs") or [] if _epochs(r)]
+    # the latest run per (model, objective): the runs the evaluate stage grades
+    runs = [r for r in _latest(data.get("tables", {}).get("train_runs"), ("model", "objective")) if _epochs(r)]
     if not runs:
         return _missing("Training curves", "train")
     plt = _plt()
@@ -569,10 +588,11 @@ def section_training(data) -> str:
     axes[1].set_ylabel("validation loss (debiased as configured)")
     for ax in axes:
         ax.legend(fontsize=7)
-    rows = [[r.get("run_id"), r.get("model"), r.get("objective"), len(_epochs(r)), r.get("best_epoch")] for r in runs]
+    rows = [[r.get("run_id"), r.get("model"), r.get("objective"), len(_epochs(r)), r.get("best_epoch"),
+             r.get("created_at")] for r in runs]
     return _fig_html(fig, "training curves", "Loss on the training split and the validation metric after each epoch; "
-                     "early stopping keeps the best validation epoch.") + \
-        _table(["run", "model", "objective", "epochs", "best epoch (0-based)"], rows)
+                     "early stopping keeps the best validation epoch. The latest run of each model and objective.") + \
+        _table(["run", "model", "objective", "epochs", "best epoch (0-based)", "run at"], rows)
 
 
 def section_all_metrics(data) -> str:

@@ -617,6 +617,7 @@ UPLIFT_EFFECTS = TableSpec(
         ("n_treated", "long", True, ""),
         ("refutation", "string", True, "JSON: placebo, random common cause, subset reruns (overall rows)"),
         ("created_at", "timestamp", False, ""),
+        ("alpha", "double", True, "ci_low/ci_high are a 1 - alpha interval (ope.alpha of the uplift run)"),
     ),
 )
 

@@ -107,7 +107,9 @@ def refute(y, t, e, cell, *, seed: int = 0, n_subsets: int = 5, subset_share: fl
       logit(e) and W; outcome model per (cell, sign W)) -> ``passed`` if the estimate moves by less
       than one standard error.
     * subsets: reruns on random ``subset_share`` subsets -> ``passed`` if every rerun's interval
-      contains the full-sample estimate.
+      contains the full-sample estimate; None (not checked) when no subset had both arms and 10 rows.
+
+    Intervals (the placebo's, the subsets') are ``1 - alpha``, as the effects the stage writes.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -138,8 +140,9 @@ def refute(y, t, e, cell, *, seed: int = 0, n_subsets: int = 5, subset_share: fl
                     "passed": bool(placebo["ci_low"] <= 0 <= placebo["ci_high"])},
         "random_common_cause": {"effect": rcc["effect"], "change": rcc["effect"] - base["effect"],
                                 "passed": bool(abs(rcc["effect"] - base["effect"]) < base["se"])},
-        "subsets": {"effects": [s["effect"] for s in subs],
-                    "passed": bool(all(s["ci_low"] <= base["effect"] <= s["ci_high"] for s in subs))},
+        # no rerun, no check: all([]) would pass a sample too small or unbalanced to split
+        "subsets": {"effects": [s["effect"] for s in subs], "reruns": len(subs), "of": int(n_subsets),
+                    "passed": bool(all(s["ci_low"] <= base["effect"] <= s["ci_high"] for s in subs)) if subs else None},
     }
 
 
@@ -264,7 +267,8 @@ def run(ctx) -> dict:
     with ctx.step("uplift: refutations on a sample"):
         frac = min(1.0, oc.uplift_refutation_sample)
         sample = scored.sample(fraction=frac, seed=cfg.project.seed).select("y", "t", "e", "item_id").toPandas()
-        ref = refute(sample.y.values, sample.t.values, sample.e.values, sample.item_id.values, seed=cfg.project.seed) \
+        ref = refute(sample.y.values, sample.t.values, sample.e.values, sample.item_id.values, seed=cfg.project.seed,
+                     alpha=oc.alpha) \
             if len(sample) >= 20 and sample.t.nunique() == 2 else {"skipped": f"sample of {len(sample)} rows is too small"}
     run_id = uuid.uuid4().hex[:12]
     now = datetime.now(timezone.utc)
@@ -272,6 +276,8 @@ def run(ctx) -> dict:
         items.withColumn("refutation", F.lit(None).cast("string")), allowMissingColumns=True).unionByName(
         segs.withColumn("refutation", F.lit(None).cast("string")), allowMissingColumns=True)
     out = out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.lit(now).cast("timestamp"))
+    # the level its intervals are at: readers (report, ranking) may run under another ope.alpha
+    out = out.withColumn("alpha", F.lit(float(oc.alpha)))
     out = conform(out, UPLIFT_EFFECTS)
     store.write(out, "uplift_effects", mode="overwrite", spec=UPLIFT_EFFECTS, overwrite_schema=True)
     res = store.read("uplift_effects").where(F.col("level") == "overall").collect()

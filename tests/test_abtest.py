@@ -82,6 +82,27 @@ def test_arm_stats_in_spark_equal_numpy_and_nan_covariate_reads_zero(spark):
     assert np.isfinite(cuped(st["B"], st["A"])["estimate"])
 
 
+def test_arms_are_named_when_the_events_hold_more_than_two():
+    """With three arms and none configured the stage compared the first and last in sort order and
+    dropped the third without a word; one configured arm refused with "needs two arms" on two arms."""
+    from causalrec.abtest import pick_arms
+
+    assert pick_arms(["a", "b"], None, None) == ("b", "a")
+    with pytest.raises(ValueError, match=r"found \['a', 'b', 'c'\]: set ope.abtest_treatment / ope.abtest_control"):
+        pick_arms(["a", "b", "c"], None, None)
+    assert pick_arms(["a", "z"], None, "z") == ("a", "z")  # z is the default treatment in sort order
+    assert pick_arms(["a", "z"], "a", None) == ("a", "z")
+    assert pick_arms(["a", "b", "c"], "c", "a") == ("c", "a")
+    with pytest.raises(ValueError, match=r"'b' is set, and events.policy has 2 other arms \['a', 'c'\]: set ope.abtest_control"):
+        pick_arms(["a", "b", "c"], "b", None)
+    with pytest.raises(ValueError, match="both 'a'"):
+        pick_arms(["a", "b"], "a", "a")
+    with pytest.raises(ValueError, match=r"found \['a'\]$"):
+        pick_arms(["a"], None, None)
+    with pytest.raises(ValueError, match=r"name \['x'\], which events.policy does not have; its arms: \['a', 'b'\]"):
+        pick_arms(["a", "b"], "x", None)
+
+
 def test_srm_flags_a_broken_split_only():
     assert not srm_check(5050, 4950)["mismatch"]
     bad = srm_check(5300, 4700)

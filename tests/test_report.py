@@ -170,7 +170,66 @@ def test_the_two_ginis_have_distinct_names():
     del data["tables"]["ranking_summary"]
     assert any("Gini of position-discounted exposure across items from 0.710 to 0.480" in s
                for s in R.summary_sentences(data))
-    assert not any("exposure Gini" in s for s in R.summary_sentences(data))
+
+
+def test_appended_tables_show_each_key_s_latest_run_only(monkeypatch):
+    """ranking_summary and train_runs gain rows with every run. The summary quoted fair[-1], which in
+    delta-rs' newest-file-first order is the oldest fair run, and the tables and training curves
+    showed every past run as if current."""
+    data = realistic_data()
+    fair = data["tables"]["ranking_summary"][0]
+    data["tables"]["ranking_summary"] = [  # newest first, as delta-rs reads an appended table
+        dict(fair, gini_after=0.30, relevance_cost=0.12, created_at="2026-01-03T00:00:00", model_version="v3"),
+        dict(fair, gini_after=0.48, relevance_cost=0.04, created_at="2026-01-02T00:00:00", model_version="v2"),
+        dict(fair, gini_after=0.60, relevance_cost=0.01, created_at="2026-01-01T00:00:00", model_version="v1")]
+    summary = " ".join(R.summary_sentences(data))
+    assert "from 0.710 to 0.300 at a relevance cost of 12.0%" in summary, summary
+    exposure = R.section_exposure(data)
+    assert "<td>v3</td>" in exposure and "<td>v2</td>" not in exposure and "<td>v1</td>" not in exposure
+    old = dict(data["tables"]["train_runs"][1], run_id="mf-ips-old", created_at="2025-12-01T00:00:00")
+    data["tables"]["train_runs"].append(old)
+    figs = _capture_figures(monkeypatch)
+    training = R.section_training(data)
+    assert "mf-ips-1" in training and "mf-ips-old" not in training
+    assert figs["training curves"][1].count("mf:ips") == 2  # one curve in each panel, not one per run
+
+
+def test_uplift_intervals_carry_the_level_they_were_computed_at():
+    """uplift is a side stage: its rows keep the alpha of their run, which can differ from this report's
+    ope.alpha; the label follows the rows (95% intervals were printed as 90%)."""
+    data = dict(realistic_data(), alpha=0.10)
+    data["tables"]["uplift_effects"] = [dict(r, alpha=0.05) for r in data["tables"]["uplift_effects"]]
+    summary = R.summary_sentences(data)
+    assert any("whose 95% interval lies above zero" in s for s in summary), summary
+    assert any("(90% CI " in s for s in summary)  # ope_results: this run's ope.alpha
+
+
+def test_missing_numbers_are_not_drawn_as_zero_and_do_not_blank_a_section(monkeypatch):
+    """A NaN MSE was a bar of height 0 (a perfect model to the eye); an ESS read back as None raised in
+    its caption and blanked the whole propensity section."""
+    drawn = {}
+
+    def fig_html(fig, alt, caption):
+        ax = fig.axes[0]
+        drawn[alt] = ([p.get_height() for p in ax.patches], [t.get_text() for t in ax.get_xticklabels()], caption)
+        R._plt().close(fig)
+        return "<figure></figure>"
+
+    monkeypatch.setattr(R, "_fig_html", fig_html)
+    rows = [dict(model="mf:naive", metric="mse", k=None, slice="mcar_test", value=1.20, ci_low=1.1, ci_high=1.3,
+                 details_json='{"family": "naive"}'),
+            dict(model="mf:ips", metric="mse", k=None, slice="mcar_test", value=None, ci_low=None, ci_high=None,
+                 details_json='{"family": "debiased"}')]
+    R.section_models({"tables": {"metrics": rows}})
+    heights, labels, _ = drawn["model comparison bar chart"]
+    assert heights[0] == pytest.approx(1.2) and math.isnan(heights[1])
+    assert labels[1] == "mf:ips\n(no value)"
+    data = realistic_data()
+    for r in data["tables"]["metrics"]:
+        if r["metric"] == "weight_ess":
+            r["value"] = None
+    section = R.section_propensity(data)
+    assert "could not be drawn" not in section and "Effective sample size" not in drawn["inverse weight distribution"][2]
 
 
 def _capture_figures(monkeypatch) -> dict:

@@ -49,6 +49,23 @@ def test_refutations_pass_on_a_correct_design_and_catch_a_fake_effect():
     assert r2["estimate"] > 0.9 and r2["placebo"]["effect"] < 0.2
 
 
+def test_subset_check_without_a_rerun_is_not_a_pass():
+    """all([]) passed the subset check on samples too small or unbalanced to split (and at n_subsets=0):
+    now it is None (not checked), with the count of reruns that ran; the intervals follow alpha."""
+    rng = np.random.default_rng(0)
+    y, t = rng.random(20), np.r_[np.ones(2), np.zeros(18)]  # 2 treated: a half-sample rarely keeps both arms
+    item = np.array(["a"] * 20)
+    runs = [refute(y, t, np.full(20, 0.1), item, seed=s)["subsets"] for s in range(40)]
+    empty = [r for r in runs if not r["effects"]]
+    assert empty and all(r["passed"] is None and r["reruns"] == 0 and r["of"] == 5 for r in empty)
+    assert all(r["passed"] is not None and r["reruns"] == len(r["effects"]) for r in runs if r["effects"])
+    assert refute(y, t, np.full(20, 0.1), item, n_subsets=0)["subsets"]["passed"] is None
+    y2, t2, e2, item2, _ = confounded(4000, 3)
+    wide, narrow = (refute(y2, t2, e2, item2, seed=1, n_subsets=0, alpha=a)["placebo"] for a in (0.05, 0.10))
+    assert (wide["ci_high"] - wide["ci_low"]) / (narrow["ci_high"] - narrow["ci_low"]) == pytest.approx(
+        1.959964 / 1.644854, rel=1e-6)
+
+
 def test_placebo_passes_when_the_propensity_varies_within_a_cell():
     """Confounding inside an item cell (users recommended more are the ones who buy more): the
     permuted treatment is random, so the placebo weights it by its share, not by the logged e."""
