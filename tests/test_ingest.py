@@ -292,6 +292,81 @@ def test_non_finite_values_and_times_without_a_date_are_quarantined(ctx, tmp_pat
     assert [r.event_id for r in ctx.store.read("events").collect()] == ["e5"]
 
 
+def test_partial_dates_blank_ids_and_numeric_flags_other_than_0_1_are_quarantined(ctx, tmp_path):
+    """Spark reads "2024" as 2024-01-01 and "2024-3" as 2024-03-01 (an invented day); its trim strips
+    only spaces, so a tab-only id was "not empty" and "u1<TAB>" another user; a JSON recommended of 2
+    became true (the string "2" was already a BAD_VALUE)."""
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    path = _write_csv(tmp_path / "b.csv", [
+        "e1,u1,i1,2024,click,1,,,,",
+        "e2,u1,i1,2024-3,click,1,,,,",
+        "e3,u1,\t,2024-01-01T00:00:00Z,click,1,,,,",
+        "e4,u1\t,i1\u00a0,2024-01-01T00:00:00Z,click,1,,,,",
+        "e5,u1,i1, 2024-01-02 ,click,1,,,,",
+    ])
+    s = ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path)
+    assert s["reasons"] == {"NULL_ID": 1, "BAD_TIMESTAMP": 2} and s["rows_accepted"] == 2
+    q = _quarantine_by_id(ctx)
+    assert "'2024' is not a full date (expected year-month-day" in q["e1"].detail
+    assert "'2024-3' is not a full date" in q["e2"].detail and "item_id is null or empty" in q["e3"].detail
+    ev = {r.event_id: r for r in ctx.store.read("events").collect()}
+    assert (ev["e4"].user_id, ev["e4"].item_id) == ("u1", "i1")
+    j = tmp_path / "b.jsonl"
+    j.write_text("\n".join(json.dumps({"event_id": f"j{k}", "user_id": "u1", "item_id": "i1",
+                                       "event_time": "2024-01-01T00:00:00Z", "event_type": "click", "recommended": v})
+                           for k, v in enumerate([2, -1, 1, 0])) + "\n")
+    s = ingest_events(ctx, read_events(ctx.spark, str(j), "jsonl"), source=str(j), fmt="jsonl")
+    assert s["reasons"] == {"BAD_VALUE": 2} and s["rows_accepted"] == 2
+    assert "recommended '2' cannot be parsed" in _quarantine_by_id(ctx)["j0"].detail
+    ev = {r.event_id: r.recommended for r in ctx.store.read("events").collect()}
+    assert (ev["j2"], ev["j3"]) == (True, False)
+
+
+def test_a_rewritten_file_whose_rejected_rows_differ_only_in_unparseable_text_is_quarantined_again(ctx, tmp_path):
+    """The batch id and the quarantine key came from parsed values: 'abc' and 'xyz' both parse to null,
+    so the second file's rejected row read as already quarantined and was lost."""
+    from causalrec.ingest.job import ingest_events
+    from causalrec.ingest.sources import read_events
+
+    batches = []
+    for bad in ("abc", "xyz", "xyz"):  # the third run repeats the second: nothing new
+        path = _write_csv(tmp_path / "daily.csv", ["e1,u1,i1,2024-01-01T00:00:00Z,click,1,,,,",
+                                                   f"e2,u1,i1,2024-01-01T00:00:00Z,click,{bad},,,,"])
+        batches.append(ingest_events(ctx, read_events(ctx.spark, path, "csv"), source=path)["ingest_batch"])
+    assert batches[0] != batches[1] == batches[2]
+    values = sorted(json.loads(r.payload)["value"] for r in ctx.store.read("events_quarantine").collect())
+    assert values == ["abc", "xyz"]
+    assert ctx.store.read("events").count() == 1
+
+
+def test_json_lines_with_two_values_on_a_line_fail_before_any_write(ctx, tmp_path):
+    """Spark's JSON reader keeps a line's first value and drops the rest without a word (``cat`` of a
+    file with no final line break joins two events on one line), and splits an array into rows."""
+    from causalrec.ingest.sources import SourceError, read_events
+
+    def ev(k, item="i1"):
+        return json.dumps({"event_id": f"e{k}", "user_id": "u1", "item_id": item, "event_time": "2024-01-01T00:00:00Z",
+                           "event_type": "click"})
+
+    ok = tmp_path / "ok.jsonl"  # braces and brackets inside strings are not structure
+    ok.write_text(ev(1, item="} {") + "\n\n" + ev(2, item="[x] {y}") + "\n")
+    assert read_events(ctx.spark, str(ok), "jsonl").count() == 2
+    # a malformed object (a missing comma) is no second value: the reader keeps it whole as a corrupt record
+    bad = tmp_path / "malformed.jsonl"
+    bad.write_text(ev(1) + "\n" + '{"event_id": "e2", "context": {"a": 1} "x": 1}' + "\n")
+    rows = read_events(ctx.spark, str(bad), "jsonl").select("event_id", "_corrupt_record").collect()
+    assert [r.event_id for r in rows if r._corrupt_record is None] == ["e1"] and len(rows) == 2
+    for name, lines, line in (("joined", [ev(1), ev(2) + " " + ev(3)], 2), ("array", ["[" + ev(1) + "," + ev(2) + "]"], 1),
+                              ("tab_array", [ev(1), "\t[" + ev(2) + "]"], 2), ("trailing", ["", ev(1) + " 5"], 2)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(SourceError, match=rf"more than one JSON value on a line \({path} line {line}\)"):
+            read_events(ctx.spark, str(path), "jsonl")
+    assert not ctx.store.exists("events")
+
+
 def test_quarantine_of_a_folder_names_the_file_and_its_row(ctx, tmp_path):
     from causalrec.ingest.job import ingest_events
     from causalrec.ingest.sources import read_events
@@ -323,6 +398,28 @@ def test_loader_counts_are_checked_before_any_table_is_written(ctx):
         write_loaded(ctx, data, source="t")
     for t in ("users", "items", "events", "ingest_log"):
         assert not ctx.store.exists(t)
+
+
+def test_loader_events_schema_is_checked_before_the_dimensions_are_written(ctx):
+    """Events that cannot be ingested (no event_type column) failed after users and items had been
+    replaced: the next data set's dimensions stood beside the old events."""
+    from causalrec.ingest.job import write_loaded
+    from causalrec.ingest.validate import SchemaMismatch
+    from causalrec.loaders import LoadedData
+
+    sp = ctx.spark
+    cols = "event_id string, user_id string, item_id string, event_time string"
+    ok = LoadedData(name="t", events=sp.createDataFrame([("e1", "u1", "i1", "2024-01-01", "click")],
+                                                        cols + ", event_type string"),
+                    users=sp.createDataFrame([("u1",)], "user_id string"), items=sp.createDataFrame([("i1",)], "item_id string"))
+    write_loaded(ctx, ok, source="t")
+    versions = {t: ctx.store.version(t) for t in ("users", "items", "events")}
+    bad = LoadedData(name="t", events=sp.createDataFrame([("e9", "u9", "i9", "2024-01-01")], cols),
+                     users=sp.createDataFrame([("u9",)], "user_id string"), items=sp.createDataFrame([("i9",)], "item_id string"))
+    with pytest.raises(SchemaMismatch, match="event_type"):
+        write_loaded(ctx, bad, source="t")
+    assert {t: ctx.store.version(t) for t in versions} == versions
+    assert [r.user_id for r in ctx.store.read("users").collect()] == ["u1"]
 
 
 def test_dimension_rows_are_checked_quarantined_and_collapsed_once(ctx):
@@ -451,6 +548,9 @@ def test_csv_row_with_more_fields_than_the_header_is_quarantined(ctx, tmp_path):
     assert "the row has 11 fields" in q["e3"].detail and q["e3"].source_row == 2
     ev = {r.event_id: r for r in ctx.store.read("events").collect()}
     assert ev["e2"].policy == "p, q" and ev["e4"].value is None
+    # nothing is lost: the payload keeps the raw row, extra fields included (the parsed columns drop them)
+    assert json.loads(q["e1"].payload)["raw_record"].endswith(",random,EXTRA,MORE")
+    assert "raw_record" not in json.loads(q["e3"].payload) or json.loads(q["e3"].payload)["raw_record"].endswith(",X")
 
 
 def test_csv_quoted_line_break_stays_in_its_field_and_no_wrong_line_is_named(ctx, tmp_path):

@@ -63,8 +63,9 @@ def test_obd_loads_both_policies_and_all_campaigns(spark):
     assert len(per) == 6 and (per["count"] == 10_000).all()
     assert set(per["policy"]) == {"random", "bts"}
     assert d.items.count() == 80 + 34 + 46
-    bad = ev.where("event_type != 'impression' or not recommended or position not between 1 and 3 "
-                   "or logged_propensity <= 0 or logged_propensity > 1 or value not in (0, 1)").count()
+    # coalesce: a null makes the condition null, not true, and would pass unnoticed
+    bad = ev.where("coalesce(event_type != 'impression' or not recommended or position not between 1 and 3 "
+                   "or logged_propensity <= 0 or logged_propensity > 1 or value not in (0, 1), true)").count()
     assert bad == 0
     # item ids are namespaced per campaign and exist in the items table
     missing = ev.select("item_id").distinct().join(d.items.select("item_id"), "item_id", "left_anti").count()

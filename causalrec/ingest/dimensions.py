@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from causalrec.ingest.sources import row_index
-from causalrec.ingest.validate import DETAIL, FINGERPRINT, REASON
+from causalrec.ingest.validate import DETAIL, FINGERPRINT, REASON, strip_blanks
 from causalrec.schemas import DIMENSION_QUARANTINE, GROUND_TRUTH, ITEMS, USERS, conform
 
 SPECS = {"users": USERS, "items": ITEMS, "ground_truth": GROUND_TRUTH}
@@ -68,7 +68,7 @@ def flag_dimension(df, name: str):
     spec, keys = SPECS[name], KEYS[name]
     x = conform(df, spec)
     for k in keys:  # the key as read goes to the payload of a rejected row
-        x = x.withColumn(f"__cr_raw_{k}", F.col(k)).withColumn(k, F.trim(F.col(k)))
+        x = x.withColumn(f"__cr_raw_{k}", F.col(k)).withColumn(k, strip_blanks(F.col(k)))
     # a narrow projection of the input: partition and position are those of the input rows
     x = x.withColumn(PID, F.spark_partition_id()).withColumn(MID, F.monotonically_increasing_id())
     x = x.withColumn(FINGERPRINT, _content_hash(spec))

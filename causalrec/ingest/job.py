@@ -159,13 +159,18 @@ def _validate_and_write(ctx, numbered, table, rules, users, items, source, batch
     ``replace``: the rows are flagged against this batch alone and replace the table (overwrite on the
     version read), unless its latest commit already holds them (:func:`_holds_content`)."""
     from pyspark import StorageLevel
-    from causalrec.ingest.validate import row_hash, typed_columns
+    from pyspark.sql import functions as F
+
+    from causalrec.ingest.validate import REASON, raw_hash, row_hash, typed_columns
 
     store = ctx.store
     read_version = store.version(table)
     existing = store.read(table, version=read_version) if read_version is not None and not replace else None
     flagged = flag_rows(numbered, rules, users=users, items=items, existing=existing)
-    flagged = flagged.withColumn(FINGERPRINT, row_hash(typed_columns(flagged)))
+    # accepted rows by their parsed content (what the table holds); rejected ones as read, so that two
+    # batches differing only in unparseable text get different batch ids and quarantine keys
+    flagged = flagged.withColumn(FINGERPRINT, F.when(F.col(REASON).isNull(), row_hash(typed_columns(flagged)))
+                                 .otherwise(raw_hash(flagged)))
     flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with ctx.step(f"validate {table}"):
@@ -306,9 +311,13 @@ def write_dimension(ctx, flagged, s: DimensionSummary, name: str, *, source: str
 def write_loaded(ctx, data, *, source: str) -> dict:
     """Write a :class:`causalrec.loaders.LoadedData` (or simulator output) and check promised counts.
 
-    The counts are checked before anything is written: a short file must not replace good tables.
-    A dimension table's count is the rows read, taken in the same pass as its validation.
+    The counts, and the events' schema, are checked before anything is written: a short file must not
+    replace good tables, and events that cannot be ingested must not leave new users and items beside
+    the old events. A dimension table's count is the rows read, taken in the same pass as its validation.
     """
+    for table in ("events", "mcar_events"):
+        if getattr(data, table, None) is not None:
+            check_input_schema(getattr(data, table), data.sources.get(table, source))
     dims = [t for t in ("users", "items", "ground_truth") if getattr(data, t, None) is not None]
     checked: dict = {}
     try:

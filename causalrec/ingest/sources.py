@@ -90,6 +90,7 @@ def read_events(spark, path: str, fmt: str, *, store=None):
             df = _read_csv(spark, path)
         elif fmt == "jsonl":
             df = spark.read.option("mode", "PERMISSIVE").json(path)
+            _one_json_value_per_line(spark, path)
         else:
             from deltalake import DeltaTable
 
@@ -112,6 +113,60 @@ def read_events(spark, path: str, fmt: str, *, store=None):
     if not df.columns or df.columns == ["_corrupt_record"]:
         raise SourceError(f"{path}: no columns could be read as {fmt} (empty or not {fmt})")
     return df
+
+
+# a JSON string (possessive: a long string must not recurse in Java's regex engine)
+_JSON_STRING = r'"(?:[^"\\]++|\\.)*+"'
+# with strings blanked: a closing bracket followed by anything but a comma, another closing bracket or
+# the line end: a value that another value may follow on the same line (or a malformed one)
+_SECOND_VALUE = r"[}\]][\x00-\x20]*+[^\x00-\x20,}\]]"
+
+
+def holds_more_than_one_value(line: Optional[str]) -> bool:
+    """True for a line Spark's JSON reader would read short or split: a JSON value followed by more
+    text (only the first is read), or a JSON array (its elements become rows). A line that is no JSON
+    (a missing comma inside an object) is not: the reader keeps it whole as a corrupt record."""
+    import json
+
+    text = (line or "").strip(" \t\r\n\f\v\x00")
+    try:
+        value, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return False
+    return isinstance(value, list) or bool(text[end:].strip())
+
+
+def _one_json_value_per_line(spark, path: str, shown: int = 3) -> None:
+    """Refuse JSON Lines input with more than one value on a line (:class:`SourceError` naming the files
+    and lines), before anything is read into a table.
+
+    Why: Spark's JSON reader parses the first value of a line and ignores the rest without a word
+    (``cat`` of a file without a final line break puts two events on one line: the second is lost),
+    and reads a line holding an array as several rows (every later line number shifts). One pass over
+    the text, stopping at the first hit: a regular expression picks the candidate lines and Python's
+    JSON decoder confirms them, so a malformed line stays a corrupt record, which is quarantined.
+    The lines are numbered only when there is something to name.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import BooleanType
+
+    def suspects(df):
+        bare = F.regexp_replace(F.regexp_replace(F.col("value"), _JSON_STRING, '""'), r"^[\x00-\x20]+", "")
+        # a plain Python UDF (through a lambda: pyspark reads type hints as a pandas UDF's)
+        confirmed = F.udf(lambda line: holds_more_than_one_value(line), BooleanType())
+        return df.where(bare.startswith("[") | (bare.startswith("{") & bare.rlike(_SECOND_VALUE))).where(
+            confirmed(F.col("value")))
+
+    if not suspects(spark.read.text(path)).limit(1).collect():
+        return
+    found = (suspects(number_rows(spark.read.text(path)))
+             .select(F.coalesce(F.col(SOURCE_FILE), F.lit(path)).alias("f"), (F.col(FILE_ROW) + 1).alias("line"))
+             .orderBy("f", "line").limit(shown).collect())
+    where = "; ".join(f"{_display_path(r['f'])} line {r['line']}" for r in found)
+    raise SourceError(f"JSON Lines input {path}: more than one JSON value on a line ({where}"
+                      f"{', ...' if len(found) == shown else ''}); expected one JSON object per line. Spark "
+                      "would read only the first value of such a line, or an array's elements as separate "
+                      "rows; put each event on its own line. Nothing was written")
 
 
 def csv_reader(spark, multiline: str = "true", header: str = "false"):

@@ -179,7 +179,7 @@ def typed_columns(df) -> dict:
     out = {}
 
     def ident(name):
-        return F.trim(F.col(name).cast("string"))
+        return strip_blanks(F.col(name).cast("string"))
 
     for name in ("event_id", "user_id", "item_id"):
         out[name] = ident(name)
@@ -191,10 +191,11 @@ def typed_columns(df) -> dict:
         out["event_time"] = F.concat(wall.cast("string"), F.lit("Z")).try_cast("timestamp")
         if t == "string":  # a zone given is kept; a time of day alone (Spark: today then) is no event time
             zoned = F.coalesce(F.col("event_time").rlike(_ZONED), F.lit(False))
-            out["event_time"] = (F.when(_time_only(F.col("event_time")), F.lit(None).cast("timestamp"))
+            out["event_time"] = (F.when(_time_only(F.col("event_time")) | _incomplete_date(F.col("event_time")),
+                                        F.lit(None).cast("timestamp"))
                                  .when(zoned, F.col("event_time").try_cast("timestamp"))
                                  .otherwise(out["event_time"]))
-    out["event_type"] = F.trim(F.col("event_type"))
+    out["event_type"] = strip_blanks(F.col("event_type"))
     for name, typ in (("value", "double"), ("logged_propensity", "double"), ("position", "int")):
         out[name] = F.col(name).try_cast(typ) if name in types else F.lit(None).cast(typ)
     if "recommended" not in types:
@@ -208,8 +209,10 @@ def typed_columns(df) -> dict:
             .when(low.isin("false", "f", "0", "no", "n"), F.lit(False))
             .otherwise(F.lit(None).cast("boolean"))
         )
-    else:
-        out["recommended"] = F.col("recommended") != 0
+    else:  # 1 / 0 only: any other number (2, -1) is no flag, and BAD_VALUE says so, as for the string "2"
+        rec = F.col("recommended")
+        out["recommended"] = F.when(rec == 1, F.lit(True)).when(rec == 0, F.lit(False)).otherwise(
+            F.lit(None).cast("boolean"))
     for name in ("policy", "session_id", "context"):
         out[name] = F.col(name) if name in types else F.lit(None).cast("string")
     return out
@@ -227,11 +230,41 @@ def utc_date(ts):
     return F.date_from_unix_date(F.round((micros - F.pmod(micros, F.lit(day))) / day).cast("int"))
 
 
+# white space of any kind: ASCII controls and space, NEL, no-break space and Unicode's space separators
+BLANKS = "".join(map(chr, [*range(0x00, 0x21), 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
+                           0x202F, 0x205F, 0x3000, 0xFEFF]))
+
+
+def strip_blanks(col):
+    """``col`` without leading and trailing white space of any kind: Spark's ``trim`` strips only the
+    space character, so a tab-only id was "not empty" and ``u1<TAB>`` another user than ``u1``."""
+    from pyspark.sql import functions as F
+
+    return F.btrim(col, F.lit(BLANKS))
+
+
+def _incomplete_date(col):
+    """A string that does not start with a full year-month-day: Spark reads ``2024`` as 2024-01-01
+    and ``2024-3`` as 2024-03-01, inventing the day (a time of day alone: :func:`_time_only`)."""
+    from pyspark.sql import functions as F
+
+    return F.coalesce(~col.rlike(r"^[\s]*[+-]?[0-9]{4,}-[0-9]{1,2}-[0-9]{1,2}"), F.lit(False))
+
+
 def _time_only(col):
     """A string Spark parses as a time of today (``12:00:00``, ``T12:00``): no date in it."""
     from pyspark.sql import functions as F
 
     return F.coalesce(F.trim(col).rlike(r"^[Tt]?[0-9]{1,2}:"), F.lit(False))
+
+
+def raw_hash(df):
+    """A fingerprint of a row as read (every input column as text, and a CSV row's raw record): two
+    rejected rows whose unparseable values differ ('abc', 'xyz') parse to the same nulls."""
+    from pyspark.sql import functions as F
+
+    cols = [c for c in df.columns if not c.startswith("__cr_")] + [c for c in (CSV_RECORD,) if c in df.columns]
+    return F.xxhash64(*[F.coalesce(F.col(f"`{c}`").cast("string"), F.lit("\u0000null")) for c in cols])
 
 
 def row_hash(typed: dict):
@@ -270,12 +303,15 @@ def row_checks(df, rules: Rules, typed: dict) -> list:
     for name in ("event_id", "user_id", "item_id"):
         checks.append(("NULL_ID", typed[name].isNull() | (typed[name] == ""), F.lit(f"{name} is null or empty")))
     ts = typed["event_time"]
-    no_date = F.lit(False)
+    no_date = partial = F.lit(False)
     if spark_type_name(df.schema["event_time"].dataType) == "string":
-        no_date = _time_only(F.col("event_time")) & F.col("event_time").try_cast("timestamp").isNotNull()
+        parsed = F.col("event_time").try_cast("timestamp").isNotNull()
+        no_date = _time_only(F.col("event_time")) & parsed
+        partial = _incomplete_date(F.col("event_time")) & parsed
     checks.append(("BAD_TIMESTAMP", ts.isNull(),
                    F.concat(F.lit("event_time "), _quoted("event_time"),
                             F.when(no_date, F.lit(" has no date (a time of day alone is not an event time)"))
+                            .when(partial, F.lit(" is not a full date (expected year-month-day, e.g. 2024-03-01)"))
                             .otherwise(F.lit(" is not a parseable timestamp")))))
     lo, hi = rules.earliest_time, rules.latest_time
     checks.append(("TIMESTAMP_OUT_OF_RANGE", ts.isNotNull() & ((ts < F.lit(lo)) | (ts >= F.lit(hi))),
@@ -458,7 +494,11 @@ def quarantined_rows(flagged, batch_id: str, source: str, quarantined_at: Option
     raw_cols = [c for c in flagged.columns if not c.startswith("__cr_")]
     when = quarantined_at or dt.datetime.now(dt.timezone.utc)
     bad = flagged.where(F.col(REASON).isNotNull())
-    payload = F.to_json(F.struct(*[F.col(f"`{c}`") for c in raw_cols]), {"ignoreNullFields": "false"})
+    fields = [F.col(f"`{c}`") for c in raw_cols]
+    payload = F.to_json(F.struct(*fields), {"ignoreNullFields": "false"})
+    if CSV_RECORD in flagged.columns:  # a row with extra fields: only its raw text holds them
+        payload = F.when(F.col(CSV_RECORD).isNull(), payload).otherwise(
+            F.to_json(F.struct(*fields, F.col(CSV_RECORD).alias("raw_record")), {"ignoreNullFields": "false"}))
     src, row, detail = F.lit(source), F.col(SOURCE_ROW), F.col(DETAIL)
     if SOURCE_FILE in flagged.columns:  # a folder of files: name the file and the row within it
         src = F.coalesce(F.col(SOURCE_FILE), src)

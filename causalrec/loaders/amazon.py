@@ -141,5 +141,7 @@ def load_amazon(spark, path) -> LoadedData:
         items=dimension_frame(spark, items, ITEMS),
         sources={"events": str(root / "Scientific.{train,valid,test}.inter"), "items": str(root / "Scientific.text"),
                  "users": str(root / "Scientific.user2index")},
-        expected={"items": N_ITEMS, "users": N_USERS, "events": len(ev)},
+        # a user's sequence of n items gives n - 3 training prefixes (targets 1 .. n - 3), one valid and
+        # one test row: n = its training rows + 3, independent of how the sequences were rebuilt
+        expected={"items": N_ITEMS, "users": N_USERS, "events": len(train) + 3 * N_USERS},
     )
