@@ -33,6 +33,8 @@ ROWS = [
     ("e23,u1,i999,2024-01-01T00:00:00Z,click,1,,,,", "UNKNOWN_ITEM"),
     ("e24,u1,i1,2024-01-01T00:00:00Z,click,abc,,,,", "BAD_VALUE"),
     ("e25,u1,i1,2024-01-01T00:00:00Z,click,1,0,true,0.5,random", "BAD_POSITION"),
+    ("e26,u1,i1,2024-01-01T00:00:00Z,purchase,1.5d,,,,", "BAD_VALUE"),  # Java's parser takes 1.5d for 1.5
+    ("e27,u1,i1,2024-01-01T00:00:00Z,click,1,2f,true,0.5f,random", "BAD_VALUE"),
 ]
 
 

@@ -198,6 +198,8 @@ def typed_columns(df) -> dict:
     out["event_type"] = strip_blanks(F.col("event_type"))
     for name, typ in (("value", "double"), ("logged_propensity", "double"), ("position", "int")):
         out[name] = F.col(name).try_cast(typ) if name in types else F.lit(None).cast(typ)
+        if types.get(name) == "string":  # Java's parser takes "1.5d" / "2f" for numbers: only plain numerals
+            out[name] = F.when(strip_blanks(F.col(name)).rlike(_NUMERAL), out[name]).otherwise(F.lit(None).cast(typ))
     if "recommended" not in types:
         out["recommended"] = F.lit(None).cast("boolean")
     elif types["recommended"] == "boolean":
@@ -217,6 +219,9 @@ def typed_columns(df) -> dict:
         out[name] = F.col(name) if name in types else F.lit(None).cast("string")
     return out
 
+
+# a number as text: digits with an optional fraction and exponent, or NaN / infinity (flagged later)
+_NUMERAL = r"^[+-]?(?:(?:[0-9]+(?:[.][0-9]*)?|[.][0-9]+)(?:[eE][+-]?[0-9]+)?|(?i:nan|inf|infinity))$"
 
 # a date and time followed by a zone (``Z``, ``+05:00``, `` UTC``, ``America/New_York``...)
 _ZONED = r"[0-9][Tt ][0-9]{1,2}(:[0-9]{1,2}){0,2}([.][0-9]*)?\s*[-+A-Za-z]"
