@@ -2,6 +2,8 @@
 and the two-tower cache path scores exactly what the plain forward pass scores."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -75,24 +77,31 @@ def test_scoring_ray_atomic_and_idempotent(ctx, spark, tmp_path, ray_local):
     np.testing.assert_allclose(probe["uplift"], ref["uplift"].numpy(), rtol=1e-4, atol=1e-6)
     v1 = store.version("scores")
 
-    # a job that dies midway (the actor raises on one marker row) leaves scores at v1
+    # a job that dies midway (an actor raises on its second batch: 6 batches of 16 over 2 actors, so one
+    # actor gets a second, after a batch it scored) leaves scores at v1
+    scored = tmp_path / "scored_batches"
+    scored.mkdir()
+
     def failing_loader():
         m, feat, mc = CheckpointLoader(path)()
 
         class Boom(torch.nn.Module):
             def __init__(self):
                 super().__init__()
-                self.inner = m
+                self.inner, self.calls = m, 0
 
             def forward(self, batch):
-                if bool((batch["item_idx"] == 7).any()) and bool((batch["user_idx"] == 5).any()):
-                    raise RuntimeError("simulated crash on marker row (u5, i7)")
+                self.calls += 1
+                if self.calls == 2:
+                    raise RuntimeError("simulated crash on an actor's second batch")
+                (scored / f"{os.getpid()}-{self.calls}").touch()
                 return self.inner(batch)
 
         return Boom(), feat, mc
 
     with pytest.raises(Exception, match="simulated crash"):
         run(ctx, loader=failing_loader, model_version="v2")
+    assert any(scored.iterdir())  # the crash came after a batch was scored, not before any
     assert store.version("scores") == v1
     after_crash = _scores(store)
     pd.testing.assert_frame_equal(after_crash, first)
