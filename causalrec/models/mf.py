@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,7 +51,8 @@ class IdEmbeddings(nn.Module):
     def set_known(self, user_known, item_known) -> None:
         """Mark the rows training reaches (bool per id, length n_users / n_items); the unknown row stays known."""
         for buf, known in ((self.user_known, user_known), (self.item_known, item_known)):
-            known = torch.as_tensor(known, dtype=torch.bool).flatten()
+            # a copy: the mask may come from a read-only buffer (Ray's object store), which torch warns about
+            known = torch.tensor(np.asarray(known, dtype=bool)).flatten()
             if known.numel() != buf.numel() - 1:
                 raise ValueError(f"known-id mask has {known.numel()} entries for {buf.numel() - 1} ids")
             buf[:-1] = known.to(buf.device)
