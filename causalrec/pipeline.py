@@ -41,7 +41,8 @@ STAGE_SECTIONS = {
     "train": ("train", "features.history_length"),
     "candidates": ("candidates", "training_set.positive_threshold", "features.history_length",
                    "propensity.clip_min", "train.model_path", "train.max_seq_len"),
-    "score": ("scoring", "features.history_length"),
+    # smoothing_prior_strength: the no-activity item vector of an item without a feature row
+    "score": ("scoring", "features.history_length", "features.smoothing_prior_strength"),
     # train.task / objective: the explanations' units when a model version has no readable train run
     "recommend": ("ranking", "features.history_length", "ope.alpha", "train.task", "train.objective"),
     "ope": ("ope", "training_set.positive_threshold"),
