@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 RECENCY_CAP_YEARS = 10.0  # user recency_years of a user with no event (and the cap of every other)
 COLD_POPULARITY_PCT = 1.0  # below the least popular item of the table
 
 
-def float_array(values: Sequence[float]):
-    """A literal array<float> column: the feature tables' vector type."""
-    return F.array(*[F.lit(float(v)).cast("float") for v in values]) if len(values) else \
+def float_array(values: Sequence):
+    """An array<float> column (the feature tables' vector type) of numbers or columns; null reads 0."""
+    cols = [v if isinstance(v, Column) else F.lit(float(v)) for v in values]
+    return F.array(*[F.coalesce(c.cast("float"), F.lit(0.0).cast("float")) for c in cols]) if cols else \
         F.array().cast("array<float>")
 
 
@@ -49,10 +50,8 @@ def cold_item_frame(item_features: DataFrame, names: Sequence[str], prior_streng
          / F.sum(F.when(F.col("rating_mean").isNotNull(), n_ratings + k))).alias("rating_mean"),
     )
     rated = ("click_rate", "purchase_rate", "rating_mean") if k > 0 else ()
-    slots = [F.col(n) if n in rated else F.lit(COLD_POPULARITY_PCT if n == "popularity_pct" else 0.0) for n in names]
-    vec = F.array(*[F.coalesce(v.cast("float"), F.lit(0.0).cast("float")) for v in slots]) if slots else \
-        F.array().cast("array<float>")
-    return rates.select(vec.alias(COLD_ITEM_VECTOR))
+    slots = [F.col(n) if n in rated else COLD_POPULARITY_PCT if n == "popularity_pct" else 0.0 for n in names]
+    return rates.select(float_array(slots).alias(COLD_ITEM_VECTOR))
 
 
 def cold_item_vector(item_features: DataFrame, names: Sequence[str], prior_strength: float) -> list[float]:

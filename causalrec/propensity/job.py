@@ -419,7 +419,11 @@ def run(ctx) -> dict:
         ctx.log_rows("events", store.row_count("events"), "in")
         scope = fit_scope(events, cfg, mcar)
         if not scope.restricted:  # nothing held out: the features stage's tables are the ones to learn from
-            uf, itf = store.read("user_features"), store.read("item_features")
+            from causalrec.features.job import stored_feature_tables
+
+            ft = stored_feature_tables(store)  # None without recorded names: ids without a row then get zeros
+            uf, itf = ((ft.users, ft.items) if ft is not None
+                       else (store.read("user_features"), store.read("item_features")))
     if scope.restricted:
         with ctx.step("propensity: features from the events a model may see"):
             # the features stage's tables count the whole log (valid/test labels included); these are the
@@ -428,13 +432,8 @@ def run(ctx) -> dict:
 
             ft = build_features(scope.fit_events(events), store.read("users"), store.read("items"), cfg,
                                 cutoff=scope.cutoff)
-            uf, itf = ft.users.cache(), ft.items.cache()
+            ft.users, ft.items = uf, itf = ft.users.cache(), ft.items.cache()
             cached += [uf, itf]
-            ft.users, ft.items = uf, itf
-    else:
-        from causalrec.features.job import stored_feature_tables
-
-        ft = stored_feature_tables(store)  # None without recorded names: ids without a row get zeros
     # ids without a feature row (e.g. every event held out) get the tables' no-activity vector
     cold = ft.cold_vectors(cfg.features.smoothing_prior_strength) if ft is not None else None
     exp_groups, exp_src = adjustment_set(cfg, "exposure")
