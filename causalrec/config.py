@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -455,18 +456,119 @@ def _build(cls: type, data: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
+# Plain numbers checked at load, so a value that would fail late or mislead silently (a negative
+# learning rate, no candidate per user, a zero-width popularity group) fails naming its key.
+# "key[]": every element of a list, which must not be empty; None (an unset optional) passes.
+NUMBER_RANGES = {
+    "spark.shuffle_partitions": "int >= 1",
+    "ray.num_cpus": "int >= 1",
+    "ray.object_store_memory_mb": "int >= 1",
+    "features.windows_days[]": "int >= 1",
+    "features.history_length": "int >= 1",
+    "features.smoothing_prior_strength": ">= 0",
+    "features.popularity_groups[]": "(0, 1]",
+    "features.max_attribute_features": "int >= 0",
+    "propensity.clip_min": "(0, 1)",
+    "propensity.popularity_power": ">= 0",
+    "propensity.choice_time_buckets": "int >= 1",
+    "propensity.calibration_bins": "int >= 1",
+    "propensity.reg_param": ">= 0",
+    "propensity.max_iter": "int >= 1",
+    "training_set.valid_fraction": "[0, 1)",
+    "training_set.mcar_valid_fraction": "[0, 1)",
+    "training_set.test_fraction": "[0, 1)",
+    "training_set.files_per_split": "int >= 1",
+    "training_set.unobserved_per_observed": ">= 0",
+    "train.embedding_dim": "int >= 1",
+    "train.epochs": "int >= 1",
+    "train.batch_size": "int >= 1",
+    "train.learning_rate": "> 0",
+    "train.encoder_lr": "> 0",
+    "train.weight_decay": ">= 0",
+    "train.max_seq_len": "int >= 2",  # the tokenizer's [CLS] and [SEP]
+    "train.num_workers": "int >= 1",
+    "train.cpus_per_worker": "> 0",
+    "train.max_failures": "int >= -1",  # Ray's -1: retry without limit
+    "train.early_stopping_patience": "int >= 0",  # 0: no early stopping
+    "train.ips_clip": "(0, 1]",
+    "train.dr_label_fit_weight": ">= 0",
+    "train.tune_trials": "int >= 0",
+    "train.freeze_layers": "int >= -1",  # -1: the whole encoder
+    "train.id_dropout": "[0, 1)",
+    "train.prefetch_batches": "int >= 0",
+    "train.torch_threads": "int >= 1",
+    "train.tune_max_concurrent": "int >= 1",
+    "train.tune_grace_epochs": "int >= 1",
+    "candidates.per_source": "int >= 1",
+    "candidates.max_candidates": "int >= 1",
+    "candidates.neighbours_per_item": "int >= 1",
+    "candidates.cold_item_max_events": "int >= 0",
+    "scoring.batch_size": "int >= 1",
+    "scoring.num_actors": "int >= 1",
+    "scoring.cpus_per_actor": "> 0",
+    "ranking.k": "int >= 1",
+    "ranking.fairness_strength": "[0, 1]",
+    "ranking.blend_weight": "[0, 1]",  # above 1 the blend rewards low relevance, below 0 low effects
+    "ope.bootstrap_replicates": "int >= 0",  # 0: point estimates without intervals
+    "ope.clip_max_weight": "> 0",
+    "ope.switch_dr_lambdas[]": ">= 0",
+    "ope.dr_os_lambdas[]": ">= 0",
+    "ope.abtest_expected_share": "(0, 1)",  # the sample-ratio check divides by both arms' shares
+    "ope.uplift_refutation_sample": "(0, 1]",
+    "evaluation.calibration_bins": "int >= 1",
+    "evaluation.propensity_clip": "(0, 1)",
+}
+_BOUND = re.compile(r"(int )?(>=|>) (-?[0-9.]+)$")
+_INTERVAL = re.compile(r"([\[(])(-?[0-9.]+), (-?[0-9.]+)([\])])$")
+
+
+def _in_range(value, spec: str) -> bool:
+    """Whether ``value`` lies in ``spec``: "int >= 1", "> 0", ">= 0" or an interval such as "[0, 1)"."""
+    bound = _BOUND.match(spec)
+    if bound:
+        low = float(bound.group(3))
+        return value > low or (bound.group(2) == ">=" and value == low)
+    opening, low, high, closing = _INTERVAL.match(spec).groups()
+    low, high = float(low), float(high)
+    return ((value > low or (opening == "[" and value == low))
+            and (value < high or (closing == "]" and value == high)))
+
+
+def _allowed(spec: str) -> str:
+    """``spec`` in words, for the "expected ..." half of an out-of-range message."""
+    if spec.startswith("int "):
+        return f"an integer {spec[4:]}"
+    return f"a number {spec}" if spec[0] in "<>" else f"a value in {spec}"
+
+
+def _check_ranges(cfg: Config, bad) -> None:
+    """:data:`NUMBER_RANGES` against ``cfg``; ``bad(key, message)`` raises."""
+    for key, spec in NUMBER_RANGES.items():
+        section, name = key.rstrip("[]").split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key.endswith("[]"):
+            if not value:
+                bad(key[:-2], f"got {value}, expected a non-empty list, each element {_allowed(spec)}")
+            for i, v in enumerate(value):
+                if not _in_range(v, spec):
+                    bad(f"{key[:-2]}[{i}]", f"got {v}, expected {_allowed(spec)}")
+        elif value is not None and not _in_range(value, spec):
+            bad(key, f"got {value}, expected {_allowed(spec)}")
+
+
 def _check_semantics(cfg: Config, where: str) -> None:
     def bad(key: str, msg: str) -> None:
         raise ConfigError(f"{where}: {key}: {msg}")
 
-    if not 0 < cfg.propensity.clip_min < 1:
-        bad("propensity.clip_min", f"got {cfg.propensity.clip_min}, expected a value in (0, 1)")
+    _check_ranges(cfg, bad)
+    groups = cfg.features.popularity_groups
+    if len(groups) != 2 or not groups[0] < groups[1]:
+        bad("features.popularity_groups", f"got {groups}, expected two cumulative shares 0 < head < mid <= 1 "
+                                          "(head: the top head share of items; mid: up to the mid share)")
     if not 0 < cfg.propensity.treatment_eps < 0.5:
         bad("propensity.treatment_eps", "expected a value in (0, 0.5)")
     if not 0 < cfg.propensity.choice_eps < 0.5:
         bad("propensity.choice_eps", "expected a value in (0, 0.5)")
-    if cfg.propensity.choice_time_buckets < 1:
-        bad("propensity.choice_time_buckets", "expected an integer >= 1")
     if not cfg.propensity.choice_reg_grid or any(float(r) < 0 for r in cfg.propensity.choice_reg_grid):
         bad("propensity.choice_reg_grid", "expected a non-empty list of L2 strengths >= 0")
     # the exposure_method choices are the estimator registry's keys (tests/test_config_cli.py checks it)
@@ -480,8 +582,6 @@ def _check_semantics(cfg: Config, where: str) -> None:
     if not 0 <= cfg.propensity.holdout_fraction < 1:
         bad("propensity.holdout_fraction", f"got {cfg.propensity.holdout_fraction}, expected a value in [0, 1) "
                                            f"(the rest of the rows is what the propensity models are fitted on)")
-    if cfg.train.num_workers < 1:
-        bad("train.num_workers", f"got {cfg.train.num_workers}, expected >= 1")
     if cfg.training_set.files_per_split % cfg.train.num_workers != 0:
         bad(
             "training_set.files_per_split",
@@ -492,17 +592,10 @@ def _check_semantics(cfg: Config, where: str) -> None:
     for obj in cfg.train.baseline_objectives:
         if obj not in allowed_objectives:
             bad("train.baseline_objectives", f"{obj!r} is not one of {list(allowed_objectives)}")
-    for key in ("valid_fraction", "mcar_valid_fraction", "test_fraction"):
-        if not 0 <= getattr(cfg.training_set, key) < 1:
-            bad(f"training_set.{key}", f"got {getattr(cfg.training_set, key)}, expected a value in [0, 1)")
     ts = cfg.training_set
     if ts.split != "given" and ts.valid_fraction + ts.test_fraction >= 1:
         bad("training_set.test_fraction", f"valid_fraction + test_fraction = {ts.valid_fraction + ts.test_fraction:g}, "
             f"expected < 1 with split={ts.split!r}: the rest of the labelled events is the train split")
-    for key, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
-                       ("scoring.batch_size", cfg.scoring.batch_size)):
-        if value < 1:
-            bad(key, f"got {value}, expected an integer >= 1")
     if not cfg.evaluation.k or any(k < 1 for k in cfg.evaluation.k):
         bad("evaluation.k", f"got {cfg.evaluation.k}, expected a non-empty list of cut-offs >= 1")
     if cfg.ope.baseline not in cfg.ope.strategies:  # the diff_to_baseline columns would silently stay empty
@@ -522,12 +615,6 @@ def _check_semantics(cfg: Config, where: str) -> None:
     if times["earliest_time"] >= times["latest_time"]:
         bad("data.earliest_time", f"{cfg.data.earliest_time} is not before data.latest_time {cfg.data.latest_time} "
                                   f"(every event would be out of range)")
-    if cfg.ranking.k < 1:
-        bad("ranking.k", "expected >= 1")
-    if not 0 <= cfg.ranking.fairness_strength <= 1:
-        bad("ranking.fairness_strength", f"got {cfg.ranking.fairness_strength}, expected a value in [0, 1]")
-    if not 0 <= cfg.ranking.blend_weight <= 1:  # above 1 the blend rewards low relevance, below 0 low effects
-        bad("ranking.blend_weight", f"got {cfg.ranking.blend_weight}, expected a value in [0, 1]")
     if not 0 < cfg.ope.alpha < 1:  # a z of alpha / 2: 0.95 for "95%" gave intervals 30 times too narrow
         bad("ope.alpha", f"got {cfg.ope.alpha}, expected the miss rate in (0, 1): 0.05 for 95% intervals")
     if cfg.ope.alpha > 0.5:
@@ -538,8 +625,6 @@ def _check_semantics(cfg: Config, where: str) -> None:
         bad("ope.bootstrap_buckets", f"got {g}, expected 0 (a Poisson weight per row) or at least "
             f"{MIN_BOOTSTRAP_BUCKETS}: each bucket is one resampling unit, and with few the interval is noise "
             "(1 gives a zero-width one; conf/cluster.yaml uses 4096)")
-    if not 0 < cfg.ope.abtest_expected_share < 1:  # the sample-ratio check divides by both arms' shares
-        bad("ope.abtest_expected_share", f"got {cfg.ope.abtest_expected_share}, expected a value in (0, 1)")
     if cfg.ope.uplift_min_rows < 2:  # below 2 an arm may be missing or have no standard error
         bad("ope.uplift_min_rows", f"got {cfg.ope.uplift_min_rows}, expected an integer >= 2: each reported "
             "item or segment effect needs that many treated and that many control rows")

@@ -363,7 +363,7 @@ def test_set_into_a_dict_field_keeps_the_dotted_rest_as_one_key():
 @pytest.mark.parametrize("override,key,want", [
     ("train.learning_rate=1e-3", "learning_rate", 1e-3),
     ("train.encoder_lr=2e-5", "encoder_lr", 2e-5),
-    ("train.weight_decay=-1.5E+2", "weight_decay", -150.0),
+    ("train.text_match_init=-1.5E+2", "text_match_init", -150.0),
 ])
 def test_exponent_floats_are_accepted_from_set_and_yaml(tmp_path, override, key, want):
     """YAML 1.1 reads ``1e-3`` (no dot) as a string; a float field takes it as the number it spells."""
@@ -396,3 +396,61 @@ def test_readme_ray_job_runtime_env_installs_the_pinned_requirements(monkeypatch
     pins = [ln.strip() for ln in (REPO / "requirements.txt").read_text().splitlines()
             if ln.strip() and not ln.startswith("#")]
     assert set(pins) <= set(packages) and not any(p.startswith("-r") for p in packages)
+
+
+def _just_outside_and_inside(spec: str):
+    """A value just outside ``spec`` (causalrec.config.NUMBER_RANGES' form) and one on its closed edge
+    or, for an open interval, in its middle."""
+    import re
+
+    bound = re.match(r"(int )?(>=|>) (-?[0-9.]+)$", spec)
+    if bound:
+        low = float(bound.group(3))
+        step = 1 if bound.group(1) else 0.5
+        outside = low - step if bound.group(2) == ">=" else low
+        inside = low if bound.group(2) == ">=" else low + step
+        return (int(outside), int(inside)) if bound.group(1) else (outside, inside)
+    opening, low, high, closing = re.match(r"([\[(])(-?[0-9.]+), (-?[0-9.]+)([\])])$", spec).groups()
+    low, high = float(low), float(high)
+    outside = high if closing == ")" else low if opening == "(" else high + 0.5
+    inside = low if opening == "[" else high if closing == "]" else (low + high) / 2
+    return outside, inside
+
+
+def _range_cases():
+    from causalrec.config import NUMBER_RANGES
+
+    return sorted(NUMBER_RANGES.items())
+
+
+@pytest.mark.parametrize("key,spec", _range_cases())
+def test_every_checked_number_refuses_a_value_just_outside_its_range(key, spec):
+    """A value just outside fails at load naming the key, the value and the range; one on the edge loads."""
+    outside, inside = _just_outside_and_inside(spec)
+    name = key.rstrip("[]")
+    shown = f"{name}\\[0\\]" if key.endswith("[]") else name
+    with pytest.raises(ConfigError, match=rf"{shown}: got {outside}, expected "):
+        load_config(None, [f"{name}={[outside] if key.endswith('[]') else outside}"])
+    if not key.endswith("[]"):
+        section, field = name.split(".")
+        # one file per split is a multiple of one worker, not of the default two
+        also = ["train.num_workers=1"] if key == "training_set.files_per_split" else []
+        assert getattr(getattr(load_config(None, [f"{name}={inside}", *also]), section), field) == inside
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.learning_rate=-0.01", r"train.learning_rate: got -0.01, expected a number > 0"),
+    ("features.smoothing_prior_strength=-1", r"features.smoothing_prior_strength: got -1.0, expected a number >= 0"),
+    ("features.popularity_groups=[0.5, 0.2]", r"features.popularity_groups: got \[0.5, 0.2\], expected two cumulative"),
+    ("features.popularity_groups=[0.2]", r"features.popularity_groups: got \[0.2\], expected two cumulative"),
+    ("features.windows_days=[]", r"features.windows_days: got \[\], expected a non-empty list, each element an integer >= 1"),
+    ("candidates.max_candidates=0", r"candidates.max_candidates: got 0, expected an integer >= 1"),
+    ("train.ips_clip=2", r"train.ips_clip: got 2.0, expected a value in \(0, 1\]"),
+    ("training_set.files_per_split=0", r"training_set.files_per_split: got 0, expected an integer >= 1"),
+])
+def test_numbers_that_ran_silently_wrong_or_failed_late_fail_at_load(override, match):
+    """Before: a negative learning rate trained uphill, popularity groups out of order or a negative
+    smoothing strength reached the features stage, and files_per_split 0 passed as a multiple of
+    num_workers."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
