@@ -135,8 +135,13 @@ def logged_rows(events, exposure_propensity=None, positive_threshold: float = 4.
         raise ValueError("events: no rows with logged_propensity and no rating events; OPE needs one of them")
     units = units.withColumn("slot", F.lit(0))  # pi_b(i | u) has no slot
     if exposure_propensity is not None:
-        ep = exposure_propensity.select("user_id", "item_id", F.col("exposure_propensity").cast("double").alias("p"))
-        tot = ep.groupBy("user_id").agg(F.sum("p").alias("p_tot"))
+        # the table holds the observed pairs and a sample of the unobserved ones, each sampled pair
+        # weighted by its inverse sampling probability: the weighted sum estimates sum_j p_uj over every item
+        weight = (F.coalesce(F.col("weight").cast("double"), F.lit(1.0)) if "weight" in exposure_propensity.columns
+                  else F.lit(1.0))
+        ep = exposure_propensity.select("user_id", "item_id", F.col("exposure_propensity").cast("double").alias("p"),
+                                        weight.alias("w"))
+        tot = ep.groupBy("user_id").agg(F.sum(F.col("p") * F.col("w")).alias("p_tot"))
         pb = ep.join(tot, "user_id").select("user_id", "item_id", (F.col("p") / F.col("p_tot")).alias("pscore"))
         mode = "exposure"
     else:
