@@ -231,3 +231,34 @@ def test_logged_effects_come_from_the_test_split_only(spark):
     got = {(r["user_id"], r["item_id"]): r["effect"] for r in held_out_effects(te, 0.01).collect()}
     assert got == {("u1", "i1"): pytest.approx((0.0 / 0.5 - 1.0 / 0.5) / 2)}  # test rows: -1; all rows: 0
     assert held_out_effects(te.where("split = 'train'"), 0.01) is None
+
+
+def test_unscored_test_pairs_count_as_misses_and_scale_the_ips_population(ctx):
+    """Predictions from the scores table (no loadable checkpoint) cover 60% of the MNAR test pairs. The
+    unscored relevant items are misses (an inner join dropped them from the truth: recall 1.0 for every
+    user), and the IPS rating errors, summed over the scored rows, speak for 60% of the population (the
+    whole population made the IPS MSE 0.6 for an error of 1 on every row)."""
+    from causalrec import schemas as S
+    from causalrec.evaluation import job
+
+    spark, store = ctx.spark, ctx.store
+    # 5 users x 4 items, all rated 4 (relevant) in the test split, every pair observed with propensity 1
+    te = pd.DataFrame([{"example_id": f"e{u}_{i}", "split": "test", "user_id": f"u{u}", "item_id": f"i{i}",
+                        "user_idx": u, "item_idx": i, "observed": 1, "label": 4.0, "outcome": 1.0, "is_mcar": False,
+                        "exposure_propensity": 1.0} for u in range(5) for i in range(4)])
+    store.write(spark.createDataFrame(te), "training_examples", mode="overwrite", spec=S.TRAINING_EXAMPLES)
+    # scored: i0 and i1 for everyone, i2 for u0 and u1 (12 of 20 pairs), each predicting 3.0 (error 1)
+    now = pd.Timestamp("2026-01-01", tz="UTC")
+    scored = [(u, i) for u in range(5) for i in range(2)] + [(0, 2), (1, 2)]
+    scores = pd.DataFrame([{"user_id": f"u{u}", "item_id": f"i{i}", "relevance": 3.0, "uplift": None,
+                            "uplift_se": None, "model_version": "m1", "scored_at": now} for u, i in scored])
+    store.write(spark.createDataFrame(scores, S.SCORES.spark_schema()), "scores", mode="overwrite", spec=S.SCORES)
+    ctx.cfg.evaluation.k = [10]
+    assert job.run(ctx)["models"] == ["scores"]
+    m = store.read("metrics").toPandas()
+    m = m[m.model == "scores"].set_index(["metric", "slice"])
+    assert "60% of test pairs" in m.loc[("mse", "mnar_test"), "details_json"]
+    assert m.loc[("mse", "mnar_test"), "value"] == pytest.approx(1.0)
+    assert m.loc[("mse", "mnar_test_ips"), "value"] == pytest.approx(1.0)
+    # recall@10: u0, u1 found 3 of their 4 relevant items, u2-u4 2 of 4
+    assert m.loc[("recall", "mnar_test"), "value"] == pytest.approx((2 * 0.75 + 3 * 0.5) / 5)

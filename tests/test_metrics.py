@@ -322,6 +322,16 @@ def test_ips_effect_estimate_recovers_true_effect(spark):
     assert cp == pytest.approx(est["effect"])
 
 
+
+def test_ips_effect_estimates_leave_out_a_nan_propensity(spark):
+    """NaN is a missing propensity, as null is: clipped, it became 1 - clip and gave its control row a
+    weight of 1/clip (effect -24 instead of 2)."""
+    logs = spark.createDataFrame([("u", "a", 1, 1.0, 0.5), ("u", "a", 0, 0.5, float("nan"))],
+                                 "user_id string, item_id string, treated int, outcome double, treatment_propensity double")
+    assert logs.where("isnan(treatment_propensity)").count() == 1  # a NaN, not a null
+    est = M.ips_effect_estimates(logs, clip=0.01).collect()[0]
+    assert (est["effect"], est["n_logged"]) == (pytest.approx(2.0), 1)
+
 # --------------------------------------------------------------------------- exposure / fairness
 
 

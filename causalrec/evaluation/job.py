@@ -231,16 +231,18 @@ def latest_scores(scores: DataFrame) -> Optional[DataFrame]:
 
 
 def test_predictions_from_scores(test: DataFrame, scores: DataFrame) -> tuple[Optional[DataFrame], float]:
-    """Join the latest model version's scores onto test pairs; returns (df, share of test pairs covered),
-    (None, 0.0) when the scores table is empty."""
+    """The latest model version's scores on every test pair, null where it scored none; returns (df, share
+    of test pairs scored), (None, 0.0) when the scores table is empty.
+
+    Every test row stays: an unscored relevant item is a miss of the ranking metrics (they rank only
+    scored rows), where an inner join dropped it from the truth and raised recall and NDCG."""
     latest = latest_scores(scores)
     if latest is None:
         return None, 0.0
     s = latest.select("user_id", "item_id", F.col("relevance").alias("prediction"), F.col("uplift").alias("uplift"))
-    j = test.join(s, ["user_id", "item_id"], "inner")
-    n_test = test.count()
-    covered = j.count() / n_test if n_test else 0.0
-    return j, covered
+    j = test.join(s, ["user_id", "item_id"], "left")
+    r = j.agg(F.count(F.lit(1)).alias("n"), F.count("prediction").alias("scored")).first()
+    return j, (r["scored"] / r["n"] if r["n"] else 0.0)
 
 
 def ips_population(examples: DataFrame) -> Optional[float]:
@@ -480,7 +482,7 @@ def run(ctx) -> dict:
             elif covered >= 0.5:
                 models.append({"model": "scores", "run_id": None, "objective": None, "family": None,
                                "task": cfg.train.task, "source": f"scores table ({covered:.0%} of test pairs)",
-                               "pred": pred})
+                               "pred": pred, "coverage": covered})
             else:
                 missing["test predictions"] = (f"scores cover {covered:.0%} of test pairs and no checkpoint "
                                                "could be loaded: run the train stage")
@@ -490,9 +492,10 @@ def run(ctx) -> dict:
         for m in models:
             details = {"run_id": m["run_id"], "objective": m["objective"], "family": m["family"],
                        "source": m["source"]}
+            # the IPS rating errors sum over the scored test rows: they speak for that share of the population
             pu = evaluate_predictions(rows, m["pred"], m["model"], ks, threshold, m["task"], clip,
-                                      cfg.evaluation.calibration_bins, curves, details, ips_n,
-                                      cfg.propensity.treatment_eps)
+                                      cfg.evaluation.calibration_bins, curves, details,
+                                      ips_n * m.get("coverage", 1.0) if ips_n else ips_n, cfg.propensity.treatment_eps)
             if pu is not None:
                 per_user_by_model[m["model"]] = pu
 

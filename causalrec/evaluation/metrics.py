@@ -456,7 +456,7 @@ def ips_effect_estimates(
     y = F.col(col_outcome).cast("double")
     tau = z * y / e - (F.lit(1.0) - z) * y / (F.lit(1.0) - e)
     return (
-        logs.where(F.col(col_treatment).isNotNull() & F.col(col_outcome).isNotNull() & F.col(col_propensity).isNotNull())
+        _usable(logs, col_treatment, col_outcome, col_propensity)  # a NaN propensity clipped to 1 - clip: weight 1/clip
         .groupBy(col_user, col_item)
         .agg(F.avg(tau).alias("effect"), F.count(F.lit(1)).alias("n_logged"))
     )
