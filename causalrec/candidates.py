@@ -22,6 +22,8 @@ from typing import Optional
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from causalrec.features.common import events_before, resolve_cutoff
+from causalrec.features.job import stored_feature_tables
 from causalrec.schemas import CANDIDATES
 
 log = logging.getLogger(__name__)
@@ -60,19 +62,23 @@ def recent_history(pos: DataFrame, length: int) -> DataFrame:
 
 
 def debiased_popularity(pos: DataFrame, exposure: Optional[DataFrame], clip_min: float) -> DataFrame:
-    """Item popularity with each positive weighted by 1 / P(exposed): (item_id, pop, n_pos).
+    """Item popularity with each positive (user, item) pair weighted by 1 / P(exposed): (item_id, pop, n_pos).
 
     Inverse-propensity weighting (Schnabel et al., ICML 2016): an item that users
     rarely got to see but liked when they did counts for more than an item shown to
-    everyone. Pairs without a propensity get weight 1 (no correction).
+    everyone. Pairs without a propensity get weight 1 (no correction). A pair counts once, as its
+    propensity is per pair: a clicked and purchased impression logs three positive events, a
+    re-rating two. ``n_pos``: the item's positive pairs. The sum is rounded to 1e-9, so that equal
+    popularities summed in another row order still tie (and fall to the item id).
     """
+    pos = pos.select("user_id", "item_id").distinct()
     if exposure is not None:
         prop = exposure.select("user_id", "item_id", F.col("exposure_propensity").alias("p"))
         pos = pos.join(prop, ["user_id", "item_id"], "left")
         w = 1.0 / F.greatest(F.coalesce(F.col("p"), F.lit(1.0)), F.lit(clip_min))
     else:
         w = F.lit(1.0)
-    return pos.groupBy("item_id").agg(F.sum(w).alias("pop"), F.count(F.lit(1)).alias("n_pos"))
+    return pos.groupBy("item_id").agg(F.round(F.sum(w), 9).alias("pop"), F.count(F.lit(1)).alias("n_pos"))
 
 
 def top_n_per(df: DataFrame, key: str, score: str, n: int, tie: str = "item_id") -> DataFrame:
@@ -134,10 +140,11 @@ def item_cooccurrence(history: DataFrame, neighbours: int) -> DataFrame:
 
 
 def neighbour_source(history: DataFrame, neighbours: DataFrame, n: int, consumed: Optional[DataFrame]) -> DataFrame:
-    """Sum of neighbour similarities from the user's recent items: (user_id, item_id, score)."""
+    """Sum of neighbour similarities from the user's recent items: (user_id, item_id, score), rounded to
+    1e-9 as :func:`debiased_popularity`'s sums (ties by item id whatever the row order)."""
     cand = (history.select("user_id", F.col("item_id").alias("src"))
             .join(neighbours, "src")
-            .groupBy("user_id", F.col("dst").alias("item_id")).agg(F.sum("sim").alias("score")))
+            .groupBy("user_id", F.col("dst").alias("item_id")).agg(F.round(F.sum("sim"), 9).alias("score")))
     if consumed is not None:
         cand = cand.join(consumed, ["user_id", "item_id"], "left_anti")
     return top_n_per(cand, "user_id", "score", n)
@@ -150,7 +157,8 @@ def affinity_source(pos: DataFrame, items: DataFrame, pop: DataFrame, n: int,
     top ``n`` unconsumed items of each of the user's categories (read down as
     :func:`popularity_source` reads its list)."""
     cat = items.select("item_id", "category").filter(F.col("category").isNotNull())
-    user_cat = (pos.join(cat, "item_id").groupBy("user_id", "category").agg(F.count(F.lit(1)).alias("c")))
+    pairs = pos.select("user_id", "item_id").distinct()  # a liked item counts once, however many events
+    user_cat = (pairs.join(cat, "item_id").groupBy("user_id", "category").agg(F.count(F.lit(1)).alias("c")))
     tot = user_cat.groupBy("user_id").agg(F.sum("c").alias("t"))
     user_cat = user_cat.join(tot, "user_id").select("user_id", "category", (F.col("c") / F.col("t")).alias("share"))
     item_pop = cat.join(pop, "item_id", "left").fillna({"pop": 0.0})
@@ -233,8 +241,9 @@ def merge_sources(per_source: dict, max_candidates: int) -> DataFrame:
 
 
 def build_candidates(ctx, events: DataFrame, items: DataFrame, users: DataFrame,
-                     exposure: Optional[DataFrame]) -> tuple[DataFrame, dict]:
-    """All sources -> merged candidates; returns (candidates, per-source info)."""
+                     exposure: Optional[DataFrame], cached: Optional[list] = None) -> tuple[DataFrame, dict]:
+    """All sources -> merged candidates; returns (candidates, per-source info). The intermediates the
+    sources share are persisted and appended to ``cached``, for the caller to unpersist after the write."""
     cfg = ctx.cfg
     cc = cfg.candidates
     unknown = [s for s in cc.sources if s not in SOURCES]
@@ -246,6 +255,8 @@ def build_candidates(ctx, events: DataFrame, items: DataFrame, users: DataFrame,
     consumed = consumed_pairs(events).persist() if cc.exclude_consumed else None
     history = recent_history(pos, cfg.features.history_length).persist()
     pop = debiased_popularity(pos, exposure, cfg.propensity.clip_min).persist()
+    if cached is not None:
+        cached.extend(df for df in (pos, consumed, history, pop) if df is not None)
     all_users = users.select("user_id").unionByName(events.select("user_id")).distinct()
     per_source: dict = {}
     info: dict = {}
@@ -275,19 +286,36 @@ def build_candidates(ctx, events: DataFrame, items: DataFrame, users: DataFrame,
     return merge_sources(per_source, cc.max_candidates), info
 
 
+def serving_cutoff(store, configured: Optional[str]):
+    """The point in time candidates are generated at: the stored feature tables' cutoff (what scoring
+    serves as the users' histories), else ``features.cutoff``; None: every event."""
+    ft = stored_feature_tables(store)
+    if ft is not None:
+        return ft.cutoff
+    return resolve_cutoff(None, configured) if configured is not None else None
+
+
 def run(ctx) -> dict:
     store = ctx.store
     with ctx.step("candidates: extract"):
         events = store.read("events")
+        cut = serving_cutoff(store, ctx.cfg.features.cutoff)
+        if cut is not None:  # a backtest's later events must neither propose nor exclude items
+            events = events_before(events, cut)
         items = store.read("items")
         users = store.read("users") if store.exists("users") else events.select("user_id").distinct()
         exposure = store.read("exposure_propensity") if store.exists("exposure_propensity") else None
         if exposure is None:
             log.warning("exposure_propensity table missing: popularity is not de-biased (weight 1 per positive)")
-    with ctx.step("candidates: transform"):
-        cands, info = build_candidates(ctx, events, items, users, exposure)
-    with ctx.step("candidates: load"):
-        version = store.write(cands, "candidates", mode="overwrite", spec=CANDIDATES, overwrite_schema=True)
+    cached: list = []
+    try:
+        with ctx.step("candidates: transform"):
+            cands, info = build_candidates(ctx, events, items, users, exposure, cached)
+        with ctx.step("candidates: load"):
+            version = store.write(cands, "candidates", mode="overwrite", spec=CANDIDATES, overwrite_schema=True)
+    finally:
+        for df in cached:
+            df.unpersist()
     n = store.row_count("candidates")
     ctx.log_rows("candidates", n)
     stats = (store.read("candidates").groupBy("source").count().collect())
@@ -296,5 +324,6 @@ def run(ctx) -> dict:
         "version": version,
         "by_source": {r["source"]: int(r["count"]) for r in stats},
         "exposure_debiased": exposure is not None,
+        "as_of": cut.isoformat() if cut is not None else None,
         **info,
     }

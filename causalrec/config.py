@@ -221,7 +221,7 @@ class CandidatesConfig:
     exclude_consumed: bool = True
     sources: list[str] = field(default_factory=lambda: ["popularity", "cooccurrence", "affinity", "text"])
     neighbours_per_item: int = 50  # co-occurrence / text neighbours kept per item
-    cold_item_max_events: int = 5  # items with at most this many positive events get text candidates
+    cold_item_max_events: int = 5  # items with at most this many positive (user, item) pairs get text candidates
     text_cold_only: bool = True  # text source proposes only cold items (False: any text neighbour)
 
 

@@ -39,7 +39,8 @@ STAGE_SECTIONS = {
     "propensity": ("propensity", "causal_graph", "training_set", "features", "data.event_types"),
     "training_set": ("training_set", "features", "data.event_types", "propensity.clip_min"),
     "train": ("train", "features.history_length"),
-    "candidates": ("candidates", "training_set.positive_threshold", "features.history_length",
+    # features.cutoff: the point in time when no feature tables are stored
+    "candidates": ("candidates", "training_set.positive_threshold", "features.history_length", "features.cutoff",
                    "propensity.clip_min", "train.model_path", "train.max_seq_len"),
     # smoothing_prior_strength: the no-activity item vector of an item without a feature row
     "score": ("scoring", "features.history_length", "features.smoothing_prior_strength"),

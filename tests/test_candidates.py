@@ -59,6 +59,70 @@ def test_debiased_popularity_weights_by_inverse_propensity(spark):
     assert raw == {"a": 3.0, "b": 1.0}
 
 
+def test_debiased_popularity_counts_a_pair_once_however_many_positive_events(spark):
+    """The propensity is per (user, item) pair: a clicked and purchased impression (three positive
+    events) or a re-rating counted 3/p or 2/p, and ranked 3 users' item above 4 users' one."""
+    from causalrec.candidates import debiased_popularity
+
+    rows = [(f"u{u}", "X") for u in range(3) for _ in range(3)] + [(f"u{u}", "Y") for u in range(4) for _ in range(2)]
+    pos = spark.createDataFrame(rows, "user_id string, item_id string")
+    prop = spark.createDataFrame([(u, i, 0.5) for u, i in set(rows)],
+                                 "user_id string, item_id string, exposure_propensity double")
+    got = {r["item_id"]: (r["pop"], r["n_pos"]) for r in debiased_popularity(pos, prop, 0.01).collect()}
+    assert got == {"X": (pytest.approx(6.0), 3), "Y": (pytest.approx(8.0), 4)}
+
+
+@pytest.mark.parametrize("order", [["u1", "u2", "u3"], ["u3", "u2", "u1"]])
+def test_equal_debiased_popularities_tie_by_item_id_whatever_the_row_order(spark, order):
+    """1/0.1 + 1/0.2 + 1/0.3 summed in another order differs in the last bit: the tie went to the
+    item whose rows happened to sum higher instead of to the item id."""
+    from causalrec.candidates import debiased_popularity, popularity_source
+
+    props = {"u1": 0.1, "u2": 0.2, "u3": 0.3}
+    prop = spark.createDataFrame([(u, i, p) for u, p in props.items() for i in ("a", "z")],
+                                 "user_id string, item_id string, exposure_propensity double")
+    pos = spark.createDataFrame([(u, "z") for u in order] + [(u, "a") for u in ("u1", "u2", "u3")],
+                                "user_id string, item_id string").coalesce(1)
+    pop = debiased_popularity(pos, prop, 0.01)
+    users = spark.createDataFrame([("new",)], "user_id string")
+    assert [r["item_id"] for r in popularity_source(users, pop, 1, None).collect()] == ["a"]
+
+
+@pytest.mark.parametrize("cutoff_from", ["config", "stored feature tables"])
+def test_candidates_see_only_events_before_the_serving_cutoff(ctx, spark, cutoff_from):
+    """A backtest's later events (u2's B after the cutoff, u1's own C) made B a co-occurrence
+    neighbour of u1's A and excluded C as consumed: candidates are generated as of the feature tables'
+    cutoff (what scoring serves as the histories), else features.cutoff."""
+    from causalrec.candidates import run
+
+    t = lambda d: dt.datetime(2024, 1, d, tzinfo=dt.timezone.utc)  # noqa: E731
+    ev = [("u1", "A", t(1)), ("u2", "A", t(2)), ("u2", "B", t(20)), ("u3", "C", t(1)), ("u4", "C", t(2)),
+          ("u1", "C", t(25))]
+    events = spark.createDataFrame([dict(event_id=f"e{n}", user_id=u, item_id=i, event_time=ts, event_date=ts.date(),
+                                         event_type="rating", value=5.0, ingest_batch="b0")
+                                    for n, (u, i, ts) in enumerate(ev)])
+    store = ctx.store
+    store.write(events, "events", mode="overwrite", spec=EVENTS)
+    store.write(spark.createDataFrame([(i, [], "cat", f"item {i}", 1.0) for i in "ABC"], ITEMS.spark_schema()),
+                "items", mode="overwrite", spec=ITEMS)
+    store.write(spark.createDataFrame([(f"u{u}", [], None, None) for u in range(1, 5)], USERS.spark_schema()),
+                "users", mode="overwrite", spec=USERS)
+    cut = "2024-01-10T00:00:00+00:00"
+    if cutoff_from == "config":
+        ctx.cfg.features.cutoff = cut
+    else:  # the features stage's tables, with their cutoff in the commit metadata
+        for table in ("user_features", "item_features"):
+            store.write(spark.createDataFrame([("x",)], "id string"), table, mode="overwrite",
+                        metadata={"feature_names": ["f"], "as_of": cut})
+    ctx.cfg.candidates.sources = ["popularity", "cooccurrence"]
+    ctx.cfg.candidates.per_source = 3
+    cached_before = spark.sparkContext._jsc.getPersistentRDDs().size()
+    out = run(ctx)
+    assert spark.sparkContext._jsc.getPersistentRDDs().size() == cached_before  # the stage's caches released
+    assert out["as_of"] == cut
+    got = [(r["item_id"], r["sources"]) for r in store.read("candidates").where("user_id = 'u1'").collect()]
+    assert got == [("C", ["popularity"])]
+
 def test_candidates_job_bounded_sources_and_exclusion(ctx, spark):
     from pyspark.sql import functions as F
 
