@@ -233,3 +233,82 @@ def test_key_lineage_revives_files_a_restore_puts_back():
     assert remains((optimize, ["c1"], {"k1": False}), (restore, ["k1"], {"c1": True}))
     assert not remains((optimize, ["c1"], {"k1": False}), (restore, ["k1"], {"c1": True}),
                        (overwrite, ["o2"], {"k1": True}))
+
+
+# -- reviewed edge cases of the offline writer ------------------------------------------------------------
+def test_an_overwrite_does_not_keep_rows_a_concurrent_writer_appended(spark, store, tmp_path):
+    """An overwrite planned on version 0 while another writer appends version 1: delta-rs rebased it
+    over the append and removed only the files it had seen, so the append's row survived the
+    overwrite. It now conflicts and leaves the table as the other writer left it."""
+    from pyspark.sql import functions as F
+
+    from causalrec.storage import ConcurrentWriteError
+
+    store.write(spark.createDataFrame([(1, "old")], "id long, tag string"), "t")
+    path, flag = store.path("t"), str(tmp_path / "appended")
+
+    @F.udf(T.StringType())
+    def append_meanwhile(tag):  # runs in the overwrite's task, after it fixed read_version = 0
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            from deltalake import write_deltalake
+
+            write_deltalake(path, pa.table({"id": pa.array([2], pa.int64()), "tag": ["concurrent"]}), mode="append")
+        return tag
+
+    new = spark.createDataFrame([(10, "new")], "id long, tag string").withColumn("tag", append_meanwhile("tag"))
+    with pytest.raises(ConcurrentWriteError, match="concurrent commit conflicts with this overwrite"):
+        store.write(new, "t", mode="overwrite")
+    assert _rows(store, "t") == [(1, "old"), (2, "concurrent")]
+
+
+def test_a_merge_that_deletes_a_keyed_writes_rows_lets_the_rerun_write_them(spark, store):
+    """MERGE was not counted as removing rows, so the key stayed applied and the rerun was skipped:
+    the rows stayed lost (a DELETE with the same effect was handled)."""
+    store.write(spark.createDataFrame([(1, "other")], "id long, tag string"), "t", partition_by=["id"])
+    store.write(spark.createDataFrame([(2, "keyed")], "id long, tag string"), "t", idempotency_key="K")
+    src = pa.table({"id": pa.array([2], pa.int64())})
+    DeltaTable(store.path("t")).merge(src, "t.id = s.id", source_alias="s", target_alias="t") \
+        .when_matched_delete().execute()
+    assert not store.has_commit_key("t", "K")
+    store.write(spark.createDataFrame([(2, "keyed")], "id long, tag string"), "t", idempotency_key="K")
+    assert _rows(store, "t") == [(1, "other"), (2, "keyed")]
+
+
+def test_nulls_into_a_not_null_column_are_refused(spark, store):
+    store.write(spark.range(3), "t")  # id: bigint NOT NULL
+    with pytest.raises(DeltaWriteError, match=r"column 'id' is NOT NULL in the table but the data being written "
+                                              r"holds null in it \(1 row"):
+        store.write(spark.createDataFrame([(None,)], "id long"), "t")
+    assert _rows(store, "t") == [(0,), (1,), (2,)]
+
+
+def test_nan_and_empty_partition_values_keep_their_rows_readable(spark, store):
+    """A NaN partition value matched no row (NaN equals nothing): the rows vanished and the folder
+    'p=nan' failed Spark's read; an empty string made a folder 'p=' that Spark refuses (Spark writes
+    and reads it as null)."""
+    store.write(spark.createDataFrame([(1, float("nan")), (2, 1.0), (3, 1.0)], "id long, p double"), "f",
+                partition_by=["p"])
+    got = sorted((r.id, r.p) for r in store.read("f").collect())
+    assert store.row_count("f") == 3 and got[1:] == [(2, 1.0), (3, 1.0)] and got[0][1] != got[0][1]
+    store.write(spark.createDataFrame([(1, ""), (2, "a")], "id long, p string"), "s", partition_by=["p"])
+    assert _rows(store, "s") == [(1, None), (2, "a")]
+
+
+def test_a_binary_column_is_written(spark, store):
+    """Binary min/max statistics are bytes, which the stats JSON cannot hold: no table could be written."""
+    store.write(spark.createDataFrame([(1, bytearray(b"\x00\x01"))], "id long, b binary"), "t")
+    assert [bytes(r.b) for r in store.read("t").collect()] == [b"\x00\x01"]
+
+
+def test_timestamp_partition_values_read_in_utc_whatever_the_session_time_zone(spark, store):
+    """Partition values are written in UTC; Spark parsed the folder names in the session's zone."""
+    df = spark.sql("select 1 as id, timestamp'2024-01-01 10:00:00' as t")
+    store.write(df, "t", partition_by=["t"])
+    zone = spark.conf.get("spark.sql.session.timeZone")
+    try:
+        spark.conf.set("spark.sql.session.timeZone", "America/New_York")
+        epoch = store.read("t").selectExpr("unix_timestamp(t) as e").first().e
+    finally:
+        spark.conf.set("spark.sql.session.timeZone", zone)
+    assert epoch == int(dt.datetime(2024, 1, 1, 10, tzinfo=dt.timezone.utc).timestamp())

@@ -104,6 +104,20 @@ def check_schema(table_schema: pa.Schema, write_schema: pa.Schema, path: str, pa
     return new_fields
 
 
+def check_not_null(path: str, schema: pa.Schema, partition_columns, files: list) -> None:
+    """Refuse files with nulls in a column the table declares NOT NULL (delta-spark's
+    DELTA_NOT_NULL_CONSTRAINT_VIOLATED), from the files' own null counts and partition values."""
+    required = [f.name for f in schema if not f.nullable]
+    for f in files:
+        nulls = json.loads(f["stats"] or "{}").get("nullCount", {})
+        for c in required:
+            n = nulls.get(c, 0) if c not in partition_columns else int(f["partition_values"].get(c) is None)
+            if n:
+                raise DeltaWriteError(f"Delta table {path}: column {c!r} is NOT NULL in the table but the data "
+                                      f"being written holds null in it ({n} row(s) of file {f['path']}); nothing "
+                                      f"was written")
+
+
 def commit_files(
     *,
     path: str,
@@ -149,7 +163,9 @@ def commit_files(
         custom["causalrecWriteId"] = write_id
     if commit_metadata:
         custom["causalrec"] = json.dumps(commit_metadata)
-    props = CommitProperties(custom_metadata=custom, max_commit_retries=0 if exact else None,
+    # an overwrite removes the files it saw at read_version: delta-rs would rebase it over a newer append
+    # and keep that append's rows, so an overwrite lands on read_version + 1 or conflicts, as in delta-spark
+    props = CommitProperties(custom_metadata=custom, max_commit_retries=0 if exact or overwrite else None,
                              app_transactions=[Transaction(key, key_version)] if key else None)
     delta_schema = Schema.from_arrow(arrow_schema)
 
@@ -211,6 +227,7 @@ def commit_files(
             )
         parts = table_parts
     check_partitioning(path, parts, schema_for_commit, files)
+    check_not_null(path, schema_for_commit, parts, files)
     mode = "overwrite" if overwrite else "append"
     filters = None
     if replace_where:

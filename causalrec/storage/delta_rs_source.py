@@ -59,9 +59,12 @@ def escape_path_name(value: str) -> str:
 
 
 def partition_value_string(value) -> str | None:
-    """Delta's string form of a partition value (protocol: 'Partition Value Serialization')."""
-    if value is None:
+    """Delta's string form of a partition value (protocol: 'Partition Value Serialization'); an empty
+    string is null, as Spark writes and reads it (a folder ``c=`` is unreadable)."""
+    if value is None or value == "":
         return None
+    if isinstance(value, float) and value != value:
+        return "NaN"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, _dt.datetime):
@@ -96,7 +99,8 @@ def file_stats(table) -> str:
     for name, col in zip(table.column_names, table.columns):
         nulls[name] = int(col.null_count)
         t = col.type
-        if pa.types.is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_boolean(t):
+        if (pa.types.is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_boolean(t)
+                or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)):
             continue
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             # Truncated string bounds must stay valid bounds: keep them only when short.
@@ -315,7 +319,12 @@ def _split_by_partition(table, partition_by):
         mask = None
         for c in partition_by:
             col = table.column(c)
-            m = pc.is_null(col) if k[c] is None else pc.fill_null(pc.equal(col, k[c]), False)
+            if k[c] is None:
+                m = pc.is_null(col)
+            elif isinstance(k[c], float) and k[c] != k[c]:  # NaN equals nothing, not even NaN
+                m = pc.fill_null(pc.is_nan(col), False)
+            else:
+                m = pc.fill_null(pc.equal(col, k[c]), False)
             mask = m if mask is None else pc.and_(mask, m)
         groups[tuple(partition_value_string(k[c]) for c in partition_by)] = table.filter(mask)
     return groups

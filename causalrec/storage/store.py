@@ -330,7 +330,8 @@ class DeltaStore:
         files = dt.file_uris()
         if not files:
             return self.spark.createDataFrame([], schema)
-        df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
+        # partition values are parsed from folder names, written in UTC (not the session's time zone)
+        df = self.spark.read.schema(schema).option("basePath", path).option("timeZone", "UTC").parquet(*files)
         return df.select(*[f"`{f.name}`" for f in schema.fields])
 
     def read_arrow(self, name: str, version: Optional[int] = None, columns: Optional[list] = None):
@@ -511,7 +512,8 @@ def _commit_meta(h: dict) -> Optional[dict]:
 
 def _replaced_rows(h: dict) -> Optional[str]:
     """Which earlier rows a history entry may have removed: ``"all"`` (an overwrite, truncate, replace,
-    unconditional delete), ``"some"`` (a partition overwrite, a conditional delete, a restore) or None.
+    unconditional delete), ``"some"`` (a partition overwrite, a conditional delete, a merge, an update,
+    a restore) or None.
 
     A RESTORE counts as ``"some"``: it removes and adds back whole files, and the version it restores may
     still hold the keyed commit's files, so the file lineage (:meth:`DeltaStore._key_rows_may_remain`)
@@ -530,7 +532,7 @@ def _replaced_rows(h: dict) -> Optional[str]:
     op = str(h.get("operation") or "").upper()
     params = h.get("operationParameters") or {}
     conditional = str(params.get("predicate") or "").strip() not in ("", "[]")
-    if op == "RESTORE":
+    if op in ("RESTORE", "UPDATE") or "MERGE" in op:  # MERGE: delta-rs and delta-spark; both rewrite files
         return "some"
     if op == "TRUNCATE" or "REPLACE" in op:
         return "all"
