@@ -490,7 +490,7 @@ NUMBER_RANGES = {
     "train.cpus_per_worker": "> 0",
     "train.max_failures": "int >= -1",  # Ray's -1: retry without limit
     "train.early_stopping_patience": "int >= 0",  # 0: no early stopping
-    "train.ips_clip": "(0, 1]",
+    "train.ips_clip": "(0, 0.5)",  # a propensity floor; the uplift arms clip e to [clip, 1 - clip]
     "train.dr_label_fit_weight": ">= 0",
     "train.tune_trials": "int >= 0",
     "train.freeze_layers": "int >= -1",  # -1: the whole encoder

@@ -445,7 +445,7 @@ def test_every_checked_number_refuses_a_value_just_outside_its_range(key, spec):
     ("features.popularity_groups=[0.2]", r"features.popularity_groups: got \[0.2\], expected two cumulative"),
     ("features.windows_days=[]", r"features.windows_days: got \[\], expected a non-empty list, each element an integer >= 1"),
     ("candidates.max_candidates=0", r"candidates.max_candidates: got 0, expected an integer >= 1"),
-    ("train.ips_clip=2", r"train.ips_clip: got 2.0, expected a value in \(0, 1\]"),
+    ("train.ips_clip=0.6", r"train.ips_clip: got 0.6, expected a value in \(0, 0.5\)"),
     ("training_set.files_per_split=0", r"training_set.files_per_split: got 0, expected an integer >= 1"),
 ])
 def test_numbers_that_ran_silently_wrong_or_failed_late_fail_at_load(override, match):

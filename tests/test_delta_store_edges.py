@@ -312,3 +312,14 @@ def test_timestamp_partition_values_read_in_utc_whatever_the_session_time_zone(s
     finally:
         spark.conf.set("spark.sql.session.timeZone", zone)
     assert epoch == int(dt.datetime(2024, 1, 1, 10, tzinfo=dt.timezone.utc).timestamp())
+
+
+def test_a_timestamp_ntz_column_keeps_its_type_and_takes_appends(spark, store):
+    """Every timestamp was stored with a UTC zone: a TIMESTAMP_NTZ column read back as TIMESTAMP and
+    the next append of the same data was refused as a type clash."""
+    df = spark.sql("select timestamp_ntz'2024-01-01 10:00:00' as t")
+    store.write(df, "t")
+    store.write(df, "t")
+    back = store.read("t")
+    assert back.schema.simpleString() == "struct<t:timestamp_ntz>"
+    assert [r.t for r in back.collect()] == [dt.datetime(2024, 1, 1, 10, 0)] * 2

@@ -174,8 +174,8 @@ class DeltaRsWriter(DataSourceArrowWriter):
         s = to_arrow_schema(StructType.fromJson(json.loads(self.schema_json)), timezone="UTC")
         fields = []
         for f in s:
-            if pa.types.is_timestamp(f.type):
-                f = f.with_type(pa.timestamp("us", tz="UTC"))
+            if pa.types.is_timestamp(f.type):  # TIMESTAMP in UTC; TIMESTAMP_NTZ stays without a zone
+                f = f.with_type(pa.timestamp("us", tz="UTC" if f.type.tz else None))
             fields.append(f)
         return pa.schema(fields)
 
