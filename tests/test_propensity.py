@@ -578,3 +578,55 @@ def test_time_split_with_no_event_before_the_cutoff_says_so_before_fitting(spark
     msg = str(err.value)
     assert "training_set.split=time" in msg and scope.cutoff.isoformat() in msg, msg
     assert "40 events at or after it" in msg and "split=given" in msg and "random_user" in msg, msg
+
+
+def test_exposure_universe_counts_the_users_the_fit_observes_for_every_method(spark):
+    """Users in the feature tables without a label event (5 of 10 here) got no sampled unobserved
+    pairs, so the logistic model fitted the density of the observed users (0.1) while the universe,
+    and with it popularity and naive Bayes, counted all 10 (density 0.05): the methods disagreed by 2x."""
+    import datetime as dt
+    import random
+
+    from pyspark.sql import functions as F
+
+    from causalrec.config import Config
+    from causalrec.propensity.job import exposure_propensities
+
+    cfg = Config()
+    cfg.propensity.clip_min, cfg.propensity.reg_param, cfg.propensity.holdout_fraction = 1e-4, 0.0, 0.0
+    rng = random.Random(0)
+    rows = [(f"e{u}_{j}", f"u{u}", f"i{j}", dt.datetime(2024, 1, 1), "rating", 3.0)
+            for u in range(5) for j in rng.sample(range(50), 5)]
+    ev = spark.createDataFrame(rows, "event_id string, user_id string, item_id string, event_time timestamp, "
+                                     "event_type string, value double")
+    uf = spark.createDataFrame([(f"u{u}", [1.0]) for u in range(10)], "user_id string, feature_vector array<float>")
+    itf = spark.createDataFrame([(f"i{j}", [1.0]) for j in range(50)], "item_id string, feature_vector array<float>")
+    er = exposure_propensities(ev, uf, itf, cfg, methods=["logistic", "popularity"])
+    assert (er.universe.n_users, er.universe.density) == (5, pytest.approx(0.1))
+    # constant features: the weighted likelihood's P(O=1) is the observed users' density
+    p = er.scored["logistic"].agg(F.avg("raw_propensity")).first()[0]
+    assert p == pytest.approx(er.universe.density, rel=0.03)
+
+
+def test_treatment_versus_truth_counts_one_row_per_decision(spark):
+    """The treatment table scores every event; a decision's click and purchase rows carry its
+    propensity too, and counted the clicked decision three times against the true propensity."""
+    import datetime as dt
+
+    from causalrec.config import Config
+    from causalrec.propensity.job import treatment_propensities, treatment_versus_truth
+
+    cfg = Config()
+    cfg.propensity.treatment_method = "logged"
+    t0 = dt.datetime(2024, 1, 1)
+    rows = [("a1", "uA", "iA", t0, "impression", 1.0, True, 0.9), ("a2", "uA", "iA", t0, "click", 1.0, True, 0.9),
+            ("a3", "uA", "iA", t0, "purchase", 1.0, True, 0.9), ("b1", "uB", "iB", t0, "impression", 0.0, True, 0.5)]
+    ev = spark.createDataFrame(rows, "event_id string, user_id string, item_id string, event_time timestamp, "
+                                     "event_type string, value double, recommended boolean, logged_propensity double")
+    uf = spark.createDataFrame([("uA", [0.0]), ("uB", [0.0])], "user_id string, feature_vector array<float>")
+    itf = spark.createDataFrame([("iA", [0.0]), ("iB", [0.0])], "item_id string, feature_vector array<float>")
+    tdf, _ = treatment_propensities(ev, uf, itf, cfg)
+    truth = spark.createDataFrame([("uA", "iA", 0.5), ("uB", "iB", 0.3)],
+                                  "user_id string, item_id string, treatment_propensity double")
+    vt = treatment_versus_truth(tdf, ev, truth)
+    assert (vt["n"], vt["mae"]) == (2, pytest.approx((0.4 + 0.2) / 2))

@@ -38,7 +38,14 @@ from pyspark.sql import functions as F
 
 @dataclass
 class Universe:
-    """The population an IPS estimate is about: every user x every item."""
+    """The population an IPS estimate is about: every user with an observed pair in the fit x every item.
+
+    Users without one (no label event, or first seen after a time split's cutoff) are left out by
+    every method alike: the logistic model's sampled unobserved pairs are drawn from observed users
+    (:func:`sample_unobserved`), so a universe counting the others too gave it a density about
+    their share too high next to popularity and naive Bayes. The evaluation's IPS population
+    (:func:`causalrec.evaluation.job.ips_population`) counts labelled users too.
+    """
 
     n_users: int
     n_items: int

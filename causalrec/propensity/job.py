@@ -210,9 +210,8 @@ def exposure_propensities(events: DataFrame, user_features: DataFrame, item_feat
     obs = observed_pairs(scope.fit_events(events), etype)
     scope.require_fit_rows(obs, events, "exposure")  # before caching: a refusal leaves nothing cached
     obs = obs.cache()
-    n_users = user_features.count()
     n_items = item_features.count()
-    universe = Universe(n_users, n_items, obs.count())
+    universe = Universe(obs.select("user_id").distinct().count(), n_items, obs.count())
     ratio = max(float(cfg.training_set.unobserved_per_observed), 1.0)
     neg = sample_unobserved(obs, item_features, n_items, ratio, cfg.project.seed)
     h = _hash_fraction([F.col("user_id"), F.col("item_id")], "exposure-holdout")
@@ -265,6 +264,16 @@ def _one_row_per_decision(has_decisions: bool):
     from causalrec.decisions import DECISION_EVENT
 
     return (F.col("event_type") == DECISION_EVENT) if has_decisions else F.lit(True)
+
+
+def treatment_versus_truth(treatment: DataFrame, events: DataFrame, truth: DataFrame) -> dict:
+    """:func:`diagnostics.versus_truth` of the treatment propensities against the simulator's true ones,
+    one row per decision (:func:`_one_row_per_decision`): the table scores every event, and a decision's
+    click and purchase rows counted a clicked decision two or three times."""
+    has_decisions = events.where(_one_row_per_decision(True)).limit(1).count() > 0
+    units = events.where(_one_row_per_decision(has_decisions)).select("event_id")
+    true = truth.select("user_id", "item_id", F.col("treatment_propensity").alias("_true"))
+    return D.versus_truth(treatment.join(units, "event_id", "left_semi"), true, "treatment_propensity", "_true")
 
 
 def treatment_propensities(events: DataFrame, user_features: DataFrame, item_features: DataFrame, cfg,
@@ -451,8 +460,7 @@ def run(ctx) -> dict:
                 vt = D.versus_truth(sc, truth, "exposure_propensity", "exposure_propensity")
                 rows += [D._row("exposure", m, f"truth_{k}", vt[k], n=vt["n"]) for k in ("corr", "corr_log", "mae", "calibration_error")]
             if tdf is not None:
-                tt = truth.select("user_id", "item_id", "treatment_propensity").withColumnRenamed("treatment_propensity", "_true")
-                vt = D.versus_truth(tdf, tt, "treatment_propensity", "_true")
+                vt = treatment_versus_truth(tdf, events, truth)
                 rows += [D._row("treatment", cfg.propensity.treatment_method, f"truth_{k}", vt[k], n=vt["n"])
                          for k in ("corr", "corr_log", "mae", "calibration_error")]
     with ctx.step("propensity: load"):
