@@ -690,6 +690,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for ov in overrides or []:
         keys, value = parse_override(ov)
         _apply_override(data, keys, value)
+    if overrides:  # a bad value may come from the command line, not the file
+        where = f"{where} with --set {' '.join(overrides)}"
     try:
         cfg = _build(Config, data, "")
     except ConfigError as exc:
@@ -704,6 +706,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             cfg.data.path = str(Path(cfg.data.path).resolve())
     else:
         cfg.storage.root = _absolutize(cfg.storage.root)
+    for key in ("checkpoint_dir", "reports_dir"):  # as the root: one place whatever the working directory
+        if getattr(cfg.storage, key):
+            setattr(cfg.storage, key, _absolutize(getattr(cfg.storage, key)))
     return cfg
 
 

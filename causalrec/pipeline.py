@@ -34,9 +34,12 @@ RUNS_TABLE = "_pipeline_runs"
 STAGE_SECTIONS = {
     "ingest": ("data", "simulator"),
     "features": ("features", "data.event_types"),
-    # all of training_set: the time split's cutoff comes from training_set.assign_splits (split and
-    # fractions) beside the keys read directly; features: the feature tables rebuilt at that cutoff
-    "propensity": ("propensity", "causal_graph", "training_set", "features", "data.event_types"),
+    # the split settings (training_set.SPLIT_SETTINGS: the time split's cutoff and the held-out pairs come
+    # from training_set.assign_splits), not files_per_split, which only shards the training set's files;
+    # features: the feature tables rebuilt at that cutoff
+    "propensity": ("propensity", "causal_graph", "training_set.split", "training_set.valid_fraction",
+                   "training_set.test_fraction", "training_set.mcar_valid_fraction", "training_set.label_event_type",
+                   "training_set.unobserved_per_observed", "features", "data.event_types"),
     "training_set": ("training_set", "features", "data.event_types", "propensity.clip_min"),
     "train": ("train", "features.history_length"),
     # features.cutoff: the point in time when no feature tables are stored
@@ -71,9 +74,17 @@ def _table_version(ctx: Context, name: str) -> Optional[str]:
     return f"{dt.version()}@{dt.metadata().id}"
 
 
+# keys of a fingerprinted section that change how a stage runs, never what it writes
+RUNTIME_KEYS = {"train": ("mlflow_tracking_uri", "max_failures", "tune_max_concurrent"),
+                "scoring": ("num_actors", "cpus_per_actor")}
+
+
 def _config_value(cfg: dict, key: str):
     section, _, name = key.partition(".")
-    return cfg[section][name] if name else cfg[section]
+    if name:
+        return cfg[section][name]
+    value = cfg[section]
+    return {k: v for k, v in value.items() if k not in RUNTIME_KEYS.get(section, ())} if isinstance(value, dict) else value
 
 
 def input_files(ctx: Context, stage: Stage) -> dict:
@@ -184,14 +195,15 @@ def _record(ctx: Context, stage: Stage, fp: str, status: str, started: float, su
 
 def _outputs_unchanged(ctx: Context, stage: Stage, run: dict) -> bool:
     """Every output is still at the version ``run`` recorded (a standalone stage run or another
-    config since then rewrote it otherwise), and a recorded report file still exists."""
+    config since then rewrote it otherwise), and the files it recorded writing still exist: the
+    report, and evaluate's JSON (the report reads its curves and model sections from it)."""
     import os
 
     recorded = json.loads(run.get("output_versions") or "{}")
     if any(_table_version(ctx, o) != recorded.get(o, -1) for o in stage.outputs):
         return False
-    report = json.loads(run["summary"] or "{}").get("report_path")
-    return not report or os.path.exists(report)
+    summary = json.loads(run["summary"] or "{}")
+    return all(os.path.exists(summary[k]) for k in ("report_path", "json") if summary.get(k))
 
 
 def stage_state(ctx: Context, stage: Stage, runs: list[dict]) -> tuple[str, str, dict]:
@@ -215,7 +227,8 @@ def stage_state(ctx: Context, stage: Stage, runs: list[dict]) -> tuple[str, str,
 
 def pipeline_status(ctx: Context) -> dict:
     """Each stage's state as ``run`` would find it: a stage whose own record is up to date but which
-    reads a table an earlier stage will rewrite is "stale (upstream: <tables>)", as ``run`` reruns it."""
+    reads a table an earlier stage will rerun is "stale if upstream rewrites <tables>": ``run`` reruns
+    it if that stage writes a new version (an unchanged ingest rerun writes none)."""
     runs = _runs(ctx)
     out = {}
     rewritten: set = set()  # the outputs of the stages a run would rerun before this one
@@ -227,7 +240,7 @@ def pipeline_status(ctx: Context) -> dict:
             state = "not built yet"
         upstream = sorted(set(stage.inputs) & rewritten)
         if state == "up to date" and upstream:
-            state = f"stale (upstream: {', '.join(upstream)})"
+            state = f"stale if upstream rewrites {', '.join(upstream)}"
         if state != "up to date":
             rewritten |= set(stage.outputs)
         out[stage.name] = state

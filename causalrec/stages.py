@@ -58,7 +58,7 @@ PIPELINE: tuple[Stage, ...] = (
           inputs=("training_examples",), outputs=("train_runs",), engine="ray"),
     Stage("candidates", "causalrec.candidates:run",
           "bounded candidate sets per user from several sources",
-          inputs=("events", "items", "users", "item_features", "exposure_propensity"),
+          inputs=("events", "items", "users", "user_features", "item_features", "exposure_propensity"),
           outputs=("candidates", "item_embeddings")),
     Stage("score", "causalrec.scoring:run",
           "score candidates with the trained checkpoint on Ray Data",

@@ -454,3 +454,19 @@ def test_numbers_that_ran_silently_wrong_or_failed_late_fail_at_load(override, m
     num_workers."""
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_a_bad_set_value_is_reported_with_the_override_not_only_the_file(tmp_path):
+    """--set ranking.k=x was reported as "c.yaml: ranking.k: ...", while c.yaml says k: 5."""
+    f = tmp_path / "c.yaml"
+    f.write_text("ranking:\n  k: 5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml with --set ranking.k=x: ranking.k: got 'x' \(str\), expected int"):
+        load_config(f, ["ranking.k=x"])
+
+
+def test_relative_report_and_checkpoint_folders_resolve_once(tmp_path, monkeypatch):
+    """A relative storage.reports_dir was left relative: a run from another directory wrote the report
+    elsewhere while evaluate's JSON stayed where the first run put it."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["storage.reports_dir=rel_reports", "storage.checkpoint_dir=ckpt"])
+    assert (cfg.storage.reports_dir, cfg.storage.checkpoint_dir) == (str(tmp_path / "rel_reports"), str(tmp_path / "ckpt"))

@@ -19,6 +19,7 @@ from causalrec import pipeline as P
 from causalrec.config import Config
 from causalrec.context import Context
 from causalrec.stages import ALL, PIPELINE
+from causalrec.training_set import SPLIT_SETTINGS
 
 
 @pytest.fixture
@@ -88,8 +89,47 @@ def test_config_read_from_another_section_changes_the_fingerprint(pctx, stage, k
     assert P.fingerprint(pctx, ALL[stage])[0] != before
 
 
+
+def test_the_propensity_fingerprint_holds_every_split_setting_and_not_the_file_sharding():
+    """Every training_set setting that decides what a propensity model may see is in its fingerprint;
+    files_per_split, which only shards the training set's files, reran propensity and everything after."""
+    assert _SPLIT_KEYS <= set(P.STAGE_SECTIONS["propensity"])
+    assert "training_set" not in P.STAGE_SECTIONS["propensity"]
+
+
+@pytest.mark.parametrize("stage, key, value", [
+    ("propensity", "training_set.files_per_split", 8),
+    ("train", "train.mlflow_tracking_uri", "sqlite:///mlflow.db"),
+    ("train", "train.max_failures", 5),
+    ("score", "scoring.num_actors", 3),
+])
+def test_settings_of_how_a_stage_runs_keep_its_fingerprint(pctx, stage, key, value):
+    before = P.fingerprint(pctx, ALL[stage])[0]
+    section, name = key.split(".")
+    setattr(getattr(pctx.cfg, section), name, value)
+    assert P.fingerprint(pctx, ALL[stage])[0] == before
+
+
+def test_a_missing_evaluation_json_makes_evaluate_stale(pctx, tmp_path):
+    """The report reads its curves and model sections from evaluate's JSON: with the reports folder
+    deleted, evaluate stayed up to date and the rerun report silently lost those sections."""
+    ev = ALL["evaluate"]
+    for name in ev.inputs:
+        _table(pctx, name, 1)
+    for o in ev.outputs:
+        _table(pctx, o, 1)
+    path = tmp_path / "evaluation.json"
+    path.write_text("{}")
+    fp, inputs = P.fingerprint(pctx, ev)
+    P._record(pctx, ev, fp, "success", time.time(), {"json": str(path)}, inputs)
+    assert _state(pctx, ev) == "up to date"
+    path.unlink()
+    assert _state(pctx, ev) == "stale"
+
+
 _SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "source_file"]
 _READ = re.compile(r"\bcfg\.(%s)\b(?:\.([a-z_]+))?" % "|".join(_SECTIONS))
+_SPLIT_KEYS = {f"training_set.{k}" for k in SPLIT_SETTINGS}
 _RUNTIME = ("storage", "spark", "ray")  # where and how a stage runs, not what it computes
 _INFRA = ("causalrec.context", "causalrec.config", "causalrec.sessions", "causalrec.schemas",
           "causalrec.stages", "causalrec.cli", "causalrec.pipeline", "causalrec.storage")
@@ -133,6 +173,8 @@ def test_stage_sections_cover_every_config_read(stage):
             section, key = m.group(1), m.group(2)
             if section in _RUNTIME or section in covered:
                 continue
+            if (section, key) == ("training_set", None) and _SPLIT_KEYS <= covered:
+                continue  # training_set.split_settings(cfg): getattr(cfg.training_set, k) for k in SPLIT_SETTINGS
             full = f"{section}.{key}" if key else section
             if full not in covered:
                 missing.add(full)
@@ -280,8 +322,8 @@ def test_status_shows_what_run_would_rerun_downstream(pctx, fake_stages, monkeyp
         _run(pctx, st, 1)
     assert set(P.pipeline_status(pctx)["stages"].values()) == {"up to date"}
     _table(pctx, "t0", 2)
-    assert P.pipeline_status(pctx)["stages"] == {"a": "stale", "b": "stale (upstream: t1)",
-                                                 "c": "stale (upstream: t2)", "d": "up to date"}
+    assert P.pipeline_status(pctx)["stages"] == {"a": "stale", "b": "stale if upstream rewrites t1",
+                                                 "c": "stale if upstream rewrites t2", "d": "up to date"}
 
 
 def test_a_huge_summary_is_recorded_as_json_that_status_can_read(pctx):
