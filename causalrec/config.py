@@ -146,6 +146,10 @@ class PropensityConfig:
     adjustment_set: Optional[list[str]] = None  # feature groups; None = derived from causal_graph
 
 
+# the training_set settings that decide which labels are held out, and so what a model may see
+# (causalrec.training_set.split_settings; the propensity stage's fingerprint, causalrec.pipeline)
+SPLIT_SETTINGS = ("split", "valid_fraction", "test_fraction", "mcar_valid_fraction", "label_event_type")
+
 # feature groups a propensity model may adjust for (``propensity.adjustment_set``): the keys of
 # causalrec.propensity.job.GROUP_COLUMNS, kept here so loading a config imports no Spark code
 # (tests/test_config_cli.py checks the two agree)
@@ -469,6 +473,10 @@ NUMBER_RANGES = {
     "features.popularity_groups[]": "(0, 1]",
     "features.max_attribute_features": "int >= 0",
     "propensity.clip_min": "(0, 1)",
+    "propensity.treatment_eps": "(0, 0.5)",
+    "propensity.choice_eps": "(0, 0.5)",
+    "propensity.choice_reg_grid[]": ">= 0",  # L2 strengths
+    "propensity.holdout_fraction": "[0, 1)",  # the rest of the rows is what the models are fitted on
     "propensity.popularity_power": ">= 0",
     "propensity.choice_time_buckets": "int >= 1",
     "propensity.calibration_bins": "int >= 1",
@@ -515,6 +523,9 @@ NUMBER_RANGES = {
     "ope.dr_os_lambdas[]": ">= 0",
     "ope.abtest_expected_share": "(0, 1)",  # the sample-ratio check divides by both arms' shares
     "ope.uplift_refutation_sample": "(0, 1]",
+    # each reported item or segment effect needs that many treated and control rows: below 2 an arm
+    # may be missing or have no standard error
+    "ope.uplift_min_rows": "int >= 2",
     "evaluation.calibration_bins": "int >= 1",
     "evaluation.propensity_clip": "(0, 1)",
 }
@@ -565,12 +576,6 @@ def _check_semantics(cfg: Config, where: str) -> None:
     if len(groups) != 2 or not groups[0] < groups[1]:
         bad("features.popularity_groups", f"got {groups}, expected two cumulative shares 0 < head < mid <= 1 "
                                           "(head: the top head share of items; mid: up to the mid share)")
-    if not 0 < cfg.propensity.treatment_eps < 0.5:
-        bad("propensity.treatment_eps", "expected a value in (0, 0.5)")
-    if not 0 < cfg.propensity.choice_eps < 0.5:
-        bad("propensity.choice_eps", "expected a value in (0, 0.5)")
-    if not cfg.propensity.choice_reg_grid or any(float(r) < 0 for r in cfg.propensity.choice_reg_grid):
-        bad("propensity.choice_reg_grid", "expected a non-empty list of L2 strengths >= 0")
     # the exposure_method choices are the estimator registry's keys (tests/test_config_cli.py checks it)
     exposure_methods = typing.get_args(typing.get_type_hints(PropensityConfig)["exposure_method"])
     for m in cfg.propensity.compare_methods or []:
@@ -579,9 +584,6 @@ def _check_semantics(cfg: Config, where: str) -> None:
     for g in cfg.propensity.adjustment_set or []:
         if g not in ADJUSTMENT_GROUPS:
             bad("propensity.adjustment_set", f"{g!r} is not one of {list(ADJUSTMENT_GROUPS)}")
-    if not 0 <= cfg.propensity.holdout_fraction < 1:
-        bad("propensity.holdout_fraction", f"got {cfg.propensity.holdout_fraction}, expected a value in [0, 1) "
-                                           f"(the rest of the rows is what the propensity models are fitted on)")
     if cfg.training_set.files_per_split % cfg.train.num_workers != 0:
         bad(
             "training_set.files_per_split",
@@ -625,9 +627,6 @@ def _check_semantics(cfg: Config, where: str) -> None:
         bad("ope.bootstrap_buckets", f"got {g}, expected 0 (a Poisson weight per row) or at least "
             f"{MIN_BOOTSTRAP_BUCKETS}: each bucket is one resampling unit, and with few the interval is noise "
             "(1 gives a zero-width one; conf/cluster.yaml uses 4096)")
-    if cfg.ope.uplift_min_rows < 2:  # below 2 an arm may be missing or have no standard error
-        bad("ope.uplift_min_rows", f"got {cfg.ope.uplift_min_rows}, expected an integer >= 2: each reported "
-            "item or segment effect needs that many treated and that many control rows")
     w = cfg.ope.attribution_window_s
     if w is not None and not 0 < w < float("inf"):  # also refuses nan
         bad("ope.attribution_window_s", f"got {w}, expected a finite number of seconds > 0 (null: no window)")

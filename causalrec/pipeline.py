@@ -20,6 +20,7 @@ import time
 from datetime import datetime, timezone
 from typing import Optional
 
+from causalrec.config import SPLIT_SETTINGS
 from causalrec.context import Context
 from causalrec.stages import PIPELINE, Stage, StageNotBuilt
 
@@ -34,11 +35,10 @@ RUNS_TABLE = "_pipeline_runs"
 STAGE_SECTIONS = {
     "ingest": ("data", "simulator"),
     "features": ("features", "data.event_types"),
-    # the split settings (training_set.SPLIT_SETTINGS: the time split's cutoff and the held-out pairs come
-    # from training_set.assign_splits), not files_per_split, which only shards the training set's files;
-    # features: the feature tables rebuilt at that cutoff
-    "propensity": ("propensity", "causal_graph", "training_set.split", "training_set.valid_fraction",
-                   "training_set.test_fraction", "training_set.mcar_valid_fraction", "training_set.label_event_type",
+    # the split settings (the time split's cutoff and the held-out pairs come from training_set.assign_splits),
+    # not files_per_split, which only shards the training set's files; features: the feature tables
+    # rebuilt at that cutoff
+    "propensity": ("propensity", "causal_graph", *(f"training_set.{k}" for k in SPLIT_SETTINGS),
                    "training_set.unobserved_per_observed", "features", "data.event_types"),
     "training_set": ("training_set", "features", "data.event_types", "propensity.clip_min"),
     "train": ("train", "features.history_length"),

@@ -42,6 +42,7 @@ from causalrec.features.job import build_features
 from causalrec.features.pair import PAIR_FEATURE_NAMES, item_cooccurrence, pair_features
 from causalrec.features.user import user_attribute_counts, user_history, user_item_counts
 from causalrec.propensity.exposure import label_event_type
+from causalrec.config import SPLIT_SETTINGS
 from causalrec.schemas import ID_INDEX, TRAINING_EXAMPLES, conform
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,6 @@ def labelled_rows(events: DataFrame, cfg, mcar: DataFrame | None = None, etype: 
     labelled = labelled.where(held).unionByName(
         labelled.where(~held).join(held_pairs, ["user_id", "item_id"], "left_anti"))
     return labelled, cutoff
-
-
-SPLIT_SETTINGS = ("split", "valid_fraction", "test_fraction", "mcar_valid_fraction", "label_event_type")
 
 
 def split_settings(cfg) -> dict:

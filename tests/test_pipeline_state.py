@@ -16,10 +16,9 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from causalrec import pipeline as P
-from causalrec.config import Config
+from causalrec.config import SPLIT_SETTINGS, Config
 from causalrec.context import Context
 from causalrec.stages import ALL, PIPELINE
-from causalrec.training_set import SPLIT_SETTINGS
 
 
 @pytest.fixture
