@@ -93,14 +93,18 @@ def input_files(ctx: Context, stage: Stage) -> dict:
     Why: a rewritten input file changes no table version, so without this the ingest would
     stay 'up to date' on old data. Path, size and mtime of each file (a folder: every file
     under it; a glob pattern, as ingest's reader accepts: every match, sorted, a matching
-    folder with every file under it); object-store URIs are not listed (use --force after
-    changing them).
+    folder with every file under it); a ``file://`` URI is its local path; object-store URIs are not
+    listed (use --force after changing them).
     """
     import glob
     import os
 
-    path = ctx.cfg.data.path
-    if stage.name != "ingest" or ctx.cfg.data.source == "simulator" or not path or "://" in path:
+    from causalrec.ingest.sources import _display_path
+
+    if stage.name != "ingest" or ctx.cfg.data.source == "simulator" or not ctx.cfg.data.path:
+        return {}
+    path = _display_path(ctx.cfg.data.path)
+    if "://" in path:
         return {}
     if any(ch in path for ch in "*?["):  # a glob (causalrec.ingest.sources._exists): hash every match
         roots = sorted(set(glob.glob(path)) | ({path} if os.path.exists(path) else set()))

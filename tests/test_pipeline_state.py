@@ -222,6 +222,11 @@ def test_ingest_of_files_tracks_the_input_files(pctx, tmp_path):
     assert P.fingerprint(pctx, ing)[0] == first
     f.write_text("a\n1\n2\n3\n")
     assert P.fingerprint(pctx, ing)[0] != first
+    # the same file as a file:// URI is tracked too (it was taken for an object-store URI and never listed)
+    pctx.cfg.data.path = f.as_uri()
+    as_uri = P.fingerprint(pctx, ing)[0]
+    f.write_text("a\n4\n")
+    assert P.fingerprint(pctx, ing)[0] != as_uri
     # a folder: a new file in it changes the fingerprint too
     folder = tmp_path / "batches"
     folder.mkdir()
