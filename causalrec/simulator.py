@@ -240,7 +240,11 @@ def make_plan(spark, sc, seed: int) -> Plan:
                     "perm_b": seed % grid})
     users, items = users_frame(spark, sc, seed), items_frame(spark, sc, seed)
     pr = pair_truth(spark, sc, probe, users, items, effect_scale=0.0)
-    est = pr.agg(F.avg(F.col("exposure_propensity") * (1 + 2 * F.col("p_y0") + 0.05 * (1 + F.col("treatment_propensity"))))
+    # an exposed pair logs its impression, a click with a purchase or else with chance 0.05 (1 + pi), and the
+    # purchase; P(purchase) counts the recommendation's effect, ate on average (the scale is set after this)
+    pi = F.col("treatment_propensity")
+    py = F.col("p_y0") + pi * F.lit(sc.ate)
+    est = pr.agg(F.avg(F.col("exposure_propensity") * (1 + 2 * py + (1 - py) * 0.05 * (1 + pi)))
                  .alias("epp")).collect()[0]["epp"]
     n_pairs = int(min(grid, max(1, round(sc.n_events / max(est, 1e-9)))))
     return Plan(**{**plan.__dict__, "n_pairs": n_pairs, "perm_a": _coprime_multiplier(grid, n_pairs),
@@ -378,10 +382,11 @@ def pair_truth(spark, sc, plan: Plan, users, items, effect_scale: float):
 
 
 def effect_scale(truth) -> float:
-    """c = ATE / mean(g) over the ground-truth pairs (one aggregation)."""
+    """mean(g) over the ground-truth pairs (one aggregation), the c = ATE / mean(g) denominator. Summed as
+    decimals: a float sum rounds by partition layout, and the tables must not depend on parallelism."""
     from pyspark.sql import functions as F
 
-    return float(truth.agg(F.avg("g").alias("g")).collect()[0]["g"] or 0.0)
+    return float(truth.agg(F.avg(F.col("g").cast("decimal(38,18)")).alias("g")).collect()[0]["g"] or 0.0)
 
 
 # --------------------------------------------------------------------------- events
