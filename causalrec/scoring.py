@@ -330,7 +330,7 @@ def trained_id_index(store, version: Optional[int], model: str = "the model", st
 
 
 def prepare_input(ctx, id_index_version: Optional[int] = None, model: str = "the model",
-                  feature_names: Optional[list] = None) -> int:
+                  feature_names: Optional[list] = None, history_length: Optional[int] = None) -> int:
     """Spark step: write ``scoring_input``; returns its row count.
 
     ``id_index_version``: the id_index version the model was trained with (:func:`trained_id_index`).
@@ -338,7 +338,9 @@ def prepare_input(ctx, id_index_version: Optional[int] = None, model: str = "the
     :func:`causalrec.train.checkpoint.trained_feature_names`): the served vectors, built from the stored
     feature tables in their own layout (the attribute one-hots follow the users/items tables at the last
     features run), are mapped onto it by name (:func:`causalrec.training_set.align_features`). None: served
-    as built (a checkpoint from before the layout was recorded).
+    as built (a checkpoint from before the layout was recorded). ``history_length``: the one the model was
+    trained with (its config's ``history_len``), else ``features.history_length``: a history text longer
+    than in training would feed the model items it never read there.
     """
     from pyspark.sql import functions as F
 
@@ -365,7 +367,7 @@ def prepare_input(ctx, id_index_version: Optional[int] = None, model: str = "the
         log.warning("scoring: no user_features table; candidates are scored without the users' history")
     df = build_scoring_input(ctx.spark, cands, trained_id_index(store, id_index_version, model), user_features,
                              read("users"), read("items"), read("uplift_effects"), feature_vectors=fv,
-                             history_length=ctx.cfg.features.history_length)
+                             history_length=history_length or ctx.cfg.features.history_length)
     store.write(df, "scoring_input", mode="overwrite", spec=SCORING_INPUT, overwrite_schema=True)
     # scores is checked against this count, so a duplicated input would pass unseen downstream
     dup = (store.read("scoring_input").groupBy("user_id", "item_id").count()
@@ -388,11 +390,12 @@ def run(ctx, loader: Optional[Callable] = None, model_version: Optional[str] = N
     if not model_version:
         raise ValueError("scoring.run: a model_version is required with a custom loader")
     # the id map the checkpoint was trained with (a custom loader of another kind: the current one)
-    idx_version, model, names = None, f"model {model_version}", None
+    idx_version, model, names, history_len = None, f"model {model_version}", None, None
     if isinstance(loader, CheckpointLoader):
-        from causalrec.train.checkpoint import trained_feature_names, trained_id_index_version
+        from causalrec.train.checkpoint import saved_model_config, trained_feature_names, trained_id_index_version
 
         idx_version = trained_id_index_version(loader.checkpoint_path)
+        history_len = saved_model_config(loader.checkpoint_path).get("history_len")
         model = f"model {model_version} ({loader.checkpoint_path})"
         # and the feature layout it was trained with: served vectors are mapped onto it by name
         names = trained_feature_names(loader.checkpoint_path)
@@ -402,7 +405,7 @@ def run(ctx, loader: Optional[Callable] = None, model_version: Optional[str] = N
                         "attribute vocabulary changed since training, the model reads other features in its "
                         "slots. Retrain to record it", model)
     with ctx.step("score: build scoring_input (Spark)"):
-        n_in = prepare_input(ctx, idx_version, model, names)
+        n_in = prepare_input(ctx, idx_version, model, names, history_len)
     ctx.log_rows("scoring_input", n_in, "in")
     prev = store.version("scores")
     ctx.ray()

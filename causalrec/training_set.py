@@ -420,19 +420,21 @@ def own_item_out_of_history(hist):
     it is taken out of that row's history and its "Recently" text, as the pair features
     leave the item out.
     """
-    return F.when(F.col("_own"), F.filter(hist, lambda s: s["item_idx"] != F.col("item_idx"))).otherwise(hist)
+    return F.when(F.col("_own"), F.filter(hist, lambda s: ~s["item_idx"].eqNullSafe(F.col("item_idx")))).otherwise(hist)
 
 
 def indexed_history(user_features: DataFrame, iidx: DataFrame, item_text: DataFrame) -> DataFrame:
     """(user_id, ``_hist``): each user's ``history_item_ids`` (most recent first) as sorted structs
-    (pos, item_idx, t = the item's text, else its id); items without an index are left out.
+    (pos, item_idx, t = the item's text, else its id); an item without an index (new since the model was
+    trained) has a null item_idx: :func:`with_history_columns` names it in the "Recently" text, where a
+    text model can read it, and leaves it out of the id history, which has no embedding row for it.
 
     ``iidx``: (item_id, item_idx); ``item_text``: (item_id, text). Users, not examples or candidates,
     are exploded. The training set and scoring both build histories here, then
     :func:`with_history_columns`, so a model is served the history layout it was trained on.
     """
     users_hist = user_features.select("user_id", F.posexplode("history_item_ids").alias("pos", "item_id"))
-    users_hist = users_hist.join(F.broadcast(iidx), "item_id").join(
+    users_hist = users_hist.join(F.broadcast(iidx), "item_id", "left").join(
         F.broadcast(item_text.select("item_id", F.col("text").alias("_it"))), "item_id", "left")
     return users_hist.groupBy("user_id").agg(F.sort_array(F.collect_list(
         F.struct("pos", "item_idx", F.coalesce("_it", "item_id").alias("t")))).alias("_hist"))
@@ -447,14 +449,16 @@ def with_history_columns(df: DataFrame, user_text, leave_own_item_out: bool = Fa
     Serving never does: a candidate is scored with the user's whole recent history.
     ``history_length``: the history is cut to that many items *after* the own item is left out, so a train
     row and a served candidate both see the user's ``history_length`` most recent distinct items other than
-    the pair's own (the training set passes histories one item longer for this).
+    the pair's own (the training set passes histories one item longer for this). The id history holds the
+    indexed items only (the ``history_length`` most recent of them); the text, every item.
     """
     hist = F.coalesce("_hist", F.array().cast(df.schema["_hist"].dataType))
     if leave_own_item_out:
         hist = own_item_out_of_history(hist)
+    ids = F.filter(hist, lambda s: s["item_idx"].isNotNull())
     if history_length is not None:
-        hist = F.slice(hist, 1, int(history_length))
-    df = df.withColumn("history_item_idx", F.transform(hist, lambda s: s["item_idx"]))
+        hist, ids = F.slice(hist, 1, int(history_length)), F.slice(ids, 1, int(history_length))
+    df = df.withColumn("history_item_idx", F.transform(ids, lambda s: s["item_idx"]))
     recent = F.slice(F.transform(hist, lambda s: s["t"]), 1, 5)
     df = df.withColumn("user_text", F.concat_ws(
         ". ", user_text, F.when(F.size(recent) > 0, F.concat(F.lit("Recently: "), F.array_join(recent, "; ")))))

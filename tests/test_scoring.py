@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from pyspark.sql import functions as F
 
 from causalrec.schemas import CANDIDATES, ID_INDEX, ITEMS, USERS
 
@@ -369,14 +370,14 @@ def test_scoring_reads_the_id_index_version_the_checkpoint_was_trained_with(ctx,
     # run() passes the checkpoint's recorded version on to prepare_input
     seen = {}
 
-    def fake_prepare(ctx_, version, model, feature_names=None):
-        seen.update(version=version, model=model)
+    def fake_prepare(ctx_, version, model, feature_names=None, history_length=None):
+        seen.update(version=version, model=model, history_length=history_length)
         raise RuntimeError("stop after prepare_input")
 
     monkeypatch.setattr(scoring, "prepare_input", fake_prepare)
     with pytest.raises(RuntimeError, match="stop after prepare_input"):
         scoring.run(ctx, loader=scoring.CheckpointLoader(ckpt), model_version="v1")
-    assert seen["version"] == 0 and ckpt in seen["model"]
+    assert seen["version"] == 0 and ckpt in seen["model"] and seen["history_length"] is None  # MF: no history
     monkeypatch.undo()
 
     scoring.prepare_input(ctx, 0)
@@ -495,7 +496,7 @@ def test_scoring_maps_served_features_onto_the_trained_layout_by_name(ctx, spark
     assert trained_feature_names(old) is None
     seen = {}
 
-    def fake_prepare(ctx_, version, model, feature_names=None):
+    def fake_prepare(ctx_, version, model, feature_names=None, history_length=None):
         seen.update(names=feature_names)
         raise RuntimeError("stop after prepare_input")
 
@@ -506,3 +507,43 @@ def test_scoring_maps_served_features_onto_the_trained_layout_by_name(ctx, spark
             scoring.run(ctx, loader=scoring.CheckpointLoader(path), model_version="v1")
         assert seen["names"] == (trained if path == ckpt else None)
     assert any("does not record the feature layout" in r.getMessage() for r in caplog.records)
+
+
+def test_the_served_history_text_names_items_new_since_training(spark):
+    """An item the model's id_index lacks (new since training) has no embedding row, so the id history
+    leaves it out; its text is what a text model can read, and the "Recently" text dropped it too: a
+    user's newest item vanished from their profile. Both lists are the history_length most recent."""
+    from causalrec.training_set import indexed_history, with_history_columns
+
+    uf = spark.createDataFrame([("u", ["i9", "i1", "i2", "i3"])], "user_id string, history_item_ids array<string>")
+    iidx = spark.createDataFrame([("i1", 1), ("i2", 2), ("i3", 3)], "item_id string, item_idx int")
+    texts = spark.createDataFrame([(f"i{k}", f"text {k}") for k in (1, 2, 3, 9)], "item_id string, text string")
+    df = uf.select("user_id").join(indexed_history(uf, iidx, texts), "user_id", "left")
+    r = with_history_columns(df, F.lit("user u"), history_length=2).first()
+    assert list(r["history_item_idx"]) == [1, 2]
+    assert r["user_text"] == "user u. Recently: text 9; text 1"
+
+
+def test_scoring_cuts_histories_to_the_length_the_model_was_trained_with(ctx, tmp_path, monkeypatch):
+    """A text model trained with features.history_length 3, served after it was raised to 5, read five
+    items in its "Recently" text (the id history is cut back by the featurizer; the text was not)."""
+    import json
+
+    import causalrec.scoring as scoring
+    from causalrec.train.checkpoint import META, MODEL_CONFIG
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / MODEL_CONFIG).write_text(json.dumps({"model": "two_tower", "history_len": 3}))
+    (ckpt / META).write_text("{}")
+    ctx.cfg.features.history_length = 5
+    seen = {}
+
+    def fake_prepare(ctx_, version, model, feature_names=None, history_length=None):
+        seen.update(history_length=history_length)
+        raise RuntimeError("stop after prepare_input")
+
+    monkeypatch.setattr(scoring, "prepare_input", fake_prepare)
+    with pytest.raises(RuntimeError, match="stop after prepare_input"):
+        scoring.run(ctx, loader=scoring.CheckpointLoader(str(ckpt)), model_version="v1")
+    assert seen["history_length"] == 3
