@@ -401,16 +401,16 @@ def test_readme_ray_job_runtime_env_installs_the_pinned_requirements(monkeypatch
 def _just_outside_and_inside(spec: str):
     """A value just outside ``spec`` (causalrec.config.NUMBER_RANGES' form) and one on its closed edge
     or, for an open interval, in its middle."""
-    import re
+    from causalrec.config import _BOUND, _INTERVAL
 
-    bound = re.match(r"(int )?(>=|>) (-?[0-9.]+)$", spec)
+    bound = _BOUND.match(spec)
     if bound:
         low = float(bound.group(3))
         step = 1 if bound.group(1) else 0.5
         outside = low - step if bound.group(2) == ">=" else low
         inside = low if bound.group(2) == ">=" else low + step
         return (int(outside), int(inside)) if bound.group(1) else (outside, inside)
-    opening, low, high, closing = re.match(r"([\[(])(-?[0-9.]+), (-?[0-9.]+)([\])])$", spec).groups()
+    opening, low, high, closing = _INTERVAL.match(spec).groups()
     low, high = float(low), float(high)
     outside = high if closing == ")" else low if opening == "(" else high + 0.5
     inside = low if opening == "[" else high if closing == "]" else (low + high) / 2
