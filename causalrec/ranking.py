@@ -459,22 +459,23 @@ def load_groups(store, attribute: str):
     return None
 
 
-def load_history(ctx, indexed_items=None):
+def load_history(ctx, indexed_items=None, history_length: Optional[int] = None):
     """(user_id, history): each user's history as scoring served it to the model, most recent first.
 
     Scoring feeds the model ``user_features.history_item_ids`` (the latest interactions of any kind before the
-    features cutoff) less the items its id_index lacks, cut to ``features.history_length``
+    features cutoff) less the items its id_index lacks, cut to the length the model was trained with
     (:func:`causalrec.training_set.indexed_history`, :func:`causalrec.scoring.prepare_input`); an explanation
     built from any other list (positive events only, events after the cutoff, items the model has no row
     for) would name items the model never saw. ``indexed_items`` (item_id): the items of the model's id_index
-    (:func:`served_history_items`); None keeps every item. None without user_features: then no history item
-    is named."""
+    (:func:`served_history_items`); None keeps every item. ``history_length``: the served length
+    (:func:`served_history_length`), None: ``features.history_length``. None without user_features: then no
+    history item is named."""
     from pyspark.sql import functions as F
 
     store = ctx.store
     if not store.exists("user_features"):
         return None
-    n = int(ctx.cfg.features.history_length)
+    n = int(history_length or ctx.cfg.features.history_length)
     uf = store.read("user_features")
     if indexed_items is None:
         return uf.select("user_id", F.slice("history_item_ids", 1, n).alias("history"))
@@ -482,6 +483,14 @@ def load_history(ctx, indexed_items=None):
         F.broadcast(indexed_items.select("item_id")), "item_id")
     return hist.groupBy("user_id").agg(F.slice(F.transform(
         F.sort_array(F.collect_list(F.struct("pos", "item_id"))), lambda s: s["item_id"]), 1, n).alias("history"))
+
+
+def served_history_length(ctx, model_versions: Sequence[str]) -> int:
+    """The history length scoring served the scores' model: its checkpoint's ``history_len`` when one train run
+    wrote them (:func:`causalrec.scoring.run`), else ``features.history_length``."""
+    configs = trained_model_configs(ctx.store, model_versions) if len(model_versions) == 1 else {}
+    trained = next(iter(configs.values()), {}).get("history_len")
+    return int(trained or ctx.cfg.features.history_length)
 
 
 def served_history_items(ctx, model_versions: Sequence[str]):
@@ -523,7 +532,7 @@ def run(ctx) -> dict:
         groups = load_groups(store, cfg.ranking.fairness_attribute)
         ue = store.read("uplift_effects") if store.exists("uplift_effects") else None
         versions = model_versions(scores)
-        history = load_history(ctx, served_history_items(ctx, versions))
+        history = load_history(ctx, served_history_items(ctx, versions), served_history_length(ctx, versions))
         n_items = store.row_count("items") if store.exists("items") else None
     with ctx.step(f"recommend: rank ({cfg.ranking.policy})"):
         result, targets, sizes = rank_all(ctx, scores, groups, ue, history, versions=versions)

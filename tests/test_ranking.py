@@ -408,6 +408,30 @@ def test_explanation_history_is_the_history_the_model_was_served(ctx, spark):
     assert "Alpha jacket" not in text, text
 
 
+def test_explanation_history_is_cut_to_the_trained_history_length(ctx, spark, tmp_path):
+    """Scoring cuts a two-tower's history to its checkpoint's history_len, not to features.history_length
+    (scoring.run): an explanation must cite only those items, else it names items the model never read."""
+    from causalrec.ranking import load_history, served_history_length
+
+    store = ctx.store
+    store.write(spark.createDataFrame([("u", ["C", "X", "B", "A"])], "user_id string, history_item_ids array<string>"),
+                "user_features")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model_config.json").write_text(json.dumps({"model": "two_tower", "history_len": 2}))
+    store.write(spark.createDataFrame([("m1", str(ckpt)), ("mf", str(tmp_path / "gone"))],
+                                      "model_version string, checkpoint_path string"), "train_runs", mode="overwrite")
+    ctx.cfg.features.history_length = 3
+    assert served_history_length(ctx, ["m1"]) == 2
+    assert list(load_history(ctx, None, 2).first()["history"]) == ["C", "X"]
+    # no trained length to follow (an unreadable checkpoint, several versions): features.history_length
+    assert served_history_length(ctx, ["mf"]) == 3
+    assert served_history_length(ctx, ["m1", "mf"]) == 3
+    (ckpt / "model_config.json").write_text(json.dumps({"model": "mf"}))
+    assert served_history_length(ctx, ["m1"]) == 3
+    assert list(load_history(ctx).first()["history"]) == ["C", "X", "B"]
+
+
 def test_explanation_history_leaves_out_items_the_models_id_index_lacks(ctx, spark, tmp_path):
     """Scoring serves the history less the items the model's id_index (at its trained version) has no row for,
     then cuts it to features.history_length: the explanation's history is that list, so an unindexed item is
