@@ -148,8 +148,12 @@ def check_propensity_split(store, cfg) -> None:
     run that failed between them leaves one fitted under other settings than the other. Each table's
     settings are those of its newest commit that records them (a later commit without causalrec
     metadata, such as a compaction or a plain append, fitted nothing). Tables written before the
-    settings were recorded pass.
+    settings were recorded pass. With the same settings, the two must still come from one run
+    (:func:`causalrec.storage.stage_runs.check_same_run`): a failed run's new exposure propensities
+    next to the last run's treatment propensities would join to none of this run's events.
     """
+    from causalrec.storage.stage_runs import check_same_run
+
     want = split_settings(cfg)
     for name in ("exposure_propensity", "treatment_propensity"):
         if not store.exists(name):
@@ -164,6 +168,7 @@ def check_propensity_split(store, cfg) -> None:
                                                      for k, (a, b) in diff.items())
             + ". Rerun the propensity stage with these settings first (e.g. `causalrec run <config> --until "
               "training_set`), so its models learn nothing this split holds out")
+    check_same_run(store, ("exposure_propensity", "treatment_propensity"), "propensity")
 
 
 def feature_events(events: DataFrame, labelled: DataFrame, split: str) -> DataFrame:

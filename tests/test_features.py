@@ -261,6 +261,41 @@ def test_features_stage_writes_tables(ctx, spark):
     assert len(feature_names(ctx.store, "user_features")) == len(ctx.store.read("user_features").first()["feature_vector"])
 
 
+def test_stored_feature_tables_refuse_a_failed_runs_mix_at_the_same_cutoff(ctx, spark, monkeypatch):
+    """A features run that fails between its two commits (here after a change of windows) leaves its
+    user_features beside the last run's item_features at the same fixed cutoff: serving, candidates and
+    propensity must refuse the pair (both tables carry their run's id), and a rerun must mend it."""
+    from causalrec.features.job import run, stored_feature_tables
+    from causalrec.storage.stage_runs import TablesOutOfStep, run_of
+
+    events, users, items = small_world(spark)
+    ctx.store.write(events, "events", spec=EVENTS)
+    ctx.store.write(users, "users", spec=USERS)
+    ctx.store.write(items, "items", spec=ITEMS)
+    ctx.cfg.features.cutoff = "2024-01-10T00:00:00"
+    run(ctx)
+    assert run_of(ctx.store, "user_features") == run_of(ctx.store, "item_features") is not None
+    assert stored_feature_tables(ctx.store) is not None
+    ctx.cfg.features.windows_days = [3]
+    write = ctx.store.write
+
+    def failing(df, name, *a, **kw):
+        if name == "item_features":
+            raise OSError("disk full")
+        return write(df, name, *a, **kw)
+
+    monkeypatch.setattr(ctx.store, "write", failing)
+    with pytest.raises(OSError):
+        run(ctx)
+    monkeypatch.setattr(ctx.store, "write", write)
+    with pytest.raises(TablesOutOfStep, match=r"user_features \(.*\) is from features run \w+; item_features "
+                                              r"\(.*\) is from features run \w+: .*causalrec features"):
+        stored_feature_tables(ctx.store)
+    run(ctx)  # the rerun writes both tables under the new windows
+    ft = stored_feature_tables(ctx.store)
+    assert "n_exposures_3d" in ft.items.columns and "n_exposures_7d" not in ft.items.columns
+
+
 def test_string_cutoff_is_read_as_utc_whatever_the_session_time_zone(spark):
     """cutoff_lit/events_before parse an ISO string as UTC, not in spark.sql.session.timeZone
     (a cluster default under spark-submit may be another zone)."""

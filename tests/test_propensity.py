@@ -106,6 +106,9 @@ def test_coat_propensity_stage_writes_tables(coat_ctx, capsys):
     assert methods == {"popularity", "naive_bayes"}
     assert st.row_count("treatment_propensity") == 0  # Coat logs no recommendations
     assert "propensity diagnostics" in capsys.readouterr().out
+    from causalrec.storage.stage_runs import run_of  # one run id in both commits: training_set pairs them by it
+
+    assert run_of(st, "exposure_propensity") == run_of(st, "treatment_propensity") == out["run_id"]
 
 
 def test_propensities_learn_only_from_the_mcar_validation_share(spark, ctx):

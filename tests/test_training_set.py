@@ -615,6 +615,29 @@ def test_propensity_split_check_reads_both_tables_and_the_newest_commit_with_set
         check_propensity_split(ctx.store, ctx.cfg)
 
 
+def test_propensity_check_refuses_tables_of_different_runs_under_the_same_split(ctx, spark):
+    """Same split settings, but a propensity run (on new events) that failed after its exposure_propensity
+    commit: its treatment_propensity is the last run's, keyed by event_ids the new events do not have, and
+    the training set would get a null treatment propensity on every row. The two tables' run ids differ,
+    so the training set refuses them; tables without run ids (written before they were recorded) pass."""
+    from causalrec.storage.stage_runs import RUN_KEY, TablesOutOfStep
+    from causalrec.training_set import check_propensity_split, split_settings
+
+    table = spark.createDataFrame([("u1", "i1", 1, 0.5)], "user_id string, item_id string, observed int, p double")
+    settings = {"split_settings": split_settings(ctx.cfg)}
+    for name in ("exposure_propensity", "treatment_propensity"):
+        ctx.store.write(table, name, "overwrite", metadata=settings)
+    check_propensity_split(ctx.store, ctx.cfg)  # no run ids recorded: passes
+    for name in ("exposure_propensity", "treatment_propensity"):
+        ctx.store.write(table, name, "overwrite", metadata={**settings, RUN_KEY: "run1"})
+    check_propensity_split(ctx.store, ctx.cfg)
+    ctx.store.write(table, "exposure_propensity", "overwrite", metadata={**settings, RUN_KEY: "run2"})
+    ctx.store.write(table, "exposure_propensity", "append")  # a commit without metadata does not hide it
+    with pytest.raises(TablesOutOfStep, match=r"exposure_propensity \(.*\) is from propensity run run2; "
+                                              r"treatment_propensity \(.*\) is from propensity run run1"):
+        check_propensity_split(ctx.store, ctx.cfg)
+
+
 def _top_share_and_pct(log, tokens, all_items):
     """(user -> top_attribute_share, item -> popularity_pct) recomputed from ``log`` by hand: the largest count of
     the user's interactions with items carrying one token over all their interactions (0 without tokens), and

@@ -1,9 +1,9 @@
 """Features stage: events + users + items -> user_features, item_features (as of features.cutoff).
 
 Extract (read the Delta tables), transform (the pure functions in user.py/item.py),
-load (overwrite each table in its own Delta commit; feature names and the cutoff ``as_of`` go
-into the commit metadata). Delta commits are atomic per table, not across the two: a failed or
-concurrent second write leaves them at different cutoffs, which :func:`stored_feature_tables`
+load (overwrite each table in its own Delta commit; feature names, the cutoff ``as_of`` and the
+run's id go into the commit metadata). Delta commits are atomic per table, not across the two: a
+failed or concurrent second write leaves them from different runs, which :func:`stored_feature_tables`
 detects and refuses.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from causalrec.features.common import cutoff_lit, resolve_cutoff
 from causalrec.features.item import attribute_vocab, item_feature_names, item_features
 from causalrec.features.user import user_feature_names, user_features
 from causalrec.schemas import ITEM_FEATURES, USER_FEATURES, TableSpec, spark_type, validate_columns
+from causalrec.storage.stage_runs import RUN_KEY, TablesOutOfStep, check_same_run, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,11 @@ def run(ctx) -> dict:
     with ctx.step("features: transform"):
         ft = build_features(events, users, items, cfg)
     with ctx.step("features: load"):
+        meta = {"as_of": ft.cutoff.isoformat(), RUN_KEY: new_run_id()}  # readers pair the tables by it
         store.write(ft.users, "user_features", "overwrite", overwrite_schema=True,
-                    metadata={"feature_names": ft.user_names, "as_of": ft.cutoff.isoformat()})
+                    metadata={"feature_names": ft.user_names, **meta})
         store.write(ft.items, "item_features", "overwrite", overwrite_schema=True,
-                    metadata={"feature_names": ft.item_names, "as_of": ft.cutoff.isoformat()})
+                    metadata={"feature_names": ft.item_names, **meta})
     n_u, n_i = store.row_count("user_features"), store.row_count("item_features")
     ctx.log_rows("user_features", n_u)
     ctx.log_rows("item_features", n_i)
@@ -97,7 +99,7 @@ def feature_names(store, table: str) -> list:
     return list(_feature_metadata(store, table).get("feature_names", []))
 
 
-class FeatureCutoffMismatch(RuntimeError):
+class FeatureCutoffMismatch(TablesOutOfStep):
     """user_features and item_features were written at different cutoffs."""
 
 
@@ -107,8 +109,9 @@ def stored_feature_tables(store):
     Serving reuses them instead of recomputing user and item features for every scoring run.
     None when a table is missing or its latest commit records no feature names or cutoff. The
     stage writes the two tables in two commits, so a failed or concurrent second write can leave
-    them at different cutoffs: that raises :class:`FeatureCutoffMismatch` naming both, rather than
-    serving user features of one cutoff next to item features of another.
+    them from different runs: that raises :class:`~causalrec.storage.stage_runs.TablesOutOfStep`
+    (at different cutoffs, :class:`FeatureCutoffMismatch`) naming both, rather than serving user
+    features of one run or cutoff next to item features of another.
     """
     if not (store.exists("user_features") and store.exists("item_features")):
         return None
@@ -121,5 +124,6 @@ def stored_feature_tables(store):
             f"user_features is as of {u_cut.isoformat()} but item_features is as of {i_cut.isoformat()} "
             "(the features stage writes them in two commits; the second failed or another run wrote in "
             "between): rerun the features stage (causalrec features) so both share one cutoff")
+    check_same_run(store, ("user_features", "item_features"), "features")  # same cutoff, other settings
     return FeatureTables(store.read("user_features"), store.read("item_features"), list(um["feature_names"]),
                          list(im["feature_names"]), u_cut)

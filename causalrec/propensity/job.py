@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,6 +37,7 @@ from causalrec.propensity.exposure import (
 )
 from causalrec.propensity.treatment import EstimatedTreatment, logged_treatment
 from causalrec.schemas import EXPOSURE_PROPENSITY, PROPENSITY_DIAGNOSTICS, TREATMENT_PROPENSITY, conform
+from causalrec.storage.stage_runs import RUN_KEY, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -469,13 +469,13 @@ def run(ctx) -> dict:
 
         fit_on = {"fit_before": fit_before, "fit_on": scope.describe() or "all events",
                   "split_settings": split_settings(cfg)}
+        run_id = new_run_id()  # in each table's commit: the training set refuses a failed run's mix
         store.write(er.table, "exposure_propensity", "overwrite", spec=EXPOSURE_PROPENSITY, overwrite_schema=True,
-                    metadata={"adjustment_set": exp_groups, "adjustment_source": exp_src, **fit_on})
+                    metadata={"adjustment_set": exp_groups, "adjustment_source": exp_src, **fit_on, RUN_KEY: run_id})
         if tdf is None:
             tdf = spark.createDataFrame([], TREATMENT_PROPENSITY.spark_schema())
         store.write(tdf, "treatment_propensity", "overwrite", spec=TREATMENT_PROPENSITY, overwrite_schema=True,
-                    metadata={"adjustment_set": trt_groups, "adjustment_source": trt_src, **fit_on})
-        run_id = uuid.uuid4().hex[:12]
+                    metadata={"adjustment_set": trt_groups, "adjustment_source": trt_src, **fit_on, RUN_KEY: run_id})
         now = dt.datetime.now(dt.timezone.utc)
         diag = spark.createDataFrame([dict(r, run_id=run_id, created_at=now) for r in rows] or [],
                                      PROPENSITY_DIAGNOSTICS.spark_schema())
