@@ -136,11 +136,17 @@ def test_mf_two_workers_loss_falls_and_resumes(ray_local, train_cfg):
     # resuming a finished run (epoch 5 of 5) trains nothing and records it, instead of failing
     done_ckpt = sorted(Path(cfg.checkpoint_dir, latest_train_run(cfg)["run_id"]).glob("epoch_*"))[-1]
     cfg.train.resume_from = str(done_ckpt)
+    from deltalake import DeltaTable
+
+    # a tracking store that fails fails the stage before its train_runs commit: a rerun adds one row, not two
+    cfg.train.mlflow_tracking_uri = "no-such-scheme://tracking"
+    with pytest.raises(Exception, match="no-such-scheme"):
+        run(Context(cfg))
+    assert len(DeltaTable(cfg.table_path("train_runs")).to_pandas()) == 3
+    cfg.train.mlflow_tracking_uri = None
     run(Context(cfg))
     assert [e["epoch"] for e in _epochs(latest_train_run(cfg))] == [0, 1, 2, 3, 4]
     # every recorded checkpoint is the one of the run's recorded best epoch
-    from deltalake import DeltaTable
-
     runs = DeltaTable(cfg.table_path("train_runs")).to_pandas()
     assert len(runs) == 4
     for _, r in runs.iterrows():

@@ -357,9 +357,9 @@ def _run_one(ctx, data: dict, objective: str | None) -> dict:
         "checkpoint_path": best.path, "metrics_json": json.dumps(metrics), "best_epoch": None if best_epoch is None or best_epoch < 0 else int(best_epoch),
         "hyperparameters_json": json.dumps(hyper, default=str), "created_at": datetime.now(timezone.utc),
     }
+    _log_mlflow(cfg, run_id, hyper, metrics)  # first: a tracking failure leaves train_runs as it was
     write_train_run(cfg, row)
     ctx.log_rows("train_runs", 1)
-    _log_mlflow(cfg, run_id, hyper, metrics)
     return {"run_id": run_id, "checkpoint_path": best.path, "valid_mode": valid_mode, "train_rows": n_train,
             "valid_rows": n_valid, "best_epoch": row["best_epoch"], "best_valid_metric": _jsonable(
                 state.get("best_valid")), "epochs": len(history), "id_index_version": stats["id_index_version"]}
