@@ -114,7 +114,7 @@ def main(argv: list | None = None) -> int:
     except Exception as exc:  # one-line reason; -v for the traceback
         if args.verbose:
             logging.getLogger("causalrec").exception("failed")
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = one_line_reason(exc)
         print(f"causalrec {args.command}: error: {type(exc).__name__}: {reason}", file=sys.stderr)
         return 1
 
@@ -131,6 +131,15 @@ def run_stage(ctx, name: str) -> dict:
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("stage %s: done in %.1fs", name, summary["seconds"])
     return summary
+
+
+def one_line_reason(exc: BaseException) -> str:
+    """The message's first line and, for a message of several (a wrapped Python worker traceback), its
+    last: where the cause usually is (``ModuleNotFoundError: No module named ...``)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]} (-v for the whole message)"
 
 
 def _shutdown_and_exit(code: int) -> None:

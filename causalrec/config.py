@@ -2,8 +2,10 @@
 
 Why: every stage runs from one config file on a laptop and on a cluster, so a
 typo must fail fast with the key, the file and what is allowed, never silently
-fall back to a default. YAML is parsed with ``yaml.safe_load`` only (no tags that
-construct objects, so a config can never execute code).
+fall back to a default. YAML is parsed with a ``yaml.SafeLoader`` (no tags that
+construct objects, so a config can never execute code) that keeps dates as strings
+for the checks to name a bad one's key. Relative paths resolve from the working
+directory, as spark-submit's do.
 
 Overrides come from the command line as ``--set section.key=value`` where the
 value is parsed as a YAML scalar/flow value (``--set train.epochs=3``,
@@ -572,6 +574,9 @@ def _check_semantics(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: {key}: {msg}")
 
     _check_ranges(cfg, bad)
+    if not str(cfg.storage.root).strip():  # an orchestrator's template that rendered empty: not the cwd
+        bad("storage.root", "is empty; expected a directory or URI for the Delta tables (relative paths "
+                            "resolve from the working directory)")
     groups = cfg.features.popularity_groups
     if len(groups) != 2 or not groups[0] < groups[1]:
         bad("features.popularity_groups", f"got {groups}, expected two cumulative shares 0 < head < mid <= 1 "
@@ -606,13 +611,17 @@ def _check_semantics(cfg: Config, where: str) -> None:
         bad("data.rating_min", "must be below data.rating_max")
     if not cfg.data.event_types:
         bad("data.event_types", "got [], expected a non-empty list (every event would be quarantined)")
-    times = {}
-    for key in ("earliest_time", "latest_time"):
-        value = getattr(cfg.data, key)
+    times = {}  # checked here, not when a stage first reads them: `causalrec run` fails before any stage
+    for section, key in (("data", "earliest_time"), ("data", "latest_time"), ("features", "cutoff"),
+                         ("simulator", "start_date"), ("ope", "abtest_start")):
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
         try:
             t = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         except ValueError:
-            bad(f"data.{key}", f"got {value!r}, expected an ISO date/time such as 2024-01-01 or 2024-01-01T00:00:00Z")
+            bad(f"{section}.{key}", f"got {value!r}, expected an ISO date/time such as 2024-01-01 or "
+                                    "2024-01-01T00:00:00Z")
         times[key] = t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
     if times["earliest_time"] >= times["latest_time"]:
         bad("data.earliest_time", f"{cfg.data.earliest_time} is not before data.latest_time {cfg.data.latest_time} "
@@ -635,15 +644,36 @@ def _check_semantics(cfg: Config, where: str) -> None:
             bad("causal_graph.edges", f"edge {e!r} must read 'parent -> child'")
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML that keeps dates and timestamps as strings: a bad one (``2024-02-30``) then reaches
+    :func:`_check_semantics`, which names its key, instead of failing in the parser without one."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """One line: where (line and column, 1-based) and what, for the CLI's one-line errors."""
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.epochs=3"`` -> (["train", "epochs"], 3); the value is parsed as safe YAML."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        reason = str(exc).strip().splitlines()[0]
+        reason = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
         raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({reason}); "
                           f"expected a YAML scalar or flow value (quote a string)") from None
     return key.strip().split("."), value
@@ -681,9 +711,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML (safe subset): {exc}") from exc
+            raise ConfigError(f"{p}: not valid YAML (safe subset) at {_yaml_reason(exc)}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
     for ov in overrides or []:

@@ -114,7 +114,7 @@ def _fig_html(fig, alt: str, caption: str) -> str:
 
 def _missing(what: str, stage: str) -> str:
     return (f'<p class="missing">{html.escape(what)} is not available: run the <code>{html.escape(stage)}</code> '
-            f"stage (<code>causalrec {html.escape(stage)} conf/local.yaml</code>), then <code>evaluate</code> and "
+            f"stage (<code>causalrec {html.escape(stage)} &lt;config&gt;</code>), then <code>evaluate</code> and "
             "<code>report</code> again.</p>")
 
 

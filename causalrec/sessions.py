@@ -46,9 +46,9 @@ def get_spark(cfg: Config | None = None):
     submitted = _launched_by_spark_submit()
     if not submitted:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    builder = SparkSession.builder.appName(cfg.spark.app_name)
-    if not submitted:
-        builder = builder.master(cfg.spark.master)
+    builder = SparkSession.builder
+    if not submitted:  # under spark-submit its --name (or the script's name) stands, like its --master
+        builder = builder.appName(cfg.spark.app_name).master(cfg.spark.master)
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
         builder = builder.config("spark.driver.bindAddress", "127.0.0.1")
         builder = builder.config("spark.driver.host", "127.0.0.1")
@@ -104,6 +104,7 @@ def fill_conf_gaps(spark, cfg: Config) -> list:
     --conf flags to pass instead of failing the job. ``spark.sql.catalog.spark_catalog`` is left
     alone while the session lacks the extensions the config pairs it with: Delta's catalog
     needs Delta's extension, and a catalog class that is not on the classpath would fail every query.
+    A configured ``spark.driver_memory`` the submitter did not pass is logged with its flag too.
     """
     conf = spark.conf
     wanted = {"spark.sql.shuffle.partitions": cfg.spark.shuffle_partitions, "spark.sql.ansi.enabled": "false",
@@ -123,6 +124,11 @@ def fill_conf_gaps(spark, cfg: Config) -> list:
             if not _cannot_modify(exc):
                 raise
             not_set.append(key)
+    memory = conf.get("spark.driver.memory", None)
+    if memory is None and cfg.spark.driver_memory != type(cfg.spark)().driver_memory:
+        log.warning("spark.driver_memory %s is not applied: spark-submit started the driver's JVM without "
+                    "--driver-memory (Spark's default then applies); pass --driver-memory %s",
+                    cfg.spark.driver_memory, cfg.spark.driver_memory)
     if not_set:
         flags = " ".join(f"--conf {k}={gaps[k]}" for k in not_set)
         msg = (f"spark.conf: {', '.join(not_set)} can only be set when the Spark session starts, and spark-submit "

@@ -105,3 +105,8 @@ EXTRA: tuple[Stage, ...] = (
 )
 
 ALL: dict[str, Stage] = {s.name: s for s in PIPELINE + EXTRA}
+
+
+def writers_of(table: str) -> list[str]:
+    """The stages that write ``table``, pipeline order first (``events``: ingest, then simulate)."""
+    return [s.name for s in PIPELINE + EXTRA if table in s.outputs]

@@ -1,7 +1,6 @@
 """Job entry point for the 'abtest' stage.
 
-    spark-submit jobs/abtest.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/abtest.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/abtest.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

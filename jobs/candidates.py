@@ -1,7 +1,6 @@
 """Job entry point for the 'candidates' stage.
 
-    spark-submit jobs/candidates.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/candidates.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/candidates.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

@@ -1,7 +1,6 @@
 """Job entry point for the 'evaluate' stage.
 
-    spark-submit jobs/evaluate.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/evaluate.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/evaluate.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

@@ -1,7 +1,6 @@
 """Job entry point for the 'features' stage.
 
-    spark-submit jobs/features.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/features.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/features.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

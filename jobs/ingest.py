@@ -1,7 +1,6 @@
 """Job entry point for the 'ingest' stage.
 
-    spark-submit jobs/ingest.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/ingest.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/ingest.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

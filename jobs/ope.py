@@ -1,7 +1,6 @@
 """Job entry point for the 'ope' stage.
 
-    spark-submit jobs/ope.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/ope.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/ope.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

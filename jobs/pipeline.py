@@ -1,7 +1,9 @@
-"""Job entry point for the 'run' stage.
+"""Job entry point for ``causalrec run``: every stage in order, skipping those up to date.
 
-    spark-submit jobs/pipeline.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/pipeline.py --config conf/cluster.yaml
+    causalrec run conf/local.yaml            # the laptop form
+    spark-submit jobs/pipeline.py --config conf/cluster.yaml [--set key=value ...]
+
+Its Ray stages connect to ``ray.address``.
 """
 import sys
 

@@ -1,7 +1,6 @@
 """Job entry point for the 'propensity' stage.
 
-    spark-submit jobs/propensity.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/propensity.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/propensity.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

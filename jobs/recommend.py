@@ -1,7 +1,6 @@
 """Job entry point for the 'recommend' stage.
 
-    spark-submit jobs/recommend.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/recommend.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/recommend.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

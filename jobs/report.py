@@ -1,7 +1,6 @@
 """Job entry point for the 'report' stage.
 
-    spark-submit jobs/report.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/report.py --config conf/cluster.yaml
+    python jobs/report.py --config conf/cluster.yaml [--set key=value ...]   # one process, no cluster
 """
 import sys
 

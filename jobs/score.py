@@ -1,7 +1,7 @@
 """Job entry point for the 'score' stage.
 
-    spark-submit jobs/score.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/score.py --config conf/cluster.yaml
+    ray job submit --address http://head:8265 --working-dir . -- \\
+        python jobs/score.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

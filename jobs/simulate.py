@@ -1,7 +1,6 @@
 """Job entry point for the 'simulate' stage.
 
-    spark-submit jobs/simulate.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/simulate.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/simulate.py --config conf/simulated.yaml [--set key=value ...]
 """
 import sys
 

@@ -1,7 +1,7 @@
 """Job entry point for the 'train' stage.
 
-    spark-submit jobs/train.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/train.py --config conf/cluster.yaml
+    ray job submit --address http://head:8265 --working-dir . -- \\
+        python jobs/train.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

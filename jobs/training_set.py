@@ -1,7 +1,6 @@
 """Job entry point for the 'training_set' stage.
 
-    spark-submit jobs/training_set.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/training_set.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/training_set.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

@@ -1,7 +1,6 @@
 """Job entry point for the 'uplift' stage.
 
-    spark-submit jobs/uplift.py --config conf/local.yaml [--set key=value ...]
-    ray job submit --working-dir . -- python jobs/uplift.py --config conf/cluster.yaml
+    spark-submit --py-files dist/causalrec-*.whl jobs/uplift.py --config conf/cluster.yaml [--set key=value ...]
 """
 import sys
 

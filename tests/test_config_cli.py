@@ -1,6 +1,7 @@
 """Config validation, overrides and the CLI surface."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,39 @@ def test_unquoted_yaml_date_is_read_as_its_iso_text(tmp_path):
     assert load_config(f).data.earliest_time == "2020-01-01"
 
 
+@pytest.mark.parametrize("text,overrides,match", [
+    # an impossible date fails naming its key and file, not as a bare ValueError from the YAML parser
+    ("simulator:\n  start_date: 2024-13-01\n", [], r"c.yaml: simulator.start_date: got '2024-13-01', expected an ISO"),
+    ("", ["features.cutoff=2024-02-30"], r"with --set features.cutoff=2024-02-30: features.cutoff: got '2024-02-30'"),
+    ("", ["ope.abtest_start=garbage"], r"ope.abtest_start: got 'garbage'"),
+    ("features:\n  cutoff: 2024-01-01 25:00:00\n", [], r"features.cutoff: got '2024-01-01 25:00:00'"),
+    ("storage:\n  root: ''\n", [], r"c.yaml: storage.root: is empty"),
+])
+def test_bad_dates_and_an_empty_root_fail_at_load_naming_the_key(tmp_path, text, overrides, match):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(f, overrides)
+
+
+def test_yaml_syntax_error_gives_line_and_column_on_its_first_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 3\n  objectives: [naive, ips\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert re.match(r".*c\.yaml: not valid YAML \(safe subset\) at line \d+, column \d+: ", str(err.value).splitlines()[0])
+
+
+def test_unquoted_timestamps_keep_their_text_and_still_parse(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("features:\n  cutoff: 2024-01-10 12:00:00Z\nsimulator:\n  start_date: 2024-01-01\n")
+    cfg = load_config(f)
+    assert (cfg.features.cutoff, cfg.simulator.start_date) == ("2024-01-10 12:00:00Z", "2024-01-01")
+    from causalrec.features.common import parse_cutoff
+
+    assert parse_cutoff(cfg.features.cutoff).isoformat() == "2024-01-10T12:00:00+00:00"
+
+
 def test_yaml_cannot_execute_code(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("project: !!python/object/apply:os.system ['echo pwned']\n")
@@ -170,6 +204,22 @@ def test_cli_failure_is_one_line_and_nonzero(tmp_path, capsys):
     assert len(err) == 1 and "unknown key 'train.epochz'" in err[0]
 
 
+def test_cli_failure_keeps_the_last_line_of_a_wrapped_traceback(monkeypatch, tmp_path, capsys):
+    """A Python worker's error arrives wrapped, its cause on the last line: the one-line reason keeps it."""
+    import causalrec.cli as cli
+
+    def fail(ctx, name):
+        raise RuntimeError("Failed to initialize Python data source writer: Traceback (most recent call last):\n"
+                           "  File \"x.py\", line 1, in <module>\nModuleNotFoundError: No module named 'causalrec'\n")
+    monkeypatch.setattr(cli, "run_stage", fail)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"storage:\n  root: {tmp_path}\n")
+    assert main(["features", str(f)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("... ModuleNotFoundError: No module named 'causalrec' (-v for the whole "
+                                             "message)"), err
+
+
 def test_console_script_and_job_entry_point():
     exe = Path(sys.executable).parent / "causalrec"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
@@ -186,11 +236,12 @@ def test_spark_submit_master_and_conf_win_over_config(tmp_path):
     pass: the job warns with the --conf flags to pass instead of failing on the running session."""
     spark_submit = Path(sys.executable).parent / "spark-submit"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"storage:\n  root: {tmp_path / 'tables'}\nspark:\n  shuffle_partitions: 8\n  conf:\n"
+    cfg.write_text(f"storage:\n  root: {tmp_path / 'tables'}\nspark:\n  shuffle_partitions: 8\n  driver_memory: 6g\n"
+                   "  app_name: from_config\n  conf:\n"
                    "    spark.sql.extensions: io.delta.sql.DeltaSparkSessionExtension\n"
                    "    spark.sql.catalog.spark_catalog: org.apache.spark.sql.delta.catalog.DeltaCatalog\n")
     res = subprocess.run(
-        [str(spark_submit), "--master", "local[1]", "--conf", "spark.sql.shuffle.partitions=3",
+        [str(spark_submit), "--master", "local[1]", "--name", "airflow_task", "--conf", "spark.sql.shuffle.partitions=3",
          "--conf", "spark.ui.enabled=false", str(REPO / "jobs" / "doctor.py"), "--config", str(cfg)],
         capture_output=True, text=True, timeout=300,
         env={**__import__("os").environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"},
@@ -199,13 +250,14 @@ def test_spark_submit_master_and_conf_win_over_config(tmp_path):
     import json
 
     info = json.loads(res.stdout[res.stdout.index("{"):])
-    assert info["spark_master"] == "local[1]"
+    assert info["spark_master"] == "local[1]" and info["spark_app_name"] == "airflow_task"
     assert info["spark_shuffle_partitions"] == "3"
     assert info["launched_by_spark_submit"] is True
     assert info["delta_backend"] == "delta-rs"
     # spark-submit merges the Python driver's stderr (the log) into stdout
     assert "--conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension" in res.stdout
     assert "through delta-rs" in res.stdout
+    assert "spark.driver_memory 6g is not applied" in res.stdout and "pass --driver-memory 6g" in res.stdout
 
 
 def test_conf_gaps_a_running_session_cannot_take_are_reported_not_set(spark, caplog):

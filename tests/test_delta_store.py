@@ -67,6 +67,26 @@ def test_backend_is_delta_rs_offline(store):
     assert store.backend == "delta-rs"
 
 
+def test_reading_a_missing_table_names_the_stage_that_writes_it(store):
+    with pytest.raises(FileNotFoundError, match=r"events does not exist: run the ingest stage \(causalrec ingest "
+                                                r"<config>\) or the simulate stage \(causalrec simulate <config>\) first"):
+        store.read("events")
+    with pytest.raises(FileNotFoundError, match=r"training_examples does not exist: run the training_set stage"):
+        store.read("training_examples")
+
+
+def test_a_data_source_worker_without_causalrec_gets_an_error_that_says_what_to_install():
+    """spark-submit --py-files does not reach the Python data source's workers (the delta-rs writer)."""
+    from causalrec.storage.store import _unwrap_write_error
+
+    exc = RuntimeError("[PYTHON_DATA_SOURCE_ERROR] Failed to initialize Python data source writer: Traceback "
+                       "(most recent call last):\n ...\nModuleNotFoundError: No module named 'causalrec'")
+    err = _unwrap_write_error(exc, "/t/events")
+    assert isinstance(err, DeltaWriteError) and "the table is unchanged" in str(err)
+    assert "Install causalrec in the executors' Python" in str(err) and "--packages io.delta" in str(err)
+    assert "Install causalrec" not in str(_unwrap_write_error(RuntimeError("disk full"), "/t/events"))
+
+
 def test_round_trip_every_type_and_partition_values(spark, store):
     df = _df(spark, 10)
     version = store.write(df, "t", partition_by=["part"])

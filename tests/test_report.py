@@ -330,7 +330,7 @@ def test_render_report_names_the_stage_for_missing_inputs():
     page = R.render_report({"title": "empty", "tables": {}})
     assert '<img class="plot"' not in page
     for stage in ("evaluate", "propensity", "ope", "uplift", "recommend", "train"):
-        assert f"<code>causalrec {stage} conf/local.yaml</code>" in page
+        assert f"<code>causalrec {stage} &lt;config&gt;</code>" in page
     assert "No results are available yet" in page
 
 

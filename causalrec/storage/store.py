@@ -319,7 +319,7 @@ class DeltaStore:
         """Latest snapshot, or ``version=`` for time travel."""
         path = self.path(name)
         if not self.exists(name):
-            raise FileNotFoundError(f"Delta table {path} does not exist (has its stage run?)")
+            raise FileNotFoundError(f"Delta table {path} does not exist: {_run_first(name)}")
         if self.backend == "delta-spark":
             r = self.spark.read.format("delta")
             if version is not None:
@@ -492,6 +492,15 @@ def _local_path(uri: str) -> str:
         raise ValueError(f"Delta root {uri}: a file:// URI must name a local path (file:///path), not host "
                          f"{parsed.netloc!r}")
     return unquote(parsed.path)
+
+
+def _run_first(table: str) -> str:
+    from causalrec.stages import writers_of
+
+    stages = writers_of(table)
+    if not stages:
+        return "no causalrec stage writes it"
+    return "run " + " or ".join(f"the {s} stage (causalrec {s} <config>)" for s in stages) + " first"
 
 
 def commit_metadata_of(history) -> list[dict]:
@@ -700,4 +709,11 @@ def _unwrap_write_error(exc: Exception, path: str) -> Exception:
         if marker in text:
             msg = text.split(marker, 1)[1].split("\n", 1)[0]
             return cls(msg)
+    if "No module named 'causalrec'" in text:  # the data source's Python workers lack the library
+        return DeltaWriteError(
+            f"write to Delta table {path} failed; the table is unchanged: Spark's Python workers cannot import "
+            "causalrec, and the offline delta-rs writer runs in them (a Python data source; --py-files does not "
+            "reach those workers). Install causalrec in the executors' Python (the image, or a packed venv "
+            "through --archives), or give the job Delta's jars (--packages io.delta:delta-spark_2.13:<version> "
+            f"with Delta's SQL extension and catalog) to write through delta-spark. Cause: {text[:2000]}")
     return DeltaWriteError(f"write to Delta table {path} failed; the table is unchanged. Cause: {text[:2000]}")
