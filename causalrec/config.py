@@ -300,6 +300,7 @@ class OPEConfig:
     attribution_scope: Literal["session", "user"] = "session"
     uplift_min_rows: int = 30  # per-item / per-segment cells with fewer treated or fewer control rows are not reported
     uplift_refutation_sample: float = 0.2  # share of rows used by the refutation checks
+    uplift_refutation_max_rows: int = 1_000_000  # ... and at most this many: they are fitted on the driver
 
 
 @dataclass
@@ -525,6 +526,7 @@ NUMBER_RANGES = {
     "ope.dr_os_lambdas[]": ">= 0",
     "ope.abtest_expected_share": "(0, 1)",  # the sample-ratio check divides by both arms' shares
     "ope.uplift_refutation_sample": "(0, 1]",
+    "ope.uplift_refutation_max_rows": "int >= 20",
     # each reported item or segment effect needs that many treated and control rows: below 2 an arm
     # may be missing or have no standard error
     "ope.uplift_min_rows": "int >= 2",

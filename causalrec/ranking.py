@@ -149,16 +149,6 @@ def group_targets(group_sizes: dict, mode: str = "catalogue") -> dict:
     return {gname: group_sizes[gname] / total for gname in groups}
 
 
-def gini(values) -> float:
-    """Gini coefficient of non-negative exposures (0 = equal, -> 1 = concentrated)."""
-    x = np.sort(np.asarray(values, dtype="float64"))
-    n = len(x)
-    if n == 0 or x.sum() == 0:
-        return 0.0
-    cum = np.cumsum(x)
-    return float((n + 1 - 2 * (cum / cum[-1]).sum()) / n)
-
-
 def policy_top_k(rel: np.ndarray, upl: np.ndarray, ids: np.ndarray, policy: str, blend_weight: float, k: int):
     """(scores, unconstrained top-``k`` positions, tie-break key) of one user's candidates under
     ``policy``'s score (relevance / uplift / blend): the list a policy ranks, or fair re-ranking
@@ -415,25 +405,28 @@ def _item_side(ctx):
 def summarise(result, catalogue_items: Optional[int], policy: str, cfg) -> dict:
     """Relevance cost and Gini of recommendation counts per item before (kind=base) / after (kind=policy).
 
-    One Spark aggregation to (kind, item, group) rows - catalogue-sized, not event-sized -
-    then the Gini and shares on the driver."""
+    Spark aggregations: the Gini over per-item counts (:func:`causalrec.evaluation.metrics.gini`, the
+    catalogue's unrecommended items at zero), and (kind, group) totals - a handful of rows - for the
+    shares; no per-item rows reach the driver."""
     from pyspark.sql import functions as F
 
-    agg = (result.groupBy("kind", "item_id", "group")
-           .agg(F.count(F.lit(1)).alias("n"), F.sum("relevance").alias("rel"),
-                F.sum(F.col("fairness_boosted").cast("long")).alias("boosted"))
-           .toPandas())
+    from causalrec.evaluation.metrics import gini
+
+    per_item = result.groupBy("kind", "item_id").agg(F.count(F.lit(1)).alias("n")).persist()
+    n_items = {r["kind"]: int(r["count"]) for r in per_item.groupBy("kind").count().collect()}
+    groups = (result.groupBy("kind", "group")
+              .agg(F.count(F.lit(1)).alias("n"), F.sum("relevance").alias("rel"),
+                   F.sum(F.col("fairness_boosted").cast("long")).alias("boosted")).collect())
     n_users = result.filter(F.col("kind") == "policy").select("user_id").distinct().count()
     out: dict = {}
     for kind in ("base", "policy"):
-        part = agg[agg["kind"] == kind]
-        per_item = part.groupby("item_id")["n"].sum().tolist()
-        zeros = max(0, (catalogue_items or len(per_item)) - len(per_item))
-        slots = max(int(part["n"].sum()), 1)
-        grp = (part.groupby("group")["n"].sum() / slots).to_dict()
-        out[kind] = {"relevance": float(part["rel"].fillna(0).sum()), "gini": gini(per_item + [0] * zeros),
-                     "groups": {str(k): float(v) for k, v in grp.items()},
-                     "boosted": int(part["boosted"].fillna(0).sum())}
+        part = [r for r in groups if r["kind"] == kind]
+        slots = max(sum(int(r["n"]) for r in part), 1)
+        g = gini(per_item.where(F.col("kind") == kind), "n", n_total=max(catalogue_items or 0, n_items.get(kind, 0)))
+        out[kind] = {"relevance": float(sum(r["rel"] or 0.0 for r in part)), "gini": g if g is not None else 0.0,
+                     "groups": {str(r["group"]): int(r["n"]) / slots for r in part if r["group"] is not None},
+                     "boosted": int(sum(r["boosted"] or 0 for r in part))}
+    per_item.unpersist()
     rb, rp = out["base"]["relevance"], out["policy"]["relevance"]
     return {
         "policy": policy, "k": cfg.ranking.k, "fairness_attribute": cfg.ranking.fairness_attribute,

@@ -21,6 +21,8 @@ import os
 from datetime import datetime, timezone
 from typing import Optional
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 REPORT_TABLES = ("metrics", "train_runs", "ope_results", "propensity_diagnostics", "ranking_summary",
@@ -487,12 +489,11 @@ def section_uplift(data) -> str:
     ue, _method = _item_effects(data)
     if ue:
         ue = sorted(ue, key=lambda r: -r["effect"])
-        n = [max(float(r.get("n") or 1), 1.0) for r in ue]
-        cum, tot = [0.0], 0.0
-        for r, w in zip(ue, n):
-            tot += r["effect"] * w
-            cum.append(tot)
-        share = [0.0] + [sum(n[: i + 1]) / sum(n) * 100 for i in range(len(n))]
+        n = np.array([max(float(r.get("n") or 1), 1.0) for r in ue])
+        cum = np.concatenate([[0.0], np.cumsum(np.array([r["effect"] for r in ue]) * n)])
+        share = np.concatenate([[0.0], np.cumsum(n) / n.sum() * 100])
+        keep = np.unique(np.linspace(0, len(n), min(len(n) + 1, 1001)).round().astype(int))  # a plot's worth
+        share, cum = share[keep], cum[keep]
         fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
         axes[0].plot(share, cum, color="#d9822b", label="items by estimated effect")
         axes[0].plot([0, 100], [0, cum[-1]], ls="--", color="#999999", label="random order")

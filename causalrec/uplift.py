@@ -265,7 +265,7 @@ def run(ctx) -> dict:
         items = grouped_effects(scored, ["item_id"], oc.alpha, oc.uplift_min_rows).withColumn("level", F.lit("item"))
         segs = grouped_effects(scored, ["segment"], oc.alpha, oc.uplift_min_rows).withColumn("level", F.lit("segment"))
     with ctx.step("uplift: refutations on a sample"):
-        frac = min(1.0, oc.uplift_refutation_sample)
+        frac = min(1.0, oc.uplift_refutation_sample, oc.uplift_refutation_max_rows / max(n, 1))  # driver-sized
         sample = scored.sample(fraction=frac, seed=cfg.project.seed).select("y", "t", "e", "item_id").toPandas()
         ref = refute(sample.y.values, sample.t.values, sample.e.values, sample.item_id.values, seed=cfg.project.seed,
                      alpha=oc.alpha) \
@@ -286,7 +286,7 @@ def run(ctx) -> dict:
     scored.unpersist()
     summary = {"run_id": run_id, "rows_in": n, "rows_out": n_out,
                "propensity_source": "treatment_propensity" if tp is not None else "item_share_recommended",
-               "refutation": ref}
+               "refutation": ref, "refutation_rows": len(sample)}
     for r in res:
         summary[f"ate_{r['method']}"] = {"effect": r["effect"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
         print(f"average effect of recommending ({r['method']}): {r['effect']:+.5f} [{r['ci_low']:+.5f}, {r['ci_high']:+.5f}]")

@@ -349,6 +349,15 @@ def test_gini_known_distributions(spark):
     lc = M.lorenz_curve(sdf(spark, pd.DataFrame({"exposure": x})), n_total=12)
     assert lc["x"][0] == 0 and lc["x"][-1] == 1 and lc["y"][-1] == pytest.approx(1.0)
     assert all(b >= a for a, b in zip(lc["y"], lc["y"][1:]))
+    # against the sorted-array definition, with ties, zero rows, the catalog's absent items and thinning
+    vals = np.array([3.0, 0.0, 1.0, 1.0, 1.0, 7.5, 2.0, 2.0, 0.25, 9.0, 1.0, 4.0])
+    for n_total, points in ((None, 101), (20, 101), (20, 6), (12, 4)):
+        n = n_total or len(vals)
+        ref = np.sort(np.concatenate([np.zeros(n - len(vals)), vals]))
+        cum = np.concatenate([[0.0], np.cumsum(ref) / ref.sum()])
+        idx = np.unique(np.linspace(0, n, min(points, n + 1)).round().astype(int))
+        got = M.lorenz_curve(sdf(spark, pd.DataFrame({"exposure": vals})), n_total=n_total, points=points)
+        assert got["x"] == pytest.approx(list(idx / n)) and got["y"] == pytest.approx(list(cum[idx])), (n_total, points)
 
 
 def test_exposure_coverage_and_groups(spark):

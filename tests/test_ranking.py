@@ -9,17 +9,39 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from causalrec.ranking import fair_rerank, gini, group_targets, minmax, policy_score, top_k
+from causalrec.ranking import fair_rerank, group_targets, minmax, policy_score, top_k
 
 
 # --------------------------------------------------------------------------- pure functions
 
 
-def test_gini_and_minmax():
-    assert gini([1, 1, 1, 1]) == pytest.approx(0.0)
-    assert gini([0, 0, 0, 4]) == pytest.approx(0.75)  # (n-1)/n for one holder
-    assert gini([]) == 0.0
+def test_minmax():
     np.testing.assert_allclose(minmax([2.0, 4.0, np.nan, 3.0]), [0.0, 1.0, 0.0, 0.5])
+
+
+def test_summarise_gini_pads_the_catalogue_and_shares_leave_out_ungrouped_items(ctx, spark):
+    """ranking_summary's Gini is over recommendation counts per item with the catalogue's unrecommended
+    items at zero (the sorted-array definition), computed in Spark; group shares are of all slots."""
+    from causalrec.ranking import summarise
+
+    rows = [("base", "u1", "a", "head", 1.0, False), ("base", "u2", "a", "head", 1.0, False),
+            ("base", "u3", "a", "head", 0.5, False), ("base", "u1", "b", "tail", 0.5, False),
+            ("policy", "u1", "a", "head", 1.0, False), ("policy", "u2", "b", "tail", 0.5, True),
+            ("policy", "u3", "c", None, 0.25, True), ("policy", "u1", "b", "tail", 0.5, False)]
+    result = spark.createDataFrame(rows, "kind string, user_id string, item_id string, `group` string, "
+                                         "relevance double, fairness_boosted boolean")
+
+    def ref(counts, n):
+        x = np.sort(np.concatenate([np.zeros(n - len(counts)), counts]))
+        return float(np.abs(x[:, None] - x[None, :]).sum() / (2 * n * n * x.mean()))
+
+    out = summarise(result, 5, "fair", ctx.cfg)
+    assert out["gini_before"] == pytest.approx(ref([3, 1], 5)) and out["gini_after"] == pytest.approx(ref([1, 2, 1], 5))
+    assert json.loads(out["group_exposure_before"]) == {"head": 0.75, "tail": 0.25}
+    assert json.loads(out["group_exposure_after"]) == {"head": 0.25, "tail": 0.5}  # c has no group
+    assert (out["n_users"], out["n_boosted"]) == (3, 2)
+    assert out["relevance_cost"] == pytest.approx(1 - 2.25 / 3.0)
+    assert summarise(result, None, "fair", ctx.cfg)["gini_before"] == pytest.approx(ref([3, 1], 2))
 
 
 def test_fair_rerank_strength_zero_is_unconstrained_and_one_meets_targets():

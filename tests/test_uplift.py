@@ -101,6 +101,9 @@ def test_uplift_stage_writes_item_effects(ctx, spark):
     assert len(items) == 5 and (items.n >= 30).all()
     assert items.loc["i4", "effect"] > items.loc["i0", "effect"]
     assert eff[eff.level == "overall"].refutation.notna().all()
+    assert s["refutation_rows"] == 3000
+    ctx.cfg.ope.uplift_refutation_max_rows = 500  # the refutations' rows are fitted on the driver: capped
+    assert 400 < run(ctx)["refutation_rows"] < 600
 
 
 def test_dr_scores_need_the_outcome_models_and_one_arm_is_refused_locally():

@@ -544,26 +544,38 @@ def gini(df: DataFrame, col_value: str = "exposure", n_total: Optional[int] = No
 
 
 def lorenz_curve(df: DataFrame, col_value: str = "exposure", n_total: Optional[int] = None, points: int = 101) -> dict:
-    """Lorenz curve points (cumulative share of items, cumulative share of exposure).
+    """Lorenz curve points (cumulative share of items, cumulative share of exposure), thinned to about
+    ``points`` points for plotting.
 
-    Item-level values are dimension-table sized, so they are sorted on the driver;
-    the curve is thinned to about ``points`` points for plotting.
+    ``n_total``: the catalog size, its items absent from ``df`` at zero (as :func:`gini`). Spark: rows are
+    counted per distinct value and running-summed in value order (:func:`_prefix_sums`); only the rows that
+    hold one of the curve's points reach the driver, not one row per item.
     """
     import numpy as np
 
-    vals = np.array([float(r[0]) for r in df.select(col_value).where(F.col(col_value).isNotNull()).collect()])
-    if n_total is not None and n_total < len(vals):
-        raise ValueError(f"lorenz_curve: n_total={n_total} is smaller than the {len(vals)} rows given")
-    n = int(n_total) if n_total is not None else len(vals)
-    if n > len(vals):
-        vals = np.concatenate([np.zeros(n - len(vals)), vals])
-    vals = np.sort(vals)
-    if n == 0 or vals.sum() <= 0:
+    _check_columns(df, "lorenz_curve", col_value)
+    by_val = df.where(F.col(col_value).isNotNull()).groupBy(F.col(col_value).cast("double").alias("_x")).agg(
+        F.count(F.lit(1)).cast("double").alias("c")).withColumn("cx", F.col("c") * F.col("_x"))
+    n_rows, total = by_val.agg(F.sum("c"), F.sum("cx")).first()
+    n_rows, total = int(n_rows or 0), float(total or 0.0)
+    if n_total is not None and n_total < n_rows:
+        raise ValueError(f"lorenz_curve: n_total={n_total} is smaller than the {n_rows} rows given")
+    n = int(n_total) if n_total is not None else n_rows
+    if n == 0 or total <= 0:
         return {"x": [0.0, 1.0], "y": [0.0, 0.0]}
-    cum = np.concatenate([[0.0], np.cumsum(vals) / vals.sum()])
-    x = np.arange(n + 1) / n
-    idx = np.unique(np.linspace(0, n, min(points, n + 1)).round().astype(int))
-    return {"x": [float(v) for v in x[idx]], "y": [float(v) for v in cum[idx]]}
+    idx = [int(k) for k in np.unique(np.linspace(0, n, min(points, n + 1)).round().astype(int))]
+    pad = n - n_rows  # the catalog's absent items: zeros, first in value order
+    ranks = [k - pad for k in idx if k > pad]  # the curve's points among the given rows, 1-based
+    sums = {}
+    if ranks:
+        targets = df.sparkSession.createDataFrame([(float(r),) for r in ranks], "_k double")
+        with _prefix_sums(by_val, "_x", ["c", "cx"]) as cum:
+            # the value group holding the rank-k row; the sum of the k smallest leaves out its rows above k
+            hit = (F.col("_k") > F.col("c_cum") - F.col("c")) & (F.col("_k") <= F.col("c_cum"))
+            rows = cum.join(F.broadcast(targets), hit).select(
+                "_k", (F.col("cx_cum") - (F.col("c_cum") - F.col("_k")) * F.col("_x")).alias("s")).collect()
+        sums = {int(r["_k"]): float(r["s"]) for r in rows}
+    return {"x": [k / n for k in idx], "y": [min(sums.get(k - pad, 0.0) / total, 1.0) for k in idx]}
 
 
 def exposure_by_group(
