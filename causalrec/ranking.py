@@ -286,7 +286,7 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
         groups = groups.select("item_id", F.col("group").cast("string"))
         group_sizes = {r["group"] if r["group"] is not None else "unknown": int(r["count"])
                        for r in groups.groupBy("group").count().collect()}  # a handful of groups
-        df = df.join(F.broadcast(groups), "item_id", "left")
+        df = df.join(groups, "item_id", "left")
     elif policy == "fair":
         raise ValueError(f"ranking.policy='fair' needs the item attribute {cfg.fairness_attribute!r} "
                          "(item_features.popularity_group, or a column of items/item_features)")
@@ -297,7 +297,7 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
         # need not be this run's (the explanation labels the interval with this run's level)
         ue = item_uplift(uplift_effects).select("item_id", F.col("effect").alias("item_effect"),
                                                 F.col("se").alias("item_se"))
-        df = df.join(F.broadcast(ue), "item_id", "left")
+        df = df.join(ue, "item_id", "left")
     if history is not None:
         df = df.join(history, "user_id", "left")
     targets = group_targets(group_sizes, cfg.fairness_target)
@@ -473,7 +473,7 @@ def load_history(ctx, indexed_items=None, history_length: Optional[int] = None):
     if indexed_items is None:
         return uf.select("user_id", F.slice("history_item_ids", 1, n).alias("history"))
     hist = uf.select("user_id", F.posexplode("history_item_ids").alias("pos", "item_id")).join(
-        F.broadcast(indexed_items.select("item_id")), "item_id")
+        indexed_items.select("item_id"), "item_id")
     return hist.groupBy("user_id").agg(F.slice(F.transform(
         F.sort_array(F.collect_list(F.struct("pos", "item_id"))), lambda s: s["item_id"]), 1, n).alias("history"))
 

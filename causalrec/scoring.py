@@ -6,7 +6,8 @@ Two steps, each on the engine that suits it:
    trained with (user_idx/item_idx; -1 for cold ids), the user's history and text and the
    item's text in the training set's layout, and a per-item uplift prior from
    ``uplift_effects`` (item-level rows of one method, see :func:`item_uplift`). These are shuffle joins of a users x candidates table with
-   dimension tables, which Spark plans well (broadcast for items); materialising
+   dimension tables, left to Spark's join planning (it broadcasts the small ones; a 10M-item text
+   table is not small, so no broadcast is forced); materialising
    the result in Delta makes the model step restartable without redoing joins, and
    gives Ray a plain columnar read with no joins on the actor path.
 2. **Ray Data scores it**: ``read_delta`` -> ``map_batches`` over a pool of model
@@ -93,7 +94,7 @@ def build_scoring_input(spark, candidates, id_index=None, user_features=None, us
                                                                F.col("idx").alias("user_idx"))
         iidx = id_index.filter(F.col("kind") == "item").select(F.col("id").alias("item_id"),
                                                                F.col("idx").alias("item_idx"))
-        df = df.join(uidx, "user_id", "left").join(F.broadcast(iidx), "item_id", "left")
+        df = df.join(uidx, "user_id", "left").join(iidx, "item_id", "left")
     else:
         iidx = spark.createDataFrame([], "item_id string, item_idx int")
         df = df.withColumn("user_idx", F.lit(None).cast("int")).withColumn("item_idx", F.lit(None).cast("int"))
@@ -122,11 +123,11 @@ def build_scoring_input(spark, candidates, id_index=None, user_features=None, us
     if user_part is not None:
         df = df.join(user_part, "user_id", "left")
     if item_part is not None:
-        df = df.join(F.broadcast(item_part), "item_id", "left")
+        df = df.join(item_part, "item_id", "left")
     if uplift_effects is not None:
         ue = item_uplift(uplift_effects).select("item_id", F.col("effect").alias("prior_uplift"),
                                                 F.col("se").alias("prior_uplift_se"))
-        df = df.join(F.broadcast(ue), "item_id", "left")
+        df = df.join(ue, "item_id", "left")
     if feature_vectors is not None:
         df = feature_vectors(df)
     else:

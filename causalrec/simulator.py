@@ -368,7 +368,7 @@ def pair_truth(spark, sc, plan: Plan, users, items, effect_scale: float):
         (k / F.lit(sc.n_items)).cast("long").alias("user_idx"), F.pmod(k, F.lit(sc.n_items)).alias("item_idx"))
     u = users.select("user_idx", "user_id", *[f"t{j}" for j in range(d)])
     it = items.select("item_idx", "item_id", "effect_type", *[f"f{j}" for j in range(d)])
-    x = pairs.join(F.broadcast(u), "user_idx").join(F.broadcast(it), "item_idx")
+    x = pairs.join(u, "user_idx").join(it, "item_idx")
     dot = sum((F.col(f"t{j}") * F.col(f"f{j}") for j in range(1, d)), F.col("t0") * F.col("f0"))
     x = x.withColumn("true_preference", dot / F.lit(math.sqrt(d)))
     x = x.withColumn("q", F.lit(1.0) / (F.col("item_idx") + 1).cast("double"))
@@ -473,7 +473,7 @@ def _mcar_pairs(spark, sc, seed: int, users, items, c: float):
     x = mu.crossJoin(F.broadcast(ks)).withColumn("item_idx", F.pmod(start + F.col("k") * F.lit(stride),
                                                                       F.lit(sc.n_items)))
     it = items.select("item_idx", "item_id", "effect_type", *[f"f{j}" for j in range(d)])
-    x = x.join(F.broadcast(it), "item_idx")
+    x = x.join(it, "item_idx")
     dot = sum((F.col(f"t{j}") * F.col(f"f{j}") for j in range(1, d)), F.col("t0") * F.col("f0"))
     x = x.withColumn("true_preference", dot / F.lit(math.sqrt(d)))
     x = _outcome_columns(x, sc, seed, c)

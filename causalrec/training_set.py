@@ -306,7 +306,7 @@ def _loo_top_attribute_share(own: DataFrame, events: DataFrame, items: DataFrame
     most M tokens, so that max is over the user's M + 1 largest tokens: one of them is not the item's and
     bounds every token left out. 0 where nothing is left, as the vector has it for a user without tokens.
     """
-    toks = F.broadcast(item_tokens(items).groupBy("item_id").agg(F.collect_set("token").alias("_toks")))
+    toks = item_tokens(items).groupBy("item_id").agg(F.collect_set("token").alias("_toks"))
     m = toks.agg(F.coalesce(F.max(F.size("_toks")), F.lit(0)).alias("_m"))
     w = Window.partitionBy("user_id").orderBy(F.col("n_ut").desc(), F.col("token"))
     top = (user_attribute_counts(events, items, cutoff).withColumn("_r", F.row_number().over(w))
@@ -334,7 +334,7 @@ def _loo_popularity_pct(own: DataFrame, item_features: DataFrame, d_inter, d_exp
     """
     base = item_features.select("item_id", F.col("n_interactions").cast("long").alias("_ni"),
                                 F.col("n_exposures").cast("long").alias("_ne"))
-    own = own.join(F.broadcast(base), "item_id", "left").withColumn("_qi", F.col("_ni") - d_inter.cast("long")) \
+    own = own.join(base, "item_id", "left").withColumn("_qi", F.col("_ni") - d_inter.cast("long")) \
         .withColumn("_qe", F.col("_ne") - d_exp.cast("long"))
     q = own.where(F.col("_ni").isNotNull()).select("item_id", "_qi", "_qe", F.col("_ni").alias("_oi"),
                                                    F.col("_ne").alias("_oe")).distinct()
@@ -439,8 +439,8 @@ def indexed_history(user_features: DataFrame, iidx: DataFrame, item_text: DataFr
     :func:`with_history_columns`, so a model is served the history layout it was trained on.
     """
     users_hist = user_features.select("user_id", F.posexplode("history_item_ids").alias("pos", "item_id"))
-    users_hist = users_hist.join(F.broadcast(iidx), "item_id", "left").join(
-        F.broadcast(item_text.select("item_id", F.col("text").alias("_it"))), "item_id", "left")
+    users_hist = users_hist.join(iidx, "item_id", "left").join(
+        item_text.select("item_id", F.col("text").alias("_it")), "item_id", "left")
     return users_hist.groupBy("user_id").agg(F.sort_array(F.collect_list(
         F.struct("pos", "item_idx", F.coalesce("_it", "item_id").alias("t")))).alias("_hist"))
 
@@ -504,7 +504,7 @@ def with_feature_vectors(pairs: DataFrame, ft, events: DataFrame, items: DataFra
     cold_item = cold_item_frame(ft.items, ft.item_names, cfg.features.smoothing_prior_strength)
     uf = ft.users.select("user_id", F.col("feature_vector").alias("_uv"), *user_cols)
     itf = ft.items.select("item_id", F.col("feature_vector").alias("_iv"), *item_cols)
-    out = (pairs.join(uf, "user_id", "left").join(F.broadcast(itf), "item_id", "left")
+    out = (pairs.join(uf, "user_id", "left").join(itf, "item_id", "left")
            .join(pf.select("user_id", "item_id", "pair_vector"), ["user_id", "item_id"], "left")
            .crossJoin(F.broadcast(cold_item)))
     out = out.withColumn("features", F.concat(F.coalesce("_uv", float_array(cold_user_vector(ft.user_names))),
@@ -584,7 +584,7 @@ def build_training_examples(events: DataFrame, users: DataFrame, items: DataFram
 
     uidx = id_index.where(F.col("kind") == "user").select(F.col("id").alias("user_id"), F.col("idx").alias("user_idx"))
     iidx = id_index.where(F.col("kind") == "item").select(F.col("id").alias("item_id"), F.col("idx").alias("item_idx"))
-    ex = ex.join(uidx, "user_id").join(F.broadcast(iidx), "item_id")
+    ex = ex.join(uidx, "user_id").join(iidx, "item_id")
 
     # history as dense indices and as text, per user: the distinct recent items (user_history, as the
     # features stage builds them for serving) one longer than history_length, so a train row that leaves

@@ -633,3 +633,15 @@ def test_treatment_versus_truth_counts_one_row_per_decision(spark):
                                   "user_id string, item_id string, treatment_propensity double")
     vt = treatment_versus_truth(tdf, ev, truth)
     assert (vt["n"], vt["mae"]) == (2, pytest.approx((0.4 + 0.2) / 2))
+
+
+def test_choice_catalogue_is_bounded_before_items_reach_the_driver(spark):
+    """One class per item: a group with more items than the model takes is refused with the methods that
+    scale, and the check runs in Spark (no per-item collect first)."""
+    from causalrec.propensity.choice import catalogues_of
+
+    rows = spark.createDataFrame([("g1", f"i{k % 5}") for k in range(20)] + [("g2", "a"), ("g2", "b"), ("g2", "a")],
+                                 "choice_group string, item_id string")
+    assert catalogues_of(rows, max_items=5) == {"g1": ["i0", "i1", "i2", "i3", "i4"], "g2": ["a", "b"]}
+    with pytest.raises(ValueError, match=r"choice group 'g1' logs 5 distinct items; .* at most 4\. .*treatment_method=logistic"):
+        catalogues_of(rows, max_items=4)

@@ -102,9 +102,9 @@ def reindex_examples(examples: DataFrame, id_index: DataFrame, indexed_with: Dat
     old_to_new = side(indexed_with, "item", "item_id", "_old_h").join(
         side(id_index, "item", "item_id", "_new_h"), "item_id").select("_old_h", "_new_h")
     hist = (examples.select("example_id", F.posexplode("history_item_idx").alias("_pos", "_old_h"))
-            .join(F.broadcast(old_to_new), "_old_h")
+            .join(old_to_new, "_old_h")
             .groupBy("example_id").agg(F.sort_array(F.collect_list(F.struct("_pos", "_new_h"))).alias("_h")))
-    out = (examples.join(users, "user_id", "left").join(F.broadcast(items), "item_id", "left")
+    out = (examples.join(users, "user_id", "left").join(items, "item_id", "left")
            .join(hist, "example_id", "left"))
     new_hist = F.coalesce(F.transform("_h", lambda s: s["_new_h"]), F.array().cast("array<int>"))
     out = (out.withColumn("user_idx", F.coalesce("_new_u", F.lit(-1)).cast("int"))

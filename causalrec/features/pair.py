@@ -34,7 +34,7 @@ def item_cooccurrence(history: DataFrame) -> DataFrame:
 def attribute_match(pairs: DataFrame, attr_counts: DataFrame, ui_counts: DataFrame, items: DataFrame) -> DataFrame:
     """(user_id, item_id, attr_match) for each distinct pair; leave-the-item-out shares."""
     p = pairs.select("user_id", "item_id").distinct()
-    tokens = F.broadcast(item_tokens(items))
+    tokens = item_tokens(items)
     n_tok = tokens.groupBy("item_id").agg(F.count(F.lit(1)).alias("n_tok"))
     pt = p.join(tokens, "item_id").join(ui_counts, ["user_id", "item_id"], "left").fillna(0, subset=["n_ui"])
     pt = pt.join(attr_counts, ["user_id", "token"], "left").fillna(0, subset=["n_ut", "n_u"])
@@ -42,7 +42,7 @@ def attribute_match(pairs: DataFrame, attr_counts: DataFrame, ui_counts: DataFra
         F.col("n_u") - F.col("n_ui") > 0,
         (F.col("n_ut") - F.col("n_ui")) / (F.col("n_u") - F.col("n_ui")),
     ).otherwise(0.0)
-    out = pt.groupBy("user_id", "item_id").agg(F.sum(share).alias("_s")).join(F.broadcast(n_tok), "item_id")
+    out = pt.groupBy("user_id", "item_id").agg(F.sum(share).alias("_s")).join(n_tok, "item_id")
     out = out.select("user_id", "item_id", (F.col("_s") / F.col("n_tok")).alias("attr_match"))
     return p.join(out, ["user_id", "item_id"], "left").fillna(0.0, subset=["attr_match"])
 

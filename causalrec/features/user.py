@@ -88,11 +88,11 @@ def user_attribute_counts(events: DataFrame, items: DataFrame, cutoff: Cutoff) -
     """(user_id, token, n_ut, n_u): how many of the user's interactions touched items with each token.
 
     Counts, not shares, so pair features can leave the label item out (see pair.py).
-    Events are first reduced to (user, item) counts, then joined to the small token table.
+    Events are first reduced to (user, item) counts, then joined to the item tokens (items x tokens rows).
     """
     ui = user_item_counts(events, cutoff)
     n_u = ui.groupBy("user_id").agg(F.sum("n_ui").alias("n_u"))
-    tokens = F.broadcast(item_tokens(items))
+    tokens = item_tokens(items)
     ut = ui.join(tokens, "item_id").groupBy("user_id", "token").agg(F.sum("n_ui").alias("n_ut"))
     return ut.join(n_u, "user_id")
 

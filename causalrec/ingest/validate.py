@@ -352,7 +352,8 @@ def row_checks(df, rules: Rules, typed: dict) -> list:
 
 
 def _known_flags(df, typed: dict, rules: Rules, users, items):
-    """Add boolean columns marking ids missing from the dimension tables (broadcast joins)."""
+    """Add boolean columns marking ids missing from the dimension tables (left joins on the distinct ids:
+    Spark broadcasts them when small; 100M user ids are not, so no broadcast is forced)."""
     from pyspark.sql import functions as F
 
     out = df
@@ -368,7 +369,7 @@ def _known_flags(df, typed: dict, rules: Rules, users, items):
         known = dim.select(F.col(key).cast("string").alias(f"__cr_known_{key}")).distinct().withColumn(
             f"__cr_hit_{key}", F.lit(True))
         out = out.withColumn(f"__cr_key_{key}", typed[key])
-        out = out.join(F.broadcast(known), out[f"__cr_key_{key}"] == known[f"__cr_known_{key}"], "left")
+        out = out.join(known, out[f"__cr_key_{key}"] == known[f"__cr_known_{key}"], "left")
         out = out.withColumn(flag, F.col(f"__cr_hit_{key}").isNull()).drop(
             f"__cr_known_{key}", f"__cr_hit_{key}", f"__cr_key_{key}")
     return out
@@ -408,6 +409,9 @@ def flag_rows(df, rules: Rules, *, users=None, items=None, existing=None):
     dup_in_batch = row_ok & (F.col("__cr_rank") > 1)
 
     if existing is not None:
+        # only the table's rows whose event_id is in this batch are hashed and grouped, not its whole history
+        ids = x.select(F.col("__cr_eid").alias("__cr_batch_id")).distinct()
+        existing = existing.join(ids, typed_columns(existing)["event_id"] == ids["__cr_batch_id"], "left_semi")
         et = typed_columns(existing)
         ex = existing.select(et["event_id"].alias("__cr_ex_id"), row_hash(et).alias("__cr_ex_hash"))
         # an event_id present more than once in the table (should not happen) matches if any copy is identical

@@ -183,8 +183,20 @@ class ItemChoiceTreatment:
                 .withColumn("source", F.lit("choice")))
 
 
-def catalogues_of(df: DataFrame) -> dict:
-    """group -> its items, most logged first (a catalogue is dimension-sized, so it is collected)."""
+MAX_CHOICE_ITEMS = 2000  # classes of one group's multinomial model (its coefficients: classes x features)
+
+
+def catalogues_of(df: DataFrame, max_items: int = MAX_CHOICE_ITEMS) -> dict:
+    """group -> its items, most logged first: one class each in the group's multinomial model, so a
+    catalogue is bounded (``max_items``, checked in Spark before any item reaches the driver)."""
+    sizes = df.groupBy("choice_group").agg(F.countDistinct("item_id").alias("n")).where(F.col("n") > max_items)
+    big = sizes.orderBy(F.desc("n")).limit(1).collect()
+    if big:
+        raise ValueError(
+            f"treatment propensity (choice): choice group {big[0]['choice_group']!r} logs {big[0]['n']} distinct "
+            f"items; the choice model has one class per item, at most {max_items}. For a large catalogue use "
+            "propensity.treatment_method=logistic or gbt (a recommended-or-not model per logged pair), or log "
+            "the policy's own propensities (treatment_method=logged)")
     counts = df.groupBy("choice_group", "item_id").agg(F.count(F.lit(1)).alias("n")).collect()
     out: dict = {}
     for r in sorted(counts, key=lambda r: (r["choice_group"], -r["n"], r["item_id"])):

@@ -132,7 +132,7 @@ class PopularityExposure(ExposureEstimator):
     def predict_raw(self, pairs):
         if self._item_p is None:
             raise RuntimeError("PopularityExposure: call fit() before predict()")
-        return pairs.join(F.broadcast(self._item_p), "item_id", "left").withColumn(
+        return pairs.join(self._item_p, "item_id", "left").withColumn(
             "raw_propensity", F.coalesce(F.col("_p"), F.lit(self._default_p))
         ).drop("_p")
 
@@ -263,7 +263,7 @@ def sample_unobserved(observed: DataFrame, item_ids: DataFrame, n_items: int, ra
     draws = observed.select("user_id", "item_id").withColumn("_k", F.explode(F.sequence(F.lit(1), F.lit(k))))
     draws = draws.select("user_id", F.pmod(F.xxhash64("user_id", "item_id", "_k", F.lit(seed)),
                                            F.lit(n_items)).cast("int").alias("_pos"))
-    cand = draws.join(F.broadcast(idx), "_pos").select("user_id", "item_id").distinct()
+    cand = draws.join(idx, "_pos").select("user_id", "item_id").distinct()
     neg = cand.join(observed.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
     n_obs_u = observed.groupBy("user_id").agg(F.count(F.lit(1)).alias("_nobs"))
     n_neg_u = neg.groupBy("user_id").agg(F.count(F.lit(1)).alias("_nneg"))

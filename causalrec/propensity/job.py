@@ -169,7 +169,7 @@ def with_vectors(df: DataFrame, user_features: DataFrame, item_features: Optiona
             width = table.select(F.max(F.size("feature_vector"))).first()[0] or 0
             default = F.array_repeat(F.lit(0.0).cast("float"), width)
         vec = table.select(key, F.col("feature_vector").alias(col))
-        df = df.join(F.broadcast(vec) if key == "item_id" else vec, key, "left").withColumn(
+        df = df.join(vec, key, "left").withColumn(
             col, F.coalesce(col, default))
     return df
 
