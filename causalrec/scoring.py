@@ -160,8 +160,12 @@ class ScoreBatch:
     when it has them, else from the per-item prior in ``scoring_input`` (else null).
     """
 
+    ITEM_CACHE_MAX = 100_000  # two-tower item vectors kept per actor (least recently used go first)
+
     def __init__(self, loader: Callable, model_version: str, scored_at, use_gpu: bool = False,
-                 amp_dtype: Optional[str] = None):
+                 amp_dtype: Optional[str] = None, item_cache_max: Optional[int] = None):
+        from collections import OrderedDict
+
         import torch
 
         self.torch = torch
@@ -172,7 +176,8 @@ class ScoreBatch:
         self.model_version = model_version
         self.scored_at = pd.Timestamp(scored_at)
         self.kind = (self.mc or {}).get("model")
-        self.item_cache: dict = {}  # item_id -> two-tower item vector
+        self.item_cache: OrderedDict = OrderedDict()  # item_id -> two-tower item vector, bounded:
+        self.item_cache_max = item_cache_max or self.ITEM_CACHE_MAX  # a 10M catalogue would fill the actor
         self.schema = SCORES.arrow_schema()
         self.stats = {"pairs": 0, "items_encoded": 0, "users_encoded": 0, "model_s": 0.0}
 
@@ -183,15 +188,21 @@ class ScoreBatch:
         torch = self.torch
         model = self.model
         item_ids = batch["item_id"].to_numpy()
-        new = [i for i in pd.unique(item_ids) if i not in self.item_cache]
+        vecs = {}  # this batch's item vectors: an eviction below cannot take one it needs
+        for i in pd.unique(item_ids):
+            if i in self.item_cache:
+                self.item_cache.move_to_end(i)
+                vecs[i] = self.item_cache[i]
+        new = [i for i in pd.unique(item_ids) if i not in vecs]
         if new:
             first = batch.drop_duplicates("item_id").set_index("item_id").loc[new].reset_index()
             first = first.assign(user_text="")  # item tower only: skip user tokenisation cost
-            vecs = model.encode_items(self._to(self.featurize(first)))
-            for k, v in zip(new, vecs):
-                self.item_cache[k] = v
+            for k, v in zip(new, model.encode_items(self._to(self.featurize(first)))):
+                vecs[k] = self.item_cache[k] = v
             self.stats["items_encoded"] += len(new)
-        iv = torch.stack([self.item_cache[i] for i in item_ids])
+            while len(self.item_cache) > self.item_cache_max:
+                self.item_cache.popitem(last=False)
+        iv = torch.stack([vecs[i] for i in item_ids])
         n_features = int((self.mc or {}).get("n_features", 0))
         if n_features:  # pair features enter the user tower: one user vector per row
             inputs = self._to(self.featurize(batch.assign(item_text="")))

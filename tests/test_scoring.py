@@ -150,6 +150,11 @@ def test_two_tower_cache_matches_forward_and_prior_uplift(tmp_path):
     np.testing.assert_allclose(got["uplift"], ref["uplift"].numpy(), rtol=1e-4, atol=1e-6)
     assert sb.stats["items_encoded"] == 6  # i0-i3, then only i4 and i6: i1 comes from the cache
     assert sb.stats["users_encoded"] == 4  # once per user per batch: u0, u1 | u2, u5
+    # a bounded cache (least recently used out) scores the same; a batch wider than it still scores
+    small = ScoreBatch(lambda: (model, feat, mc), "tt1", pd.Timestamp("2024-01-01", tz="UTC"), item_cache_max=2)
+    got2 = pd.concat([small(rows.iloc[:5]).to_pandas(), small(rows.iloc[5:]).to_pandas()])
+    np.testing.assert_allclose(got2["relevance"], got["relevance"], rtol=1e-5, atol=1e-6)
+    assert list(small.item_cache) == ["i1", "i6"] and small.stats["items_encoded"] == 7  # i1 evicted, re-encoded
 
     mf_cfg = {"model": "mf", "task": "click", "n_users": 6, "n_items": 5, "dim": 4, "uplift": False}
     mf = build_model(mf_cfg).eval()
