@@ -124,13 +124,9 @@ def experiment_start(events, arm_column: str, start=None) -> datetime:
     from pyspark.sql import functions as F
 
     if start is not None:
-        if not isinstance(start, datetime):
-            try:
-                start = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
-            except ValueError as exc:
-                raise ValueError(f"ope.abtest_start: {start!r} is not an ISO timestamp (e.g. 2024-01-10T00:00:00)") \
-                    from exc
-        return start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+        from causalrec.config import iso_utc
+
+        return iso_utc(start, "ope.abtest_start")
     # epoch microseconds, not a collected timestamp (PySpark would read that in the driver's OS time zone)
     first = events.where(F.col(arm_column).isNotNull()).agg(F.unix_micros(F.min("event_time"))).first()[0]
     if first is None:

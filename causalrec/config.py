@@ -571,6 +571,21 @@ def _check_ranges(cfg: Config, bad) -> None:
             bad(key, f"got {value}, expected {_allowed(spec)}")
 
 
+def iso_utc(value, key: str) -> datetime.datetime:
+    """An aware UTC datetime from an ISO date/time string or a datetime (one without a zone is UTC); a
+    ValueError naming ``key`` otherwise. Every configured time (cutoffs, start dates, ingest bounds) goes
+    through here, so the config check and the stage that reads the value agree."""
+    if isinstance(value, datetime.datetime):
+        t = value
+    else:
+        try:
+            t = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{key}: got {value!r}, expected an ISO date/time such as 2024-01-01 or "
+                             "2024-01-01T00:00:00Z") from None
+    return t.astimezone(datetime.timezone.utc) if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
+
+
 def _check_semantics(cfg: Config, where: str) -> None:
     def bad(key: str, msg: str) -> None:
         raise ConfigError(f"{where}: {key}: {msg}")
@@ -620,11 +635,9 @@ def _check_semantics(cfg: Config, where: str) -> None:
         if value is None:
             continue
         try:
-            t = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            bad(f"{section}.{key}", f"got {value!r}, expected an ISO date/time such as 2024-01-01 or "
-                                    "2024-01-01T00:00:00Z")
-        times[key] = t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
+            times[key] = iso_utc(value, f"{section}.{key}")
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if times["earliest_time"] >= times["latest_time"]:
         bad("data.earliest_time", f"{cfg.data.earliest_time} is not before data.latest_time {cfg.data.latest_time} "
                                   f"(every event would be out of range)")

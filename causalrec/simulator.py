@@ -83,7 +83,6 @@ wherever the pair appears.
 """
 from __future__ import annotations
 
-import datetime as dt
 import math
 from dataclasses import dataclass
 
@@ -395,12 +394,9 @@ def effect_scale(truth) -> float:
 def start_seconds(start_date: str) -> int:
     """``simulator.start_date`` as Unix seconds: a given UTC offset is honoured, a naive date/time is UTC
     (as ``data.earliest_time`` / ``latest_time`` are read)."""
-    try:
-        t = dt.datetime.fromisoformat(str(start_date).replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"simulator.start_date: {start_date!r} is not an ISO date/time") from None
-    t = t.astimezone(dt.timezone.utc) if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
-    return int(t.timestamp())
+    from causalrec.config import iso_utc
+
+    return int(iso_utc(start_date, "simulator.start_date").timestamp())
 
 
 def _events_from(x, sc, seed: int, *, slice_name: str, policy: str, exposure_propensity: float | None = None):

@@ -7,18 +7,14 @@ from typing import Optional, Union
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from causalrec.config import iso_utc
+
 Cutoff = Union[str, dt.datetime]
 
 
 def parse_cutoff(cutoff: Cutoff, what: str = "cutoff") -> dt.datetime:
-    """An aware datetime for ``cutoff``: an ISO string or a naive datetime is read as UTC."""
-    if isinstance(cutoff, dt.datetime):
-        return cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=dt.timezone.utc)
-    try:
-        parsed = dt.datetime.fromisoformat(str(cutoff).replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ValueError(f"{what}: {cutoff!r} is not an ISO timestamp (e.g. 2024-01-31T00:00:00)") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    """An aware UTC datetime for ``cutoff``: an ISO string or a naive datetime is read as UTC."""
+    return iso_utc(cutoff, what)
 
 
 def cutoff_lit(cutoff: Cutoff) -> Column:

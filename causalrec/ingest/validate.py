@@ -49,6 +49,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+from causalrec.config import iso_utc
 from causalrec.schemas import EVENT_TYPES, EVENTS, EVENTS_QUARANTINE, SchemaMismatch, spark_type_name
 
 REASONS = (
@@ -115,14 +116,6 @@ class Rules:
     require_known_items: bool = False
 
 
-def _parse_time(s: str, key: str) -> dt.datetime:
-    try:
-        t = dt.datetime.fromisoformat(str(s).replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{key}: {s!r} is not an ISO date/time") from None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
-
-
 def rules_fingerprint(rules: Rules) -> str:
     """What decides a row's outcome, as text: part of the batch id, so changed rules make a new batch."""
     return json.dumps(dataclasses.asdict(rules), sort_keys=True, default=str)
@@ -133,8 +126,8 @@ def rules_from_config(data_cfg) -> Rules:
         event_types=tuple(data_cfg.event_types),
         rating_min=float(data_cfg.rating_min),
         rating_max=float(data_cfg.rating_max),
-        earliest_time=_parse_time(data_cfg.earliest_time, "data.earliest_time"),
-        latest_time=_parse_time(data_cfg.latest_time, "data.latest_time"),
+        earliest_time=iso_utc(data_cfg.earliest_time, "data.earliest_time"),
+        latest_time=iso_utc(data_cfg.latest_time, "data.latest_time"),
         require_known_users=bool(data_cfg.require_known_users),
         require_known_items=bool(data_cfg.require_known_items),
     )
