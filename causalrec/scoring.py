@@ -189,11 +189,13 @@ class ScoreBatch:
         model = self.model
         item_ids = batch["item_id"].to_numpy()
         vecs = {}  # this batch's item vectors: an eviction below cannot take one it needs
+        new = []
         for i in pd.unique(item_ids):
             if i in self.item_cache:
                 self.item_cache.move_to_end(i)
                 vecs[i] = self.item_cache[i]
-        new = [i for i in pd.unique(item_ids) if i not in vecs]
+            else:
+                new.append(i)
         if new:
             first = batch.drop_duplicates("item_id").set_index("item_id").loc[new].reset_index()
             first = first.assign(user_text="")  # item tower only: skip user tokenisation cost

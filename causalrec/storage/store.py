@@ -712,8 +712,8 @@ def _unwrap_write_error(exc: Exception, path: str) -> Exception:
     if "No module named 'causalrec'" in text:  # the data source's Python workers lack the library
         return DeltaWriteError(
             f"write to Delta table {path} failed; the table is unchanged: Spark's Python workers cannot import "
-            "causalrec, and the offline delta-rs writer runs in them (a Python data source; --py-files does not "
-            "reach those workers). Install causalrec in the executors' Python (the image, or a packed venv "
+            "causalrec, and the offline delta-rs writer runs in them (a Python data source, whose workers "
+            "--py-files did not reach in our runs). Install causalrec in the executors' Python (the image, or a packed venv "
             "through --archives), or give the job Delta's jars (--packages io.delta:delta-spark_2.13:<version> "
             f"with Delta's SQL extension and catalog) to write through delta-spark. Cause: {text[:2000]}")
     return DeltaWriteError(f"write to Delta table {path} failed; the table is unchanged. Cause: {text[:2000]}")
