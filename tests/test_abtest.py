@@ -14,6 +14,11 @@ def test_diff_in_means_matches_welch_by_hand():
     assert r["estimate"] == pytest.approx(2.5 - 1.0)
     assert r["std_err"] == pytest.approx(np.sqrt(t.var(ddof=1) / 4 + c.var(ddof=1) / 5))
     assert r["relative_lift"] == pytest.approx(1.5)
+    # two-sided normal p-value, 2 * P(Z > |est| / se): a one-sided p (half of it) would read as twice the evidence
+    from scipy.stats import norm
+
+    assert r["p_value"] == pytest.approx(2 * norm.sf(1.5 / r["std_err"]))
+    assert r["p_value"] == pytest.approx(0.0369040, abs=1e-6)
 
 
 def test_cuped_keeps_the_effect_and_reduces_variance_by_about_corr_squared():

@@ -83,6 +83,11 @@ def test_ips_snips_dm_dr_match_hand_computation():
     assert SwitchDR(lambdas=(1.0,)).estimate_policy_value(**k) == pytest.approx((1.5 - 0.25) / 4)
     # DRos: w_hat = l w / (w^2 + l) with l = 1 -> [0.4, 0.4, 0, 0.4]
     assert DRos(lambdas=(1.0,)).estimate_policy_value(**k) == pytest.approx((1.5 + 0.4 * (0.5 - 0.5 - 0.5)) / 4)
+    # the switch keeps a weight equal to lambda (w <= lambda, as obp's iw <= lambda_): with rewards
+    # [1, 1, 1, 0] the rows with w = 2 keep their corrections [1, 1] at lambda = 2 (w < lambda drops them: 0.3125)
+    k2 = {**k, "reward": np.array([1.0, 1.0, 1.0, 0.0])}
+    assert SwitchDR(lambdas=(2.0,)).estimate_policy_value(**k2) == pytest.approx((1.5 + 1 + 1 + 0 - 0.25) / 4)
+    assert SwitchDR(lambdas=(2.0,)).estimate_policy_value(**k2) == pytest.approx(0.8125)
 
 
 def test_ips_standard_error_is_the_clt_one_and_snips_uses_the_delta_method():
@@ -113,25 +118,54 @@ def test_tuned_switch_dr_picks_the_lambda_with_smallest_estimated_mse():
     assert res.estimate == pytest.approx(fixed, abs=1e-12)
 
 
+def test_bias_upper_bound_uses_log_2_over_delta_as_obp():
+    """The "mse" rule's high-probability bias bound (Su et al. 2020; obp's
+    estimate_high_probability_upper_bound_bias) has log(2/delta) in both Bernstein terms; a
+    log(1/delta) there shrinks the bound and changes every estimated MSE and so the picked lambda.
+    On TINY at lambda = 1: |mean bias term| = 0, E_n[w^2] = 8.25/4, max w = 2, n = 4, delta = 0.1."""
+    from causalrec.estimators import evaluate_with_stats
+    from causalrec.estimators.ope import _bias_bound
+
+    k = {c: TINY[c] for c in ("reward", "pscore", "pi_e", "q_hat", "q_hat_pi")}
+    est = SwitchDR(lambdas=(1.0,), tuning_method="mse")
+    _, stats = evaluate_with_stats({**k, "row_id": TINY["row_id"]}, [est])
+    assert est.delta == 0.1
+    by_hand = math.sqrt(2 * (8.25 / 4) * math.log(2 / 0.1) / 4) + 2 * 2.0 * math.log(2 / 0.1) / (3 * 4)
+    bound = _bias_bound(stats, "policy|", "policy|" + est._bias(1.0).name, 0.1)
+    assert bound == pytest.approx(by_hand, rel=1e-9)
+    assert bound == pytest.approx(2.7562318, rel=1e-7)  # = obp's bound on these rows, delta = 0.1
+    # estimated MSE = population variance of the per-row values / n + bound^2
+    v = TINY["q_hat_pi"] + np.array([0, 0, 0, 0.5]) * (TINY["reward"] - TINY["q_hat"])
+    scores = est.mse_scores(stats, "policy|")
+    assert scores == pytest.approx({1.0: v.var() / 4 + by_hand**2}, rel=1e-9)
+    assert scores[1.0] == pytest.approx(7.6075559, rel=1e-7)
+
+
 def test_slope_keeps_the_narrowest_interval_consistent_with_the_less_biased_ones():
     """SLOPE walks from the widest (least-biased) candidate down and stops before the first
     estimate that leaves the kept intervals. A reward model biased by +0.3 makes small switching
     thresholds (mostly model) inconsistent with large ones, so SLOPE must not pick them and lands
     near the truth; with the exact reward model every threshold is consistent and it picks the
-    narrowest (the smallest threshold)."""
+    narrowest (the smallest threshold). A small bias (0.0075) sits between the two: the rule's
+    constant sqrt(6) - 1 (obp's C) rejects the smallest threshold there and keeps 2.0 (obp's
+    SwitchDoublyRobustTuning(tuning_method="slope") picks 2.0 with value 0.3278412 on this log); a
+    looser constant such as sqrt(6) would keep 0.5. The widths use the library's (and obp's)
+    one-sided quantile t_{n-1}(1 - delta), delta = 0.1."""
     from scipy.stats import t as student_t
 
     lams = (0.5, 2.0, 5.0, 20.0, math.inf)
-    for bias in (0.3, 0.0):
+    for bias in (0.3, 0.0, 0.0075):
         data, truth = synthetic_log(20_000, 17, model_noise=0.0)
         data["q_hat"] = data["q_hat"] + bias
         data["q_hat_pi"] = data["q_hat_pi"] + bias
-        (res,) = evaluate(data, [SwitchDR(lambdas=lams, tuning_method="slope")])
+        est = SwitchDR(lambdas=lams, tuning_method="slope")
+        assert est.delta == 0.1
+        (res,) = evaluate(data, [est])
         # the rule by hand on per-row values: widths t * sqrt(var/(n-1)), widest first
         w, n = data["pi_e"] / data["pscore"], 20_000
         vals = [data["q_hat_pi"] + np.where(w <= l, w, 0.0) * (data["reward"] - data["q_hat"]) for l in lams]
         theta = [v.mean() for v in vals]
-        width = [student_t(n - 1).ppf(0.95) * np.sqrt(v.var() / (n - 1)) for v in vals]
+        width = [student_t(n - 1).ppf(1 - est.delta) * np.sqrt(v.var() / (n - 1)) for v in vals]
         order = np.argsort(width)[::-1]
         pick = lams[order[-1]]
         for i in range(1, len(order)):
@@ -141,9 +175,11 @@ def test_slope_keeps_the_narrowest_interval_consistent_with_the_less_biased_ones
                 break
         assert res.hyperparam == pick
         assert res.estimate == pytest.approx(theta[lams.index(pick)], abs=1e-12)
-        if bias:
+        if bias == 0.3:
             assert theta[0] - truth > 0.2  # the smallest threshold is badly biased ...
             assert res.hyperparam > 0.5 and abs(res.estimate - truth) < 3 * res.std_err + 0.01  # ... and avoided
+        elif bias == 0.0075:
+            assert res.hyperparam == 2.0 and res.estimate == pytest.approx(0.3278412, abs=1e-7)
         else:
             assert res.hyperparam == 0.5
 
@@ -399,6 +435,23 @@ def test_bootstrap_std_err_is_close_to_the_analytic_one():
     for r in res:
         assert r.boot_std_err == pytest.approx(r.std_err, rel=0.2), r.estimator
         assert (r.boot_std_err, r.boot_ci_low, r.boot_ci_high) == pytest.approx(direct[r.estimator], rel=1e-9)
+
+
+def test_paired_difference_bootstrap_interval_is_the_two_sided_percentile_one():
+    """The paired difference's bootstrap interval is the alpha/2 and 1 - alpha/2 quantiles of the
+    per-replicate differences (same Poisson weights for both policies); quantiles at alpha and
+    1 - alpha would give a 90% interval labelled 95%."""
+    data, _ = synthetic_log(4000, 21)
+    policies = {"t": ("pi_e", "q_hat_pi"), "b": ("pi_e_b", "q_hat_pi_b")}
+    res = evaluate(data, [IPS()], policies, baseline="b", n_boot=200, seed=3)
+    r = {x.policy: x for x in res}
+    M = poisson_weights_local(data["row_id"], 200, 3)
+    ips = lambda pe: (M * (pe / data["pscore"] * data["reward"])[:, None]).sum(0) / M.sum(0)  # noqa: E731
+    diff = ips(data["pi_e"]) - ips(data["pi_e_b"])
+    lo, hi = np.quantile(diff, [0.025, 0.975])
+    assert (r["t"].diff_boot_ci_low, r["t"].diff_boot_ci_high) == pytest.approx((lo, hi), rel=1e-9)
+    assert (lo, hi) == pytest.approx((-0.0078866, 0.0365476), abs=1e-7)
+    assert r["t"].diff_boot_dropped == 0
 
 
 def test_degenerate_bootstrap_replicates_are_dropped_and_counted():

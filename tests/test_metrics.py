@@ -211,6 +211,20 @@ def test_ranking_ips_and_snips_by_hand(spark):
     assert naive["recall"].value == pytest.approx(2 / 3)
 
 
+def test_ranking_ips_normalises_by_the_mean_weight_of_the_relevant_rows_only(spark):
+    """weighting="ips" divides 1/p by its mean over the *relevant* rows (the Horvitz-Thompson estimate
+    of their count), not over every truth row: an irrelevant row's weight must not move the metric."""
+    truth = sdf(spark, pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"], "rating": [1.0, 1.0, 0.0],
+                                     "p": [0.1, 0.9, 0.5]}))
+    pred = sdf(spark, pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"],
+                                    "prediction": [0.9, 0.5, 0.1]}))
+    ips = M.ranking_metrics(truth, pred, k=1, col_propensity="p", weighting="ips", relevance_threshold=0.5)
+    v_a = 10.0 / ((10.0 + 1 / 0.9) / 2)  # a is the one hit; c (rating 0) stays out of the mean
+    assert v_a == pytest.approx(1.8)
+    assert ips["recall"].value == pytest.approx(v_a / 2) == pytest.approx(0.9)
+    assert ips["precision"].value == pytest.approx(v_a / 1) == pytest.approx(1.8)
+
+
 def test_weighted_ndcg_of_a_perfect_ranking_is_one_and_nan_predictions_rank_last(spark):
     # relevant a (p = 0.1) and b (p = 0.9) ranked first and second: no ranking can do better
     truth = sdf(spark, pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"], "rating": [1.0, 1.0, 0.0],
@@ -331,6 +345,18 @@ def test_ips_effect_estimates_leave_out_a_nan_propensity(spark):
     assert logs.where("isnan(treatment_propensity)").count() == 1  # a NaN, not a null
     est = M.ips_effect_estimates(logs, clip=0.01).collect()[0]
     assert (est["effect"], est["n_logged"]) == (pytest.approx(2.0), 1)
+
+
+def test_ips_effect_estimates_cap_the_propensity_at_one_minus_clip(spark):
+    """e is clipped to [clip, 1 - clip]: a control row logged at e = 0.999 weighs 1/(1 - 0.99) = 100,
+    not 1/0.001 = 1000, so the pair's effect is (1/0.5 - 100) / 2 = -49 (without the cap -499)."""
+    logs = spark.createDataFrame([("u", "a", 1, 1.0, 0.5), ("u", "a", 0, 1.0, 0.999)],
+                                 "user_id string, item_id string, treated int, outcome double, "
+                                 "treatment_propensity double")
+    est = M.ips_effect_estimates(logs, clip=0.01).collect()[0]
+    assert (est["effect"], est["n_logged"]) == (pytest.approx((1 / 0.5 - 1 / 0.01) / 2), 2)
+    assert est["effect"] == pytest.approx(-49.0)
+
 
 # --------------------------------------------------------------------------- exposure / fairness
 

@@ -165,6 +165,30 @@ def test_uplift_ipw_weights_each_arm_by_inverse_treatment_propensity():
     assert parts["loss"].item() == pytest.approx(total.item(), rel=1e-6)
 
 
+def test_uplift_ipw_caps_the_treatment_propensity_at_one_minus_clip_in_training_and_validation():
+    """e is clipped to [clip, 1 - clip] on both sides: a control row logged at e = 0.995 gets
+    w0 = 1/(1 - 0.99) = 100, not 1/(1 - 0.995) = 200, in the loss (UpliftIPW), in the transformed
+    outcome Y* = y (T/e - (1-T)/(1-e)) (whose control arm divides by 1 - e, not e) and in the
+    validation sums. Catches a dropped upper cap (objective or validation) and a control arm over e."""
+    from causalrec.train.step import validation_parts
+
+    out = {"logit": torch.zeros(4), "y1_logit": torch.zeros(4), "y0_logit": torch.tensor([0.0, 0.0, 0.0, 2.0]),
+           "uplift": torch.zeros(4)}
+    batch = {"outcome": torch.tensor([1.0, 0.0, 1.0, 1.0]), "treated": torch.tensor([1.0, 1.0, 0.0, 0.0]),
+             "treatment_propensity": torch.tensor([0.5, 0.25, 0.8, 0.995]), "observed": torch.ones(4),
+             "exposure_propensity": torch.ones(4)}
+    parts = UpliftIPW("click", clip=0.01, relevance_weight=1.0, transformed_outcome_weight=1.0)(out, batch)
+    # control rows 2, 3: w0 = 1/0.2 = 5 and 1/0.01 = 100; both have y = 1, logits 0 and 2
+    loss_y0 = (5 * math.log(2) + 100 * math.log1p(math.exp(-2))) / 105
+    assert loss_y0 == pytest.approx(0.1538908, rel=1e-6)
+    assert parts["loss_y0"].item() == pytest.approx(loss_y0, rel=1e-5)
+    # uplift 0: Y* = [1/0.5, 0, -1/0.2, -1/0.01], squared and averaged over the 4 rows
+    assert parts["loss_transformed_outcome"].item() == pytest.approx((4 + 0 + 25 + 10000) / 4, rel=1e-5)
+    sums = validation_sums(out, batch, "click", "ips", clip=0.01, uplift=True)
+    assert sums[6].item() == pytest.approx(105.0, rel=1e-5)  # sum w0 = 5 + 100 (float32 propensities)
+    assert validation_parts(sums)["y0"] == pytest.approx(loss_y0, rel=1e-6)
+
+
 def test_validation_sums_modes():
     out, batch = rating_batch()
     mcar = validation_sums(out, batch, "rating", "mcar")

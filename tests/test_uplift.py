@@ -143,6 +143,23 @@ def test_spark_and_local_effects_agree_and_cells_need_both_arms(spark):
         cell_outcome_model(y, ones, item)
 
 
+def test_a_cell_with_exactly_min_rows_in_each_arm_is_reported(spark):
+    """min_rows is inclusive on both arms: item x has exactly 2 treated and 2 control rows and is
+    reported at min_rows=2 (n_treated > min_rows would drop it); item z, with 1 control row, is not.
+    x's IPS scores are [2, 0, 0, -2] and its DR scores sum to 0 whatever m1, m0 (e = 0.5, the arms'
+    outcomes mirror each other), so both methods give effect 0."""
+    from causalrec.uplift import add_scores, grouped_effects
+
+    y = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    t = np.array([1, 1, 0, 0, 1, 1, 0])
+    item = np.array(["x"] * 4 + ["z"] * 3)
+    pdf = pd.DataFrame(dict(item_id=item, t=t.astype(float), y=y, e=0.5, segment="all"))
+    out = grouped_effects(add_scores(spark.createDataFrame(pdf)), ["item_id"], 0.05, 2).toPandas()
+    assert sorted(out.method) == ["dr", "ips"] and set(out.item_id) == {"x"}
+    for _, r in out.iterrows():
+        assert (r["effect"], r["n"], r["n_treated"]) == (pytest.approx(0.0, abs=1e-12), 4, 2), r["method"]
+
+
 def test_uplift_stage_names_the_missing_arm(ctx, spark):
     from causalrec.schemas import EVENTS, conform
     from causalrec.uplift import run
