@@ -680,6 +680,9 @@ def files_layout(df: DataFrame, files_per_split: int) -> DataFrame:
     ``repartition(n, key)`` sends a row to pmod(murmur3(key), n); we pick, once on the
     driver, one int key per target partition (a tiny Spark job over candidate ints), so
     no two (split, bucket) groups share a task and no task writes two files of one split.
+    Within a file the rows are in a hash order of ``example_id``: a function of the rows, not of the
+    plan that produced them (join strategies, AQE's runtime choices, the cluster's partitioning), so
+    training reads the same batches from the same examples on a laptop and on a cluster.
     """
     n = len(SPLITS) * files_per_split
     spark = df.sparkSession
@@ -692,7 +695,8 @@ def files_layout(df: DataFrame, files_per_split: int) -> DataFrame:
     combo = F.array_position(F.array(*[F.lit(s) for s in SPLITS]), F.col("split")).cast("int") - 1
     combo = combo * files_per_split + F.pmod(F.xxhash64(F.col("example_id")), F.lit(files_per_split)).cast("int")
     key = F.element_at(F.array(*[F.lit(k) for k in keys]), combo + 1)
-    return df.withColumn("_pkey", key.cast("int")).repartition(n, "_pkey").drop("_pkey")
+    return (df.withColumn("_pkey", key.cast("int")).repartition(n, "_pkey")
+            .sortWithinPartitions(F.xxhash64("example_id"), "example_id").drop("_pkey"))
 
 
 def run(ctx) -> dict:
