@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from causalrec.models import build_model  # noqa: E402
 from causalrec.train.objectives import build_objective  # noqa: E402
-from causalrec.train.step import DDP_OPTIONS, make_optimizer, train_step  # noqa: E402
+from causalrec.train.step import DDP_OPTIONS, make_optimizer, skip_constant_buffers, train_step  # noqa: E402
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
 
@@ -122,7 +122,7 @@ def _cpu_run(kind, seq_len, batch, steps, threads, random_init, rank=0, world=1,
     mc = model_config(kind, seq_len, random_init)
     model = build_model(mc)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_options)
+        model = torch.nn.parallel.DistributedDataParallel(skip_constant_buffers(model), **ddp_options)
     opt = make_optimizer(model, 1e-3, 0.0)
     obj = build_objective("ips", "click", 0.05)
     rng = np.random.default_rng(rank)

@@ -19,8 +19,8 @@ import torch
 
 from causalrec.models import build_model
 from causalrec.train.objectives import OBJECTIVES, build_objective, needs_imputation, needs_uplift
-from causalrec.train.step import (DDP_OPTIONS, all_reduce_sum, make_optimizer, metric_from_totals, train_step,
-                                  validation_totals)
+from causalrec.train.step import (DDP_OPTIONS, all_reduce_sum, make_optimizer, metric_from_totals, skip_constant_buffers,
+                                  train_step, validation_totals)
 
 MC = {"model": "mf", "task": "rating", "n_users": 50, "n_items": 40, "dim": 8, "global_bias": 3.0}
 STEPS, BATCH = 4, 64
@@ -60,7 +60,7 @@ def _worker(rank: int, port: int, queue) -> None:
     _init(rank, port)
     try:
         torch.manual_seed(0)
-        model = torch.nn.parallel.DistributedDataParallel(build_model(MC), **DDP_OPTIONS)
+        model = torch.nn.parallel.DistributedDataParallel(skip_constant_buffers(build_model(MC)), **DDP_OPTIONS)
         half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
         state = train(model, lambda b: {k: v[half] for k, v in b.items()})
         # after set_to_none zero_grads, every .grad is again a view into DDP's bucket (MF's few
@@ -89,7 +89,7 @@ def free_port() -> int:
 
 
 def _spawn(target) -> list:
-    """Run ``target(rank, port, queue)`` in two spawned processes; what rank 0 puts on the queue."""
+    """Run ``target(rank, port, queue)`` in two spawned processes; the one result they put on the queue."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -120,6 +120,32 @@ def test_two_ddp_workers_on_half_batches_match_one_process_on_whole_batches():
         if v.is_floating_point():  # not the known-id masks (bool buffers)
             moved = max(moved, float((v - init[k]).abs().max()))
     assert moved > 1e-3  # the runs trained: equal because of the same updates, not because none
+
+
+def _buffers_worker(rank: int, port: int, queue) -> None:
+    _init(rank, port)
+    try:
+        plain = torch.nn.parallel.DistributedDataParallel(build_model(MC), **DDP_OPTIONS)
+        skipped = torch.nn.parallel.DistributedDataParallel(skip_constant_buffers(build_model(MC)), **DDP_OPTIONS)
+        b = batches()[0]
+        for model in (plain, skipped):
+            if rank == 1:  # a value only rank 1 holds: a broadcast from rank 0 before the forward restores it
+                model.module.ids.user_known[0] = False
+            model(b)
+        if rank == 1:  # the one result _spawn reads
+            queue.put((bool(plain.module.ids.user_known[0]), bool(skipped.module.ids.user_known[0])))
+    finally:
+        _close_group()
+
+
+@pytest.mark.timeout(300)
+def test_constant_buffers_are_not_broadcast_every_step():
+    """skip_constant_buffers (the loop and the benchmark wrap through it) drops DDP's per-forward
+    broadcast of the known-id masks, a collective per step that moves nothing; without it DDP sends
+    rank 0's buffers before each forward."""
+    plain_kept, skipped_kept = _spawn(_buffers_worker)
+    assert plain_kept is True  # DDP's default: rank 0's True was broadcast over rank 1's False
+    assert skipped_kept is False  # not broadcast: rank 1 keeps its own value
 
 
 # --------------------------------------------------------------------------- unequal normalisers

@@ -40,14 +40,14 @@ from ray.data.collate_fn import PandasBatchCollateFn
 
 from causalrec.models import build_model
 from causalrec.models.featurize import Featurizer
-from causalrec.models.mf import constant_buffer_names, set_known_ids
+from causalrec.models.mf import set_known_ids
 from causalrec.train.checkpoint import (FEATURE_NAMES, ID_INDEX_VERSION, architecture_of, load_optimizer_state,
                                         load_weights, save_checkpoint, unwrap)
 from causalrec.train.loop_state import (checkpoint_name, early_stopping_update, epoch_seed, initial_state,
                                         resumed_in_new_run)
 from causalrec.train.objectives import build_objective, needs_uplift, objective_options
-from causalrec.train.step import (DDP_OPTIONS, all_reduce_sum, make_optimizer, metric_from_totals, train_step,
-                                  validation_label, validation_parts, validation_totals)
+from causalrec.train.step import (DDP_OPTIONS, all_reduce_sum, make_optimizer, metric_from_totals, skip_constant_buffers,
+                                  train_step, validation_label, validation_parts, validation_totals)
 
 
 class FeaturizeCollate(PandasBatchCollateFn):
@@ -110,11 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] resuming from {resume_dir} at epoch {state['epoch']}", flush=True)
     set_known_ids(model, config.get("known_ids"))
-    # every worker sets the same masks and moments and they never change: no per-step broadcast
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, constant_buffer_names(model))
-
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(DDP_OPTIONS))
+    model = ray.train.torch.prepare_model(skip_constant_buffers(model), parallel_strategy_kwargs=dict(DDP_OPTIONS))
     optimizer = make_optimizer(model, float(config.get("lr", 0.01)), float(config.get("weight_decay", 0.0)),
                                config.get("encoder_lr"))
     if resume_dir:
