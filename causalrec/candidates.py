@@ -173,43 +173,64 @@ def affinity_source(pos: DataFrame, items: DataFrame, pop: DataFrame, n: int,
     return top_n_per(cand, "user_id", "score", n)
 
 
-def text_neighbours(item_ids: list, emb, targets: Optional[set], neighbours: int, spark) -> DataFrame:
-    """Per-item top text neighbours by cosine similarity of embeddings: (src, dst, sim).
+def _top_targets(src_ids, src_mat, tgt_ids, tgt_mat, k: int) -> tuple[list, list, list]:
+    """Each source row's ``k`` most cosine-similar target rows, never itself: (src, dst, sim) lists.
 
-    Items are few (thousands), so the item x item similarity is a blocked matrix product
-    on the driver; ``targets`` restricts destinations (e.g. to cold items). Equal similarities
-    (items with the same text) go to the lower item id, so the result does not depend on the
-    embedding table's row order."""
+    ``tgt_ids`` must be in id order: equal similarities (items with the same text) then go to the lower
+    item id, so the result does not depend on the embedding table's row order."""
     import numpy as np
-    import pandas as pd
 
-    if len(item_ids) == 0:
-        return spark.createDataFrame([], "src string, dst string, sim double")
-    ids = np.asarray(item_ids, dtype=object)
-    tmask = np.ones(len(ids), dtype=bool) if targets is None else np.isin(ids, list(targets))
-    if not tmask.any():
-        return spark.createDataFrame([], "src string, dst string, sim double")
-    t_idx = np.flatnonzero(tmask)
-    t_idx = t_idx[np.argsort(ids[t_idx].astype(str), kind="stable")]  # column order = id order, for ties
-    k = min(neighbours, len(t_idx))
+    col_of = {t: c for c, t in enumerate(tgt_ids)}
+    kk = min(k, len(tgt_ids))
     rows_src, rows_dst, rows_sim = [], [], []
-    for s in range(0, len(ids), 1024):
-        sims = emb[s:s + 1024] @ emb[t_idx].T  # embeddings are L2-normalised: cosine
+    for s in range(0, len(src_ids), 1024):
+        sims = src_mat[s:s + 1024] @ tgt_mat.T  # embeddings are L2-normalised: cosine
         for r in range(sims.shape[0]):
-            self_hit = np.flatnonzero(t_idx == s + r)
-            if self_hit.size:
-                sims[r, self_hit] = -np.inf
-        kk = min(k, sims.shape[1])
+            self_col = col_of.get(src_ids[s + r])
+            if self_col is not None:
+                sims[r, self_col] = -np.inf
         kth = -np.partition(-sims, kk - 1, axis=1)[:, kk - 1]  # each row's kk-th largest similarity
         for r in range(sims.shape[0]):
             above = np.flatnonzero(sims[r] > kth[r])
             for c in np.concatenate([above, np.flatnonzero(sims[r] == kth[r])[:kk - len(above)]]):
                 if np.isfinite(sims[r, c]):
-                    rows_src.append(ids[s + r])
-                    rows_dst.append(ids[t_idx[c]])
+                    rows_src.append(src_ids[s + r])
+                    rows_dst.append(tgt_ids[c])
                     rows_sim.append(float(sims[r, c]))
-    pdf = pd.DataFrame({"src": rows_src, "dst": rows_dst, "sim": rows_sim})
-    return spark.createDataFrame(pdf, "src string, dst string, sim double")
+    return rows_src, rows_dst, rows_sim
+
+
+def text_neighbours(embeddings: DataFrame, targets: Optional[DataFrame], neighbours: int) -> DataFrame:
+    """Per-item top text neighbours by cosine similarity of embeddings: (src, dst, sim).
+
+    ``embeddings``: (item_id, embedding) of every item (the sources); ``targets``: (item_id) the
+    destinations are restricted to (e.g. the cold items), None for every item. Only the destinations'
+    vectors reach the driver, once, and travel with the task; the sources are scored where their rows
+    are (``mapInPandas``), so the similarity work and the source vectors stay spread over the
+    executors however large the catalogue. Restricting to cold items is what keeps the broadcast
+    small; every item as a destination broadcasts the whole table."""
+    import numpy as np
+    import pandas as pd
+
+    tgt = embeddings.select("item_id", "embedding")
+    if targets is not None:
+        tgt = tgt.join(targets.select("item_id").distinct(), "item_id")
+    rows = sorted(((str(r["item_id"]), r["embedding"]) for r in tgt.collect()), key=lambda r: r[0])
+    schema = "src string, dst string, sim double"
+    if not rows:
+        return embeddings.sparkSession.createDataFrame([], schema)
+    tgt_ids = [i for i, _ in rows]
+    tgt_mat = np.asarray([v for _, v in rows], dtype=np.float32)
+
+    def score(batches):
+        for pdf in batches:
+            if len(pdf):
+                src_ids = pdf["item_id"].astype(str).tolist()
+                src_mat = np.stack([np.asarray(v, dtype=np.float32) for v in pdf["embedding"]])
+                src, dst, sim = _top_targets(src_ids, src_mat, tgt_ids, tgt_mat, neighbours)
+                yield pd.DataFrame({"src": src, "dst": dst, "sim": sim})
+
+    return embeddings.select("item_id", "embedding").mapInPandas(score, schema)
 
 
 def merge_sources(per_source: dict, max_candidates: int) -> DataFrame:
@@ -268,18 +289,16 @@ def build_candidates(ctx, events: DataFrame, items: DataFrame, users: DataFrame,
     if "affinity" in cc.sources and "category" in items.columns:
         per_source["affinity"] = affinity_source(pos, items, pop, n, consumed)
     if "text" in cc.sources:
-        from causalrec.item_embeddings import ensure_item_embeddings, load_embedding_matrix
+        from causalrec.item_embeddings import ensure_item_embeddings
 
         with ctx.step("candidates: item text embeddings"):
             info["embeddings"] = ensure_item_embeddings(ctx, items)
-        ids, emb = load_embedding_matrix(ctx.store)
         targets = None
         if cc.text_cold_only:
             warm = pop.filter(F.col("n_pos") > cc.cold_item_max_events).select("item_id")
-            cold = items.select("item_id").join(warm, "item_id", "left_anti")
-            targets = {r["item_id"] for r in cold.collect()}  # items: a dimension table
-            info["cold_items"] = len(targets)
-        tn = text_neighbours(ids, emb, targets, cc.neighbours_per_item, ctx.spark)
+            targets = items.select("item_id").join(warm, "item_id", "left_anti")
+            info["cold_items"] = targets.count()
+        tn = text_neighbours(ctx.store.read("item_embeddings"), targets, cc.neighbours_per_item)
         per_source["text"] = neighbour_source(history, tn, n, consumed)
     if not per_source:
         raise ValueError(f"candidates.sources {cc.sources}: no source could run (affinity needs items.category)")

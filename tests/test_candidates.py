@@ -189,20 +189,28 @@ def test_merge_sources_records_best_source(spark):
     assert got["x"]["source"] == "popularity"
 
 
-@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4], [0, 4, 3, 2, 1], [0, 2, 4, 1, 3]])
-def test_text_neighbours_break_equal_similarities_by_item_id(spark, order):
+@pytest.mark.parametrize("order,parts", [([0, 1, 2, 3, 4], 1), ([0, 4, 3, 2, 1], 3), ([0, 2, 4, 1, 3], 5)])
+def test_text_neighbours_break_equal_similarities_by_item_id(spark, order, parts):
     """Items with the same text have the same embedding; which of them are a source's neighbours must
-    not follow the embedding table's row order (it changes whenever the table is rewritten)."""
+    not follow the embedding table's row order (it changes whenever the table is rewritten) nor how its
+    rows are spread over partitions (each partition scores its sources alone)."""
     import numpy as np
 
     from causalrec.candidates import text_neighbours
 
     ids = np.array(["s", "c1", "c2", "c3", "c4"], dtype=object)
     emb = np.array([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8]])
-    got = text_neighbours(list(ids[order]), emb[order], {"c1", "c2", "c3", "c4"}, 2, spark).toPandas()
+    table = spark.createDataFrame([(str(ids[j]), [float(x) for x in emb[j]]) for j in order],
+                                  "item_id string, embedding array<float>").repartition(parts)
+    targets = spark.createDataFrame([(c,) for c in ("c1", "c2", "c3", "c4", "gone")], "item_id string")
+    got = text_neighbours(table, targets, 2).toPandas()
+    assert sorted(got.src) == ["c1", "c1", "c2", "c2", "c3", "c3", "c4", "c4", "s", "s"]  # every source, once each
     assert sorted(got.loc[got.src == "s", "dst"]) == ["c1", "c2"]
     assert sorted(got.loc[got.src == "c3", "dst"]) == ["c1", "c2"]  # never itself, ties by id
+    assert sorted(got.loc[got.src == "c1", "dst"]) == ["c2", "c3"]
     assert got.sim.to_numpy() == pytest.approx(np.where(got.src == "s", 0.6, 1.0))
+    every = text_neighbours(table, None, 4).toPandas()
+    assert sorted(every.loc[every.src == "c1", "dst"]) == ["c2", "c3", "c4", "s"]  # no restriction: every other item
 
 
 def test_popularity_and_affinity_give_n_unconsumed_items_to_heavy_users(spark):
