@@ -182,13 +182,3 @@ def ensure_item_embeddings(ctx, items_df=None, table: str = "item_embeddings") -
     store.write(out, table, mode="overwrite", spec=ITEM_EMBEDDINGS, overwrite_schema=True)
     ctx.log_rows(table, n_items)
     return {"items": n_items, "encoded": n_todo}
-
-
-def load_embedding_matrix(store, table: str = "item_embeddings"):
-    """(item_ids, matrix) on the driver: items are a dimension table (thousands, not millions)."""
-    t = store.read_arrow(table, columns=["item_id", "embedding"])
-    ids = t.column("item_id").to_pylist()
-    emb = t.column("embedding").to_pylist()
-    if not ids:
-        return [], np.zeros((0, 0), dtype=np.float32)
-    return ids, np.asarray(emb, dtype=np.float32)

@@ -19,7 +19,9 @@ Policies (``ranking.policy``):
   2017 and Singh & Joachims 2018, simplified to a per-user greedy pass).
 
 Each user's candidate list is bounded, so ranking runs per user in pandas inside
-``applyInPandas`` on the executors, never on the driver. The job also writes
+``applyInPandas`` on the executors, never on the driver; the explanations follow in a
+second per-user pass (the picks cogrouped with the user's served history items), so only
+the picks' and the history items' text vectors travel, never the catalogue's. The job also writes
 ``ranking_summary``: the relevance the policy costs against the unconstrained
 top-K of its base score, and the Gini of recommendation counts across catalogue items
 before/after (plain slot counts; the evaluate stage's ``exposure_gini`` is position-discounted).
@@ -179,14 +181,12 @@ def units_of(task: str, uplift_head: bool) -> Units:
 
 
 def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fair_base: str,
-              strength: float, targets: dict, attribute: str, emb: Optional[dict] = None,
-              titles: Optional[dict] = None, units: Optional[dict] = None, alpha: float = 0.05) -> pd.DataFrame:
+              strength: float, targets: dict) -> pd.DataFrame:
     """One user's candidates -> the policy's top-k (kind='policy') and the unconstrained
     top-k of its base score (kind='base', for the relevance cost and exposure before).
 
-    ``pdf.history`` (the user's list, on every row): the items the model was served (:func:`load_history`), the
-    only ones an explanation may name. ``units``: model_version -> :class:`Units` (:func:`explanation_units`); a version
-    not in it is explained in probability units."""
+    Rows in :data:`RANKED_COLUMNS`: the recommendation and what its explanation rests on
+    (:func:`explain_user` writes the text once the picks are known and their vectors joined)."""
     pdf = pdf.reset_index(drop=True)
     ids = pdf["item_id"].astype(str).to_numpy()
     rel = pd.to_numeric(pdf["relevance"], errors="coerce").to_numpy("float64")
@@ -202,40 +202,54 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
     boosted = ~np.isin(picked, unconstrained)
     # baseline for the summary: relevance top-k for non-fair policies, base top-k for fair
     baseline = unconstrained if policy == "fair" else top_k(rel, k, ids)
-    hist = pdf["history"].iloc[0] if "history" in pdf.columns else None
-    hist = list(hist) if hist is not None else []
-    hist_ids = [h for h in hist if h in emb] if emb else []
-    hist_vecs = np.stack([emb[h] for h in hist_ids]) if hist_ids else None
-    hist_titles = [(titles or {}).get(h) or h for h in hist_ids]
-    score_out = base
     rows = []
-    for r, i in enumerate(picked, start=1):
-        row = pdf.iloc[i]
-        interval = lift_interval(_f(upl[i]), _f(row.get("uplift_se")), alpha)
+    for kind, chosen in (("policy", picked), ("base", baseline)):
+        for r, i in enumerate(chosen, start=1):
+            row = pdf.iloc[i]
+            rows.append({
+                "user_id": row["user_id"], "item_id": ids[i], "rank": r,
+                "score": (float(base[i]) if np.isfinite(base[i]) else float("nan")) if kind == "policy" else float("nan"),
+                "relevance": _f(rel[i]), "uplift": _f(upl[i]), "policy": policy,
+                "fairness_boosted": bool(boosted[r - 1]) if kind == "policy" else False,
+                "model_version": row["model_version"], "group": str(grp[i]), "kind": kind,
+                **{c: _f(row.get(c)) for c in EXPLANATION_INPUTS},
+            })
+    return pd.DataFrame(rows, columns=RANKED_COLUMNS)
+
+
+def explain_user(picks: pd.DataFrame, history: pd.DataFrame, *, attribute: str, units: Optional[dict] = None,
+                 alpha: float = 0.05) -> pd.DataFrame:
+    """One user's recommendations (:func:`rank_user`'s rows, plus ``item_vec``: the item's text embedding or
+    None) -> :data:`OUT_COLUMNS`, with the explanation of each kind='policy' row.
+
+    ``history``: the items the model was served (:func:`load_history`), the only ones an explanation may
+    name, one row each with ``pos`` (0 = most recent), ``title`` and ``embedding``; items without an
+    embedding are left out. ``units``: model_version -> :class:`Units` (:func:`explanation_units`); a version
+    not in it is explained in probability units."""
+    history = history.sort_values("pos") if len(history) else history
+    hist_ids = history["item_id"].astype(str).tolist() if len(history) else []
+    hist_vecs = np.stack([np.asarray(v, dtype="float64") for v in history["embedding"]]) if hist_ids else None
+    hist_titles = history["title"].tolist() if hist_ids else []
+    texts = []
+    for _, row in picks.iterrows():
+        if row["kind"] != "policy":
+            texts.append("")
+            continue
+        interval = lift_interval(_f(row["uplift"]), _f(row.get("uplift_se")), alpha)
         # the item-level estimate is a different quantity: quoted as such, with its own interval
         item = None if interval is not None else _item_estimate(row, alpha)
         # a consumed item can be recommended again (candidates.exclude_consumed=False): never "similar to" itself
-        others = [j for j, h in enumerate(hist_ids) if h != ids[i]]
+        others = [j for j, h in enumerate(hist_ids) if h != row["item_id"]]
+        vec = row.get("item_vec")
+        sim = most_similar_history(None if vec is None else np.asarray(vec, dtype="float64"),
+                                   hist_vecs[others] if others else None, [hist_titles[j] for j in others])
         unit = (units or {}).get(row["model_version"], PROBABILITY_UNITS)
-        sim = most_similar_history(emb.get(ids[i]) if emb else None, hist_vecs[others] if others else None,
-                                   [hist_titles[j] for j in others])
-        rows.append({
-            "user_id": row["user_id"], "item_id": ids[i], "rank": r,
-            "score": float(score_out[i]) if np.isfinite(score_out[i]) else float("nan"),
-            "relevance": _f(rel[i]), "uplift": _f(upl[i]),
-            "policy": policy, "fairness_boosted": bool(boosted[r - 1]),
-            "explanation": explain(policy=policy, rank=r, relevance=_f(rel[i]), uplift=_f(upl[i]),
-                                   interval=interval, similar=sim, boosted=bool(boosted[r - 1]),
-                                   group=grp[i], attribute=attribute, probability=unit.relevance,
-                                   uplift_probability=unit.uplift, item_effect=item, alpha=alpha),
-            "model_version": row["model_version"], "group": str(grp[i]), "kind": "policy",
-        })
-    for r, i in enumerate(baseline, start=1):
-        rows.append({"user_id": pdf["user_id"].iloc[0], "item_id": ids[i], "rank": r, "score": float("nan"),
-                     "relevance": _f(rel[i]), "uplift": _f(upl[i]), "policy": policy, "fairness_boosted": False,
-                     "explanation": "", "model_version": pdf["model_version"].iloc[i], "group": str(grp[i]),
-                     "kind": "base"})
-    return pd.DataFrame(rows, columns=OUT_COLUMNS)
+        texts.append(explain(policy=row["policy"], rank=int(row["rank"]), relevance=_f(row["relevance"]),
+                             uplift=_f(row["uplift"]), interval=interval, similar=sim,
+                             boosted=bool(row["fairness_boosted"]), group=row["group"], attribute=attribute,
+                             probability=unit.relevance, uplift_probability=unit.uplift, item_effect=item,
+                             alpha=alpha))
+    return picks.assign(explanation=texts)[OUT_COLUMNS] if len(picks) else pd.DataFrame(columns=OUT_COLUMNS)
 
 
 def _item_estimate(row, alpha: float) -> Optional[tuple[float, float, float]]:
@@ -258,6 +272,12 @@ OUT_COLUMNS = ["user_id", "item_id", "rank", "score", "relevance", "uplift", "po
 OUT_SCHEMA = ("user_id string, item_id string, rank int, score double, relevance double, uplift double, "
               "policy string, fairness_boosted boolean, explanation string, model_version string, "
               "group string, kind string")
+# what an explanation rests on besides the recommendation: the lift's se, the item-level effect and its se
+EXPLANATION_INPUTS = ["uplift_se", "item_effect", "item_se"]
+RANKED_COLUMNS = [c for c in OUT_COLUMNS if c != "explanation"] + EXPLANATION_INPUTS
+RANKED_SCHEMA = (OUT_SCHEMA.replace("explanation string, ", "")
+                 + "".join(f", {c} double" for c in EXPLANATION_INPUTS))
+HISTORY_SCHEMA = "user_id string, pos int, item_id string, title string, embedding array<float>"
 
 
 # --------------------------------------------------------------------------- Spark job
@@ -298,21 +318,62 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
         ue = item_uplift(uplift_effects).select("item_id", F.col("effect").alias("item_effect"),
                                                 F.col("se").alias("item_se"))
         df = df.join(ue, "item_id", "left")
-    if history is not None:
-        df = df.join(history, "user_id", "left")
     targets = group_targets(group_sizes, cfg.fairness_target)
-    emb, titles = _item_side(ctx)
-    if versions is None:
-        versions = model_versions(scores)
-    units = explanation_units(ctx, versions)
     kw = dict(policy=policy, k=cfg.k, blend_weight=cfg.blend_weight, fair_base=cfg.fair_base_policy,
-              strength=cfg.fairness_strength, targets=targets, attribute=cfg.fairness_attribute,
-              emb=emb, titles=titles, units=units, alpha=ctx.cfg.ope.alpha)
+              strength=cfg.fairness_strength, targets=targets)
 
-    def fn(pdf: pd.DataFrame) -> pd.DataFrame:
+    def rank(pdf: pd.DataFrame) -> pd.DataFrame:
         return rank_user(pdf, **kw)
 
-    return df.groupBy("user_id").applyInPandas(fn, OUT_SCHEMA), targets, group_sizes
+    ranked = df.groupBy("user_id").applyInPandas(rank, RANKED_SCHEMA)
+    if versions is None:
+        versions = model_versions(scores)
+    return explain_all(ctx, ranked, history, explanation_units(ctx, versions)), targets, group_sizes
+
+
+def explain_all(ctx, ranked, history, units: dict):
+    """:func:`explain_user` per user: the picks, each with its item's text embedding, cogrouped with the
+    user's served history items (:func:`history_side`).
+
+    Why after ranking and not with the candidates: only the k picks need a vector, so each user's group
+    carries k + history-length vectors instead of one per candidate, and no item table travels with the
+    function (the catalogue's vectors would be shipped to every task)."""
+    from pyspark.sql import functions as F
+
+    store = ctx.store
+    if store.exists("item_embeddings"):
+        vectors = store.read("item_embeddings").select(F.col("item_id").alias("_vec_item"),
+                                                         F.col("embedding").alias("item_vec"))
+        # the picks only: a base row (the summary's baseline) is never explained
+        on = (ranked["item_id"] == vectors["_vec_item"]) & (ranked["kind"] == "policy")
+        ranked = ranked.join(vectors, on, "left").drop("_vec_item")
+    else:
+        ranked = ranked.withColumn("item_vec", F.lit(None).cast("array<float>"))
+    kw = dict(attribute=ctx.cfg.ranking.fairness_attribute, units=units, alpha=ctx.cfg.ope.alpha)
+
+    def fn(picks: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
+        return explain_user(picks, hist, **kw)
+
+    side = history_side(ctx, history)
+    return ranked.groupBy("user_id").cogroup(side.groupBy("user_id")).applyInPandas(fn, OUT_SCHEMA)
+
+
+def history_side(ctx, history):
+    """(user_id, pos, item_id, title, embedding) per served history item (:data:`HISTORY_SCHEMA`): the
+    items :func:`load_history` lists that have a text embedding, titled by their item text (the id
+    when it has none). Empty without a history or without embeddings: nothing can be named."""
+    from pyspark.sql import functions as F
+
+    store = ctx.store
+    if history is None or not store.exists("item_embeddings"):
+        return ctx.spark.createDataFrame([], HISTORY_SCHEMA)
+    rows = history.select("user_id", F.posexplode("history").alias("pos", "item_id"))
+    rows = rows.join(store.read("item_embeddings").select("item_id", "embedding"), "item_id")
+    title = F.col("item_id")
+    if store.exists("items"):
+        rows = rows.join(store.read("items").select("item_id", F.col("text").alias("_text")), "item_id", "left")
+        title = F.coalesce(F.when(F.col("_text") != "", F.col("_text")), F.col("item_id"))
+    return rows.select("user_id", F.col("pos").cast("int"), "item_id", title.alias("title"), "embedding")
 
 
 def model_versions(scores) -> list:
@@ -385,21 +446,6 @@ def trained_model_configs(store, model_versions: Sequence[str]) -> dict:
         except (OSError, ValueError) as exc:
             log.warning("recommend: cannot read the model config of model_version %r at %s (%s)", v, path, exc)
     return out
-
-
-def _item_side(ctx):
-    """Item embeddings and titles for explanations: a dimension table, shipped with the function."""
-    store = ctx.store
-    emb = titles = None
-    if store.exists("item_embeddings"):
-        from causalrec.item_embeddings import load_embedding_matrix
-
-        ids, mat = load_embedding_matrix(store)
-        emb = {i: mat[j] for j, i in enumerate(ids)}
-    if store.exists("items"):
-        t = store.read_arrow("items", columns=["item_id", "text"])
-        titles = {i: x for i, x in zip(t.column("item_id").to_pylist(), t.column("text").to_pylist()) if x}
-    return emb, titles
 
 
 def summarise(result, catalogue_items: Optional[int], policy: str, cfg) -> dict:

@@ -312,13 +312,14 @@ def _quoted(explanation: str) -> list[tuple[float, float, float]]:
 def test_explanation_quotes_an_interval_only_for_its_own_number(se):
     """A model's per-pair uplift (uplift_se null, as ScoreBatch writes for uplift heads) must not be
     given the item-level interval of another estimate: 'raise by 20.0 points (95% interval -5.0 to -1.0)'."""
-    from causalrec.ranking import rank_user
+    from causalrec.ranking import HISTORY_SCHEMA, explain_user, rank_user
 
     pdf = pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "relevance": [0.4], "uplift": [0.20], "uplift_se": [se],
                         "model_version": ["m"], "item_effect": [-0.03], "item_se": [0.02 / 1.959964]})
     pdf = pdf.assign(ci_low=-0.05, ci_high=-0.01)  # as the item interval was joined before
-    out = rank_user(pdf, policy="uplift", k=1, blend_weight=0.5, fair_base="relevance", strength=0.5, targets={},
-                    attribute="popularity_group")
+    ranked = rank_user(pdf, policy="uplift", k=1, blend_weight=0.5, fair_base="relevance", strength=0.5, targets={})
+    no_history = pd.DataFrame(columns=[c.split()[0] for c in HISTORY_SCHEMA.split(", ")])
+    out = explain_user(ranked.assign(item_vec=None), no_history, attribute="popularity_group")
     text = out.loc[out.kind == "policy", "explanation"].item()
     quoted = _quoted(text)
     assert quoted, text
@@ -489,13 +490,40 @@ def test_explanation_history_leaves_out_items_the_models_id_index_lacks(ctx, spa
 def test_explanation_never_says_an_item_is_similar_to_itself():
     """With candidates.exclude_consumed=False a consumed item is recommended again; it is in the history
     and was named as the history item "most similar" to itself (similarity 1.00)."""
-    from causalrec.ranking import rank_user
+    from causalrec.ranking import explain_user, rank_user
 
-    emb = {"d": np.array([0.95, 0.0, 0.31]), "a": np.array([1.0, 0.0, 0.0])}
+    emb = {"d": [0.95, 0.0, 0.31], "a": [1.0, 0.0, 0.0]}
     pdf = pd.DataFrame({"user_id": ["u"], "item_id": ["d"], "relevance": [0.9], "uplift": [0.04],
-                        "uplift_se": [0.01], "model_version": ["m"], "history": [["d", "a"]]})
-    out = rank_user(pdf, policy="relevance", k=1, blend_weight=0.5, fair_base="relevance", strength=0.0,
-                    targets={}, attribute="popularity_group", emb=emb, titles={"d": "Delta coat", "a": "Alpha jacket"})
+                        "uplift_se": [0.01], "model_version": ["m"]})
+    ranked = rank_user(pdf, policy="relevance", k=1, blend_weight=0.5, fair_base="relevance", strength=0.0, targets={})
+    history = pd.DataFrame({"user_id": "u", "pos": [0, 1], "item_id": ["d", "a"], "title": ["Delta coat", "Alpha jacket"],
+                            "embedding": [emb["d"], emb["a"]]})
+    out = explain_user(ranked.assign(item_vec=[emb[i] for i in ranked["item_id"]]), history,
+                       attribute="popularity_group")
     text = out.loc[out.kind == "policy", "explanation"].item()
     assert "most similar to 'Alpha jacket' (similarity 0.95) from your recent history" in text, text
     assert "Delta coat" not in text, text
+
+
+def test_explanation_names_history_items_by_title_or_id_and_only_those_with_a_vector(ctx, spark):
+    """The explanation pass joins vectors and titles in Spark (no catalogue shipped with the function): a
+    history item without item text is named by its id, one without an embedding cannot be compared and is
+    never named, and a user without any history still gets the rest of the explanation."""
+    from causalrec.ranking import rank_all
+
+    store = ctx.store
+    store.write(spark.createDataFrame([("A", ""), ("B", "Beta boots"), ("D", "Delta coat")], "item_id string, text string"),
+                "items", mode="overwrite")
+    store.write(spark.createDataFrame([("A", [1.0, 0.0]), ("D", [0.8, 0.6])], "item_id string, embedding array<float>"),
+                "item_embeddings", mode="overwrite")
+    history = spark.createDataFrame([("u", ["B", "A"])], "user_id string, history array<string>")
+    scores = spark.createDataFrame([("u", "D", 0.8, 0.05, 0.01, "m1"), ("v", "D", 0.7, 0.02, None, "m1")],
+                                   "user_id string, item_id string, relevance double, uplift double, "
+                                   "uplift_se double, model_version string")
+    ctx.cfg.ranking.policy, ctx.cfg.ranking.k = "relevance", 1
+    res, _, _ = rank_all(ctx, scores, None, None, history)
+    text = res.where("kind = 'policy'").toPandas().set_index("user_id")["explanation"]
+    assert "most similar to 'A' (similarity 0.80) from your recent history" in text["u"], text["u"]
+    assert "Beta boots" not in text["u"]
+    assert "most similar" not in text["v"] and "rank 1 under the relevance policy" in text["v"], text["v"]
+    assert res.where("kind = 'base'").count() == 2
