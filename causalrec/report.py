@@ -35,7 +35,10 @@ KEY_METRICS = ("mse", "mae", "auc", "ndcg", "recall", "map", "precision")
 
 
 def collect_report_data(cfg) -> dict:
-    """Everything the report shows, as plain JSON-able Python (tables are small results)."""
+    """Everything the report shows, as plain JSON-able Python: the result tables, except that
+    ``uplift_effects``' item rows (one per catalogue item and method) are reduced to
+    :func:`item_effect_summary` (``data["uplift_items"]``), a bounded summary, so a catalogue of
+    millions of items reaches neither this process's memory as rows nor ``report.json``."""
     from deltalake import DeltaTable
 
     # alpha: the level ope_results and uplift_effects intervals are computed at (ope.alpha), for their labels
@@ -43,9 +46,17 @@ def collect_report_data(cfg) -> dict:
                   "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "tables": {}}
     for name in REPORT_TABLES:
         path = cfg.table_path(name)
-        if DeltaTable.is_deltatable(path):
-            rows = DeltaTable(path).to_pyarrow_table().to_pylist()
-            data["tables"][name] = [{k: _plain(v) for k, v in r.items()} for r in rows]
+        if not DeltaTable.is_deltatable(path):
+            continue
+        table = DeltaTable(path).to_pyarrow_table()
+        if name == "uplift_effects" and "level" in table.column_names:
+            import pyarrow.compute as pc
+
+            is_item = pc.fill_null(pc.equal(table["level"], "item"), False)
+            data["uplift_items"] = item_effect_summary(table.filter(is_item).select(
+                [c for c in ITEM_EFFECT_COLUMNS if c in table.column_names]).to_pandas())
+            table = table.filter(pc.invert(is_item))
+        data["tables"][name] = [{k: _plain(v) for k, v in r.items()} for r in table.to_pylist()]
     ev_path = os.path.join(cfg.reports_dir, "evaluation.json")
     if os.path.isfile(ev_path):
         with open(ev_path) as f:
@@ -68,15 +79,16 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _level(data, rows=None) -> str:
+def _level(data, alphas=None) -> str:
     """The printed level of the OPE and uplift intervals: ``1 - alpha``, alpha = ope.alpha (default 0.05).
 
-    ``rows``: uplift_effects rows, which record the alpha of the uplift run that computed them (a side
-    stage: ``ope.alpha`` may have changed since); their own level wins when they all agree on one."""
+    ``alphas``: the distinct alphas uplift_effects rows record, each the alpha of the uplift run that
+    computed it (a side stage: ``ope.alpha`` may have changed since); their own level wins when they all
+    agree on one."""
     from causalrec.explain import ci_level
 
     alpha = data.get("alpha")
-    own = {r.get("alpha") for r in rows or []}
+    own = set(alphas or [])
     if len(own) == 1 and _finite(next(iter(own))):
         alpha = next(iter(own))
     return ci_level(alpha if _finite(alpha) else 0.05)
@@ -183,21 +195,57 @@ def _model_rows(data) -> tuple[Optional[str], list[str], dict]:
     return sl, models, {(r["model"], r["metric"], r.get("k")): r for r in rows}
 
 
-def _item_effects(data) -> tuple[list[dict], Optional[str]]:
-    """(item-level uplift_effects rows of one method, one per item; the method).
+ITEM_EFFECT_COLUMNS = ("item_id", "method", "effect", "ci_low", "ci_high", "n", "alpha", "created_at")
+ITEM_CURVE_POINTS = 1001  # a plot's worth of the uplift curve over items
+ITEM_TOP = 20  # the largest per-item effects, drawn with their intervals
 
-    uplift_effects also holds overall and segment rows, each once per method: counting or
-    plotting them all would show several "items" per item and some that are not items.
-    """
+
+def item_effect_summary(items) -> Optional[dict]:
+    """What the report shows of uplift_effects' item-level rows (a pandas frame): the primary method's
+    latest row per item, counted, the Qini-style curve over items thinned to :data:`ITEM_CURVE_POINTS`
+    and the :data:`ITEM_TOP` largest effects. None when there is no item with a finite effect.
+
+    One method and one row per item: uplift_effects also holds every estimate once per method, and
+    counting or plotting them all would show several "items" per item."""
+    import pandas as pd
+
     from causalrec.uplift import primary_method
 
-    rows = [r for r in data.get("tables", {}).get("uplift_effects") or []
-            if r.get("level", "item") == "item" and r.get("item_id") is not None and _finite(r.get("effect"))]
-    method = primary_method(r.get("method") for r in rows)
-    latest: dict = {}
-    for r in sorted((r for r in rows if r.get("method") == method), key=lambda r: str(r.get("created_at") or "")):
-        latest[r["item_id"]] = r  # one row per item: the latest run's
-    return list(latest.values()), method
+    if items is None or not len(items):
+        return None
+    items = items.assign(effect=pd.to_numeric(items["effect"], errors="coerce"))
+    items = items[items["item_id"].notna() & np.isfinite(items["effect"].astype("float64"))]
+    method = primary_method(items["method"].unique()) if "method" in items.columns else None
+    if method is not None:
+        items = items[items["method"] == method]
+    if not len(items):
+        return None
+    if "created_at" in items.columns:  # one row per item: the latest run's
+        items = items.assign(_at=items["created_at"].astype(str)).sort_values("_at", kind="stable")
+    items = items.drop_duplicates("item_id", keep="last").sort_values("effect", ascending=False, kind="stable")
+    col = lambda c: pd.to_numeric(items[c], errors="coerce").to_numpy("float64") if c in items.columns \
+        else np.full(len(items), np.nan)  # noqa: E731
+    effect, lo, hi = col("effect"), col("ci_low"), col("ci_high")
+    n = np.maximum(np.nan_to_num(col("n"), nan=1.0), 1.0)
+    cum = np.concatenate([[0.0], np.cumsum(effect * n)])
+    share = np.concatenate([[0.0], np.cumsum(n) / n.sum() * 100])
+    keep = np.unique(np.linspace(0, len(n), min(len(n) + 1, ITEM_CURVE_POINTS)).round().astype(int))
+    alphas = sorted({float(a) for a in col("alpha") if np.isfinite(a)})
+    top = [{"item_id": str(i), "effect": float(e), "ci_low": _plain(float(a)), "ci_high": _plain(float(b))}
+           for i, e, a, b in zip(items["item_id"][:ITEM_TOP], effect[:ITEM_TOP], lo[:ITEM_TOP], hi[:ITEM_TOP])]
+    return {"method": method, "n_items": int(len(items)), "n_above_zero": int(np.sum(np.nan_to_num(lo, nan=-np.inf) > 0)),
+            "alphas": alphas, "curve": {"share": share[keep].tolist(), "cum": cum[keep].tolist()}, "top": top}
+
+
+def _item_summary(data) -> Optional[dict]:
+    """:func:`item_effect_summary` as :func:`collect_report_data` stored it, else of the item rows a
+    caller put in ``tables.uplift_effects`` itself."""
+    if "uplift_items" in data:
+        return data["uplift_items"]
+    import pandas as pd
+
+    rows = [r for r in data.get("tables", {}).get("uplift_effects") or [] if r.get("level", "item") == "item"]
+    return item_effect_summary(pd.DataFrame(rows)) if rows else None
 
 
 def _get(index, model, metric, k=None):
@@ -271,12 +319,11 @@ def summary_sentences(data) -> list[str]:
                 out.append(f"The inverse-propensity weights keep an effective sample size of {r['value']:.0f} "
                            f"({ratio * 100:.1f}% of the observed rows): the lower this is, the noisier every "
                            "IPS-based number in this report.")
-    eff, method = _item_effects(data)
+    eff = _item_summary(data)
     if eff:
-        sig = [r for r in eff if _finite(r.get("ci_low")) and r["ci_low"] > 0]
-        how = f" ({method.upper()} estimates)" if method else ""
-        out.append(f"{len(sig)} of {len(eff)} items have a recommendation effect whose {_level(data, eff)} interval lies "
-                   f"above zero{how}.")
+        how = f" ({eff['method'].upper()} estimates)" if eff["method"] else ""
+        out.append(f"{eff['n_above_zero']} of {eff['n_items']} items have a recommendation effect whose "
+                   f"{_level(data, eff['alphas'])} interval lies above zero{how}.")
     if not out:
         out.append("No results are available yet: run the pipeline stages listed in each section below.")
     return out
@@ -486,14 +533,9 @@ def section_uplift(data) -> str:
                                (" Treated and control outcomes are weighted by the inverse of the logged treatment "
                                 "propensity, so a policy's targeting is not credited to the model." if weighted else
                                 " The arms are compared unweighted (no treatment propensity was logged or estimated).")))
-    ue, _method = _item_effects(data)
+    ue = _item_summary(data)
     if ue:
-        ue = sorted(ue, key=lambda r: -r["effect"])
-        n = np.array([max(float(r.get("n") or 1), 1.0) for r in ue])
-        cum = np.concatenate([[0.0], np.cumsum(np.array([r["effect"] for r in ue]) * n)])
-        share = np.concatenate([[0.0], np.cumsum(n) / n.sum() * 100])
-        keep = np.unique(np.linspace(0, len(n), min(len(n) + 1, 1001)).round().astype(int))  # a plot's worth
-        share, cum = share[keep], cum[keep]
+        share, cum = ue["curve"]["share"], ue["curve"]["cum"]
         fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
         axes[0].plot(share, cum, color="#d9822b", label="items by estimated effect")
         axes[0].plot([0, 100], [0, cum[-1]], ls="--", color="#999999", label="random order")
@@ -501,14 +543,14 @@ def section_uplift(data) -> str:
         axes[0].set_ylabel("cumulative incremental outcomes (count)")
         axes[0].set_title("Uplift (Qini-style) curve over items")
         axes[0].legend(fontsize=7)
-        top = ue[:20]
+        top = ue["top"]
         lo = [max(r["effect"] - r["ci_low"], 0.0) if _finite(r.get("ci_low")) else 0 for r in top]
         hi = [max(r["ci_high"] - r["effect"], 0.0) if _finite(r.get("ci_high")) else 0 for r in top]
         axes[1].errorbar(range(len(top)), [r["effect"] for r in top], yerr=[lo, hi], fmt="o", capsize=3)
         axes[1].axhline(0, color="#999999", lw=1)
         axes[1].set_xlabel("item (top 20 by estimated effect)")
         axes[1].set_ylabel("effect of recommending (outcome probability)")
-        axes[1].set_title(f"Per-item effects with {_level(data, ue)} intervals")
+        axes[1].set_title(f"Per-item effects with {_level(data, ue['alphas'])} intervals")
         parts.append(_fig_html(fig, "uplift per item", "Left: cumulative estimated incremental outcomes when items are "
                                "recommended in order of estimated effect. Right: the largest per-item effects."))
     if not parts:

@@ -155,8 +155,11 @@ def test_uplift_summary_counts_items_of_one_method():
     assert 0 < n_sig < 40
     assert f"{n_sig} of 40 items have a recommendation effect whose 95% interval lies above zero (DR estimates)." \
         in R.summary_sentences(data)
-    items, method = R._item_effects(data)  # the rows the per-item plot draws
-    assert method == "dr" and sorted(r["item_id"] for r in items) == sorted(r["item_id"] for r in dr)
+    items = R._item_summary(data)  # what the per-item plot draws
+    assert items["method"] == "dr" and items["n_items"] == len(dr) and len(items["top"]) == R.ITEM_TOP
+    best = sorted(dr, key=lambda r: -r["effect"])[:R.ITEM_TOP]
+    assert [r["item_id"] for r in items["top"]] == [r["item_id"] for r in best]
+    assert items["curve"]["cum"][-1] == pytest.approx(sum(r["effect"] * r["n"] for r in dr))
     ips_only = {"tables": {"uplift_effects": [r for r in data["tables"]["uplift_effects"] if r["method"] == "ips"]}}
     n_ips = sum(r["ci_low"] > 0 for r in ips_only["tables"]["uplift_effects"] if r["level"] == "item")
     assert f"{n_ips} of 40 items" in " ".join(R.summary_sentences(ips_only))
@@ -353,6 +356,36 @@ def test_report_run_from_tables(cfg, tmp_path):
         js = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert len(js["tables"]["metrics"]) == len(data["tables"]["metrics"])
     assert js["summary"] and js["tables"]["ope_results"][0]["estimator"]
+    # item rows are summarised, not copied: overall and segment rows stay, items become counts and a curve
+    assert {r["level"] for r in js["tables"]["uplift_effects"]} == {"overall", "segment"}
+    assert js["uplift_items"]["n_items"] == 40 and js["uplift_items"]["method"] == "dr"
+
+
+def test_report_summarises_a_large_catalogue_of_item_effects(cfg):
+    """uplift_effects holds a row per catalogue item and method: the report loaded them all as Python rows
+    and copied them into report.json. It now keeps a bounded summary: the count, a thinned curve and the
+    top items, with the newest run's row per item."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    n_items = 5000
+    rng = np.random.default_rng(1)
+    rows = uplift_effects(rng.normal(0.0, 0.03, n_items))
+    stale = [dict(r, effect=9.0, ci_low=8.0, ci_high=10.0, created_at="2025-01-01T00:00:00")
+             for r in rows if r["level"] == "item" and r["item_id"] == "i7"]
+    rows = [dict(r, created_at="2026-01-01T00:00:00") for r in rows] + stale
+    write_deltalake(cfg.table_path("uplift_effects"), pa.Table.from_pylist(rows))
+    data = R.collect_report_data(cfg)
+    items = data["uplift_items"]
+    dr = [r for r in rows if r["level"] == "item" and r["method"] == "dr" and r["effect"] != 9.0]
+    assert items["n_items"] == n_items and items["method"] == "dr"
+    assert items["n_above_zero"] == sum(r["ci_low"] > 0 for r in dr)
+    assert len(items["curve"]["share"]) == len(items["curve"]["cum"]) <= R.ITEM_CURVE_POINTS
+    assert items["curve"]["share"][-1] == pytest.approx(100.0)
+    assert items["curve"]["cum"][-1] == pytest.approx(sum(r["effect"] * r["n"] for r in dr))
+    assert items["top"][0]["effect"] == pytest.approx(max(r["effect"] for r in dr))  # not the stale 9.0
+    assert all(r["level"] != "item" for r in data["tables"]["uplift_effects"])
+    assert len(json.dumps(data)) < 200_000
 
 
 # --------------------------------------------------------------------------- headless Chromium
