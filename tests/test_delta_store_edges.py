@@ -90,6 +90,66 @@ def test_a_repartitioning_overwrite_planned_on_an_old_version_is_refused(spark, 
     assert store.version("t") == 1 and store.partition_columns("t") == ["p"]
 
 
+# -- two writers creating one table ---------------------------------------------------------------
+def _staged(path, name, schema, values) -> dict:
+    from causalrec.storage.delta_rs_source import file_stats
+
+    os.makedirs(path, exist_ok=True)
+    t = pa.table({c: pa.array(values, schema.field(c).type) for c in schema.names}, schema=schema)
+    pq.write_table(t, os.path.join(path, name))
+    return {"path": name, "size": os.path.getsize(os.path.join(path, name)), "partition_values": {},
+            "modification_time": 0, "stats": file_stats(t)}
+
+
+def _race(path, writers) -> list:
+    """Run the writers' commits at once (a barrier releases them together); each one's outcome."""
+    import threading
+
+    barrier, out = threading.Barrier(len(writers)), [None] * len(writers)
+
+    def go(j):
+        barrier.wait()
+        try:
+            writers[j]()
+            out[j] = "ok"
+        except Exception as exc:  # the outcome is what the test looks at
+            out[j] = type(exc).__name__
+    threads = [threading.Thread(target=go, args=(j,)) for j in range(len(writers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("case", ["same key", "different schemas"])
+def test_two_writers_creating_a_table_at_once_never_both_apply(tmp_path, case):
+    """Both planned on a missing table: delta-rs retried the loser's create on version 1, a second table over
+    the first (new id and schema). A keyed write was then applied twice, and the first writer's rows read
+    back as null under the second schema. Now one creates version 0; the keyed loser is told its write is
+    already applied, and a plain append is added to the winner's table (or refused if its schema differs)."""
+    from causalrec.storage.delta_rs_commit import commit_files
+
+    a_schema = pa.schema([pa.field("id", pa.int64())])
+    b_schema = a_schema if case == "same key" else pa.schema([pa.field("name", pa.string())])
+    for i in range(12):  # the window is narrow: a few races land the commits together
+        path = str(tmp_path / f"t{i}")
+        meta = {"write_key": "K"} if case == "same key" else {}
+        files = [_staged(path, "a.parquet", a_schema, [1]),
+                 _staged(path, "b.parquet", b_schema, [2] if case == "same key" else ["x"])]
+        writers = [lambda f=f, sch=sch: commit_files(path=path, files=[f], arrow_schema=sch, partition_by=[],
+                                                     overwrite=False, replace_where=None, read_version=-1,
+                                                     commit_metadata=dict(meta))
+                   for f, sch in zip(files, (a_schema, b_schema))]
+        outcomes = sorted(_race(path, writers))
+        table = DeltaTable(path)
+        assert len(table.history()) == 1, (i, outcomes)  # one create, nothing committed over it
+        rows = table.to_pyarrow_table().to_pylist()
+        assert len(rows) == 1 and None not in rows[0].values(), (i, outcomes, rows)
+        expected = "WriteAlreadyApplied" if case == "same key" else "DeltaWriteError"
+        assert outcomes == sorted(["ok", expected]), (i, outcomes)
+
+
 # -- partition overwrites ---------------------------------------------------------------------------
 def test_a_partition_overwrite_refuses_rows_outside_replace_where(spark, store):
     store.write(spark.createDataFrame([(1, "a"), (2, "b")], "v long, p string"), "t", partition_by=["p"])

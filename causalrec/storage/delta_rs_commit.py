@@ -150,6 +150,7 @@ def commit_files(
         )
         for f in files
     ]
+    planned_metadata = dict(commit_metadata)  # as planned, for an append re-planned on another writer's create
     allow_evolution = bool(commit_metadata.pop("_merge_schema", False))
     overwrite_schema = bool(commit_metadata.pop("_overwrite_schema", False))
     key_version = int(commit_metadata.pop("_key_version", 1))
@@ -165,8 +166,9 @@ def commit_files(
         custom["causalrec"] = json.dumps(commit_metadata)
     # an overwrite removes the files it saw at read_version: delta-rs would rebase it over a newer append
     # and keep that append's rows, so an overwrite lands on read_version + 1 or conflicts, as in delta-spark
+    txns = [Transaction(key, key_version)] if key else None
     props = CommitProperties(custom_metadata=custom, max_commit_retries=0 if exact or overwrite else None,
-                             app_transactions=[Transaction(key, key_version)] if key else None)
+                             app_transactions=txns)
     delta_schema = Schema.from_arrow(arrow_schema)
 
     def applied_by_another_writer():
@@ -178,6 +180,9 @@ def commit_files(
     if read_version < 0:
         check_partitioning(path, partition_by or [], arrow_schema, files)
         try:
+            # version 0 or nothing: retried, delta-rs lands the losing writer's create on version 1 as a
+            # new table (its own id, protocol and schema) over the winner's, which hides the winner's
+            # rows under another schema or applies a keyed write twice
             create_table_with_add_actions(
                 path,
                 delta_schema,
@@ -185,17 +190,24 @@ def commit_files(
                 mode="error",
                 partition_by=partition_by or None,
                 storage_options=storage_options,
-                commit_properties=props,
+                commit_properties=CommitProperties(custom_metadata=custom, max_commit_retries=0,
+                                                   app_transactions=txns),
             )
-        except Exception as exc:  # table created concurrently
-            if "already exists" in str(exc).lower():
-                done = applied_by_another_writer()
-                if done:
-                    raise done from exc
+        except Exception as exc:  # table created concurrently: "already exists", or the lost version-0 commit
+            if not isinstance(exc, CommitFailedError) and "already exists" not in str(exc).lower():
+                raise
+            done = applied_by_another_writer()
+            if done:
+                raise done from exc
+            if overwrite or exact:
                 raise ConcurrentWriteError(
                     f"Delta table {path} was created by another writer while this write ran; retry it"
                 ) from exc
-            raise
+            # a plain append: added to the table the other writer created, checked against its schema
+            return commit_files(path=path, files=files, arrow_schema=arrow_schema, partition_by=partition_by,
+                                overwrite=False, replace_where=None, read_version=0,
+                                commit_metadata=planned_metadata, storage_options=storage_options,
+                                write_id=write_id)
         return 0
 
     try:
