@@ -151,6 +151,20 @@ def test_two_writers_creating_a_table_at_once_never_both_apply(tmp_path, case):
 
 
 # -- partition overwrites ---------------------------------------------------------------------------
+def test_a_partition_overwrite_condition_matches_only_the_values_given(spark):
+    """The condition was built by doubling quotes only: Spark SQL also reads a backslash as an escape, so
+    the value ``\\' OR 1=1 --`` ended the literal early and the condition matched every row (on delta-spark
+    a partition overwrite would have replaced the whole table); ``x\\`` did not parse."""
+    from causalrec.storage.store import replace_where_sql
+
+    values = ["a", "b", "\\' OR 1=1 --", "x\\", "it's", "q\\'r"]
+    df = spark.createDataFrame([(v, i) for i, v in enumerate(values)], "`p``q` string, i int")
+    for v in values:
+        assert [r.i for r in df.where(replace_where_sql([("p`q", "=", v)])).collect()] == [values.index(v)], v
+    got = df.where(replace_where_sql([("p`q", "in", ["\\' OR 1=1 --", "b"])])).collect()
+    assert sorted(r.i for r in got) == [1, 2]
+
+
 def test_a_partition_overwrite_refuses_rows_outside_replace_where(spark, store):
     store.write(spark.createDataFrame([(1, "a"), (2, "b")], "v long, p string"), "t", partition_by=["p"])
     before = _parquet_files(store.path("t"))

@@ -36,6 +36,7 @@ from causalrec.estimators.base import (
     expected_value,
     stats_from_vectors,
 )
+from causalrec.sql_text import quote_name
 
 # Spark turns whole-stage code generation off for plans wider than this many fields
 # (spark.sql.codegen.maxFields, default 100); the pass raises it for its own query only.
@@ -147,13 +148,9 @@ def _session_conf(spark, key: str, value: str):
             conf.set(key, before)
 
 
-def _quote(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
-
-
 def _typed(col: str) -> str:
     """An input column as the pass reads it: the row id as BIGINT, every other one as DOUBLE."""
-    return f"CAST({_quote(col)} AS {'BIGINT' if col == ROW_ID else 'DOUBLE'})"
+    return f"CAST({quote_name(col)} AS {'BIGINT' if col == ROW_ID else 'DOUBLE'})"
 
 
 def _bad(x: str, col: str) -> str:

@@ -66,6 +66,7 @@ from causalrec.ingest.validate import (
     summarize,
 )
 from causalrec.schemas import DIMENSION_QUARANTINE, EVENTS, EVENTS_QUARANTINE, INGEST_LOG, MCAR_EVENTS
+from causalrec.sql_text import quote_name
 from causalrec.storage import ConcurrentWriteError
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def _line_args(spark, flagged, fmt: str) -> dict:
         return {}
     offset = LINE_OFFSET[fmt]
     text = [c for c, t in flagged.dtypes if t == "string" and (not c.startswith("__cr_") or c == CSV_RECORD)]
-    spans = F.concat_ws("", *[F.col(f"`{c}`") for c in text]).rlike("[\\r\\n]") if fmt == "csv" else F.lit(False)
+    spans = F.concat_ws("", *[F.col(quote_name(c)) for c in text]).rlike("[\\r\\n]") if fmt == "csv" else F.lit(False)
     rows = (flagged.where(F.col(SOURCE_FILE).isNotNull()).groupBy(SOURCE_FILE)
             .agg(F.max(F.col(REASON).isNotNull()).alias("bad"), F.min(F.when(spans, F.col(FILE_ROW))).alias("span"))
             .where("bad").collect())  # one row per file with a rejected row

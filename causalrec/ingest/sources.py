@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from causalrec.ingest.validate import CSV_RECORD, FILE_ROW, SOURCE_FILE, SOURCE_ROW
+from causalrec.sql_text import quote_name
 
 FORMATS = ("parquet", "csv", "jsonl", "delta")
 
@@ -210,7 +211,7 @@ def _read_csv(spark, path: str):
           .option("columnNameOfCorruptRecord", CSV_RECORD).csv(path))
     # a whitespace-only line is a one-field record under multiLine; naming the first column also
     # keeps Spark from refusing a count that would otherwise read only the corrupt-record column
-    first, rec = F.col(f"`{header.fields[0].name}`"), F.col(CSV_RECORD)
+    first, rec = F.col(quote_name(header.fields[0].name)), F.col(CSV_RECORD)
     df = df.where(~F.coalesce(rec.rlike(_BLANK) & first.rlike(_BLANK), F.lit(False)))
     return number_rows(df, csv_header=header.fieldNames())
 
@@ -293,7 +294,7 @@ def _csv_record_checks(df, names: list) -> list:
     from pyspark.sql import functions as F
 
     case_sensitive = str(df.sparkSession.conf.get("spark.sql.caseSensitive", "false")).lower() == "true"
-    cols = [F.col(f"`{n}`") for n in names]
+    cols = [F.col(quote_name(n)) for n in names]
     rec = F.col(CSV_RECORD)
     same = [(c if case_sensitive else F.lower(c)).eqNullSafe(F.lit(n if case_sensitive else n.lower()))
             for c, n in zip(cols, names)]

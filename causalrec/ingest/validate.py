@@ -51,6 +51,7 @@ from typing import Optional
 
 from causalrec.config import iso_utc
 from causalrec.schemas import EVENT_TYPES, EVENTS, EVENTS_QUARANTINE, SchemaMismatch, spark_type_name
+from causalrec.sql_text import quote_name
 
 REASONS = (
     "EXTRA_FIELDS",
@@ -262,7 +263,7 @@ def raw_hash(df):
     from pyspark.sql import functions as F
 
     cols = [c for c in df.columns if not c.startswith("__cr_")] + [c for c in (CSV_RECORD,) if c in df.columns]
-    return F.xxhash64(*[F.coalesce(F.col(f"`{c}`").cast("string"), F.lit("\u0000null")) for c in cols])
+    return F.xxhash64(*[F.coalesce(F.col(quote_name(c)).cast("string"), F.lit("\u0000null")) for c in cols])
 
 
 def row_hash(typed: dict):
@@ -432,7 +433,7 @@ def flag_rows(df, rules: Rules, *, users=None, items=None, existing=None):
         .when(dup_in_batch, dup_detail)
         .when(conflict, ex_detail)
     )
-    return x.select(*[F.col(f"`{c}`") for c in raw_cols], F.col(SOURCE_ROW),
+    return x.select(*[F.col(quote_name(c)) for c in raw_cols], F.col(SOURCE_ROW),
                     reason.alias(REASON), detail.alias(DETAIL), present.alias(PRESENT))
 
 
@@ -496,7 +497,7 @@ def quarantined_rows(flagged, batch_id: str, source: str, quarantined_at: Option
     raw_cols = [c for c in flagged.columns if not c.startswith("__cr_")]
     when = quarantined_at or dt.datetime.now(dt.timezone.utc)
     bad = flagged.where(F.col(REASON).isNotNull())
-    fields = [F.col(f"`{c}`") for c in raw_cols]
+    fields = [F.col(quote_name(c)) for c in raw_cols]
     payload = F.to_json(F.struct(*fields), {"ignoreNullFields": "false"})
     if CSV_RECORD in flagged.columns:  # a row with extra fields: only its raw text holds them
         payload = F.when(F.col(CSV_RECORD).isNull(), payload).otherwise(

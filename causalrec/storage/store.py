@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 from urllib.parse import unquote, urlparse
 
 from causalrec.schemas import TableSpec, conform, validate_columns
+from causalrec.sql_text import quote_name, sql_literal
 from causalrec.storage.delta_rs_commit import (
     ConcurrentWriteError,
     DeltaWriteError,
@@ -55,23 +56,15 @@ def detect_backend(spark, forced: str = "auto") -> str:
     return "delta-rs"
 
 
-def _sql_literal(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return "'" + str(v).replace("'", "''") + "'"
-
-
 def replace_where_sql(replace_where: ReplaceWhere) -> str:
     parts = []
     for col, op, value in replace_where:
         op = op.lower()
         if op in ("in", "not in"):
-            vals = ", ".join(_sql_literal(v) for v in value)
-            parts.append(f"`{col}` {op.upper()} ({vals})")
+            vals = ", ".join(sql_literal(v) for v in value)
+            parts.append(f"{quote_name(col)} {op.upper()} ({vals})")
         else:
-            parts.append(f"`{col}` {op} {_sql_literal(value)}")
+            parts.append(f"{quote_name(col)} {op} {sql_literal(value)}")
     return " AND ".join(parts)
 
 
