@@ -110,6 +110,9 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    # labels are names from configs and tables (models, policies, strategies): a "$" in one is text, not
+    # the start of a math expression that fails to parse and blanks the section
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt

@@ -570,3 +570,20 @@ def test_chromium_check_catches_console_errors_and_broken_images(tmp_path):
 
     img = mpimg.imread(io.BytesIO(got["shot"]), format="png")[..., :3]
     assert float((img.min(axis=2) < 0.95).mean()) < 0.02  # an (almost) blank page is recognised as blank
+
+
+def test_names_with_dollar_signs_are_drawn_as_text():
+    """Matplotlib read text between "$" signs as math: a model, policy or strategy named '$\\foo{$' failed
+    to parse and four sections were replaced by "could not be drawn"."""
+    data = realistic_data()
+    odd = "$\\foo{$"
+    for r in data["tables"]["metrics"]:
+        r["model"] = r["model"] + odd
+    for r in data["tables"]["ope_results"]:
+        r["policy"] = r["policy"] + odd
+    for r in data["tables"]["train_runs"]:
+        r["objective"] = r["objective"] + odd
+    data["evaluation"]["models"] = [dict(m, model=m["model"] + odd) for m in data["evaluation"]["models"]]
+    page = R.render_report(data)
+    assert "could not be drawn" not in page
+    assert page.count('<img class="plot"') == EXPECTED_PLOTS
