@@ -197,6 +197,21 @@ def _record(ctx: Context, stage: Stage, fp: str, status: str, started: float, su
     write_deltalake(ctx.cfg.table_path(RUNS_TABLE), pa.Table.from_pylist([row], schema=schema), mode="append")
 
 
+SUPERSEDED = "superseded"
+
+
+def _overlapping_runs(ctx: Context, stage: Stage, started: float) -> list[dict]:
+    """Records of ``stage`` written since this run of it started: another process ran it at the same time.
+
+    Why: the record stores the outputs' versions when it is written, which may then be the other run's
+    commits, under this run's fingerprint; a later run with this config would skip the stage over the
+    other config's rows. Of two overlapping runs the one that records last always sees the other's
+    record (it finished after the later one started), and records itself as :data:`SUPERSEDED`, which
+    no later run counts as up to date."""
+    since = datetime.fromtimestamp(started, tz=timezone.utc)
+    return [r for r in _runs(ctx) if r["stage"] == stage.name and r["finished_at"] >= since]
+
+
 def _outputs_unchanged(ctx: Context, stage: Stage, run: dict) -> bool:
     """Every output is still at the version ``run`` recorded (a standalone stage run or another
     config since then rewrote it otherwise), and the files it recorded writing still exist: the
@@ -222,6 +237,8 @@ def stage_state(ctx: Context, stage: Stage, runs: list[dict]) -> tuple[str, str,
         return "never run", fp, {}
     last = max(mine, key=lambda r: r["finished_at"])
     summary = json.loads(last["summary"] or "{}")
+    if last["status"] == SUPERSEDED:
+        return "stale", fp, summary
     if last["status"] != "success":
         return "failed", fp, summary
     if last["fingerprint"] == fp and _outputs_unchanged(ctx, stage, last):
@@ -297,7 +314,12 @@ def run_pipeline(ctx: Context, from_stage: Optional[str] = None, until_stage: Op
         if own:  # a table the stage reads and rewrites: the next run reads the version this run left
             read["inputs"].update({name: _table_version(ctx, name) for name in own})
             fp, inputs = _digest(read), read["inputs"]
-        _record(ctx, stage, fp, "success", started, summary, inputs)
+        status = "success"
+        if _overlapping_runs(ctx, stage, started):
+            status = SUPERSEDED
+            log.warning("stage %s: another run of it finished while this one ran, so its outputs may hold that "
+                        "run's commits; recorded as %s, the next `causalrec run` reruns it", stage.name, SUPERSEDED)
+        _record(ctx, stage, fp, status, started, summary, inputs)
         runs = _runs(ctx)
         results[stage.name] = {"status": "ran", **_brief(summary)}
     total = round(time.time() - t_start, 1)

@@ -409,3 +409,38 @@ def test_run_records_from_before_table_ids_make_a_stage_stale_once(pctx, monkeyp
     assert _state(pctx, rec) == "stale"
     _run(pctx, rec, 10)
     assert _state(pctx, rec) == "up to date"
+
+
+def test_a_run_overlapping_another_run_of_the_stage_is_not_up_to_date(pctx, tmp_path, fake_stages, monkeypatch):
+    """Two `causalrec run`s (ranking.k 10 and 5) on one root: A writes the output, B runs the stage whole
+    (write, record), then A records the output's version - B's rows - under A's fingerprint, and a later
+    run with A's config skipped the stage over B's output. Whichever run records last now sees the other's
+    record and records itself superseded, so the stage is rerun."""
+    from causalrec.stages import Stage
+
+    st = Stage("rank", "x:y", "", inputs=("t0",), outputs=("out",))
+    monkeypatch.setattr(P, "PIPELINE", (st,))
+    monkeypatch.setattr(P, "STAGE_SECTIONS", {"rank": ("ranking",)})
+    other = Context(cfg=dataclasses.replace(pctx.cfg, ranking=dataclasses.replace(pctx.cfg.ranking, k=5)))
+    pctx.cfg.ranking.k = 10
+    _table(pctx, "t0", 1)
+    nested = []
+
+    def rank(ctx):
+        _table(ctx, "out", ctx.cfg.ranking.k)
+        if ctx is pctx and not nested:  # B starts and finishes before A records
+            nested.append(1)
+            P.run_pipeline(other)
+
+    fake_stages["rank"] = rank
+    P.run_pipeline(pctx)
+    out = DeltaTable(pctx.cfg.table_path("out")).to_pyarrow_table()["x"].to_pylist()
+    assert out == [5]  # B's rows, written last
+    records = sorted(P._runs(pctx), key=lambda r: r["finished_at"])
+    assert [r["status"] for r in records] == ["success", P.SUPERSEDED]  # B, then A
+    assert _state(pctx, st) == "stale"  # A's config: its output is not A's
+    calls = []
+    fake_stages["rank"] = lambda ctx: calls.append(ctx.cfg.ranking.k)
+    P.run_pipeline(pctx)
+    assert calls == [10]  # rerun, not skipped
+    assert _state(pctx, st) == "up to date"
