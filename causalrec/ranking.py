@@ -208,9 +208,9 @@ def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fa
             row = pdf.iloc[i]
             rows.append({
                 "user_id": row["user_id"], "item_id": ids[i], "rank": r,
-                "score": (float(base[i]) if np.isfinite(base[i]) else float("nan")) if kind == "policy" else float("nan"),
+                "score": float(base[i]) if kind == "policy" and np.isfinite(base[i]) else float("nan"),
                 "relevance": _f(rel[i]), "uplift": _f(upl[i]), "policy": policy,
-                "fairness_boosted": bool(boosted[r - 1]) if kind == "policy" else False,
+                "fairness_boosted": kind == "policy" and bool(boosted[r - 1]),
                 "model_version": row["model_version"], "group": str(grp[i]), "kind": kind,
                 **{c: _f(row.get(c)) for c in EXPLANATION_INPUTS},
             })
@@ -226,10 +226,11 @@ def explain_user(picks: pd.DataFrame, history: pd.DataFrame, *, attribute: str, 
     name, one row each with ``pos`` (0 = most recent), ``title`` and ``embedding``; items without an
     embedding are left out. ``units``: model_version -> :class:`Units` (:func:`explanation_units`); a version
     not in it is explained in probability units."""
-    history = history.sort_values("pos") if len(history) else history
-    hist_ids = history["item_id"].astype(str).tolist() if len(history) else []
-    hist_vecs = np.stack([np.asarray(v, dtype="float64") for v in history["embedding"]]) if hist_ids else None
-    hist_titles = history["title"].tolist() if hist_ids else []
+    hist_ids, hist_vecs, hist_titles = [], None, []
+    if len(history):
+        history = history.sort_values("pos")
+        hist_ids, hist_titles = history["item_id"].astype(str).tolist(), history["title"].tolist()
+        hist_vecs = np.stack([np.asarray(v, dtype="float64") for v in history["embedding"]])
     texts = []
     for _, row in picks.iterrows():
         if row["kind"] != "policy":

@@ -48,14 +48,16 @@ def collect_report_data(cfg) -> dict:
         path = cfg.table_path(name)
         if not DeltaTable.is_deltatable(path):
             continue
-        table = DeltaTable(path).to_pyarrow_table()
-        if name == "uplift_effects" and "level" in table.column_names:
-            import pyarrow.compute as pc
+        rows = DeltaTable(path).to_pyarrow_dataset()
+        if name == "uplift_effects" and "level" in rows.schema.names:
+            import pyarrow.dataset as pds
 
-            is_item = pc.fill_null(pc.equal(table["level"], "item"), False)
-            data["uplift_items"] = item_effect_summary(table.filter(is_item).select(
-                [c for c in ITEM_EFFECT_COLUMNS if c in table.column_names]).to_pandas())
-            table = table.filter(pc.invert(is_item))
+            is_item = pds.field("level") == "item"
+            present = [c for c in ITEM_EFFECT_COLUMNS if c in rows.schema.names]
+            data["uplift_items"] = item_effect_summary(rows.to_table(columns=present, filter=is_item).to_pandas())
+            table = rows.to_table(filter=~is_item | pds.field("level").is_null())
+        else:
+            table = rows.to_table()
         data["tables"][name] = [{k: _plain(v) for k, v in r.items()} for r in table.to_pylist()]
     ev_path = os.path.join(cfg.reports_dir, "evaluation.json")
     if os.path.isfile(ev_path):
@@ -226,8 +228,10 @@ def item_effect_summary(items) -> Optional[dict]:
     if "created_at" in items.columns:  # one row per item: the latest run's
         items = items.assign(_at=items["created_at"].astype(str)).sort_values("_at", kind="stable")
     items = items.drop_duplicates("item_id", keep="last").sort_values("effect", ascending=False, kind="stable")
-    col = lambda c: pd.to_numeric(items[c], errors="coerce").to_numpy("float64") if c in items.columns \
-        else np.full(len(items), np.nan)  # noqa: E731
+    def col(c: str) -> np.ndarray:
+        return pd.to_numeric(items[c], errors="coerce").to_numpy("float64") if c in items.columns \
+            else np.full(len(items), np.nan)
+
     effect, lo, hi = col("effect"), col("ci_low"), col("ci_high")
     n = np.maximum(np.nan_to_num(col("n"), nan=1.0), 1.0)
     cum = np.concatenate([[0.0], np.cumsum(effect * n)])
