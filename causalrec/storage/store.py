@@ -325,7 +325,7 @@ class DeltaStore:
             return self.spark.createDataFrame([], schema)
         # partition values are parsed from folder names, written in UTC (not the session's time zone)
         df = self.spark.read.schema(schema).option("basePath", path).option("timeZone", "UTC").parquet(*files)
-        return df.select(*[f"`{f.name}`" for f in schema.fields])
+        return df.select(*[quote_name(f.name) for f in schema.fields])
 
     def read_arrow(self, name: str, version: Optional[int] = None, columns: Optional[list] = None):
         """Small tables only (dimension tables, results): read on the driver with delta-rs."""
