@@ -42,12 +42,19 @@ def lift_interval(uplift: Optional[float], se: Optional[float] = None,
 
 def most_similar_history(item_vec: Optional[np.ndarray], history_vecs: Optional[np.ndarray],
                          history_titles: Sequence[str], top: int = 2, min_similarity: float = 0.3):
-    """[(title, cosine similarity)] of the history items closest to the item, best first."""
+    """[(title, cosine similarity)] of the history items closest to the item, best first, one per title:
+    two history items with the same title (Coat's "women's jacket, other colour") would read as one
+    item named twice, so the next closest title is named instead."""
     if item_vec is None or history_vecs is None or len(history_titles) == 0:
         return []
     sims = history_vecs @ item_vec / (np.linalg.norm(history_vecs, axis=1) * np.linalg.norm(item_vec) + 1e-12)
-    order = np.argsort(-sims)[:top]
-    return [(history_titles[i], float(sims[i])) for i in order if sims[i] >= min_similarity]
+    out: list = []
+    for i in np.argsort(-sims, kind="stable"):
+        if len(out) == top or sims[i] < min_similarity:
+            break
+        if all(_short(t) != _short(history_titles[i]) for t, _ in out):
+            out.append((history_titles[i], float(sims[i])))
+    return out
 
 
 def _finite(x) -> bool:
@@ -59,52 +66,74 @@ def _short(title: str, n: int = 60) -> str:
     return t if len(t) <= n else t[: n - 1].rstrip() + "…"
 
 
-def _amount(x: float, probability: bool) -> str:
-    return f"{abs(x) * 100:.1f} percentage points" if probability else f"{abs(x):.2f} rating points"
+# What a number is a change in: a probability (a click model, or an effect on a 0/1 outcome, stated in
+# percentage points), a rating (rating points) or an outcome's value (uplift_effects of an outcome that
+# sums event values, e.g. revenue: stated as a number in that value's own unit).
+PROBABILITY, RATING, VALUE = "probability", "rating", "value"
+_SCALE = {PROBABILITY: (100.0, 1, " percentage points"), RATING: (1.0, 2, " rating points"), VALUE: (1.0, 2, "")}
 
 
-def _signed(x: float, probability: bool) -> str:
-    return f"{x * 100:+.1f}" if probability else f"{x:+.2f}"
+def _amount(x: float, unit: str) -> str:
+    """``|x|`` in ``unit``; a nonzero amount that rounds to zero is "less than" the last digit shown,
+    never "0.0" beside a verb that says it moves."""
+    factor, digits, name = _SCALE[unit]
+    text = f"{abs(x) * factor:.{digits}f}"
+    if x != 0 and float(text) == 0:
+        return f"less than {10.0 ** -digits:.{digits}f}{name}"
+    return text + name
 
 
-def _interval_text(interval: tuple[float, float], probability: bool, alpha: float) -> str:
+def _signed(x: float, unit: str) -> str:
+    factor, digits, _ = _SCALE[unit]
+    return f"{x * factor:+.{digits}f}"
+
+
+def _interval_text(interval: tuple[float, float], unit: str, alpha: float) -> str:
     lo, hi = interval
-    s = f" ({ci_level(alpha)} interval {_signed(lo, probability)} to {_signed(hi, probability)}"
+    s = f" ({ci_level(alpha)} interval {_signed(lo, unit)} to {_signed(hi, unit)}"
     return s + (", so the lift may be zero)" if lo <= 0 <= hi else ")")
+
+
+def _what_moves(unit: str, outcome: Optional[str]) -> str:
+    if unit == PROBABILITY:
+        return "the chance you respond"
+    return "your rating" if unit == RATING else f"the expected value of your {outcome or 'outcome'} events"
 
 
 def explain(*, policy: str, rank: int, relevance: Optional[float], uplift: Optional[float],
             interval: Optional[tuple[float, float]], similar: Sequence[tuple[str, float]],
             boosted: bool, group: Optional[str] = None, attribute: str = "popularity_group",
             probability: bool = True, item_effect: Optional[tuple[float, float, float]] = None,
-            alpha: float = 0.05, uplift_probability: Optional[bool] = None) -> str:
+            alpha: float = 0.05, uplift_unit: Optional[str] = None, effect_unit: str = PROBABILITY,
+            outcome: Optional[str] = None) -> str:
     """One recommendation's explanation; every clause carries the number it rests on.
 
     ``interval`` belongs to ``uplift``; ``item_effect`` = (effect, ci_low, ci_high) is the item's
     average effect over logged users, stated as its own clause. Both intervals are ``1 - alpha``
     intervals (uplift_effects: ``ope.alpha``; ``interval``: :func:`lift_interval` at that alpha).
     Units: ``probability`` is the relevance's (the model task's: a click probability or a rating);
-    ``uplift_probability`` the lift's (default: the relevance's; the uplift_effects prior is a change
-    in outcome probability whatever the model), and ``item_effect``, from uplift_effects, is always
-    a change in outcome probability.
+    ``uplift_unit`` the lift's (:data:`PROBABILITY`, :data:`RATING` or :data:`VALUE`; default: the
+    relevance's), ``effect_unit`` that of ``item_effect``, from uplift_effects: a probability change
+    when its outcome is 0/1, else a change in the summed value of ``outcome`` events.
     """
     parts = []
-    up_prob = probability if uplift_probability is None else uplift_probability
+    up_unit = uplift_unit or (PROBABILITY if probability else RATING)
     if _finite(uplift):
         verb = "raise" if uplift > 0 else ("lower" if uplift < 0 else "not change")
-        what = "the chance you respond" if up_prob else "your rating"
-        s = f"Recommending this is estimated to {verb} {what}"
+        s = f"Recommending this is estimated to {verb} {_what_moves(up_unit, outcome)}"
         if uplift != 0:
-            s += f" by {_amount(uplift, up_prob)}"
+            s += f" by {_amount(uplift, up_unit)}"
         if interval is not None:
-            s += _interval_text(interval, up_prob, alpha)
+            s += _interval_text(interval, up_unit, alpha)
         parts.append(s + ".")
     elif item_effect is None:
         parts.append("No estimate of the effect of recommending this is available.")
     if item_effect is not None:
         eff, lo, hi = item_effect
-        parts.append(f"Averaged over the users it was logged for, the item's effect of being recommended is "
-                     f"estimated at {_signed(eff, True)} percentage points{_interval_text((lo, hi), True, alpha)}.")
+        on = "" if effect_unit == PROBABILITY else f" on the value of {outcome or 'outcome'} events"
+        parts.append(f"Averaged over the users it was logged for, the item's effect of being recommended{on} is "
+                     f"estimated at {_signed(eff, effect_unit)}{_SCALE[effect_unit][2]}"
+                     f"{_interval_text((lo, hi), effect_unit, alpha)}.")
     if similar:
         names = " and ".join(f"'{_short(t)}' (similarity {s:.2f})" for t, s in similar)
         parts.append(f"It is most similar to {names} from your recent history.")

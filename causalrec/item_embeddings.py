@@ -147,7 +147,8 @@ def item_text(items_df):
 def ensure_item_embeddings(ctx, items_df=None, table: str = "item_embeddings") -> dict:
     """Encode items whose text is new or changed; overwrite the table only when something changed.
 
-    Returns {"items": n, "encoded": n_new}. Encoding runs in Spark tasks
+    Returns {"items": n, "encoded": n_new}, ``n`` the items with text (the others get no vector).
+    Encoding runs in Spark tasks
     (``mapInPandas``), so the driver never loads the model.
     """
     from pyspark.sql import functions as F
@@ -157,7 +158,9 @@ def ensure_item_embeddings(ctx, items_df=None, table: str = "item_embeddings") -
     store = ctx.store
     if items_df is None:
         items_df = store.read("items")
-    texts = item_text(items_df).dropDuplicates(["item_id"])
+    # no text, no vector: every text-less item would get the encoding of "" and look identical to the
+    # others (text neighbours and explanations at similarity 1.00); they get no row, so nothing is claimed
+    texts = item_text(items_df).dropDuplicates(["item_id"]).where(F.col("text") != "")
     texts = texts.withColumn("text_hash", F.substring(F.sha1(F.col("text")), 1, 16))
     model_path, max_len = ctx.cfg.train.model_path, ctx.cfg.train.max_seq_len
     enc_name = encoder_key(model_path, max_len)

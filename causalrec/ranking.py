@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from causalrec.explain import explain, lift_interval, most_similar_history
+from causalrec.explain import PROBABILITY, RATING, VALUE, explain, lift_interval, most_similar_history
 
 log = logging.getLogger(__name__)
 
@@ -161,23 +161,45 @@ def policy_top_k(rel: np.ndarray, upl: np.ndarray, ids: np.ndarray, policy: str,
     return score, top_k(score, k, ids, second), second
 
 
+class EffectScale(NamedTuple):
+    """What ``uplift_effects``' effects are a change in (:func:`recorded_effect_scale`): ``unit`` PROBABILITY when
+    every outcome was 0 or 1, else VALUE, the summed value of ``outcome`` events (e.g. revenue)."""
+    unit: str = PROBABILITY
+    outcome: Optional[str] = None
+
+
 class Units(NamedTuple):
-    """Whether an explanation states a number as a probability (percent, percentage points) or on the
-    rating scale: ``relevance`` on the model task's scale, ``uplift`` on the scale of where it came from
-    (:func:`units_of`). The item's average effect from ``uplift_effects`` is always a probability change."""
+    """How an explanation states each number: ``relevance`` as a probability (True: percent) or a
+    rating; ``uplift`` in the unit of where it came from (:func:`units_of`); the item's average effect
+    from ``uplift_effects`` in that table's :class:`EffectScale`."""
     relevance: bool
-    uplift: bool
+    uplift: str
+    effects: EffectScale = EffectScale()
 
 
-PROBABILITY_UNITS = Units(relevance=True, uplift=True)
+PROBABILITY_UNITS = Units(relevance=True, uplift=PROBABILITY)
 
 
-def units_of(task: str, uplift_head: bool) -> Units:
+def units_of(task: str, uplift_head: bool, effects: EffectScale = EffectScale()) -> Units:
     """The units of a model's scores: relevance on its task's scale (click: a probability, rating: rating
     points); uplift on that scale when the model's own heads estimated it, else scores.uplift is the
-    ``uplift_effects`` prior (:class:`causalrec.scoring.ScoreBatch`): a change in click/purchase probability."""
+    ``uplift_effects`` prior (:class:`causalrec.scoring.ScoreBatch`), in that table's units."""
     click = task == "click"
-    return Units(relevance=click, uplift=click if uplift_head else True)
+    return Units(relevance=click, uplift=(PROBABILITY if click else RATING) if uplift_head else effects.unit,
+                 effects=effects)
+
+
+def recorded_effect_scale(uplift_effects) -> EffectScale:
+    """The :class:`EffectScale` the uplift stage recorded with its effects (the overall rows: a couple of
+    rows); a table written before it recorded one, or none at all, reads as a probability change."""
+    from pyspark.sql import functions as F
+
+    if uplift_effects is None or "outcome_binary" not in uplift_effects.columns:
+        return EffectScale()
+    row = uplift_effects.where(F.col("level") == "overall").select("outcome", "outcome_binary").first()
+    if row is None or row["outcome_binary"] is not False:
+        return EffectScale(outcome=None if row is None else row["outcome"])
+    return EffectScale(VALUE, row["outcome"])
 
 
 def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fair_base: str,
@@ -248,8 +270,8 @@ def explain_user(picks: pd.DataFrame, history: pd.DataFrame, *, attribute: str, 
         texts.append(explain(policy=row["policy"], rank=int(row["rank"]), relevance=_f(row["relevance"]),
                              uplift=_f(row["uplift"]), interval=interval, similar=sim,
                              boosted=bool(row["fairness_boosted"]), group=row["group"], attribute=attribute,
-                             probability=unit.relevance, uplift_probability=unit.uplift, item_effect=item,
-                             alpha=alpha))
+                             probability=unit.relevance, uplift_unit=unit.uplift, item_effect=item,
+                             alpha=alpha, effect_unit=unit.effects.unit, outcome=unit.effects.outcome))
     return picks.assign(explanation=texts)[OUT_COLUMNS] if len(picks) else pd.DataFrame(columns=OUT_COLUMNS)
 
 
@@ -329,7 +351,8 @@ def rank_all(ctx, scores, groups=None, uplift_effects=None, history=None, *, pol
     ranked = df.groupBy("user_id").applyInPandas(rank, RANKED_SCHEMA)
     if versions is None:
         versions = model_versions(scores)
-    return explain_all(ctx, ranked, history, explanation_units(ctx, versions)), targets, group_sizes
+    units = explanation_units(ctx, versions, recorded_effect_scale(uplift_effects))
+    return explain_all(ctx, ranked, history, units), targets, group_sizes
 
 
 def explain_all(ctx, ranked, history, units: dict):
@@ -373,7 +396,7 @@ def history_side(ctx, history):
     title = F.col("item_id")
     if store.exists("items"):
         rows = rows.join(store.read("items").select("item_id", F.col("text").alias("_text")), "item_id", "left")
-        title = F.coalesce(F.when(F.col("_text") != "", F.col("_text")), F.col("item_id"))
+        title = F.coalesce(F.when(F.trim(F.col("_text")) != "", F.col("_text")), F.col("item_id"))
     return rows.select("user_id", F.col("pos").cast("int"), "item_id", title.alias("title"), "embedding")
 
 
@@ -403,7 +426,7 @@ def check_effects_available(scores, policy: str, fair_base: str) -> None:
                 "(train with an uplift head or run the uplift stage)", name)
 
 
-def explanation_units(ctx, model_versions: Sequence[str]) -> dict:
+def explanation_units(ctx, model_versions: Sequence[str], effects: EffectScale = EffectScale()) -> dict:
     """model_version -> :class:`Units` of the scores it wrote, from the model config of its train run.
 
     Not from the size of the numbers: a rating regression can predict below 1 and one user's score above 1
@@ -420,9 +443,9 @@ def explanation_units(ctx, model_versions: Sequence[str]) -> dict:
         if mc is None:
             log.warning("recommend: no train run with a readable checkpoint wrote model_version %r; explaining "
                         "its scores in the units of train.task=%r, train.objective=%r", v, task, objective)
-            out[v] = units_of(task, needs_uplift(objective))
+            out[v] = units_of(task, needs_uplift(objective), effects)
         else:
-            out[v] = units_of(mc.get("task", task), bool(mc.get("uplift")))
+            out[v] = units_of(mc.get("task", task), bool(mc.get("uplift")), effects)
     return out
 
 

@@ -519,6 +519,15 @@ def section_ope(data) -> str:
         _table(["strategy", "estimator", "estimate", "CI low", "CI high", "interval", "ESS", "diff to baseline"], rows)
 
 
+def _effect_outcome(data) -> Optional[str]:
+    """None when uplift_effects' outcome is 0/1 (effects are probability changes; a table that did not
+    record it was such), else the event type whose summed value the effects change ("value" unnamed)."""
+    overall = [r for r in data.get("tables", {}).get("uplift_effects") or [] if r.get("level") == "overall"]
+    if not overall or overall[0].get("outcome_binary") is not False:
+        return None
+    return overall[0].get("outcome") or "value"
+
+
 def section_uplift(data) -> str:
     plt = _plt()
     qini = _curves(data).get("qini") or {}
@@ -547,7 +556,9 @@ def section_uplift(data) -> str:
         axes[0].plot(share, cum, color="#d9822b", label="items by estimated effect")
         axes[0].plot([0, 100], [0, cum[-1]], ls="--", color="#999999", label="random order")
         axes[0].set_xlabel("share of logged pairs, items sorted by estimated effect (%)")
-        axes[0].set_ylabel("cumulative incremental outcomes (count)")
+        outcome = _effect_outcome(data)
+        axes[0].set_ylabel("cumulative incremental outcomes (count)" if outcome is None
+                           else f"cumulative incremental {outcome} value")
         axes[0].set_title("Uplift (Qini-style) curve over items")
         axes[0].legend(fontsize=7)
         top = ue["top"]
@@ -556,7 +567,8 @@ def section_uplift(data) -> str:
         axes[1].errorbar(range(len(top)), [r["effect"] for r in top], yerr=[lo, hi], fmt="o", capsize=3)
         axes[1].axhline(0, color="#999999", lw=1)
         axes[1].set_xlabel("item (top 20 by estimated effect)")
-        axes[1].set_ylabel("effect of recommending (outcome probability)")
+        axes[1].set_ylabel("effect of recommending (outcome probability)" if outcome is None
+                           else f"effect of recommending ({outcome} value)")
         axes[1].set_title(f"Per-item effects with {_level(data, ue['alphas'])} intervals")
         parts.append(_fig_html(fig, "uplift per item", "Left: cumulative estimated incremental outcomes when items are "
                                "recommended in order of estimated effect. Right: the largest per-item effects."))

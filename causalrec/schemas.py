@@ -384,7 +384,8 @@ OPE_RESULTS = TableSpec(
         ("std_err", "double", True, ""),
         ("ci_low", "double", True, ""),
         ("ci_high", "double", True, ""),
-        ("interval_method", "string", True, "analytic or bootstrap"),
+        ("interval_method", "string", True, "analytic or bootstrap_...; suffix _bias_aware: the hull with the unbiased "
+         "reference's interval (switch_dr, dr_os); none: ... (dm, no interval)"),
         ("logged_policy", "string", True, "where pi_b came from: logged_propensity (the events' action "
                                           "probability) or exposure[_item_popularity][_on_impressions]"),
         ("ess", "double", True, "effective sample size of the weights"),
@@ -618,6 +619,8 @@ UPLIFT_EFFECTS = TableSpec(
         ("refutation", "string", True, "JSON: placebo, random common cause, subset reruns (overall rows)"),
         ("created_at", "timestamp", False, ""),
         ("alpha", "double", True, "ci_low/ci_high are a 1 - alpha interval (ope.alpha of the uplift run)"),
+        ("outcome", "string", True, "ope.uplift_outcome_event whose summed value is the outcome (null: the decision's own value)"),
+        ("outcome_binary", "boolean", True, "every outcome was 0 or 1: the effect is a change in probability"),
     ),
 )
 

@@ -256,7 +256,10 @@ def run(ctx) -> dict:
         else:
             rows = rows.withColumn("segment", F.lit("all"))
         scored = add_scores(rows).persist()
-        n, n_treated = scored.agg(F.count("*"), F.sum("t")).first()
+        # binary: every outcome 0 or 1, so effects are probability changes (readers say "percentage
+        # points"); a summed value (revenue, two purchases credited to one decision) is not
+        n, n_treated, n_other = scored.agg(F.count("*"), F.sum("t"),
+                                           F.count(F.when(~F.col("y").isin(0.0, 1.0), 1))).first()
         n_treated = int(n_treated or 0)
         check_arms(n_treated, n - n_treated)
     ctx.log_rows("events (with recommended)", n, "in")
@@ -278,6 +281,8 @@ def run(ctx) -> dict:
     out = out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.lit(now).cast("timestamp"))
     # the level its intervals are at: readers (report, ranking) may run under another ope.alpha
     out = out.withColumn("alpha", F.lit(float(oc.alpha)))
+    out = out.withColumn("outcome", F.lit(oc.uplift_outcome_event).cast("string")) \
+        .withColumn("outcome_binary", F.lit(n_other == 0))
     out = conform(out, UPLIFT_EFFECTS)
     store.write(out, "uplift_effects", mode="overwrite", spec=UPLIFT_EFFECTS, overwrite_schema=True)
     res = store.read("uplift_effects").where(F.col("level") == "overall").collect()
@@ -286,7 +291,7 @@ def run(ctx) -> dict:
     scored.unpersist()
     summary = {"run_id": run_id, "rows_in": n, "rows_out": n_out,
                "propensity_source": "treatment_propensity" if tp is not None else "item_share_recommended",
-               "refutation": ref, "refutation_rows": len(sample)}
+               "refutation": ref, "refutation_rows": len(sample), "outcome_binary": n_other == 0}
     for r in res:
         summary[f"ate_{r['method']}"] = {"effect": r["effect"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
         print(f"average effect of recommending ({r['method']}): {r['effect']:+.5f} [{r['ci_low']:+.5f}, {r['ci_high']:+.5f}]")

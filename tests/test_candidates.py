@@ -285,3 +285,22 @@ def test_item_embeddings_are_keyed_on_encoder_content(ctx, spark, tmp_path):
     assert keys == {encoder_key(b, ctx.cfg.train.max_seq_len)}
     shutil.copytree(b, tmp_path / "elsewhere" / "encoder")
     assert encoder_key(str(tmp_path / "elsewhere" / "encoder"), 64) == encoder_key(b, 64) != encoder_key(a, 64)
+
+
+def test_items_without_any_text_get_no_embedding(ctx, spark, tmp_path):
+    """Items with no text, category or attributes were encoded as "": all identical, so text neighbours
+    and explanations put any two of them at similarity 1.00. They get no vector; an item gaining text
+    later is encoded then, and one losing it leaves the table."""
+    from causalrec.item_embeddings import ensure_item_embeddings
+
+    ctx.cfg.train.model_path = _tiny_encoder(tmp_path / "enc", 0)
+    schema = ITEMS.spark_schema()
+    items = spark.createDataFrame([("A", None, None, "a red shoe", 1.0), ("B", None, None, None, 1.0),
+                                   ("C", [], None, "   ", 1.0), ("D", None, "hats", None, 1.0)], schema)
+    assert ensure_item_embeddings(ctx, items) == {"items": 2, "encoded": 2}
+    ids = lambda: sorted(r[0] for r in ctx.store.read("item_embeddings").select("item_id").collect())  # noqa: E731
+    assert ids() == ["A", "D"]
+    assert ensure_item_embeddings(ctx, items)["encoded"] == 0  # unchanged: no rewrite
+    items = spark.createDataFrame([("A", None, None, None, 1.0), ("B", None, None, "a blue hat", 1.0)], schema)
+    assert ensure_item_embeddings(ctx, items) == {"items": 1, "encoded": 1}
+    assert ids() == ["B"]

@@ -527,3 +527,75 @@ def test_explanation_names_history_items_by_title_or_id_and_only_those_with_a_ve
     assert "Beta boots" not in text["u"]
     assert "most similar" not in text["v"] and "rank 1 under the relevance policy" in text["v"], text["v"]
     assert res.where("kind = 'base'").count() == 2
+
+
+def test_effects_on_a_summed_value_are_quoted_in_that_value_not_in_percentage_points(ctx, spark, tmp_path):
+    """uplift_effects of ope.uplift_outcome_event=purchase whose value is revenue: an effect of +5.83 was
+    quoted as "583.1 percentage points" of a response probability, beside the model's own prior lift and
+    as the item's average effect. The uplift stage records that its outcome was not 0/1."""
+    from test_scoring import _uplift_effects
+
+    from causalrec.ranking import rank_all
+
+    _train_runs(spark, ctx.store, tmp_path / "ckpt", {"prior": {"model": "mf", "task": "click", "uplift": False},
+                                                      "head": {"model": "mf", "task": "click", "uplift": True}})
+    scores = spark.createDataFrame([("u_prior", "a", 0.4, 5.83, 2.35, "prior"), ("u_head", "a", 0.4, 0.01, None, "head")],
+                                   "user_id string, item_id string, relevance double, uplift double, "
+                                   "uplift_se double, model_version string")
+    ctx.cfg.ranking.policy, ctx.cfg.ranking.k = "relevance", 1
+    effects = _uplift_effects(spark, ["a"], dr=5.83, outcome="purchase", binary=False)
+    res, _, _ = rank_all(ctx, scores, None, effects, None)
+    text = res.where("kind = 'policy'").toPandas().set_index("user_id")["explanation"]
+    prior, head = text["u_prior"], text["u_head"]
+    assert "raise the expected value of your purchase events by 5.83 (95% interval +1.22 to +10.44)" in prior, prior
+    # the model's own head is a click probability; the item's average effect beside it is in purchase value
+    assert "raise the chance you respond by 1.0 percentage points." in head, head
+    assert "effect of being recommended on the value of purchase events is estimated at +5.83 (95% interval " \
+           "+5.81 to +5.85)" in head, head
+    assert "583" not in prior + head and "percentage points" not in prior
+    # a 0/1 outcome (and a table written before the column existed) stays a probability change
+    res, _, _ = rank_all(ctx, scores, None, _uplift_effects(spark, ["a"], dr=0.0583).drop("outcome_binary"), None)
+    prior = res.where("kind = 'policy' AND user_id = 'u_prior'").toPandas()["explanation"].item()
+    assert "raise the chance you respond by" in prior and "purchase" not in prior, prior
+
+
+def test_a_lift_that_rounds_to_zero_is_not_quoted_as_zero():
+    """-0.0004 read "lower the chance you respond by 0.0 percentage points": a verb of change with no change."""
+    from causalrec.explain import explain
+
+    for uplift, verb in ((-0.0004, "lower"), (0.0004, "raise")):
+        text = explain(policy="uplift", rank=1, relevance=0.3, uplift=uplift, interval=None, similar=[], boosted=False)
+        assert f"{verb} the chance you respond by less than 0.1 percentage points." in text, text
+    text = explain(policy="uplift", rank=1, relevance=4.0, uplift=0.001, interval=None, similar=[], boosted=False,
+                   probability=False)
+    assert "raise your rating by less than 0.01 rating points." in text, text
+
+
+def test_history_items_sharing_a_title_are_named_once():
+    """608 of the 2,900 Coat explanations read "most similar to 'women's jacket, other colour' (similarity
+    0.86) and 'women's jacket, other colour' (similarity 0.86)": two items, one title, named twice."""
+    from causalrec.explain import most_similar_history
+
+    hist = np.array([[1.0, 0.0], [1.0, 0.01], [0.8, 0.6], [0.0, 1.0]])
+    titles = ["women's jacket", "women's jacket", "wool coat", "scarf"]
+    got = most_similar_history(np.array([1.0, 0.0]), hist, titles)
+    assert [t for t, _ in got] == ["women's jacket", "wool coat"]
+    assert got[1][1] == pytest.approx(0.8)
+
+
+def test_a_whitespace_title_names_the_item_by_id(ctx, spark):
+    """An item whose text is only spaces was named '' in the explanation."""
+    from causalrec.ranking import rank_all
+
+    store = ctx.store
+    store.write(spark.createDataFrame([("A", "   "), ("D", "Delta coat")], "item_id string, text string"),
+                "items", mode="overwrite")
+    store.write(spark.createDataFrame([("A", [1.0, 0.0]), ("D", [0.8, 0.6])], "item_id string, embedding array<float>"),
+                "item_embeddings", mode="overwrite")
+    history = spark.createDataFrame([("u", ["A"])], "user_id string, history array<string>")
+    scores = spark.createDataFrame([("u", "D", 0.8, 0.05, 0.01, "m1")], "user_id string, item_id string, "
+                                   "relevance double, uplift double, uplift_se double, model_version string")
+    ctx.cfg.ranking.policy, ctx.cfg.ranking.k = "relevance", 1
+    res, _, _ = rank_all(ctx, scores, None, None, history)
+    text = res.where("kind = 'policy'").first()["explanation"]
+    assert "most similar to 'A' (similarity 0.80)" in text, text

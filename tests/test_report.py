@@ -587,3 +587,18 @@ def test_names_with_dollar_signs_are_drawn_as_text():
     page = R.render_report(data)
     assert "could not be drawn" not in page
     assert page.count('<img class="plot"') == EXPECTED_PLOTS
+
+
+def test_uplift_axes_name_the_value_an_effect_is_a_change_in():
+    """The per-item effect axis said "outcome probability" whatever uplift_effects' outcome was; a
+    summed value (revenue) is labelled with its event type, a 0/1 outcome (or an older table) as before."""
+    from causalrec.report import _effect_outcome
+
+    def data(**overall):
+        return {"tables": {"uplift_effects": [{"level": "item", "outcome_binary": True},
+                                              {"level": "overall", **overall}]}}
+
+    assert _effect_outcome(data(outcome="purchase", outcome_binary=False)) == "purchase"
+    assert _effect_outcome(data(outcome=None, outcome_binary=False)) == "value"
+    assert _effect_outcome(data(outcome="purchase", outcome_binary=True)) is None
+    assert _effect_outcome(data()) is None and _effect_outcome({"tables": {}}) is None

@@ -208,7 +208,7 @@ def test_scoring_input_carries_the_training_feature_layout(ctx, spark):
     np.testing.assert_allclose(got[("u9", "i2")][nu:nu + ni], itf["i2"], rtol=1e-6)
 
 
-def _uplift_effects(spark, items, ips=0.05, dr=0.03):
+def _uplift_effects(spark, items, ips=0.05, dr=0.03, outcome=None, binary=True):
     """uplift_effects as uplift.run writes it: overall, item and segment rows, once per method."""
     import datetime as dt
 
@@ -222,6 +222,7 @@ def _uplift_effects(spark, items, ips=0.05, dr=0.03):
             rows.append(("r", "item", it, None, m, e + j / 100, 0.01, e + j / 100 - 0.02, e + j / 100 + 0.02,
                          10, 5, None, now, 0.05))
         rows.append(("r", "segment", None, "s1", m, 0.02, 0.01, 0.0, 0.04, 50, 25, None, now, 0.05))
+    rows = [r + (outcome, binary) for r in rows]
     return spark.createDataFrame(rows, UPLIFT_EFFECTS.spark_schema())
 
 

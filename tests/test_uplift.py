@@ -102,8 +102,18 @@ def test_uplift_stage_writes_item_effects(ctx, spark):
     assert items.loc["i4", "effect"] > items.loc["i0", "effect"]
     assert eff[eff.level == "overall"].refutation.notna().all()
     assert s["refutation_rows"] == 3000
+    assert eff.outcome_binary.all() and eff.outcome.isna().all()  # 0/1 outcomes: probability changes
     ctx.cfg.ope.uplift_refutation_max_rows = 500  # the refutations' rows are fitted on the driver: capped
     assert 400 < run(ctx)["refutation_rows"] < 600
+    # a summed value (revenue 40 per purchase) is not a probability: recorded, so nobody quotes
+    # an effect of +5.8 as "583 percentage points"
+    pdf["value"] = 40.0 * y
+    ctx.store.write(conform(spark.createDataFrame(pdf), EVENTS), "events", mode="overwrite", spec=EVENTS)
+    s40 = run(ctx)
+    assert s40["outcome_binary"] is False
+    eff = ctx.store.read("uplift_effects").toPandas()
+    assert (~eff.outcome_binary).all() and eff.outcome.isna().all()  # the decisions' own value
+    assert s40["ate_dr"]["effect"] == pytest.approx(40 * s["ate_dr"]["effect"], rel=1e-6)
 
 
 def test_dr_scores_need_the_outcome_models_and_one_arm_is_refused_locally():
