@@ -47,6 +47,7 @@ from typing import Optional
 from causalrec.context import Context
 from causalrec.decisions import DECISION_EVENT, with_outcome
 from causalrec.estimators import evaluate, make_estimators
+from causalrec.estimators.ope import BIAS_AWARE, NO_INTERVAL
 from causalrec.ope import policies as P
 from causalrec.schemas import OPE_RESULTS
 
@@ -214,14 +215,15 @@ def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 
     recs = []
     for r in results:
         recs.append(dict(run_id=run_id, policy=r.policy, estimator=r.estimator, estimate=r.estimate,
-                         std_err=r.std_err, ci_low=r.ci_low, ci_high=r.ci_high, interval_method="analytic",
+                         std_err=r.std_err, ci_low=r.ci_low, ci_high=r.ci_high, interval_method=r.interval_method,
                          logged_policy=logged_policy, ess=r.ess, max_weight=r.max_weight, n=r.n, diff_to_baseline=r.diff_to_baseline,
                          diff_ci_low=r.diff_ci_low, diff_ci_high=r.diff_ci_high, created_at=now))
         if n_boot:
             # replicates without a value (0/0: a resample without rows or weight) are left out: say how many
             dropped = max(r.boot_dropped or 0, r.diff_boot_dropped or 0)
             method = f"bootstrap_poisson_B{n_boot}" + (f"_G{boot_buckets}" if boot_buckets else "") \
-                + (f"_dropped{dropped}" if dropped else "")
+                + (f"_dropped{dropped}" if dropped else "") + (BIAS_AWARE if r.interval_method.endswith(BIAS_AWARE) else "")
+            method = r.interval_method if r.interval_method == NO_INTERVAL else method
             recs.append(dict(recs[-1], std_err=r.boot_std_err, ci_low=r.boot_ci_low, ci_high=r.boot_ci_high,
                              interval_method=method, diff_ci_low=r.diff_boot_ci_low,
                              diff_ci_high=r.diff_boot_ci_high))
