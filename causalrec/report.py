@@ -84,9 +84,9 @@ def _finite(v) -> bool:
 def _level(data, alphas=None) -> str:
     """The printed level of the OPE and uplift intervals: ``1 - alpha``, alpha = ope.alpha (default 0.05).
 
-    ``alphas``: the distinct alphas uplift_effects rows record, each the alpha of the uplift run that
-    computed it (a side stage: ``ope.alpha`` may have changed since); their own level wins when they all
-    agree on one."""
+    ``alphas``: the alphas the rows shown record (uplift_effects, ope_results), each the alpha of the run
+    that computed it (``ope.alpha`` may have changed since); their own level wins when they all agree
+    on one."""
     from causalrec.explain import ci_level
 
     alpha = data.get("alpha")
@@ -298,7 +298,7 @@ def summary_sentences(data) -> list[str]:
     if dr:
         est = "dr" if any(r["estimator"] == "dr" for r in dr) else dr[0]["estimator"]
         best = max((r for r in dr if r["estimator"] == est), key=lambda r: r["estimate"])
-        ci = (f" ({_level(data)} CI {best['ci_low']:.4f} to {best['ci_high']:.4f})"
+        ci = (f" ({_level(data, [best.get('alpha')])} CI {best['ci_low']:.4f} to {best['ci_high']:.4f})"
               if _finite(best.get("ci_low")) and _finite(best.get("ci_high")) else "")
         out.append(f"Off-policy evaluation ({est.upper()}) ranks strategy '{best['policy']}' highest with an "
                    f"estimated reward of {best['estimate']:.4f}{ci}.")
@@ -507,14 +507,15 @@ def section_ope(data) -> str:
     ax.set_xticklabels(policies, rotation=15)
     ax.set_xlabel("strategy (evaluated policy)")
     ax.set_ylabel("estimated reward per impression")
-    ax.set_title(f"Off-policy estimates with {_level(data)} intervals")
+    level = _level(data, [r.get("alpha") for r in ope])
+    ax.set_title(f"Off-policy estimates with {level} intervals")
     ax.legend(fontsize=7, ncol=2)
     rows = [[r["policy"], r["estimator"], r["estimate"], r.get("ci_low"), r.get("ci_high"), r.get("interval_method") or "–",
              r.get("ess"), r.get("diff_to_baseline")] for r in sorted(ope, key=lambda r: (r["policy"], r["estimator"]))]
     logged = sorted({r["logged_policy"] for r in ope if r.get("logged_policy")})
     pi_b = f" The logging policy's probabilities (pi_b) came from: {', '.join(logged)}." if logged else ""
     return _fig_html(fig, "off-policy estimates", "Each point is one estimator's estimate of the strategy's reward; "
-                     f"bars are {_level(data)} intervals. Estimators that agree give confidence; wide IPS bars mean "
+                     f"bars are {level} intervals. Estimators that agree give confidence; wide IPS bars mean "
                      f"extreme weights.{pi_b}") + \
         _table(["strategy", "estimator", "estimate", "CI low", "CI high", "interval", "ESS", "diff to baseline"], rows)
 

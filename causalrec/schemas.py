@@ -395,6 +395,7 @@ OPE_RESULTS = TableSpec(
         ("diff_ci_low", "double", True, ""),
         ("diff_ci_high", "double", True, ""),
         ("created_at", "timestamp", False, ""),
+        ("alpha", "double", True, "ci_low/ci_high are a 1 - alpha interval (ope.alpha of the OPE run)"),
     ),
 )
 

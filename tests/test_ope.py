@@ -47,6 +47,7 @@ def test_ope_job_on_uniformly_logged_impressions(ctx, spark):
     res = ctx.store.read("ope_results").toPandas()
     assert set(res.columns) == set(OPE_RESULTS.names)
     assert (res.logged_policy == "logged_propensity").all()  # the table says what pi_b was
+    assert (res.alpha == ctx.cfg.ope.alpha).all()  # and the level of its intervals, for a later report
     assert len(res) == 2 * 2 * 8  # 2 policies x 8 estimators x (analytic, bootstrap)
     a = res[res.interval_method == "analytic"].set_index(["policy", "estimator"])
     mean_click = np.mean([r["value"] for r in rows])

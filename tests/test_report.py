@@ -204,7 +204,12 @@ def test_uplift_intervals_carry_the_level_they_were_computed_at():
     data["tables"]["uplift_effects"] = [dict(r, alpha=0.05) for r in data["tables"]["uplift_effects"]]
     summary = R.summary_sentences(data)
     assert any("whose 95% interval lies above zero" in s for s in summary), summary
-    assert any("(90% CI " in s for s in summary)  # ope_results: this run's ope.alpha
+    assert any("(90% CI " in s for s in summary)  # ope_results without a recorded alpha: this run's ope.alpha
+    # ope_results rows record their run's alpha too: it wins over this report's (a standalone report run
+    # under another ope.alpha printed the OPE intervals at its own level)
+    data["tables"]["ope_results"] = [dict(r, alpha=0.05) for r in data["tables"]["ope_results"]]
+    summary = R.summary_sentences(data)
+    assert any("(95% CI " in s for s in summary) and not any("(90% CI " in s for s in summary), summary
 
 
 def test_missing_numbers_are_not_drawn_as_zero_and_do_not_blank_a_section(monkeypatch):

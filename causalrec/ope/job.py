@@ -206,9 +206,11 @@ def attach_policies(rows, item_q, strategies, store=None):
     return df, pols, skipped
 
 
-def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 0, logged_policy: str | None = None):
+def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 0, logged_policy: str | None = None,
+                  alpha: float | None = None):
     """EstimateResults -> ope_results rows (one analytic row, plus one bootstrap row when B > 0), each with
-    the ``logged_policy`` mode of :func:`logged_rows` (what the estimates' pi_b is)."""
+    the ``logged_policy`` mode of :func:`logged_rows` (what the estimates' pi_b is) and the ``alpha`` its
+    intervals are at (a report run later under another ope.alpha labels them by this one)."""
     import pandas as pd
 
     now = datetime.now(timezone.utc)
@@ -217,7 +219,7 @@ def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 
         recs.append(dict(run_id=run_id, policy=r.policy, estimator=r.estimator, estimate=r.estimate,
                          std_err=r.std_err, ci_low=r.ci_low, ci_high=r.ci_high, interval_method=r.interval_method,
                          logged_policy=logged_policy, ess=r.ess, max_weight=r.max_weight, n=r.n, diff_to_baseline=r.diff_to_baseline,
-                         diff_ci_low=r.diff_ci_low, diff_ci_high=r.diff_ci_high, created_at=now))
+                         diff_ci_low=r.diff_ci_low, diff_ci_high=r.diff_ci_high, created_at=now, alpha=alpha))
         if n_boot:
             # replicates without a value (0/0: a resample without rows or weight) are left out: say how many
             dropped = max(r.boot_dropped or 0, r.diff_boot_dropped or 0)
@@ -277,7 +279,7 @@ def run(ctx: Context) -> dict:
     ctx.log_rows("events (logged units)", n, "in")
     run_id = uuid.uuid4().hex[:12]
     with ctx.step("ope: load"):
-        out = results_frame(ctx.spark, results, run_id, oc.bootstrap_replicates, oc.bootstrap_buckets, mode)
+        out = results_frame(ctx.spark, results, run_id, oc.bootstrap_replicates, oc.bootstrap_buckets, mode, oc.alpha)
         store.write(out, "ope_results", mode="overwrite", spec=OPE_RESULTS, overwrite_schema=True)
         ctx.log_rows("ope_results", out.count())
     print(f"logged policy: {mode} (ope.logged_propensity: {oc.logged_propensity})")
