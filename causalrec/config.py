@@ -79,6 +79,11 @@ class DataConfig:
     path: str = "../shared/data/coat"
     # files source: a parquet/csv/jsonl file or folder, or a Delta table path
     format: Literal["parquet", "csv", "jsonl", "delta"] = "parquet"
+    # files source: the users and items tables, in data.format, with their table's columns (users:
+    # user_id, attributes, text, segment; items: item_id, attributes, category, text, price; only the
+    # id is required). Unset: the ids the events hold, with no attributes or text.
+    users_path: Optional[str] = None
+    items_path: Optional[str] = None
     rating_min: float = 1.0
     rating_max: float = 5.0
     event_types: list[str] = field(

@@ -88,7 +88,8 @@ def _config_value(cfg: dict, key: str):
 
 
 def input_files(ctx: Context, stage: Stage) -> dict:
-    """Identity of the files a stage reads outside Delta: ingest's ``data.path`` (not for the simulator).
+    """Identity of the files a stage reads outside Delta: ingest's ``data.path`` (not for the simulator)
+    and, for the files source, ``data.users_path`` / ``data.items_path``.
 
     Why: a rewritten input file changes no table version, so without this the ingest would
     stay 'up to date' on old data. Path, size and mtime of each file (a folder: every file
@@ -96,14 +97,24 @@ def input_files(ctx: Context, stage: Stage) -> dict:
     folder with every file under it); a ``file://`` URI is its local path; object-store URIs are not
     listed (use --force after changing them).
     """
+    data = ctx.cfg.data
+    if stage.name != "ingest" or data.source == "simulator" or not data.path:
+        return {}
+    paths = [data.path] + ([p for p in (data.users_path, data.items_path) if p] if data.source == "files" else [])
+    out: dict = {}
+    for p in paths:
+        out.update(_file_listing(p))
+    return out
+
+
+def _file_listing(path: str) -> dict:
+    """{path: hash of (name, size, mtime) of every file it names}, {path: None} when nothing is there, {} for a URI."""
     import glob
     import os
 
     from causalrec.ingest.sources import _display_path
 
-    if stage.name != "ingest" or ctx.cfg.data.source == "simulator" or not ctx.cfg.data.path:
-        return {}
-    path = _display_path(ctx.cfg.data.path)
+    path = _display_path(path)
     if "://" in path:
         return {}
     if any(ch in path for ch in "*?["):  # a glob (causalrec.ingest.sources._exists): hash every match

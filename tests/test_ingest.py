@@ -837,3 +837,39 @@ def test_a_column_name_with_a_backquote_is_read_like_any_other(ctx, tmp_path, fm
     q = _quarantine_by_id(ctx)
     assert json.loads(q["e2"].payload)["no`te"] == "y"  # nothing lost: the odd column is in the payload
 
+
+
+def test_files_source_writes_users_and_items_so_the_features_stage_runs(ctx, tmp_path):
+    """A files pipeline stopped at features ("users does not exist: run the ingest stage") right after
+    ingest, which wrote only events. Now ingest writes users and items: from data.users_path /
+    data.items_path when given (validated, bad rows quarantined), else the ids the events hold."""
+    import json
+
+    import pandas as pd
+
+    from causalrec.features.job import run as features
+    from causalrec.ingest import job
+
+    pdf = pd.DataFrame({"event_id": ["p1", "p2", "p3"], "user_id": ["u1", "u2", "u2"], "item_id": ["i1", "i2", "i1"],
+                        "event_time": pd.to_datetime(["2024-03-01", "2024-03-02", "2024-03-03"], utc=True),
+                        "event_type": ["view", "purchase", "view"], "value": [1.0, 12.5, 1.0]})
+    events = tmp_path / "events.parquet"
+    pdf.to_parquet(events, coerce_timestamps="us", allow_truncated_timestamps=True)
+    ctx.cfg.data.source, ctx.cfg.data.path, ctx.cfg.data.format = "files", str(events), "parquet"
+    out = job.run(ctx)
+    assert out["tables"]["users"]["rows"] == 2 and out["tables"]["items"]["rows"] == 2
+    assert sorted(r[0] for r in ctx.store.read("items").select("item_id").collect()) == ["i1", "i2"]
+    assert features(ctx)["item_features"] == 2
+    versions = {t: ctx.store.version(t) for t in ("users", "items")}
+    job.run(ctx)  # nothing new: no new versions downstream stages would see as changed
+    assert {t: ctx.store.version(t) for t in ("users", "items")} == versions
+    # an items file: its titles are the items table; a key with two different rows is quarantined
+    items = tmp_path / "items.parquet"
+    pd.DataFrame({"item_id": ["i1", "i2", "i2"], "text": ["red wool coat", "blue hat", "green hat"],
+                  "price": [10.0, 5.0, 6.0]}).to_parquet(items)
+    ctx.cfg.data.items_path = str(items)
+    out = job.run(ctx)
+    assert out["tables"]["items"]["rows"] == 1 and out["tables"]["items"]["rows_quarantined"] == 2
+    assert ctx.store.read("items").collect()[0]["text"] == "red wool coat"
+    q = ctx.store.read("dimension_quarantine").where("table_name = 'items'").collect()
+    assert len(q) == 2 and all(str(items) in json.dumps(r.asDict(), default=str) for r in q)

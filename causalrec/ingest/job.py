@@ -46,6 +46,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from typing import Optional
 
 from causalrec.ingest.dimensions import (
     SPECS,
@@ -309,6 +310,30 @@ def write_dimension(ctx, flagged, s: DimensionSummary, name: str, *, source: str
             "reasons": s.reasons}
 
 
+def files_dimension(ctx, name: str, path: Optional[str]) -> dict:
+    """``users`` or ``items`` for the files source: read from ``path`` (``data.users_path`` /
+    ``data.items_path``, in ``data.format``), else the distinct ids of the ``events`` table with no
+    attributes or text. Validated and written like a loader's dimension table (bad rows to
+    ``dimension_quarantine``; unchanged content writes no new version).
+
+    Why always written: the features stage (and the explanations' titles) read them; before, a files
+    pipeline stopped at features ("users does not exist: run the ingest stage") right after ingest."""
+    from causalrec.ingest.sources import read_events
+
+    key = {"users": "user_id", "items": "item_id"}[name]
+    if path:
+        df, source = read_events(ctx.spark, path, ctx.cfg.data.format, store=ctx.store), path
+    elif ctx.store.exists("events"):
+        df, source = ctx.store.read("events").select(key).distinct(), f"events.{key}"
+    else:  # nothing ingested yet (every row quarantined): an empty table
+        df, source = ctx.spark.createDataFrame([], f"{key} string"), f"events.{key}"
+    flagged, s = check_dimension(ctx, df, name)
+    try:
+        return write_dimension(ctx, flagged, s, name, source=source, batch_prefix="files")
+    finally:
+        flagged.unpersist()
+
+
 def write_loaded(ctx, data, *, source: str) -> dict:
     """Write a :class:`causalrec.loaders.LoadedData` (or simulator output) and check promised counts.
 
@@ -391,9 +416,16 @@ def run(ctx) -> dict:
     elif src == "files":
         from causalrec.ingest.sources import read_events
 
+        # given dimension files first: data.require_known_users/items check the events against them
+        given = {name: path for name, path in (("users", cfg.data.users_path), ("items", cfg.data.items_path)) if path}
+        tables = {name: files_dimension(ctx, name, path) for name, path in given.items()}
         raw = read_events(ctx.spark, cfg.data.path, cfg.data.format, store=ctx.store)
-        summary = {"source": "files", "tables": {"events": ingest_events(
-            ctx, raw, table="events", source=cfg.data.path, batch_prefix="files", fmt=cfg.data.format)}}
+        tables["events"] = ingest_events(ctx, raw, table="events", source=cfg.data.path, batch_prefix="files",
+                                         fmt=cfg.data.format)
+        for name in ("users", "items"):
+            if name not in given:
+                tables[name] = files_dimension(ctx, name, None)
+        summary = {"source": "files", "tables": tables}
     else:  # config validation already restricts this; keep the message for direct callers
         raise ValueError(f"data.source {src!r}: expected one of coat, obd, amazon, simulator, files")
     summary["timings_s"] = dict(ctx.timings)
