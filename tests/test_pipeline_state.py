@@ -294,6 +294,20 @@ def test_ingest_of_a_glob_tracks_the_matching_files(pctx, tmp_path):
     assert P.input_files(pctx, ing) == {pctx.cfg.data.path: None}
 
 
+def test_ingest_of_files_tracks_the_users_and_items_files(pctx, tmp_path):
+    """data.items_path is read by the files ingest: a rewritten items file makes ingest stale like an events file."""
+    ing = ALL["ingest"]
+    (tmp_path / "events.csv").write_text("a\n1\n")
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,text\ni1,coat\n")
+    pctx.cfg.data.source, pctx.cfg.data.format, pctx.cfg.data.path = "files", "csv", str(tmp_path / "events.csv")
+    pctx.cfg.data.items_path = str(items)
+    first = P.fingerprint(pctx, ing)[0]
+    assert set(P.input_files(pctx, ing)) == {str(tmp_path / "events.csv"), str(items)}
+    items.write_text("item_id,text\ni1,red coat\n")
+    assert P.fingerprint(pctx, ing)[0] != first
+
+
 @pytest.fixture
 def fake_stages(monkeypatch):
     """run_pipeline with stand-in stages: ``impl[name](ctx)`` runs for stage ``name``."""
