@@ -304,7 +304,10 @@ def run_pipeline(ctx: Context, from_stage: Optional[str] = None, until_stage: Op
         state, fp, last = stage_state(ctx, stage, runs)
         if state == "up to date" and i < force_from:
             log.info("stage %-13s up to date, skipped (use --force or --from %s to rerun)", stage.name, stage.name)
-            results[stage.name] = {"status": "skipped (up to date)", **_brief(last)}
+            # the recorded run's time is not this run's: kept apart, so the summary does not add it in
+            brief = _brief(last)
+            results[stage.name] = {"status": "skipped (up to date)", "last_run_seconds": brief.pop("seconds", None),
+                                   **brief}
             continue
         # what the stage is about to read: the run record holds this, not the state after the run, so an
         # input another process rewrites while the stage runs leaves the stage stale (it read the old one)
@@ -337,7 +340,9 @@ def run_pipeline(ctx: Context, from_stage: Optional[str] = None, until_stage: Op
     report_path = next((r.get("report_path") for r in results.values() if r.get("report_path")), None)
     print("\ncausalrec pipeline summary")
     for name, r in results.items():
-        print(f"  {name:14s} {r['status']:22s} {r.get('seconds', '')}")
+        took = r.get("seconds", "") if "last_run_seconds" not in r else \
+            (f"(last run {r['last_run_seconds']}s)" if r["last_run_seconds"] is not None else "")
+        print(f"  {name:14s} {r['status']:22s} {took}")
     if missing:
         print(f"  stages not built yet: {', '.join(missing)}")
     print(f"  total {total}s")

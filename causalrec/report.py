@@ -105,6 +105,19 @@ def _latest(rows, keys: tuple) -> list[dict]:
     return sorted(latest.values(), key=lambda r: str(r.get("created_at") or ""))
 
 
+def _current_rankings(data) -> list[dict]:
+    """ranking_summary rows comparable with the current recommendations: the latest row per policy among
+    the rows of the newest run's K and model version. Why: every recommend run appends a row, and a row
+    of another K (or of an older model's scores) kept as "the latest of its (policy, K)" read as current
+    beside the run that replaced it."""
+    rows = data.get("tables", {}).get("ranking_summary") or []
+    if not rows:
+        return []
+    newest = max(rows, key=lambda r: str(r.get("created_at") or ""))
+    same = [r for r in rows if r.get("k") == newest.get("k") and r.get("model_version") == newest.get("model_version")]
+    return _latest(same, ("policy",))
+
+
 # --------------------------------------------------------------------------- plotting
 
 
@@ -302,7 +315,7 @@ def summary_sentences(data) -> list[str]:
               if _finite(best.get("ci_low")) and _finite(best.get("ci_high")) else "")
         out.append(f"Off-policy evaluation ({est.upper()}) ranks strategy '{best['policy']}' highest with an "
                    f"estimated reward of {best['estimate']:.4f}{ci}.")
-    rs = _latest(data.get("tables", {}).get("ranking_summary"), ("policy", "k"))
+    rs = _current_rankings(data)
     fair = [r for r in rs if r.get("policy") == "fair" and _finite(r.get("gini_before")) and _finite(r.get("gini_after"))]
     if fair:
         r = fair[-1]
@@ -606,7 +619,7 @@ def section_exposure(data) -> str:
                                                      or r["metric"].startswith("exposure_share:")):
             name = "Gini of position-discounted exposure" if r["metric"] == "exposure_gini" else r["metric"]
             rows.append([r["model"][7:], name, r.get("k"), r["value"]])
-    rs = _latest(data.get("tables", {}).get("ranking_summary"), ("policy", "k"))
+    rs = _current_rankings(data)
     if rs:
         # ranking_summary's Gini is of plain slot counts; the Lorenz curve's (exposure_gini) is position-discounted
         out += _table(["policy", "K", "Gini of recommendation counts before", "Gini of recommendation counts after",

@@ -458,3 +458,21 @@ def test_a_run_overlapping_another_run_of_the_stage_is_not_up_to_date(pctx, tmp_
     P.run_pipeline(pctx)
     assert calls == [10]  # rerun, not skipped
     assert _state(pctx, st) == "up to date"
+
+
+def test_a_skipped_stage_reports_its_last_run_time_apart_from_this_run(pctx, fake_stages, monkeypatch, capsys):
+    """The summary printed a skipped stage's recorded seconds in the column of this run's times ("features
+    skipped (up to date) 41.19" above "total 2.1s"); the result dict gave it as this run's "seconds"."""
+    from causalrec.stages import Stage
+
+    one = Stage("a", "x:y", "", inputs=("t0",), outputs=("t1",))
+    monkeypatch.setattr(P, "PIPELINE", (one,))
+    monkeypatch.setattr(P, "STAGE_SECTIONS", {"a": ()})
+    _table(pctx, "t0", 1)
+    fake_stages["a"] = lambda ctx: (_table(ctx, "t1", 1), {"seconds": 41.19})[1]
+    assert P.run_pipeline(pctx)["stages"]["a"]["seconds"] == 41.19
+    capsys.readouterr()
+    again = P.run_pipeline(pctx)["stages"]["a"]
+    assert again["status"] == "skipped (up to date)" and "seconds" not in again and again["last_run_seconds"] == 41.19
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("a "))
+    assert line.rstrip().endswith("(last run 41.19s)"), line

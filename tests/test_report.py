@@ -607,3 +607,17 @@ def test_uplift_axes_name_the_value_an_effect_is_a_change_in():
     assert _effect_outcome(data(outcome=None, outcome_binary=False)) == "value"
     assert _effect_outcome(data(outcome="purchase", outcome_binary=True)) is None
     assert _effect_outcome(data()) is None and _effect_outcome({"tables": {}}) is None
+
+
+def test_ranking_rows_of_another_k_or_model_are_not_shown_as_current():
+    """recommend with ranking.k=5, then again with k=10: both uplift rows were listed, each as the latest of
+    its (policy, K). Only rows of the newest run's K and model version compare with the current list."""
+    row = {"policy": "uplift", "k": 5, "gini_before": 0.7, "gini_after": 0.7, "relevance_cost": 0.0, "n_boosted": 0,
+           "model_version": "m1", "created_at": "2026-01-01T00:00:00"}
+    data = {"tables": {"ranking_summary": [
+        row, dict(row, policy="fair", gini_after=0.5, created_at="2026-01-01T00:01:00"),
+        dict(row, k=10, created_at="2026-01-02T00:00:00"),
+        dict(row, policy="relevance", k=10, model_version="m0", created_at="2025-12-01T00:00:00")]}}
+    rows = R._current_rankings(data)
+    assert [(r["policy"], r["k"], r["model_version"]) for r in rows] == [("uplift", 10, "m1")]
+    assert not any("Fair re-ranking" in s for s in R.summary_sentences(data))
