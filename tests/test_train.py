@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -658,10 +657,9 @@ def run_loop_in_process(monkeypatch, tmp_path, config: dict, df: pd.DataFrame, w
     if world > 1:
         import torch.distributed as dist
 
-        def all_reduce(tensor, op=None, async_op=False):
+        def all_reduce(tensor, op=None):
             rec["collective_devices"].append(tensor.device)
             tensor.mul_(2)
-            return SimpleNamespace(wait=lambda: True) if async_op else None  # a completed collective's handle
 
         monkeypatch.setattr(dist, "is_available", lambda: True)
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
