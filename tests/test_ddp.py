@@ -5,7 +5,7 @@ the parameters one process reaches on the whole batches, with the DDP options th
 
 Exact also when the workers' objective normalisers differ (observed counts, IPS / SNIPS / uplift
 weight sums, DR-JL's sample weights): each objective sums them over the process group and scales
-its worker's loss by the world size (objectives.start_denominators), so DDP's gradient mean is the
+its worker's loss by the world size (objectives.global_denominators), so DDP's gradient mean is the
 union batch's gradient. Before, each worker normalised by its own part and a worker with fewer
 observed rows had its rows up-weighted."""
 from __future__ import annotations
@@ -280,18 +280,17 @@ def test_all_reduce_sum_reduces_on_the_training_device(monkeypatch):
     backend for CUDA tensors only ("No backend type associated with device type cpu"). all_reduce_sum
     hands the collective a copy on the training device; here a stand-in group of 2 and the meta device
     play the GPU worker's group and device (tests/test_train.py checks the loop calls it with its
-    device). The objectives' own collective (start_denominators) reduces normalisers computed from
+    device). The objectives' own collective (global_denominators) reduces normalisers computed from
     the batch, which train_step has already moved to the training device: checked the same way."""
     import torch.distributed as dist
 
-    from causalrec.train.objectives import start_denominators
+    from causalrec.train.objectives import global_denominators
 
     seen = []
 
-    def all_reduce(tensor, op=None, async_op=False):
+    def all_reduce(tensor, op=None):
         assert op in (None, dist.ReduceOp.SUM)
         seen.append(tensor.device)
-        return _DoneWork() if async_op else None
 
     monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -302,55 +301,10 @@ def test_all_reduce_sum_reduces_on_the_training_device(monkeypatch):
     out = all_reduce_sum(totals, meta)
     assert seen == [meta] and out.device == meta and out.dtype == torch.float64
     seen.clear()
-    objective = build_objective("naive", "rating")
-    (n,), k = start_denominators(objective, {"label": torch.ones(4, device=meta)}).get()
+    (n,), k = global_denominators(torch.ones(4, device=meta).sum())
     assert seen == [meta] and n.device == meta and k == 2
     monkeypatch.undo()
     # single process: a copy on the device, no collective
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("all_reduce in a single process"))
     out = all_reduce_sum(totals, torch.device("cpu"))
     assert torch.equal(out, totals) and out.data_ptr() != totals.data_ptr()
-
-
-class _DoneWork:
-    """A collective's handle that has already completed (the stand-in groups' async_op result)."""
-
-    def __init__(self, log: list | None = None):
-        self.log = log
-
-    def wait(self) -> bool:
-        if self.log is not None:
-            self.log.append("wait")
-        return True
-
-
-def test_train_step_starts_the_normalisers_all_reduce_before_the_forward_pass(monkeypatch):
-    """The objectives' normalisers depend on the batch alone, so train_step launches their all-reduce
-    (async) before the model's forward and waits only inside the objective: on gloo the collective's
-    latency (about 1 ms per MF step, bench_train) overlaps the forward instead of adding to it. A stand-in
-    group of 2 records the order; the loss is the union formula with the summed normaliser, times 2."""
-    import torch.distributed as dist
-
-    events = []
-
-    def all_reduce(tensor, op=None, async_op=False):
-        events.append("all_reduce")
-        assert async_op, "the normalisers' all-reduce should not block before the forward pass"
-        tensor.mul_(2)  # the other worker holds as many observed rows
-        return _DoneWork(events)
-
-    torch.manual_seed(0)
-    model = build_model(MC)
-    b = batches()[0]
-    with torch.no_grad():
-        local = build_objective("naive", "rating")(model(b), b)["loss"].item()  # no group yet: local mean
-    forward = model.forward
-    model.forward = lambda batch: (events.append("forward"), forward(batch))[1]
-    monkeypatch.setattr(dist, "is_available", lambda: True)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    parts = train_step(model, build_objective("naive", "rating"), b, make_optimizer(model, 0.0, 0.0))
-    assert events == ["all_reduce", "forward", "wait"]
-    # 2 * (sum l) / (2 |O|): the worker's share of a union twice its size, times the world size
-    assert parts["loss"] == pytest.approx(local, rel=1e-6)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -287,14 +286,13 @@ def _two_worker_halves(monkeypatch, obj, out_of, batch, cut):
     calls = [[], []]  # each part's tensors as handed to the all-reduce, in call order
     second = False
 
-    def all_reduce(tensor, op=None, async_op=False):
+    def all_reduce(tensor, op=None):
         assert op == dist.ReduceOp.SUM and not tensor.requires_grad
         if not second:  # first pass: record each part's own normalisers
             calls[current].append(tensor.clone())
         else:  # second pass: the sum over both parts, as the real collective returns it
             tensor.copy_(calls[0][done[current]] + calls[1][done[current]])
             done[current] += 1
-        return SimpleNamespace(wait=lambda: True) if async_op else None  # a completed collective's handle
 
     monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)

@@ -5,15 +5,15 @@ see, platforms show what they expect to be liked. A model fit on the observed
 rows alone (:class:`Naive`) learns the exposure policy's taste along with the
 users'. Each class below is one published correction, as a small dataclass with
 one interface: ``objective(out, batch) -> dict`` holding ``loss`` (the scalar to
-back-propagate) and its named parts, and ``objective.denominators(batch)``, the loss's
-normalisers, where ``out`` is a model's forward output and ``batch`` the featurized rows (``observed``, ``label``/``outcome``,
+back-propagate) and its named parts, where ``out`` is a model's forward output and
+``batch`` the featurized rows (``observed``, ``label``/``outcome``,
 ``exposure_propensity``, ``treated``, ``treatment_propensity``).
 
 The per-pair error ``l`` is the squared error for ratings (``task="rating"``,
 target ``label``) and the log-loss for clicks/purchases (``task="click"``, target
 ``outcome``).
 
-Data parallelism (:func:`start_denominators`): every loss here is a sum over rows
+Data parallelism (:func:`global_denominators`): every loss here is a sum over rows
 divided by a normaliser of the batch (a count of observed rows, a sum of weights).
 Under DDP each worker holds a slice of the union batch, so its normalisers are summed
 over the process group and its loss multiplied by the world size; DDP's mean of the
@@ -25,7 +25,6 @@ the same expressions as before, untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,36 +68,10 @@ def data_parallel_world() -> int:
     return 1
 
 
-class Denominators:
-    """The step's normalisers summed over the process group, the collective started before the forward.
+def global_denominators(*dens: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int]:
+    """The union batch's normalisers and the factor each worker's loss is scaled by.
 
-    Why started early: every normaliser is a function of the batch alone (see
-    :func:`start_denominators`), so :func:`causalrec.train.step.train_step` launches their one
-    all-reduce before the model's forward pass and waits only when the objective needs the sums;
-    the collective's latency (about 1 ms on a gloo loopback, bench_train) overlaps the forward
-    instead of adding to the step. ``get()`` returns ``(sums, factor)``: the union batch's
-    normalisers and the world size each worker's loss is scaled by.
-    """
-
-    def __init__(self, dens: tuple, world: int):
-        self._dens, self._world, self._work, self._fused = dens, world, None, None
-        if world > 1:
-            self._fused = torch.stack([d.detach().to(torch.float64) for d in dens])
-            self._work = torch.distributed.all_reduce(self._fused, op=torch.distributed.ReduceOp.SUM, async_op=True)
-
-    def get(self) -> tuple[tuple[torch.Tensor, ...], int]:
-        if self._world == 1:
-            return self._dens, 1
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        return tuple(f.to(d.dtype) for f, d in zip(self._fused.unbind(), self._dens)), self._world
-
-
-def start_denominators(objective, batch: dict) -> Denominators:
-    """Sum ``objective.denominators(batch)`` over the process group (asynchronously); see :class:`Denominators`.
-
-    Why the sum: DDP averages the workers' gradients, so with ``L_k = W * N_k / D`` (``N_k`` this
+    Why: DDP averages the workers' gradients, so with ``L_k = W * N_k / D`` (``N_k`` this
     worker's numerator, ``D`` the normaliser summed over the ``W`` workers) the average is
     ``grad sum_k N_k / D``, the single-process gradient on the union batch, whatever each
     worker's count of observed rows or weight sum. Local normalisers instead up-weight the
@@ -108,23 +81,23 @@ def start_denominators(objective, batch: dict) -> Denominators:
     with no rounding worth the name), on *detached* values: every normaliser in this module is a function of the batch alone
     (``observed``, labels, propensities, ``treated``, ``sample_weight``), never of the model's
     parameters (DR-JL's imputation and the uplift heads appear only in numerators), so
-    ``d/dtheta [sum w l(theta) / sum w] = sum w dl/dtheta / sum w`` and nothing should flow through the
-    collective. Every worker calls this exactly once per step, in the same order,
+    ``d/dθ [sum w l(θ) / sum w] = sum w dl/dθ / sum w`` and nothing should flow through the
+    collective. Every worker calls this exactly once per objective call, in the same order,
     also when its batch has no observed row (its zeros are summed like any other value):
     Ray Train's ``streaming_split(equal=True)`` gives each worker the same row count, hence
     the same number of batches, as DDP's own gradient all-reduce already requires.
-    Single process: the local normalisers, factor 1, no collective.
+    Single process: the inputs are returned as they are, with factor 1.
     """
-    return Denominators(tuple(objective.denominators(batch)), data_parallel_world())
-
-
-def _reduced(objective, batch: dict, dens: "Denominators | None") -> tuple[tuple[torch.Tensor, ...], int]:
-    """The union batch's normalisers: those ``train_step`` started, else summed now."""
-    return (dens if dens is not None else start_denominators(objective, batch)).get()
+    world = data_parallel_world()
+    if world == 1:
+        return dens, 1
+    fused = torch.stack([d.detach().to(torch.float64) for d in dens])
+    torch.distributed.all_reduce(fused, op=torch.distributed.ReduceOp.SUM)
+    return tuple(f.to(d.dtype) for f, d in zip(fused.unbind(), dens)), world
 
 
 def _share(num: torch.Tensor, den: torch.Tensor, scale: int) -> torch.Tensor:
-    """``num / den``; times ``scale`` (the world size) under DDP, see :func:`start_denominators`."""
+    """``num / den``; times ``scale`` (the world size) under DDP, see :func:`global_denominators`."""
     return num / den if scale == 1 else scale * num / den
 
 
@@ -134,32 +107,20 @@ class Naive:
 
     task: str = "rating"
 
-    def denominators(self, batch: dict) -> tuple:
-        return (_observed_count(batch, self.task),)
-
-    def __call__(self, out: dict, batch: dict, dens: Optional[Denominators] = None) -> dict:
+    def __call__(self, out: dict, batch: dict) -> dict:
         y = target_of(batch, self.task)
         m = observed_mask(batch, y)
         l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), self.task), m)
-        (n,), k = _reduced(self, batch, dens)
+        (n,), k = global_denominators(m.sum())
         return {"loss": _share(l.sum(), n.clamp(min=1), k)}
-
-
-def _observed_count(batch: dict, task: str) -> torch.Tensor:
-    """``|O|``: the rows with logged feedback."""
-    return observed_mask(batch, target_of(batch, task)).sum()
-
-
-def _exposure_weights(batch: dict, task: str, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row inverse exposure weights, zeroed where the label is not observed, and the observed mask."""
-    m = observed_mask(batch, target_of(batch, task))
-    return _masked(inverse_propensity(batch["exposure_propensity"], clip), m), m
 
 
 def _weighted_losses(out: dict, batch: dict, task: str, clip: float):
     """Per-row inverse exposure weights and losses, zeroed where the label is not observed."""
-    w, m = _exposure_weights(batch, task, clip)
-    l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(target_of(batch, task)), task), m)
+    y = target_of(batch, task)
+    m = observed_mask(batch, y)
+    w = _masked(inverse_propensity(batch["exposure_propensity"], clip), m)
+    l = _masked(pointwise_loss(out["logit"], torch.nan_to_num(y), task), m)
     return w, l, m
 
 
@@ -175,12 +136,9 @@ class IPS:
     task: str = "rating"
     clip: float = 0.01
 
-    def denominators(self, batch: dict) -> tuple:
-        return (_observed_count(batch, self.task),)
-
-    def __call__(self, out: dict, batch: dict, dens: Optional[Denominators] = None) -> dict:
-        w, l, _ = _weighted_losses(out, batch, self.task, self.clip)
-        (n,), k = _reduced(self, batch, dens)
+    def __call__(self, out: dict, batch: dict) -> dict:
+        w, l, m = _weighted_losses(out, batch, self.task, self.clip)
+        (n,), k = global_denominators(m.sum())
         n = n.clamp(min=1)
         return {"loss": _share((w * l).sum(), n, k), "mean_weight": _share(w.sum(), n, k)}
 
@@ -196,12 +154,9 @@ class SNIPS:
     task: str = "rating"
     clip: float = 0.01
 
-    def denominators(self, batch: dict) -> tuple:
-        return (_exposure_weights(batch, self.task, self.clip)[0].sum(),)
-
-    def __call__(self, out: dict, batch: dict, dens: Optional[Denominators] = None) -> dict:
+    def __call__(self, out: dict, batch: dict) -> dict:
         w, l, _ = _weighted_losses(out, batch, self.task, self.clip)
-        (ws,), k = _reduced(self, batch, dens)
+        (ws,), k = global_denominators(w.sum())
         return {"loss": _share((w * l).sum(), ws.clamp(min=1e-12), k)}
 
 
@@ -240,11 +195,7 @@ class DRJointLearning:
     imputation_weight: float = 1.0
     label_fit_weight: float = 1.0
 
-    def denominators(self, batch: dict) -> tuple:
-        """``sum s`` (the prediction part's) and ``|O|`` (the imputation part's)."""
-        return _sample_weights(batch, self.task).sum(), _observed_count(batch, self.task)
-
-    def __call__(self, out: dict, batch: dict, dens: Optional[Denominators] = None) -> dict:
+    def __call__(self, out: dict, batch: dict) -> dict:
         if "imputation" not in out or "imputation_logit" not in out:
             raise KeyError("DR joint learning needs a model built with imputation=True "
                            "(outputs 'imputation' and 'imputation_logit')")
@@ -259,8 +210,8 @@ class DRJointLearning:
         y0 = torch.nan_to_num(y)
         e = _masked(pointwise_loss(pred, y0, self.task), o)
         e_hat = pointwise_loss(pred, g.detach(), self.task)
-        s = _sample_weights(batch, self.task)
-        (s_sum, n_obs), k = _reduced(self, batch, dens)
+        s = torch.nan_to_num(batch["sample_weight"].float(), nan=1.0) if "sample_weight" in batch else torch.ones_like(of)
+        (s_sum, n_obs), k = global_denominators(s.sum(), o.sum())
         n_obs = n_obs.clamp(min=1)
         l_pred = _share((s * e_hat + of * (e - e_hat) * w).sum(), s_sum.clamp(min=1e-12), k)
         e_hat_imp = pointwise_loss(pred.detach(), g, self.task)
@@ -271,13 +222,6 @@ class DRJointLearning:
             parts["loss_label_fit"] = l_fit
             l_imp = l_imp + self.label_fit_weight * l_fit
         return {"loss": l_pred + self.imputation_weight * l_imp, **parts}
-
-
-def _sample_weights(batch: dict, task: str) -> torch.Tensor:
-    """``s``: how many pairs a row stands for (1 where ``sample_weight`` is absent or null)."""
-    if "sample_weight" in batch:
-        return torch.nan_to_num(batch["sample_weight"].float(), nan=1.0)
-    return torch.ones_like(target_of(batch, task))
 
 
 @dataclass
@@ -304,38 +248,29 @@ class UpliftIPW:
     relevance_weight: float = 1.0
     transformed_outcome_weight: float = 0.0
 
-    def _arms(self, batch: dict):
-        """Rows with an outcome, a treatment flag and a treatment propensity (``m``), the clipped
-        propensity ``e``, the flag ``t`` and the arms' weights ``T/e`` and ``(1-T)/(1-e)`` on them."""
-        if "treated" not in batch or "treatment_propensity" not in batch:
-            raise KeyError("the uplift objective needs 'treated' and 'treatment_propensity' in the batch")
-        t = batch["treated"].float()
-        m = observed_mask(batch, target_of(batch, self.task)) & ~torch.isnan(t) & ~torch.isnan(
-            batch["treatment_propensity"].float())
-        e = torch.nan_to_num(batch["treatment_propensity"].float(), nan=0.5).clamp(self.clip, 1.0 - self.clip)
-        t = torch.nan_to_num(t)
-        return m, e, t, _masked(t / e, m), _masked((1.0 - t) / (1.0 - e), m)
-
-    def denominators(self, batch: dict) -> tuple:
-        """The arms' weight sums, the relevance head's observed count (its exposure-IPS loss) and the
-        transformed outcome's row count, as far as those terms are on."""
-        m, _, _, w1, w0 = self._arms(batch)
-        dens = [w1.sum(), w0.sum()]
-        if self.relevance_weight:
-            dens.append(_observed_count(batch, self.task))
-        if self.transformed_outcome_weight:
-            dens.append(m.sum())
-        return tuple(dens)
-
-    def __call__(self, out: dict, batch: dict, dens: Optional[Denominators] = None) -> dict:
+    def __call__(self, out: dict, batch: dict) -> dict:
         for k in ("y1_logit", "y0_logit"):
             if k not in out:
                 raise KeyError("the uplift objective needs a model built with uplift=True (outputs y1, y0)")
-        m, e, t0, w1, w0 = self._arms(batch)
-        y0v = torch.nan_to_num(target_of(batch, self.task))
-        dens, k = _reduced(self, batch, dens)
+        if "treated" not in batch or "treatment_propensity" not in batch:
+            raise KeyError("the uplift objective needs 'treated' and 'treatment_propensity' in the batch")
+        y = target_of(batch, self.task)
+        t = batch["treated"].float()
+        m = observed_mask(batch, y) & ~torch.isnan(t) & ~torch.isnan(batch["treatment_propensity"].float())
+        e = torch.nan_to_num(batch["treatment_propensity"].float(), nan=0.5).clamp(self.clip, 1.0 - self.clip)
+        t0 = torch.nan_to_num(t)
+        y0v = torch.nan_to_num(y)
+        w1 = _masked(t0 / e, m)
+        w0 = _masked((1.0 - t0) / (1.0 - e), m)
+        # every normaliser of the step in one all-reduce: the arms' weight sums, the relevance
+        # head's observed count (its exposure-IPS loss) and the transformed outcome's row count
+        dens = [w1.sum(), w0.sum()]
         if self.relevance_weight:
-            w_r, l_r, _ = _weighted_losses(out, batch, self.task, self.clip)
+            w_r, l_r, m_r = _weighted_losses(out, batch, self.task, self.clip)
+            dens.append(m_r.sum())
+        if self.transformed_outcome_weight:
+            dens.append(m.sum())
+        dens, k = global_denominators(*dens)
         l1 = _share((w1 * pointwise_loss(out["y1_logit"], y0v, self.task)).sum(), dens[0].clamp(min=1e-12), k)
         l0 = _share((w0 * pointwise_loss(out["y0_logit"], y0v, self.task)).sum(), dens[1].clamp(min=1e-12), k)
         parts = {"loss_y1": l1, "loss_y0": l0}

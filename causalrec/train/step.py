@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from causalrec.train.objectives import UPLIFT_VALIDATION_PARTS, data_parallel_world, start_denominators, validation_sums
+from causalrec.train.objectives import UPLIFT_VALIDATION_PARTS, data_parallel_world, validation_sums
 
 
 def to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> dict:
@@ -41,8 +41,8 @@ ENCODER_DEFAULT_LR = 5e-5
 # end with the parameters of one process on the whole batches).
 # Exact whatever each worker's batch holds: every objective sums its normalisers (|O| observed rows,
 # the weight sums of IPS/SNIPS, DR-JL and uplift) over the process group in one fused all-reduce
-# per step (started before the forward pass) and scales its loss by the world size, so DDP's mean of the
-# workers' gradients is the gradient of the union batch's objective (objectives.start_denominators; tests/test_ddp.py:
+# per step and scales its loss by the world size, so DDP's mean of the workers' gradients is the
+# gradient of the union batch's objective (objectives.global_denominators; tests/test_ddp.py:
 # every objective, parts with unequal observed counts and weight sums). That collective, like DDP's
 # own gradient all-reduce, needs every worker to take the same number of steps (loop.py).
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
@@ -96,10 +96,9 @@ def train_step(model: torch.nn.Module, objective: Callable, batch: dict, optimiz
     model.train()
     batch = to_device(batch, device)
     optimizer.zero_grad(set_to_none=True)
-    dens = start_denominators(objective, batch)  # their all-reduce (under DDP) overlaps the forward
     with autocast_for(device, bf16):
         out = model(batch)
-    parts = objective(out, batch, dens)
+    parts = objective(out, batch)
     loss = parts["loss"]
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite training loss {loss.item()} (parts: "
