@@ -39,6 +39,7 @@ def test_ope_job_on_uniformly_logged_impressions(ctx, spark):
     ctx.store.write(_events(spark, rows), "events", spec=EVENTS)
     ctx.cfg.ope.strategies = ["random", "popular", "recommendations"]
     ctx.cfg.ope.bootstrap_replicates = 8
+    from causalrec.estimators.ope import NO_INTERVAL
     from causalrec.ope.job import run
 
     summary = run(ctx)
@@ -48,6 +49,8 @@ def test_ope_job_on_uniformly_logged_impressions(ctx, spark):
     assert set(res.columns) == set(OPE_RESULTS.names)
     assert (res.logged_policy == "logged_propensity").all()  # the table says what pi_b was
     assert (res.alpha == ctx.cfg.ope.alpha).all()  # and the level of its intervals, for a later report
+    dm = res[res.estimator == "dm"]  # no interval, analytic or bootstrap, and the rows say why
+    assert len(dm) == 4 and (dm.interval_method == NO_INTERVAL).all() and dm.ci_low.isna().all()
     assert len(res) == 2 * 2 * 8  # 2 policies x 8 estimators x (analytic, bootstrap)
     a = res[res.interval_method == "analytic"].set_index(["policy", "estimator"])
     mean_click = np.mean([r["value"] for r in rows])

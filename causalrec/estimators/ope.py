@@ -659,17 +659,15 @@ def summarize(stats: Stats, estimators, policies: dict, *, baseline=None, alpha=
             # the candidates whose intervals the reported one spans: the chosen form, and the unbiased
             # reference when the data chose a shrunk one (_TunedDR)
             fs = [f] + ([refs[pol]] if refs[pol] is not None and refs[pol] != f else [])
-            theta = f.value(stats.mean)
-            se = math.sqrt(_form_var(f, stats) / (stats.n - 1))
+            spread = [(g.value(stats.mean), math.sqrt(_form_var(g, stats) / (stats.n - 1))) for g in fs]
+            (theta, se), (lo, hi) = spread[0], _hull(spread, z)
             sw, sw2 = stats.sums[ns + "w"], stats.cross[(ns + "w", ns + "w")]
             r = EstimateResult(
-                policy=pol, estimator=est.estimator_name, estimate=theta, std_err=se,
-                ci_low=math.nan, ci_high=math.nan, interval_method="analytic" + (BIAS_AWARE if len(fs) > 1 else ""),
+                policy=pol, estimator=est.estimator_name, estimate=theta, std_err=se, ci_low=lo, ci_high=hi,
+                interval_method="analytic" + (BIAS_AWARE if len(fs) > 1 else ""),
                 n=int(stats.n), ess=(sw * sw / sw2) if sw2 > 0 else 0.0, max_weight=stats.maxima[ns + "w"],
                 hyperparam=est.hyperparam(stats, ns),
             )
-            r.ci_low, r.ci_high = _hull([(g.value(stats.mean), math.sqrt(_form_var(g, stats) / (stats.n - 1)))
-                                         for g in fs], z)
             if stats.boot_n is not None:
                 bvs = [_kept(_boot_values(g, stats)) for g in fs]
                 r.boot_dropped = max(dropped for _, dropped in bvs)

@@ -422,9 +422,7 @@ def run(ctx) -> dict:
         raw = read_events(ctx.spark, cfg.data.path, cfg.data.format, store=ctx.store)
         tables["events"] = ingest_events(ctx, raw, table="events", source=cfg.data.path, batch_prefix="files",
                                          fmt=cfg.data.format)
-        for name in ("users", "items"):
-            if name not in given:
-                tables[name] = files_dimension(ctx, name, None)
+        tables.update({name: files_dimension(ctx, name, None) for name in ("users", "items") if name not in given})
         summary = {"source": "files", "tables": tables}
     else:  # config validation already restricts this; keep the message for direct callers
         raise ValueError(f"data.source {src!r}: expected one of coat, obd, amazon, simulator, files")

@@ -223,9 +223,9 @@ def results_frame(spark, results, run_id: str, n_boot: int, boot_buckets: int = 
         if n_boot:
             # replicates without a value (0/0: a resample without rows or weight) are left out: say how many
             dropped = max(r.boot_dropped or 0, r.diff_boot_dropped or 0)
-            method = f"bootstrap_poisson_B{n_boot}" + (f"_G{boot_buckets}" if boot_buckets else "") \
-                + (f"_dropped{dropped}" if dropped else "") + (BIAS_AWARE if r.interval_method.endswith(BIAS_AWARE) else "")
-            method = r.interval_method if r.interval_method == NO_INTERVAL else method
+            method = NO_INTERVAL if r.interval_method == NO_INTERVAL else (
+                f"bootstrap_poisson_B{n_boot}" + (f"_G{boot_buckets}" if boot_buckets else "")
+                + (f"_dropped{dropped}" if dropped else "") + (BIAS_AWARE if r.interval_method.endswith(BIAS_AWARE) else ""))
             recs.append(dict(recs[-1], std_err=r.boot_std_err, ci_low=r.boot_ci_low, ci_high=r.boot_ci_high,
                              interval_method=method, diff_ci_low=r.diff_boot_ci_low,
                              diff_ci_high=r.diff_boot_ci_high))
