@@ -622,10 +622,13 @@ def test_a_mean_weight_far_from_one_is_warned_about(caplog):
     n = 2000
     a = (rng.uniform(size=n) < 0.5).astype(int)  # logged actions 0 and 1; action 2 (pscore 5e-4) never drawn
     data = {"row_id": np.arange(n), "reward": rng.binomial(1, 0.3, n).astype(float), "pscore": np.full(n, 0.49975),
-            "pi_e": np.where(a == 0, 0.35, 0.35), "pi_e_ok": np.full(n, 0.5),
+            "pi_e": np.where(a == 0, 0.35, 0.35), "pi_e_ok": np.full(n, 0.5), "pi_e_over": np.full(n, 0.8),
             "q_hat": np.full(n, 0.3), "q_hat_pi": np.full(n, 0.3)}
-    pols = {"misses_mass": ("pi_e", "q_hat_pi"), "covered": ("pi_e_ok", "q_hat_pi")}
+    pols = {"misses_mass": ("pi_e", "q_hat_pi"), "covered": ("pi_e_ok", "q_hat_pi"), "over": ("pi_e_over", "q_hat_pi")}
     with caplog.at_level(logging.WARNING, logger="causalrec.estimators.ope"):
         evaluate(data, [IPS()], pols)
-    warned = [r.getMessage() for r in caplog.records if "mean importance weight" in r.getMessage()]
-    assert len(warned) == 1 and "'misses_mass'" in warned[0] and "0.700" in warned[0], warned
+    warned = sorted(r.getMessage() for r in caplog.records if "mean importance weight" in r.getMessage())
+    assert len(warned) == 2, warned
+    assert "'misses_mass'" in warned[0] and "0.700" in warned[0] and "never shows" in warned[0], warned
+    # above 1 (the Coat pipeline's "popular" strategy reads 2.5): pi_b too small where the policy puts its mass
+    assert "'over'" in warned[1] and "1.601" in warned[1] and "understates" in warned[1], warned

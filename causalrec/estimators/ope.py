@@ -633,9 +633,12 @@ def _check_mean_weight(pol: str, stats: Stats) -> None:
     var = max(stats.cross[(pol + "|w", pol + "|w")] / n - mean * mean, 0.0)
     se = math.sqrt(var / (n - 1))
     if abs(mean - 1.0) > max(3 * se, MEAN_WEIGHT_TOLERANCE):
+        why = ("the policy puts mass on actions the log (almost) never shows, or pi_b overstates the ones it "
+               "favours: IPS, DR and their intervals miss that mass" if mean < 1 else
+               "pi_b understates how often the log shows the actions the policy favours (a misspecified "
+               "propensity model): IPS and DR overstate their weight")
         log.warning("policy %r: the mean importance weight E_n[pi_e/pi_b] is %.3f (std. error %.3f), where 1 is "
-                    "expected: the policy puts mass on actions the log (almost) never shows, or pi_b is off. "
-                    "IPS, DR and their intervals miss that mass; SNIPS/SNDR rescale by it", pol, mean, se)
+                    "expected: %s; SNIPS/SNDR rescale by it", pol, mean, se, why)
 
 
 def summarize(stats: Stats, estimators, policies: dict, *, baseline=None, alpha=0.05) -> list[EstimateResult]:
