@@ -35,7 +35,8 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from causalrec.explain import PROBABILITY, RATING, VALUE, explain, lift_interval, most_similar_history
+from causalrec.explain import PROBABILITY, RATING, explain, lift_interval, most_similar_history
+from causalrec.uplift import EffectScale
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +162,6 @@ def policy_top_k(rel: np.ndarray, upl: np.ndarray, ids: np.ndarray, policy: str,
     return score, top_k(score, k, ids, second), second
 
 
-class EffectScale(NamedTuple):
-    """What ``uplift_effects``' effects are a change in (:func:`recorded_effect_scale`): ``unit`` PROBABILITY when
-    every outcome was 0 or 1, else VALUE, the summed value of ``outcome`` events (e.g. revenue)."""
-    unit: str = PROBABILITY
-    outcome: Optional[str] = None
-
-
 class Units(NamedTuple):
     """How an explanation states each number: ``relevance`` as a probability (True: percent) or a
     rating; ``uplift`` in the unit of where it came from (:func:`units_of`); the item's average effect
@@ -197,9 +191,7 @@ def recorded_effect_scale(uplift_effects) -> EffectScale:
     if uplift_effects is None or "outcome_binary" not in uplift_effects.columns:
         return EffectScale()
     row = uplift_effects.where(F.col("level") == "overall").select("outcome", "outcome_binary").first()
-    if row is None or row["outcome_binary"] is not False:
-        return EffectScale(outcome=None if row is None else row["outcome"])
-    return EffectScale(VALUE, row["outcome"])
+    return EffectScale.of(None if row is None else row.asDict())
 
 
 def rank_user(pdf: pd.DataFrame, *, policy: str, k: int, blend_weight: float, fair_base: str,

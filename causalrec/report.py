@@ -536,10 +536,12 @@ def section_ope(data) -> str:
 def _effect_outcome(data) -> Optional[str]:
     """None when uplift_effects' outcome is 0/1 (effects are probability changes; a table that did not
     record it was such), else the event type whose summed value the effects change ("value" unnamed)."""
+    from causalrec.explain import PROBABILITY
+    from causalrec.uplift import EffectScale
+
     overall = [r for r in data.get("tables", {}).get("uplift_effects") or [] if r.get("level") == "overall"]
-    if not overall or overall[0].get("outcome_binary") is not False:
-        return None
-    return overall[0].get("outcome") or "value"
+    scale = EffectScale.of(overall[0] if overall else None)
+    return None if scale.unit == PROBABILITY else (scale.outcome or "value")
 
 
 def section_uplift(data) -> str:

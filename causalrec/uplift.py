@@ -23,7 +23,7 @@ import json
 import math
 import uuid
 from datetime import datetime, timezone
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from scipy import stats as sps
@@ -35,6 +35,23 @@ from scipy import stats as sps
 # uplift_effects holds every estimate once per method; readers that need one use this order:
 # DR is the primary estimate, IPS the fallback
 METHOD_PREFERENCE = ("dr", "ips")
+
+
+class EffectScale(NamedTuple):
+    """What uplift_effects' effects are a change in: ``unit`` PROBABILITY when every outcome was 0 or 1, else
+    VALUE, the summed value of ``outcome`` events (e.g. revenue). One rule for every reader (explanations,
+    the report's axes)."""
+    unit: str = "probability"
+    outcome: Optional[str] = None
+
+    @classmethod
+    def of(cls, overall: Optional[dict]) -> "EffectScale":
+        """From an uplift_effects overall row (``outcome``, ``outcome_binary``); no row, or one written before
+        the stage recorded its outcome, reads as a probability change."""
+        from causalrec.explain import PROBABILITY, VALUE
+
+        overall = overall or {}
+        return cls(PROBABILITY if overall.get("outcome_binary") is not False else VALUE, overall.get("outcome"))
 
 
 def primary_method(methods) -> Optional[str]:
